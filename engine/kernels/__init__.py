@@ -1,0 +1,208 @@
+"""The two hot ops of an SVDQuant linear, behind one dispatch.
+
+Op contract (every backend implements exactly this; ``reference`` is the ground truth)::
+
+    M  tokens (all leading dimensions folded)     K  input channels, a multiple of G's size
+    N  output channels                            G  K / group_size groups (group_size = 64)
+    R  low-rank width (rank + LoRA ranks, may be 0)
+
+    quantize_act(x [..., K], smooth [K], proj_down [R, K], *, group_size, unsigned, shift)
+        x_hat    = (x + shift) / smooth                            fp32
+        qx       uint8 [M, K/2]    4-bit codes of x_hat, two per byte, low nibble = even k;
+                                   signed: round(x_hat / s) in [-8, 7], s = max|x_hat_g| / 7
+                                   unsigned: round(x_hat / s) in [0, 15], s = max(x_hat_g) / 15
+        ascales  fp32 [M, G]       one scale per token per group (0 for an all-zero group)
+        lora_act fp32 [M, R]       x_hat @ proj_down^T
+
+    w4a4_gemm(qx, ascales, qweight [N, K/2], wscales [N, G], lora_act, proj_up [N, R],
+              bias [N] | None, *, unsigned, out_dtype)
+        y [M, N] = sum_g (qx_g . qweight_g^T) * ascales_g * wscales_g + lora_act @ proj_up^T + bias
+        integer products within a group, exact; scales per group; the sum over groups and
+        the epilogue in fp32; written in out_dtype. qweight is always signed.
+
+Rounding is round-half-to-even and division is IEEE-exact, so a backend reproduces the
+reference's codes bit for bit; only the order of the fp32 sums may differ.
+
+Backend choice: the environment variable ``SVDQ_KERNELS`` = auto (default) | reference |
+triton | cuda. ``auto`` takes the fastest backend that can run on the tensor's device; a
+named backend that cannot run there is an error, never a silent fall-back.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "SVDQ_KERNELS"
+BACKENDS = ("reference", "triton", "cuda")
+_MODULES = {
+    "reference": "engine.kernels.reference",
+    "triton": "engine.kernels.triton_backend",
+    "cuda": "engine.kernels.cuda",
+}
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A kernel backend was asked for where it cannot run."""
+
+
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module(_MODULES[name]), None
+    except ModuleNotFoundError as e:
+        if e.name and _MODULES[name].startswith(e.name):
+            return None, "it is not part of this build"
+        return None, f"its dependency {e.name!r} is not installed"
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device``, or None when it can."""
+    module, reason = _load(name)
+    return reason if module is None else module.unavailable_reason(device)
+
+
+def _auto_order(device: torch.device) -> tuple[str, ...]:
+    if device.type != "cuda":
+        return ("reference",)
+    major, _ = torch.cuda.get_device_capability(device)
+    # The int4 MMA of the CUDA extension exists on sm_80..sm_89 only; Hopper has int8 MMA.
+    return ("cuda", "triton", "reference") if major == 8 else ("triton", "reference")
+
+
+@functools.cache
+def _resolve(requested: str, device: torch.device) -> ModuleType:
+    if requested not in ("auto", *BACKENDS):
+        raise ValueError(
+            f"{ENV_VAR}={requested!r} is not a kernel backend; choose one of auto, {', '.join(BACKENDS)}"
+        )
+    if requested != "auto":
+        reason = unavailable_reason(requested, device)
+        if reason:
+            raise BackendUnavailableError(
+                f"{ENV_VAR}={requested}: the {requested} backend cannot run on {device}: {reason}"
+            )
+        logger.info("SVDQuant kernels on %s: %s (%s=%s)", device, requested, ENV_VAR, requested)
+        return _load(requested)[0]
+    skipped = []
+    for name in _auto_order(device):
+        reason = unavailable_reason(name, device)
+        if reason is None:
+            why = f" ({'; '.join(skipped)})" if skipped else ""
+            logger.info("SVDQuant kernels on %s: %s, chosen automatically%s", device, name, why)
+            return _load(name)[0]
+        skipped.append(f"{name} skipped: {reason}")
+    raise AssertionError("unreachable: the reference backend runs everywhere")
+
+
+def backend_for(device: torch.device | str) -> ModuleType:
+    """The backend module that serves tensors on ``device`` under the current ``SVDQ_KERNELS``."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _resolve(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", device)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def quantize_act(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    proj_down: torch.Tensor,
+    *,
+    group_size: int = 64,
+    unsigned: bool = False,
+    shift: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Smooth, 4-bit-quantize and low-rank-project activations (see the module docstring)."""
+    _check_float("x", x)
+    k = x.shape[-1]
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"x: the input dimension K={k} must be a multiple of the group size {group_size}")
+    _check_float("smooth", smooth)
+    _check_shape("smooth", smooth, (k,))
+    _check_float("proj_down", proj_down)
+    if proj_down.dim() != 2 or proj_down.shape[1] != k:
+        raise ValueError(f"proj_down must have shape [R, {k}], got {list(proj_down.shape)}")
+    x2 = x.reshape(-1, k)  # [M, K]
+    return backend_for(x.device).quantize_act(
+        x2, smooth, proj_down, group_size=group_size, unsigned=unsigned, shift=float(shift)
+    )
+
+
+def w4a4_gemm(
+    qx: torch.Tensor,
+    ascales: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    lora_act: torch.Tensor,
+    proj_up: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    unsigned: bool = False,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """4-bit x 4-bit GEMM with per-group scales, fp32 accumulation, low-rank and bias epilogue."""
+    for name, t in (("qx", qx), ("qweight", qweight)):
+        if t.dtype != torch.uint8 or t.dim() != 2:
+            raise TypeError(
+                f"{name} must be a 2-D uint8 tensor of packed 4-bit codes, got {t.dtype} {list(t.shape)}"
+            )
+    m, half_k = qx.shape
+    n = qweight.shape[0]
+    if qweight.shape[1] != half_k:
+        raise ValueError(f"qweight must have shape [N, {half_k}] to match qx, got {list(qweight.shape)}")
+    if (
+        ascales.dim() != 2
+        or ascales.shape[0] != m
+        or ascales.shape[1] == 0
+        or (2 * half_k) % ascales.shape[1]
+    ):
+        raise ValueError(
+            f"ascales must have shape [{m}, G] with G dividing K={2 * half_k}, got {list(ascales.shape)}"
+        )
+    g = ascales.shape[1]
+    _check_float("ascales", ascales)
+    _check_float("wscales", wscales)
+    _check_shape("wscales", wscales, (n, g))
+    _check_float("lora_act", lora_act)
+    _check_float("proj_up", proj_up)
+    if lora_act.dim() != 2 or lora_act.shape[0] != m:
+        raise ValueError(f"lora_act must have shape [{m}, R], got {list(lora_act.shape)}")
+    _check_shape("proj_up", proj_up, (n, lora_act.shape[1]))
+    if bias is not None:
+        _check_float("bias", bias)
+        _check_shape("bias", bias, (n,))
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    return backend_for(qx.device).w4a4_gemm(
+        qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned=unsigned, out_dtype=out_dtype
+    )
+
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "BackendUnavailableError",
+    "backend_for",
+    "quantize_act",
+    "unavailable_reason",
+    "w4a4_gemm",
+]

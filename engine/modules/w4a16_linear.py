@@ -1,0 +1,82 @@
+"""W4A16Linear: weight-only 4-bit linear for layers whose input is one vector per image."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.quant import (
+    DEFAULT_GROUP_SIZE,
+    dequantize_int4_asym,
+    pack_int4,
+    quantize_int4_asym,
+    unpack_int4,
+)
+
+
+class W4A16Linear(nn.Module):
+    """Asymmetric 4-bit weights (``w = q * wscales + wzeros`` per group of 64), 16-bit math.
+
+    Used for FLUX's AdaLN modulation linears: a quarter of the parameters, but their input is
+    one conditioning vector per image, so the cost is reading the weight, not multiplying
+    it; 4-bit storage cuts that read by 4x and activation quantization would gain nothing.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"in_features={in_features} must be a multiple of group_size={group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        n, g = out_features, in_features // group_size
+        fkw = {"dtype": dtype, "device": device}
+        self.register_buffer("qweight", torch.zeros(n, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("wscales", torch.zeros(n, g, **fkw))
+        self.register_buffer("wzeros", torch.zeros(n, g, **fkw))
+        self.register_buffer("bias", torch.zeros(n, **fkw) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(
+        cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE, *, dtype: torch.dtype | None = None
+    ) -> W4A16Linear:
+        dtype = dtype or (linear.weight.dtype if linear.weight.dtype != torch.float32 else torch.bfloat16)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            group_size=group_size,
+            dtype=dtype,
+            device=linear.weight.device,
+        )
+        codes, scales, zeros = quantize_int4_asym(linear.weight, group_size, scale_dtype=dtype)
+        layer.qweight.copy_(pack_int4(codes))
+        layer.wscales.copy_(scales)
+        layer.wzeros.copy_(zeros)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias)
+        return layer
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        codes = unpack_int4(self.qweight, signed=False)  # [N, K]
+        return dequantize_int4_asym(codes, self.wscales, self.wzeros).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last dimension {self.in_features}, got {x.shape[-1]}")
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        )

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv/ and install the pinned requirements into it; idempotent and quiet when done.
+#   bash scripts/install.sh            runtime packages
+#   bash scripts/install.sh --dev      runtime + test tools
+# torch: TORCH_SPEC (default torch==2.13.0, the CPU wheel on these machines). On a GPU machine
+# install the CUDA build first, e.g. `pip install torch==2.13.0 --index-url <pytorch cu index>`,
+# and the already-installed torch is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+req=requirements.txt
+[ "${1:-}" = "--dev" ] && req=requirements-dev.txt
+stamp=".venv/.installed-$(cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -c1-16)-${1:-run}"
+# pip's exit status is kept; only this machine's noise about absent local index folders is dropped.
+pipq() { python -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2); }
+if [ ! -f "$stamp" ]; then
+  python -c "import torch" 2>/dev/null || pipq "${TORCH_SPEC:-torch==2.13.0}"
+  pipq -r "$req"
+  pipq --no-deps -e .
+  python -c "import torch, diffusers, transformers, safetensors, PIL, cog" || { echo "install failed" >&2; exit 1; }
+  touch "$stamp"
+fi

@@ -1,0 +1,102 @@
+"""The reference backend and the dispatch: contract, exactness, errors."""
+
+import pytest
+import torch
+
+from engine import kernels
+from engine.kernels import reference
+from engine.quant import dequantize_int4, unpack_int4
+
+from .kernel_cases import act_inputs, gemm_inputs
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("r", [0, 16])
+def test_integer_gemm_equals_dequantized_matmul(unsigned, r):
+    a = gemm_inputs(37, 256, 48, r, unsigned=unsigned, dtype=torch.float32)
+    y = kernels.w4a4_gemm(**a, unsigned=unsigned, out_dtype=torch.float32)
+    x_deq = dequantize_int4(unpack_int4(a["qx"], signed=not unsigned), a["ascales"])
+    w_deq = dequantize_int4(unpack_int4(a["qweight"]), a["wscales"])
+    ref = (
+        x_deq.double() @ w_deq.double().T
+        + a["lora_act"].double() @ a["proj_up"].double().T
+        + a["bias"].double()
+    )
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_integer_part_is_exact():
+    # Unit scales, no epilogue: every output is an integer sum, exact in fp32.
+    a = gemm_inputs(19, 512, 24, 0, bias=False, dtype=torch.float32)
+    a["ascales"].fill_(1.0)
+    a["wscales"].fill_(1.0)
+    y = kernels.w4a4_gemm(**a, out_dtype=torch.float32)
+    xi = unpack_int4(a["qx"]).long()
+    wi = unpack_int4(a["qweight"]).long()
+    assert torch.equal(y.long(), xi @ wi.T) and torch.equal(y, y.round())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_output_dtype_and_leading_shape(dtype):
+    a = act_inputs(12, 128, 8, dtype=dtype)
+    x = a["x"].reshape(3, 4, 128)
+    qx, ascales, lora_act = kernels.quantize_act(x, a["smooth"], a["proj_down"])
+    assert qx.shape == (12, 64) and qx.dtype == torch.uint8
+    assert ascales.shape == (12, 2) and ascales.dtype == torch.float32
+    assert lora_act.shape == (12, 8) and lora_act.dtype == torch.float32
+    assert (ascales[0, 0] == 0).item()  # the all-zero group
+
+
+def test_quantize_act_matches_its_definition():
+    a = act_inputs(16, 128, 4, dtype=torch.float32, unsigned=True)
+    qx, ascales, lora_act = kernels.quantize_act(**a, unsigned=True, shift=0.171875)
+    x_hat = (a["x"] + 0.171875) / a["smooth"]
+    codes = unpack_int4(qx, signed=False)
+    assert codes.min() >= 0 and codes.max() <= 15
+    torch.testing.assert_close(ascales, x_hat.unflatten(-1, (2, 64)).amax(-1) / 15)
+    torch.testing.assert_close(lora_act, x_hat @ a["proj_down"].T)
+
+
+def test_bad_inputs_name_the_argument():
+    a = act_inputs(4, 128, 4)
+    with pytest.raises(ValueError, match="K=96 must be a multiple of the group size 64"):
+        kernels.quantize_act(torch.randn(4, 96), torch.ones(96), torch.zeros(0, 96))
+    with pytest.raises(TypeError, match="x must be float32"):
+        kernels.quantize_act(a["x"].to(torch.int32), a["smooth"], a["proj_down"])
+    with pytest.raises(ValueError, match=r"smooth must have shape \[128\]"):
+        kernels.quantize_act(a["x"], a["smooth"][:64], a["proj_down"])
+    with pytest.raises(ValueError, match="proj_down"):
+        kernels.quantize_act(a["x"], a["smooth"], a["proj_down"][:, :64])
+    g = gemm_inputs(4, 128, 8, 2)
+    with pytest.raises(TypeError, match="qweight must be a 2-D uint8"):
+        kernels.w4a4_gemm(**{**g, "qweight": g["qweight"].to(torch.int8)})
+    with pytest.raises(ValueError, match="qweight must have shape"):
+        kernels.w4a4_gemm(**{**g, "qweight": g["qweight"][:, :32]})
+    with pytest.raises(ValueError, match="wscales"):
+        kernels.w4a4_gemm(**{**g, "wscales": g["wscales"][:4]})
+    with pytest.raises(ValueError, match="proj_up"):
+        kernels.w4a4_gemm(**{**g, "proj_up": g["proj_up"][:, :1]})
+    with pytest.raises(ValueError, match="bias"):
+        kernels.w4a4_gemm(**{**g, "bias": g["bias"][:3]})
+    with pytest.raises(TypeError, match="out_dtype"):
+        kernels.w4a4_gemm(**g, out_dtype=torch.int32)
+
+
+def test_dispatch_env_selection(monkeypatch):
+    monkeypatch.setenv("SVDQ_KERNELS", "reference")
+    assert kernels.backend_for("cpu") is reference
+    monkeypatch.setenv("SVDQ_KERNELS", "auto")
+    assert kernels.backend_for("cpu") is reference
+    monkeypatch.setenv("SVDQ_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="SVDQ_KERNELS='fastest' is not a kernel backend"):
+        kernels.backend_for("cpu")
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_named_backend_that_cannot_run_is_a_clear_error(monkeypatch, name):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = kernels.unavailable_reason(name, torch.device("cpu"))
+    assert reason  # neither GPU backend runs on a plain CPU tensor
+    monkeypatch.setenv("SVDQ_KERNELS", name)
+    with pytest.raises(kernels.BackendUnavailableError, match=f"the {name} backend cannot run on cpu"):
+        kernels.quantize_act(**act_inputs(4, 64, 0))
