@@ -41,23 +41,40 @@ def main() -> None:
     def w4a4_row(label: str, q, alpha) -> tuple[str, str, float, float]:
         y_q = reference.linear(x_test, q, unsigned=False, act_shift=0.0, group_size=64)
         parts = [q.qweight, q.wscales, q.smooth_factor, q.proj_down, q.proj_up, q.bias]
-        return label, "-" if alpha is None else f"{alpha:.3f}", relative_error(y_q, y), stored_bytes(parts) / n_params
+        return (
+            label,
+            "-" if alpha is None else f"{alpha:.3f}",
+            relative_error(y_q, y),
+            stored_bytes(parts) / n_params,
+        )
 
     t0 = time.perf_counter()
     rows = [w4a4_row("naive W4A4", quantize_svdq(w, None, x_cal.abs().amax(0), alpha=None, rank=0), None)]
-    for label, rank in [("SmoothQuant W4A4", 0), ("SVDQuant W4A4 r=16", 16), ("SVDQuant W4A4 r=32", 32),
-                        ("SVDQuant W4A4 r=64", 64)]:
+    for label, rank in [
+        ("SmoothQuant W4A4", 0),
+        ("SVDQuant W4A4 r=16", 16),
+        ("SVDQuant W4A4 r=32", 32),
+        ("SVDQuant W4A4 r=64", 64),
+    ]:
         q, alpha, _ = search_alpha(w, None, x_cal, SVDQConfig(rank=rank))
         rows.append(w4a4_row(label, q, alpha))
     lin = torch.nn.Linear(args.k, args.n, bias=False)
     lin.weight.data.copy_(w)
     w16 = W4A16Linear.from_linear(lin)
-    rows.append(("W4A16 (weights only)", "-", relative_error(w16(x_test), y),
-                 stored_bytes([w16.qweight, w16.wscales, w16.wzeros]) / n_params))
+    rows.append(
+        (
+            "W4A16 (weights only)",
+            "-",
+            relative_error(w16(x_test), y),
+            stored_bytes([w16.qweight, w16.wscales, w16.wzeros]) / n_params,
+        )
+    )
     rows.append(("BF16", "-", relative_error((x_test.bfloat16() @ w.bfloat16().T).float(), y), 2.0))
 
-    print(f"layer K={args.k} N={args.n}, {args.tokens} calibration + {args.tokens} held-out tokens, "
-          f"8 outlier channels x40, group 64, bf16 storage ({time.perf_counter() - t0:.1f} s)\n")
+    print(
+        f"layer K={args.k} N={args.n}, {args.tokens} calibration + {args.tokens} held-out tokens, "
+        f"8 outlier channels x40, group 64, bf16 storage ({time.perf_counter() - t0:.1f} s)\n"
+    )
     print("| scheme | alpha | rel. output error | bytes/param |")
     print("|---|---|---|---|")
     for label, alpha, err, bpp in rows:

@@ -5,6 +5,9 @@ import torch
 
 # Tests pin the backend explicitly where it matters; everything else runs under auto.
 os.environ.pop("SVDQ_KERNELS", None)
+# Without a GPU the Triton kernels run in the interpreter; it must be chosen before triton loads.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -23,6 +23,11 @@ Op contract (every backend implements exactly this; ``reference`` is the ground 
 Rounding is round-half-to-even and division is IEEE-exact, so a backend reproduces the
 reference's codes bit for bit; only the order of the fp32 sums may differ.
 
+Both ops are torch custom ops (``torch.ops.svdq.quantize_act``, ``torch.ops.svdq.w4a4_gemm``)
+with fake implementations: ``torch.compile`` traces a model through them without a graph
+break, and the backend is chosen inside the op, at run time, so a compiled graph or a captured
+CUDA graph runs whichever kernels the device has.
+
 Backend choice: the environment variable ``SVDQ_KERNELS`` = auto (default) | reference |
 triton | cuda. ``auto`` takes the fastest backend that can run on the tensor's device; a
 named backend that cannot run there is an error, never a silent fall-back.
@@ -142,9 +147,7 @@ def quantize_act(
     if proj_down.dim() != 2 or proj_down.shape[1] != k:
         raise ValueError(f"proj_down must have shape [R, {k}], got {list(proj_down.shape)}")
     x2 = x.reshape(-1, k)  # [M, K]
-    return backend_for(x.device).quantize_act(
-        x2, smooth, proj_down, group_size=group_size, unsigned=unsigned, shift=float(shift)
-    )
+    return torch.ops.svdq.quantize_act(x2, smooth, proj_down, group_size, unsigned, float(shift))
 
 
 def w4a4_gemm(
@@ -192,9 +195,58 @@ def w4a4_gemm(
         _check_shape("bias", bias, (n,))
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    return torch.ops.svdq.w4a4_gemm(
+        qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned, out_dtype
+    )
+
+
+# --- the custom ops: the backend is resolved inside, out of sight of the tracer ----------------
+
+
+@torch.library.custom_op("svdq::quantize_act", mutates_args=())
+def _quantize_act_op(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    proj_down: torch.Tensor,
+    group_size: int,
+    unsigned: bool,
+    shift: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backend_for(x.device).quantize_act(
+        x, smooth, proj_down, group_size=group_size, unsigned=unsigned, shift=shift
+    )
+
+
+@_quantize_act_op.register_fake
+def _(x, smooth, proj_down, group_size, unsigned, shift):
+    m, k = x.shape
+    return (
+        x.new_empty(m, k // 2, dtype=torch.uint8),  # qx
+        x.new_empty(m, k // group_size, dtype=torch.float32),  # ascales
+        x.new_empty(m, proj_down.shape[0], dtype=torch.float32),  # lora_act
+    )
+
+
+@torch.library.custom_op("svdq::w4a4_gemm", mutates_args=())
+def _w4a4_gemm_op(
+    qx: torch.Tensor,
+    ascales: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    lora_act: torch.Tensor,
+    proj_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    unsigned: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     return backend_for(qx.device).w4a4_gemm(
         qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned=unsigned, out_dtype=out_dtype
     )
+
+
+@_w4a4_gemm_op.register_fake
+def _(qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned, out_dtype):
+    return qx.new_empty(qx.shape[0], qweight.shape[0], dtype=out_dtype)
 
 
 __all__ = [
