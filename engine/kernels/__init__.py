@@ -74,6 +74,16 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return reason if module is None else module.unavailable_reason(device)
 
 
+def get_backend(name: str, device: torch.device | str) -> ModuleType:
+    """Backend module ``name``, checked to run on ``device``."""
+    if name not in BACKENDS:
+        raise ValueError(f"{name!r} is not a kernel backend; choose one of {', '.join(BACKENDS)}")
+    reason = unavailable_reason(name, torch.device(device))
+    if reason:
+        raise BackendUnavailableError(f"the {name} backend cannot run on {device}: {reason}")
+    return _load(name)[0]
+
+
 def _auto_order(device: torch.device) -> tuple[str, ...]:
     if device.type != "cuda":
         return ("reference",)
@@ -89,13 +99,12 @@ def _resolve(requested: str, device: torch.device) -> ModuleType:
             f"{ENV_VAR}={requested!r} is not a kernel backend; choose one of auto, {', '.join(BACKENDS)}"
         )
     if requested != "auto":
-        reason = unavailable_reason(requested, device)
-        if reason:
-            raise BackendUnavailableError(
-                f"{ENV_VAR}={requested}: the {requested} backend cannot run on {device}: {reason}"
-            )
+        try:
+            module = get_backend(requested, device)
+        except BackendUnavailableError as e:
+            raise BackendUnavailableError(f"{ENV_VAR}={requested}: {e}") from None
         logger.info("SVDQuant kernels on %s: %s (%s=%s)", device, requested, ENV_VAR, requested)
-        return _load(requested)[0]
+        return module
     skipped = []
     for name in _auto_order(device):
         reason = unavailable_reason(name, device)
@@ -254,6 +263,7 @@ __all__ = [
     "ENV_VAR",
     "BackendUnavailableError",
     "backend_for",
+    "get_backend",
     "quantize_act",
     "unavailable_reason",
     "w4a4_gemm",

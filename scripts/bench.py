@@ -1,0 +1,218 @@
+"""Benchmarks: numbers, not tests. Every figure is measured in this run, on this machine.
+
+    python scripts/bench.py --mode kernels [--json PATH] [--backends triton,cuda]
+
+kernels: for FLUX.1's linear shapes at 1024x1024 (M = 4096 image + 256 text tokens), the time
+and TOPS of our quantize_act + w4a4_gemm pair per backend, of torch's bf16 matmul (cuBLAS) on
+the same inputs, their ratio, and the bytes of weights each reads. On a CPU it runs one tiny
+shape so that CI keeps this script from rotting; CPU figures say nothing about GPU speed.
+
+Timing: CUDA events around each call (or perf_counter on CPU) after warm-up; median and the
+20th/80th percentiles of the repetitions, as triton.testing.do_bench reports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from engine import kernels
+
+FLUX_SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072)]  # (K, N)
+FLUX_TOKENS = 4096 + 256
+CPU_SHAPES = [(128, 128)]
+CPU_TOKENS = 64
+RANK = 32
+
+
+@dataclasses.dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+def measure(fn: Callable[[], object], device: torch.device) -> Timing:
+    """Median and 20/80 percentiles of ``fn``'s run time over repeated calls after warm-up."""
+    warmup, reps = (10, 50) if device.type == "cuda" else (1, 5)  # CPU: only keeps the script honest
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return Timing(statistics.median(times), q[1], q[7])
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "device": name,
+        "device_type": device.type,
+        "commit": commit,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": time.strftime("%Y-%m-%d"),
+        "SVDQ_KERNELS": os.environ.get("SVDQ_KERNELS", "auto"),
+    }
+
+
+def kernel_inputs(m: int, k: int, n: int, device: torch.device) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return {
+        "x": torch.randn(m, k, generator=g).to(device, torch.bfloat16),
+        "w": (torch.randn(n, k, generator=g) / k**0.5).to(device, torch.bfloat16),
+        "qweight": torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8).to(device),
+        "wscales": (torch.rand(n, k // 64, generator=g) / 50).to(device, torch.bfloat16),
+        "smooth": (torch.rand(k, generator=g) + 0.5).to(device, torch.bfloat16),
+        "proj_down": (torch.randn(RANK, k, generator=g) / k**0.5).to(device, torch.bfloat16),
+        "proj_up": torch.randn(n, RANK, generator=g).to(device, torch.bfloat16),
+        "bias": torch.randn(n, generator=g).to(device, torch.bfloat16),
+    }
+
+
+def run_pair(a: dict, backend) -> torch.Tensor:
+    qx, ascales, lora_act = backend.quantize_act(
+        a["x"], a["smooth"], a["proj_down"], group_size=64, unsigned=False, shift=0.0
+    )
+    return backend.w4a4_gemm(
+        qx,
+        ascales,
+        a["qweight"],
+        a["wscales"],
+        lora_act,
+        a["proj_up"],
+        a["bias"],
+        unsigned=False,
+        out_dtype=torch.bfloat16,
+    )
+
+
+def bench_kernels(device: torch.device, backends: list[str]) -> list[dict]:
+    shapes, m = (FLUX_SHAPES, FLUX_TOKENS) if device.type == "cuda" else (CPU_SHAPES, CPU_TOKENS)
+    rows = []
+    for k, n in shapes:
+        a = kernel_inputs(m, k, n, device)
+        ops = 2.0 * m * n * k
+        bf16 = measure(lambda a=a: torch.nn.functional.linear(a["x"], a["w"], a["bias"]), device)
+        w4_bytes = n * k // 2 + n * (k // 64) * 2 + (n + k) * RANK * 2 + k * 2 + n * 2
+        rows.append(
+            {
+                "K": k,
+                "N": n,
+                "M": m,
+                "backend": "torch-bf16",
+                "median_ms": bf16.median_ms,
+                "p20_ms": bf16.p20_ms,
+                "p80_ms": bf16.p80_ms,
+                "TOPS": ops / bf16.median_ms / 1e9,
+                "ratio_to_bf16": 1.0,
+                "weight_bytes": n * k * 2 + n * 2,
+            }
+        )
+        for name in backends:
+            reason = kernels.unavailable_reason(name, device)
+            if reason:
+                print(f"  {name}: skipped ({reason})")
+                continue
+            backend = kernels.get_backend(name, device)
+            t = measure(lambda a=a, b=backend: run_pair(a, b), device)
+            rows.append(
+                {
+                    "K": k,
+                    "N": n,
+                    "M": m,
+                    "backend": name,
+                    "median_ms": t.median_ms,
+                    "p20_ms": t.p20_ms,
+                    "p80_ms": t.p80_ms,
+                    "TOPS": ops / t.median_ms / 1e9,
+                    "ratio_to_bf16": bf16.median_ms / t.median_ms,
+                    "weight_bytes": w4_bytes,
+                }
+            )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| K -> N | M | backend | median ms (p20-p80) | TOPS | speed vs bf16 | weight MB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['K']} -> {r['N']} | {r['M']} | {r['backend']} | {r['median_ms']:.3f} "
+            f"({r['p20_ms']:.3f}-{r['p80_ms']:.3f}) | {r['TOPS']:.1f} | {r['ratio_to_bf16']:.2f}x | "
+            f"{r['weight_bytes'] / 1e6:.2f} |"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["kernels"], default="kernels")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated kernel backends (default: triton,cuda on a GPU; reference,triton on CPU)",
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    default = "triton,cuda" if device.type == "cuda" else "reference,triton"
+    backends = [b.strip() for b in (args.backends or default).split(",") if b.strip()]
+
+    env = environment(device)
+    print(
+        f"# {args.mode} on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})"
+    )
+    rows = bench_kernels(device, backends)
+    print_table(rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"mode": args.mode, "environment": env, "results": rows}, indent=2) + "\n"
+        )
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""scripts/bench.py runs on CPU (tiny shape) and writes its JSON: CI keeps it from rotting."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_kernel_bench_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench.py"),
+            "--mode",
+            "kernels",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    assert data["environment"]["device_type"] == "cpu" and data["environment"]["torch"]
+    backends = {r["backend"] for r in data["results"]}
+    assert backends == {"torch-bf16", "reference", "triton"}
+    for r in data["results"]:
+        assert r["median_ms"] > 0 and r["TOPS"] > 0 and r["weight_bytes"] > 0
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+    w4 = next(r for r in data["results"] if r["backend"] == "reference")
+    bf16 = next(r for r in data["results"] if r["backend"] == "torch-bf16")
+    # 4-bit codes + scales + the rank-32 branch, which at 128 x 128 is most of it.
+    assert w4["weight_bytes"] == 128 * 64 + 128 * 2 * 2 + 256 * 32 * 2 + 128 * 2 * 2 < bf16["weight_bytes"]
+    assert "| 128 -> 128 |" in res.stdout
