@@ -33,7 +33,7 @@ class SVDQConfig:
 
     rank: int = 32
     group_size: int = DEFAULT_GROUP_SIZE
-    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    alphas: tuple[float | None, ...] = DEFAULT_ALPHAS  # None: no smoothing (plain W4A4 at rank 0)
     svd_niter: int | None = None  # None: exact SVD; n: randomized SVD with n power iterations
     version: int = 1
 
@@ -42,8 +42,10 @@ class SVDQConfig:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
         if self.group_size <= 0 or self.group_size % 2:
             raise ValueError(f"group_size must be a positive even number, got {self.group_size}")
-        if not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas):
-            raise ValueError(f"alphas must be a non-empty list of values in [0, 1], got {self.alphas}")
+        if not self.alphas or any(a is not None and not 0.0 <= a <= 1.0 for a in self.alphas):
+            raise ValueError(
+                f"alphas must be a non-empty list of values in [0, 1] (or None), got {self.alphas}"
+            )
 
 
 @dataclasses.dataclass

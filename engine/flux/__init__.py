@@ -1,0 +1,20 @@
+"""FLUX.1 with SVDQuant layers: the layer table, calibration, quantization, checkpoints."""
+
+from engine.flux.checkpoint import CheckpointError, load_transformer, read_metadata, save_checkpoint
+from engine.flux.layers import LAYER_TABLE, Treatment, target_layers, treatment_of
+from engine.flux.quantize import DEFAULT_RESOLUTIONS, LayerReport, calibrate, quantize_transformer
+
+__all__ = [
+    "DEFAULT_RESOLUTIONS",
+    "LAYER_TABLE",
+    "CheckpointError",
+    "LayerReport",
+    "Treatment",
+    "calibrate",
+    "load_transformer",
+    "quantize_transformer",
+    "read_metadata",
+    "save_checkpoint",
+    "target_layers",
+    "treatment_of",
+]

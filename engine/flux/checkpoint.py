@@ -1,0 +1,139 @@
+"""Our checkpoint: one .safetensors holding the whole quantized transformer, plus metadata.
+
+Tensors: the transformer's full state dict. Quantized linears carry ``qweight``, ``wscales``,
+``smooth_factor``, ``proj_down``, ``proj_up``, ``bias`` (W4A4) or ``qweight``, ``wscales``,
+``wzeros``, ``bias`` (W4A16); every other parameter is stored as is. Metadata (strings):
+``format`` = "svdquant-flux", ``format_version``, ``quant_config`` (JSON of SVDQConfig),
+``transformer_config`` (JSON of the diffusers config, so no model folder is needed to load),
+``unsigned_layers`` (JSON list), ``act_shift``. See docs/checkpoint-format.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from engine.flux.layers import Treatment, set_module, target_layers
+from engine.modules import SVDQLinear, W4A16Linear
+from engine.quant import GELU_SHIFT, SVDQConfig
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "svdquant-flux"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read as a quantized FLUX transformer."""
+
+
+def save_checkpoint(transformer: nn.Module, path: str | Path, config: SVDQConfig) -> Path:
+    """Write the quantized ``transformer`` to ``path`` (written to a temporary name, then renamed)."""
+    path = Path(path)
+    unsigned = [n for n, m in transformer.named_modules() if isinstance(m, SVDQLinear) and m.unsigned]
+    shifts = {m.act_shift for m in transformer.modules() if isinstance(m, SVDQLinear) and m.unsigned}
+    if len(shifts) > 1:
+        raise ValueError(f"unsigned layers disagree on act_shift: {sorted(shifts)}")
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "quant_config": json.dumps(dataclasses.asdict(config)),
+        # The architecture only: no local path of the machine that quantized it.
+        "transformer_config": json.dumps(
+            {k: v for k, v in transformer.config.items() if k != "_name_or_path"}
+        ),
+        "unsigned_layers": json.dumps(unsigned),
+        "act_shift": repr(shifts.pop() if shifts else GELU_SHIFT),
+    }
+    state = {k: v.contiguous() for k, v in transformer.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, tmp, metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def read_metadata(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """The file's metadata and the shape of every tensor, without reading any tensor data."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _skeleton(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], path: Path) -> nn.Module:
+    """The transformer with quantized modules in place, every tensor on the meta device."""
+    from diffusers import FluxTransformer2DModel
+
+    config = json.loads(metadata["transformer_config"])
+    quant = json.loads(metadata["quant_config"])
+    unsigned = set(json.loads(metadata.get("unsigned_layers", "[]")))
+    act_shift = float(metadata.get("act_shift", GELU_SHIFT))
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    for name, treatment in target_layers(model).items():
+        linear = model.get_submodule(name)
+        key = f"{name}.wscales"
+        if key not in shapes:
+            raise CheckpointError(f"{path}: no quantized tensors for layer {name} (missing {key})")
+        kw = {"bias": linear.bias is not None, "group_size": quant["group_size"], "device": "meta"}
+        if treatment is Treatment.W4A16:
+            q = W4A16Linear(linear.in_features, linear.out_features, **kw)
+        else:
+            q = SVDQLinear(
+                linear.in_features,
+                linear.out_features,
+                rank=shapes[f"{name}.proj_down"][0],
+                unsigned=name in unsigned,
+                act_shift=act_shift if name in unsigned else 0.0,
+                **kw,
+            )
+        set_module(model, name, q)
+    return model
+
+
+def load_transformer(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Build the quantized transformer from our checkpoint, directly on ``device``.
+
+    The skeleton is built on the meta device (no float weight is ever allocated), then each
+    tensor of the file is read straight onto ``device`` and assigned in place.
+    """
+    path = Path(path)
+    t0 = time.perf_counter()
+    metadata, shapes = read_metadata(path)
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not an {FORMAT} checkpoint (metadata format={metadata.get('format')!r})"
+        )
+    if int(metadata.get("format_version", "0")) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {metadata['format_version']} is newer than this engine reads ({FORMAT_VERSION})"
+        )
+    model = _skeleton(metadata, shapes, path)
+    # Quantized modules hold their 16-bit tensors as buffers: take every dtype from the file.
+    state = load_file(str(path), device=str(device))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: does not match the transformer: missing {result.missing_keys[:5]}"
+            f" ({len(result.missing_keys)}), unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)})"
+        )
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: tensors not filled from the file: {left[:5]}")
+    model.eval().requires_grad_(False)
+    logger.info(
+        "loaded quantized transformer from %s onto %s in %.2f s", path, device, time.perf_counter() - t0
+    )
+    return model

@@ -1,0 +1,127 @@
+"""diffusers' FluxPipeline around our quantized transformer: sizes, seeds, batching, progress."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from engine.flux import load_transformer
+
+logger = logging.getLogger(__name__)
+
+SIZE_MULTIPLE = 16  # VAE factor 8 x the transformer's 2x2 latent packing
+MIN_SIDE, MAX_SIDE = 128, 2048
+MAX_SEED = 2**64 - 1
+
+
+def round_size(width: int, height: int) -> tuple[int, int]:
+    """Round to the nearest multiple of 16; a side outside [128, 2048] is an error naming it."""
+    out = []
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+        if not MIN_SIDE <= value <= MAX_SIDE:
+            raise ValueError(f"{name}={value} is outside the supported range [{MIN_SIDE}, {MAX_SIDE}]")
+        out.append(max(MIN_SIDE, SIZE_MULTIPLE * round(value / SIZE_MULTIPLE)))
+    return out[0], out[1]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class FluxGenerator:
+    """Text-to-image with FLUX.1 and, when given a checkpoint, the SVDQuant transformer."""
+
+    def __init__(self, pipe, device: torch.device) -> None:
+        self.pipe = pipe
+        self.device = device
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        checkpoint: str | Path | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> FluxGenerator:
+        """Load the text encoders, VAE and scheduler from ``model_dir`` (diffusers layout).
+
+        With ``checkpoint`` the transformer is our quantized one, built on ``device`` without a
+        float copy; without it, the folder's float transformer (for comparison). ``dtype``
+        defaults to bfloat16 on a GPU and float32 on a CPU, where bfloat16 math is slow.
+        """
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        t0 = time.perf_counter()
+        if checkpoint is not None:
+            transformer = load_transformer(checkpoint, device)
+            # Quantized buffers keep their stored types; only the 16-bit remainder follows dtype.
+            for p in transformer.parameters():
+                p.data = p.data.to(dtype)
+        else:
+            transformer = FluxTransformer2DModel.from_pretrained(
+                model_dir, subfolder="transformer", torch_dtype=dtype
+            )
+        pipe = FluxPipeline.from_pretrained(model_dir, transformer=transformer, torch_dtype=dtype)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        logger.info(
+            "pipeline loaded from %s on %s (%s) in %.2f s", model_dir, device, dtype, time.perf_counter() - t0
+        )
+        return cls(pipe, device)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str,
+        *,
+        width: int = 1024,
+        height: int = 1024,
+        steps: int = 4,
+        seed: int = 0,
+        num_outputs: int = 1,
+        on_step: Callable[[int, int], None] | None = None,
+        max_sequence_length: int = 512,
+    ) -> list[Image.Image]:
+        """Images ``i = 0..num_outputs-1`` use seed ``seed + i``, all denoised in one batch.
+
+        The noise is drawn on the CPU from a per-image generator, so a seed gives the same
+        image whatever the batch size and device. ``on_step(step, steps)`` is called after each
+        denoising step (raise from it to cancel).
+        """
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if not isinstance(num_outputs, int) or num_outputs < 1:
+            raise ValueError(f"num_outputs must be a positive integer, got {num_outputs!r}")
+        if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - num_outputs:
+            raise ValueError(f"seed must be an integer in [0, {MAX_SEED - num_outputs}], got {seed!r}")
+        width, height = round_size(width, height)
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_outputs)]
+
+        def step_end(pipe, i, t, kwargs):
+            if on_step:
+                on_step(i + 1, steps)
+            return {}
+
+        return self.pipe(
+            prompt=prompt,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            guidance_scale=0.0,
+            num_images_per_prompt=num_outputs,
+            generator=generators,
+            max_sequence_length=max_sequence_length,
+            callback_on_step_end=step_end,
+        ).images
