@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.flux.layers import Treatment, set_module, target_layers
+from engine.flux.layers import SplitInputLinear, Treatment, set_module, split_sizes, target_layers
 from engine.modules import SVDQLinear, W4A16Linear
 from engine.quant import GELU_SHIFT, SVDQConfig
 
@@ -82,23 +82,35 @@ def _skeleton(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], path
     act_shift = float(metadata.get("act_shift", GELU_SHIFT))
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config(config)
+
+    def svdq(name: str, in_features: int, out_features: int) -> SVDQLinear:
+        if f"{name}.proj_down" not in shapes:
+            raise CheckpointError(f"{path}: no quantized tensors for layer {name} (missing {name}.proj_down)")
+        return SVDQLinear(
+            in_features,
+            out_features,
+            rank=shapes[f"{name}.proj_down"][0],
+            bias=f"{name}.bias" in shapes,
+            group_size=quant["group_size"],
+            unsigned=name in unsigned,
+            act_shift=act_shift if name in unsigned else 0.0,
+            device="meta",
+        )
+
     for name, treatment in target_layers(model).items():
         linear = model.get_submodule(name)
-        key = f"{name}.wscales"
-        if key not in shapes:
-            raise CheckpointError(f"{path}: no quantized tensors for layer {name} (missing {key})")
-        kw = {"bias": linear.bias is not None, "group_size": quant["group_size"], "device": "meta"}
+        n, k = linear.out_features, linear.in_features
         if treatment is Treatment.W4A16:
-            q = W4A16Linear(linear.in_features, linear.out_features, **kw)
+            if f"{name}.wzeros" not in shapes:
+                raise CheckpointError(
+                    f"{path}: no quantized tensors for layer {name} (missing {name}.wzeros)"
+                )
+            q = W4A16Linear(k, n, bias=linear.bias is not None, group_size=quant["group_size"], device="meta")
+        elif treatment is Treatment.W4A4_SPLIT:
+            sizes = split_sizes(model, name)
+            q = SplitInputLinear([svdq(f"{name}.parts.{i}", size, n) for i, size in enumerate(sizes)], sizes)
         else:
-            q = SVDQLinear(
-                linear.in_features,
-                linear.out_features,
-                rank=shapes[f"{name}.proj_down"][0],
-                unsigned=name in unsigned,
-                act_shift=act_shift if name in unsigned else 0.0,
-                **kw,
-            )
+            q = svdq(name, k, n)
         set_module(model, name, q)
     return model
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import re
 
+import torch
 from torch import nn
 
 
@@ -12,6 +13,9 @@ class Treatment(enum.Enum):
     W4A4 = "w4a4"  # SVDQLinear, signed activation codes
     W4A4_UNSIGNED = "w4a4_unsigned"  # SVDQLinear on a GELU-tanh output: unsigned codes + shift
     W4A16 = "w4a16"  # W4A16Linear: the input is one conditioning vector per image
+    # The single block's proj_out sees concat(attention output, GELU-tanh(MLP)): two SVDQLinears
+    # over the two slices, signed codes for the first and unsigned for the second.
+    W4A4_SPLIT = "w4a4_split"
 
 
 _DOUBLE = r"transformer_blocks\.\d+\."
@@ -25,7 +29,8 @@ LAYER_TABLE: tuple[tuple[str, Treatment], ...] = (
     ),
     (_DOUBLE + r"(ff|ff_context)\.net\.0\.proj", Treatment.W4A4),
     (_DOUBLE + r"(ff|ff_context)\.net\.2", Treatment.W4A4_UNSIGNED),
-    (_SINGLE + r"(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)", Treatment.W4A4),
+    (_SINGLE + r"(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp)", Treatment.W4A4),
+    (_SINGLE + r"proj_out", Treatment.W4A4_SPLIT),
     (_DOUBLE + r"(norm1|norm1_context)\.linear", Treatment.W4A16),
     (_SINGLE + r"norm\.linear", Treatment.W4A16),
 )
@@ -45,6 +50,36 @@ def target_layers(model: nn.Module) -> dict[str, Treatment]:
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and (t := treatment_of(name)) is not None
     }
+
+
+class SplitInputLinear(nn.Module):
+    """``y = sum_i parts[i](x[..., slice_i])``: one linear whose input is a concatenation.
+
+    Keeps the parent's interface (one module, one input) while each slice gets its own
+    quantization: its own smoothing, low-rank branch and code signedness.
+    """
+
+    def __init__(self, parts: list[nn.Module], sizes: list[int]) -> None:
+        super().__init__()
+        if len(parts) != len(sizes):
+            raise ValueError("one size per part")
+        self.parts = nn.ModuleList(parts)
+        self.sizes = list(sizes)
+        self.in_features = sum(sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunks = torch.split(x, self.sizes, dim=-1)
+        out = self.parts[0](chunks[0])
+        for part, chunk in zip(self.parts[1:], chunks[1:], strict=True):
+            out = out + part(chunk)
+        return out
+
+
+def split_sizes(model: nn.Module, name: str) -> list[int]:
+    """Input slices of a W4A4_SPLIT layer: [attention width, MLP hidden width]."""
+    block = model.get_submodule(name.rpartition(".")[0])
+    mlp = block.mlp_hidden_dim
+    return [model.get_submodule(name).in_features - mlp, mlp]
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

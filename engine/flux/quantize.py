@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from engine.flux.layers import Treatment, set_module, target_layers
+from engine.flux.layers import SplitInputLinear, Treatment, set_module, split_sizes, target_layers
 from engine.flux.prompts import CALIBRATION_PROMPTS
 from engine.modules import SVDQLinear, W4A16Linear
 from engine.quant import GELU_SHIFT, ActivationRecorder, LayerStats, SVDQConfig, relative_error
@@ -91,22 +91,16 @@ def quantize_transformer(
         if st is None:
             raise KeyError(f"no calibration statistics for layer {name}")
         t0 = time.perf_counter()
+        x = st.samples.to(linear.weight.device, linear.weight.dtype)
         if treatment is Treatment.W4A16:
-            q = W4A16Linear.from_linear(linear, config.group_size, dtype=dtype)
-            x = st.samples.to(linear.weight.device, linear.weight.dtype)
-            alpha, err = None, relative_error(q(x), linear(x))
+            q, alpha = W4A16Linear.from_linear(linear, config.group_size, dtype=dtype), None
+        elif treatment is Treatment.W4A4_SPLIT:
+            q, alpha = _quantize_split(linear, st, split_sizes(transformer, name), config, dtype), None
         else:
             unsigned = treatment is Treatment.W4A4_UNSIGNED
-            q = SVDQLinear.from_linear(
-                linear,
-                st.samples,
-                config=config,
-                act_max=st.act_max,
-                unsigned=unsigned,
-                act_shift=GELU_SHIFT if unsigned else 0.0,
-                dtype=dtype,
-            )
-            alpha, err = q.alpha, q.calib_error
+            q = _svdq(linear, st.samples, st.act_max, config, dtype, unsigned=unsigned)
+            alpha = q.alpha
+        err = relative_error(q(x), linear(x))
         set_module(transformer, name, q)
         del linear
         report = LayerReport(name, treatment, alpha, err, time.perf_counter() - t0)
@@ -114,3 +108,35 @@ def quantize_transformer(
         if on_layer:
             on_layer(report)
     return reports
+
+
+def _svdq(linear: nn.Linear, samples, act_max, config, dtype, *, unsigned: bool) -> SVDQLinear:
+    return SVDQLinear.from_linear(
+        linear,
+        samples,
+        config=config,
+        act_max=act_max,
+        unsigned=unsigned,
+        act_shift=GELU_SHIFT if unsigned else 0.0,
+        dtype=dtype,
+    )
+
+
+def _quantize_split(linear: nn.Linear, st: LayerStats, sizes: list[int], config, dtype) -> SplitInputLinear:
+    """Attention slice with signed codes and the bias; GELU slice with unsigned codes."""
+    parts, start = [], 0
+    for i, size in enumerate(sizes):
+        sl = slice(start, start + size)
+        part = nn.Linear(
+            size,
+            linear.out_features,
+            bias=i == 0 and linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        part.weight.copy_(linear.weight[:, sl])
+        if part.bias is not None:
+            part.bias.copy_(linear.bias)
+        parts.append(_svdq(part, st.samples[:, sl], st.act_max[sl], config, dtype, unsigned=i > 0))
+        start += size
+    return SplitInputLinear(parts, sizes)

@@ -84,7 +84,7 @@ class SVDQLinear(nn.Module):
             linear.in_features,
             linear.out_features,
             rank=min(config.rank, *linear.weight.shape),
-            bias=linear.bias is not None,
+            bias=linear.bias is not None or bool(act_shift),  # the shift is folded into a bias
             group_size=config.group_size,
             unsigned=unsigned,
             act_shift=act_shift,
