@@ -11,24 +11,11 @@ import torch
 from PIL import Image
 
 from engine.flux import load_transformer
+from engine.sizes import round_size
 
 logger = logging.getLogger(__name__)
 
-SIZE_MULTIPLE = 16  # VAE factor 8 x the transformer's 2x2 latent packing
-MIN_SIDE, MAX_SIDE = 128, 2048
 MAX_SEED = 2**64 - 1
-
-
-def round_size(width: int, height: int) -> tuple[int, int]:
-    """Round to the nearest multiple of 16; a side outside [128, 2048] is an error naming it."""
-    out = []
-    for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-        if not MIN_SIDE <= value <= MAX_SIDE:
-            raise ValueError(f"{name}={value} is outside the supported range [{MIN_SIDE}, {MAX_SIDE}]")
-        out.append(max(MIN_SIDE, SIZE_MULTIPLE * round(value / SIZE_MULTIPLE)))
-    return out[0], out[1]
 
 
 def default_device() -> torch.device:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.pipeline import FluxGenerator, round_size
+from engine.pipeline import FluxGenerator
+from engine.sizes import ASPECT_RATIOS, round_size, size_for
 from engine.tiny_model import CHECKPOINT_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +55,12 @@ def test_size_rounding_and_errors(gen):
         round_size(512, 64)
     with pytest.raises(TypeError, match="width must be an integer"):
         round_size(512.0, 512)
+    assert size_for("16:9", "0.25") == (672, 384) and size_for("21:9") == (1536, 640)
+    assert all(
+        w % 16 == 0 and h % 16 == 0 for w, h in (size_for(a, m) for a in ASPECT_RATIOS for m in ("1", "0.25"))
+    )
+    with pytest.raises(ValueError, match="aspect_ratio must be one of"):
+        size_for("7:3")
     with pytest.raises(ValueError, match="steps"):
         gen.generate("x", steps=0)
     with pytest.raises(ValueError, match="num_outputs"):

@@ -1,0 +1,225 @@
+"""What the Cog predictor does, without Cog: choose and fetch the model, load it, run, encode.
+
+predict.py stays a thin declaration of inputs; everything here is testable without a server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from engine.pipeline import FluxGenerator, default_device
+from engine.safety import SafetyChecker
+from engine.sizes import size_for
+from engine.weights import MANIFEST, WeightsError, cache_dir, ensure_files, load_manifest
+
+logger = logging.getLogger(__name__)
+
+MODEL_ENV = "SVDQ_MODEL"  # auto | tiny | a model name of weights/manifest.json
+TINY = "tiny"
+REAL = "flux-schnell"
+MAX_SEED = 2**32 - 1
+FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+
+
+class NSFWError(RuntimeError):
+    """Every image of a prediction was flagged by the safety checker."""
+
+
+def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def choose_model() -> str:
+    """``SVDQ_MODEL``, or in auto mode the real model when a GPU and its weights (cached or reachable) exist."""
+    wanted = os.environ.get(MODEL_ENV, "auto").strip() or "auto"
+    if wanted != "auto":
+        return wanted
+    if not torch.cuda.is_available():
+        logger.info("no GPU: serving the embedded tiny model (set %s to choose)", MODEL_ENV)
+        return TINY
+    root = cache_dir() / REAL
+    if all((root / e.path).exists() for e in load_manifest(REAL)) or _online():
+        return REAL
+    logger.warning("no network and %s not cached: serving the embedded tiny model", REAL)
+    return TINY
+
+
+def tiny_model_dir() -> Path:
+    """The embedded tiny model, made on first use (seconds) and renamed into place when complete."""
+    from engine.tiny_model import CHECKPOINT_NAME, make_tiny_model
+
+    root = cache_dir() / TINY
+    if (root / CHECKPOINT_NAME).exists():
+        return root
+    logger.info("making the tiny model in %s", root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root.parent))
+    try:
+        make_tiny_model(tmp)
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def model_files(name: str) -> tuple[Path, Path]:
+    """``(model folder, transformer checkpoint)`` for a model, fetched and verified."""
+    if name == TINY:
+        from engine.tiny_model import CHECKPOINT_NAME
+
+        root = tiny_model_dir()
+        return root, root / CHECKPOINT_NAME
+    entries = load_manifest(name)
+    root = ensure_files(entries, cache_dir() / name, offline=not _online())
+    transformer = json.loads(MANIFEST.read_text())["models"][name]["transformer"]
+    return root, root / transformer
+
+
+def save_images(
+    images: list[Image.Image], out_dir: Path, *, output_format: str, quality: int, seed: int, prompt: str
+) -> list[Path]:
+    """``out-0.<ext>``, ``out-1.<ext>``...; the seed goes into PNG text or EXIF ImageDescription."""
+    if output_format not in FORMATS:
+        raise ValueError(f"output_format must be one of {', '.join(FORMATS)}; got {output_format!r}")
+    paths = []
+    for i, img in enumerate(images):
+        path = out_dir / f"out-{i}.{output_format}"
+        kwargs: dict = {}
+        if output_format == "png":
+            info = PngImagePlugin.PngInfo()
+            info.add_text("seed", str(seed + i))
+            info.add_text("prompt", prompt)
+            kwargs["pnginfo"] = info
+        else:
+            exif = Image.Exif()
+            exif[0x010E] = f"seed={seed + i}"  # ImageDescription
+            kwargs.update(quality=quality, exif=exif.tobytes())
+        img.convert("RGB").save(path, format=FORMATS[output_format], **kwargs)
+        paths.append(path)
+    return paths
+
+
+class FluxService:
+    def __init__(self, generator: FluxGenerator, safety: SafetyChecker | None, model: str) -> None:
+        self.generator, self.safety, self.model = generator, safety, model
+        self._eager = generator.pipe.transformer
+        self._compiled = None
+
+    @classmethod
+    def setup(cls) -> FluxService:
+        t0 = time.perf_counter()
+        model = choose_model()
+        try:
+            model_dir, checkpoint = model_files(model)
+        except WeightsError:
+            logger.error("setup failed while fetching the weights of %s", model)
+            raise
+        t1 = time.perf_counter()
+        device = default_device()
+        generator = FluxGenerator.from_pretrained(model_dir, checkpoint, device=device)
+        safety = SafetyChecker.load(model_dir, device)
+        logger.info(
+            "setup: model %s, weights %.1f s, load %.1f s, on %s",
+            model,
+            t1 - t0,
+            time.perf_counter() - t1,
+            device,
+        )
+        return cls(generator, safety, model)
+
+    def _transformer(self, go_fast: bool):
+        """The compiled transformer for go_fast on a GPU (compiled once, on first use), else eager."""
+        if not go_fast or self.generator.device.type != "cuda":
+            return self._eager
+        if self._compiled is None:
+            logger.info("go_fast: compiling the transformer (first use; later predictions reuse it)")
+            self._compiled = torch.compile(self._eager, mode="max-autotune-no-cudagraphs", dynamic=False)
+        return self._compiled
+
+    def predict(
+        self,
+        *,
+        prompt: str,
+        aspect_ratio: str = "1:1",
+        num_outputs: int = 1,
+        num_inference_steps: int = 4,
+        seed: int | None = None,
+        output_format: str = "webp",
+        output_quality: int = 80,
+        disable_safety_checker: bool = False,
+        go_fast: bool = True,
+        megapixels: str = "1",
+        out_dir: Path | None = None,
+    ) -> list[Path]:
+        if seed is None:
+            seed = secrets.randbelow(MAX_SEED + 1)
+            logger.info("seed: %d (random; pass seed=%d to reproduce)", seed, seed)
+        else:
+            logger.info("seed: %d", seed)
+        width, height = size_for(aspect_ratio, megapixels)
+        logger.info(
+            "size: %dx%d (%s, %s MP), %d image(s), %d step(s), go_fast=%s",
+            width,
+            height,
+            aspect_ratio,
+            megapixels,
+            num_outputs,
+            num_inference_steps,
+            go_fast,
+        )
+        if go_fast and self.generator.device.type != "cuda":
+            logger.info("go_fast: no GPU, so nothing to speed up; running the same path")
+        self.generator.pipe.transformer = self._transformer(go_fast)
+        t0 = time.perf_counter()
+        try:
+            images = self.generator.generate(
+                prompt,
+                width=width,
+                height=height,
+                steps=num_inference_steps,
+                seed=seed,
+                num_outputs=num_outputs,
+                on_step=lambda i, n: logger.info("step %d/%d (%.2f s)", i, n, time.perf_counter() - t0),
+            )
+        except torch.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            raise RuntimeError(
+                f"out of GPU memory for {num_outputs} image(s) at {width}x{height}; "
+                "try fewer outputs or megapixels=0.25"
+            ) from e
+        t1 = time.perf_counter()
+        logger.info("denoise + decode: %.2f s", t1 - t0)
+        if self.safety is not None and not disable_safety_checker:
+            flags = self.safety.flags(images)
+            for i, flagged in enumerate(flags):
+                if flagged:
+                    logger.warning("image %d was flagged by the safety checker and is not returned", i)
+            images = [im for im, flagged in zip(images, flags, strict=True) if not flagged]
+            if not images:
+                raise NSFWError("all images were flagged as possibly NSFW; try a different prompt or seed")
+        out_dir = out_dir or Path(tempfile.mkdtemp(prefix="svdq-out-"))
+        paths = save_images(
+            images, out_dir, output_format=output_format, quality=output_quality, seed=seed, prompt=prompt
+        )
+        logger.info(
+            "safety + encode: %.2f s; total %.2f s", time.perf_counter() - t1, time.perf_counter() - t0
+        )
+        return paths

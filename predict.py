@@ -1,0 +1,77 @@
+"""Cog predictor: FLUX.1-schnell with SVDQuant W4A4, Replicate's flux-schnell inputs.
+
+Thin by design: inputs are declared here, the work is in engine/service.py. The engine is
+imported in setup(), not at module level, so that Cog's schema tool can load this file
+without torch installed.
+"""
+
+import logging
+
+from cog import BasePredictor, Input, Path
+
+from engine.sizes import ASPECT_RATIOS, MEGAPIXELS
+
+MAX_SEED = 2**32 - 1
+
+
+class Predictor(BasePredictor):
+    def setup(self) -> None:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+        )
+        from engine.service import FluxService
+
+        self.service = FluxService.setup()
+
+    def predict(
+        self,
+        prompt: str = Input(description="Prompt for the generated image"),
+        aspect_ratio: str = Input(
+            description="Aspect ratio of the output image", choices=list(ASPECT_RATIOS), default="1:1"
+        ),
+        num_outputs: int = Input(description="Number of images to generate", ge=1, le=4, default=1),
+        num_inference_steps: int = Input(
+            description="Number of denoising steps; 4 is recommended, fewer is faster and rougher",
+            ge=1,
+            le=4,
+            default=4,
+        ),
+        seed: int = Input(
+            description="Random seed for reproducible generation; leave blank for a random one (it is logged)",
+            ge=0,
+            le=MAX_SEED,
+            default=None,
+        ),
+        output_format: str = Input(
+            description="Format of the output images", choices=["webp", "jpg", "png"], default="webp"
+        ),
+        output_quality: int = Input(
+            description="Quality when saving webp or jpg, 0 to 100; ignored for png", ge=0, le=100, default=80
+        ),
+        disable_safety_checker: bool = Input(
+            description="Disable the safety checker for generated images", default=False
+        ),
+        go_fast: bool = Input(
+            description="Run the compiled transformer (torch.compile) on a GPU; results stay deterministic "
+            "for a given seed. No effect on CPU.",
+            default=True,
+        ),
+        megapixels: str = Input(
+            description="Approximate number of megapixels of the output",
+            choices=list(MEGAPIXELS),
+            default="1",
+        ),
+    ) -> list[Path]:
+        paths = self.service.predict(
+            prompt=prompt,
+            aspect_ratio=aspect_ratio,
+            num_outputs=num_outputs,
+            num_inference_steps=num_inference_steps,
+            seed=seed,
+            output_format=output_format,
+            output_quality=output_quality,
+            disable_safety_checker=disable_safety_checker,
+            go_fast=go_fast,
+            megapixels=megapixels,
+        )
+        return [Path(p) for p in paths]
