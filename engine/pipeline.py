@@ -56,9 +56,9 @@ class FluxGenerator:
                 p.data = p.data.to(dtype)
         else:
             transformer = FluxTransformer2DModel.from_pretrained(
-                model_dir, subfolder="transformer", torch_dtype=dtype
+                model_dir, subfolder="transformer", dtype=dtype
             )
-        pipe = FluxPipeline.from_pretrained(model_dir, transformer=transformer, torch_dtype=dtype)
+        pipe = FluxPipeline.from_pretrained(model_dir, transformer=transformer, dtype=dtype)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         logger.info(
@@ -94,6 +94,7 @@ class FluxGenerator:
         if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - num_outputs:
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED - num_outputs}], got {seed!r}")
         width, height = round_size(width, height)
+        self._log_truncation(prompt, max_sequence_length)
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_outputs)]
 
         def step_end(pipe, i, t, kwargs):
@@ -112,3 +113,19 @@ class FluxGenerator:
             max_sequence_length=max_sequence_length,
             callback_on_step_end=step_end,
         ).images
+
+    def _log_truncation(self, prompt: str, max_sequence_length: int) -> None:
+        """Say how much of a long prompt each text encoder reads (the pipeline drops the rest)."""
+        clip_len = self.pipe.tokenizer.model_max_length
+        n_clip = len(self.pipe.tokenizer(prompt, truncation=False)["input_ids"])
+        n_t5 = len(self.pipe.tokenizer_2(prompt, truncation=False)["input_ids"])
+        if n_t5 > max_sequence_length:
+            logger.warning(
+                "prompt is %d T5 tokens: T5 reads the first %d, the rest is truncated",
+                n_t5,
+                max_sequence_length,
+            )
+        if n_clip > clip_len:
+            logger.info(
+                "prompt is %d CLIP tokens: CLIP (pooled embedding) reads the first %d", n_clip, clip_len
+            )

@@ -46,6 +46,16 @@ def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
+def configure_runtime() -> None:
+    """Process-wide settings for serving, in one place, called once from setup()."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Progress bars are noise in a server's logs; per-step progress is logged instead.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def choose_model() -> str:
     """``SVDQ_MODEL``, or in auto mode the real model when a GPU and its weights (cached or reachable) exist."""
     wanted = os.environ.get(MODEL_ENV, "auto").strip() or "auto"
@@ -126,6 +136,7 @@ class FluxService:
     @classmethod
     def setup(cls) -> FluxService:
         t0 = time.perf_counter()
+        configure_runtime()
         model = choose_model()
         try:
             model_dir, checkpoint = model_files(model)

@@ -118,8 +118,13 @@ def _download_url(entry: WeightFile, part: Path) -> None:
             raise WeightsError(f"{entry.path}: HTTP {r.status_code} from {entry.url}")
         mode = "ab" if r.status_code == 206 else "wb"  # a server without Range support restarts
         with open(part, mode) as f:
-            for chunk in r.iter_content(_CHUNK):
-                f.write(chunk)
+            try:
+                for chunk in r.iter_content(_CHUNK):
+                    f.write(chunk)
+            except requests.exceptions.ChunkedEncodingError as e:  # the connection ended early
+                raise WeightsError(
+                    f"{entry.path}: truncated download ({f.tell()} bytes kept in {part.name}; run again to resume)"
+                ) from e
         expected = r.headers.get("Content-Length")
     if expected is not None and r.status_code == 200 and part.stat().st_size != int(expected):
         raise WeightsError(f"{entry.path}: truncated download ({part.stat().st_size} of {expected} bytes)")

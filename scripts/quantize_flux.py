@@ -49,7 +49,7 @@ def main() -> None:
     config = SVDQConfig(rank=args.rank, group_size=args.group_size, svd_niter=args.svd_niter)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     t0 = time.perf_counter()
-    pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=dtype).to(args.device)
+    pipe = FluxPipeline.from_pretrained(args.model, dtype=dtype).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     with tqdm(total=args.calib_prompts, desc="calibrating", unit="prompt") as bar:
         stats = calibrate(

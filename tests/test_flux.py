@@ -21,7 +21,7 @@ from engine.tiny_model import CHECKPOINT_NAME
 
 @pytest.fixture(scope="module")
 def float_pipe(tiny_model_dir):
-    pipe = FluxPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,0 +1,197 @@
+"""The real Cog HTTP server (coglet) serving predict.py with the tiny model, on a loopback port."""
+
+import io
+import json
+import shutil
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from cog_client import CogServer, decode_output
+from PIL import Image
+
+from engine.sizes import ASPECT_RATIOS, size_for
+
+ROOT = Path(__file__).resolve().parent.parent
+INPUTS = [
+    "prompt",
+    "aspect_ratio",
+    "num_outputs",
+    "num_inference_steps",
+    "seed",
+    "output_format",
+    "output_quality",
+    "disable_safety_checker",
+    "go_fast",
+    "megapixels",
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("weights")
+    with CogServer(env={"SVDQ_WEIGHTS_DIR": str(cache), "SVDQ_MODEL": "auto"}) as srv:
+        health = srv.wait_ready()
+        assert health["status"] == "READY", health
+        srv.cache = cache
+        yield srv
+
+
+def predict_ok(server, **inputs):
+    status, resp = server.predict({"num_inference_steps": 1, **inputs})
+    assert status == 200 and resp["status"] == "succeeded", resp
+    return resp
+
+
+def images(resp):
+    out = []
+    for item in resp["output"]:
+        data, ext = decode_output(item)
+        out.append((Image.open(io.BytesIO(data)), ext, data))
+    return out
+
+
+def test_health_and_schema(server):
+    _, health = server.request("GET", "/health-check")
+    assert health["status"] == "READY"
+    assert (
+        "setup: model tiny" in health["setup"]["logs"]
+        and "safety checker not loaded" in health["setup"]["logs"]
+    )
+    _, schema = server.request("GET", "/openapi.json")
+    props = schema["components"]["schemas"]["Input"]["properties"]
+    assert sorted(props, key=lambda k: props[k]["x-order"]) == INPUTS
+    assert all(p.get("description") for p in props.values())
+    assert (props["num_outputs"]["minimum"], props["num_outputs"]["maximum"]) == (1, 4)
+    assert (props["num_inference_steps"]["minimum"], props["num_inference_steps"]["maximum"]) == (1, 4)
+    assert props["num_inference_steps"]["default"] == 4 and props["output_quality"]["maximum"] == 100
+    assert schema["components"]["schemas"]["aspect_ratio"]["enum"] == list(ASPECT_RATIOS)
+    assert schema["components"]["schemas"]["megapixels"]["enum"] == ["1", "0.25"]
+
+
+@pytest.mark.parametrize("i,aspect_ratio", list(enumerate(ASPECT_RATIOS)))
+def test_every_aspect_ratio(server, i, aspect_ratio):
+    fmt = ["webp", "jpg", "png"][i % 3]
+    megapixels = "1" if i == 1 else "0.25"
+    n = 1 + i % 2
+    resp = predict_ok(
+        server,
+        prompt="a red fox",
+        aspect_ratio=aspect_ratio,
+        num_outputs=n,
+        output_format=fmt,
+        megapixels=megapixels,
+        seed=i,
+    )
+    got = images(resp)
+    assert len(got) == n
+    for img, ext, _ in got:
+        assert ext == fmt and img.size == size_for(aspect_ratio, megapixels)
+        assert img.format == {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}[fmt]
+
+
+def test_seeds(server):
+    a = images(predict_ok(server, prompt="a cat", seed=123, megapixels="0.25"))[0][2]
+    b = images(predict_ok(server, prompt="a cat", seed=123, megapixels="0.25"))[0][2]
+    c = images(predict_ok(server, prompt="a cat", seed=124, megapixels="0.25"))[0][2]
+    assert a == b and a != c
+    z1 = images(predict_ok(server, prompt="a cat", seed=0, megapixels="0.25", output_format="png"))[0]
+    z2 = images(predict_ok(server, prompt="a cat", seed=0, megapixels="0.25", output_format="png"))[0]
+    assert z1[2] == z2[2] and z1[0].text["seed"] == "0"
+    top = predict_ok(server, prompt="a cat", seed=2**32 - 1, megapixels="0.25", num_outputs=2)
+    assert len(top["output"]) == 2 and "seed: 4294967295" in top["logs"]
+    rnd = predict_ok(server, prompt="a cat", megapixels="0.25")
+    assert "(random; pass seed=" in rnd["logs"]
+
+
+@pytest.mark.parametrize(
+    "inputs,field",
+    [
+        ({}, "prompt"),
+        ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
+        ({"prompt": "x", "num_inference_steps": 5}, "num_inference_steps"),
+        ({"prompt": "x", "num_outputs": 0}, "num_outputs"),
+        ({"prompt": "x", "num_outputs": 5}, "num_outputs"),
+        ({"prompt": "x", "output_quality": 101}, "output_quality"),
+        ({"prompt": "x", "aspect_ratio": "7:3"}, "aspect_ratio"),
+        ({"prompt": "x", "num_outputs": "many"}, "num_outputs"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+    ],
+)
+def test_bad_inputs_are_422_naming_the_field(server, inputs, field):
+    status, resp = server.predict(inputs)
+    assert status == 422, resp
+    assert any(d["loc"][-1] == field for d in resp["detail"]), resp
+
+
+def test_prompts_empty_long_unicode(server):
+    predict_ok(server, prompt="", megapixels="0.25")
+    long = predict_ok(server, prompt="a very detailed scene " * 200, megapixels="0.25")
+    assert "T5 reads the first 512, the rest is truncated" in long["logs"]
+    predict_ok(server, prompt="un renard roux 🦊 dans la neige — 雪の中の狐", megapixels="0.25")
+
+
+class _Webhook(BaseHTTPRequestHandler):
+    events: ClassVar[list] = []
+
+    def do_POST(self):
+        self.events.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_busy_then_cancel_then_next_succeeds(server):
+    hook = HTTPServer(("127.0.0.1", 0), _Webhook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        body = {
+            "input": {"prompt": "slow", "num_inference_steps": 4, "num_outputs": 4, "seed": 1},
+            "webhook": f"http://127.0.0.1:{hook.server_port}/hook",
+            "webhook_events_filter": ["completed"],
+        }
+        status, _ = server.request("PUT", "/predictions/cancel-me", body, headers={"Prefer": "respond-async"})
+        assert status == 202
+        time.sleep(1.0)
+        status, busy = server.predict({"prompt": "second", "num_inference_steps": 1}, timeout=10)
+        assert status == 409, busy
+        status, _ = server.request("POST", "/predictions/cancel-me/cancel")
+        assert status == 200
+        deadline = time.monotonic() + 60
+        while not _Webhook.events and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _Webhook.events and _Webhook.events[-1]["status"] == "canceled"
+    finally:
+        hook.shutdown()
+    predict_ok(server, prompt="after the cancel", megapixels="0.25")
+
+
+def test_openapi_schema_file_matches_predict_py(tmp_path):
+    if shutil.which("python3") is None:
+        pytest.skip("python3 not found")
+    fresh = tmp_path / "schema.json"
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "openapi_schema.sh"), str(fresh)], check=True, cwd=ROOT, timeout=300
+    )
+    committed = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    assert json.loads(fresh.read_text()) == committed, (
+        "regenerate with scripts/openapi_schema.sh .cog/openapi_schema.json"
+    )
+
+
+def test_corrupt_weights_fail_setup_naming_the_file(tmp_path):
+    from engine.tiny_model import CHECKPOINT_NAME, make_tiny_model
+
+    tiny = make_tiny_model(tmp_path / "tiny", quantize=True)
+    (tiny / CHECKPOINT_NAME).write_bytes(b"\0" * 1000)  # damaged on disk
+    with CogServer(env={"SVDQ_WEIGHTS_DIR": str(tmp_path), "SVDQ_MODEL": "tiny"}) as srv:
+        health = srv.wait_ready()
+    assert health["status"] == "SETUP_FAILED", health
+    assert CHECKPOINT_NAME in health["setup"]["logs"]
+    assert not list(tmp_path.rglob("*.part")) and not list(tmp_path.rglob("*.tmp"))

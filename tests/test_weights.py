@@ -1,0 +1,115 @@
+"""Manifest downloads against a local HTTP server: resume, sha256, truncation, offline, atomicity."""
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import pytest
+
+from engine.weights import WeightFile, WeightsError, ensure_files, load_manifest
+
+BLOB = bytes(range(256)) * 4096  # 1 MiB
+SHA = hashlib.sha256(BLOB).hexdigest()
+
+
+class _Files(BaseHTTPRequestHandler):
+    truncate = False
+    ranges: ClassVar[list] = []
+
+    def do_GET(self):
+        data = BLOB
+        start = 0
+        if rng := self.headers.get("Range"):
+            start = int(rng.split("=")[1].split("-")[0])
+            self.ranges.append(start)
+            self.send_response(206)
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2] if self.truncate else body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def http():
+    _Files.truncate, _Files.ranges = False, []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+
+
+def entry(url, **kw):
+    return WeightFile(
+        path=kw.pop("path", "sub/blob.bin"), url=f"{url}/blob.bin", sha256=kw.pop("sha256", SHA), **kw
+    )
+
+
+def test_download_verify_and_reuse(http, tmp_path):
+    ensure_files([entry(http), entry(http, path="other.bin")], tmp_path)
+    assert (tmp_path / "sub" / "blob.bin").read_bytes() == BLOB and (tmp_path / "other.bin").exists()
+    assert not list(tmp_path.rglob("*.part"))
+    ensure_files([entry(http)], tmp_path, offline=True)  # present and verified: no network needed
+
+
+def test_resume_from_part_file(http, tmp_path):
+    part = tmp_path / "sub" / "blob.bin.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(BLOB[:300_000])
+    ensure_files([entry(http)], tmp_path)
+    assert _Files.ranges == [300_000] and (tmp_path / "sub" / "blob.bin").read_bytes() == BLOB
+
+
+def test_wrong_checksum_names_the_file_and_leaves_nothing(http, tmp_path):
+    with pytest.raises(WeightsError, match=r"sub/blob\.bin: sha256 .* does not match"):
+        ensure_files([entry(http, sha256="0" * 64)], tmp_path)
+    assert not (tmp_path / "sub" / "blob.bin").exists() and not list(tmp_path.rglob("*.part"))
+
+
+def test_truncated_download_is_an_error(http, tmp_path):
+    _Files.truncate = True
+    with pytest.raises(WeightsError, match=r"sub/blob\.bin: truncated download"):
+        ensure_files([entry(http)], tmp_path)
+    assert not (tmp_path / "sub" / "blob.bin").exists()
+
+
+def test_corrupt_cached_file_is_caught(http, tmp_path):
+    ensure_files([entry(http)], tmp_path)
+    (tmp_path / "sub" / "blob.bin").write_bytes(b"x" * len(BLOB))
+    with pytest.raises(WeightsError, match="does not match"):
+        ensure_files([entry(http)], tmp_path)
+
+
+def test_missing_offline_names_the_file(tmp_path):
+    e = WeightFile(path="vae/model.safetensors", hub="owner/repo", file="vae/model.safetensors", sha256=None)
+    with pytest.raises(WeightsError, match=r"vae/model\.safetensors: missing from .*offline"):
+        ensure_files([e], tmp_path, offline=True)
+
+
+def test_manifest_lists_every_component(tmp_path):
+    entries = load_manifest("flux-schnell")
+    paths = {e.path.split("/")[0] for e in entries}
+    assert {
+        "text_encoder",
+        "text_encoder_2",
+        "vae",
+        "tokenizer",
+        "tokenizer_2",
+        "scheduler",
+        "safety_checker",
+        "feature_extractor",
+        "model_index.json",
+        "svdq-int4_r32-flux.1-schnell.safetensors",
+    } <= paths
+    bad = tmp_path / "m.json"
+    bad.write_text(json.dumps({"models": {"x": {"files": [{"path": "a", "sha256": None}]}}}))
+    with pytest.raises(ValueError, match="exactly one source"):
+        load_manifest("x", bad)
+    with pytest.raises(WeightsError, match="no model named 'y'"):
+        load_manifest("y", bad)
