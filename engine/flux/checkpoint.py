@@ -116,25 +116,38 @@ def _skeleton(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], path
 
 
 def load_transformer(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Build the quantized transformer from our checkpoint, directly on ``device``.
+    """Build the quantized transformer from a checkpoint, directly on ``device``.
 
-    The skeleton is built on the meta device (no float weight is ever allocated), then each
-    tensor of the file is read straight onto ``device`` and assigned in place.
+    Reads our format, or the public engine's INT4 checkpoint (told apart by its metadata and
+    keys, converted in memory). The skeleton is built on the meta device (no float weight is
+    ever allocated), then each tensor of the file is read onto ``device`` and assigned in place.
     """
     path = Path(path)
     t0 = time.perf_counter()
     metadata, shapes = read_metadata(path)
+    state = None
     if metadata.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path}: not an {FORMAT} checkpoint (metadata format={metadata.get('format')!r})"
-        )
+        from engine.flux import nunchaku
+
+        if not nunchaku.is_nunchaku(metadata, set(shapes)):
+            raise CheckpointError(
+                f"{path}: not an {FORMAT} checkpoint nor the public engine's (metadata format={metadata.get('format')!r})"
+            )
+        try:
+            state, metadata = nunchaku.convert_state_dict(load_file(str(path)), metadata)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: cannot convert the public engine's checkpoint: {e}") from e
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        logger.info("converted the public engine's checkpoint %s to our layout", path)
     if int(metadata.get("format_version", "0")) > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: format_version {metadata['format_version']} is newer than this engine reads ({FORMAT_VERSION})"
         )
     model = _skeleton(metadata, shapes, path)
-    # Quantized modules hold their 16-bit tensors as buffers: take every dtype from the file.
-    state = load_file(str(path), device=str(device))
+    if state is None:
+        state = load_file(str(path), device=str(device))
+    else:
+        state = {k: v.to(device) for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(

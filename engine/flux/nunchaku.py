@@ -1,0 +1,302 @@
+"""Read the public engine's (nunchaku's) INT4 FLUX checkpoints into our plain format.
+
+Their layout, worked out from their source and documented in docs/checkpoint-format.md:
+
+* W4A4 layers: ``qweight`` int8 [N, K/2] in an MMA-fragment tile order, ``wscales`` [K/64, N] in
+  a lane order, ``smooth``/``smooth_factor`` [K] (the input is divided by it, as in ours),
+  ``lora_down``/``proj_down`` [K, R] and ``lora_up``/``proj_up`` [N, R] in 16x16 packs. Their
+  low-rank branch reads the *raw* input (ours reads the smoothed one), so our down factor is
+  theirs times the smoothing factor. On unsigned layers they add the GELU shift to the 4-bit
+  path only; ours shifts both paths, so the bias moves by ``shift * up @ down.sum(1)``.
+* q, k and v are one fused layer (``qkv_proj``); we split its rows, which is exact since the
+  three share their input, smoothing and low-rank down factor.
+* The single block's ``proj_out`` is ``out_proj`` (attention slice) + ``mlp_fc2`` (GELU slice,
+  unsigned), as our SplitInputLinear.
+* AdaLN linears are AWQ W4A16: ``qweight`` int32 [N/4, K/2] in TinyChat's order,
+  ``wscales``/``wzeros`` [K/64, N] with ``w = q * s + z``; the output channels are interleaved
+  (``d * chunks + c``) and the ``1 +`` of ``(1 + scale)`` is folded into the scale chunks' bias.
+
+Every unpacker has its packer beside it (the exact inverse, checked by the tests), so a file
+in their layout can be made from ours as well.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+
+from engine.quant import GELU_SHIFT, pack_int4
+
+# --- W4A4 weights: MMA tile order (n tiles of 128, k tiles of 64) ------------------------------
+# Codes [N, K] view as (n_tile, n_pack 8, n_in_pack 2, n_lane 8, 1, k_tile, 1, k_in_pack 2,
+# k_lane 4, k_reg 8) and are stored permuted to:
+_W_VIEW = (8, 2, 8, 1, 1, 2, 4, 8)
+_W_PERM = (0, 5, 6, 1, 3, 8, 2, 7, 4, 9)
+
+
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+def _check_tiles(n: int, k: int, what: str) -> None:
+    if n % 128 or k % 128:
+        raise ValueError(f"{what}: N={n} and K={k} must be multiples of 128 in the public engine's layout")
+
+
+def pack_w4a4_weight(codes: torch.Tensor) -> torch.Tensor:
+    """Signed codes int8 [N, K] -> their int8 [N, K/2]."""
+    n, k = codes.shape
+    _check_tiles(n, k, "qweight")
+    t = codes.to(torch.int32).reshape(n // 128, *_W_VIEW[:4], k // 64, *_W_VIEW[4:])
+    t = t.permute(_W_PERM).contiguous() & 0xF
+    t = (t << torch.arange(0, 32, 4, dtype=torch.int32)).sum(dim=-1, dtype=torch.int32)
+    return t.view(torch.int8).reshape(n, k // 2)
+
+
+def unpack_w4a4_weight(packed: torch.Tensor) -> torch.Tensor:
+    """Their int8 [N, K/2] -> signed codes int8 [N, K]."""
+    n, half_k = packed.shape
+    k = 2 * half_k
+    _check_tiles(n, k, "qweight")
+    words = packed.contiguous().view(torch.int32)  # [N, K/8], little-endian
+    shape = (n // 128, k // 64, 1, 8, 8, 4, 2, 2, 1)
+    nibbles = (words.reshape(shape).unsqueeze(-1) >> torch.arange(0, 32, 4, dtype=torch.int32)) & 0xF
+    nibbles = nibbles - ((nibbles & 0x8) << 1)  # sign-extend
+    return nibbles.permute(_inverse(_W_PERM)).reshape(n, k).to(torch.int8)
+
+
+# --- W4A4 scales: [K/64, N], per 128 outputs in lane order -------------------------------------
+_S_PERM = (0, 6, 1, 2, 4, 3, 5)
+
+
+def pack_wscales(scales: torch.Tensor) -> torch.Tensor:
+    """Ours [N, G] -> theirs [G, N]."""
+    n, g = scales.shape
+    return scales.reshape(n // 128, 1, 8, 2, 4, 2, g).permute(_S_PERM).contiguous().view(g, n)
+
+
+def unpack_wscales(packed: torch.Tensor) -> torch.Tensor:
+    """Theirs [G, N] -> ours [N, G]."""
+    g, n = packed.shape
+    t = packed.contiguous().view(n // 128, g, 1, 8, 4, 2, 2)
+    return t.permute(_inverse(_S_PERM)).reshape(n, g)
+
+
+# --- low-rank factors: 16 x 16 packs ------------------------------------------------------------
+_L_PERM = (0, 1, 3, 6, 2, 5, 4, 7)  # (c, r, n_in 2, n_lane 8, 1, k_in 2, k_lane 4, k_reg 2) -> lanes first
+
+
+def _lowrank_packs(rows: int, cols: int) -> None:
+    if rows % 16 or cols % 16:
+        raise ValueError(f"low-rank factor [{rows}, {cols}]: both sides must be multiples of 16")
+
+
+def pack_lowrank(w: torch.Tensor, *, down: bool) -> torch.Tensor:
+    """Ours (down [R, K] or up [N, R]) -> theirs (down [K, R], up [N, R])."""
+    if down:
+        r, c = w.shape
+        _lowrank_packs(r, c)
+        t = w.reshape(r // 16, 16, c // 16, 16).permute(2, 0, 1, 3)  # (K/16, R/16, 16 r, 16 k)
+        outer = (c // 16, r // 16)
+    else:
+        c, r = w.shape
+        _lowrank_packs(c, r)
+        t = w.reshape(c // 16, 16, r // 16, 16).permute(0, 2, 1, 3)  # (N/16, R/16, 16 n, 16 r)
+        outer = (c // 16, r // 16)
+    t = t.reshape(*outer, 2, 8, 1, 2, 4, 2).permute(_L_PERM).contiguous()
+    return t.view(c, r)
+
+
+def unpack_lowrank(packed: torch.Tensor, *, down: bool) -> torch.Tensor:
+    """Theirs (down [K, R], up [N, R]) -> ours (down [R, K], up [N, R])."""
+    c, r = packed.shape
+    _lowrank_packs(c, r)
+    t = packed.contiguous().view(c // 16, r // 16, 8, 4, 2, 2, 1, 2)
+    t = t.permute(_inverse(_L_PERM)).reshape(c // 16, r // 16, 16, 16)
+    if down:
+        return t.permute(1, 2, 0, 3).reshape(r, c)
+    return t.permute(0, 2, 1, 3).reshape(c, r)
+
+
+# --- AWQ W4A16 (TinyChat) ----------------------------------------------------------------------
+
+
+def pack_awq_weight(codes: torch.Tensor) -> torch.Tensor:
+    """Unsigned codes [N, K] -> their int32 [N/4, K/2]."""
+    n, k = codes.shape
+    if n % 4 or k % 64:
+        raise ValueError(f"AWQ weight [{n}, {k}]: N must be a multiple of 4 and K of 64")
+    w = codes.to(torch.int32).view(-1, 4, 8)
+    w = w[:, 0] | (w[:, 1] << 4) | (w[:, 2] << 8) | (w[:, 3] << 12)  # [N*K/32, 8] 16-bit words
+    w = w.view(n // 4, 4, k // 64, 16).permute(0, 2, 1, 3).reshape(n // 4, k)
+    return w.to(torch.int16).view(torch.int32)
+
+
+def unpack_awq_weight(packed: torch.Tensor) -> torch.Tensor:
+    """Their int32 [N/4, K/2] -> unsigned codes uint8 [N, K]."""
+    n4, half_k = packed.shape
+    n, k = 4 * n4, 2 * half_k
+    w = packed.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF  # [N/4, K]
+    w = w.view(n4, k // 64, 4, 16).permute(0, 2, 1, 3).reshape(-1, 8)  # [N*K/32, 8]
+    nibbles = torch.stack([(w >> s) & 0xF for s in (0, 4, 8, 12)], dim=1)  # [N*K/32, 4, 8]
+    return nibbles.reshape(n, k).to(torch.uint8)
+
+
+def adanorm_order(n: int, chunks: int) -> torch.Tensor:
+    """Row ``c * D + d`` of ours is row ``d * chunks + c`` of theirs."""
+    d = n // chunks
+    return (torch.arange(d).unsqueeze(0) * chunks + torch.arange(chunks).unsqueeze(1)).reshape(-1)
+
+
+def adanorm_scale_rows(n: int, chunks: int) -> torch.Tensor:
+    """Our rows of the ``scale`` chunks (shift, scale, gate, ...), whose bias carries their ``+1``."""
+    d = n // chunks
+    return torch.cat([torch.arange(c * d, (c + 1) * d) for c in range(1, chunks, 3)])
+
+
+# --- whole checkpoints --------------------------------------------------------------------------
+
+_DOUBLE_W4A4 = {  # their name -> ours (a list: fused rows split in order)
+    "qkv_proj": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "qkv_proj_context": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+    "out_proj": ["attn.to_out.0"],
+    "out_proj_context": ["attn.to_add_out"],
+    "mlp_fc1": ["ff.net.0.proj"],
+    "mlp_fc2": ["ff.net.2"],
+    "mlp_context_fc1": ["ff_context.net.0.proj"],
+    "mlp_context_fc2": ["ff_context.net.2"],
+}
+_SINGLE_W4A4 = {
+    "qkv_proj": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "mlp_fc1": ["proj_mlp"],
+    "out_proj": ["proj_out.parts.0"],
+    "mlp_fc2": ["proj_out.parts.1"],
+}
+_UNSIGNED = {"mlp_fc2", "mlp_context_fc2"}
+_ADANORM = {"norm1.linear": 6, "norm1_context.linear": 6, "norm.linear": 3}
+_RENAMES = {
+    "norm_q": "attn.norm_q",
+    "norm_k": "attn.norm_k",
+    "norm_added_q": "attn.norm_added_q",
+    "norm_added_k": "attn.norm_added_k",
+}
+_W4A4_TENSORS = {
+    "qweight",
+    "wscales",
+    "smooth",
+    "smooth_factor",
+    "smooth_orig",
+    "smooth_factor_orig",
+    "lora_down",
+    "proj_down",
+    "lora_up",
+    "proj_up",
+    "bias",
+}
+
+
+def is_nunchaku(metadata: dict[str, str], keys: set[str]) -> bool:
+    return "config" in metadata or any(".qkv_proj.qweight" in k for k in keys)
+
+
+def _w4a4_layer(t: dict[str, torch.Tensor], unsigned: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One of their W4A4 layers in our plain format (before any row split)."""
+    smooth = t.get("smooth_factor", t.get("smooth"))
+    down_raw = unpack_lowrank(t.get("proj_down", t.get("lora_down")), down=True).float()  # [R, K]
+    up = unpack_lowrank(t.get("proj_up", t.get("lora_up")), down=False)  # [N, R]
+    bias = t["bias"].float() if "bias" in t else torch.zeros(up.shape[0])
+    if unsigned:
+        bias = bias - GELU_SHIFT * (up.float() @ down_raw.sum(dim=1))
+    return {
+        "qweight": pack_int4(unpack_w4a4_weight(t["qweight"])),
+        "wscales": unpack_wscales(t["wscales"]).to(dtype),
+        "smooth_factor": smooth.to(dtype),
+        "proj_down": (down_raw * smooth.float()).to(dtype),
+        "proj_up": up.to(dtype),
+        "bias": bias.to(dtype),
+    }
+
+
+def _awq_layer(t: dict[str, torch.Tensor], chunks: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    codes = unpack_awq_weight(t["qweight"])  # [N, K], their row order
+    n = codes.shape[0]
+    order = adanorm_order(n, chunks)
+    bias = t["bias"].float()[order]
+    bias[adanorm_scale_rows(n, chunks)] -= 1.0
+    return {
+        "qweight": pack_int4(codes[order]),
+        "wscales": t["wscales"].t()[order].to(dtype),
+        "wzeros": t["wzeros"].t()[order].to(dtype),
+        "bias": bias.to(dtype),
+    }
+
+
+def convert_state_dict(
+    state: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Their checkpoint -> ``(our state dict, our metadata)``; unknown block tensors are an error."""
+    from engine.flux.checkpoint import FORMAT, FORMAT_VERSION  # the target format
+
+    quant = json.loads(metadata.get("quantization_config", "{}"))
+    if str(quant.get("weight", {}).get("dtype", "int4")).lower() not in ("int4", "sint4", "s4"):
+        raise ValueError(f"unsupported precision in the public checkpoint: {quant.get('weight')}")
+    if any(k.endswith(".wcscales") for k in state):
+        raise ValueError("NVFP4 checkpoints of the public engine are not supported; use its INT4 checkpoint")
+    layers: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state.items():
+        m = re.fullmatch(r"((?:single_)?transformer_blocks\.\d+)\.(.+)\.([a-z_]+)", key)
+        if not m:
+            out[key] = value
+            continue
+        block, layer, tensor = m.groups()
+        known = layer in (_SINGLE_W4A4 if block.startswith("single") else _DOUBLE_W4A4) or layer in _ADANORM
+        if known and tensor in _W4A4_TENSORS | {"wzeros"}:
+            layers.setdefault(block, {}).setdefault(layer, {})[tensor] = value
+        elif layer in _RENAMES and tensor == "weight":
+            out[f"{block}.{_RENAMES[layer]}.weight"] = value
+        elif layer.startswith(("attn.", "ff.", "ff_context.", "proj_", "norm")):
+            out[key] = value  # already in diffusers' names (their v2 layout)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"tensors of the public checkpoint with no place in ours: {unknown[:5]} ({len(unknown)})"
+        )
+    dtype = next(v.dtype for v in state.values() if v.dtype in (torch.bfloat16, torch.float16))
+    unsigned_layers = []
+    for block, block_layers in layers.items():
+        table = _SINGLE_W4A4 if block.startswith("single") else _DOUBLE_W4A4
+        for layer, tensors in block_layers.items():
+            if layer in _ADANORM:
+                for name, v in _awq_layer(tensors, _ADANORM[layer], dtype).items():
+                    out[f"{block}.{layer}.{name}"] = v
+                continue
+            ours = _w4a4_layer(tensors, layer in _UNSIGNED, dtype)
+            targets = table[layer]
+            for i, target in enumerate(targets):
+                prefix = f"{block}.{target}"
+                if layer in _UNSIGNED:
+                    unsigned_layers.append(prefix)
+                for name, v in ours.items():
+                    if name in ("qweight", "wscales", "proj_up", "bias"):  # row-split the fused outputs
+                        v = v.chunk(len(targets), dim=0)[i]
+                    out[f"{prefix}.{name}"] = v.clone() if len(targets) > 1 else v  # own storage each
+    our_meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "quant_config": json.dumps(
+            {"rank": quant.get("rank", 32), "group_size": 64, "alphas": None, "svd_niter": None, "version": 1}
+        ),
+        "transformer_config": metadata["config"],
+        "unsigned_layers": json.dumps(sorted(unsigned_layers)),
+        "act_shift": repr(GELU_SHIFT),
+        "converted_from": "nunchaku",
+    }
+    return out, our_meta
