@@ -1,11 +1,17 @@
 """Benchmarks: numbers, not tests. Every figure is measured in this run, on this machine.
 
     python scripts/bench.py --mode kernels [--json PATH] [--backends triton,cuda]
+    python scripts/bench.py --mode e2e [--json PATH]
 
 kernels: for FLUX.1's linear shapes at 1024x1024 (M = 4096 image + 256 text tokens), the time
 and TOPS of our quantize_act + w4a4_gemm pair per backend, of torch's bf16 matmul (cuBLAS) on
 the same inputs, their ratio, and the bytes of weights each reads. On a CPU it runs one tiny
 shape so that CI keeps this script from rotting; CPU figures say nothing about GPU speed.
+
+e2e: the FLUX.1-schnell transformer (full-size config on a GPU, the tiny one on CPU) with random
+weights (speed does not depend on their values), quantized with random calibration data; the
+time of a 4-step 1024x1024 image's transformer passes for the bf16 model and for ours, their
+ratio, peak GPU memory of each, bytes per parameter, checkpoint size and load time.
 
 Timing: CUDA events around each call (or perf_counter on CPU) after warm-up; median and the
 20th/80th percentiles of the repetitions, as triton.testing.do_bench reports them.
@@ -174,6 +180,163 @@ def bench_kernels(device: torch.device, backends: list[str]) -> list[dict]:
     return rows
 
 
+FLUX_SCHNELL = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": False,
+    "axes_dims_rope": (16, 56, 56),
+}
+
+
+def transformer_inputs(config: dict, width: int, height: int, device, dtype) -> dict:
+    """The transformer's inputs for one denoising step of a ``width x height`` image."""
+    g = torch.Generator().manual_seed(0)
+    h, w = height // 16, width // 16
+    img_ids = torch.zeros(h, w, 3)
+    img_ids[..., 1] = torch.arange(h)[:, None]
+    img_ids[..., 2] = torch.arange(w)[None, :]
+    return {
+        "hidden_states": torch.randn(1, h * w, config["in_channels"], generator=g).to(device, dtype),
+        "encoder_hidden_states": torch.randn(1, 512, config["joint_attention_dim"], generator=g).to(
+            device, dtype
+        ),
+        "pooled_projections": torch.randn(1, config["pooled_projection_dim"], generator=g).to(device, dtype),
+        "timestep": torch.tensor([1.0], device=device, dtype=dtype),
+        "img_ids": img_ids.reshape(-1, 3).to(device, dtype),
+        "txt_ids": torch.zeros(512, 3, device=device, dtype=dtype),
+        "return_dict": False,
+    }
+
+
+def random_stats(model: torch.nn.Module, samples: int = 64) -> dict:
+    """Calibration statistics with FLUX-like outliers, without running the model (timing only)."""
+    from engine.flux import target_layers
+    from engine.quant import LayerStats
+    from engine.quant.synthetic import outlier_activations
+
+    stats = {}
+    for i, name in enumerate(target_layers(model)):
+        k = model.get_submodule(name).in_features
+        x = (
+            outlier_activations(samples, k, seed=i).abs()
+            if name.endswith((".net.2", "proj_out"))
+            else outlier_activations(samples, k, seed=i)
+        )
+        stats[name] = LayerStats(x.abs().amax(0), x, torch.zeros(samples), torch.Generator())
+    return stats
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def bench_e2e(device: torch.device, steps: int = 4) -> list[dict]:
+    import tempfile
+    from pathlib import Path as _Path
+
+    from diffusers import FluxTransformer2DModel
+
+    from engine.flux import load_transformer, quantize_transformer, save_checkpoint
+    from engine.quant import SVDQConfig
+    from engine.tiny_model import TINY_TRANSFORMER
+
+    on_gpu = device.type == "cuda"
+    config = FLUX_SCHNELL if on_gpu else TINY_TRANSFORMER
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    size = 1024 if on_gpu else 256
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = FluxTransformer2DModel(**config).to(dtype).eval().requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    inputs = transformer_inputs(config, size, size, device, dtype)
+    rows = []
+
+    def run_image(m) -> Timing:
+        def image():
+            with torch.inference_mode():
+                for _ in range(steps):
+                    m(**inputs)
+
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        return measure(image, device)
+
+    t16 = run_image(model)
+    peak16 = torch.cuda.max_memory_allocated(device) if on_gpu else None
+    bytes16 = param_bytes(model)
+    rows.append(
+        {
+            "model": "bf16 diffusers" if on_gpu else "fp32 diffusers (CPU)",
+            "config": "FLUX.1-schnell" if on_gpu else "tiny",
+            "size": size,
+            "steps": steps,
+            "seconds_per_image": t16.median_ms / 1e3,
+            "ratio_to_16bit": 1.0,
+            "peak_gpu_bytes": peak16,
+            "transformer_bytes": bytes16,
+            "bytes_per_param": bytes16 / n_params,
+        }
+    )
+    t0 = time.perf_counter()
+    quantize_transformer(
+        model, random_stats(model), SVDQConfig(rank=32, alphas=(0.5,), svd_niter=2), dtype=torch.bfloat16
+    )
+    t_quant = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_checkpoint(model, _Path(tmp) / "bench.safetensors", SVDQConfig(rank=32))
+        file_bytes = path.stat().st_size
+        del model
+        if on_gpu:
+            torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        model = load_transformer(path, device)
+        t_load = time.perf_counter() - t0
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    tq = run_image(model)
+    peak4 = torch.cuda.max_memory_allocated(device) if on_gpu else None
+    bytes4 = param_bytes(model)
+    rows.append(
+        {
+            "model": f"SVDQuant W4A4 r32 ({kernels.backend_for(device).NAME})",
+            "config": rows[0]["config"],
+            "size": size,
+            "steps": steps,
+            "seconds_per_image": tq.median_ms / 1e3,
+            "ratio_to_16bit": t16.median_ms / tq.median_ms,
+            "peak_gpu_bytes": peak4,
+            "transformer_bytes": bytes4,
+            "bytes_per_param": bytes4 / n_params,
+            "checkpoint_bytes": file_bytes,
+            "load_seconds": t_load,
+            "quantize_seconds": t_quant,
+        }
+    )
+    return rows
+
+
+def print_e2e(rows: list[dict]) -> None:
+    print(
+        "| model | config | image | s/image (transformer) | speed vs 16-bit | peak GPU GB | transformer GB | "
+        "bytes/param | checkpoint GB | load s | quantize s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    gb = lambda v: "-" if v is None else f"{v / 1e9:.3f}"  # noqa: E731
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['config']} | {r['size']}px x{r['steps']} | {r['seconds_per_image']:.3f} | "
+            f"{r['ratio_to_16bit']:.2f}x | {gb(r['peak_gpu_bytes'])} | {gb(r['transformer_bytes'])} | "
+            f"{r['bytes_per_param']:.3f} | {gb(r.get('checkpoint_bytes'))} | "
+            f"{r.get('load_seconds', float('nan')):.2f} | {r.get('quantize_seconds', float('nan')):.1f} |"
+        )
+
+
 def print_table(rows: list[dict]) -> None:
     print("| K -> N | M | backend | median ms (p20-p80) | TOPS | speed vs bf16 | weight MB |")
     print("|---|---|---|---|---|---|---|")
@@ -187,7 +350,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["kernels"], default="kernels")
+    p.add_argument("--mode", choices=["kernels", "e2e"], default="kernels")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--backends",
@@ -204,8 +367,12 @@ def main() -> None:
     print(
         f"# {args.mode} on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})"
     )
-    rows = bench_kernels(device, backends)
-    print_table(rows)
+    if args.mode == "kernels":
+        rows = bench_kernels(device, backends)
+        print_table(rows)
+    else:
+        rows = bench_e2e(device)
+        print_e2e(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(

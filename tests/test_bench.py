@@ -42,3 +42,28 @@ def test_kernel_bench_runs_and_writes_json(tmp_path):
     # 4-bit codes + scales + the rank-32 branch, which at 128 x 128 is most of it.
     assert w4["weight_bytes"] == 128 * 64 + 128 * 2 * 2 + 256 * 32 * 2 + 128 * 2 * 2 < bf16["weight_bytes"]
     assert "| 128 -> 128 |" in res.stdout
+
+
+def test_e2e_bench_runs_on_cpu(tmp_path):
+    out = tmp_path / "e2e.json"
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench.py"),
+            "--mode",
+            "e2e",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr
+    base, ours = json.loads(out.read_text())["results"]
+    assert base["bytes_per_param"] == 4.0 and ours["bytes_per_param"] < base["bytes_per_param"]
+    assert ours["checkpoint_bytes"] > 0 and ours["load_seconds"] > 0 and ours["seconds_per_image"] > 0
+    assert ours["ratio_to_16bit"] == base["seconds_per_image"] / ours["seconds_per_image"]

@@ -113,3 +113,28 @@ def test_manifest_lists_every_component(tmp_path):
         load_manifest("x", bad)
     with pytest.raises(WeightsError, match="no model named 'y'"):
         load_manifest("y", bad)
+
+
+def test_pin_weights_fills_hashes(http, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(
+        json.dumps(
+            {"models": {"m": {"files": [{"path": "a/blob.bin", "url": f"{http}/blob.bin", "sha256": None}]}}}
+        )
+    )
+    script = Path(__file__).resolve().parent.parent / "scripts" / "pin_weights.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--model", "m", "--manifest", str(manifest)],
+        env={**os.environ, "SVDQ_WEIGHTS_DIR": str(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    (entry,) = json.loads(manifest.read_text())["models"]["m"]["files"]
+    assert entry["sha256"] == SHA and entry["size"] == len(BLOB)
