@@ -82,8 +82,18 @@ class CogServer:
             time.sleep(0.5)
         raise TimeoutError(f"server not ready after {timeout} s; log: {self.log.read_text()[-3000:]}")
 
-    def predict(self, inputs: dict, **kw) -> tuple[int, dict]:
-        return self.request("POST", "/predictions", {"input": inputs}, **kw)
+    def predict(self, inputs: dict, *, retry_busy: float = 10.0, **kw) -> tuple[int, dict]:
+        """POST a synchronous prediction; on 409 (the one slot is busy) retry for ``retry_busy`` s.
+
+        coglet frees its slot a moment after returning the previous response, so a request sent
+        right after one can see 409; a client retries, as Replicate's does.
+        """
+        deadline = time.monotonic() + retry_busy
+        while True:
+            status, resp = self.request("POST", "/predictions", {"input": inputs}, **kw)
+            if status != 409 or time.monotonic() > deadline:
+                return status, resp
+            time.sleep(0.2)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -159,7 +159,9 @@ def test_busy_then_cancel_then_next_succeeds(server):
         status, _ = server.request("PUT", "/predictions/cancel-me", body, headers={"Prefer": "respond-async"})
         assert status == 202
         time.sleep(1.0)
-        status, busy = server.predict({"prompt": "second", "num_inference_steps": 1}, timeout=10)
+        status, busy = server.predict(
+            {"prompt": "second", "num_inference_steps": 1}, retry_busy=0, timeout=10
+        )
         assert status == 409, busy
         status, _ = server.request("POST", "/predictions/cancel-me/cancel")
         assert status == 200
