@@ -61,6 +61,13 @@ class Predictor(BasePredictor):
             choices=list(MEGAPIXELS),
             default="1",
         ),
+        lora_weights: str = Input(
+            description="LoRA to apply: a .safetensors URL, a hub reference ('owner/repo' or "
+            "'owner/repo/file.safetensors') or a local path, in diffusers, kohya, ComfyUI or XLabs format. "
+            "Empty: none.",
+            default=None,
+        ),
+        lora_scale: float = Input(description="How strongly the LoRA applies", ge=-1, le=3, default=1.0),
     ) -> list[Path]:
         paths = self.service.predict(
             prompt=prompt,
@@ -73,5 +80,7 @@ class Predictor(BasePredictor):
             disable_safety_checker=disable_safety_checker,
             go_fast=go_fast,
             megapixels=megapixels,
+            lora_weights=lora_weights,
+            lora_scale=lora_scale,
         )
         return [Path(p) for p in paths]

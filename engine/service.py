@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
+from engine.lora import LoraError, LoraManager, LoraStore, ParsedLora, parse_lora, read_lora
 from engine.pipeline import FluxGenerator, default_device
 from engine.safety import SafetyChecker
 from engine.sizes import size_for
@@ -29,6 +30,8 @@ MODEL_ENV = "SVDQ_MODEL"  # auto | tiny | a model name of weights/manifest.json
 TINY = "tiny"
 REAL = "flux-schnell"
 MAX_SEED = 2**32 - 1
+LORA_CACHE_BYTES = int(os.environ.get("SVDQ_LORA_CACHE_BYTES", 10 * 2**30))
+PARSED_LORAS_KEPT = 4
 FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 
 
@@ -132,6 +135,9 @@ class FluxService:
         self.generator, self.safety, self.model = generator, safety, model
         self._eager = generator.pipe.transformer
         self._compiled = None
+        self.loras = LoraManager(self._eager)
+        self.lora_store = LoraStore(cache_dir() / "loras", LORA_CACHE_BYTES)
+        self._parsed: dict[str, ParsedLora] = {}  # source -> parsed LoRA, most recent last
 
     @classmethod
     def setup(cls) -> FluxService:
@@ -165,6 +171,29 @@ class FluxService:
             self._compiled = torch.compile(self._eager, mode="max-autotune-no-cudagraphs", dynamic=False)
         return self._compiled
 
+    def _use_lora(self, source: str | None, scale: float) -> None:
+        """Make ``source`` (or no LoRA) the active one; a bad file leaves the model as it was."""
+        if not source:
+            if self.loras.active:
+                logger.info("LoRA: none (base model restored)")
+            self.loras.set([])
+            return
+        if not -1.0 <= scale <= 3.0:
+            raise ValueError(f"lora_scale must be in [-1, 3], got {scale}")
+        parsed = self._parsed.pop(source, None)
+        if parsed is None:
+            t0 = time.perf_counter()
+            parsed = parse_lora(read_lora(self.lora_store.fetch(source)), self._eager)
+            logger.info("LoRA loaded from %s in %.2f s", source, time.perf_counter() - t0)
+        else:
+            logger.info("LoRA cache hit: %s already parsed", source)
+        self._parsed[source] = parsed
+        while len(self._parsed) > PARSED_LORAS_KEPT:
+            self._parsed.pop(next(iter(self._parsed)))
+        t0 = time.perf_counter()
+        self.loras.set([(source, parsed, scale)])
+        logger.info("LoRA active: %s at scale %g (%.3f s)", source, scale, time.perf_counter() - t0)
+
     def predict(
         self,
         *,
@@ -178,6 +207,8 @@ class FluxService:
         disable_safety_checker: bool = False,
         go_fast: bool = True,
         megapixels: str = "1",
+        lora_weights: str | None = None,
+        lora_scale: float = 1.0,
         out_dir: Path | None = None,
     ) -> list[Path]:
         if seed is None:
@@ -198,6 +229,10 @@ class FluxService:
         )
         if go_fast and self.generator.device.type != "cuda":
             logger.info("go_fast: no GPU, so nothing to speed up; running the same path")
+        try:
+            self._use_lora(lora_weights, lora_scale)
+        except LoraError as e:
+            raise ValueError(str(e)) from e
         self.generator.pipe.transformer = self._transformer(go_fast)
         t0 = time.perf_counter()
         try:

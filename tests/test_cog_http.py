@@ -28,6 +28,8 @@ INPUTS = [
     "disable_safety_checker",
     "go_fast",
     "megapixels",
+    "lora_weights",
+    "lora_scale",
 ]
 
 
@@ -120,6 +122,7 @@ def test_seeds(server):
         ({"prompt": "x", "aspect_ratio": "7:3"}, "aspect_ratio"),
         ({"prompt": "x", "num_outputs": "many"}, "num_outputs"),
         ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "lora_scale": 3.5}, "lora_scale"),
     ],
 )
 def test_bad_inputs_are_422_naming_the_field(server, inputs, field):
@@ -197,3 +200,32 @@ def test_corrupt_weights_fail_setup_naming_the_file(tmp_path):
     assert health["status"] == "SETUP_FAILED", health
     assert CHECKPOINT_NAME in health["setup"]["logs"]
     assert not list(tmp_path.rglob("*.part")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_lora_over_http(server, tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.test_lora import kohya_file
+
+    lora = tmp_path / "style.safetensors"
+    save_file(kohya_file(amp=4.0), lora)
+    common = {"prompt": "a fox", "seed": 5, "megapixels": "0.25", "output_format": "png"}
+    with_lora = predict_ok(server, **common, lora_weights=str(lora), lora_scale=1.0)
+    assert "LoRA loaded from" in with_lora["logs"] and "LoRA active" in with_lora["logs"]
+    without = predict_ok(server, **common)
+    assert "base model restored" in without["logs"]
+    again = predict_ok(server, **common, lora_weights=str(lora), lora_scale=1.0)
+    assert "LoRA cache hit" in again["logs"] and "LoRA loaded from" not in again["logs"]
+    a, b, c = (images(r)[0][2] for r in (with_lora, without, again))
+    assert a == c and a != b  # A -> none -> A gives A's bytes again
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    _, resp = server.predict({**common, "num_inference_steps": 1, "lora_weights": str(bad)})
+    assert (
+        resp["status"] == "failed"
+        and "bad.safetensors: not a readable .safetensors LoRA file" in resp["error"]
+    )
+    _, resp = server.predict({**common, "num_inference_steps": 1, "lora_weights": "no such thing"})
+    assert resp["status"] == "failed" and "lora_weights" in resp["error"]
+    assert images(predict_ok(server, **common))[0][2] == b  # the next prediction is the base model's

@@ -43,6 +43,10 @@ class W4A16Linear(nn.Module):
         self.register_buffer("wscales", torch.zeros(n, g, **fkw))
         self.register_buffer("wzeros", torch.zeros(n, g, **fkw))
         self.register_buffer("bias", torch.zeros(n, **fkw) if bias else None)
+        # LoRA branch (16-bit, beside the 4-bit weight): concatenated factors, None when empty.
+        self.register_buffer("_lora_down", None, persistent=False)
+        self.register_buffer("_lora_up", None, persistent=False)
+        self._loras: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     @torch.no_grad()
@@ -70,11 +74,51 @@ class W4A16Linear(nn.Module):
         codes = unpack_int4(self.qweight, signed=False)  # [N, K]
         return dequantize_int4_asym(codes, self.wscales, self.wzeros).to(dtype)
 
+    @torch.no_grad()
+    def add_lora(self, name: str, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0) -> None:
+        """Add ``scale * x down^T up^T`` (``down [r, K]``, ``up [N, r]``); the 4-bit weight is untouched."""
+        if down.dim() != 2 or down.shape[1] != self.in_features:
+            raise ValueError(
+                f"LoRA {name!r}: down must have shape [r, {self.in_features}], got {list(down.shape)}"
+            )
+        if up.dim() != 2 or up.shape != (self.out_features, down.shape[0]):
+            raise ValueError(
+                f"LoRA {name!r}: up must have shape [{self.out_features}, {down.shape[0]}], got {list(up.shape)}"
+            )
+        dtype, device = self.wscales.dtype, self.wscales.device
+        self._loras[name] = (down.to(device, dtype), (up.float() * scale).to(device, dtype))
+        self._rebuild_lora()
+
+    def remove_lora(self, name: str) -> None:
+        if name not in self._loras:
+            raise KeyError(f"no LoRA named {name!r} on this layer (have: {sorted(self._loras)})")
+        del self._loras[name]
+        self._rebuild_lora()
+
+    def clear_loras(self) -> None:
+        self._loras.clear()
+        self._rebuild_lora()
+
+    @property
+    def lora_names(self) -> list[str]:
+        return list(self._loras)
+
+    def _rebuild_lora(self) -> None:
+        if not self._loras:
+            self._lora_down = self._lora_up = None
+            return
+        device = self.wscales.device
+        self._lora_down = torch.cat([d.to(device) for d, _ in self._loras.values()], dim=0)
+        self._lora_up = torch.cat([u.to(device) for _, u in self._loras.values()], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got {x.shape[-1]}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        y = F.linear(x, self.dequantized_weight(x.dtype), bias)
+        if self._lora_down is not None:
+            y = y + F.linear(F.linear(x, self._lora_down.to(x.dtype)), self._lora_up.to(x.dtype))
+        return y
 
     def extra_repr(self) -> str:
         return (
