@@ -2,6 +2,7 @@
 
     python scripts/bench.py --mode kernels [--json PATH] [--backends triton,cuda]
     python scripts/bench.py --mode e2e [--json PATH]
+    python scripts/bench.py --mode lora [--json PATH]
 
 kernels: for FLUX.1's linear shapes at 1024x1024 (M = 4096 image + 256 text tokens), the time
 and TOPS of our quantize_act + w4a4_gemm pair per backend, of torch's bf16 matmul (cuBLAS) on
@@ -12,6 +13,9 @@ e2e: the FLUX.1-schnell transformer (full-size config on a GPU, the tiny one on 
 weights (speed does not depend on their values), quantized with random calibration data; the
 time of a 4-step 1024x1024 image's transformer passes for the bf16 model and for ours, their
 ratio, peak GPU memory of each, bytes per parameter, checkpoint size and load time.
+
+lora: on the same quantized transformer, the time to parse + apply a rank-16 and a rank-64 LoRA
+covering every quantized layer, to swap between them, and one denoising step with each.
 
 Timing: CUDA events around each call (or perf_counter on CPU) after warm-up; median and the
 20th/80th percentiles of the repetitions, as triton.testing.do_bench reports them.
@@ -321,6 +325,98 @@ def bench_e2e(device: torch.device, steps: int = 4) -> list[dict]:
     return rows
 
 
+def quantized_random_transformer(device: torch.device):
+    """The transformer of the e2e mode, quantized with random calibration (timing only)."""
+    from diffusers import FluxTransformer2DModel
+
+    from engine.flux import quantize_transformer
+    from engine.quant import SVDQConfig
+    from engine.tiny_model import TINY_TRANSFORMER
+
+    on_gpu = device.type == "cuda"
+    config = FLUX_SCHNELL if on_gpu else TINY_TRANSFORMER
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = FluxTransformer2DModel(**config).to(dtype).eval().requires_grad_(False)
+    quantize_transformer(
+        model, random_stats(model), SVDQConfig(rank=32, alphas=(0.5,), svd_niter=2), dtype=torch.bfloat16
+    )
+    return model, config, dtype
+
+
+def random_lora(model: torch.nn.Module, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """A diffusers-format LoRA on every quantized layer of ``model``."""
+    from engine.flux import treatment_of
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name in [n for n, _ in model.named_modules() if treatment_of(n)]:
+        m = model.get_submodule(name)
+        k = m.in_features
+        n = m.parts[0].out_features if hasattr(m, "parts") else m.out_features
+        sd[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, k, generator=g) / k**0.5
+        sd[f"transformer.{name}.lora_B.weight"] = torch.randn(n, rank, generator=g) / 100
+    return sd
+
+
+def bench_lora(device: torch.device) -> list[dict]:
+    from engine.lora import LoraManager, parse_lora
+
+    model, config, dtype = quantized_random_transformer(device)
+    inputs = transformer_inputs(
+        config, 1024 if device.type == "cuda" else 256, 1024 if device.type == "cuda" else 256, device, dtype
+    )
+
+    def step():
+        with torch.inference_mode():
+            model(**inputs)
+
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    manager = LoraManager(model)
+    base = measure(step, device)
+    rows = [{"lora": "none", "rank": 0, "step_ms": base.median_ms}]
+    parsed = {}
+    for rank in (16, 64):
+        sd = random_lora(model, rank, seed=rank)
+        t_parse = timed(lambda sd=sd, rank=rank: parsed.__setitem__(rank, parse_lora(sd, model)))
+        t_apply = timed(lambda rank=rank: manager.set([(f"r{rank}", parsed[rank], 1.0)]))
+        t = measure(step, device)
+        rows.append(
+            {
+                "lora": f"rank {rank}",
+                "rank": rank,
+                "parse_s": t_parse,
+                "apply_s": t_apply,
+                "step_ms": t.median_ms,
+                "step_overhead": t.median_ms / base.median_ms - 1,
+            }
+        )
+    t_swap = timed(lambda: manager.set([("r16", parsed[16], 1.0)]))
+    t_clear = timed(lambda: manager.set([]))
+    rows.append({"lora": "swap r64 -> r16", "swap_s": t_swap, "remove_s": t_clear})
+    return rows
+
+
+def print_lora(rows: list[dict]) -> None:
+    print("| LoRA | parse s | apply s | step ms | step overhead | swap s | remove s |")
+    print("|---|---|---|---|---|---|---|")
+    f = lambda r, k, fmt: format(r[k], fmt) if k in r else "-"  # noqa: E731
+    for r in rows:
+        print(
+            f"| {r['lora']} | {f(r, 'parse_s', '.3f')} | {f(r, 'apply_s', '.3f')} | {f(r, 'step_ms', '.1f')} | "
+            f"{f(r, 'step_overhead', '+.1%')} | {f(r, 'swap_s', '.3f')} | {f(r, 'remove_s', '.3f')} |"
+        )
+
+
 def print_e2e(rows: list[dict]) -> None:
     print(
         "| model | config | image | s/image (transformer) | speed vs 16-bit | peak GPU GB | transformer GB | "
@@ -350,7 +446,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["kernels", "e2e"], default="kernels")
+    p.add_argument("--mode", choices=["kernels", "e2e", "lora"], default="kernels")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--backends",
@@ -370,9 +466,12 @@ def main() -> None:
     if args.mode == "kernels":
         rows = bench_kernels(device, backends)
         print_table(rows)
-    else:
+    elif args.mode == "e2e":
         rows = bench_e2e(device)
         print_e2e(rows)
+    else:
+        rows = bench_lora(device)
+        print_lora(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(

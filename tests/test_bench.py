@@ -67,3 +67,27 @@ def test_e2e_bench_runs_on_cpu(tmp_path):
     assert base["bytes_per_param"] == 4.0 and ours["bytes_per_param"] < base["bytes_per_param"]
     assert ours["checkpoint_bytes"] > 0 and ours["load_seconds"] > 0 and ours["seconds_per_image"] > 0
     assert ours["ratio_to_16bit"] == base["seconds_per_image"] / ours["seconds_per_image"]
+
+
+def test_lora_bench_runs_on_cpu(tmp_path):
+    out = tmp_path / "lora.json"
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench.py"),
+            "--mode",
+            "lora",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [r["lora"] for r in rows] == ["none", "rank 16", "rank 64", "swap r64 -> r16"]
+    assert all(r["apply_s"] > 0 and r["parse_s"] > 0 for r in rows[1:3]) and rows[3]["swap_s"] > 0
