@@ -57,6 +57,9 @@ def configure_runtime() -> None:
     # Progress bars are noise in a server's logs; per-step progress is logged instead.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    # The CUDA extension is compiled on first use (Cog's build steps run before the source is in
+    # the image); keep its build next to the weights so a warm container reuses it.
+    os.environ.setdefault("SVDQ_EXT_DIR", str(cache_dir() / "torch_extensions"))
 
 
 def choose_model() -> str:
@@ -153,6 +156,10 @@ class FluxService:
         device = default_device()
         generator = FluxGenerator.from_pretrained(model_dir, checkpoint, device=device)
         safety = SafetyChecker.load(model_dir, device)
+        if device.type == "cuda":  # build the kernels and warm the caches before the first request
+            t_warm = time.perf_counter()
+            generator.generate("warm-up", width=1024, height=1024, steps=1, seed=0)
+            logger.info("setup: warm-up at 1024x1024 in %.1f s", time.perf_counter() - t_warm)
         logger.info(
             "setup: model %s, weights %.1f s, load %.1f s, on %s",
             model,

@@ -1,0 +1,110 @@
+"""CUDA backend: 4-bit integer tensor-core MMA (mma.m16n8k64 s4/u4) for sm_80, sm_86 and sm_89.
+
+The A40 (sm_86) runs 4-bit MMA at twice its 8-bit rate; Triton has no 4-bit dot, so this small
+extension of our own takes that last 2x. Hopper (sm_90) and newer have no 4-bit integer MMA:
+there the dispatch uses Triton. Sources: csrc/kernels.cu (device code, plain CUDA) and
+csrc/ops.cpp (torch binding, ops ``torch.ops.svdq_cuda.*``), built just in time on first use
+with torch.utils.cpp_extension (cached in ``SVDQ_EXT_DIR`` or torch's default folder) for the
+archs in ``TORCH_CUDA_ARCH_LIST`` (default: this GPU's). The kernels read the checkpoint's
+plain packed layout: ``ldmatrix`` from shared memory yields the MMA fragments directly, so no
+weight repacking is needed at load.
+
+Deterministic: one CTA owns each output tile and sums its groups in a fixed order; the
+activation kernel reduces its low-rank sums by a fixed warp butterfly; no atomics.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+NAME = "cuda"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "ops.cpp", CSRC / "kernels.cu")
+SUPPORTED_ARCHS = ((8, 0), (8, 6), (8, 7), (8, 9))
+
+
+@functools.cache
+def _build() -> str | None:
+    """Build and load the extension once per process; the reason it failed, or None."""
+    from torch.utils.cpp_extension import load
+
+    t0 = time.perf_counter()
+    try:
+        load(
+            name="svdq_cuda",
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=["-O3", "-std=c++17"],
+            extra_cuda_cflags=["-O3", "-std=c++17"],
+            build_directory=_build_dir(),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as e:  # compiler missing, compile error, link error: reported, not raised
+        return f"could not build the extension ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300]})"
+    logger.info("SVDQuant CUDA extension built/loaded in %.1f s", time.perf_counter() - t0)
+    return None
+
+
+def _build_dir() -> str | None:
+    path = os.environ.get("SVDQ_EXT_DIR")
+    if path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "it runs on CUDA GPUs of compute capability 8.x only"
+    if torch.version.cuda is None:
+        return "this torch build has no CUDA"
+    cap = torch.cuda.get_device_capability(device)
+    if cap not in SUPPORTED_ARCHS:
+        return (
+            f"compute capability {cap[0]}.{cap[1]} has no 4-bit integer MMA (sm_80/86/87/89 only); "
+            "use the triton backend"
+        )
+    return _build()
+
+
+def _check_group(group_size: int) -> None:
+    if group_size != 64:
+        raise ValueError(f"the cuda backend supports group_size 64 only, got {group_size}")
+
+
+def quantize_act(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    proj_down: torch.Tensor,
+    *,
+    group_size: int,
+    unsigned: bool,
+    shift: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_group(group_size)
+    return torch.ops.svdq_cuda.quantize_act(x, smooth, proj_down, shift, unsigned)
+
+
+def w4a4_gemm(
+    qx: torch.Tensor,
+    ascales: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    lora_act: torch.Tensor,
+    proj_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    unsigned: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    _check_group(2 * qx.shape[1] // ascales.shape[1])
+    return torch.ops.svdq_cuda.w4a4_gemm(
+        qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned, out_dtype
+    )

@@ -1,0 +1,137 @@
+"""The CUDA int4 backend: compiles for sm_80/86/89 (CI), fragment layouts (host), fall-back, GPU tests."""
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from engine import kernels
+from engine.kernels import reference
+from engine.kernels.cuda import CSRC
+
+from .kernel_cases import act_inputs, gemm_inputs
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_device_code_compiles_for_sm80_sm86_sm89_without_warnings(tmp_path):
+    """All device code is in kernels.cu (plain CUDA); ops.cpp is host glue built with CUDA torch."""
+    gencode = [f for arch in ("80", "86", "89") for f in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
+    obj = tmp_path / "k.o"
+    cmd = ["nvcc", "-std=c++17", "-O3", "--threads", "0", "-c", str(CSRC / "kernels.cu"), "-o", str(obj)]
+    res = subprocess.run(
+        [*cmd, *gencode, "-Werror", "all-warnings", "-Xptxas", "-warn-spills"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "spill" not in res.stderr and obj.stat().st_size > 0
+
+
+# --- host model of the fragments, from the PTX ISA (mma.m16n8k64 with .s4/.u4, ldmatrix .b16) ---
+
+
+def ldmatrix(smem: torch.Tensor, addresses: list[tuple[int, int]], count: int) -> list[list[bytes]]:
+    """regs[lane][j]: 4 bytes thread ``lane`` receives from matrix j; lanes 8j..8j+7 give its row addresses."""
+    regs = [[b""] * count for _ in range(32)]
+    for j in range(count):
+        rows = [addresses[8 * j + i] for i in range(8)]
+        for lane in range(32):
+            r, byte = rows[lane // 4]
+            regs[lane][j] = bytes(smem[r, byte + 4 * (lane % 4) : byte + 4 * (lane % 4) + 4].tolist())
+    return regs
+
+
+def nibbles(word: bytes, signed: bool) -> list[int]:
+    out = []
+    for b in word:  # element 0 in the lowest bits
+        for v in (b & 0xF, b >> 4):
+            out.append(v - 16 if signed and v >= 8 else v)
+    return out
+
+
+def test_plain_layout_gives_the_mma_fragments():
+    g = torch.Generator().manual_seed(0)
+    a_codes = torch.randint(-8, 8, (16, 64), generator=g)  # one m16 tile, one group of 64 channels
+    b_codes = torch.randint(-8, 8, (16, 64), generator=g)  # two n8 tiles of weight rows
+    pack = lambda c: ((c[:, 0::2] & 0xF) | ((c[:, 1::2] & 0xF) << 4)).to(torch.uint8)  # noqa: E731
+    sa, sb = pack(a_codes), pack(b_codes)  # [16, 32] bytes: the checkpoint's plain layout
+    # The kernel's ldmatrix addresses (w4a4_gemm_kernel): A rows lane%16, bytes (lane/16)*16;
+    # B rows (lane/16)*8 + lane%8, bytes ((lane/8)%2)*16 for n tiles nt and nt+1.
+    a_regs = ldmatrix(sa, [(lane % 16, (lane // 16) * 16) for lane in range(32)], 4)
+    b_regs = ldmatrix(sb, [((lane // 16) * 8 + lane % 8, ((lane // 8) % 2) * 16) for lane in range(32)], 4)
+    a = torch.full((16, 64), 99)
+    b = [torch.full((64, 8), 99), torch.full((64, 8), 99)]
+    for lane in range(32):
+        group, tig = lane // 4, lane % 4
+        for i in range(4):  # A fragment: a_i rows group + 8*(i%2), cols tig*8 + j + 32*(i//2)
+            for j, v in enumerate(nibbles(a_regs[lane][i], signed=True)):
+                a[group + 8 * (i % 2), tig * 8 + j + 32 * (i // 2)] = v
+        for nt in range(2):  # B fragment: b_i rows (k) tig*8 + j + 32*i, col (n) group
+            for i in range(2):
+                for j, v in enumerate(nibbles(b_regs[lane][2 * nt + i], signed=True)):
+                    b[nt][tig * 8 + j + 32 * i, group] = v
+    assert torch.equal(a, a_codes)  # every element placed once, where mma expects it
+    assert torch.equal(torch.cat(b, dim=1), b_codes.T)
+    # and so the MMA computes exactly the integer product of the plain codes
+    assert torch.equal(a @ torch.cat(b, dim=1), a_codes @ b_codes.T)
+
+
+def test_dispatch_falls_back_to_triton_when_the_extension_cannot_build(monkeypatch, caplog):
+    import engine.kernels.cuda as cuda_backend
+    import engine.kernels.triton_backend as tb
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cuda_backend, "_build", lambda: "could not build the extension (no nvcc)")
+    monkeypatch.setattr(tb, "unavailable_reason", lambda device: None)
+    monkeypatch.delenv("SVDQ_KERNELS", raising=False)
+    kernels._resolve.cache_clear()
+    try:
+        with caplog.at_level("INFO"):
+            assert kernels._resolve("auto", torch.device("cuda", 0)) is tb
+        assert "cuda skipped: could not build the extension (no nvcc)" in caplog.text
+        with pytest.raises(kernels.BackendUnavailableError, match="could not build the extension"):
+            kernels._resolve("cuda", torch.device("cuda", 0))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        kernels._resolve.cache_clear()
+        assert "no 4-bit integer MMA" in kernels.unavailable_reason("cuda", torch.device("cuda", 0))
+    finally:
+        kernels._resolve.cache_clear()
+
+
+# --- on a GPU of compute capability 8.x -------------------------------------------------------
+
+sm8x = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 8,
+    reason="needs a GPU with int4 MMA (sm_80/86/89)",
+)
+
+
+@pytest.mark.gpu
+@sm8x
+@pytest.mark.parametrize("k,n", [(3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072), (128, 40)])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_cuda_matches_reference(k, n, unsigned):
+    from engine.kernels import cuda as cb
+
+    m, r = 4352 if k > 128 else 37, 32
+    a = act_inputs(m, k, r, unsigned=unsigned, device="cuda")
+    kw = {"group_size": 64, "unsigned": unsigned, "shift": 0.171875 if unsigned else 0.0}
+    got = cb.quantize_act(a["x"], a["smooth"], a["proj_down"], **kw)
+    ref = reference.quantize_act(a["x"], a["smooth"], a["proj_down"], **kw)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-4, atol=1e-4)
+    g = gemm_inputs(m, k, n, r, unsigned=unsigned, device="cuda")
+    g["ascales"].fill_(1.0)
+    g["wscales"].fill_(1.0)
+    exact = {**g, "lora_act": g["lora_act"][:, :0], "proj_up": g["proj_up"][:, :0], "bias": None}
+    y = cb.w4a4_gemm(**exact, unsigned=unsigned, out_dtype=torch.float32)
+    assert torch.equal(y, reference.w4a4_gemm(**exact, unsigned=unsigned, out_dtype=torch.float32))
+    g = gemm_inputs(m, k, n, r, unsigned=unsigned, device="cuda")
+    y = cb.w4a4_gemm(**g, unsigned=unsigned, out_dtype=torch.bfloat16)
+    torch.testing.assert_close(
+        y, reference.w4a4_gemm(**g, unsigned=unsigned, out_dtype=torch.bfloat16), rtol=1.6e-2, atol=1e-2
+    )
+    assert torch.equal(y, cb.w4a4_gemm(**g, unsigned=unsigned, out_dtype=torch.bfloat16))  # deterministic
