@@ -1,7 +1,7 @@
 """Quantize a diffusers-format FLUX model's transformer with SVDQuant into our checkpoint.
 
     python scripts/quantize_flux.py --model DIR --out FILE [--rank 32 --group-size 64
-        --calib-prompts 32 --steps 4 --device cuda --svd-niter 4]
+        --calib-prompts 32 --steps 4 --device cuda --svd-niter 2 | --exact-svd]
 
 Runs the float pipeline on the built-in calibration prompts at several resolutions,
 records what each layer sees, then quantizes layer by layer (alpha searched per layer) and
@@ -39,14 +39,21 @@ def main() -> None:
         "--max-samples", type=int, default=256, help="input rows kept per layer for the alpha search"
     )
     p.add_argument(
-        "--svd-niter", type=int, default=None, help="randomized SVD power iterations (default: exact)"
+        "--svd-niter",
+        type=int,
+        default=2,
+        help="power iterations of the randomized SVD (default 2: the same error as exact on FLUX-sized layers, "
+        "7-23x faster; docs/quantization.md)",
     )
+    p.add_argument("--exact-svd", action="store_true", help="full SVD instead of the randomized one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from diffusers import FluxPipeline
 
-    config = SVDQConfig(rank=args.rank, group_size=args.group_size, svd_niter=args.svd_niter)
+    config = SVDQConfig(
+        rank=args.rank, group_size=args.group_size, svd_niter=None if args.exact_svd else args.svd_niter
+    )
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     t0 = time.perf_counter()
     pipe = FluxPipeline.from_pretrained(args.model, dtype=dtype).to(args.device)
