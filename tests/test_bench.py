@@ -1,4 +1,4 @@
-"""scripts/bench.py runs on CPU (tiny shape) and writes its JSON: CI keeps it from rotting."""
+"""scripts/bench.py runs on CPU (tiny shapes) and writes its JSON: CI keeps it from rotting."""
 
 import json
 import os
@@ -9,28 +9,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_kernel_bench_runs_and_writes_json(tmp_path):
-    out = tmp_path / "bench.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+def run_bench(mode: str, tmp_path: Path, **env: str) -> tuple[dict, str]:
+    """``bench.py --mode MODE --device cpu --json``: (the JSON, stdout)."""
+    out = tmp_path / f"{mode}.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "bench.py"),
+        "--mode",
+        mode,
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+    ]
     res = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "bench.py"),
-            "--mode",
-            "kernels",
-            "--device",
-            "cpu",
-            "--json",
-            str(out),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
+        cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=300, cwd=ROOT
     )
     assert res.returncode == 0, res.stderr
-    data = json.loads(out.read_text())
+    return json.loads(out.read_text()), res.stdout
+
+
+def test_kernel_bench_runs_and_writes_json(tmp_path):
+    data, stdout = run_bench("kernels", tmp_path, TRITON_INTERPRET="1")
     assert data["environment"]["device_type"] == "cpu" and data["environment"]["torch"]
     backends = {r["backend"] for r in data["results"]}
     assert backends == {"torch-bf16", "reference", "triton"}
@@ -41,53 +41,17 @@ def test_kernel_bench_runs_and_writes_json(tmp_path):
     bf16 = next(r for r in data["results"] if r["backend"] == "torch-bf16")
     # 4-bit codes + scales + the rank-32 branch, which at 128 x 128 is most of it.
     assert w4["weight_bytes"] == 128 * 64 + 128 * 2 * 2 + 256 * 32 * 2 + 128 * 2 * 2 < bf16["weight_bytes"]
-    assert "| 128 -> 128 |" in res.stdout
+    assert "| 128 -> 128 |" in stdout
 
 
 def test_e2e_bench_runs_on_cpu(tmp_path):
-    out = tmp_path / "e2e.json"
-    res = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "bench.py"),
-            "--mode",
-            "e2e",
-            "--device",
-            "cpu",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert res.returncode == 0, res.stderr
-    base, ours = json.loads(out.read_text())["results"]
+    base, ours = run_bench("e2e", tmp_path)[0]["results"]
     assert base["bytes_per_param"] == 4.0 and ours["bytes_per_param"] < base["bytes_per_param"]
     assert ours["checkpoint_bytes"] > 0 and ours["load_seconds"] > 0 and ours["seconds_per_image"] > 0
     assert ours["ratio_to_16bit"] == base["seconds_per_image"] / ours["seconds_per_image"]
 
 
 def test_lora_bench_runs_on_cpu(tmp_path):
-    out = tmp_path / "lora.json"
-    res = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "bench.py"),
-            "--mode",
-            "lora",
-            "--device",
-            "cpu",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert res.returncode == 0, res.stderr
-    rows = json.loads(out.read_text())["results"]
+    rows = run_bench("lora", tmp_path)[0]["results"]
     assert [r["lora"] for r in rows] == ["none", "rank 16", "rank 64", "swap r64 -> r16"]
     assert all(r["apply_s"] > 0 and r["parse_s"] > 0 for r in rows[1:3]) and rows[3]["swap_s"] > 0

@@ -18,12 +18,13 @@ from engine.modules import SVDQLinear, W4A16Linear
 from engine.quant import SVDQConfig, relative_error
 from engine.tiny_model import CHECKPOINT_NAME
 
+from .flux_cases import first_step_inputs, velocity
+from .flux_cases import float_pipe as make_float_pipe
+
 
 @pytest.fixture(scope="module")
 def float_pipe(tiny_model_dir):
-    pipe = FluxPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return make_float_pipe(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +51,7 @@ def latents(pipe, transformer, prompt="a lighthouse in a storm", seed=3):
 
 @pytest.fixture(scope="module")
 def transformer_inputs(float_pipe):
-    """The float transformer's keyword inputs at the first denoising step of a real prompt."""
-    seen = []
-    handle = float_pipe.transformer.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(kwargs) if not seen else None, with_kwargs=True
-    )
-    try:
-        latents(float_pipe, float_pipe.transformer, prompt="a red fox in the snow, morning light")
-    finally:
-        handle.remove()
-    return seen[0]
-
-
-def velocity(transformer, inputs):
-    with torch.no_grad():
-        return transformer(**{**inputs, "return_dict": False})[0]
+    return first_step_inputs(float_pipe, "a red fox in the snow, morning light", seed=3, steps=2)
 
 
 def quantized_copy(tiny_model_dir, stats, config):

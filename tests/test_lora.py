@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from diffusers import FluxPipeline
 from safetensors.torch import save_file
 
 from engine.flux import load_transformer
@@ -10,46 +9,20 @@ from engine.lora import LoraError, LoraManager, parse_lora, read_lora
 from engine.quant import relative_error
 from engine.tiny_model import CHECKPOINT_NAME
 
+from .flux_cases import first_step_inputs, float_pipe, params_to_float, velocity
+
 R = 4  # LoRA rank
 D = 64  # the tiny model's width
 
 
-def float_pipe(tiny_model_dir):
-    pipe = FluxPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def inputs(tiny_model_dir):
-    pipe = float_pipe(tiny_model_dir)
-    seen = []
-    hook = pipe.transformer.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw) if not seen else None, with_kwargs=True
-    )
-    pipe(
-        "a red fox in the snow",
-        width=256,
-        height=256,
-        num_inference_steps=1,
-        output_type="latent",
-        generator=torch.Generator().manual_seed(0),
-    )
-    hook.remove()
-    return {**seen[0], "return_dict": False}
+    return first_step_inputs(float_pipe(tiny_model_dir), "a red fox in the snow")
 
 
 @pytest.fixture()
 def quantized(tiny_model_dir):
-    model = load_transformer(tiny_model_dir / CHECKPOINT_NAME)
-    for p in model.parameters():
-        p.data = p.data.float()
-    return model
-
-
-def velocity(model, inputs):
-    with torch.no_grad():
-        return model(**inputs)[0]
+    return params_to_float(load_transformer(tiny_model_dir / CHECKPOINT_NAME))
 
 
 def pair(k: int, n: int, seed: int, amp: float = 1.0):

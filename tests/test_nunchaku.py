@@ -12,6 +12,7 @@ from engine.modules import SVDQLinear, W4A16Linear
 from engine.quant import relative_error
 from engine.quant.synthetic import outlier_activations
 
+from .flux_cases import first_step_inputs, params_to_float, velocity
 from .nunchaku_layout import their_awq, their_awq_forward, their_checkpoint, their_w4a4, their_w4a4_forward
 
 
@@ -100,26 +101,9 @@ def their_file(wide_model, tmp_path_factory):
 
 
 def test_public_checkpoint_loads_and_matches(wide_model, their_file):
-    loaded = load_transformer(their_file)
-    for p in loaded.parameters():  # their file stores the 16-bit remainder in bf16; this test runs fp32
-        p.data = p.data.float()
-    seen = []
-    hook = wide_model.transformer.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw) if not seen else None, with_kwargs=True
-    )
-    wide_model(
-        "a fox",
-        width=256,
-        height=256,
-        num_inference_steps=1,
-        output_type="latent",
-        generator=torch.Generator().manual_seed(0),
-    )
-    hook.remove()
-    inputs = {**seen[0], "return_dict": False}
-    with torch.no_grad():
-        ref = wide_model.transformer(**inputs)[0]
-        got = loaded(**inputs)[0]
+    loaded = params_to_float(load_transformer(their_file))  # their file keeps the remainder in bf16
+    inputs = first_step_inputs(wide_model, "a fox")
+    ref, got = velocity(wide_model.transformer, inputs), velocity(loaded, inputs)
     # Measured 0.0134; our own quantization of the same model (r16, alpha searched) gives 0.0137,
     # and casting the float model to bf16 alone 0.0022.
     assert relative_error(got, ref) < 0.02

@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from engine import kernels
+from engine.modules.lora_slots import LoraSlots
 from engine.quant import DEFAULT_GROUP_SIZE, SVDQConfig, SVDQWeight, search_alpha
 
 
-class SVDQLinear(nn.Module):
+class SVDQLinear(LoraSlots, nn.Module):
     """``y = Q(x^) Q(R)^T + (x^ proj_down^T) proj_up^T + bias`` with ``x^ = (x + shift) / smooth``.
 
     Buffers carry the checkpoint names: ``qweight`` (uint8 [N, K/2]), ``wscales`` ([N, G]),
@@ -113,42 +114,15 @@ class SVDQLinear(nn.Module):
             if value is not None:
                 getattr(self, name).copy_(value)
 
-    # --- LoRA slots -------------------------------------------------------------------------
+    # --- LoRA slots (add_lora, remove_lora, clear_loras: LoraSlots) ------------------------
 
-    @torch.no_grad()
-    def add_lora(self, name: str, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0) -> None:
-        """Append ``scale * x down^T up^T`` (``down [r', K]``, ``up [N, r']``) to the output.
-
-        Since the branch sees ``x^ = (x + shift) / smooth``, the down factor is ``down * smooth``
-        and the shift's contribution ``shift * up @ down.sum(1)`` is taken off the bias.
-        """
-        k, n = self.in_features, self.out_features
-        if down.dim() != 2 or down.shape[1] != k:
-            raise ValueError(f"LoRA {name!r}: down must have shape [r, {k}], got {list(down.shape)}")
-        if up.dim() != 2 or up.shape != (n, down.shape[0]):
-            raise ValueError(
-                f"LoRA {name!r}: up must have shape [{n}, {down.shape[0]}], got {list(up.shape)}"
-            )
+    def _prepare_lora(self, down: torch.Tensor, up: torch.Tensor) -> tuple:
+        """The branch sees ``x^ = (x + shift) / smooth``: store ``down * smooth``, and take the
+        shift's contribution ``shift * up @ down.sum(1)`` off the bias."""
         dtype, device = self.proj_down.dtype, self.proj_down.device
-        down = down.to(device, torch.float32)
-        up = up.to(device, torch.float32) * scale
+        down, up = down.to(device), up.to(device)
         bias_delta = -self.act_shift * (up @ down.sum(dim=1)) if self.act_shift else None
-        self._loras[name] = ((down * self.smooth_factor.float()).to(dtype), up.to(dtype), bias_delta)
-        self._rebuild_lora()
-
-    def remove_lora(self, name: str) -> None:
-        if name not in self._loras:
-            raise KeyError(f"no LoRA named {name!r} on this layer (have: {sorted(self._loras)})")
-        del self._loras[name]
-        self._rebuild_lora()
-
-    def clear_loras(self) -> None:
-        self._loras.clear()
-        self._rebuild_lora()
-
-    @property
-    def lora_names(self) -> list[str]:
-        return list(self._loras)
+        return (down * self.smooth_factor.float()).to(dtype), up.to(dtype), bias_delta
 
     def _rebuild_lora(self) -> None:
         if not self._loras:

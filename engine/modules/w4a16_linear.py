@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.modules.lora_slots import LoraSlots
 from engine.quant import (
     DEFAULT_GROUP_SIZE,
     dequantize_int4_asym,
@@ -15,7 +16,7 @@ from engine.quant import (
 )
 
 
-class W4A16Linear(nn.Module):
+class W4A16Linear(LoraSlots, nn.Module):
     """Asymmetric 4-bit weights (``w = q * wscales + wzeros`` per group of 64), 16-bit math.
 
     Used for FLUX's AdaLN modulation linears: a quarter of the parameters, but their input is
@@ -74,34 +75,9 @@ class W4A16Linear(nn.Module):
         codes = unpack_int4(self.qweight, signed=False)  # [N, K]
         return dequantize_int4_asym(codes, self.wscales, self.wzeros).to(dtype)
 
-    @torch.no_grad()
-    def add_lora(self, name: str, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0) -> None:
-        """Add ``scale * x down^T up^T`` (``down [r, K]``, ``up [N, r]``); the 4-bit weight is untouched."""
-        if down.dim() != 2 or down.shape[1] != self.in_features:
-            raise ValueError(
-                f"LoRA {name!r}: down must have shape [r, {self.in_features}], got {list(down.shape)}"
-            )
-        if up.dim() != 2 or up.shape != (self.out_features, down.shape[0]):
-            raise ValueError(
-                f"LoRA {name!r}: up must have shape [{self.out_features}, {down.shape[0]}], got {list(up.shape)}"
-            )
+    def _prepare_lora(self, down: torch.Tensor, up: torch.Tensor) -> tuple:
         dtype, device = self.wscales.dtype, self.wscales.device
-        self._loras[name] = (down.to(device, dtype), (up.float() * scale).to(device, dtype))
-        self._rebuild_lora()
-
-    def remove_lora(self, name: str) -> None:
-        if name not in self._loras:
-            raise KeyError(f"no LoRA named {name!r} on this layer (have: {sorted(self._loras)})")
-        del self._loras[name]
-        self._rebuild_lora()
-
-    def clear_loras(self) -> None:
-        self._loras.clear()
-        self._rebuild_lora()
-
-    @property
-    def lora_names(self) -> list[str]:
-        return list(self._loras)
+        return down.to(device, dtype), up.to(device, dtype)
 
     def _rebuild_lora(self) -> None:
         if not self._loras:
