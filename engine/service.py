@@ -30,7 +30,8 @@ MODEL_ENV = "SVDQ_MODEL"  # auto | tiny | a model name of weights/manifest.json
 TINY = "tiny"
 REAL = "flux-schnell"
 MAX_SEED = 2**32 - 1
-LORA_CACHE_BYTES = int(os.environ.get("SVDQ_LORA_CACHE_BYTES", 10 * 2**30))
+LORA_CACHE_ENV = "SVDQ_LORA_CACHE_BYTES"
+LORA_CACHE_BYTES = 10 * 2**30
 PARSED_LORAS_KEPT = 4
 FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 
@@ -110,9 +111,15 @@ def model_files(name: str) -> tuple[Path, Path]:
 
 
 def save_images(
-    images: list[Image.Image], out_dir: Path, *, output_format: str, quality: int, seed: int, prompt: str
+    images: list[Image.Image],
+    out_dir: Path,
+    *,
+    output_format: str,
+    quality: int,
+    seeds: list[int],
+    prompt: str,
 ) -> list[Path]:
-    """``out-0.<ext>``, ``out-1.<ext>``...; the seed goes into PNG text or EXIF ImageDescription."""
+    """``out-0.<ext>``, ``out-1.<ext>``...; each image's seed goes into PNG text or EXIF ImageDescription."""
     if output_format not in FORMATS:
         raise ValueError(f"output_format must be one of {', '.join(FORMATS)}; got {output_format!r}")
     paths = []
@@ -121,12 +128,12 @@ def save_images(
         kwargs: dict = {}
         if output_format == "png":
             info = PngImagePlugin.PngInfo()
-            info.add_text("seed", str(seed + i))
+            info.add_text("seed", str(seeds[i]))
             info.add_text("prompt", prompt)
             kwargs["pnginfo"] = info
         else:
             exif = Image.Exif()
-            exif[0x010E] = f"seed={seed + i}"  # ImageDescription
+            exif[0x010E] = f"seed={seeds[i]}"  # ImageDescription
             kwargs.update(quality=quality, exif=exif.tobytes())
         img.convert("RGB").save(path, format=FORMATS[output_format], **kwargs)
         paths.append(path)
@@ -139,7 +146,9 @@ class FluxService:
         self._eager = generator.pipe.transformer
         self._compiled = None
         self.loras = LoraManager(self._eager)
-        self.lora_store = LoraStore(cache_dir() / "loras", LORA_CACHE_BYTES)
+        self.lora_store = LoraStore(
+            cache_dir() / "loras", int(os.environ.get(LORA_CACHE_ENV, LORA_CACHE_BYTES))
+        )
         self._parsed: dict[str, ParsedLora] = {}  # source -> parsed LoRA, most recent last
 
     @classmethod
@@ -218,6 +227,10 @@ class FluxService:
         lora_scale: float = 1.0,
         out_dir: Path | None = None,
     ) -> list[Path]:
+        if output_format not in FORMATS:  # checked before any work is done
+            raise ValueError(f"output_format must be one of {', '.join(FORMATS)}; got {output_format!r}")
+        if not 0 <= output_quality <= 100:
+            raise ValueError(f"output_quality must be in [0, 100], got {output_quality}")
         if seed is None:
             seed = secrets.randbelow(MAX_SEED + 1)
             logger.info("seed: %d (random; pass seed=%d to reproduce)", seed, seed)
@@ -260,17 +273,23 @@ class FluxService:
             ) from e
         t1 = time.perf_counter()
         logger.info("denoise + decode: %.2f s", t1 - t0)
+        seeds = [seed + i for i in range(len(images))]
         if self.safety is not None and not disable_safety_checker:
             flags = self.safety.flags(images)
             for i, flagged in enumerate(flags):
                 if flagged:
-                    logger.warning("image %d was flagged by the safety checker and is not returned", i)
-            images = [im for im, flagged in zip(images, flags, strict=True) if not flagged]
-            if not images:
+                    logger.warning(
+                        "image %d (seed %d) was flagged by the safety checker and is not returned",
+                        i,
+                        seeds[i],
+                    )
+            kept = [i for i, flagged in enumerate(flags) if not flagged]
+            if not kept:
                 raise NSFWError("all images were flagged as possibly NSFW; try a different prompt or seed")
+            images, seeds = [images[i] for i in kept], [seeds[i] for i in kept]
         out_dir = out_dir or Path(tempfile.mkdtemp(prefix="svdq-out-"))
         paths = save_images(
-            images, out_dir, output_format=output_format, quality=output_quality, seed=seed, prompt=prompt
+            images, out_dir, output_format=output_format, quality=output_quality, seeds=seeds, prompt=prompt
         )
         logger.info(
             "safety + encode: %.2f s; total %.2f s", time.perf_counter() - t1, time.perf_counter() - t0

@@ -61,17 +61,17 @@ def test_choose_model(monkeypatch):
 
 def test_image_formats_and_metadata(tmp_path):
     img = Image.effect_noise((64, 48), 60).convert("RGB")
-    png = save_images([img, img], tmp_path, output_format="png", quality=10, seed=7, prompt="fox 🦊")
+    png = save_images([img, img], tmp_path, output_format="png", quality=10, seeds=[7, 8], prompt="fox 🦊")
     assert [p.name for p in png] == ["out-0.png", "out-1.png"]
     assert Image.open(png[1]).text == {"seed": "8", "prompt": "fox 🦊"}
-    (webp,) = save_images([img], tmp_path, output_format="webp", quality=80, seed=7, prompt="x")
+    (webp,) = save_images([img], tmp_path, output_format="webp", quality=80, seeds=[7], prompt="x")
     assert Image.open(webp).getexif()[0x010E] == "seed=7"
     (tmp_path / "hi").mkdir()
-    (hi,) = save_images([img], tmp_path / "hi", output_format="jpg", quality=95, seed=7, prompt="x")
-    (lo,) = save_images([img], tmp_path, output_format="jpg", quality=5, seed=7, prompt="x")
+    (hi,) = save_images([img], tmp_path / "hi", output_format="jpg", quality=95, seeds=[7], prompt="x")
+    (lo,) = save_images([img], tmp_path, output_format="jpg", quality=5, seeds=[7], prompt="x")
     assert lo.stat().st_size < hi.stat().st_size and Image.open(io.BytesIO(lo.read_bytes())).format == "JPEG"
     with pytest.raises(ValueError, match="output_format must be one of webp, jpg, png"):
-        save_images([img], tmp_path, output_format="gif", quality=80, seed=0, prompt="x")
+        save_images([img], tmp_path, output_format="gif", quality=80, seeds=[0], prompt="x")
 
 
 def test_safety_checker_flags_drop_images(generator, tmp_path):
@@ -83,3 +83,31 @@ def test_safety_checker_flags_drop_images(generator, tmp_path):
     assert len(service.predict(**kw, disable_safety_checker=True, out_dir=tmp_path)) == 2
     service.safety = tiny_safety_checker(tmp_path / "lenient", threshold=10.0)
     assert len(service.predict(**kw, out_dir=tmp_path)) == 2
+
+
+def test_a_dropped_image_leaves_the_others_their_seeds(generator, tmp_path):
+    class FlagFirst:
+        def flags(self, images):
+            return [True] + [False] * (len(images) - 1)
+
+    service = FluxService(generator, FlagFirst(), "tiny")
+    paths = service.predict(
+        prompt="x",
+        num_inference_steps=1,
+        megapixels="0.25",
+        seed=10,
+        num_outputs=3,
+        output_format="png",
+        out_dir=tmp_path,
+    )
+    assert [p.name for p in paths] == ["out-0.png", "out-1.png"]
+    assert [Image.open(p).text["seed"] for p in paths] == ["11", "12"]
+
+
+def test_bad_format_fails_before_any_work(generator, tmp_path):
+    service = FluxService(generator, None, "tiny")
+    with pytest.raises(ValueError, match="output_format must be one of"):
+        service.predict(prompt="x", output_format="bmp", out_dir=tmp_path)
+    with pytest.raises(ValueError, match="output_quality"):
+        service.predict(prompt="x", output_quality=101, out_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
