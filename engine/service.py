@@ -196,14 +196,17 @@ class FluxService:
             return
         if not -1.0 <= scale <= 3.0:
             raise ValueError(f"lora_scale must be in [-1, 3], got {scale}")
-        parsed = self._parsed.pop(source, None)
+        key = source  # a local file is known by its path and modification time
+        if (local := Path(source).expanduser()).is_file():
+            key = f"{local.resolve()}@{local.stat().st_mtime_ns}"
+        parsed = self._parsed.pop(key, None)
         if parsed is None:
             t0 = time.perf_counter()
             parsed = parse_lora(read_lora(self.lora_store.fetch(source)), self._eager)
             logger.info("LoRA loaded from %s in %.2f s", source, time.perf_counter() - t0)
         else:
             logger.info("LoRA cache hit: %s already parsed", source)
-        self._parsed[source] = parsed
+        self._parsed[key] = parsed
         while len(self._parsed) > PARSED_LORAS_KEPT:
             self._parsed.pop(next(iter(self._parsed)))
         t0 = time.perf_counter()
