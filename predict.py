@@ -9,9 +9,7 @@ import logging
 
 from cog import BasePredictor, Input, Path
 
-from engine.sizes import ASPECT_RATIOS, MEGAPIXELS
-
-MAX_SEED = 2**32 - 1
+from engine.inputs import ASPECT_RATIOS, MAX_SEED, MEGAPIXELS
 
 
 class Predictor(BasePredictor):

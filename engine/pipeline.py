@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from engine.flux import load_transformer
-from engine.sizes import round_size
+from engine.inputs import round_size
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**64 - 1
+GENERATOR_MAX_SEED = 2**64 - 1  # what torch.Generator accepts
 
 
 def default_device() -> torch.device:
@@ -91,8 +91,10 @@ class FluxGenerator:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if not isinstance(num_outputs, int) or num_outputs < 1:
             raise ValueError(f"num_outputs must be a positive integer, got {num_outputs!r}")
-        if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - num_outputs:
-            raise ValueError(f"seed must be an integer in [0, {MAX_SEED - num_outputs}], got {seed!r}")
+        if not isinstance(seed, int) or not 0 <= seed <= GENERATOR_MAX_SEED - num_outputs:
+            raise ValueError(
+                f"seed must be an integer in [0, {GENERATOR_MAX_SEED - num_outputs}], got {seed!r}"
+            )
         width, height = round_size(width, height)
         self._log_truncation(prompt, max_sequence_length)
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(num_outputs)]

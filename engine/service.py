@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
+from engine.inputs import MAX_SEED, size_for
 from engine.lora import LoraError, LoraManager, LoraStore, ParsedLora, parse_lora, read_lora
 from engine.pipeline import FluxGenerator, default_device
 from engine.safety import SafetyChecker
-from engine.sizes import size_for
 from engine.weights import MANIFEST, WeightsError, cache_dir, ensure_files, load_manifest
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 MODEL_ENV = "SVDQ_MODEL"  # auto | tiny | a model name of weights/manifest.json
 TINY = "tiny"
 REAL = "flux-schnell"
-MAX_SEED = 2**32 - 1
 LORA_CACHE_ENV = "SVDQ_LORA_CACHE_BYTES"
 LORA_CACHE_BYTES = 10 * 2**30
 PARSED_LORAS_KEPT = 4

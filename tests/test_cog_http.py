@@ -14,7 +14,7 @@ import pytest
 from cog_client import CogServer, decode_output
 from PIL import Image
 
-from engine.sizes import ASPECT_RATIOS, size_for
+from engine.inputs import ASPECT_RATIOS, size_for
 
 ROOT = Path(__file__).resolve().parent.parent
 INPUTS = [

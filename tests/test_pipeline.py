@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.inputs import ASPECT_RATIOS, round_size, size_for
 from engine.pipeline import FluxGenerator
-from engine.sizes import ASPECT_RATIOS, round_size, size_for
 from engine.tiny_model import CHECKPOINT_NAME
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Image sizes: Replicate's flux-schnell aspect ratios, megapixel scaling, rounding rules.
+"""The input domain of Replicate's flux-schnell: aspect ratios, megapixels, sizes, seeds.
 
 Pure Python (no torch), so that predict.py can import the choices when Cog's schema tool
 loads it without the engine's dependencies.
@@ -24,6 +24,7 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "9:21": (640, 1536),
 }
 MEGAPIXELS = ("1", "0.25")
+MAX_SEED = 2**32 - 1  # seeds are 32-bit, as on Replicate; image i of a batch uses seed + i
 
 
 def round_size(width: int, height: int) -> tuple[int, int]:
