@@ -53,11 +53,13 @@ def quantize_int4(
     """
     g = _check_groups(x, group_size)
     xg = x.float().unflatten(-1, (g, group_size))  # [..., G, gs]
+    # Divide by a tensor, not a Python number: on CUDA torch turns `t / 7.0` into `t * (1/7)`,
+    # one ulp away from the IEEE division every kernel performs.
     if unsigned:
-        scale = xg.amax(dim=-1).clamp_min(0.0) / 15.0
+        scale = xg.amax(dim=-1).clamp_min(0.0) / xg.new_tensor(15.0)
         lo, hi = 0, 15
     else:
-        scale = xg.abs().amax(dim=-1) / 7.0
+        scale = xg.abs().amax(dim=-1) / xg.new_tensor(7.0)
         lo, hi = -8, 7
     scale = scale.to(scale_dtype)
     codes = torch.round(_safe_div(xg, scale.float().unsqueeze(-1))).clamp_(lo, hi)
@@ -87,7 +89,7 @@ def quantize_int4_asym(
     wg = w.float().unflatten(-1, (g, group_size))
     lo = wg.amin(dim=-1)
     hi = wg.amax(dim=-1)
-    scale = ((hi - lo) / 15.0).to(scale_dtype)
+    scale = ((hi - lo) / wg.new_tensor(15.0)).to(scale_dtype)
     zero = lo.to(scale_dtype)
     codes = torch.round(_safe_div(wg - zero.float().unsqueeze(-1), scale.float().unsqueeze(-1)))
     return codes.clamp_(0, 15).to(torch.uint8).flatten(-2), scale, zero

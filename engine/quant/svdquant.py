@@ -64,7 +64,7 @@ def smooth_factors(act_max: torch.Tensor, weight: torch.Tensor, alpha: float | N
     """Per-input-channel ``lambda [K]`` in fp32; ``alpha=None`` means no smoothing (all ones)."""
     if alpha is None:
         return torch.ones(weight.shape[1], device=weight.device)
-    a = act_max.float().clamp_min(_EPS)
+    a = act_max.to(weight.device, torch.float32).clamp_min(_EPS)
     w = weight.float().abs().amax(dim=0).clamp_min(_EPS)
     return (a.pow(alpha) / w.pow(1.0 - alpha)).clamp(_EPS, 1.0 / _EPS)
 
