@@ -129,3 +129,54 @@ def test_flux_shapes_on_gpu(k, n):
     torch.testing.assert_close(
         y, reference.w4a4_gemm(**g, unsigned=False, out_dtype=torch.bfloat16), **OUT_TOL[torch.bfloat16]
     )
+
+
+_COMPILE_FOR_TARGETS = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import engine.kernels.triton_backend as tb
+
+qsig = {"x_ptr": "*bf16", "smooth_ptr": "*bf16", "down_ptr": "*bf16", "qx_ptr": "*u8", "ascales_ptr": "*fp32",
+        "lora_ptr": "*fp32", "M": "i32", "K": "i32", "R": "i32", "shift": "fp32"}
+qconst = {"BLOCK_M": 32, "BLOCK_R": 32, "GROUP": 64, "UNSIGNED": True, "HAS_LORA": True, "LIBDEVICE_RINT": True}
+gsig = {"qx_ptr": "*u8", "ascales_ptr": "*fp32", "qw_ptr": "*u8", "wscales_ptr": "*bf16", "lora_ptr": "*fp32",
+        "up_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "R": "i32"}
+gconst = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_R": 32, "GROUP": 64, "UNSIGNED": False, "HAS_LORA": True,
+          "HAS_BIAS": True}
+out = {}
+for cc in (80, 86, 90):
+    target = GPUTarget("cuda", cc, 32)
+    src = ASTSource(fn=tb._quantize_act_kernel, signature={**qsig, **dict.fromkeys(qconst, "constexpr")},
+                    constexprs=qconst)
+    cubin = triton.compile(src, target=target).asm["cubin"]
+    src = ASTSource(fn=tb._w4a4_gemm_kernel.fn, signature={**gsig, **dict.fromkeys(gconst, "constexpr")},
+                    constexprs=gconst)
+    ptx = triton.compile(src, target=target, options={"num_warps": 8, "num_stages": 3}).asm["ptx"]
+    tokens = ptx.replace(";", " ").replace(",", " ").split()
+    out[cc] = {"quantize_cubin_bytes": len(cubin), "gemm_mma": sorted({t for t in tokens if "mma." in t})}
+json.dump(out, sys.stdout)
+"""
+
+
+def test_kernels_compile_to_int8_tensor_cores_for_gpu_targets():
+    """Compiled (not interpreted) for sm_80, sm_86 and sm_90 by triton's own ptxas, no GPU needed:
+    the GEMM must lower to int8 tensor-core MMA (mma.sync on Ampere/Ada, wgmma on Hopper)."""
+    import json
+    import re
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_TARGETS], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout)
+    for cc, info in got.items():
+        assert info["quantize_cubin_bytes"] > 0
+        pattern = (
+            r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8"
+            if int(cc) >= 90
+            else r"mma\.sync\.aligned\.m16n8k32\.row\.col(\.satfinite)?\.s32\.s8\.s8\.s32"
+        )
+        assert any(re.fullmatch(pattern, m) for m in info["gemm_mma"]), (cc, info["gemm_mma"])

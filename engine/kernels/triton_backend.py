@@ -7,8 +7,9 @@ accumulator. Deterministic: every output element is reduced by one program in a 
 with no atomics, so the same inputs give the same bytes on every run.
 
 Exactness against the reference: divisions use ``tl.div_rn`` (IEEE round-to-nearest) and
-rounding is half-to-even through the 1.5 * 2^23 trick (exact for |v| < 2^22; codes are at most
-15 in magnitude), so the codes match the reference bit for bit. The low-rank products use
+rounding is half-to-even (libdevice ``rint`` on the GPU; the interpreter, which has no libdevice,
+uses the exact 1.5 * 2^23 trick, valid for |v| < 2^22), so the codes match the reference bit
+for bit. The low-rank products use
 ``tl.dot`` on fp32 inputs (TF32 on tensor cores), within the float tolerance of the tests.
 
 The kernels run inside the dispatch's custom ops (``torch.ops.svdq.*``, engine/kernels), so
@@ -25,6 +26,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 NAME = "triton"
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -66,6 +68,7 @@ def _quantize_act_kernel(
     GROUP: tl.constexpr,
     UNSIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr,
+    LIBDEVICE_RINT: tl.constexpr,
 ):
     HALF: tl.constexpr = GROUP // 2
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -92,8 +95,12 @@ def _quantize_act_kernel(
             lo, hi = -8.0, 7.0
         ok = scale > 0
         denom = tl.where(ok, scale, 1.0)[:, None]
-        q_e = (tl.div_rn(h_e, denom) + _RINT_MAGIC) - _RINT_MAGIC
-        q_o = (tl.div_rn(h_o, denom) + _RINT_MAGIC) - _RINT_MAGIC
+        if LIBDEVICE_RINT:
+            q_e = libdevice.rint(tl.div_rn(h_e, denom))
+            q_o = libdevice.rint(tl.div_rn(h_o, denom))
+        else:  # the interpreter has no libdevice
+            q_e = (tl.div_rn(h_e, denom) + _RINT_MAGIC) - _RINT_MAGIC
+            q_o = (tl.div_rn(h_o, denom) + _RINT_MAGIC) - _RINT_MAGIC
         q_e = tl.where(ok[:, None], tl.minimum(tl.maximum(q_e, lo), hi), 0.0).to(tl.int32)
         q_o = tl.where(ok[:, None], tl.minimum(tl.maximum(q_o, lo), hi), 0.0).to(tl.int32)
         packed = ((q_e & 0xF) | ((q_o & 0xF) << 4)).to(tl.uint8)
@@ -144,6 +151,7 @@ def quantize_act(
         GROUP=group_size,
         UNSIGNED=unsigned,
         HAS_LORA=r > 0,
+        LIBDEVICE_RINT=not _INTERPRET,
         num_warps=4,
     )
     return qx, ascales, lora_act
