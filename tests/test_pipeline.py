@@ -84,12 +84,9 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_generate_cli_quantized_and_float(tiny_model_dir, tmp_path):
-    res = run_script(
-        "generate.py",
+    common = [
         "--model",
         str(tiny_model_dir),
-        "--checkpoint",
-        str(tiny_model_dir / CHECKPOINT_NAME),
         "--prompt",
         "a cat",
         "--seed",
@@ -100,31 +97,13 @@ def test_generate_cli_quantized_and_float(tiny_model_dir, tmp_path):
         "256",
         "--height",
         "128",
-        "--num-outputs",
-        "2",
-        "--out",
-        str(tmp_path / "q.png"),
-    )
+    ]
+    ckpt = ["--checkpoint", str(tiny_model_dir / CHECKPOINT_NAME)]
+    res = run_script("generate.py", *common, *ckpt, "--num-outputs", "2", "--out", str(tmp_path / "q.png"))
     paths = [Path(p) for p in res.stdout.split()]
     assert paths == [tmp_path / "q-0.png", tmp_path / "q-1.png"]
     assert all(Image.open(p).size == (256, 128) for p in paths)
-    run_script(
-        "generate.py",
-        "--model",
-        str(tiny_model_dir),
-        "--prompt",
-        "a cat",
-        "--seed",
-        "3",
-        "--steps",
-        "2",
-        "--width",
-        "256",
-        "--height",
-        "128",
-        "--out",
-        str(tmp_path / "f.png"),
-    )
+    run_script("generate.py", *common, "--out", str(tmp_path / "f.png"))  # the float transformer
     assert Image.open(tmp_path / "f.png").size == (256, 128)
 
 
