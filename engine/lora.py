@@ -18,6 +18,7 @@ in one log line; text-encoder keys are reported, not applied.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import nn
 
 from engine.flux.layers import SplitInputLinear
 from engine.modules import SVDQLinear, W4A16Linear
+from engine.weights import WeightFile, WeightsError, ensure_files
 
 logger = logging.getLogger(__name__)
 
@@ -321,10 +323,6 @@ class LoraStore:
         self.root, self.max_bytes = Path(root), max_bytes
 
     def fetch(self, source: str) -> Path:
-        import hashlib
-
-        from engine.weights import WeightFile, WeightsError, ensure_files
-
         source = source.strip()
         if Path(source).expanduser().is_file():
             return Path(source).expanduser()

@@ -101,7 +101,11 @@ def _check(entry: WeightFile, path: Path) -> None:
         )
     digest = _verified_hash(path)
     if entry.sha256 is None:
-        logger.warning("%s: no sha256 pinned in the manifest; recorded %s on first use", entry.path, digest)
+        logger.warning(
+            "%s: no sha256 pinned for it; recorded %s on first use and verified from now on",
+            entry.path,
+            digest,
+        )
     elif digest != entry.sha256.lower():
         raise WeightsError(f"{entry.path}: sha256 {digest} does not match the manifest's {entry.sha256}")
 
