@@ -12,12 +12,13 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 req=requirements.txt
 [ "${1:-}" = "--dev" ] && req=requirements-dev.txt
-stamp=".venv/.installed-$(cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -c1-16)-${1:-run}"
+stamp=".venv/.installed-$(cat requirements.txt requirements-dev.txt requirements-dev-nodeps.txt pyproject.toml | sha256sum | cut -c1-16)-${1:-run}"
 # pip's exit status is kept; only this machine's noise about absent local index folders is dropped.
 pipq() { python -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 if [ ! -f "$stamp" ]; then
   python -c "import torch" 2>/dev/null || pipq "${TORCH_SPEC:-torch==2.13.0}"
   pipq -r "$req"
+  [ "${1:-}" = "--dev" ] && pipq --no-deps -r requirements-dev-nodeps.txt
   pipq --no-deps -e .
   python -c "import torch, diffusers, transformers, safetensors, PIL, cog" || { echo "install failed" >&2; exit 1; }
   touch "$stamp"

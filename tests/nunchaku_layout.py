@@ -28,24 +28,25 @@ def their_w4a4(weight, bias, act_max, *, unsigned, rank=16, alpha=0.5):
     return {
         "qweight": nk.pack_w4a4_weight(unpack_int4(q.qweight)),
         "wscales": nk.pack_wscales(q.wscales),
-        "smooth": q.smooth_factor,
-        "smooth_orig": q.smooth_factor.clone(),
+        "smooth": nk.pack_lane_vector(q.smooth_factor),
+        "smooth_orig": nk.pack_lane_vector(q.smooth_factor),
         "lora_down": nk.pack_lowrank(down_raw, down=True),
         "lora_up": nk.pack_lowrank(q.proj_up, down=False),
-        "bias": b.to(torch.bfloat16),
+        "bias": nk.pack_lane_vector(b.to(torch.bfloat16)),
     }
 
 
 def their_w4a4_forward(t, x, *, unsigned):
     """y = Q((x + shift) / smooth) . Q(R)^T + (x @ down^T) @ up^T + bias, from their tensors."""
     x = x.float()
-    smooth = t["smooth"].float()
+    smooth = nk.unpack_lane_vector(t["smooth"]).float()
     x_hat = ((x + GELU_SHIFT) if unsigned else x) / smooth
     codes, scales = quantize_int4(x_hat, 64, unsigned=unsigned)
     w = dequantize_int4(nk.unpack_w4a4_weight(t["qweight"]), nk.unpack_wscales(t["wscales"]))
     down = nk.unpack_lowrank(t["lora_down"], down=True).float()
     up = nk.unpack_lowrank(t["lora_up"], down=False).float()
-    return dequantize_int4(codes, scales) @ w.T + (x @ down.T) @ up.T + t["bias"].float()
+    bias = nk.unpack_lane_vector(t["bias"]).float()
+    return dequantize_int4(codes, scales) @ w.T + (x @ down.T) @ up.T + bias
 
 
 def their_awq(weight, bias, chunks):
@@ -58,16 +59,23 @@ def their_awq(weight, bias, chunks):
     b[nk.adanorm_scale_rows(n, chunks)] += 1.0
     w_theirs = weight[inverse]
     codes, scales, zeros = quantize_int4_asym(w_theirs, 64, scale_dtype=torch.bfloat16)
+    g = scales.shape[1]
+    padded = -(-g // 16) * 16  # their packer pads the group count with zero rows
+
+    def pad(t):
+        return torch.cat([t.t(), t.new_zeros(padded - g, t.shape[0])])
+
     return {
         "qweight": nk.pack_awq_weight(codes),
-        "wscales": scales.t().contiguous(),
-        "wzeros": zeros.t().contiguous(),
+        "wscales": pad(scales),
+        "wzeros": pad(zeros),
         "bias": b[inverse].to(torch.bfloat16),
     }
 
 
 def their_awq_forward(t, x):
-    w = dequantize_int4_asym(nk.unpack_awq_weight(t["qweight"]), t["wscales"].t(), t["wzeros"].t())
+    g = t["qweight"].shape[1] * 2 // 64
+    w = dequantize_int4_asym(nk.unpack_awq_weight(t["qweight"]), t["wscales"][:g].t(), t["wzeros"][:g].t())
     return x.float() @ w.T + t["bias"].float()
 
 

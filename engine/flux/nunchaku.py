@@ -3,7 +3,8 @@
 Their layout, worked out from their source and documented in docs/checkpoint-format.md:
 
 * W4A4 layers: ``qweight`` int8 [N, K/2] in an MMA-fragment tile order, ``wscales`` [K/64, N] in
-  a lane order, ``smooth``/``smooth_factor`` [K] (the input is divided by it, as in ours),
+  a lane order, ``bias`` [N] and ``smooth``/``smooth_factor`` [K] in that same lane order (their
+  packer writes them as one-group scales; the input is divided by ``smooth``, as in ours),
   ``lora_down``/``proj_down`` [K, R] and ``lora_up``/``proj_up`` [N, R] in 16x16 packs. Their
   low-rank branch reads the *raw* input (ours reads the smoothed one), so our down factor is
   theirs times the smoothing factor. On unsigned layers they add the GELU shift to the 4-bit
@@ -13,7 +14,8 @@ Their layout, worked out from their source and documented in docs/checkpoint-for
 * The single block's ``proj_out`` is ``out_proj`` (attention slice) + ``mlp_fc2`` (GELU slice,
   unsigned), as our SplitInputLinear.
 * AdaLN linears are AWQ W4A16: ``qweight`` int32 [N/4, K/2] in TinyChat's order,
-  ``wscales``/``wzeros`` [K/64, N] with ``w = q * s + z``; the output channels are interleaved
+  ``wscales``/``wzeros`` [G', N] with ``w = q * s + z``, where the group count is padded (zero
+  rows) to a multiple of 16 (TinyChat's packer); the output channels are interleaved
   (``d * chunks + c``) and the ``1 +`` of ``(1 + scale)`` is folded into the scale chunks' bias.
 
 Every unpacker has its packer beside it (the exact inverse, checked by the tests), so a file
@@ -85,6 +87,20 @@ def unpack_wscales(packed: torch.Tensor) -> torch.Tensor:
     g, n = packed.shape
     t = packed.contiguous().view(n // 128, g, 1, 8, 4, 2, 2)
     return t.permute(_inverse(_S_PERM)).reshape(n, g)
+
+
+# Per-channel vectors of a W4A4 layer (``bias`` [N], ``smooth``/``smooth_orig`` [K]) are written
+# by the same scale packer with one group, so they sit in the lane order of a [1, N] wscales.
+
+
+def pack_lane_vector(v: torch.Tensor) -> torch.Tensor:
+    """Ours (plain [C]) -> theirs ([C] in the scale lane order)."""
+    return pack_wscales(v.reshape(-1, 1)).reshape(-1)
+
+
+def unpack_lane_vector(packed: torch.Tensor) -> torch.Tensor:
+    """Theirs ([C] in the scale lane order) -> ours (plain [C])."""
+    return unpack_wscales(packed.reshape(1, -1)).reshape(-1)
 
 
 # --- low-rank factors: 16 x 16 packs ------------------------------------------------------------
@@ -205,11 +221,16 @@ def is_nunchaku(metadata: dict[str, str], keys: set[str]) -> bool:
 
 
 def _w4a4_layer(t: dict[str, torch.Tensor], unsigned: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One of their W4A4 layers in our plain format (before any row split)."""
-    smooth = t.get("smooth_factor", t.get("smooth"))
+    """One of their W4A4 layers in our plain format (before any row split).
+
+    On the out projections their smoothing is fused into the previous layer (``smooth`` is all
+    ones, ``smooth_orig`` the factor that was fused), so the input arrives already smoothed and
+    ``smooth`` is the one that applies; ``smooth_orig`` carries no run-time meaning.
+    """
+    smooth = unpack_lane_vector(t.get("smooth_factor", t.get("smooth")))
     down_raw = unpack_lowrank(t.get("proj_down", t.get("lora_down")), down=True).float()  # [R, K]
     up = unpack_lowrank(t.get("proj_up", t.get("lora_up")), down=False)  # [N, R]
-    bias = t["bias"].float() if "bias" in t else torch.zeros(up.shape[0])
+    bias = unpack_lane_vector(t["bias"]).float() if "bias" in t else torch.zeros(up.shape[0])
     if unsigned:
         bias = bias - GELU_SHIFT * (up.float() @ down_raw.sum(dim=1))
     return {
@@ -224,14 +245,17 @@ def _w4a4_layer(t: dict[str, torch.Tensor], unsigned: bool, dtype: torch.dtype) 
 
 def _awq_layer(t: dict[str, torch.Tensor], chunks: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     codes = unpack_awq_weight(t["qweight"])  # [N, K], their row order
-    n = codes.shape[0]
+    n, k = codes.shape
+    g = k // 64
+    if t["wscales"].shape[0] < g or bool((t["wscales"][g:] != 0).any()):
+        raise ValueError(f"AWQ wscales {list(t['wscales'].shape)}: expected {g} groups (+ zero padding)")
     order = adanorm_order(n, chunks)
     bias = t["bias"].float()[order]
     bias[adanorm_scale_rows(n, chunks)] -= 1.0
     return {
         "qweight": pack_int4(codes[order]),
-        "wscales": t["wscales"].t()[order].to(dtype),
-        "wzeros": t["wzeros"].t()[order].to(dtype),
+        "wscales": t["wscales"][:g].t()[order].to(dtype),  # drop the packer's padding groups
+        "wzeros": t["wzeros"][:g].t()[order].to(dtype),
         "bias": bias.to(dtype),
     }
 
