@@ -10,15 +10,22 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-req=requirements.txt
-[ "${1:-}" = "--dev" ] && req=requirements-dev.txt
-stamp=".venv/.installed-$(cat requirements.txt requirements-dev.txt requirements-dev-nodeps.txt pyproject.toml | sha256sum | cut -c1-16)-${1:-run}"
+stamp=".venv/.installed-$(cat requirements.txt requirements-dev.txt requirements-dev-nodeps.txt pyproject.toml cog.yaml | sha256sum | cut -c1-16)-${1:-run}"
 # pip's exit status is kept; only this machine's noise about absent local index folders is dropped.
 pipq() { python -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 if [ ! -f "$stamp" ]; then
   python -c "import torch" 2>/dev/null || pipq "${TORCH_SPEC:-torch==2.13.0}"
-  pipq -r "$req"
-  [ "${1:-}" = "--dev" ] && pipq --no-deps -r requirements-dev-nodeps.txt
+  # requirements.txt is the image's: its torch is the CUDA 12.8 build from PyTorch's index and
+  # its kernel package needs nvcc. Here torch is the one above and the kernels build just in
+  # time (engine/kernels/cuda), so those lines are left out.
+  grep -v -E '^(--extra-index-url|torch==|\./)' requirements.txt > .venv/requirements-local.txt
+  # The Cog SDK: the version cog.yaml pins for the image (build.sdk_version).
+  echo "cog==$(sed -n 's/^ *sdk_version: *"\(.*\)"/\1/p' cog.yaml)" >> .venv/requirements-local.txt
+  pipq -r .venv/requirements-local.txt
+  if [ "${1:-}" = "--dev" ]; then
+    pipq -r requirements-dev.txt
+    pipq --no-deps -r requirements-dev-nodeps.txt
+  fi
   pipq --no-deps -e .
   python -c "import torch, diffusers, transformers, safetensors, PIL, cog" || { echo "install failed" >&2; exit 1; }
   touch "$stamp"

@@ -3,9 +3,10 @@
 The A40 (sm_86) runs 4-bit MMA at twice its 8-bit rate; Triton has no 4-bit dot, so this small
 extension of our own takes that last 2x. Hopper (sm_90) and newer have no 4-bit integer MMA:
 there the dispatch uses Triton. Sources: csrc/kernels.cu (device code, plain CUDA) and
-csrc/ops.cpp (torch binding, ops ``torch.ops.svdq_cuda.*``), built just in time on first use
-with torch.utils.cpp_extension (cached in ``SVDQ_EXT_DIR`` or torch's default folder) for the
-archs in ``TORCH_CUDA_ARCH_LIST`` (default: this GPU's). The kernels read the checkpoint's
+csrc/ops.cpp (torch binding, ops ``torch.ops.svdq_cuda.*``). The container image installs them
+prebuilt (the ``svdq_cuda_kernels`` package, scripts/build_kernel_sdist.py); elsewhere they are
+built just in time on first use with torch.utils.cpp_extension (cached in ``SVDQ_EXT_DIR`` or
+torch's default folder) for the archs in ``TORCH_CUDA_ARCH_LIST`` (default: this GPU's). The kernels read the checkpoint's
 plain packed layout: ``ldmatrix`` from shared memory yields the MMA fragments directly, so no
 weight repacking is needed at load.
 
@@ -33,10 +34,19 @@ SUPPORTED_ARCHS = ((8, 0), (8, 6), (8, 7), (8, 9))
 
 @functools.cache
 def _build() -> str | None:
-    """Build and load the extension once per process; the reason it failed, or None."""
+    """Load the prebuilt extension, or build it; once per process. The reason it failed, or None."""
     from torch.utils.cpp_extension import load
 
     t0 = time.perf_counter()
+    try:
+        import svdq_cuda_kernels  # noqa: F401  (the image's prebuilt package registers the ops)
+    except ImportError as e:
+        logger.info("no prebuilt SVDQuant CUDA package (%s): building just in time", e)
+    except OSError as e:  # installed but will not load (e.g. built against another torch)
+        logger.warning("the prebuilt SVDQuant CUDA package does not load (%s): building just in time", e)
+    else:
+        logger.info("SVDQuant CUDA extension: prebuilt package loaded in %.1f s", time.perf_counter() - t0)
+        return None
     try:
         load(
             name="svdq_cuda",
