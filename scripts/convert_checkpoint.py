@@ -10,10 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
-from engine.flux import read_metadata
-from engine.flux.nunchaku import convert_state_dict, is_nunchaku
+from engine.flux.checkpoint import CheckpointError, convert_public_checkpoint, write_checkpoint
 
 
 def main() -> None:
@@ -22,16 +19,11 @@ def main() -> None:
     p.add_argument("--out", required=True, type=Path, help="our .safetensors")
     args = p.parse_args()
     t0 = time.perf_counter()
-    metadata, shapes = read_metadata(args.src)
-    if not is_nunchaku(metadata, set(shapes)):
-        raise SystemExit(
-            f"{args.src}: not a checkpoint of the public engine (no 'config' metadata, no qkv_proj)"
-        )
-    state, ours = convert_state_dict(load_file(str(args.src)), metadata)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    save_file(state, tmp, metadata=ours)
-    tmp.replace(args.out)
+    try:
+        state, metadata = convert_public_checkpoint(args.src)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
+    write_checkpoint(state, args.out, metadata)
     print(
         f"wrote {args.out} ({len(state)} tensors, {args.out.stat().st_size / 1e6:.1f} MB) "
         f"in {time.perf_counter() - t0:.1f} s"

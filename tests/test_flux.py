@@ -1,5 +1,7 @@
 """FLUX integration on the tiny model: layer table, quantization quality, checkpoint round trip."""
 
+import json
+
 import pytest
 import torch
 from diffusers import FluxPipeline
@@ -140,3 +142,25 @@ def test_bad_checkpoints_are_named(tiny_model_dir, tmp_path):
         load_transformer(float_file)
     with pytest.raises(FileNotFoundError):
         load_transformer(tmp_path / "missing.safetensors")
+
+
+def test_both_versions_are_checked_and_converted_metadata_reads_back(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from engine.flux.checkpoint import make_metadata, read_config, write_checkpoint
+
+    src = tiny_model_dir / CHECKPOINT_NAME
+    meta, _ = read_metadata(src)
+    assert read_config(meta).rank == json.loads(meta["quant_config"])["rank"]
+    state = load_file(str(src))
+    for key, value, match in (
+        ("format_version", "99", "format_version '99'"),
+        ("quant_config", json.dumps({**json.loads(meta["quant_config"]), "version": 7}), "quant_config version 7"),
+        ("quant_config", json.dumps({"rank": 16, "alphas": []}), "unreadable quant_config"),
+    ):
+        bad = write_checkpoint(state, tmp_path / f"{key}.safetensors", {**meta, key: value})
+        with pytest.raises(CheckpointError, match=match):
+            load_transformer(bad)
+    # A converted file's metadata comes from the same writer and reads back as a config.
+    converted = make_metadata(SVDQConfig(rank=32), {"num_layers": 1}, ["a"], converted_from="nunchaku")
+    assert read_config(converted).rank == 32 and converted["converted_from"] == "nunchaku"

@@ -5,7 +5,12 @@ Tensors: the transformer's full state dict. Quantized linears carry ``qweight``,
 ``wzeros``, ``bias`` (W4A16); every other parameter is stored as is. Metadata (strings):
 ``format`` = "svdquant-flux", ``format_version``, ``quant_config`` (JSON of SVDQConfig),
 ``transformer_config`` (JSON of the diffusers config, so no model folder is needed to load),
-``unsigned_layers`` (JSON list), ``act_shift``. See docs/checkpoint-format.md.
+``unsigned_layers`` (JSON list), ``act_shift``, and ``converted_from`` for a file converted
+from the public engine's. See docs/checkpoint-format.md.
+
+This module owns the format: the metadata, its two versions (``format_version``, the file
+layout; ``quant_config.version``, the config's schema), the atomic write, and reading the
+public engine's checkpoint through the layout translation of ``engine.flux.nunchaku``.
 """
 
 from __future__ import annotations
@@ -35,30 +40,88 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read as a quantized FLUX transformer."""
 
 
-def save_checkpoint(transformer: nn.Module, path: str | Path, config: SVDQConfig) -> Path:
-    """Write the quantized ``transformer`` to ``path`` (written to a temporary name, then renamed)."""
-    path = Path(path)
-    unsigned = [n for n, m in transformer.named_modules() if isinstance(m, SVDQLinear) and m.unsigned]
-    shifts = {m.act_shift for m in transformer.modules() if isinstance(m, SVDQLinear) and m.unsigned}
-    if len(shifts) > 1:
-        raise ValueError(f"unsigned layers disagree on act_shift: {sorted(shifts)}")
+def make_metadata(
+    config: SVDQConfig,
+    transformer_config: dict,
+    unsigned_layers: list[str],
+    act_shift: float = GELU_SHIFT,
+    converted_from: str | None = None,
+) -> dict[str, str]:
+    """Our file's metadata: the one place that writes it."""
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "quant_config": json.dumps(dataclasses.asdict(config)),
         # The architecture only: no local path of the machine that quantized it.
         "transformer_config": json.dumps(
-            {k: v for k, v in transformer.config.items() if k != "_name_or_path"}
+            {k: v for k, v in transformer_config.items() if k != "_name_or_path"}
         ),
-        "unsigned_layers": json.dumps(unsigned),
-        "act_shift": repr(shifts.pop() if shifts else GELU_SHIFT),
+        "unsigned_layers": json.dumps(sorted(unsigned_layers)),
+        "act_shift": repr(float(act_shift)),
     }
-    state = {k: v.contiguous() for k, v in transformer.state_dict().items()}
+    if converted_from:
+        metadata["converted_from"] = converted_from
+    return metadata
+
+
+def read_config(metadata: dict[str, str], path: str | Path = "<metadata>") -> SVDQConfig:
+    """The SVDQConfig a file was written with, both versions checked."""
+    version = metadata.get("format_version", "0")
+    if not version.isdigit() or not 1 <= int(version) <= FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r}: this engine reads 1..{FORMAT_VERSION}")
+    try:
+        fields = json.loads(metadata["quant_config"])
+        if "alphas" in fields:
+            fields["alphas"] = tuple(fields["alphas"])
+        config = SVDQConfig(**fields)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable quant_config ({e})") from e
+    if config.version != SVDQConfig.version:
+        raise CheckpointError(
+            f"{path}: quant_config version {config.version}: this engine reads {SVDQConfig.version}"
+        )
+    return config
+
+
+def write_checkpoint(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write ``state`` under a temporary name, then rename: a reader never sees half a file."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, tmp, metadata=metadata)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
     tmp.replace(path)
     return path
+
+
+def save_checkpoint(transformer: nn.Module, path: str | Path, config: SVDQConfig) -> Path:
+    """Write the quantized ``transformer`` to ``path`` in our format."""
+    unsigned = [n for n, m in transformer.named_modules() if isinstance(m, SVDQLinear) and m.unsigned]
+    shifts = {m.act_shift for m in transformer.modules() if isinstance(m, SVDQLinear) and m.unsigned}
+    if len(shifts) > 1:
+        raise ValueError(f"unsigned layers disagree on act_shift: {sorted(shifts)}")
+    metadata = make_metadata(
+        config, dict(transformer.config), unsigned, shifts.pop() if shifts else GELU_SHIFT
+    )
+    return write_checkpoint(transformer.state_dict(), path, metadata)
+
+
+def convert_public_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The public engine's INT4 file at ``path`` as our tensors and metadata (in memory)."""
+    from engine.flux import nunchaku
+
+    metadata, shapes = read_metadata(path)
+    if not nunchaku.is_nunchaku(metadata, set(shapes)):
+        raise CheckpointError(
+            f"{path}: not an {FORMAT} checkpoint nor the public engine's (metadata format={metadata.get('format')!r})"
+        )
+    try:
+        c = nunchaku.convert_state_dict(load_file(str(path)), metadata)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot convert the public engine's checkpoint: {e}") from e
+    # Their file says how it is laid out, not how it was quantized: the procedure fields of the
+    # config are our defaults, and converted_from says where the file came from.
+    config = SVDQConfig(rank=c.rank, group_size=64)
+    return c.state, make_metadata(config, c.transformer_config, c.unsigned_layers, converted_from="nunchaku")
 
 
 def read_metadata(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
@@ -77,7 +140,7 @@ def _skeleton(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], path
     from diffusers import FluxTransformer2DModel
 
     config = json.loads(metadata["transformer_config"])
-    quant = json.loads(metadata["quant_config"])
+    quant = dataclasses.asdict(read_config(metadata, path))
     unsigned = set(json.loads(metadata.get("unsigned_layers", "[]")))
     act_shift = float(metadata.get("act_shift", GELU_SHIFT))
     with torch.device("meta"):
@@ -127,22 +190,9 @@ def load_transformer(path: str | Path, device: torch.device | str = "cpu") -> nn
     metadata, shapes = read_metadata(path)
     state = None
     if metadata.get("format") != FORMAT:
-        from engine.flux import nunchaku
-
-        if not nunchaku.is_nunchaku(metadata, set(shapes)):
-            raise CheckpointError(
-                f"{path}: not an {FORMAT} checkpoint nor the public engine's (metadata format={metadata.get('format')!r})"
-            )
-        try:
-            state, metadata = nunchaku.convert_state_dict(load_file(str(path)), metadata)
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: cannot convert the public engine's checkpoint: {e}") from e
+        state, metadata = convert_public_checkpoint(path)
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         logger.info("converted the public engine's checkpoint %s to our layout", path)
-    if int(metadata.get("format_version", "0")) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format_version {metadata['format_version']} is newer than this engine reads ({FORMAT_VERSION})"
-        )
     model = _skeleton(metadata, shapes, path)
     if state is None:
         state = load_file(str(path), device=str(device))

@@ -24,6 +24,7 @@ in their layout can be made from ours as well.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -260,12 +261,19 @@ def _awq_layer(t: dict[str, torch.Tensor], chunks: int, dtype: torch.dtype) -> d
     }
 
 
-def convert_state_dict(
-    state: dict[str, torch.Tensor], metadata: dict[str, str]
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Their checkpoint -> ``(our state dict, our metadata)``; unknown block tensors are an error."""
-    from engine.flux.checkpoint import FORMAT, FORMAT_VERSION  # the target format
+@dataclasses.dataclass(frozen=True)
+class Converted:
+    """Their checkpoint in our layout: the tensors and what our metadata needs to describe them."""
 
+    state: dict[str, torch.Tensor]
+    rank: int
+    transformer_config: dict
+    unsigned_layers: list[str]
+
+
+def convert_state_dict(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Converted:
+    """Their tensors -> ours; unknown block tensors are an error. Layout only: the checkpoint
+    module (engine.flux.checkpoint) turns the result into our format's metadata."""
     quant = json.loads(metadata.get("quantization_config", "{}"))
     if str(quant.get("weight", {}).get("dtype", "int4")).lower() not in ("int4", "sint4", "s4"):
         raise ValueError(f"unsupported precision in the public checkpoint: {quant.get('weight')}")
@@ -312,15 +320,12 @@ def convert_state_dict(
                     if name in ("qweight", "wscales", "proj_up", "bias"):  # row-split the fused outputs
                         v = v.chunk(len(targets), dim=0)[i]
                     out[f"{prefix}.{name}"] = v.clone() if len(targets) > 1 else v  # own storage each
-    our_meta = {
-        "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "quant_config": json.dumps(
-            {"rank": quant.get("rank", 32), "group_size": 64, "alphas": None, "svd_niter": None, "version": 1}
-        ),
-        "transformer_config": metadata["config"],
-        "unsigned_layers": json.dumps(sorted(unsigned_layers)),
-        "act_shift": repr(GELU_SHIFT),
-        "converted_from": "nunchaku",
-    }
-    return out, our_meta
+    ranks = {v.shape[0] for k, v in out.items() if k.endswith(".proj_down")}
+    if len(ranks) > 1:
+        raise ValueError(f"the public checkpoint's layers disagree on the rank: {sorted(ranks)}")
+    return Converted(
+        state=out,
+        rank=ranks.pop() if ranks else int(quant.get("rank", 32)),
+        transformer_config=json.loads(metadata["config"]),
+        unsigned_layers=sorted(unsigned_layers),
+    )
