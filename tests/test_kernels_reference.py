@@ -96,7 +96,7 @@ def test_dispatch_env_selection(monkeypatch):
 def test_named_backend_that_cannot_run_is_a_clear_error(monkeypatch, name):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     reason = kernels.unavailable_reason(name, torch.device("cpu"))
-    assert reason  # neither GPU backend runs on a plain CPU tensor
+    assert reason  # the CUDA backend does not run on a CPU tensor
     monkeypatch.setenv("SVDQ_KERNELS", name)
     with pytest.raises(kernels.BackendUnavailableError, match=f"the {name} backend cannot run on cpu"):
         kernels.quantize_act(**act_inputs(4, 64, 0))
