@@ -136,28 +136,27 @@ def run_pair(a: dict, backend) -> torch.Tensor:
     )
 
 
+def kernel_row(m: int, k: int, n: int, backend: str, t: Timing, weight_bytes: int, base: Timing) -> dict:
+    return {
+        "K": k,
+        "N": n,
+        "M": m,
+        "backend": backend,
+        **dataclasses.asdict(t),
+        "TOPS": 2.0 * m * n * k / t.median_ms / 1e9,
+        "ratio_to_bf16": base.median_ms / t.median_ms,
+        "weight_bytes": weight_bytes,
+    }
+
+
 def bench_kernels(device: torch.device, backends: list[str]) -> list[dict]:
     shapes, m = (FLUX_SHAPES, FLUX_TOKENS) if device.type == "cuda" else (CPU_SHAPES, CPU_TOKENS)
     rows = []
     for k, n in shapes:
         a = kernel_inputs(m, k, n, device)
-        ops = 2.0 * m * n * k
         bf16 = measure(lambda a=a: torch.nn.functional.linear(a["x"], a["w"], a["bias"]), device)
+        rows.append(kernel_row(m, k, n, "torch-bf16", bf16, n * k * 2 + n * 2, bf16))
         w4_bytes = n * k // 2 + n * (k // 64) * 2 + (n + k) * RANK * 2 + k * 2 + n * 2
-        rows.append(
-            {
-                "K": k,
-                "N": n,
-                "M": m,
-                "backend": "torch-bf16",
-                "median_ms": bf16.median_ms,
-                "p20_ms": bf16.p20_ms,
-                "p80_ms": bf16.p80_ms,
-                "TOPS": ops / bf16.median_ms / 1e9,
-                "ratio_to_bf16": 1.0,
-                "weight_bytes": n * k * 2 + n * 2,
-            }
-        )
         for name in backends:
             reason = kernels.unavailable_reason(name, device)
             if reason:
@@ -165,20 +164,7 @@ def bench_kernels(device: torch.device, backends: list[str]) -> list[dict]:
                 continue
             backend = kernels.get_backend(name, device)
             t = measure(lambda a=a, b=backend: run_pair(a, b), device)
-            rows.append(
-                {
-                    "K": k,
-                    "N": n,
-                    "M": m,
-                    "backend": name,
-                    "median_ms": t.median_ms,
-                    "p20_ms": t.p20_ms,
-                    "p80_ms": t.p80_ms,
-                    "TOPS": ops / t.median_ms / 1e9,
-                    "ratio_to_bf16": bf16.median_ms / t.median_ms,
-                    "weight_bytes": w4_bytes,
-                }
-            )
+            rows.append(kernel_row(m, k, n, name, t, w4_bytes, bf16))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -240,28 +226,44 @@ def param_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def bench_e2e(device: torch.device, steps: int = 4) -> list[dict]:
-    import tempfile
-    from pathlib import Path as _Path
-
+def random_transformer(device: torch.device) -> tuple[torch.nn.Module, dict, torch.dtype, int]:
+    """The full-size FLUX.1-schnell transformer on a GPU, the tiny one on CPU; random weights
+    (speed does not depend on their values). Also the image side it is timed at."""
     from diffusers import FluxTransformer2DModel
 
-    from engine.flux import load_transformer, quantize_transformer, save_checkpoint
-    from engine.quant import SVDQConfig
     from engine.tiny_model import TINY_TRANSFORMER
 
     on_gpu = device.type == "cuda"
-    config = FLUX_SCHNELL if on_gpu else TINY_TRANSFORMER
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    size = 1024 if on_gpu else 256
+    config, dtype = (FLUX_SCHNELL, torch.bfloat16) if on_gpu else (TINY_TRANSFORMER, torch.float32)
     torch.manual_seed(0)
     with torch.device(device):
         model = FluxTransformer2DModel(**config).to(dtype).eval().requires_grad_(False)
+    return model, config, dtype, 1024 if on_gpu else 256
+
+
+def quantize_random(model: torch.nn.Module) -> float:
+    """Quantize ``model`` in place with random FLUX-like calibration (timing only); seconds."""
+    from engine.flux import quantize_transformer
+    from engine.quant import SVDQConfig
+
+    t0 = time.perf_counter()
+    config = SVDQConfig(rank=RANK, alphas=(0.5,), svd_niter=2)
+    quantize_transformer(model, random_stats(model), config, dtype=torch.bfloat16)
+    return time.perf_counter() - t0
+
+
+def bench_e2e(device: torch.device, steps: int = 4) -> list[dict]:
+    import tempfile
+
+    from engine.flux import load_transformer, save_checkpoint
+    from engine.quant import SVDQConfig
+
+    on_gpu = device.type == "cuda"
+    model, config, dtype, size = random_transformer(device)
     n_params = sum(p.numel() for p in model.parameters())
     inputs = transformer_inputs(config, size, size, device, dtype)
-    rows = []
 
-    def run_image(m) -> Timing:
+    def run_image(m: torch.nn.Module, label: str, base: Timing | None) -> dict:
         def image():
             with torch.inference_mode():
                 for _ in range(steps):
@@ -269,80 +271,38 @@ def bench_e2e(device: torch.device, steps: int = 4) -> list[dict]:
 
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(device)
-        return measure(image, device)
-
-    t16 = run_image(model)
-    peak16 = torch.cuda.max_memory_allocated(device) if on_gpu else None
-    bytes16 = param_bytes(model)
-    rows.append(
-        {
-            "model": "bf16 diffusers" if on_gpu else "fp32 diffusers (CPU)",
+        t = measure(image, device)
+        return {
+            "model": label,
             "config": "FLUX.1-schnell" if on_gpu else "tiny",
             "size": size,
             "steps": steps,
-            "seconds_per_image": t16.median_ms / 1e3,
-            "ratio_to_16bit": 1.0,
-            "peak_gpu_bytes": peak16,
-            "transformer_bytes": bytes16,
-            "bytes_per_param": bytes16 / n_params,
+            "seconds_per_image": t.median_ms / 1e3,
+            "ratio_to_16bit": (base or t).median_ms / t.median_ms,
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if on_gpu else None,
+            "transformer_bytes": param_bytes(m),
+            "bytes_per_param": param_bytes(m) / n_params,
+            "_t": t,
         }
-    )
-    t0 = time.perf_counter()
-    quantize_transformer(
-        model, random_stats(model), SVDQConfig(rank=32, alphas=(0.5,), svd_niter=2), dtype=torch.bfloat16
-    )
-    t_quant = time.perf_counter() - t0
+
+    rows = [run_image(model, "bf16 diffusers" if on_gpu else "fp32 diffusers (CPU)", None)]
+    t_quant = quantize_random(model)
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_checkpoint(model, _Path(tmp) / "bench.safetensors", SVDQConfig(rank=32))
-        file_bytes = path.stat().st_size
+        path = save_checkpoint(model, Path(tmp) / "bench.safetensors", SVDQConfig(rank=RANK))
         del model
         if on_gpu:
             torch.cuda.empty_cache()
         t0 = time.perf_counter()
         model = load_transformer(path, device)
         t_load = time.perf_counter() - t0
+        extra = {"checkpoint_bytes": path.stat().st_size, "load_seconds": t_load, "quantize_seconds": t_quant}
     for p in model.parameters():
         p.data = p.data.to(dtype)
-    tq = run_image(model)
-    peak4 = torch.cuda.max_memory_allocated(device) if on_gpu else None
-    bytes4 = param_bytes(model)
-    rows.append(
-        {
-            "model": f"SVDQuant W4A4 r32 ({kernels.backend_for(device).NAME})",
-            "config": rows[0]["config"],
-            "size": size,
-            "steps": steps,
-            "seconds_per_image": tq.median_ms / 1e3,
-            "ratio_to_16bit": t16.median_ms / tq.median_ms,
-            "peak_gpu_bytes": peak4,
-            "transformer_bytes": bytes4,
-            "bytes_per_param": bytes4 / n_params,
-            "checkpoint_bytes": file_bytes,
-            "load_seconds": t_load,
-            "quantize_seconds": t_quant,
-        }
-    )
+    label = f"SVDQuant W4A4 r{RANK} ({kernels.backend_for(device).NAME})"
+    rows.append({**run_image(model, label, rows[0]["_t"]), **extra})
+    for r in rows:
+        del r["_t"]
     return rows
-
-
-def quantized_random_transformer(device: torch.device):
-    """The transformer of the e2e mode, quantized with random calibration (timing only)."""
-    from diffusers import FluxTransformer2DModel
-
-    from engine.flux import quantize_transformer
-    from engine.quant import SVDQConfig
-    from engine.tiny_model import TINY_TRANSFORMER
-
-    on_gpu = device.type == "cuda"
-    config = FLUX_SCHNELL if on_gpu else TINY_TRANSFORMER
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = FluxTransformer2DModel(**config).to(dtype).eval().requires_grad_(False)
-    quantize_transformer(
-        model, random_stats(model), SVDQConfig(rank=32, alphas=(0.5,), svd_niter=2), dtype=torch.bfloat16
-    )
-    return model, config, dtype
 
 
 def random_lora(model: torch.nn.Module, rank: int, seed: int) -> dict[str, torch.Tensor]:
@@ -363,16 +323,15 @@ def random_lora(model: torch.nn.Module, rank: int, seed: int) -> dict[str, torch
 def bench_lora(device: torch.device) -> list[dict]:
     from engine.lora import LoraManager, parse_lora
 
-    model, config, dtype = quantized_random_transformer(device)
-    inputs = transformer_inputs(
-        config, 1024 if device.type == "cuda" else 256, 1024 if device.type == "cuda" else 256, device, dtype
-    )
+    model, config, dtype, size = random_transformer(device)
+    quantize_random(model)
+    inputs = transformer_inputs(config, size, size, device, dtype)
 
     def step():
         with torch.inference_mode():
             model(**inputs)
 
-    def timed(fn) -> float:
+    def once(fn) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -387,61 +346,77 @@ def bench_lora(device: torch.device) -> list[dict]:
     parsed = {}
     for rank in (16, 64):
         sd = random_lora(model, rank, seed=rank)
-        t_parse = timed(lambda sd=sd, rank=rank: parsed.__setitem__(rank, parse_lora(sd, model)))
-        t_apply = timed(lambda rank=rank: manager.set([(f"r{rank}", parsed[rank], 1.0)]))
-        t = measure(step, device)
+        t_parse = once(lambda sd=sd, rank=rank: parsed.__setitem__(rank, parse_lora(sd, model)))
+        t_apply = once(lambda rank=rank: manager.set([(f"r{rank}", parsed[rank], 1.0)]))
+        t = measure(step, device).median_ms
         rows.append(
             {
                 "lora": f"rank {rank}",
                 "rank": rank,
                 "parse_s": t_parse,
                 "apply_s": t_apply,
-                "step_ms": t.median_ms,
-                "step_overhead": t.median_ms / base.median_ms - 1,
+                "step_ms": t,
+                "step_overhead": t / base.median_ms - 1,
             }
         )
-    t_swap = timed(lambda: manager.set([("r16", parsed[16], 1.0)]))
-    t_clear = timed(lambda: manager.set([]))
-    rows.append({"lora": "swap r64 -> r16", "swap_s": t_swap, "remove_s": t_clear})
+    t_swap = once(lambda: manager.set([("r16", parsed[16], 1.0)]))
+    rows.append({"lora": "swap r64 -> r16", "swap_s": t_swap, "remove_s": once(lambda: manager.set([]))})
     return rows
 
 
-def print_lora(rows: list[dict]) -> None:
-    print("| LoRA | parse s | apply s | step ms | step overhead | swap s | remove s |")
-    print("|---|---|---|---|---|---|---|")
-    f = lambda r, k, fmt: format(r[k], fmt) if k in r else "-"  # noqa: E731
+# One markdown table per mode: (header, row key, format); "-" where a row has no such value.
+COLUMNS = {
+    "kernels": [
+        ("K", "K", "d"),
+        ("N", "N", "d"),
+        ("M", "M", "d"),
+        ("backend", "backend", "s"),
+        ("median ms", "median_ms", ".3f"),
+        ("p20 ms", "p20_ms", ".3f"),
+        ("p80 ms", "p80_ms", ".3f"),
+        ("TOPS", "TOPS", ".1f"),
+        ("speed vs bf16", "ratio_to_bf16", ".2f"),
+        ("weight MB", "weight_bytes", "mb"),
+    ],
+    "e2e": [
+        ("model", "model", "s"),
+        ("config", "config", "s"),
+        ("image px", "size", "d"),
+        ("steps", "steps", "d"),
+        ("s/image (transformer)", "seconds_per_image", ".3f"),
+        ("speed vs 16-bit", "ratio_to_16bit", ".2f"),
+        ("peak GPU GB", "peak_gpu_bytes", "gb"),
+        ("transformer GB", "transformer_bytes", "gb"),
+        ("bytes/param", "bytes_per_param", ".3f"),
+        ("checkpoint GB", "checkpoint_bytes", "gb"),
+        ("load s", "load_seconds", ".2f"),
+        ("quantize s", "quantize_seconds", ".1f"),
+    ],
+    "lora": [
+        ("LoRA", "lora", "s"),
+        ("parse s", "parse_s", ".3f"),
+        ("apply s", "apply_s", ".3f"),
+        ("step ms", "step_ms", ".1f"),
+        ("step overhead", "step_overhead", "+.1%"),
+        ("swap s", "swap_s", ".3f"),
+        ("remove s", "remove_s", ".3f"),
+    ],
+}
+
+
+def print_table(rows: list[dict], mode: str) -> None:
+    def cell(r: dict, key: str, fmt: str) -> str:
+        v = r.get(key)
+        if v is None:
+            return "-"
+        scale = {"mb": 1e6, "gb": 1e9}.get(fmt)
+        return f"{v / scale:.{2 if fmt == 'mb' else 3}f}" if scale else format(v, fmt)
+
+    cols = COLUMNS[mode]
+    print("| " + " | ".join(h for h, _, _ in cols) + " |")
+    print("|" + "---|" * len(cols))
     for r in rows:
-        print(
-            f"| {r['lora']} | {f(r, 'parse_s', '.3f')} | {f(r, 'apply_s', '.3f')} | {f(r, 'step_ms', '.1f')} | "
-            f"{f(r, 'step_overhead', '+.1%')} | {f(r, 'swap_s', '.3f')} | {f(r, 'remove_s', '.3f')} |"
-        )
-
-
-def print_e2e(rows: list[dict]) -> None:
-    print(
-        "| model | config | image | s/image (transformer) | speed vs 16-bit | peak GPU GB | transformer GB | "
-        "bytes/param | checkpoint GB | load s | quantize s |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    gb = lambda v: "-" if v is None else f"{v / 1e9:.3f}"  # noqa: E731
-    for r in rows:
-        print(
-            f"| {r['model']} | {r['config']} | {r['size']}px x{r['steps']} | {r['seconds_per_image']:.3f} | "
-            f"{r['ratio_to_16bit']:.2f}x | {gb(r['peak_gpu_bytes'])} | {gb(r['transformer_bytes'])} | "
-            f"{r['bytes_per_param']:.3f} | {gb(r.get('checkpoint_bytes'))} | "
-            f"{r.get('load_seconds', float('nan')):.2f} | {r.get('quantize_seconds', float('nan')):.1f} |"
-        )
-
-
-def print_table(rows: list[dict]) -> None:
-    print("| K -> N | M | backend | median ms (p20-p80) | TOPS | speed vs bf16 | weight MB |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['K']} -> {r['N']} | {r['M']} | {r['backend']} | {r['median_ms']:.3f} "
-            f"({r['p20_ms']:.3f}-{r['p80_ms']:.3f}) | {r['TOPS']:.1f} | {r['ratio_to_bf16']:.2f}x | "
-            f"{r['weight_bytes'] / 1e6:.2f} |"
-        )
+        print("| " + " | ".join(cell(r, k, f) for _, k, f in cols) + " |")
 
 
 def main() -> None:
@@ -463,15 +438,12 @@ def main() -> None:
     print(
         f"# {args.mode} on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['commit']})"
     )
-    if args.mode == "kernels":
-        rows = bench_kernels(device, backends)
-        print_table(rows)
-    elif args.mode == "e2e":
-        rows = bench_e2e(device)
-        print_e2e(rows)
-    else:
-        rows = bench_lora(device)
-        print_lora(rows)
+    rows = {
+        "kernels": lambda: bench_kernels(device, backends),
+        "e2e": lambda: bench_e2e(device),
+        "lora": lambda: bench_lora(device),
+    }[args.mode]()
+    print_table(rows, args.mode)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(

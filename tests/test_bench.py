@@ -41,7 +41,7 @@ def test_kernel_bench_runs_and_writes_json(tmp_path):
     bf16 = next(r for r in data["results"] if r["backend"] == "torch-bf16")
     # 4-bit codes + scales + the rank-32 branch, which at 128 x 128 is most of it.
     assert w4["weight_bytes"] == 128 * 64 + 128 * 2 * 2 + 256 * 32 * 2 + 128 * 2 * 2 < bf16["weight_bytes"]
-    assert "| 128 -> 128 |" in stdout
+    assert "| 128 | 128 | 64 | reference |" in stdout
 
 
 def test_e2e_bench_runs_on_cpu(tmp_path):
