@@ -41,8 +41,8 @@ def _build() -> str | None:
         load(
             name="svdq_cuda",
             sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-std=c++17"],
-            extra_cuda_cflags=["-O3", "-std=c++17"],
+            extra_cflags=["-O3"],  # torch's own -std (C++17 or newer) stays in force
+            extra_cuda_cflags=["-O3"],
             build_directory=_build_dir(),
             is_python_module=False,
             verbose=False,
@@ -74,11 +74,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _build()
 
 
-def _check_group(group_size: int) -> None:
-    if group_size != 64:
-        raise ValueError(f"the cuda backend supports group_size 64 only, got {group_size}")
-
-
 def quantize_act(
     x: torch.Tensor,
     smooth: torch.Tensor,
@@ -88,8 +83,7 @@ def quantize_act(
     unsigned: bool,
     shift: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_group(group_size)
-    return torch.ops.svdq_cuda.quantize_act(x, smooth, proj_down, shift, unsigned)
+    return torch.ops.svdq_cuda.quantize_act(x, smooth, proj_down, group_size, unsigned, shift)
 
 
 def w4a4_gemm(
@@ -104,7 +98,6 @@ def w4a4_gemm(
     unsigned: bool,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    _check_group(2 * qx.shape[1] // ascales.shape[1])
     return torch.ops.svdq_cuda.w4a4_gemm(
         qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned, out_dtype
     )
