@@ -98,7 +98,9 @@ def compile_cubin(arch: str, out_dir: Path, werror: bool = True) -> tuple[Path, 
     cmd = [tool("nvcc"), "-std=c++17", "-O3", "-cubin", f"-arch=sm_{arch}", "-Xptxas", "-v,-warn-spills"]
     if werror:
         cmd += ["-Werror", "all-warnings"]
-    res = subprocess.run([*cmd, str(KERNELS_CU), "-o", str(cubin)], capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [*cmd, str(KERNELS_CU), "-o", str(cubin)], capture_output=True, text=True, timeout=900
+    )
     if res.returncode:
         raise RuntimeError(f"nvcc failed for sm_{arch}:\n{res.stderr[-4000:]}")
     return cubin, parse_ptxas(res.stderr), res.stderr
@@ -111,7 +113,9 @@ def parse_ptxas(text: str) -> dict[str, Resources]:
     for line in text.splitlines():
         if m := re.search(r"Function properties for (\S+)", line):
             name = m[1]
-        elif m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line):
+        elif m := re.search(
+            r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line
+        ):
             frame = (int(m[1]), int(m[2]), int(m[3]))
         elif (m := re.search(r"Used (\d+) registers", line)) and name:
             smem = re.search(r"(\d+) bytes smem", line)
@@ -130,7 +134,9 @@ class Instr:
 
 def disassemble(cubin: Path) -> dict[str, list[Instr]]:
     """SASS of every kernel in the cubin, by mangled name."""
-    res = subprocess.run([tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, timeout=300
+    )
     if res.returncode:
         raise RuntimeError(f"cuobjdump failed: {res.stderr[-2000:]}")
     funcs: dict[str, list[Instr]] = {}
@@ -216,6 +222,7 @@ class GemmLoop:
 @dataclass
 class QuantLoop:
     counts: dict[str, int]
+    global_loads: list[str]  # opcodes of the loop's LDG instructions
 
 
 @dataclass
@@ -242,7 +249,8 @@ def analyse(arch: str = "86", work: Path | None = None) -> StaticReport:
         report.gemm["u4" if unsigned else "s4"] = GemmLoop(classify(body), smem, len(code) - len(body))
         report.gemm_hmma_total = sum(i.opcode.startswith("HMMA") for i in code)
     _, qcode = find_kernel(funcs, "quantize_act_kernel", "nv_bfloat16Li4E")
-    report.quant = QuantLoop(classify(main_loop(qcode, "HMMA")))
+    qloop = main_loop(qcode, "HMMA")
+    report.quant = QuantLoop(classify(qloop), [i.opcode for i in qloop if i.opcode.startswith("LDG")])
     return report
 
 
@@ -266,7 +274,9 @@ def model_gemm(report: StaticReport, m: int, k: int, n: int, hw: dict = A40) -> 
     # per main-loop iteration (one group) of one CTA; CTAs on one SM share its pipes
     tensor = loop.counts["int4 MMA"] * warps * 16 * 8 * 64 / mac_per_clk
     issue = loop.counts["total"] * warps / hw["schedulers"]
-    smem_bytes = loop.smem_read_bytes_per_warp * warps + (p["kBM"] + p["kBN"]) * (32 + 4)  # reads + cp.async fills
+    smem_bytes = loop.smem_read_bytes_per_warp * warps + (p["kBM"] + p["kBN"]) * (
+        32 + 4
+    )  # reads + cp.async fills
     smem = smem_bytes / hw["smem_bytes_per_clk"]
     per_iter = max(tensor, issue, smem)
     groups = k // 64
@@ -274,7 +284,9 @@ def model_gemm(report: StaticReport, m: int, k: int, n: int, hw: dict = A40) -> 
     tiles_m, tiles_n = math.ceil(m / p["kBM"]), math.ceil(n / p["kBN"])
     slots = hw["sms"] * ctas
     waves = math.ceil(tiles_m * tiles_n / slots)
-    compute_s = waves * tile_clk * ctas / hw["clock_hz"]  # ctas share an SM: a wave of them takes ctas x longer
+    compute_s = (
+        waves * tile_clk * ctas / hw["clock_hz"]
+    )  # ctas share an SM: a wave of them takes ctas x longer
     # DRAM: a wave covers kGroupTilesM tile rows x (slots / kGroupTilesM) tile columns; each tile's K strip
     # is read once per wave that needs it (nothing assumed to survive in L2 between waves).
     gm = min(p["kGroupTilesM"], tiles_m)
@@ -410,7 +422,9 @@ def write_markdown(path: Path, block: str, heading: str = "## CUDA kernels v2: m
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", default="86", help="sm_XX to compile and count (the A40 is 86)")
-    ap.add_argument("--markdown", type=Path, help="replace the generated block in this file (e.g. docs/benchmarks.md)")
+    ap.add_argument(
+        "--markdown", type=Path, help="replace the generated block in this file (e.g. docs/benchmarks.md)"
+    )
     ap.add_argument("--json", type=Path, help="write counts and the table as JSON")
     args = ap.parse_args(argv)
     report = analyse(args.arch)
@@ -422,8 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"report": asdict(report), "rows": rows}, indent=2))
     ok = all(r["int4_fraction"] >= TARGET_INT4_FRACTION and r["speedup"] >= TARGET_SPEEDUP for r in rows)
-    print(f"\ntargets (w4a4_gemm >= {TARGET_INT4_FRACTION:.0%} of int4 peak, linear >= {TARGET_SPEEDUP}x "
-          f"cuBLAS bf16 @70%): {'met' if ok else 'NOT met'} (modelled)")
+    print(
+        f"\ntargets (w4a4_gemm >= {TARGET_INT4_FRACTION:.0%} of int4 peak, linear >= {TARGET_SPEEDUP}x "
+        f"cuBLAS bf16 @70%): {'met' if ok else 'NOT met'} (modelled)"
+    )
     return 0
 
 
