@@ -14,7 +14,8 @@ memory 128 B/clock; all SMs share 696 GB/s of DRAM):
               a tile costs groups * that + its non-loop instructions (issue-bound, counted once);
               tiles run in waves of 84 * CTAs-per-SM; DRAM bytes follow the grouped CTA order (a wave reads
               kGroupTilesM A tile rows and the W tiles of its columns, once each); time = max(compute, DRAM).
-  quantize_act issue time of its group loop over all warps vs. DRAM time of x in, codes and scales out.
+  quantize_act issue time of its group loop on the busiest SM (CTAs of 32 rows spread over 84 SMs) vs. DRAM
+              time of x in, codes, scales and the low-rank product out.
   cuBLAS bf16 at 70% of its 149.7 TFLOPS peak (or its DRAM time, whichever is larger) is the baseline.
 
 Usage: python scripts/kernel_model.py [--arch 86] [--markdown docs/benchmarks.md] [--json out.json]
@@ -320,13 +321,15 @@ def model_quant(report: StaticReport, m: int, k: int, hw: dict = A40) -> dict:
     p, loop = report.params, report.quant
     rows, warps = p["kQRows"], p["kQWarps"]
     groups = k // 64
-    warp_iters = math.ceil(m / rows) * groups  # each group of each 32-row block is one warp iteration
-    issue_s = warp_iters * loop.counts["total"] / (hw["sms"] * hw["schedulers"] * hw["clock_hz"])
+    ctas = math.ceil(m / rows)
+    # The busiest SM runs ceil(ctas / SMs) CTAs; its warps split their groups and share its 4 schedulers.
+    warp_iters = math.ceil(ctas / hw["sms"]) * groups
+    issue_s = warp_iters * loop.counts["total"] / (hw["schedulers"] * hw["clock_hz"])
     dram = m * k * 2 + m * k // 2 + m * groups * 4 + m * RANK * 4 + k * 2 + RANK * k * 2
     dram_s = dram / hw["dram_bps"]
     return {
         "K": k,
-        "warps": math.ceil(m / rows) * warps,
+        "warps": ctas * warps,
         "issue_us": issue_s * 1e6,
         "dram_us": dram_s * 1e6,
         "time_us": max(issue_s, dram_s) * 1e6,

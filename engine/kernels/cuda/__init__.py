@@ -5,12 +5,23 @@ extension of our own takes that last 2x. Hopper (sm_90) and newer have no 4-bit 
 there the dispatch uses Triton. Sources: csrc/kernels.cu (device code, plain CUDA) and
 csrc/ops.cpp (torch binding, ops ``torch.ops.svdq_cuda.*``), built just in time on first use
 with torch.utils.cpp_extension (cached in ``SVDQ_EXT_DIR`` or torch's default folder) for the
-archs in ``TORCH_CUDA_ARCH_LIST`` (default: this GPU's). The kernels read the checkpoint's
-plain packed layout: ``ldmatrix`` from shared memory yields the MMA fragments directly, so no
-weight repacking is needed at load.
+archs in ``TORCH_CUDA_ARCH_LIST`` (default: this GPU's), with torch's own compiler flags.
 
-Deterministic: one CTA owns each output tile and sums its groups in a fixed order; the
-activation kernel reduces its low-rank sums by a fixed warp butterfly; no atomics.
+The kernels read the checkpoint's plain packed layout: ``ldmatrix`` from shared memory yields the
+MMA fragments directly, so no weight repacking is needed at load. w4a4_gemm: 128x128 CTA tiles,
+8 warps, a 6-stage cp.async pipeline, int32 partial sums turned into fp32 by a magic-number add
+folded into the MMA's accumulator input, the low-rank up-projection on bf16 tensor cores,
+grouped CTA order. quantize_act: coalesced 16-byte loads, group maxima by warp shuffles, the
+down-projection on bf16 tensor cores; its ``ascales`` are stored group-major (logical [M, G],
+strides (1, M)), the layout the GEMM reads fastest; the GEMM accepts any scale strides
+(``wscales`` group-major, strides (1, N), is its fast layout too). See docs/benchmarks.md for the
+modelled speed and tests/test_cuda_static.py for the gates.
+
+Precision: the low-rank branches run as two bf16 MMAs (the fp32 operand split into bf16 hi + lo,
+about 16 significant bits); fp16/fp32 ``proj_down``/``proj_up`` are split the same way at call
+time (bf16 weights pass through). Deterministic: one CTA owns each output tile and sums its
+groups in a fixed order; quantize_act adds its warps' low-rank partials in a fixed order; no
+atomics.
 """
 
 from __future__ import annotations

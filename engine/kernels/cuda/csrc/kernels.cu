@@ -6,6 +6,8 @@
 
 #include <cuda_fp16.h>
 
+#include <atomic>
+
 namespace svdq {
 namespace {
 
@@ -582,8 +584,18 @@ cudaError_t w4a4_gemm(const uint8_t* qx, const float* ascales, int64_t as_m, int
   if ((N + kBN) * (ws_n < 0 ? -ws_n : ws_n) + (K / kGroup) * (ws_g < 0 ? -ws_g : ws_g) >= lim) return cudaErrorInvalidValue;
   const int tiles = ((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN);
   auto kernel = is_unsigned ? w4a4_gemm_kernel<true> : w4a4_gemm_kernel<false>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  // More than 48 KB of dynamic shared memory needs an opt-in, once per kernel and device (not a stream
+  // operation, but done once so that launches inside a CUDA-graph capture make no other API call).
+  static std::atomic<uint64_t> opted_in[2];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
+  const uint64_t bit = uint64_t{1} << (device % 64);
+  if ((opted_in[is_unsigned].load() & bit) == 0) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (err != cudaSuccess) return err;
+    opted_in[is_unsigned].fetch_or(bit);
+  }
   kernel<<<tiles, kThreads, kSmemBytes, stream>>>(qx, ascales, static_cast<int>(as_m), static_cast<int>(as_g), qweight, wscales, static_cast<int>(ws_n),
                                                   static_cast<int>(ws_g), lora_act, up_hi, up_lo, bias, bt, out, ot, M, N, K, R);
   return cudaGetLastError();
