@@ -406,7 +406,10 @@ def markdown(report: StaticReport, rows: list[dict], hw: dict = A40) -> str:
         f"{min(r['l2_to_sm_TBps'] for r in rows):.1f}-{max(r['l2_to_sm_TBps'] for r in rows):.1f} TB/s from L2 "
         "to the SMs), instruction latencies and dual-issue limits, the clock under load (the model uses the "
         "boost clock), launch overhead. Issue time counts every instruction of the loop body, including "
-        "those on paths skipped at run time, so it errs high.",
+        "those on paths skipped at run time, and the non-loop code of a tile is counted as if every path "
+        "ran, so it errs high. Scale traffic assumes ascales row-major (one 4-byte cp.async per row per "
+        "group through L1: one 32-byte sector per row every 8 groups) and wscales group-major (the layout "
+        "SVDQLinear is to store).",
         MARK_END,
     ]
     return "\n".join(lines)

@@ -12,9 +12,10 @@ MMA fragments directly, so no weight repacking is needed at load. w4a4_gemm: 128
 8 warps, a 6-stage cp.async pipeline, int32 partial sums turned into fp32 by a magic-number add
 folded into the MMA's accumulator input, the low-rank up-projection on bf16 tensor cores,
 grouped CTA order. quantize_act: coalesced 16-byte loads, group maxima by warp shuffles, the
-down-projection on bf16 tensor cores; its ``ascales`` are stored group-major (logical [M, G],
-strides (1, M)), the layout the GEMM reads fastest; the GEMM accepts any scale strides
-(``wscales`` group-major, strides (1, N), is its fast layout too). See docs/benchmarks.md for the
+down-projection on bf16 tensor cores; its ``ascales`` are row-major [M, G] like every backend's
+(torch.compile asserts the fake op's strides). The GEMM accepts any scale strides: one 4-byte
+cp.async per row per group, through L1, so a row-major [M, G] costs one 32-byte sector per row
+every 8 groups; group-major ``wscales`` (strides (1, N)) is fully coalesced. See docs/benchmarks.md for the
 modelled speed and tests/test_cuda_static.py for the gates.
 
 Precision: the low-rank branches run as two bf16 MMAs (the fp32 operand split into bf16 hi + lo,

@@ -228,7 +228,7 @@ __global__ void __launch_bounds__(32 * kQWarps) quantize_act_kernel(
             if (m < M) {
               *reinterpret_cast<uint2*>(qx + static_cast<int64_t>(m) * (K / 2) + g * kGroupBytes + 8 * t) =
                   make_uint2(w[0], w[1]);
-              if (t == 0) ascales[static_cast<int64_t>(g) * M + m] = scale;
+              if (t == 0) ascales[static_cast<int64_t>(m) * groups + g] = scale;
             }
           }
       }
