@@ -117,3 +117,31 @@ def test_cuda_matches_reference(k, n, unsigned):
         y, reference.w4a4_gemm(**g, unsigned=unsigned, out_dtype=torch.bfloat16), rtol=1.6e-2, atol=1e-2
     )
     assert torch.equal(y, cb.w4a4_gemm(**g, unsigned=unsigned, out_dtype=torch.bfloat16))  # deterministic
+
+
+@pytest.mark.gpu
+@sm8x
+def test_cuda_scale_strides_nan_groups_and_alignment_errors():
+    from engine.kernels import cuda as cb
+
+    m, k, n, r = 300, 256, 200, 48  # ragged tiles, R > 32 (two low-rank passes in quantize_act)
+    g = gemm_inputs(m, k, n, r, device="cuda", dtype=torch.float32)
+    y = cb.w4a4_gemm(**g, unsigned=False, out_dtype=torch.float32)
+    group_major = {**g, "wscales": g["wscales"].t().contiguous().t()}  # logical [N, G], strides (1, N)
+    assert group_major["wscales"].stride() == (1, n)
+    assert torch.equal(cb.w4a4_gemm(**group_major, unsigned=False, out_dtype=torch.float32), y)
+    ref = reference.w4a4_gemm(**g, unsigned=False, out_dtype=torch.float32)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
+
+    a = act_inputs(m, k, r, device="cuda")
+    a["x"][5, 70] = float("nan")
+    kw = {"group_size": 64, "unsigned": False, "shift": 0.0}
+    got = cb.quantize_act(a["x"], a["smooth"], a["proj_down"], **kw)
+    want = reference.quantize_act(a["x"], a["smooth"], a["proj_down"], **kw)
+    assert torch.equal(got[0], want[0])
+    assert torch.isnan(got[1][5, 1]) and torch.equal(got[1].nan_to_num(-1), want[1].nan_to_num(-1))
+    assert got[1].is_contiguous()  # the strides of the fake op (torch.compile asserts them)
+
+    misaligned = torch.empty(m * (k // 2) + 1, dtype=torch.uint8, device="cuda")[1:].view(m, k // 2)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        cb.w4a4_gemm(**{**g, "qx": misaligned}, unsigned=False, out_dtype=torch.float32)
