@@ -153,11 +153,15 @@ def emulate_gemm(
             assert tag[s] in (-1, g - stages), "overwrote a stage that is still to be read"
             buf = ring[s]
             for tid in range(threads):
-                for i in range(2 * bm // threads):
+                for i in range(-(-2 * bm // threads)):
+                    if tid + i * threads >= 2 * bm:
+                        continue
                     row, half = tid // 2 + i * threads // 2, tid % 2
                     src = qx[m0 + row, g * 32 + 16 * half : g * 32 + 16 * half + 16] if m0 + row < m else 0
                     buf[swizzled(row, half) : swizzled(row, half) + 16] = src
-                for i in range(2 * bn // threads):
+                for i in range(-(-2 * bn // threads)):
+                    if tid + i * threads >= 2 * bn:
+                        continue
                     row, half = tid // 2 + i * threads // 2, tid % 2
                     src = (
                         qweight[n0 + row, g * 32 + 16 * half : g * 32 + 16 * half + 16] if n0 + row < n else 0

@@ -8,8 +8,8 @@ with torch.utils.cpp_extension (cached in ``SVDQ_EXT_DIR`` or torch's default fo
 archs in ``TORCH_CUDA_ARCH_LIST`` (default: this GPU's), with torch's own compiler flags.
 
 The kernels read the checkpoint's plain packed layout: ``ldmatrix`` from shared memory yields the
-MMA fragments directly, so no weight repacking is needed at load. w4a4_gemm: 128x128 CTA tiles,
-8 warps, an 8-stage cp.async pipeline, int32 partial sums turned into fp32 by a magic-number add
+MMA fragments directly, so no weight repacking is needed at load. w4a4_gemm: 192x128 CTA tiles,
+12 warps, a 4-stage cp.async pipeline, int32 partial sums turned into fp32 by a magic-number add
 folded into the MMA's accumulator input, the low-rank up-projection on bf16 tensor cores,
 grouped CTA order. quantize_act: coalesced 16-byte loads, group maxima by warp shuffles, the
 down-projection on bf16 tensor cores; its ``ascales`` are row-major [M, G] like every backend's
