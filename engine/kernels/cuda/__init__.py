@@ -6,12 +6,25 @@ there the dispatch uses Triton. Sources: csrc/kernels.cu (device code, plain CUD
 csrc/ops.cpp (torch binding, ops ``torch.ops.svdq_cuda.*``). The container image installs them
 prebuilt (the ``svdq_cuda_kernels`` package, scripts/build_kernel_sdist.py); elsewhere they are
 built just in time on first use with torch.utils.cpp_extension (cached in ``SVDQ_EXT_DIR`` or
-torch's default folder) for the archs in ``TORCH_CUDA_ARCH_LIST`` (default: this GPU's). The kernels read the checkpoint's
-plain packed layout: ``ldmatrix`` from shared memory yields the MMA fragments directly, so no
-weight repacking is needed at load.
+torch's default folder) for the archs in ``TORCH_CUDA_ARCH_LIST`` (default: this GPU's), with
+torch's own compiler flags.
 
-Deterministic: one CTA owns each output tile and sums its groups in a fixed order; the
-activation kernel reduces its low-rank sums by a fixed warp butterfly; no atomics.
+The kernels read the checkpoint's plain packed layout: ``ldmatrix`` from shared memory yields the
+MMA fragments directly, so no weight repacking is needed at load. w4a4_gemm: 192x128 CTA tiles,
+12 warps, a 4-stage cp.async pipeline, int32 partial sums turned into fp32 by a magic-number add
+folded into the MMA's accumulator input, the low-rank up-projection on bf16 tensor cores,
+grouped CTA order. quantize_act: coalesced 16-byte loads, group maxima by warp shuffles, the
+down-projection on bf16 tensor cores; its ``ascales`` are row-major [M, G] like every backend's
+(torch.compile asserts the fake op's strides). The GEMM accepts any scale strides: one 4-byte
+cp.async per row per group, through L1, so a row-major [M, G] costs one 32-byte sector per row
+every 8 groups; group-major ``wscales`` (strides (1, N)) is fully coalesced. See docs/benchmarks.md for the
+modelled speed and tests/test_cuda_static.py for the gates.
+
+Precision: the low-rank branches run as two bf16 MMAs (the fp32 operand split into bf16 hi + lo,
+about 16 significant bits); fp16/fp32 ``proj_down``/``proj_up`` are split the same way at call
+time (bf16 weights pass through). Deterministic: one CTA owns each output tile and sums its
+groups in a fixed order; quantize_act adds its warps' low-rank partials in a fixed order; no
+atomics.
 """
 
 from __future__ import annotations
@@ -51,8 +64,8 @@ def _build() -> str | None:
         load(
             name="svdq_cuda",
             sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-std=c++17"],
-            extra_cuda_cflags=["-O3", "-std=c++17"],
+            extra_cflags=["-O3"],  # torch's own -std (C++17 or newer) stays in force
+            extra_cuda_cflags=["-O3"],
             build_directory=_build_dir(),
             is_python_module=False,
             verbose=False,
@@ -84,11 +97,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _build()
 
 
-def _check_group(group_size: int) -> None:
-    if group_size != 64:
-        raise ValueError(f"the cuda backend supports group_size 64 only, got {group_size}")
-
-
 def quantize_act(
     x: torch.Tensor,
     smooth: torch.Tensor,
@@ -98,8 +106,7 @@ def quantize_act(
     unsigned: bool,
     shift: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_group(group_size)
-    return torch.ops.svdq_cuda.quantize_act(x, smooth, proj_down, shift, unsigned)
+    return torch.ops.svdq_cuda.quantize_act(x, smooth, proj_down, group_size, unsigned, shift)
 
 
 def w4a4_gemm(
@@ -114,7 +121,6 @@ def w4a4_gemm(
     unsigned: bool,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    _check_group(2 * qx.shape[1] // ascales.shape[1])
     return torch.ops.svdq_cuda.w4a4_gemm(
         qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned, out_dtype
     )
