@@ -82,8 +82,22 @@ def test_truncated_download_is_an_error(http, tmp_path):
 def test_corrupt_cached_file_is_caught(http, tmp_path):
     ensure_files([entry(http)], tmp_path)
     (tmp_path / "sub" / "blob.bin").write_bytes(b"x" * len(BLOB))
-    with pytest.raises(WeightsError, match="does not match"):
+    with pytest.raises(WeightsError, match=r"sub/blob\.bin: sha256 .* no longer matches .* delete it"):
         ensure_files([entry(http)], tmp_path)
+
+
+def test_unpinned_file_that_changed_is_an_error_never_re_recorded(http, tmp_path):
+    """sha256 null: trusted on first download, and the recorded hash is kept from then on."""
+    unpinned = entry(http, sha256=None)
+    ensure_files([unpinned], tmp_path)
+    side = tmp_path / "sub" / "blob.bin.sha256.json"
+    recorded = json.loads(side.read_text())["sha256"]
+    assert recorded == SHA
+    (tmp_path / "sub" / "blob.bin").write_bytes(b"y" * 1000)
+    for _ in range(2):  # the second time too: the bad hash was not recorded by the first check
+        with pytest.raises(WeightsError, match=r"sub/blob\.bin: sha256 .* no longer matches"):
+            ensure_files([unpinned], tmp_path)
+    assert json.loads(side.read_text())["sha256"] == recorded
 
 
 def test_missing_offline_names_the_file(tmp_path):
