@@ -120,6 +120,8 @@ def configure_runtime(weights_dir: Path) -> None:
     # Progress bars are noise in a server's logs; per-step progress is logged instead.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    # urllib3 logs every request line, query string (tokens included) and all, at DEBUG.
+    logging.getLogger("urllib3").setLevel(logging.INFO)
     # The CUDA extension is compiled on first use (Cog's build steps run before the source is in
     # the image); keep its build next to the weights so a warm container reuses it.
     os.environ.setdefault("SVDQ_EXT_DIR", str(weights_dir / "torch_extensions"))
