@@ -19,6 +19,7 @@ import tarfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -474,3 +475,32 @@ def test_credentials_never_reach_the_log(web, tmp_path, transformer, caplog):
         redact("https://a:b@h.com/p?sig=s&X-Amz-Signature=q")
         == "https://***@h.com/p?sig=***&X-Amz-Signature=***"
     )
+
+
+@pytest.mark.slow
+def test_cancel_during_a_slow_lora_download_frees_the_server(web, tmp_path):
+    """Over HTTP, with coglet: cancel answers 200 *and* the next prediction runs at once."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from cog_client import CogServer
+
+    web.routes["/minute.safetensors"] = trickle(59.0)
+    env = {"SVDQ_WEIGHTS_DIR": str(tmp_path / "w"), "SVDQ_MODEL": "tiny"}
+    with CogServer(env=env) as srv:
+        assert srv.wait_ready()["status"] == "READY"
+        body = {"input": {"prompt": "x", "lora_weights": f"{web.base}/minute.safetensors"}}
+        status, _ = srv.request("PUT", "/predictions/slow-lora", body, headers={"Prefer": "respond-async"})
+        assert status == 202
+        deadline = time.monotonic() + 30
+        while not any(p.startswith("/minute") for p, _ in web.seen) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # blocked on the trickle now
+        assert srv.request("POST", "/predictions/slow-lora/cancel")[0] == 200
+        t0 = time.monotonic()
+        status, resp = srv.predict(
+            {"prompt": "next", "num_inference_steps": 1, "megapixels": "0.25"}, retry_busy=30, timeout=120
+        )
+        assert status == 200 and resp["status"] == "succeeded", resp
+        assert time.monotonic() - t0 < 30
+        assert not list((tmp_path / "w" / "loras").glob("*.part"))
