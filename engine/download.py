@@ -123,7 +123,8 @@ def _stream(url: str, part: Path, headers: dict[str, str], limits: DownloadLimit
             st.written = have
             return
         if r.status_code not in (200, 206):
-            raise DownloadError(f"HTTP {r.status_code} from {shown}")
+            hint = " (a private or gated file needs a token)" if r.status_code in (401, 403) else ""
+            raise DownloadError(f"HTTP {r.status_code} from {shown}{hint}")
         encoding = r.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise DownloadError(

@@ -33,8 +33,9 @@ DEFAULT_STEPS = 4
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 OUTPUT_QUALITY = (0, 100)
 LORA_SCALE = (-1.0, 3.0)  # lora_scale and extra_lora_scale, as on Replicate's flux LoRA models
-# T5 reads at most 512 tokens (about 2,000 characters of English); 10,000 characters leave room
-# for any real prompt while a 1 MB one is refused before any work (tokenizing it took 16-35 s).
+# The text encoders read at most a few hundred tokens (T5: 512 at most, about 2,000 characters
+# of English); 10,000 characters leave room for any real prompt while a 1 MB one is refused
+# before any work (tokenizing it took 16-35 s and about 400 MB).
 MAX_PROMPT_CHARS = 10_000
 # Seeds: any integer is accepted, as on Replicate, and mapped onto 32 bits by ``seed mod 2^32``
 # (0..2^32-1 unchanged, -1 -> 2^32-1). Image i of a batch uses the mapped seed + i.
@@ -75,7 +76,7 @@ def check_prompt(prompt: object) -> str:
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ValueError(
             f"prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,} "
-            "(the text encoder reads only the first 512 tokens, about 2,000 characters)"
+            "(the text encoders read only the first few hundred tokens)"
         )
     return prompt
 

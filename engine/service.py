@@ -284,9 +284,6 @@ class FluxService:
         for field, source, scale in requested:
             if source is None or not source.strip():
                 continue
-            inputs.in_range(
-                f"{field}_scale" if field == "extra_lora" else "lora_scale", scale, inputs.LORA_SCALE
-            )
             try:
                 shown, parsed = self.lora_store.load(source)
             except LoraError as e:

@@ -19,6 +19,18 @@ class _Files(BaseHTTPRequestHandler):
     ranges: ClassVar[list] = []
 
     def do_GET(self):
+        if self.path == "/endless.bin":  # no Content-Length, no end
+            self.send_response(200)
+            self.end_headers()
+            while True:
+                self.wfile.write(b"\0" * 65536)
+        if self.path == "/gzip.bin":
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", "10")
+            self.end_headers()
+            self.wfile.write(b"\x1f\x8b" + b"\0" * 8)
+            return
         data = BLOB
         start = 0
         if rng := self.headers.get("Range"):
@@ -40,6 +52,7 @@ class _Files(BaseHTTPRequestHandler):
 def http():
     _Files.truncate, _Files.ranges = False, []
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_port}"
     srv.shutdown()
@@ -152,3 +165,13 @@ def test_pin_weights_fills_hashes(http, tmp_path):
     assert res.returncode == 0, res.stderr
     (entry,) = json.loads(manifest.read_text())["models"]["m"]["files"]
     assert entry["sha256"] == SHA and entry["size"] == len(BLOB)
+
+
+def test_url_entries_are_capped_at_their_size_and_never_inflated(http, tmp_path):
+    endless = WeightFile(path="e.bin", url=f"{http}/endless.bin", sha256=None, size=2_000_000)
+    with pytest.raises(WeightsError, match=r"e\.bin: .* sent more than the download cap of 1\.9 MiB"):
+        ensure_files([endless], tmp_path)
+    assert not (tmp_path / "e.bin").exists()
+    gz = WeightFile(path="g.bin", url=f"{http}/gzip.bin", sha256=None)
+    with pytest.raises(WeightsError, match=r"g\.bin: .*Content-Encoding 'gzip' although identity was asked"):
+        ensure_files([gz], tmp_path)
