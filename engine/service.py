@@ -6,7 +6,6 @@ predict.py stays a thin declaration of inputs; everything here is testable witho
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import secrets
@@ -26,12 +25,12 @@ from engine.lora.store import CACHE_BYTES, CIVITAI, HUB, MAX_DOWNLOAD_BYTES
 from engine.pipeline import FluxGenerator, default_device
 from engine.safety import SafetyChecker
 from engine.weights import (
-    MANIFEST,
     WeightsError,
     cache_dir,
     check_model_folder,
     ensure_files,
     load_manifest,
+    transformer_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -187,8 +186,7 @@ def model_files(name: str, config: ServiceConfig) -> tuple[Path, Path]:
         )
     ensure_files(entries, root, offline=offline)
     check_model_folder(root)
-    transformer = json.loads(MANIFEST.read_text())["models"][name]["transformer"]
-    return root, root / transformer
+    return root, root / transformer_file(name)
 
 
 def save_images(
@@ -233,7 +231,7 @@ class FluxService:
         self._eager = generator.pipe.transformer
         self._compiled = None
         self.loras = LoraManager(self._eager)
-        lora = lora or StoreConfig(root=Path(tempfile.gettempdir()) / "svdq-loras")
+        lora = lora or StoreConfig(root=Path(tempfile.mkdtemp(prefix="svdq-loras-")))
         self.lora_store = LoraStore(lora, lambda state: parse_lora(state, self._eager))
 
     @classmethod
@@ -263,7 +261,7 @@ class FluxService:
             time.perf_counter() - t1,
             device,
         )
-        return cls(generator, safety, model, config.lora)
+        return cls(generator, safety, model, config.lora or StoreConfig(root=config.weights_dir / "loras"))
 
     def _transformer(self, go_fast: bool):
         """The compiled transformer for go_fast on a GPU (compiled once, on first use), else eager."""

@@ -81,6 +81,14 @@ def load_manifest(model: str, manifest: Path = MANIFEST) -> list[WeightFile]:
     return [WeightFile(**entry) for entry in models[model]["files"]]
 
 
+def transformer_file(model: str, manifest: Path = MANIFEST) -> str:
+    """The manifest's name for a model's quantized transformer checkpoint (a path in its folder)."""
+    models = json.loads(Path(manifest).read_text()).get("models", {})
+    if model not in models or "transformer" not in models[model]:
+        raise WeightsError(f"{manifest}: no transformer listed for model {model!r}")
+    return models[model]["transformer"]
+
+
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import pytest
 
-from engine.weights import WeightFile, WeightsError, ensure_files, load_manifest
+from engine.weights import WeightFile, WeightsError, ensure_files, load_manifest, transformer_file
 
 BLOB = bytes(range(256)) * 4096  # 1 MiB
 SHA = hashlib.sha256(BLOB).hexdigest()
@@ -134,8 +134,11 @@ def test_manifest_lists_every_component(tmp_path):
         "model_index.json",
         "svdq-int4_r32-flux.1-schnell.safetensors",
     } <= paths
+    assert transformer_file("flux-schnell") in {e.path for e in entries}
     bad = tmp_path / "m.json"
     bad.write_text(json.dumps({"models": {"x": {"files": [{"path": "a", "sha256": None}]}}}))
+    with pytest.raises(WeightsError, match="no transformer listed for model 'x'"):
+        transformer_file("x", bad)
     with pytest.raises(ValueError, match="exactly one source"):
         load_manifest("x", bad)
     with pytest.raises(WeightsError, match="no model named 'y'"):
