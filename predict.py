@@ -9,7 +9,7 @@ import logging
 
 from cog import BasePredictor, Input, Path
 
-from engine.inputs import ASPECT_RATIOS, MAX_SEED, MEGAPIXELS
+from engine import inputs as api  # every bound and choice of the API, in one place
 
 
 class Predictor(BasePredictor):
@@ -23,28 +23,38 @@ class Predictor(BasePredictor):
 
     def predict(
         self,
-        prompt: str = Input(description="Prompt for the generated image"),
-        aspect_ratio: str = Input(
-            description="Aspect ratio of the output image", choices=list(ASPECT_RATIOS), default="1:1"
+        prompt: str = Input(
+            description=f"Prompt for the generated image (at most {api.MAX_PROMPT_CHARS:,} characters)",
+            max_length=api.MAX_PROMPT_CHARS,
         ),
-        num_outputs: int = Input(description="Number of images to generate", ge=1, le=4, default=1),
+        aspect_ratio: str = Input(
+            description="Aspect ratio of the output image", choices=list(api.ASPECT_RATIOS), default="1:1"
+        ),
+        num_outputs: int = Input(
+            description="Number of images to generate",
+            ge=api.NUM_OUTPUTS[0],
+            le=api.NUM_OUTPUTS[1],
+            default=1,
+        ),
         num_inference_steps: int = Input(
             description="Number of denoising steps; 4 is recommended, fewer is faster and rougher",
-            ge=1,
-            le=4,
-            default=4,
+            ge=api.NUM_INFERENCE_STEPS[0],
+            le=api.NUM_INFERENCE_STEPS[1],
+            default=api.DEFAULT_STEPS,
         ),
         seed: int = Input(
-            description="Random seed for reproducible generation; leave blank for a random one (it is logged)",
-            ge=0,
-            le=MAX_SEED,
+            description="Random seed for reproducible generation; leave blank for a random one (it is logged). "
+            "Any integer; it is taken mod 2^32.",
             default=None,
         ),
         output_format: str = Input(
-            description="Format of the output images", choices=["webp", "jpg", "png"], default="webp"
+            description="Format of the output images", choices=list(api.OUTPUT_FORMATS), default="webp"
         ),
         output_quality: int = Input(
-            description="Quality when saving webp or jpg, 0 to 100; ignored for png", ge=0, le=100, default=80
+            description="Quality when saving webp or jpg, 0 to 100; ignored for png",
+            ge=api.OUTPUT_QUALITY[0],
+            le=api.OUTPUT_QUALITY[1],
+            default=80,
         ),
         disable_safety_checker: bool = Input(
             description="Disable the safety checker for generated images", default=False
@@ -56,16 +66,31 @@ class Predictor(BasePredictor):
         ),
         megapixels: str = Input(
             description="Approximate number of megapixels of the output",
-            choices=list(MEGAPIXELS),
+            choices=list(api.MEGAPIXELS),
             default="1",
         ),
         lora_weights: str = Input(
-            description="LoRA to apply: a .safetensors URL, a hub reference ('owner/repo' or "
-            "'owner/repo/file.safetensors') or a local path, in diffusers, kohya, ComfyUI or XLabs format. "
+            description="LoRA to apply: a .safetensors or .tar URL, a Hugging Face URL or 'owner/repo[/file]', "
+            "a civitai model or download URL, or a data: URL; diffusers, kohya, ComfyUI or XLabs format. "
             "Empty: none.",
             default=None,
         ),
-        lora_scale: float = Input(description="How strongly the LoRA applies", ge=-1, le=3, default=1.0),
+        lora_scale: float = Input(
+            description="How strongly the LoRA applies",
+            ge=api.LORA_SCALE[0],
+            le=api.LORA_SCALE[1],
+            default=1.0,
+        ),
+        extra_lora: str = Input(
+            description="A second LoRA, applied together with lora_weights (same forms). Empty: none.",
+            default=None,
+        ),
+        extra_lora_scale: float = Input(
+            description="How strongly the extra LoRA applies",
+            ge=api.LORA_SCALE[0],
+            le=api.LORA_SCALE[1],
+            default=1.0,
+        ),
     ) -> list[Path]:
         paths = self.service.predict(
             prompt=prompt,
@@ -80,5 +105,7 @@ class Predictor(BasePredictor):
             megapixels=megapixels,
             lora_weights=lora_weights,
             lora_scale=lora_scale,
+            extra_lora=extra_lora,
+            extra_lora_scale=extra_lora_scale,
         )
         return [Path(p) for p in paths]

@@ -1,7 +1,10 @@
-"""The input domain of Replicate's flux-schnell: aspect ratios, megapixels, sizes, seeds.
+"""The input domain of the API, in one place: every bound, choice and default, and its checks.
 
-Pure Python (no torch), so that predict.py can import the choices when Cog's schema tool
-loads it without the engine's dependencies.
+Replicate's flux-schnell inputs (aspect ratios, megapixels, sizes, counts, formats), its LoRA
+models' inputs (lora_scale, extra_lora_scale), the prompt cap and the seed mapping.
+predict.py reads its bounds and choices from here and engine.service checks with the functions
+below, so the schema and direct callers agree. Pure Python (no torch), so that predict.py can
+import it when Cog's schema tool loads it without the engine's dependencies.
 """
 
 from __future__ import annotations
@@ -24,7 +27,63 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "9:21": (640, 1536),
 }
 MEGAPIXELS = ("1", "0.25")
-MAX_SEED = 2**32 - 1  # seeds are 32-bit, as on Replicate; image i of a batch uses seed + i
+NUM_OUTPUTS = (1, 4)
+NUM_INFERENCE_STEPS = (1, 4)
+DEFAULT_STEPS = 4
+OUTPUT_FORMATS = ("webp", "jpg", "png")
+OUTPUT_QUALITY = (0, 100)
+LORA_SCALE = (-1.0, 3.0)  # lora_scale and extra_lora_scale, as on Replicate's flux LoRA models
+# The text encoders read at most a few hundred tokens (T5: 512 at most, about 2,000 characters
+# of English); 10,000 characters leave room for any real prompt while a 1 MB one is refused
+# before any work (tokenizing it took 16-35 s and about 400 MB).
+MAX_PROMPT_CHARS = 10_000
+# Seeds: any integer is accepted, as on Replicate, and mapped onto 32 bits by ``seed mod 2^32``
+# (0..2^32-1 unchanged, -1 -> 2^32-1). Image i of a batch uses the mapped seed + i.
+SEED_MODULUS = 2**32
+MAX_SEED = SEED_MODULUS - 1
+
+
+def as_int(name: str, value: object) -> int:
+    """An integer input; a float with no fractional part counts (JSON's 7.0 is the integer 7,
+    and Cog's schema lets it through)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if isinstance(value, float) and not value.is_integer():
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def in_range(name: str, value: object, bounds: tuple[float, float]) -> float:
+    lo, hi = bounds
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+    return value
+
+
+def int_in_range(name: str, value: object, bounds: tuple[int, int]) -> int:
+    return int(in_range(name, as_int(name, value), bounds))
+
+
+def one_of(name: str, value: object, choices: tuple[str, ...] | list[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def check_prompt(prompt: object) -> str:
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(
+            f"prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,} "
+            "(the text encoders read only the first few hundred tokens)"
+        )
+    return prompt
+
+
+def seed_from(value: object) -> int:
+    """Any integer seed -> ``value mod 2^32`` (the range Replicate's seeds live in)."""
+    return as_int("seed", value) % SEED_MODULUS
 
 
 def round_size(width: int, height: int) -> tuple[int, int]:
@@ -41,10 +100,8 @@ def round_size(width: int, height: int) -> tuple[int, int]:
 
 def size_for(aspect_ratio: str, megapixels: str = "1") -> tuple[int, int]:
     """``(width, height)`` for an aspect ratio at 1 or 0.25 megapixels (half each side)."""
-    if aspect_ratio not in ASPECT_RATIOS:
-        raise ValueError(f"aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}; got {aspect_ratio!r}")
-    if megapixels not in MEGAPIXELS:
-        raise ValueError(f"megapixels must be one of {', '.join(MEGAPIXELS)}; got {megapixels!r}")
+    one_of("aspect_ratio", aspect_ratio, list(ASPECT_RATIOS))
+    one_of("megapixels", megapixels, MEGAPIXELS)
     w, h = ASPECT_RATIOS[aspect_ratio]
     if megapixels == "0.25":
         w, h = w // 2, h // 2

@@ -5,7 +5,7 @@ predict.py stays a thin declaration of inputs; everything here is testable witho
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import secrets
@@ -13,26 +13,90 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from PIL import Image, PngImagePlugin
 
-from engine.inputs import MAX_SEED, size_for
-from engine.lora import LoraError, LoraManager, LoraStore, ParsedLora, parse_lora, read_lora
+from engine import inputs
+from engine.lora import LoraError, LoraManager, LoraStore, StoreConfig, parse_lora
+from engine.lora.store import CACHE_BYTES, CIVITAI, HUB, MAX_DOWNLOAD_BYTES
 from engine.pipeline import FluxGenerator, default_device
 from engine.safety import SafetyChecker
-from engine.weights import MANIFEST, WeightsError, cache_dir, ensure_files, load_manifest
+from engine.weights import (
+    WeightsError,
+    cache_dir,
+    check_model_folder,
+    ensure_files,
+    load_manifest,
+    transformer_file,
+)
 
 logger = logging.getLogger(__name__)
 
 MODEL_ENV = "SVDQ_MODEL"  # auto | tiny | a model name of weights/manifest.json
 TINY = "tiny"
 REAL = "flux-schnell"
-LORA_CACHE_ENV = "SVDQ_LORA_CACHE_BYTES"
-LORA_CACHE_BYTES = 10 * 2**30
-PARSED_LORAS_KEPT = 4
 FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+LORA_FIELDS = ("lora_weights", "extra_lora")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """The server's configuration, read from the environment in one place (:meth:`from_env`).
+
+    ========================= ====================================================== =========
+    variable                  meaning                                                default
+    ========================= ====================================================== =========
+    SVDQ_MODEL                auto, tiny, or a model of weights/manifest.json         auto
+    SVDQ_WEIGHTS_DIR          the weights cache                                       weights/cache
+    HF_HUB_OFFLINE=1          no downloads                                            off
+    SVDQ_LORA_DIR             folder whose files lora_weights may name by path        none (no paths)
+    SVDQ_LORA_CACHE_BYTES     bound on the LoRA download cache                        10 GiB
+    SVDQ_LORA_MAX_BYTES       cap on one LoRA download                                4 GiB
+    SVDQ_LORA_DEADLINE_S      time allowed to fetch one LoRA                          300
+    HF_ENDPOINT, HF_TOKEN     the hub's base URL and token (sent to the hub only)     huggingface.co
+    SVDQ_CIVITAI_ENDPOINT,    civitai's base URL and token (sent to civitai only)     civitai.com
+    CIVITAI_API_TOKEN
+    ========================= ====================================================== =========
+    """
+
+    weights_dir: Path
+    model: str = "auto"
+    offline: bool = False
+    lora: StoreConfig | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceConfig:
+        env = os.environ if environ is None else environ
+        weights = cache_dir(env)
+
+        def number(name: str, default: float) -> float:
+            raw = env.get(name, "").strip()
+            try:
+                return float(raw) if raw else default
+            except ValueError:
+                raise ValueError(f"{name}={raw!r} is not a number") from None
+
+        local = env.get("SVDQ_LORA_DIR", "").strip()
+        lora = StoreConfig(
+            root=weights / "loras",
+            cache_bytes=int(number("SVDQ_LORA_CACHE_BYTES", CACHE_BYTES)),
+            max_download_bytes=int(number("SVDQ_LORA_MAX_BYTES", MAX_DOWNLOAD_BYTES)),
+            deadline_s=number("SVDQ_LORA_DEADLINE_S", 300.0),
+            local_dir=Path(local).expanduser() if local else None,
+            hub=env.get("HF_ENDPOINT", "").strip() or HUB,
+            civitai=env.get("SVDQ_CIVITAI_ENDPOINT", "").strip() or CIVITAI,
+            hf_token=env.get("HF_TOKEN") or None,
+            civitai_token=env.get("CIVITAI_API_TOKEN") or None,
+        )
+        return cls(
+            weights_dir=weights,
+            model=env.get(MODEL_ENV, "auto").strip() or "auto",
+            offline=env.get("HF_HUB_OFFLINE") == "1",
+            lora=lora,
+        )
 
 
 class NSFWError(RuntimeError):
@@ -40,8 +104,6 @@ class NSFWError(RuntimeError):
 
 
 def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return False
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True
@@ -49,7 +111,7 @@ def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
-def configure_runtime() -> None:
+def configure_runtime(weights_dir: Path) -> None:
     """Process-wide settings for serving, in one place, called once from setup()."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -57,31 +119,34 @@ def configure_runtime() -> None:
     # Progress bars are noise in a server's logs; per-step progress is logged instead.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    # urllib3 logs every request line, query string (tokens included) and all, at DEBUG.
+    logging.getLogger("urllib3").setLevel(logging.INFO)
     # The CUDA extension is compiled on first use (Cog's build steps run before the source is in
     # the image); keep its build next to the weights so a warm container reuses it.
-    os.environ.setdefault("SVDQ_EXT_DIR", str(cache_dir() / "torch_extensions"))
+    os.environ.setdefault("SVDQ_EXT_DIR", str(weights_dir / "torch_extensions"))
 
 
-def choose_model() -> str:
-    """``SVDQ_MODEL``, or in auto mode the real model when a GPU and its weights (cached or reachable) exist."""
-    wanted = os.environ.get(MODEL_ENV, "auto").strip() or "auto"
-    if wanted != "auto":
-        return wanted
-    if not torch.cuda.is_available():
+def choose_model(config: ServiceConfig, gpu: bool | None = None) -> str:
+    """The model to serve: ``config.model`` when named; in auto mode the real model on a GPU.
+
+    The tiny model (random weights, noise images) is served only on a CPU or when named: a GPU
+    host without the real weights fails setup (see :func:`model_files`) rather than silently
+    serving noise.
+    """
+    if config.model != "auto":
+        return config.model
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    if not gpu:
         logger.info("no GPU: serving the embedded tiny model (set %s to choose)", MODEL_ENV)
         return TINY
-    root = cache_dir() / REAL
-    if all((root / e.path).exists() for e in load_manifest(REAL)) or _online():
-        return REAL
-    logger.warning("no network and %s not cached: serving the embedded tiny model", REAL)
-    return TINY
+    return REAL
 
 
-def tiny_model_dir() -> Path:
+def tiny_model_dir(weights_dir: Path) -> Path:
     """The embedded tiny model, made on first use (seconds) and renamed into place when complete."""
     from engine.tiny_model import CHECKPOINT_NAME, make_tiny_model
 
-    root = cache_dir() / TINY
+    root = weights_dir / TINY
     if (root / CHECKPOINT_NAME).exists():
         return root
     logger.info("making the tiny model in %s", root)
@@ -96,17 +161,32 @@ def tiny_model_dir() -> Path:
     return root
 
 
-def model_files(name: str) -> tuple[Path, Path]:
-    """``(model folder, transformer checkpoint)`` for a model, fetched and verified."""
+def model_files(name: str, config: ServiceConfig) -> tuple[Path, Path]:
+    """``(model folder, transformer checkpoint)`` for a model, fetched and verified.
+
+    Every .safetensors file's header is checked, so a damaged file fails setup naming it.
+    """
     if name == TINY:
         from engine.tiny_model import CHECKPOINT_NAME
 
-        root = tiny_model_dir()
+        root = tiny_model_dir(config.weights_dir)
+        check_model_folder(root)
         return root, root / CHECKPOINT_NAME
     entries = load_manifest(name)
-    root = ensure_files(entries, cache_dir() / name, offline=not _online())
-    transformer = json.loads(MANIFEST.read_text())["models"][name]["transformer"]
-    return root, root / transformer
+    root = config.weights_dir / name
+    missing = [e.path for e in entries if not (root / e.path).exists()]
+    offline = config.offline or (bool(missing) and not _online())
+    if missing and offline:
+        raise WeightsError(
+            f"{name}: {len(missing)} of {len(entries)} weight files are missing from the cache folder "
+            f"{root} ({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}) and the hub cannot "
+            f"be reached{' (HF_HUB_OFFLINE=1)' if config.offline else ''}. Put the files there (or mount a "
+            f"cache with SVDQ_WEIGHTS_DIR), allow network access, or set {MODEL_ENV}=tiny to serve the "
+            "tiny test model on purpose"
+        )
+    ensure_files(entries, root, offline=offline)
+    check_model_folder(root)
+    return root, root / transformer_file(name)
 
 
 def save_images(
@@ -140,23 +220,29 @@ def save_images(
 
 
 class FluxService:
-    def __init__(self, generator: FluxGenerator, safety: SafetyChecker | None, model: str) -> None:
+    def __init__(
+        self,
+        generator: FluxGenerator,
+        safety: SafetyChecker | None,
+        model: str,
+        lora: StoreConfig | None = None,
+    ) -> None:
         self.generator, self.safety, self.model = generator, safety, model
         self._eager = generator.pipe.transformer
         self._compiled = None
         self.loras = LoraManager(self._eager)
-        self.lora_store = LoraStore(
-            cache_dir() / "loras", int(os.environ.get(LORA_CACHE_ENV, LORA_CACHE_BYTES))
-        )
-        self._parsed: dict[str, ParsedLora] = {}  # source -> parsed LoRA, most recent last
+        lora = lora or StoreConfig(root=Path(tempfile.mkdtemp(prefix="svdq-loras-")))
+        self.lora_store = LoraStore(lora, lambda state: parse_lora(state, self._eager))
 
     @classmethod
-    def setup(cls) -> FluxService:
+    def setup(cls, config: ServiceConfig | None = None, *, gpu: bool | None = None) -> FluxService:
+        """Choose, fetch, check and load the model; ``config`` defaults to the environment's."""
         t0 = time.perf_counter()
-        configure_runtime()
-        model = choose_model()
+        config = config or ServiceConfig.from_env()
+        configure_runtime(config.weights_dir)
+        model = choose_model(config, gpu)
         try:
-            model_dir, checkpoint = model_files(model)
+            model_dir, checkpoint = model_files(model, config)
         except WeightsError:
             logger.error("setup failed while fetching the weights of %s", model)
             raise
@@ -175,7 +261,7 @@ class FluxService:
             time.perf_counter() - t1,
             device,
         )
-        return cls(generator, safety, model)
+        return cls(generator, safety, model, config.lora or StoreConfig(root=config.weights_dir / "loras"))
 
     def _transformer(self, go_fast: bool):
         """The compiled transformer for go_fast on a GPU (compiled once, on first use), else eager."""
@@ -186,31 +272,35 @@ class FluxService:
             self._compiled = torch.compile(self._eager, mode="max-autotune-no-cudagraphs", dynamic=False)
         return self._compiled
 
-    def _use_lora(self, source: str | None, scale: float) -> None:
-        """Make ``source`` (or no LoRA) the active one; a bad file leaves the model as it was."""
-        if not source:
-            if self.loras.active:
-                logger.info("LoRA: none (base model restored)")
-            self.loras.set([])
-            return
-        if not -1.0 <= scale <= 3.0:
-            raise ValueError(f"lora_scale must be in [-1, 3], got {scale}")
-        key = source  # a local file is known by its path and modification time
-        if (local := Path(source).expanduser()).is_file():
-            key = f"{local.resolve()}@{local.stat().st_mtime_ns}"
-        parsed = self._parsed.pop(key, None)
-        if parsed is None:
-            t0 = time.perf_counter()
-            parsed = parse_lora(read_lora(self.lora_store.fetch(source)), self._eager)
-            logger.info("LoRA loaded from %s in %.2f s", source, time.perf_counter() - t0)
-        else:
-            logger.info("LoRA cache hit: %s already parsed", source)
-        self._parsed[key] = parsed
-        while len(self._parsed) > PARSED_LORAS_KEPT:
-            self._parsed.pop(next(iter(self._parsed)))
+    def _use_loras(self, requested: list[tuple[str, str | None, float]]) -> None:
+        """Make ``[(field, source, scale)]`` the active LoRAs (no source: none), all-or-nothing.
+
+        Every failure, whatever its cause, is a ValueError naming the field, and the model stays
+        as it was.
+        """
+        wanted = []
+        for field, source, scale in requested:
+            if source is None or not source.strip():
+                continue
+            try:
+                shown, parsed = self.lora_store.load(source)
+            except LoraError as e:
+                raise ValueError(f"{field}: {e}") from None
+            except Exception as e:  # anything unforeseen in a hostile file still names the field
+                raise ValueError(f"{field}: could not be loaded ({type(e).__name__}: {e})") from None
+            wanted.append((field, parsed, float(scale), shown))
+        if not wanted and self.loras.active:
+            logger.info("LoRA: none (base model restored)")
         t0 = time.perf_counter()
-        self.loras.set([(source, parsed, scale)])
-        logger.info("LoRA active: %s at scale %g (%.3f s)", source, scale, time.perf_counter() - t0)
+        try:
+            self.loras.set([(field, parsed, scale) for field, parsed, scale, _ in wanted])
+        except Exception as e:
+            fields = " and ".join(w[0] for w in wanted)
+            raise ValueError(f"{fields}: could not be applied ({e}); the model is unchanged") from None
+        for field, _, scale, shown in wanted:
+            logger.info(
+                "LoRA active: %s = %s at scale %g (%.3f s)", field, shown, scale, time.perf_counter() - t0
+            )
 
     def predict(
         self,
@@ -227,18 +317,30 @@ class FluxService:
         megapixels: str = "1",
         lora_weights: str | None = None,
         lora_scale: float = 1.0,
+        extra_lora: str | None = None,
+        extra_lora_scale: float = 1.0,
         out_dir: Path | None = None,
     ) -> list[Path]:
-        if output_format not in FORMATS:  # checked before any work is done
-            raise ValueError(f"output_format must be one of {', '.join(FORMATS)}; got {output_format!r}")
-        if not 0 <= output_quality <= 100:
-            raise ValueError(f"output_quality must be in [0, 100], got {output_quality}")
+        # Every input is checked before any work is done (engine.inputs owns the bounds).
+        prompt = inputs.check_prompt(prompt)
+        num_outputs = inputs.int_in_range("num_outputs", num_outputs, inputs.NUM_OUTPUTS)
+        num_inference_steps = inputs.int_in_range(
+            "num_inference_steps", num_inference_steps, inputs.NUM_INFERENCE_STEPS
+        )
+        inputs.one_of("output_format", output_format, inputs.OUTPUT_FORMATS)
+        output_quality = inputs.int_in_range("output_quality", output_quality, inputs.OUTPUT_QUALITY)
+        inputs.in_range("lora_scale", lora_scale, inputs.LORA_SCALE)
+        inputs.in_range("extra_lora_scale", extra_lora_scale, inputs.LORA_SCALE)
         if seed is None:
-            seed = secrets.randbelow(MAX_SEED + 1)
+            seed = secrets.randbelow(inputs.SEED_MODULUS)
             logger.info("seed: %d (random; pass seed=%d to reproduce)", seed, seed)
         else:
-            logger.info("seed: %d", seed)
-        width, height = size_for(aspect_ratio, megapixels)
+            given, seed = seed, inputs.seed_from(seed)
+            if seed == given:
+                logger.info("seed: %d", seed)
+            else:
+                logger.info("seed: %d (from %r, taken mod 2^32)", seed, given)
+        width, height = inputs.size_for(aspect_ratio, megapixels)
         logger.info(
             "size: %dx%d (%s, %s MP), %d image(s), %d step(s), go_fast=%s",
             width,
@@ -251,10 +353,9 @@ class FluxService:
         )
         if go_fast and self.generator.device.type != "cuda":
             logger.info("go_fast: no GPU, so nothing to speed up; running the same path")
-        try:
-            self._use_lora(lora_weights, lora_scale)
-        except LoraError as e:
-            raise ValueError(str(e)) from e
+        self._use_loras(
+            [("lora_weights", lora_weights, lora_scale), ("extra_lora", extra_lora, extra_lora_scale)]
+        )
         self.generator.pipe.transformer = self._transformer(go_fast)
         t0 = time.perf_counter()
         try:

@@ -314,7 +314,7 @@ def random_lora(model: torch.nn.Module, rank: int, seed: int) -> dict[str, torch
     for name in [n for n, _ in model.named_modules() if treatment_of(n)]:
         m = model.get_submodule(name)
         k = m.in_features
-        n = m.parts[0].out_features if hasattr(m, "parts") else m.out_features
+        n = m.out_features
         sd[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, k, generator=g) / k**0.5
         sd[f"transformer.{name}.lora_B.weight"] = torch.randn(n, rank, generator=g) / 100
     return sd

@@ -30,16 +30,20 @@ INPUTS = [
     "megapixels",
     "lora_weights",
     "lora_scale",
+    "extra_lora",
+    "extra_lora_scale",
 ]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cache = tmp_path_factory.mktemp("weights")
-    with CogServer(env={"SVDQ_WEIGHTS_DIR": str(cache), "SVDQ_MODEL": "auto"}) as srv:
+    loras = tmp_path_factory.mktemp("loras")
+    env = {"SVDQ_WEIGHTS_DIR": str(cache), "SVDQ_MODEL": "auto", "SVDQ_LORA_DIR": str(loras)}
+    with CogServer(env=env) as srv:
         health = srv.wait_ready()
         assert health["status"] == "READY", health
-        srv.cache = cache
+        srv.cache, srv.loras = cache, loras
         yield srv
 
 
@@ -106,6 +110,11 @@ def test_seeds(server):
     assert z1[2] == z2[2] and z1[0].text["seed"] == "0"
     top = predict_ok(server, prompt="a cat", seed=2**32 - 1, megapixels="0.25", num_outputs=2)
     assert len(top["output"]) == 2 and "seed: 4294967295" in top["logs"]
+    # Any integer, as on Replicate, taken mod 2^32; JSON's 7.0 is the integer 7.
+    neg = predict_ok(server, prompt="a cat", seed=-1, megapixels="0.25", num_outputs=2)
+    assert "seed: 4294967295 (from -1, taken mod 2^32)" in neg["logs"]
+    assert images(neg)[0][2] == images(top)[0][2]
+    assert images(predict_ok(server, prompt="a cat", seed=123.0, megapixels="0.25"))[0][2] == a
     rnd = predict_ok(server, prompt="a cat", megapixels="0.25")
     assert "(random; pass seed=" in rnd["logs"]
 
@@ -121,8 +130,11 @@ def test_seeds(server):
         ({"prompt": "x", "output_quality": 101}, "output_quality"),
         ({"prompt": "x", "aspect_ratio": "7:3"}, "aspect_ratio"),
         ({"prompt": "x", "num_outputs": "many"}, "num_outputs"),
-        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "seed": 7.5}, "seed"),
+        ({"prompt": "x", "seed": "7"}, "seed"),
+        ({"prompt": "x" * 10_001}, "prompt"),
         ({"prompt": "x", "lora_scale": 3.5}, "lora_scale"),
+        ({"prompt": "x", "extra_lora_scale": -1.5}, "extra_lora_scale"),
     ],
 )
 def test_bad_inputs_are_422_naming_the_field(server, inputs, field):
@@ -207,7 +219,7 @@ def test_lora_over_http(server, tmp_path):
 
     from tests.test_lora import kohya_file
 
-    lora = tmp_path / "style.safetensors"
+    lora = server.loras / "style.safetensors"  # paths are served only inside SVDQ_LORA_DIR
     save_file(kohya_file(amp=4.0), lora)
     common = {"prompt": "a fox", "seed": 5, "megapixels": "0.25", "output_format": "png"}
     with_lora = predict_ok(server, **common, lora_weights=str(lora), lora_scale=1.0)
@@ -219,7 +231,7 @@ def test_lora_over_http(server, tmp_path):
     a, b, c = (images(r)[0][2] for r in (with_lora, without, again))
     assert a == c and a != b  # A -> none -> A gives A's bytes again
 
-    bad = tmp_path / "bad.safetensors"
+    bad = server.loras / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     _, resp = server.predict({**common, "num_inference_steps": 1, "lora_weights": str(bad)})
     assert (
@@ -228,4 +240,8 @@ def test_lora_over_http(server, tmp_path):
     )
     _, resp = server.predict({**common, "num_inference_steps": 1, "lora_weights": "no such thing"})
     assert resp["status"] == "failed" and "lora_weights" in resp["error"]
+    outside = tmp_path / "outside.safetensors"
+    save_file(kohya_file(amp=4.0), outside)
+    _, resp = server.predict({**common, "num_inference_steps": 1, "lora_weights": str(outside)})
+    assert resp["status"] == "failed" and "not a file inside the LoRA folder" in resp["error"]
     assert images(predict_ok(server, **common))[0][2] == b  # the next prediction is the base model's

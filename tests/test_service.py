@@ -1,15 +1,23 @@
-"""engine.service without the server: model choice, encoding and metadata, the safety checker."""
+"""engine.service without the server: model choice, inputs, LoRAs, encoding, the safety checker."""
 
 import io
+import shutil
+import time
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
+from engine.inputs import MAX_PROMPT_CHARS, seed_from
+from engine.lora import StoreConfig
 from engine.pipeline import FluxGenerator
 from engine.safety import SafetyChecker
-from engine.service import FluxService, NSFWError, choose_model, save_images
+from engine.service import FluxService, NSFWError, ServiceConfig, choose_model, model_files, save_images
 from engine.tiny_model import CHECKPOINT_NAME
+from engine.weights import WeightsError
+
+from .test_lora import DIFFUSERS_MODULES, diffusers_file, kohya_file
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +59,156 @@ def tiny_safety_checker(path, threshold: float):
     return SafetyChecker.load(path, torch.device("cpu"))
 
 
-def test_choose_model(monkeypatch):
-    monkeypatch.setenv("SVDQ_MODEL", "flux-schnell")
-    assert choose_model() == "flux-schnell"
-    monkeypatch.setenv("SVDQ_MODEL", "auto")
-    if not torch.cuda.is_available():
-        assert choose_model() == "tiny"
+def test_choose_model(tmp_path):
+    cfg = ServiceConfig(weights_dir=tmp_path)
+    assert (
+        choose_model(ServiceConfig(weights_dir=tmp_path, model="flux-schnell"), gpu=False) == "flux-schnell"
+    )
+    assert choose_model(cfg, gpu=False) == "tiny"
+    assert choose_model(cfg, gpu=True) == "flux-schnell"  # never the tiny model on a GPU unless named
+    assert choose_model(ServiceConfig(weights_dir=tmp_path, model="tiny"), gpu=True) == "tiny"
+
+
+def test_gpu_host_without_weights_fails_setup_naming_the_files_and_folder(tmp_path):
+    """On a GPU (faked), auto with no cached weights and no network is a setup error, not noise."""
+    cfg = ServiceConfig(weights_dir=tmp_path, model="auto", offline=True)
+    t0 = time.monotonic()
+    with pytest.raises(WeightsError) as e:
+        FluxService.setup(cfg, gpu=True)
+    msg = str(e.value)
+    assert f"missing from the cache folder {tmp_path / 'flux-schnell'}" in msg
+    assert "text_encoder/model.safetensors" in msg and "SVDQ_MODEL=tiny" in msg
+    assert time.monotonic() - t0 < 10 and not (tmp_path / "tiny").exists()
+
+
+def test_corrupt_shard_fails_setup_naming_it(tiny_model_dir, tmp_path):
+    weights = tmp_path / "w"
+    shutil.copytree(tiny_model_dir, weights / "tiny")
+    shard = weights / "tiny" / "text_encoder_2" / "model.safetensors"
+    shard.write_bytes((2**40).to_bytes(8, "little") + b"{}")  # "header too large" in safetensors' words
+    with pytest.raises(WeightsError, match=r"text_encoder_2/model\.safetensors: damaged \.safetensors file"):
+        model_files("tiny", ServiceConfig(weights_dir=weights, model="tiny"))
+    data = bytearray((tiny_model_dir / "text_encoder_2" / "model.safetensors").read_bytes())
+    shard.write_bytes(bytes(data[: len(data) // 2]))  # truncated: tensors run past the end
+    with pytest.raises(WeightsError, match=r"text_encoder_2/model\.safetensors: .* lies outside the file"):
+        model_files("tiny", ServiceConfig(weights_dir=weights, model="tiny"))
+
+
+def test_config_is_read_from_the_environment_in_one_place(tmp_path):
+    cfg = ServiceConfig.from_env(
+        {
+            "SVDQ_WEIGHTS_DIR": str(tmp_path),
+            "SVDQ_MODEL": "tiny",
+            "SVDQ_LORA_DIR": str(tmp_path / "loras"),
+            "SVDQ_LORA_MAX_BYTES": "1000",
+            "SVDQ_LORA_CACHE_BYTES": "5000",
+            "HF_ENDPOINT": "http://mirror",
+            "HF_TOKEN": "hf_x",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
+    assert (cfg.weights_dir, cfg.model, cfg.offline) == (tmp_path, "tiny", True)
+    lora = cfg.lora
+    assert (lora.root, lora.local_dir, lora.max_download_bytes, lora.cache_bytes) == (
+        tmp_path / "loras",
+        tmp_path / "loras",
+        1000,
+        5000,
+    )
+    assert lora.hub == "http://mirror" and lora.hf_token == "hf_x" and "hf_x" not in repr(lora)
+    assert ServiceConfig.from_env({}).lora.local_dir is None  # no local paths unless configured
+    with pytest.raises(ValueError, match="SVDQ_LORA_MAX_BYTES='lots' is not a number"):
+        ServiceConfig.from_env({"SVDQ_LORA_MAX_BYTES": "lots"})
+
+
+def test_prompt_cap_is_checked_before_any_work(generator, tmp_path):
+    service = FluxService(generator, None, "tiny")
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"prompt is 1,000,000 characters; the limit is 10,000"):
+        service.predict(prompt="a" * 1_000_000, out_dir=tmp_path)
+    assert time.perf_counter() - t0 < 0.5 and not list(tmp_path.iterdir())
+
+
+def test_longest_allowed_prompt_costs_about_what_a_short_one_does(generator):
+    """At the cap, tokenizing (what made a 1 MB prompt take 16-35 s) stays in the milliseconds."""
+    pipe = generator.pipe
+    t0 = time.perf_counter()
+    for tok in (pipe.tokenizer, pipe.tokenizer_2):
+        tok("word " * (MAX_PROMPT_CHARS // 5), truncation=False)
+    assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.slow
+def test_seeds_any_integer_mapped_mod_2_32(generator, tmp_path, caplog):
+    assert [seed_from(s) for s in (0, 7, 7.0, -1, 2**32, 2**32 + 5, 2**64 + 7, 1e23)] == [
+        0,
+        7,
+        7,
+        2**32 - 1,
+        0,
+        5,
+        7,
+        int(1e23) % 2**32,
+    ]
+    with pytest.raises(TypeError, match=r"seed must be an integer, got 7\.5"):
+        seed_from(7.5)
+    with pytest.raises(TypeError, match="seed must be an integer, got bool"):
+        seed_from(True)
+    service = FluxService(generator, None, "tiny")
+    kw = {"prompt": "x", "num_inference_steps": 1, "megapixels": "0.25", "output_format": "png"}
+
+    def image(seed, name):
+        (tmp_path / name).mkdir()
+        return service.predict(**kw, seed=seed, out_dir=tmp_path / name)[0].read_bytes()
+
+    with caplog.at_level("INFO"):
+        assert image(7.0, "a") == image(7, "b")
+        assert image(-1, "c") == image(2**32 - 1, "d")
+    assert "seed: 4294967295 (from -1, taken mod 2^32)" in caplog.text
+
+
+@pytest.fixture()
+def lora_service(generator, tmp_path):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    save_file(diffusers_file(DIFFUSERS_MODULES, amp=4.0), folder / "a.safetensors")
+    save_file(kohya_file(seed=7, amp=4.0), folder / "b.safetensors")
+    nan = diffusers_file(DIFFUSERS_MODULES)
+    nan["transformer.x_embedder.lora_B.weight"][:] = float("nan")
+    save_file(nan, folder / "nan.safetensors")
+    service = FluxService(generator, None, "tiny", StoreConfig(root=tmp_path / "cache", local_dir=folder))
+    yield service
+    service.loras.clear()
+
+
+@pytest.mark.slow
+def test_extra_lora_and_failures_name_their_field_and_leave_the_model(lora_service, tmp_path):
+    kw = {"prompt": "x", "num_inference_steps": 1, "megapixels": "0.25", "output_format": "png", "seed": 3}
+    n = iter(range(100))
+
+    def image(**more):
+        out = tmp_path / f"o{next(n)}"
+        out.mkdir()
+        return lora_service.predict(**kw, **more, out_dir=out)[0].read_bytes()
+
+    base = image()
+    a = image(lora_weights="a.safetensors")
+    ab = image(lora_weights="a.safetensors", extra_lora="b.safetensors", extra_lora_scale=0.5)
+    assert len({base, a, ab}) == 3
+    assert [name for name, _ in lora_service.loras.active] == ["lora_weights", "extra_lora"]
+    for bad, field, match in (
+        ({"extra_lora": "nan.safetensors"}, "extra_lora", "NaN or Inf"),
+        ({"lora_weights": "nan.safetensors"}, "lora_weights", "NaN or Inf"),
+        ({"extra_lora": "fofr/flux-pixar-cars:abcdef12"}, "extra_lora", "Replicate's platform"),
+        ({"extra_lora": "missing.safetensors"}, "extra_lora", "not a file inside the LoRA folder"),
+    ):
+        with pytest.raises(ValueError, match=f"^{field}: .*{match}"):
+            image(**{"lora_weights": "a.safetensors", **bad})
+        assert [name for name, _ in lora_service.loras.active] == ["lora_weights", "extra_lora"]
+    with pytest.raises(ValueError, match=r"extra_lora_scale must be a number in \[-1, 3\]"):
+        image(extra_lora="b.safetensors", extra_lora_scale=4)
+    assert image(lora_weights="a.safetensors", extra_lora="b.safetensors", extra_lora_scale=0.5) == ab
+    assert image() == base
 
 
 def test_image_formats_and_metadata(tmp_path):

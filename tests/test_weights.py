@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import pytest
 
-from engine.weights import WeightFile, WeightsError, ensure_files, load_manifest
+from engine.weights import WeightFile, WeightsError, ensure_files, load_manifest, transformer_file
 
 BLOB = bytes(range(256)) * 4096  # 1 MiB
 SHA = hashlib.sha256(BLOB).hexdigest()
@@ -19,6 +19,18 @@ class _Files(BaseHTTPRequestHandler):
     ranges: ClassVar[list] = []
 
     def do_GET(self):
+        if self.path == "/endless.bin":  # no Content-Length, no end
+            self.send_response(200)
+            self.end_headers()
+            while True:
+                self.wfile.write(b"\0" * 65536)
+        if self.path == "/gzip.bin":
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", "10")
+            self.end_headers()
+            self.wfile.write(b"\x1f\x8b" + b"\0" * 8)
+            return
         data = BLOB
         start = 0
         if rng := self.headers.get("Range"):
@@ -40,6 +52,7 @@ class _Files(BaseHTTPRequestHandler):
 def http():
     _Files.truncate, _Files.ranges = False, []
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_port}"
     srv.shutdown()
@@ -82,8 +95,22 @@ def test_truncated_download_is_an_error(http, tmp_path):
 def test_corrupt_cached_file_is_caught(http, tmp_path):
     ensure_files([entry(http)], tmp_path)
     (tmp_path / "sub" / "blob.bin").write_bytes(b"x" * len(BLOB))
-    with pytest.raises(WeightsError, match="does not match"):
+    with pytest.raises(WeightsError, match=r"sub/blob\.bin: sha256 .* no longer matches .* delete it"):
         ensure_files([entry(http)], tmp_path)
+
+
+def test_unpinned_file_that_changed_is_an_error_never_re_recorded(http, tmp_path):
+    """sha256 null: trusted on first download, and the recorded hash is kept from then on."""
+    unpinned = entry(http, sha256=None)
+    ensure_files([unpinned], tmp_path)
+    side = tmp_path / "sub" / "blob.bin.sha256.json"
+    recorded = json.loads(side.read_text())["sha256"]
+    assert recorded == SHA
+    (tmp_path / "sub" / "blob.bin").write_bytes(b"y" * 1000)
+    for _ in range(2):  # the second time too: the bad hash was not recorded by the first check
+        with pytest.raises(WeightsError, match=r"sub/blob\.bin: sha256 .* no longer matches"):
+            ensure_files([unpinned], tmp_path)
+    assert json.loads(side.read_text())["sha256"] == recorded
 
 
 def test_missing_offline_names_the_file(tmp_path):
@@ -107,8 +134,11 @@ def test_manifest_lists_every_component(tmp_path):
         "model_index.json",
         "svdq-int4_r32-flux.1-schnell.safetensors",
     } <= paths
+    assert transformer_file("flux-schnell") in {e.path for e in entries}
     bad = tmp_path / "m.json"
     bad.write_text(json.dumps({"models": {"x": {"files": [{"path": "a", "sha256": None}]}}}))
+    with pytest.raises(WeightsError, match="no transformer listed for model 'x'"):
+        transformer_file("x", bad)
     with pytest.raises(ValueError, match="exactly one source"):
         load_manifest("x", bad)
     with pytest.raises(WeightsError, match="no model named 'y'"):
@@ -138,3 +168,13 @@ def test_pin_weights_fills_hashes(http, tmp_path):
     assert res.returncode == 0, res.stderr
     (entry,) = json.loads(manifest.read_text())["models"]["m"]["files"]
     assert entry["sha256"] == SHA and entry["size"] == len(BLOB)
+
+
+def test_url_entries_are_capped_at_their_size_and_never_inflated(http, tmp_path):
+    endless = WeightFile(path="e.bin", url=f"{http}/endless.bin", sha256=None, size=2_000_000)
+    with pytest.raises(WeightsError, match=r"e\.bin: .* sent more than the download cap of 1\.9 MiB"):
+        ensure_files([endless], tmp_path)
+    assert not (tmp_path / "e.bin").exists()
+    gz = WeightFile(path="g.bin", url=f"{http}/gzip.bin", sha256=None)
+    with pytest.raises(WeightsError, match=r"g\.bin: .*Content-Encoding 'gzip' although identity was asked"):
+        ensure_files([gz], tmp_path)

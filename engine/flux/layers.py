@@ -66,6 +66,9 @@ class SplitInputLinear(nn.Module):
         self.parts = nn.ModuleList(parts)
         self.sizes = list(sizes)
         self.in_features = sum(sizes)
+        self.out_features = parts[0].out_features
+        if any(p.out_features != self.out_features for p in parts):
+            raise ValueError("every part must have the same out_features")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chunks = torch.split(x, self.sizes, dim=-1)

@@ -1,4 +1,4 @@
-"""FLUX LoRAs on the 4-bit transformer, without re-quantizing anything.
+"""FLUX LoRA file formats: read a state dict and map it onto the transformer's modules.
 
 Read: diffusers/PEFT (``transformer.<module>.lora_A/lora_B``), kohya (``lora_unet_<bfl_name>
 .lora_down/lora_up`` + ``.alpha``), ComfyUI (BFL module names, optionally under
@@ -9,17 +9,16 @@ are split the way diffusers splits the model: ``qkv`` rows into q, k, v (the dow
 shared), the single block's ``linear1`` into q, k, v and ``proj_mlp``, and the single block's
 ``proj_out`` input columns into its attention and GELU parts.
 
-Apply: on SVDQLinear and W4A16Linear a LoRA widens the 16-bit low-rank branch; on a layer that
-stays 16-bit (embedders, output projection) it is merged into the float weight, and the
-original weight tensor is kept to restore it bit for bit. Keys that match nothing are reported
-in one log line; text-encoder keys are reported, not applied.
+Every factor is checked before anything is applied: a LoRA pair (rank > 0, matching ranks), one
+scalar alpha, finite values (a LoRA holding NaN or Inf would turn every image into a constant),
+and shapes that fit the target layer. Keys that match nothing and text-encoder keys are listed
+in the result (engine.lora.manager logs them). Applying is engine.lora.manager's job; where
+files come from is engine.lora.store's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import logging
 import re
 from pathlib import Path
 
@@ -28,13 +27,10 @@ from torch import nn
 
 from engine.flux.layers import SplitInputLinear
 from engine.modules import SVDQLinear, W4A16Linear
-from engine.weights import WeightFile, WeightsError, ensure_files
-
-logger = logging.getLogger(__name__)
 
 
 class LoraError(ValueError):
-    """A LoRA file that cannot be applied to this model; the model is left as it was."""
+    """A LoRA that cannot be fetched, read or applied; the model is left as it was."""
 
 
 @dataclasses.dataclass
@@ -55,6 +51,7 @@ class ParsedLora:
 
 
 def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; a damaged file is a LoraError naming it."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -62,6 +59,15 @@ def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for a damaged file
         raise LoraError(f"{path.name}: not a readable .safetensors LoRA file ({e})") from e
+
+
+def _alpha_scale(base: str, alpha: torch.Tensor, rank: int) -> float:
+    if alpha.numel() != 1:
+        raise LoraError(f"{base}.alpha: expected one number, got a tensor of shape {list(alpha.shape)}")
+    value = float(alpha.reshape(()))
+    if value != value or value in (float("inf"), float("-inf")):
+        raise LoraError(f"{base}.alpha is {value}")
+    return value / rank
 
 
 # --- BFL (original FLUX) module names -> diffusers modules --------------------------------------
@@ -186,7 +192,12 @@ def parse_lora(state: dict[str, torch.Tensor], model: nn.Module) -> ParsedLora:
         if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
             raise LoraError(f"{base}: down {list(down.shape)} and up {list(up.shape)} are not a LoRA pair")
         rank = down.shape[0]
-        scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
+        if rank == 0:
+            raise LoraError(f"{base}: rank 0 (empty down and up factors)")
+        for role, t in (("down", down), ("up", up)):
+            if not bool(torch.isfinite(t).all()):
+                raise LoraError(f"{base}: its {role} factor holds NaN or Inf values")
+        scale = _alpha_scale(base, parts["alpha"], rank) if "alpha" in parts else 1.0
         if fmt == "diffusers":
             name = re.sub(r"^(base_model\.model\.|transformer\.)+", "", base)
             if isinstance(modules.get(name), nn.Linear | SVDQLinear | W4A16Linear | SplitInputLinear):
@@ -215,161 +226,11 @@ def parse_lora(state: dict[str, torch.Tensor], model: nn.Module) -> ParsedLora:
     return ParsedLora(fmt, factors, unmatched, text_encoder)
 
 
-def _in_out(module: nn.Module) -> tuple[int, int]:
-    return module.in_features, module.out_features if not isinstance(
-        module, SplitInputLinear
-    ) else module.parts[0].out_features
-
-
 def _check_shapes(factors: list[LoraFactor], modules: dict[str, nn.Module]) -> None:
     for f in factors:
-        k, n = _in_out(modules[f.module])
+        k, n = modules[f.module].in_features, modules[f.module].out_features
         if f.down.shape[1] != k or f.up.shape[0] != n:
             raise LoraError(
                 f"{f.key}: shapes down {list(f.down.shape)} / up {list(f.up.shape)} do not fit {f.module} "
                 f"({k} -> {n}); is this a FLUX LoRA for this model?"
             )
-
-
-class LoraManager:
-    """The set of LoRAs applied to one transformer; every change is all-or-nothing."""
-
-    def __init__(self, transformer: nn.Module) -> None:
-        self.transformer = transformer
-        self._applied: list[tuple[str, ParsedLora, float]] = []
-        self._merged: dict[str, torch.Tensor] = {}  # 16-bit module -> its original weight
-
-    @property
-    def active(self) -> list[tuple[str, float]]:
-        return [(name, scale) for name, _, scale in self._applied]
-
-    def set(self, loras: list[tuple[str, ParsedLora, float]]) -> None:
-        """Replace the active LoRAs by ``[(name, parsed, scale)]`` (empty: the base model).
-
-        If applying fails, the previous set is restored and the error raised.
-        """
-        if [(n, id(p), s) for n, p, s in loras] == [(n, id(p), s) for n, p, s in self._applied]:
-            return
-        previous = self._applied
-        self._clear()
-        try:
-            for name, parsed, scale in loras:
-                self._apply(name, parsed, scale)
-        except Exception:
-            self._clear()
-            for name, parsed, scale in previous:
-                self._apply(name, parsed, scale)
-            self._applied = previous
-            raise
-        self._applied = list(loras)
-
-    def clear(self) -> None:
-        self.set([])
-
-    def _clear(self) -> None:
-        modules = dict(self.transformer.named_modules())
-        for m in modules.values():
-            if isinstance(m, SVDQLinear | W4A16Linear):
-                m.clear_loras()
-        for name, weight in self._merged.items():
-            modules[name].weight = weight
-        self._merged.clear()
-        self._applied = []
-
-    @torch.no_grad()
-    def _apply(self, name: str, parsed: ParsedLora, scale: float) -> None:
-        modules = dict(self.transformer.named_modules())
-        for f in parsed.factors:
-            m = modules[f.module]
-            s = scale * f.scale
-            if isinstance(m, SVDQLinear | W4A16Linear):
-                m.add_lora(name, f.down, f.up, s)
-            elif isinstance(m, SplitInputLinear):
-                for part, down in zip(m.parts, f.down.split(m.sizes, dim=1), strict=True):
-                    part.add_lora(name, down, f.up, s)
-            else:  # a 16-bit nn.Linear: merge, keeping the original tensor to restore
-                original = self._merged.setdefault(f.module, m.weight)
-                w = m.weight
-                merged = w.float() + s * (f.up.to(w.device) @ f.down.to(w.device))
-                m.weight = nn.Parameter(merged.to(original.dtype), requires_grad=False)
-        if parsed.unmatched:
-            logger.warning(
-                "LoRA %s: %d key(s) match no layer of this model and were not applied: %s",
-                name,
-                len(parsed.unmatched),
-                ", ".join(parsed.unmatched[:8]),
-            )
-        if parsed.text_encoder:
-            logger.warning(
-                "LoRA %s: %d text-encoder key(s) are not applied (transformer LoRAs only): %s",
-                name,
-                len(parsed.text_encoder),
-                ", ".join(parsed.text_encoder[:4]),
-            )
-        logger.info(
-            "LoRA %s (%s format): %d layers, scale %g", name, parsed.format, len(parsed.factors), scale
-        )
-
-
-class LoraStore:
-    """Where LoRA files come from: a local path, a URL, or a hub reference, cached on disk.
-
-    Downloads land in ``root`` under the sha256 of their source string, verified like the
-    model's weights (engine.weights), and the least recently used are evicted once the folder
-    exceeds ``max_bytes``.
-    """
-
-    def __init__(self, root: Path, max_bytes: int) -> None:
-        self.root, self.max_bytes = Path(root), max_bytes
-
-    def fetch(self, source: str) -> Path:
-        source = source.strip()
-        if Path(source).expanduser().is_file():
-            return Path(source).expanduser()
-        name = hashlib.sha256(source.encode()).hexdigest()[:32] + ".safetensors"
-        cached = self.root / name
-        if cached.exists():
-            cached.touch()  # most recently used
-            logger.info("LoRA cache hit: %s (%s)", source, cached.name)
-            return cached
-        if source.startswith(("http://", "https://")):
-            entry = WeightFile(path=name, url=source, sha256=None)
-        elif re.fullmatch(r"[\w.-]+/[\w.-]+(/.+\.safetensors)?", source):
-            owner_repo = "/".join(source.split("/")[:2])
-            file = "/".join(source.split("/")[2:]) or self._only_safetensors(owner_repo)
-            entry = WeightFile(path=name, hub=owner_repo, file=file, sha256=None)
-        else:
-            raise LoraError(
-                f"lora_weights: {source!r} is not an existing file, an http(s) URL, or a hub reference "
-                "('owner/repo' or 'owner/repo/file.safetensors')"
-            )
-        try:
-            ensure_files([entry], self.root)
-        except WeightsError as e:
-            raise LoraError(f"lora_weights: could not fetch {source}: {e}") from e
-        self._evict(keep=cached)
-        return cached
-
-    @staticmethod
-    def _only_safetensors(repo: str) -> str:
-        from huggingface_hub import HfApi
-
-        files = [f for f in HfApi().list_repo_files(repo) if f.endswith(".safetensors")]
-        if len(files) != 1:
-            raise LoraError(
-                f"lora_weights: {repo} has {len(files)} .safetensors files ({files[:5]}); "
-                "name one as owner/repo/file.safetensors"
-            )
-        return files[0]
-
-    def _evict(self, keep: Path) -> None:
-        files = sorted(self.root.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
-        for p in files:
-            if total <= self.max_bytes:
-                break
-            if p != keep:
-                total -= p.stat().st_size
-                p.unlink()
-                p.with_name(p.name + ".sha256.json").unlink(missing_ok=True)
-                logger.info("LoRA cache: evicted %s", p.name)

@@ -1,0 +1,423 @@
+"""Where LoRAs come from, and the one cache that keeps them (files on disk, parsed in memory).
+
+``lora_weights`` (and ``extra_lora``) take the forms Replicate's flux LoRA models take, where
+they can be served without Replicate's platform:
+
+==========================================  =================================================
+``https://...`` any URL of a .safetensors    downloaded as is
+``https://huggingface.co/o/r/blob/rev/f``    rewritten to the hub's ``resolve`` URL
+``https://huggingface.co/o/r/resolve/...``   as is (the hub's endpoint, HF_ENDPOINT, applies)
+``huggingface.co/o/r``, ``o/r``              the repository's only .safetensors (or its
+                                             ``lora.safetensors``), listed by the hub API
+``o/r/path/file.safetensors``                that file of the hub repository, revision main
+``https://civitai.com/models/<id>[/slug]``   the model's latest version (``?modelVersionId=``
+                                             picks one), through civitai's API
+``https://civitai.com/api/download/...``     as is
+``data:...;base64,...``                      decoded (within the download cap)
+a ``.tar`` archive (any of the above)        its one .safetensors (or ``lora.safetensors``),
+                                             as Replicate's trainer writes them
+a path                                       only inside the configured LoRA folder
+``owner/model:version``, r8.im, replicate.com refused: resolving them needs Replicate's API
+==========================================  =================================================
+
+Downloads go through engine.download (size cap, identity encoding, deadline, cancellation).
+A file reaches the cache only after it parsed: it is written as ``<key>.part``, unpacked,
+read and mapped onto the model, and only then renamed. ``.part`` files count towards the
+cache bound and are removed on failure. Tokens (HF_TOKEN, CIVITAI_API_TOKEN) are sent as
+headers only to their own hosts, and sources are redacted in every log line and error.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import tarfile
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from engine.download import DownloadError, DownloadLimits, download, human, redact
+from engine.lora.formats import LoraError, ParsedLora, read_lora
+
+logger = logging.getLogger(__name__)
+
+HUB = "https://huggingface.co"
+CIVITAI = "https://civitai.com"
+# Default cap: the largest FLUX LoRAs are about 1.3 GB (rank 128 over every layer in bf16);
+# fp32 rank-128 files reach about 2.5 GB.
+MAX_DOWNLOAD_BYTES = 4 * 2**30
+CACHE_BYTES = 10 * 2**30
+PREFERRED_NAMES = ("lora.safetensors", "pytorch_lora_weights.safetensors")
+_HUB_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
+_CIVITAI_HOSTS = ("civitai.com", "www.civitai.com")
+_API_BYTES = 16 * 2**20  # cap on a hub or civitai API answer
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+    """Everything the store needs, read from the environment once, by the service's setup()."""
+
+    root: Path  # the download cache
+    cache_bytes: int = CACHE_BYTES  # bound on the cache folder, .part files included
+    max_download_bytes: int = MAX_DOWNLOAD_BYTES  # cap on one LoRA (download, data: URL, tar member)
+    deadline_s: float = 300.0  # one LoRA, lookups and download together
+    idle_s: float = 30.0  # longest wait for the next bytes
+    local_dir: Path | None = None  # paths are served only inside this folder; None: no paths
+    hub: str = HUB  # base URLs, injectable for tests and mirrors (HF_ENDPOINT)
+    civitai: str = CIVITAI
+    hf_token: str | None = dataclasses.field(default=None, repr=False)
+    civitai_token: str | None = dataclasses.field(default=None, repr=False)
+    parsed_kept: int = 4  # parsed LoRAs kept in memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A resolved ``lora_weights`` value: what to fetch, and how to show it in logs."""
+
+    kind: str  # "url" | "hub_repo" | "civitai_model" | "data" | "local"
+    location: str  # download URL, "owner/repo", civitai model id, the data URL, or a path
+    revision: str = "main"  # hub_repo only
+
+    @property
+    def shown(self) -> str:
+        if self.kind == "data":
+            return redact(self.location)
+        if self.kind == "hub_repo":
+            return f"hub {self.location}@{self.revision}"
+        if self.kind == "civitai_model":
+            return f"civitai model {self.location}"
+        return redact(self.location) if self.kind == "url" else self.location
+
+
+_REPLICATE_REF = re.compile(r"[\w.-]+/[\w.-]+:[0-9a-fA-F]{6,}")
+_HUB_REF = re.compile(r"([\w.-]+/[\w.-]+)(/[^\s?#]+)?")
+
+
+def _replicate_refusal(text: str) -> LoraError:
+    return LoraError(
+        f"{text!r} is a Replicate model reference; resolving it needs Replicate's platform, which this "
+        "container does not use. Pass the LoRA file's own URL instead (e.g. the .tar or .safetensors "
+        "URL from the training's output)"
+    )
+
+
+def resolve_source(
+    text: str, *, hub: str = HUB, civitai: str = CIVITAI, local_dir: Path | None = None
+) -> Source:
+    """Map a ``lora_weights`` string to what has to be fetched. Pure: no I/O but path checks.
+
+    ``hub`` and ``civitai`` are the base URLs that huggingface.co and civitai.com links are
+    rewritten to (the real sites by default).
+    """
+    text = text.strip()
+    if not text:
+        raise LoraError("empty source")
+    if text.startswith("data:"):
+        return Source("data", text)
+    if _REPLICATE_REF.fullmatch(text) or text.startswith(("r8.im/", "replicate.com/")):
+        raise _replicate_refusal(text)
+    if re.match(r"(www\.)?(huggingface\.co|hf\.co|civitai\.com)/", text):
+        text = "https://" + text
+    if text.startswith("file://"):
+        return _local(urllib.parse.unquote(urllib.parse.urlsplit(text).path), local_dir)
+    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", text):
+        return _resolve_url(text, hub, civitai)
+    if text.startswith(("/", "~", "./", "../")) or (local_dir is not None and _inside(local_dir, text)):
+        return _local(text, local_dir)
+    if m := _HUB_REF.fullmatch(text):
+        repo, file = m.group(1), (m.group(2) or "").lstrip("/")
+        if file:
+            return Source("url", f"{hub.rstrip('/')}/{repo}/resolve/main/{urllib.parse.quote(file)}")
+        return Source("hub_repo", repo)
+    return _local(text, local_dir)
+
+
+def _inside(local_dir: Path, text: str) -> bool:
+    path = (local_dir / Path(text).expanduser()).resolve()
+    return path.is_relative_to(local_dir.resolve()) and path.is_file()
+
+
+def _local(text: str, local_dir: Path | None) -> Source:
+    if local_dir is None:  # one message whether or not the path exists
+        raise LoraError(
+            f"{text!r} is not a URL or hub reference, and local paths are not served "
+            "(the server's operator can allow paths inside one folder with SVDQ_LORA_DIR)"
+        )
+    path = (local_dir / Path(text).expanduser()).resolve()
+    if not path.is_relative_to(local_dir.resolve()) or not path.is_file():
+        raise LoraError(f"{text!r} is not a file inside the LoRA folder")
+    return Source("local", str(path))
+
+
+def _resolve_url(url: str, hub: str, civitai: str) -> Source:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise LoraError(f"{redact(url)}: only http(s) and data: URLs are fetched")
+    host = (parts.hostname or "").lower()
+    path = [urllib.parse.unquote(p) for p in parts.path.split("/") if p]
+    if host in ("replicate.com", "www.replicate.com", "r8.im"):
+        raise _replicate_refusal(redact(url))
+    if host in _HUB_HOSTS:
+        prefix = path[:1] if path[:1] in (["datasets"], ["spaces"]) else []
+        rest = path[len(prefix) :]
+        if len(rest) == 2 and not prefix:
+            return Source("hub_repo", "/".join(rest))
+        if len(rest) == 4 and rest[2] == "tree" and not prefix:
+            return Source("hub_repo", "/".join(rest[:2]), revision=rest[3])
+        if len(rest) >= 5 and rest[2] in ("blob", "resolve"):
+            quoted = "/".join(urllib.parse.quote(p) for p in [*prefix, *rest[:2], "resolve", *rest[3:]])
+            return Source("url", f"{hub.rstrip('/')}/{quoted}")
+        raise LoraError(
+            f"{redact(url)}: not a Hugging Face file or repository URL "
+            "(expected huggingface.co/owner/repo or .../blob|resolve/<revision>/<file>)"
+        )
+    if host in _CIVITAI_HOSTS:
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        if len(path) >= 2 and path[0] == "models" and path[1].isdigit():
+            if (version := query.get("modelVersionId", "")).isdigit():
+                return Source("url", f"{civitai.rstrip('/')}/api/download/models/{version}")
+            return Source("civitai_model", path[1])
+        if len(path) == 4 and path[:3] == ["api", "download", "models"] and path[3].isdigit():
+            q = f"?{parts.query}" if parts.query else ""
+            return Source("url", f"{civitai.rstrip('/')}/api/download/models/{path[3]}{q}")
+        raise LoraError(
+            f"{redact(url)}: not a civitai model URL (expected civitai.com/models/<id>[/<name>]"
+            "[?modelVersionId=<id>] or civitai.com/api/download/models/<version id>)"
+        )
+    return Source("url", url)
+
+
+def choose_file(names: list[str], what: str) -> str:
+    """The one .safetensors among ``names`` (or the one with a conventional LoRA name)."""
+    found = [n for n in names if n.endswith(".safetensors")]
+    if len(found) == 1:
+        return found[0]
+    preferred = [n for n in found if n.rsplit("/", 1)[-1] in PREFERRED_NAMES]
+    if len(preferred) == 1:
+        return preferred[0]
+    if not found:
+        raise LoraError(f"{what} holds no .safetensors file")
+    raise LoraError(
+        f"{what} holds {len(found)} .safetensors files ({', '.join(found[:5])}); name one "
+        "(owner/repo/file.safetensors, or a blob/resolve URL)"
+    )
+
+
+class LoraStore:
+    """Resolves, fetches, verifies and caches LoRAs; the service's only LoRA cache.
+
+    ``parse`` maps a state dict onto the served model (``parse_lora(state, transformer)``);
+    the store keeps the last ``parsed_kept`` results in memory and the files on disk, LRU,
+    within ``cache_bytes``.
+    """
+
+    def __init__(self, config: StoreConfig, parse: Callable[[dict[str, torch.Tensor]], ParsedLora]) -> None:
+        self.config, self.parse = config, parse
+        self.root = Path(config.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob("*.part"):  # left by a process that died mid-download
+            stale.unlink(missing_ok=True)
+        self._parsed: collections.OrderedDict[str, ParsedLora] = collections.OrderedDict()
+
+    # --- the one entry point ---------------------------------------------------------------
+
+    def load(self, text: str) -> tuple[str, ParsedLora]:
+        """``(name for logs, parsed LoRA)`` for a ``lora_weights`` value. Raises LoraError."""
+        c = self.config
+        src = resolve_source(text, hub=c.hub, civitai=c.civitai, local_dir=c.local_dir)
+        key = self._key(src)
+        if (parsed := self._parsed.get(key)) is not None:
+            self._parsed.move_to_end(key)
+            logger.info("LoRA cache hit: %s already parsed", src.shown)
+            return src.shown, parsed
+        t0 = time.perf_counter()
+        if src.kind == "local":
+            parsed = self._parse_file(Path(src.location), src.shown)
+        else:
+            parsed = self._cached_or_fetched(src, key)
+        logger.info("LoRA loaded from %s in %.2f s", src.shown, time.perf_counter() - t0)
+        self._parsed[key] = parsed
+        while len(self._parsed) > c.parsed_kept:
+            self._parsed.popitem(last=False)
+        return src.shown, parsed
+
+    # --- internals -------------------------------------------------------------------------
+
+    @staticmethod
+    def _key(src: Source) -> str:
+        if src.kind == "local":  # a local file is known by its path and modification time
+            path = Path(src.location)
+            return f"local:{path}@{path.stat().st_mtime_ns}"
+        ident = f"{src.kind}:{src.location}@{src.revision}"
+        return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+    def _parse_file(self, path: Path, shown: str) -> ParsedLora:
+        try:
+            state = read_lora(path)
+        except LoraError as e:  # read_lora names the file; name the source instead
+            raise LoraError(f"{shown}: {str(e).split(': ', 1)[-1]}") from None
+        try:
+            return self.parse(state)
+        except LoraError as e:
+            raise LoraError(f"{shown}: {e}") from None
+
+    def _cached_or_fetched(self, src: Source, key: str) -> ParsedLora:
+        final = self.root / f"{key}.safetensors"
+        if final.exists():
+            final.touch()  # most recently used
+            logger.info("LoRA file cache hit: %s (%s)", src.shown, final.name)
+            try:
+                return self._parse_file(final, src.shown)
+            except LoraError:
+                final.unlink(missing_ok=True)  # nothing stays cached that does not parse
+                raise
+        part = self.root / f"{key}.part"
+        try:
+            self._evict(reserve=self.config.max_download_bytes)
+            self._fetch(src, part, time.monotonic() + self.config.deadline_s)
+            self._unpack_tar(part, src.shown)
+            parsed = self._parse_file(part, src.shown)
+            part.replace(final)
+        finally:
+            part.unlink(missing_ok=True)
+            self._evict(keep=final)
+        return parsed
+
+    def _limits(self, deadline: float, max_bytes: int | None = None) -> DownloadLimits:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LoraError(f"not fetched within {self.config.deadline_s:g} s")
+        return DownloadLimits(
+            max_bytes=max_bytes or self.config.max_download_bytes, deadline_s=left, idle_s=self.config.idle_s
+        )
+
+    def _headers(self, url: str) -> dict[str, str]:
+        """Credentials for the hub and civitai, sent only to their own hosts."""
+        netloc = urllib.parse.urlsplit(url).netloc.lower()
+        c = self.config
+        if c.hf_token and netloc == urllib.parse.urlsplit(c.hub).netloc.lower():
+            return {"Authorization": f"Bearer {c.hf_token}"}
+        if c.civitai_token and netloc == urllib.parse.urlsplit(c.civitai).netloc.lower():
+            return {"Authorization": f"Bearer {c.civitai_token}"}
+        return {}
+
+    def _get(self, url: str, part: Path, deadline: float, max_bytes: int | None = None) -> None:
+        try:
+            download(url, part, limits=self._limits(deadline, max_bytes), headers=self._headers(url))
+        except DownloadError as e:
+            raise LoraError(str(e)) from None
+
+    def _get_json(self, url: str, part: Path, deadline: float) -> object:
+        try:
+            self._get(url, part, deadline, _API_BYTES)
+            return json.loads(part.read_bytes())
+        except ValueError as e:
+            raise LoraError(f"{redact(url)}: not a JSON answer ({e})") from None
+        finally:
+            part.unlink(missing_ok=True)
+
+    def _fetch(self, src: Source, part: Path, deadline: float) -> None:
+        c = self.config
+        if src.kind == "data":
+            self._decode_data(src.location, part)
+        elif src.kind == "url":
+            self._get(src.location, part, deadline)
+        elif src.kind == "hub_repo":
+            api = f"{c.hub.rstrip('/')}/api/models/{src.location}"
+            if src.revision != "main":
+                api += f"/revision/{urllib.parse.quote(src.revision, safe='')}"
+            info = self._get_json(api, part, deadline)
+            names = (
+                [s.get("rfilename", "") for s in info.get("siblings", [])] if isinstance(info, dict) else []
+            )
+            file = choose_file(names, f"hub repository {src.location}")
+            url = f"{c.hub.rstrip('/')}/{src.location}/resolve/{src.revision}/{urllib.parse.quote(file)}"
+            logger.info("LoRA: %s -> %s", src.shown, file)
+            self._get(url, part, deadline)
+        elif src.kind == "civitai_model":
+            info = self._get_json(f"{c.civitai.rstrip('/')}/api/v1/models/{src.location}", part, deadline)
+            url = _civitai_download_url(info, src.location)
+            resolved = _resolve_url(url, c.hub, c.civitai) if url.startswith("http") else None
+            if resolved is None or resolved.kind != "url":
+                raise LoraError(f"civitai model {src.location}: unexpected download URL {redact(url)}")
+            self._get(resolved.location, part, deadline)
+        else:
+            raise LoraError(f"cannot fetch a source of kind {src.kind}")
+
+    def _decode_data(self, url: str, part: Path) -> None:
+        header, sep, payload = url.partition(",")
+        if not sep:
+            raise LoraError("data: URL without a ',' before its data")
+        cap = self.config.max_download_bytes
+        if len(payload) * 3 // 4 > cap:
+            raise LoraError(f"data: URL holds more than the download cap of {human(cap)}")
+        try:
+            if header.endswith(";base64"):
+                data = base64.b64decode(payload, validate=True)
+            else:
+                data = urllib.parse.unquote_to_bytes(payload)
+        except (binascii.Error, ValueError) as e:
+            raise LoraError(f"data: URL is not valid base64 ({e})") from None
+        part.write_bytes(data)
+
+    def _unpack_tar(self, part: Path, shown: str) -> None:
+        """Replace a .tar archive by its one .safetensors member; anything else is left as is."""
+        try:
+            tar = tarfile.open(part, "r:")  # noqa: SIM115 - closed by the with below; plain tar only
+        except tarfile.TarError:
+            return
+        with tar:
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            name = choose_file(list(members), f"{shown} (a .tar archive)")
+            member = members[name]
+            if member.size > self.config.max_download_bytes:
+                raise LoraError(f"{shown}: {name} is {human(member.size)}, over the download cap")
+            src = tar.extractfile(member)
+            out = part.with_name(part.name + ".tarmember")
+            try:
+                with src, open(out, "wb") as f:
+                    while chunk := src.read(1 << 20):
+                        f.write(chunk)
+                out.replace(part)
+            finally:
+                out.unlink(missing_ok=True)
+        logger.info("LoRA: %s is a .tar archive; using its %s", shown, name)
+
+    def _evict(self, keep: Path | None = None, reserve: int = 0) -> None:
+        """Delete least recently used files until the folder (``.part`` files included) fits."""
+        files = sorted((p for p in self.root.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        for p in files:
+            if total + reserve <= self.config.cache_bytes:
+                break
+            if p != keep and not p.name.endswith(".part"):
+                total -= p.stat().st_size
+                p.unlink(missing_ok=True)
+                logger.info("LoRA cache: evicted %s", p.name)
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
+
+
+def _civitai_download_url(info: object, model: str) -> str:
+    """The latest version's .safetensors file of a civitai model API answer."""
+    versions = info.get("modelVersions") if isinstance(info, dict) else None
+    if not versions or not isinstance(versions, list):
+        raise LoraError(f"civitai model {model}: the API answer lists no versions")
+    files = [f for f in versions[0].get("files", []) if isinstance(f, dict)]
+    chosen = [f for f in files if str(f.get("name", "")).endswith(".safetensors")]
+    if len(chosen) > 1:
+        chosen = [f for f in chosen if f.get("primary")] or chosen[:1]
+    if not chosen or not chosen[0].get("downloadUrl"):
+        raise LoraError(f"civitai model {model}: its latest version has no .safetensors file")
+    return str(chosen[0]["downloadUrl"])
