@@ -1,0 +1,93 @@
+"""Activation quantization fused with smoothing and the low-rank down-projection.
+
+Each program owns BLOCK_M rows and walks their groups in order: one contiguous [BLOCK_M,
+GROUP] tile load per group (16-byte vectors), smoothing and the group's scale in fp32, the
+codes packed in registers (the tile is split into even and odd channels after the load, not
+loaded at stride 2), and ONE low-rank dot with K = GROUP into an fp32 accumulator (tf32x3 on
+tensor cores: fp32-class accuracy). The loop is software-pipelined by Triton (num_stages).
+Deterministic: each output element is produced by one program in a fixed order.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from engine.kernels.triton.common import INTERPRET, LaunchConfig
+
+# block_n is unused here (the low-rank width is BLOCK_R); one config per architecture.
+ACT_CONFIGS: dict[int, LaunchConfig] = {9: LaunchConfig(32, 0, 4, 4), 8: LaunchConfig(32, 0, 4, 3)}
+INTERPRETER_CONFIG = LaunchConfig(16, 0, 4, 1)
+
+
+def act_config(major: int) -> LaunchConfig:
+    """The launch config for an architecture (compute-capability major)."""
+    if INTERPRET:
+        return INTERPRETER_CONFIG
+    return ACT_CONFIGS[9 if major >= 9 else 8]
+
+
+@triton.jit
+def quantize_act_kernel(
+    x_ptr,  # [M, K]
+    smooth_ptr,  # [K]
+    down_ptr,  # [R, K]
+    qx_ptr,  # u8 [M, K/2]
+    ascales_ptr,  # f32 [M, G], stored group-major (stride 1 along M)
+    lora_ptr,  # f32 [M, R]
+    M,
+    K,
+    R,
+    stride_xm,
+    stride_dr,
+    stride_qm,
+    stride_ag,
+    shift,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP: tl.constexpr,
+    UNSIGNED: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    LIBDEVICE_RINT: tl.constexpr,
+):
+    HALF: tl.constexpr = GROUP // 2
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    rows = tl.minimum(offs_m, M - 1).to(tl.int64)  # int64: M * K passes 2^31 at ~139k tokens
+    kk = tl.arange(0, GROUP)
+    j = tl.arange(0, HALF)
+    rr = tl.arange(0, BLOCK_R)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + kk[None, :]
+    d_ptrs = down_ptr + tl.minimum(rr, tl.maximum(R - 1, 0))[:, None].to(tl.int64) * stride_dr + kk[None, :]
+    q_ptrs = qx_ptr + offs_m.to(tl.int64)[:, None] * stride_qm + j[None, :]
+    s_ptrs = ascales_ptr + offs_m
+    lora = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for g in range(0, K // GROUP):
+        x = tl.load(x_ptrs).to(tl.float32)  # [BM, GROUP], contiguous rows
+        s = tl.load(smooth_ptr + g * GROUP + kk).to(tl.float32)
+        h = tl.div_rn(x + shift, s[None, :])  # x_hat
+        if UNSIGNED:
+            scale = tl.div_rn(tl.maximum(tl.max(h, axis=1), 0.0), 15.0)
+            lo, hi = 0.0, 15.0
+        else:
+            scale = tl.div_rn(tl.max(tl.abs(h), axis=1), 7.0)
+            lo, hi = -8.0, 7.0
+        ok = scale > 0
+        v = tl.div_rn(h, tl.where(ok, scale, 1.0)[:, None])
+        # Half-to-even; the interpreter has no libdevice: the exact 1.5 * 2^23 trick (|v| <= 15).
+        v = libdevice.rint(v) if LIBDEVICE_RINT else (v + 12582912.0) - 12582912.0
+        q = tl.where(ok[:, None], tl.minimum(tl.maximum(v, lo), hi), 0.0).to(tl.int32)
+        q_even, q_odd = tl.split(tl.reshape(q, (BLOCK_M, HALF, 2)))  # channel 2j, 2j+1
+        packed = ((q_even & 0xF) | ((q_odd & 0xF) << 4)).to(tl.uint8)
+        tl.store(q_ptrs, packed, mask=row_ok[:, None])
+        tl.store(s_ptrs + g * stride_ag, scale, mask=row_ok)
+        if HAS_LORA:
+            d = tl.load(d_ptrs).to(tl.float32)  # [BR, GROUP]; rows past R repeat row R-1
+            lora = tl.dot(h, tl.trans(d), lora, input_precision="tf32x3")
+        x_ptrs += GROUP
+        d_ptrs += GROUP
+        q_ptrs += HALF
+    if HAS_LORA:
+        out = lora_ptr + offs_m.to(tl.int64)[:, None] * R + rr[None, :]
+        tl.store(out, lora, mask=row_ok[:, None] & (rr[None, :] < R))

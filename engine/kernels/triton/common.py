@@ -1,0 +1,83 @@
+"""Helpers shared by the Triton kernels: exact conversions, nibble unpacking, launch configs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+RINT_MAGIC = 12582912.0  # 1.5 * 2^23: (v + m) - m rounds v half-to-even in fp32 (|v| < 2^22)
+I2F_MAGIC_BITS = 0x4B400000  # the bit pattern of 1.5 * 2^23
+I2F_EXACT_LIMIT = 1 << 22  # the magic conversion is exact for integers in [-2^22, 2^22]
+
+
+def check_group_size(group_size: int) -> None:
+    """Group sizes the GPU kernels compile for: powers of two from 64 (one K=64 MMA step).
+
+    The interpreter accepts any size, a GPU compile does not (``tl.arange`` needs a power of
+    two): reject the others on every device, so a test on CPU fails where a GPU would.
+    """
+    if group_size < 64 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 64 for the triton backend, got {group_size}")
+
+
+def block_r(r: int) -> int:
+    """Padded low-rank width: a power of two >= 16 (the smallest MMA K/N)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """A fixed launch configuration (tile sizes, warps, pipeline depth) for one kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@triton.jit
+def exact_i32_to_f32(v):
+    """int32 -> fp32 without I2F: for |v| <= 2^22, adding v to the bits of 1.5 * 2^23 gives the
+    float 1.5 * 2^23 + v exactly (v ulps of 1.0), and subtracting 1.5 * 2^23 is exact."""
+    return (v + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def unpack_nibbles(p, SIGNED: tl.constexpr, ASM: tl.constexpr):
+    """uint8 codes, two per byte -> (low, high) int8 tensors of the same shape.
+
+    signed: 16 * code, exact in int8 (the nibble moved to the top of its byte); the caller
+    divides the dot by 16 per signed operand, a power of two, folded into a scale.
+    unsigned: the code itself, 0..15. On the GPU one 32-bit instruction handles four bytes.
+    """
+    if ASM:
+        if SIGNED:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ shl.b32 $0, $2, 4; and.b32 $0, $0, 0xF0F0F0F0; and.b32 $1, $2, 0xF0F0F0F0; }",
+                "=r,=r,r",
+                [p],
+                dtype=(tl.int8, tl.int8),
+                is_pure=True,
+                pack=4,
+            )
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ and.b32 $0, $2, 0x0F0F0F0F; shr.b32 $1, $2, 4; and.b32 $1, $1, 0x0F0F0F0F; }",
+                "=r,=r,r",
+                [p],
+                dtype=(tl.int8, tl.int8),
+                is_pure=True,
+                pack=4,
+            )
+    else:  # the interpreter has no inline PTX: the same bytes, one element at a time
+        if SIGNED:
+            lo = (p << 4).to(tl.int8, bitcast=True)
+            hi = (p & 0xF0).to(tl.int8, bitcast=True)
+        else:
+            lo = (p & 0xF).to(tl.int8, bitcast=True)
+            hi = (p >> 4).to(tl.int8, bitcast=True)
+    return lo, hi
