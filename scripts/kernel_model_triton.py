@@ -42,17 +42,17 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET") == "1" and "--gemv-bytes-child" not in sys.argv:
     sys.exit("run without TRITON_INTERPRET=1: this script compiles the kernels for GPU targets")
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton._C.libtriton import native_specialize_impl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import torch
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
 
-import engine.kernels.triton_backend as tb  # noqa: E402
-from engine.kernels.triton.act import ACT_CONFIGS  # noqa: E402
-from engine.kernels.triton.gemm import GEMM_CONFIGS  # noqa: E402
-from engine.kernels.triton.gemv import GEMV_CONFIGS  # noqa: E402
+import engine.kernels.triton_backend as tb
+from engine.kernels.triton.act import ACT_CONFIGS
+from engine.kernels.triton.gemm import GEMM_CONFIGS
+from engine.kernels.triton.gemv import GEMV_CONFIGS
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 FLUX_M = 4352  # 4096 image + 256 text tokens at 1024x1024
@@ -257,28 +257,36 @@ def gemm_configs() -> list[tuple[int, str, object]]:
     return [(cc, name, cfg) for cc in ARCHS for name, cfg in GEMM_CONFIGS[cc // 10].items()]
 
 
+def _variants(fn, cc: int, launches: dict) -> list[tuple[list, dict]]:
+    """Compile each shape's launch; group the shapes that share one specialization."""
+    by_key: dict[int, tuple[list, dict]] = {}
+    for shape, (_, args, kwargs) in launches.items():
+        info = compile_sass(fn, args, kwargs, cc)
+        by_key.setdefault(id(info), ([], info))[0].append(list(shape))
+    return list(by_key.values())
+
+
 def static_report() -> dict:
-    """Compile every kernel and config for sm_90 and sm_86 on FLUX's shapes; count the SASS."""
+    """Compile every kernel and config for each arch on FLUX's shapes; count the SASS."""
     report: dict = {"gemm": [], "act": [], "gemv": []}
     for cc, name, cfg in gemm_configs():
         for unsigned in (False, True):
-            keys = set()
-            for k, n in FLUX_SHAPES:
-                grid, args, kwargs = gemm_launch(FLUX_M, k, n, cc // 10, cfg, unsigned)
-                info = compile_sass(tb.w4a4_gemm_kernel, args, kwargs, cc)
-                keys.add(id(info))
-            entry = {"cc": cc, "config": name, **asdict(cfg), "unsigned": unsigned, "variants": len(keys)}
-            report["gemm"].append(entry | info)
+            launches = {
+                (FLUX_M, k, n): gemm_launch(FLUX_M, k, n, cc // 10, cfg, unsigned) for k, n in FLUX_SHAPES
+            }
+            for shapes, info in _variants(tb.w4a4_gemm_kernel, cc, launches):
+                entry = {"cc": cc, "config": name, **asdict(cfg), "unsigned": unsigned, "shapes": shapes}
+                report["gemm"].append(entry | info)
     for cc in ARCHS:
-        for k, _ in {(k, None) for k, _ in FLUX_SHAPES}:
-            grid, args, kwargs = act_launch(FLUX_M, k, cc // 10)
-            info = compile_sass(tb.quantize_act_kernel, args, kwargs, cc)
-        report["act"].append({"cc": cc, **asdict(ACT_CONFIGS[cc // 10]), **info})
+        launches = {(FLUX_M, k): act_launch(FLUX_M, k, cc // 10) for k in sorted({k for k, _ in FLUX_SHAPES})}
+        for shapes, info in _variants(tb.quantize_act_kernel, cc, launches):
+            report["act"].append({"cc": cc, **asdict(ACT_CONFIGS[cc // 10]), "shapes": shapes, **info})
         for m in (1, 2, 4):
-            for k, n in ADALN_SHAPES:
-                grid, args, kwargs = gemv_launch(m, k, n, cc // 10)
-                info = compile_sass(tb.w4a16_gemv_kernel, args, kwargs, cc)
-            report["gemv"].append({"cc": cc, "rows": m, **asdict(GEMV_CONFIGS[cc // 10]), **info})
+            launches = {(m, k, n): gemv_launch(m, k, n, cc // 10) for k, n in ADALN_SHAPES}
+            for shapes, info in _variants(tb.w4a16_gemv_kernel, cc, launches):
+                report["gemv"].append(
+                    {"cc": cc, "rows": m, **asdict(GEMV_CONFIGS[cc // 10]), "shapes": shapes, **info}
+                )
     return report
 
 
