@@ -235,7 +235,7 @@ def analyse(cubin: bytes) -> dict:
     mma = [body for body in loops if any(re.search(r"\b(IGMMA|IMMA|HMMA)", t) for t in body)]
     main = max(mma or loops, key=len) if loops else []
     ops = Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in main)
-    loads = {op: c for op, c in ops.items() if op.startswith(("LDG", "LDGSTS"))}
+    loads = {op: c for op, c in ops.items() if re.match(r"(LDG|LDGSTS)(\.|$)", op)}
     return {
         "regs": int(reg.group(1)),
         "stack_bytes": int(reg.group(2)),

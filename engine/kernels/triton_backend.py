@@ -8,8 +8,9 @@ Deterministic: every output element is reduced by one program in a fixed order, 
 
 Exactness against the reference: divisions use ``tl.div_rn`` (IEEE round-to-nearest) and
 rounding is half-to-even (libdevice ``rint`` on the GPU; the interpreter uses the exact
-1.5 * 2^23 trick), so the activation codes match the reference bit for bit. The low-rank
-products take fp32 inputs through ``tf32x3`` (three TF32 MMAs: fp32-class accuracy).
+1.5 * 2^23 trick), so the activation codes match the reference bit for bit. No low-rank
+product feeds raw fp32 to TF32: fp32 operands go through ``tf32x3`` (three TF32 MMAs), and
+x_hat against a bf16 proj_down is split into two bf16 halves (two exact-product MMAs).
 
 GPU-only hazards handled here: launch configs come from a fixed per-architecture table (no
 autotuning, whose benchmarking would synchronize inside CUDA-graph capture; the first call per
@@ -77,9 +78,14 @@ def quantize_act(
         return qx, ascales, lora_act
     cfg = act_config(_major(x.device))
     down = _row_major(proj_down)
+    smooth = smooth.contiguous()
+    # RN(1 / smooth) by IEEE division (K values): the kernel divides by smooth in 3 FMA-class
+    # instructions per element from it (engine/kernels/triton/common.py: div_correct).
+    rsmooth = smooth if _INTERPRET else 1.0 / smooth.float()
     quantize_act_kernel[(triton.cdiv(m, cfg.block_m),)](
         x,
-        smooth.contiguous(),
+        smooth,
+        rsmooth,
         down,
         qx,
         ascales,
@@ -97,7 +103,8 @@ def quantize_act(
         GROUP=group_size,
         UNSIGNED=unsigned,
         HAS_LORA=r > 0,
-        LIBDEVICE_RINT=not _INTERPRET,
+        COMPILED=not _INTERPRET,
+        DOWN_BF16=down.dtype == torch.bfloat16,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -163,7 +170,7 @@ def w4a4_gemm(
         UNSIGNED=unsigned,
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
-        ASM=not _INTERPRET,
+        COMPILED=not _INTERPRET,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

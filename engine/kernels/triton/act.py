@@ -3,8 +3,8 @@
 Each program owns BLOCK_M rows and walks their groups in order: one contiguous [BLOCK_M,
 GROUP] tile load per group (16-byte vectors), smoothing and the group's scale in fp32, the
 codes packed in registers (the tile is split into even and odd channels after the load, not
-loaded at stride 2), and ONE low-rank dot with K = GROUP into an fp32 accumulator (tf32x3 on
-tensor cores: fp32-class accuracy). The loop is software-pipelined by Triton (num_stages).
+loaded at stride 2), and ONE low-rank product with K = GROUP into an fp32 accumulator: for a
+bf16 proj_down, x_hat split into two bf16 halves (two MMAs, ~2^-17 relative); otherwise tf32x3. The loop is software-pipelined by Triton (num_stages).
 Deterministic: each output element is produced by one program in a fixed order.
 """
 
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from engine.kernels.triton.common import INTERPRET, LaunchConfig
+from engine.kernels.triton.common import INTERPRET, LaunchConfig, div_correct, dot_bf16
 
 # block_n is unused here (the low-rank width is BLOCK_R); one config per architecture.
 ACT_CONFIGS: dict[int, LaunchConfig] = {9: LaunchConfig(32, 0, 4, 4), 8: LaunchConfig(32, 0, 4, 3)}
@@ -32,6 +32,7 @@ def act_config(major: int) -> LaunchConfig:
 def quantize_act_kernel(
     x_ptr,  # [M, K]
     smooth_ptr,  # [K]
+    rsmooth_ptr,  # f32 [K], RN(1 / smooth) (read only with COMPILED)
     down_ptr,  # [R, K]
     qx_ptr,  # u8 [M, K/2]
     ascales_ptr,  # f32 [M, G], stored group-major (stride 1 along M)
@@ -49,7 +50,8 @@ def quantize_act_kernel(
     GROUP: tl.constexpr,
     UNSIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr,
-    LIBDEVICE_RINT: tl.constexpr,
+    COMPILED: tl.constexpr,  # for a GPU: libdevice rint, FMA division, bf16 MMA (not interpreted)
+    DOWN_BF16: tl.constexpr,
 ):
     HALF: tl.constexpr = GROUP // 2
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -66,7 +68,11 @@ def quantize_act_kernel(
     for g in range(0, K // GROUP):
         x = tl.load(x_ptrs).to(tl.float32)  # [BM, GROUP], contiguous rows
         s = tl.load(smooth_ptr + g * GROUP + kk).to(tl.float32)
-        h = tl.div_rn(x + shift, s[None, :])  # x_hat
+        if COMPILED:  # the reciprocal comes from the host (IEEE), three instructions per element
+            rs = tl.load(rsmooth_ptr + g * GROUP + kk)
+            h = div_correct(x + shift, s[None, :], rs[None, :])  # x_hat
+        else:
+            h = tl.div_rn(x + shift, s[None, :])
         if UNSIGNED:
             scale = tl.div_rn(tl.maximum(tl.max(h, axis=1), 0.0), 15.0)
             lo, hi = 0.0, 15.0
@@ -74,17 +80,32 @@ def quantize_act_kernel(
             scale = tl.div_rn(tl.max(tl.abs(h), axis=1), 7.0)
             lo, hi = -8.0, 7.0
         ok = scale > 0
-        v = tl.div_rn(h, tl.where(ok, scale, 1.0)[:, None])
+        denom = tl.where(ok, scale, 1.0)
+        if COMPILED:
+            # A subnormal scale (a group of tiny values): scale both sides by 2^64, exactly.
+            lift = tl.where(denom < 1e-30, 18446744073709551616.0, 1.0)
+            denom = denom * lift
+            v = div_correct(h * lift[:, None], denom[:, None], tl.div_rn(1.0, denom)[:, None])
+        else:
+            v = tl.div_rn(h, denom[:, None])
         # Half-to-even; the interpreter has no libdevice: the exact 1.5 * 2^23 trick (|v| <= 15).
-        v = libdevice.rint(v) if LIBDEVICE_RINT else (v + 12582912.0) - 12582912.0
+        v = libdevice.rint(v) if COMPILED else (v + 12582912.0) - 12582912.0
         q = tl.where(ok[:, None], tl.minimum(tl.maximum(v, lo), hi), 0.0).to(tl.int32)
         q_even, q_odd = tl.split(tl.reshape(q, (BLOCK_M, HALF, 2)))  # channel 2j, 2j+1
         packed = ((q_even & 0xF) | ((q_odd & 0xF) << 4)).to(tl.uint8)
         tl.store(q_ptrs, packed, mask=row_ok[:, None])
         tl.store(s_ptrs + g * stride_ag, scale, mask=row_ok)
         if HAS_LORA:
-            d = tl.load(d_ptrs).to(tl.float32)  # [BR, GROUP]; rows past R repeat row R-1
-            lora = tl.dot(h, tl.trans(d), lora, input_precision="tf32x3")
+            d = tl.load(d_ptrs)  # [BR, GROUP]; rows past R repeat row R-1
+            if DOWN_BF16:
+                # proj_down is exact in bf16, x_hat = hi + lo in two bf16 parts (16 mantissa
+                # bits): two bf16 MMAs with exact products and fp32 sums, ~2^-17 relative.
+                h_hi = h.to(tl.bfloat16)
+                h_lo = (h - h_hi.to(tl.float32)).to(tl.bfloat16)
+                lora = dot_bf16(h_hi, tl.trans(d), lora, COMPILED)
+                lora = dot_bf16(h_lo, tl.trans(d), lora, COMPILED)
+            else:  # fp32 or fp16 factors: three TF32 MMAs, fp32-class accuracy
+                lora = tl.dot(h, tl.trans(d.to(tl.float32)), lora, input_precision="tf32x3")
         x_ptrs += GROUP
         d_ptrs += GROUP
         q_ptrs += HALF

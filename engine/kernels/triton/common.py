@@ -81,3 +81,26 @@ def unpack_nibbles(p, SIGNED: tl.constexpr, ASM: tl.constexpr):
             lo = (p & 0xF).to(tl.int8, bitcast=True)
             hi = (p >> 4).to(tl.int8, bitcast=True)
     return lo, hi
+
+
+@triton.jit
+def div_correct(a, b, rb):
+    """``a / b`` rounded like IEEE division, from ``rb = RN(1 / b)``: Markstein's correction.
+
+    ``q = a * rb`` is within one ulp of a / b; the residual ``a - q * b`` is then exact in one
+    FMA, and ``q + residual * rb`` (one more FMA) is the correctly rounded quotient, provided
+    b, 1/b and a/b are normal numbers. Three instructions instead of the ~15 of a full IEEE
+    division (reciprocal, refinement, range check and a slow-path call) per element.
+    """
+    q = a * rb
+    r = tl.fma(-q, b, a)
+    return tl.fma(r, rb, q)
+
+
+@triton.jit
+def dot_bf16(a, b, acc, NATIVE: tl.constexpr):
+    """``acc + a @ b`` for bf16 ``a`` and ``b``: a bf16 MMA on the GPU; in the interpreter, whose
+    bf16 dot is wrong (triton 3.6), the same exact products in fp32."""
+    if NATIVE:
+        return tl.dot(a, b, acc)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")

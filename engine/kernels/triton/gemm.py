@@ -76,7 +76,7 @@ def w4a4_gemm_kernel(
     UNSIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    ASM: tl.constexpr,
+    COMPILED: tl.constexpr,  # for a GPU: inline-PTX unpacking (not interpreted)
 ):
     HALF: tl.constexpr = GROUP // 2
     # 1/16 per signed operand (weights always, activations unless unsigned), exact.
@@ -124,8 +124,8 @@ def w4a4_gemm_kernel(
         pw = tl.load(w_ptrs)  # [BN, HALF] u8
         sa = tl.load(sa_base + g * stride_ag + sa_offs, mask=m_ok, other=0.0) * INV  # [BM]
         sw = tl.load(sw_base + g * stride_sg + sw_offs, mask=n_ok, other=0.0).to(tl.float32)  # [BN]
-        x_lo, x_hi = unpack_nibbles(px, not UNSIGNED, ASM)
-        w_lo, w_hi = unpack_nibbles(pw, True, ASM)
+        x_lo, x_hi = unpack_nibbles(px, not UNSIGNED, COMPILED)
+        w_lo, w_hi = unpack_nibbles(pw, True, COMPILED)
         xa = interleave4(x_lo, x_hi, BLOCK_M, GROUP)
         wa = interleave4(w_lo, w_hi, BLOCK_N, GROUP)
         dot = tl.dot(xa, tl.trans(wa), out_dtype=tl.int32)  # [BM, BN], exact
