@@ -105,8 +105,7 @@ def quantize_act(
         HAS_LORA=r > 0,
         COMPILED=not _INTERPRET,
         DOWN_BF16=down.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **cfg.launch_options(),
     )
     return qx, ascales, lora_act
 
@@ -170,9 +169,9 @@ def w4a4_gemm(
         UNSIGNED=unsigned,
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
+        EVEN_MN=m % cfg.block_m == 0 and n % cfg.block_n == 0,
         COMPILED=not _INTERPRET,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **cfg.launch_options(),
     )
     return out
 
@@ -223,7 +222,6 @@ def w4a16_gemv(
         GROUP=group,
         HAS_BIAS=bias is not None,
         EVEN_K=k % block_k == 0,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **cfg.launch_options(),
     )
     return y

@@ -16,8 +16,9 @@ from triton.language.extra import libdevice
 
 from engine.kernels.triton.common import INTERPRET, LaunchConfig, div_correct, dot_bf16
 
-# block_n is unused here (the low-rank width is BLOCK_R); one config per architecture.
-ACT_CONFIGS: dict[int, LaunchConfig] = {9: LaunchConfig(32, 0, 4, 4), 8: LaunchConfig(32, 0, 4, 3)}
+# 16 rows per program: 272 programs at M = 4352, two or three per SM. block_n is unused here
+# (the low-rank width is BLOCK_R).
+ACT_CONFIGS: dict[int, LaunchConfig] = {9: LaunchConfig(16, 0, 4, 4), 8: LaunchConfig(16, 0, 4, 3)}
 INTERPRETER_CONFIG = LaunchConfig(16, 0, 4, 1)
 
 

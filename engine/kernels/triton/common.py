@@ -37,6 +37,14 @@ class LaunchConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # register cap per thread (more CTAs per SM); None: ptxas decides
+
+    def launch_options(self) -> dict:
+        """The launch keywords of this config (``num_warps``, ``num_stages``, ``maxnreg``)."""
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
 
 @triton.jit
@@ -104,3 +112,23 @@ def dot_bf16(a, b, acc, NATIVE: tl.constexpr):
     if NATIVE:
         return tl.dot(a, b, acc)
     return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+
+@triton.jit
+def round_to_22_bits(s):
+    """``s`` rounded to 22 significant bits (to nearest; relative change <= 2^-23, about one
+    fp32 ulp): then ``1.5 * 2^23 * s`` is exact (3 x a 22-bit significand fits in 24 bits),
+    which lets one FMA both remove the magic bias of an integer and scale it (scale_biased)."""
+    return ((s.to(tl.int32, bitcast=True) + 2) & -4).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def scale_biased(biased, s22, neg_bias_s22, FUSED: tl.constexpr):
+    """``RN(v * s22)`` from ``biased`` = the bits of 1.5 * 2^23 plus the integer v (|v| <= 2^22)
+    and ``neg_bias_s22 = -1.5 * 2^23 * s22`` (exact, see round_to_22_bits). On the GPU one FMA
+    (the product is not rounded before the exact bias cancels); in the interpreter, which has
+    no fused multiply-add, the exact subtraction then one multiply: the same single rounding."""
+    b = biased.to(tl.float32, bitcast=True)
+    if FUSED:
+        return tl.fma(b, s22, neg_bias_s22)
+    return (b - 12582912.0) * s22

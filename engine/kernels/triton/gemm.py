@@ -14,13 +14,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from engine.kernels.triton.common import INTERPRET, LaunchConfig, exact_i32_to_f32, unpack_nibbles
+from engine.kernels.triton.common import (
+    INTERPRET,
+    LaunchConfig,
+    round_to_22_bits,
+    scale_biased,
+    unpack_nibbles,
+)
 
 # Fixed per-architecture configs (no autotuning: a benchmark inside CUDA-graph capture would
 # synchronize). Every entry is compiled for its architecture in CI and must not spill.
+# Hopper: 64 x 128 tiles of one warpgroup capped at 168 registers, three CTAs per SM, so that one
+# CTA's MMA runs under another's scaling (wgmma accumulates in place: each warpgroup waits on its
+# own). Ampere: 128 x 64 tiles, two CTAs per SM. "small" (M <= 1024): more, smaller tiles.
 GEMM_CONFIGS: dict[int, dict[str, LaunchConfig]] = {
-    9: {"large": LaunchConfig(128, 128, 8, 4), "small": LaunchConfig(64, 128, 4, 4)},
-    8: {"large": LaunchConfig(128, 128, 8, 3), "small": LaunchConfig(64, 128, 4, 3)},
+    9: {"large": LaunchConfig(64, 128, 4, 4, maxnreg=168), "small": LaunchConfig(64, 64, 4, 4)},
+    8: {"large": LaunchConfig(128, 64, 4, 3), "small": LaunchConfig(64, 64, 4, 3)},
 }
 INTERPRETER_CONFIG = LaunchConfig(16, 16, 4, 1)
 GROUP_M = 8  # CTAs along M that walk N together (L2 reuse of the weight tiles)
@@ -76,9 +85,11 @@ def w4a4_gemm_kernel(
     UNSIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    EVEN_MN: tl.constexpr,  # M % BLOCK_M == N % BLOCK_N == 0: scale loads without masks
     COMPILED: tl.constexpr,  # for a GPU: inline-PTX unpacking (not interpreted)
 ):
     HALF: tl.constexpr = GROUP // 2
+    MAGIC: tl.constexpr = 0x4B400000  # the bits of 1.5 * 2^23 (common.I2F_MAGIC_BITS)
     # 1/16 per signed operand (weights always, activations unless unsigned), exact.
     INV: tl.constexpr = 1.0 / 16.0 if UNSIGNED else 1.0 / 256.0
     # Grouped CTA order: GROUP_M row blocks sweep the columns together, sharing weight tiles in L2.
@@ -122,14 +133,24 @@ def w4a4_gemm_kernel(
     for g in range(0, K // GROUP):
         px = tl.load(x_ptrs)  # [BM, HALF] u8
         pw = tl.load(w_ptrs)  # [BN, HALF] u8
-        sa = tl.load(sa_base + g * stride_ag + sa_offs, mask=m_ok, other=0.0) * INV  # [BM]
-        sw = tl.load(sw_base + g * stride_sg + sw_offs, mask=n_ok, other=0.0).to(tl.float32)  # [BN]
+        if EVEN_MN:
+            sa = tl.load(sa_base + g * stride_ag + sa_offs)
+            sw = tl.load(sw_base + g * stride_sg + sw_offs)
+        else:
+            sa = tl.load(sa_base + g * stride_ag + sa_offs, mask=m_ok, other=0.0)
+            sw = tl.load(sw_base + g * stride_sg + sw_offs, mask=n_ok, other=0.0)
+        sa = round_to_22_bits(sa * INV)  # [BM]
+        neg_bias_sa = -12582912.0 * sa  # exact
+        sw = sw.to(tl.float32)  # [BN]
         x_lo, x_hi = unpack_nibbles(px, not UNSIGNED, COMPILED)
         w_lo, w_hi = unpack_nibbles(pw, True, COMPILED)
         xa = interleave4(x_lo, x_hi, BLOCK_M, GROUP)
         wa = interleave4(w_lo, w_hi, BLOCK_N, GROUP)
-        dot = tl.dot(xa, tl.trans(wa), out_dtype=tl.int32)  # [BM, BN], exact
-        acc += exact_i32_to_f32(dot) * sa[:, None] * sw[None, :]
+        # The MMA accumulates onto the bits of 1.5 * 2^23: its int32 result, read as fp32, is
+        # 1.5 * 2^23 + dot exactly; one FMA removes the bias and applies sa, one more sw.
+        biased = tl.dot(xa, tl.trans(wa), tl.full((BLOCK_M, BLOCK_N), MAGIC, tl.int32), out_dtype=tl.int32)
+        part = scale_biased(biased, sa[:, None], neg_bias_sa[:, None], COMPILED)  # [BM, BN]
+        acc = tl.fma(part, sw[None, :], acc)
         x_ptrs += HALF
         w_ptrs += HALF
 
