@@ -173,3 +173,68 @@ def test_group_sizes_a_gpu_cannot_compile_are_rejected_everywhere(group_size):
     g["wscales"] = torch.ones(8, 192 // group_size, device=DEVICE)
     with pytest.raises(ValueError, match="power of two >= 64"):
         tb.w4a4_gemm(**g, unsigned=False, out_dtype=torch.float32)
+
+
+def test_launch_configs_are_fixed_tables_not_autotuned():
+    """Autotuning benchmarks (and synchronizes) on first use, which breaks CUDA-graph capture."""
+    from triton.runtime.autotuner import Autotuner
+
+    for kernel in (tb.w4a4_gemm_kernel, tb.quantize_act_kernel, tb.w4a16_gemv_kernel):
+        assert not isinstance(kernel, Autotuner)
+
+
+@pytest.mark.gpu
+def test_ops_capture_in_a_cuda_graph():
+    """Warm up (compiles each kernel variant), capture, replay: the same bytes as eager."""
+    a = act_inputs(256, 3072, 32, device="cuda")
+    g = gemm_inputs(256, 3072, 3072, 32, device="cuda")
+    g["wscales"] = g["wscales"].float().t().contiguous().t()
+
+    def step():
+        qx, ascales, lora = tb.quantize_act(
+            a["x"], a["smooth"], a["proj_down"], group_size=64, unsigned=False, shift=0.0
+        )
+        y = tb.w4a4_gemm(
+            qx,
+            ascales,
+            g["qweight"],
+            g["wscales"],
+            lora,
+            g["proj_up"],
+            g["bias"],
+            unsigned=False,
+            out_dtype=torch.bfloat16,
+        )
+        return qx, y
+
+    eager = step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(p, q) for p, q in zip(eager, captured, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_row_offsets_past_2_to_the_31():
+    """M * K > 2^31 (K = 15360, 140k tokens): the last rows must still be right (int64 offsets)."""
+    m, k = 140_000, 15360
+    a = act_inputs(64, k, 32, device="cuda")
+    x = a["x"][:1].expand(m, k).contiguous()
+    x[-64:] = a["x"]
+    qx, ascales, lora = tb.quantize_act(
+        x, a["smooth"], a["proj_down"], group_size=64, unsigned=False, shift=0.0
+    )
+    qx_r, ascales_r, lora_r = ref_act(a, group_size=64, unsigned=False, shift=0.0)
+    assert torch.equal(qx[-64:], qx_r) and torch.equal(ascales[-64:], ascales_r)
+    torch.testing.assert_close(lora[-64:], lora_r, **LORA_TOL)
+    g = gemm_inputs(64, k, 64, 32, device="cuda")
+    big = {**g, "qx": qx, "ascales": ascales, "lora_act": lora}
+    y = tb.w4a4_gemm(**big, unsigned=False, out_dtype=torch.float32)[-64:]
+    small = {**g, "qx": qx[-64:], "ascales": ascales[-64:], "lora_act": lora[-64:]}
+    torch.testing.assert_close(
+        y, reference.w4a4_gemm(**small, unsigned=False, out_dtype=torch.float32), **OUT_TOL[torch.float32]
+    )

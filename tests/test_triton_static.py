@@ -158,3 +158,23 @@ def test_fma_division_is_ieee_division():
     q = a * rb
     got = _fma32(_fma32(-q, b, a), rb, q)
     assert torch.equal(got, a / b)
+
+
+def test_one_fma_removes_the_bias_and_scales_exactly():
+    """The GPU GEMM's epilogue: with s22 = the scale rounded to 22 significant bits,
+    -1.5 * 2^23 * s22 is exact in fp32 and fma(bits(1.5 * 2^23 + v), s22, -1.5 * 2^23 * s22)
+    is RN(v * s22): a single rounding of the exact product, as if v had been converted first."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 20
+    v = torch.randint(-I2F_EXACT_LIMIT, I2F_EXACT_LIMIT + 1, (n,), generator=g)
+    v[:4] = torch.tensor([-I2F_EXACT_LIMIT, I2F_EXACT_LIMIT, 0, 1])
+    s = (torch.rand(n, generator=g) * torch.exp2(torch.randint(-30, 10, (n,), generator=g).float())) / 256
+    bits = s.view(torch.int32)
+    s22 = ((bits + 2) & -4).view(torch.float32)  # round_to_22_bits
+    assert ((s22 - s).abs() <= s * 2.0**-22).all()  # two ulps at most
+    bias = torch.full((n,), 12582912.0)
+    neg = -12582912.0 * s22
+    assert torch.equal(neg.double(), -12582912.0 * s22.double())  # exact
+    biased = (v.int() + 0x4B400000).view(torch.float32)
+    assert torch.equal(biased.double(), bias.double() + v.double())
+    assert torch.equal(_fma32(biased, s22, neg), (v.double() * s22.double()).float())

@@ -27,7 +27,10 @@ Op contract (every backend implements exactly this; ``reference`` is the ground 
         read once per call and dequantized in registers. The triton backend takes M <= 4.
 
 Rounding is round-half-to-even and division is IEEE-exact, so a backend reproduces the
-reference's codes bit for bit; only the order of the fp32 sums may differ.
+reference's codes bit for bit; only the order of the fp32 sums may differ (and the Triton GEMM
+applies each ascale rounded to 22 significant bits, a relative change <= 2^-22, which lets one
+FMA convert and scale a group's integer sum). Scales may have any strides: group-major ones
+(strides (1, M) or (1, N), as the Triton quantize_act returns ascales) load fastest there.
 
 The ops are torch custom ops (``torch.ops.svdq.quantize_act``, ``torch.ops.svdq.w4a4_gemm``,
 ``torch.ops.svdq.w4a16_gemv``)

@@ -116,8 +116,8 @@ def dot_bf16(a, b, acc, NATIVE: tl.constexpr):
 
 @triton.jit
 def round_to_22_bits(s):
-    """``s`` rounded to 22 significant bits (to nearest; relative change <= 2^-23, about one
-    fp32 ulp): then ``1.5 * 2^23 * s`` is exact (3 x a 22-bit significand fits in 24 bits),
+    """``s`` rounded to 22 significant bits (to nearest; relative change <= 2^-22, at most
+    two fp32 ulps): then ``1.5 * 2^23 * s`` is exact (3 x a 22-bit significand fits in 24 bits),
     which lets one FMA both remove the magic bias of an integer and scale it (scale_biased)."""
     return ((s.to(tl.int32, bitcast=True) + 2) & -4).to(tl.float32, bitcast=True)
 
