@@ -162,6 +162,13 @@ def test_group_size_128_matches_reference():
     )
 
 
+def test_gemm_group_sizes_past_its_exact_conversion_are_rejected():
+    g = gemm_inputs(2, 512, 8, 0, device=DEVICE)
+    g["ascales"], g["wscales"] = torch.ones(2, 1, device=DEVICE), torch.ones(8, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 256"):
+        tb.w4a4_gemm(**g, unsigned=False, out_dtype=torch.float32)
+
+
 @pytest.mark.parametrize("group_size", [32, 96, 192])
 def test_group_sizes_a_gpu_cannot_compile_are_rejected_everywhere(group_size):
     """The interpreter would run them; a GPU compile would fail (tl.arange needs a power of two)."""

@@ -19,7 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.triton.common import I2F_EXACT_LIMIT, exact_i32_to_f32, unpack_nibbles
+from engine.kernels.triton.common import (
+    I2F_EXACT_LIMIT,
+    I2F_MAGIC_BITS,
+    MAX_GEMM_GROUP,
+    scale_biased,
+    unpack_nibbles,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "kernel_model_triton.py"
@@ -85,12 +91,14 @@ def test_gemv_moves_the_packed_weight_and_scales_once():
 @triton.jit
 def _i2f_kernel(v_ptr, out_ptr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, exact_i32_to_f32(tl.load(v_ptr + offs)))
+    biased = tl.load(v_ptr + offs) + 0x4B400000  # what the MMA leaves: its sum on the magic bits
+    tl.store(out_ptr + offs, scale_biased(biased, 1.0, -12582912.0, False))
 
 
 def test_magic_int_to_float_is_exact_over_its_whole_range():
-    """Every int32 the GEMM's dot can produce (|v| <= 2^22: 64 x 128 x 128 x 4 for group 256),
-    through the kernel's own conversion."""
+    """Every int32 the GEMM's dot can produce (|v| <= 2^22 for groups up to 256), through the
+    kernel's own conversion (the interpreter's form; the GPU's one-FMA form is checked against
+    exact arithmetic below)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("runs the jit helper in the interpreter (CPU CI)")
     v = torch.arange(-I2F_EXACT_LIMIT, I2F_EXACT_LIMIT + 1, dtype=torch.int32)
@@ -99,7 +107,8 @@ def test_magic_int_to_float_is_exact_over_its_whole_range():
     out = torch.empty(padded.shape, dtype=torch.float32)
     _i2f_kernel[(padded.numel() // block,)](padded, out, BLOCK=block)
     assert torch.equal(out[: v.numel()], v.float())
-    assert I2F_EXACT_LIMIT == 256 * (16 * 8) * (16 * 8)  # group 256, both codes -8, both x16
+    assert I2F_EXACT_LIMIT == MAX_GEMM_GROUP * (16 * 8) * (16 * 8)  # both codes -8, both x16
+    assert torch.tensor(12582912.0).view(torch.int32).item() == I2F_MAGIC_BITS
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import torch
 import triton
 
 from engine.kernels.triton.act import act_config, quantize_act_kernel
-from engine.kernels.triton.common import INTERPRET, LaunchConfig, block_r, check_group_size
+from engine.kernels.triton.common import INTERPRET, MAX_GEMM_GROUP, LaunchConfig, block_r, check_group_size
 from engine.kernels.triton.gemm import GROUP_M, gemm_config, grid_size, w4a4_gemm_kernel
 from engine.kernels.triton.gemv import GEMV_BLOCK_K, MAX_ROWS, gemv_config, w4a16_gemv_kernel
 
@@ -131,7 +131,7 @@ def w4a4_gemm(
     m, half_k = qx.shape
     n, k, r = qweight.shape[0], 2 * half_k, lora_act.shape[1]
     group = k // ascales.shape[1]
-    check_group_size(group)
+    check_group_size(group, MAX_GEMM_GROUP)
     out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     if m == 0:
         return out

@@ -9,19 +9,22 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-RINT_MAGIC = 12582912.0  # 1.5 * 2^23: (v + m) - m rounds v half-to-even in fp32 (|v| < 2^22)
 I2F_MAGIC_BITS = 0x4B400000  # the bit pattern of 1.5 * 2^23
-I2F_EXACT_LIMIT = 1 << 22  # the magic conversion is exact for integers in [-2^22, 2^22]
+I2F_EXACT_LIMIT = 1 << 22  # bits(1.5 * 2^23) + v reads as 1.5 * 2^23 + v for |v| <= 2^22
+MAX_GEMM_GROUP = 256  # |group sum| <= 256 * (16 * 8)^2 = 2^22: the GEMM's conversion stays exact
 
 
-def check_group_size(group_size: int) -> None:
-    """Group sizes the GPU kernels compile for: powers of two from 64 (one K=64 MMA step).
+def check_group_size(group_size: int, largest: int | None = None) -> None:
+    """Group sizes the GPU kernels compile for: powers of two from 64 (one K=64 MMA step), up
+    to ``largest`` where a kernel's exactness needs a bound.
 
     The interpreter accepts any size, a GPU compile does not (``tl.arange`` needs a power of
     two): reject the others on every device, so a test on CPU fails where a GPU would.
     """
     if group_size < 64 or group_size & (group_size - 1):
         raise ValueError(f"group_size must be a power of two >= 64 for the triton backend, got {group_size}")
+    if largest is not None and group_size > largest:
+        raise ValueError(f"group_size must be at most {largest} for this triton kernel, got {group_size}")
 
 
 def block_r(r: int) -> int:
@@ -45,13 +48,6 @@ class LaunchConfig:
         if self.maxnreg is not None:
             opts["maxnreg"] = self.maxnreg
         return opts
-
-
-@triton.jit
-def exact_i32_to_f32(v):
-    """int32 -> fp32 without I2F: for |v| <= 2^22, adding v to the bits of 1.5 * 2^23 gives the
-    float 1.5 * 2^23 + v exactly (v ulps of 1.0), and subtracting 1.5 * 2^23 is exact."""
-    return (v + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
 
 @triton.jit
