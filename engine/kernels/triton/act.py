@@ -4,8 +4,10 @@ Each program owns BLOCK_M rows and walks their groups in order: one contiguous [
 GROUP] tile load per group (16-byte vectors), smoothing and the group's scale in fp32, the
 codes packed in registers (the tile is split into even and odd channels after the load, not
 loaded at stride 2), and ONE low-rank product with K = GROUP into an fp32 accumulator: for a
-bf16 proj_down, x_hat split into two bf16 halves (two MMAs, ~2^-17 relative); otherwise tf32x3. The loop is software-pipelined by Triton (num_stages).
-Deterministic: each output element is produced by one program in a fixed order.
+bf16 proj_down, x_hat split into two bf16 halves (two MMAs, ~2^-17 relative); otherwise
+tf32x3. Both divisions (by smooth, by the group scale) take Markstein's FMA correction from
+IEEE reciprocals on the GPU (bit-exact, see common.div_correct). The loop is pipelined by
+Triton (num_stages). Deterministic: each output element is produced by one program in a fixed order.
 """
 
 from __future__ import annotations

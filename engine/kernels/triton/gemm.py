@@ -2,11 +2,13 @@
 
 Per group of 64 channels a CTA loads its [BLOCK_M, 32] and [BLOCK_N, 32] packed bytes,
 unpacks them with 32-bit shift/mask (four bytes per instruction, codes kept exact: signed
-codes become 16 * code), interleaves low and high nibbles back into channel order and takes
-ONE int8 dot with K = 64 (one wgmma wait on Hopper). The int32 result becomes fp32 through
-an exact magic-number add (no I2F), and is scaled by ascales * wscales (the factor 1/16 per
-signed operand folded into the activation scale) into an fp32 accumulator. Scales are read
-through their strides, so group-major scales (stride 1 along M or N) load as vectors.
+codes become 16 * code), orders the nibbles of each 4 bytes as lo0..lo3 hi0..hi3 on both
+operands (a channel permutation the dot does not see, and no byte shuffles) and takes ONE int8
+dot with K = 64 (one wgmma wait on Hopper). The MMA accumulates onto the bits of 1.5 * 2^23,
+so its int32 result read as fp32 is 1.5 * 2^23 + sum exactly (no I2F); one FMA removes that
+bias and applies the activation scale (rounded to 22 bits, which makes the bias product exact;
+the factor 1/16 per signed operand folded in), one more FMA applies the weight scale into the
+fp32 accumulator. Scales are read through their strides: group-major ones load as vectors.
 """
 
 from __future__ import annotations
