@@ -599,11 +599,11 @@ def markdown(report: dict, table: list[dict], ceiling: list[dict], nbytes: dict)
         unique = sum(v["unique"] for key, v in nbytes.items() if isinstance(v, dict) and "unique" in v)
         lines += [
             "",
-            f"W4A16 GEMV, counted from the kernel's loads (interpreter, GPU launch config), "
-            f"M, K, N = {nbytes['shape']}: qweight loaded {w['loaded']:,} B of {w['bytes']:,} "
-            f"(each byte once: {w['loaded'] == w['unique'] == w['bytes']}); scales + zeros "
-            f"{sum(v['loaded'] for v in sc.values()):,} B; unique bytes of all inputs {unique:,} = "
-            f"{unique / packed:.3f}x the packed weight + scales.",
+            f"W4A16 GEMV, counted from the kernel's own loads (interpreter, GPU launch config, "
+            f"M, K, N = {nbytes['shape']}): qweight {w['loaded']:,} B loaded of {w['bytes']:,}, "
+            f"{'each byte exactly once' if w['loaded'] == w['unique'] == w['bytes'] else 'NOT each byte once'}; "
+            f"scales + zeros {sum(v['loaded'] for v in sc.values()):,} B; unique bytes of all inputs "
+            f"{unique:,} = {unique / packed:.3f}x the packed weight + scales + zeros.",
             "",
         ]
     lines += [
