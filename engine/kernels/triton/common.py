@@ -56,7 +56,7 @@ def unpack_nibbles(p, SIGNED: tl.constexpr, ASM: tl.constexpr):
 
     signed: 16 * code, exact in int8 (the nibble moved to the top of its byte); the caller
     divides the dot by 16 per signed operand, a power of two, folded into a scale.
-    unsigned: the code itself, 0..15. On the GPU one 32-bit instruction handles four bytes.
+    unsigned: the code itself, 0..15. On the GPU each 32-bit shift/mask handles four bytes.
     """
     if ASM:
         if SIGNED:
