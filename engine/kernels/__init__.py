@@ -20,17 +20,28 @@ Op contract (every backend implements exactly this; ``reference`` is the ground 
         integer products within a group, exact; scales per group; the sum over groups and
         the epilogue in fp32; written in out_dtype. qweight is always signed.
 
-Rounding is round-half-to-even and division is IEEE-exact, so a backend reproduces the
-reference's codes bit for bit; only the order of the fp32 sums may differ.
+    w4a16_gemv(x [M, K], qweight [N, K/2], wscales [N, G], wzeros [N, G], bias [N] | None)
+        y [M, N] = x @ (code * wscales + wzeros)^T + bias        weight-only 4-bit, M small
+        codes unsigned 0..15 (low nibble = even k); any float dtype in, fp32 sums, y in x's
+        dtype. For the AdaLN linears (one conditioning vector per image): the packed weight is
+        read once per call and dequantized in registers. The triton backend takes M <= 4.
 
-Both ops are torch custom ops (``torch.ops.svdq.quantize_act``, ``torch.ops.svdq.w4a4_gemm``)
+Rounding is round-half-to-even and division is IEEE-exact, so a backend reproduces the
+reference's codes bit for bit; only the order of the fp32 sums may differ (and the Triton GEMM
+applies each ascale rounded to 22 significant bits, a relative change <= 2^-22, which lets one
+FMA convert and scale a group's integer sum). Scales may have any strides: group-major ones
+(strides (1, M) or (1, N), as the Triton quantize_act returns ascales) load fastest there.
+
+The ops are torch custom ops (``torch.ops.svdq.quantize_act``, ``torch.ops.svdq.w4a4_gemm``,
+``torch.ops.svdq.w4a16_gemv``)
 with fake implementations: ``torch.compile`` traces a model through them without a graph
 break, and the backend is chosen inside the op, at run time, so a compiled graph or a captured
 CUDA graph runs whichever kernels the device has.
 
 Backend choice: the environment variable ``SVDQ_KERNELS`` = auto (default) | reference |
 triton | cuda. ``auto`` takes the fastest backend that can run on the tensor's device; a
-named backend that cannot run there is an error, never a silent fall-back.
+named backend that cannot run there is an error, never a silent fall-back. The CUDA extension
+has no GEMV: where it serves the W4A4 ops, ``w4a16_gemv`` runs on Triton (or the reference).
 """
 
 from __future__ import annotations
@@ -209,6 +220,45 @@ def w4a4_gemm(
     )
 
 
+def w4a16_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wzeros: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weight-only 4-bit linear on a few rows (see the module docstring)."""
+    _check_float("x", x)
+    k = x.shape[-1]
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2 or 2 * qweight.shape[1] != k:
+        raise TypeError(
+            f"qweight must be a uint8 tensor of shape [N, {k // 2}], got {qweight.dtype} "
+            f"{list(qweight.shape)}"
+        )
+    n = qweight.shape[0]
+    if wscales.dim() != 2 or wscales.shape[0] != n or wscales.shape[1] == 0 or k % wscales.shape[1]:
+        raise ValueError(f"wscales must have shape [{n}, G] with G dividing K={k}, got {list(wscales.shape)}")
+    _check_float("wscales", wscales)
+    _check_float("wzeros", wzeros)
+    _check_shape("wzeros", wzeros, tuple(wscales.shape))
+    if bias is not None:
+        _check_float("bias", bias)
+        _check_shape("bias", bias, (n,))
+    x2 = x.reshape(-1, k)  # [M, K]
+    y = torch.ops.svdq.w4a16_gemv(x2, qweight, wscales, wzeros, bias)  # [M, N]
+    return y.reshape(*x.shape[:-1], n)
+
+
+def gemv_backend_for(device: torch.device | str) -> ModuleType:
+    """The backend that serves ``w4a16_gemv`` on ``device``: the W4A4 backend when it has the
+    op, else the first of triton, reference that runs there (the CUDA extension has no GEMV)."""
+    module = backend_for(device)
+    if hasattr(module, "w4a16_gemv"):
+        return module
+    device = torch.device(device)
+    return get_backend("triton" if unavailable_reason("triton", device) is None else "reference", device)
+
+
 # --- the custom ops: the backend is resolved inside, out of sight of the tracer ----------------
 
 
@@ -258,13 +308,31 @@ def _(qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned, out_dtyp
     return qx.new_empty(qx.shape[0], qweight.shape[0], dtype=out_dtype)
 
 
+@torch.library.custom_op("svdq::w4a16_gemv", mutates_args=())
+def _w4a16_gemv_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wzeros: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return gemv_backend_for(x.device).w4a16_gemv(x, qweight, wscales, wzeros, bias)
+
+
+@_w4a16_gemv_op.register_fake
+def _(x, qweight, wscales, wzeros, bias):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "BackendUnavailableError",
     "backend_for",
+    "gemv_backend_for",
     "get_backend",
     "quantize_act",
     "unavailable_reason",
     "w4a4_gemm",
+    "w4a16_gemv",
 ]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.quant.int4 import pack_int4, quantize_int4, unpack_int4
+from engine.quant.int4 import dequantize_int4_asym, pack_int4, quantize_int4, unpack_int4
 
 if TYPE_CHECKING:
     from engine.quant.svdquant import SVDQWeight
@@ -64,6 +64,20 @@ def w4a4_gemm(
     if bias is not None:
         acc += bias.float()
     return acc.to(out_dtype)
+
+
+def w4a16_gemv(
+    x: torch.Tensor,  # [M, K] float
+    qweight: torch.Tensor,  # uint8 [N, K/2], unsigned codes
+    wscales: torch.Tensor,  # [N, G]
+    wzeros: torch.Tensor,  # [N, G]
+    bias: torch.Tensor | None,  # [N]
+) -> torch.Tensor:
+    w = dequantize_int4_asym(unpack_int4(qweight, signed=False), wscales, wzeros)  # fp32 [N, K]
+    y = x.float() @ w.T  # [M, N]
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)
 
 
 def linear(

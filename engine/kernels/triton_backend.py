@@ -1,36 +1,36 @@
-"""Triton backend: fused activation quantization and the W4A4 GEMM on int8 tensor cores.
+"""Triton backend: fused activation quantization, the W4A4 GEMM on int8 tensor cores, and the
+W4A16 GEMV. The kernels live in ``engine/kernels/triton/``; this module launches them.
 
 Portable across sm_80, sm_86, sm_89 and sm_90: Triton has no 4-bit dot, so codes are unpacked
-to int8 in registers and multiplied with ``tl.dot(..., out_dtype=int32)`` (int8 MMA), one
-group of 64 channels at a time; the group's integer sum is scaled and added to an fp32
-accumulator. Deterministic: every output element is reduced by one program in a fixed order,
-with no atomics, so the same inputs give the same bytes on every run.
+to int8 in registers (32-bit shift/mask, exact) and multiplied with one int8 tensor-core dot per
+group of 64 channels; the group's integer sum is scaled and added to an fp32 accumulator.
+Deterministic: every output element is reduced by one program in a fixed order, no atomics.
 
 Exactness against the reference: divisions use ``tl.div_rn`` (IEEE round-to-nearest) and
-rounding is half-to-even (libdevice ``rint`` on the GPU; the interpreter, which has no libdevice,
-uses the exact 1.5 * 2^23 trick, valid for |v| < 2^22), so the codes match the reference bit
-for bit. The low-rank products use
-``tl.dot`` on fp32 inputs (TF32 on tensor cores), within the float tolerance of the tests.
+rounding is half-to-even (libdevice ``rint`` on the GPU; the interpreter uses the exact
+1.5 * 2^23 trick), so the activation codes match the reference bit for bit. No low-rank
+product feeds raw fp32 to TF32: fp32 operands go through ``tf32x3`` (three TF32 MMAs), and
+x_hat against a bf16 proj_down is split into two bf16 halves (two exact-product MMAs).
 
-The kernels run inside the dispatch's custom ops (``torch.ops.svdq.*``, engine/kernels), so
-``torch.compile`` sees one opaque op per call and CUDA graphs capture the launches.
-
-On CPU the kernels run under ``TRITON_INTERPRET=1`` (set before triton is imported), which is
-how CI tests them.
+GPU-only hazards handled here: launch configs come from a fixed per-architecture table (no
+autotuning, whose benchmarking would synchronize inside CUDA-graph capture; the first call per
+kernel variant compiles, so warm up before capture, as ``setup()`` does); group sizes other than
+powers of two >= 64 are rejected (they would only fail when compiled for a GPU); row offsets are
+int64. On CPU the kernels run under ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
-import triton.language as tl
-from triton.language.extra import libdevice
+
+from engine.kernels.triton.act import act_config, quantize_act_kernel
+from engine.kernels.triton.common import INTERPRET, MAX_GEMM_GROUP, LaunchConfig, block_r, check_group_size
+from engine.kernels.triton.gemm import GROUP_M, gemm_config, grid_size, w4a4_gemm_kernel
+from engine.kernels.triton.gemv import GEMV_BLOCK_K, MAX_ROWS, gemv_config, w4a16_gemv_kernel
 
 NAME = "triton"
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_RINT_MAGIC = 12582912.0  # 1.5 * 2^23: (v + m) - m rounds v half-to-even in fp32
+_INTERPRET = INTERPRET
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -44,77 +44,16 @@ def unavailable_reason(device: torch.device) -> str | None:
     return "it runs on CUDA GPUs, or on the CPU only under TRITON_INTERPRET=1 (set before import)"
 
 
-def _block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+def _major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" and not _INTERPRET else 0
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """Last dimension contiguous (the kernels take the row stride, not the column stride)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # --- quantize_act ----------------------------------------------------------------------------
-
-
-@triton.jit
-def _quantize_act_kernel(
-    x_ptr,
-    smooth_ptr,
-    down_ptr,  # [M, K], [K], [R, K]
-    qx_ptr,
-    ascales_ptr,
-    lora_ptr,  # [M, K/2] u8, [M, G] f32, [M, R] f32
-    M,
-    K,
-    R,
-    shift,
-    BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    GROUP: tl.constexpr,
-    UNSIGNED: tl.constexpr,
-    HAS_LORA: tl.constexpr,
-    LIBDEVICE_RINT: tl.constexpr,
-):
-    HALF: tl.constexpr = GROUP // 2
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    j = tl.arange(0, HALF)  # pair index within a group: channels 2j (low nibble) and 2j+1
-    rr = tl.arange(0, BLOCK_R)
-    lora = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    n_groups = K // GROUP
-    for g in range(n_groups):
-        k_even = g * GROUP + 2 * j
-        x_e = tl.load(x_ptr + rows[:, None] * K + k_even[None, :], mask=row_ok[:, None], other=0.0)
-        x_o = tl.load(x_ptr + rows[:, None] * K + k_even[None, :] + 1, mask=row_ok[:, None], other=0.0)
-        s_e = tl.load(smooth_ptr + k_even).to(tl.float32)
-        s_o = tl.load(smooth_ptr + k_even + 1).to(tl.float32)
-        h_e = tl.div_rn(x_e.to(tl.float32) + shift, s_e[None, :])  # x_hat, even channels
-        h_o = tl.div_rn(x_o.to(tl.float32) + shift, s_o[None, :])
-        if UNSIGNED:
-            top = tl.maximum(tl.maximum(tl.max(h_e, axis=1), tl.max(h_o, axis=1)), 0.0)
-            scale = tl.div_rn(top, 15.0)
-            lo, hi = 0.0, 15.0
-        else:
-            top = tl.maximum(tl.max(tl.abs(h_e), axis=1), tl.max(tl.abs(h_o), axis=1))
-            scale = tl.div_rn(top, 7.0)
-            lo, hi = -8.0, 7.0
-        ok = scale > 0
-        denom = tl.where(ok, scale, 1.0)[:, None]
-        if LIBDEVICE_RINT:
-            q_e = libdevice.rint(tl.div_rn(h_e, denom))
-            q_o = libdevice.rint(tl.div_rn(h_o, denom))
-        else:  # the interpreter has no libdevice
-            q_e = (tl.div_rn(h_e, denom) + _RINT_MAGIC) - _RINT_MAGIC
-            q_o = (tl.div_rn(h_o, denom) + _RINT_MAGIC) - _RINT_MAGIC
-        q_e = tl.where(ok[:, None], tl.minimum(tl.maximum(q_e, lo), hi), 0.0).to(tl.int32)
-        q_o = tl.where(ok[:, None], tl.minimum(tl.maximum(q_o, lo), hi), 0.0).to(tl.int32)
-        packed = ((q_e & 0xF) | ((q_o & 0xF) << 4)).to(tl.uint8)
-        tl.store(qx_ptr + rows[:, None] * (K // 2) + g * HALF + j[None, :], packed, mask=row_ok[:, None])
-        tl.store(ascales_ptr + rows * n_groups + g, scale, mask=row_ok)
-        if HAS_LORA:
-            r_ok = rr[:, None] < R
-            d_e = tl.load(down_ptr + rr[:, None] * K + k_even[None, :], mask=r_ok, other=0.0).to(tl.float32)
-            d_o = tl.load(down_ptr + rr[:, None] * K + k_even[None, :] + 1, mask=r_ok, other=0.0).to(
-                tl.float32
-            )
-            lora += tl.dot(h_e, tl.trans(d_e)) + tl.dot(h_o, tl.trans(d_o))
-    if HAS_LORA:
-        tl.store(lora_ptr + rows[:, None] * R + rr[None, :], lora, mask=row_ok[:, None] & (rr[None, :] < R))
 
 
 def quantize_act(
@@ -126,114 +65,52 @@ def quantize_act(
     unsigned: bool,
     shift: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x = x.contiguous()
+    """See engine.kernels. ``ascales`` comes back group-major (strides (1, M)): the GEMM
+    reads one contiguous vector of scales per group."""
+    check_group_size(group_size)
+    x = _row_major(x)
     m, k = x.shape
     r = proj_down.shape[0]
     qx = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
-    ascales = torch.empty(m, k // group_size, dtype=torch.float32, device=x.device)
+    ascales = torch.empty(k // group_size, m, dtype=torch.float32, device=x.device).t()  # [M, G]
     lora_act = torch.empty(m, r, dtype=torch.float32, device=x.device)
     if m == 0:
         return qx, ascales, lora_act
-    block_m = 16 if _INTERPRET else 32
-    _quantize_act_kernel[(triton.cdiv(m, block_m),)](
+    cfg = act_config(_major(x.device))
+    down = _row_major(proj_down)
+    smooth = smooth.contiguous()
+    # RN(1 / smooth) by IEEE division (K values): the kernel divides by smooth in 3 FMA-class
+    # instructions per element from it (engine/kernels/triton/common.py: div_correct).
+    rsmooth = smooth if _INTERPRET else 1.0 / smooth.float()
+    quantize_act_kernel[(triton.cdiv(m, cfg.block_m),)](
         x,
-        smooth.contiguous(),
-        proj_down.contiguous(),
+        smooth,
+        rsmooth,
+        down,
         qx,
         ascales,
         lora_act,
         m,
         k,
         r,
+        x.stride(0),
+        down.stride(0),
+        qx.stride(0),
+        ascales.stride(1),
         shift,
-        BLOCK_M=block_m,
-        BLOCK_R=_block_r(r),
+        BLOCK_M=cfg.block_m,
+        BLOCK_R=block_r(r),
         GROUP=group_size,
         UNSIGNED=unsigned,
         HAS_LORA=r > 0,
-        LIBDEVICE_RINT=not _INTERPRET,
-        num_warps=4,
+        COMPILED=not _INTERPRET,
+        DOWN_BF16=down.dtype == torch.bfloat16,
+        **cfg.launch_options(),
     )
     return qx, ascales, lora_act
 
 
 # --- w4a4_gemm -------------------------------------------------------------------------------
-
-
-def _gemm_configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 128, 8, 3),
-            (128, 256, 8, 3),
-            (256, 128, 8, 3),
-            (128, 128, 4, 4),
-            (64, 128, 4, 4),
-            (128, 64, 4, 4),
-            (64, 64, 4, 4),
-        ]
-    ]
-
-
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "R"], cache_results=True)
-@triton.jit
-def _w4a4_gemm_kernel(
-    qx_ptr,
-    ascales_ptr,
-    qw_ptr,
-    wscales_ptr,  # [M, K/2] u8, [M, G] f32, [N, K/2] u8, [N, G]
-    lora_ptr,
-    up_ptr,
-    bias_ptr,
-    out_ptr,  # [M, R] f32, [N, R], [N], [M, N]
-    M,
-    N,
-    K,
-    R,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    GROUP: tl.constexpr,
-    UNSIGNED: tl.constexpr,
-    HAS_LORA: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-):
-    HALF: tl.constexpr = GROUP // 2
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok, col_ok = rows < M, cols < N
-    j = tl.arange(0, HALF)
-    n_groups = K // GROUP
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(n_groups):
-        px = tl.load(qx_ptr + rows[:, None] * (K // 2) + g * HALF + j[None, :], mask=row_ok[:, None], other=0)
-        pw = tl.load(qw_ptr + cols[:, None] * (K // 2) + g * HALF + j[None, :], mask=col_ok[:, None], other=0)
-        # Low nibbles hold the even channels, high nibbles the odd ones: a dot product does not
-        # care about channel order, so each half is multiplied with its twin and summed.
-        x_lo, x_hi = (px & 0xF).to(tl.int8), (px >> 4).to(tl.int8)
-        if not UNSIGNED:
-            x_lo, x_hi = (x_lo ^ 8) - 8, (x_hi ^ 8) - 8
-        w_lo, w_hi = ((pw & 0xF).to(tl.int8) ^ 8) - 8, ((pw >> 4).to(tl.int8) ^ 8) - 8
-        dot = tl.dot(x_lo, tl.trans(w_lo), out_dtype=tl.int32)
-        dot += tl.dot(x_hi, tl.trans(w_hi), out_dtype=tl.int32)  # [BM, BN], exact
-        sa = tl.load(ascales_ptr + rows * n_groups + g, mask=row_ok, other=0.0)
-        sw = tl.load(wscales_ptr + cols * n_groups + g, mask=col_ok, other=0.0).to(tl.float32)
-        acc += dot.to(tl.float32) * sa[:, None] * sw[None, :]
-    if HAS_LORA:
-        rr = tl.arange(0, BLOCK_R)
-        la = tl.load(
-            lora_ptr + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & (rr[None, :] < R), other=0.0
-        )
-        up = tl.load(
-            up_ptr + cols[:, None] * R + rr[None, :], mask=col_ok[:, None] & (rr[None, :] < R), other=0.0
-        )
-        acc += tl.dot(la, tl.trans(up.to(tl.float32)))
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    out = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
 
 
 def w4a4_gemm(
@@ -247,33 +124,104 @@ def w4a4_gemm(
     *,
     unsigned: bool,
     out_dtype: torch.dtype,
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:
+    """See engine.kernels. Scales are read through their strides (group-major is fastest);
+    ``config`` overrides the architecture's launch config (benchmarks and tests only)."""
     m, half_k = qx.shape
     n, k, r = qweight.shape[0], 2 * half_k, lora_act.shape[1]
+    group = k // ascales.shape[1]
+    check_group_size(group, MAX_GEMM_GROUP)
     out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     if m == 0:
         return out
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
-
-    _w4a4_gemm_kernel[grid](
-        qx.contiguous(),
-        ascales.float().contiguous(),
-        qweight.contiguous(),
-        wscales.contiguous(),
-        lora_act.float().contiguous(),
-        proj_up.contiguous(),
+    cfg = config or gemm_config(_major(qx.device), m)
+    qx, qweight = _row_major(qx), _row_major(qweight)
+    lora_act, proj_up = _row_major(lora_act.float()), _row_major(proj_up)
+    ascales = ascales if ascales.dtype == torch.float32 else ascales.float()
+    w4a4_gemm_kernel[(grid_size(m, n, cfg),)](
+        qx,
+        ascales,
+        qweight,
+        wscales,
+        lora_act,
+        proj_up,
         bias if bias is not None else out,
         out,
         m,
         n,
         k,
         r,
-        BLOCK_R=_block_r(r),
-        GROUP=k // ascales.shape[1],
+        qx.stride(0),
+        qweight.stride(0),
+        ascales.stride(0),
+        ascales.stride(1),
+        wscales.stride(0),
+        wscales.stride(1),
+        lora_act.stride(0),
+        proj_up.stride(0),
+        out.stride(0),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_R=block_r(r),
+        GROUP=group,
+        GROUP_M=GROUP_M,
         UNSIGNED=unsigned,
         HAS_LORA=r > 0,
         HAS_BIAS=bias is not None,
+        EVEN_MN=m % cfg.block_m == 0 and n % cfg.block_n == 0,
+        COMPILED=not _INTERPRET,
+        **cfg.launch_options(),
     )
     return out
+
+
+# --- w4a16_gemv ------------------------------------------------------------------------------
+
+
+def w4a16_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    wzeros: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """See engine.kernels.w4a16_gemv: reads the packed weight once, dequantizes in registers."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    group = k // wscales.shape[1]
+    check_group_size(group)
+    if m > MAX_ROWS:
+        raise ValueError(f"w4a16_gemv takes at most {MAX_ROWS} rows, got {m}")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    x, qweight = _row_major(x), _row_major(qweight)
+    cfg = gemv_config(_major(x.device))
+    block_k = max(GEMV_BLOCK_K, group)
+    w4a16_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x,
+        qweight,
+        wscales,
+        wzeros,
+        bias if bias is not None else y,
+        y,
+        m,
+        n,
+        k,
+        x.stride(0),
+        qweight.stride(0),
+        wscales.stride(0),
+        wscales.stride(1),
+        wzeros.stride(0),
+        wzeros.stride(1),
+        y.stride(0),
+        ROWS=triton.next_power_of_2(m),
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=block_k,
+        GROUP=group,
+        HAS_BIAS=bias is not None,
+        EVEN_K=k % block_k == 0,
+        **cfg.launch_options(),
+    )
+    return y

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import kernels
 from engine.modules.lora_slots import LoraSlots
 from engine.quant import (
     DEFAULT_GROUP_SIZE,
@@ -22,7 +23,12 @@ class W4A16Linear(LoraSlots, nn.Module):
     Used for FLUX's AdaLN modulation linears: a quarter of the parameters, but their input is
     one conditioning vector per image, so the cost is reading the weight, not multiplying
     it; 4-bit storage cuts that read by 4x and activation quantization would gain nothing.
+    Up to ``GEMV_MAX_ROWS`` rows go through the fused GEMV op (``kernels.w4a16_gemv``: the
+    packed weight read once, dequantized in registers); more rows dequantize the weight once
+    and take one 16-bit matmul, which is cheaper than a GEMV per row.
     """
+
+    GEMV_MAX_ROWS = 4  # num_outputs: one conditioning vector per image
 
     def __init__(
         self,
@@ -90,8 +96,12 @@ class W4A16Linear(LoraSlots, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dimension {self.in_features}, got {x.shape[-1]}")
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = F.linear(x, self.dequantized_weight(x.dtype), bias)
+        rows = x.numel() // self.in_features
+        if rows <= self.GEMV_MAX_ROWS:
+            y = kernels.w4a16_gemv(x, self.qweight, self.wscales, self.wzeros, self.bias)
+        else:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = F.linear(x, self.dequantized_weight(x.dtype), bias)
         if self._lora_down is not None:
             y = y + F.linear(F.linear(x, self._lora_down.to(x.dtype)), self._lora_up.to(x.dtype))
         return y

@@ -1,0 +1,118 @@
+"""Activation quantization fused with smoothing and the low-rank down-projection.
+
+Each program owns BLOCK_M rows and walks their groups in order: one contiguous [BLOCK_M,
+GROUP] tile load per group (16-byte vectors), smoothing and the group's scale in fp32, the
+codes packed in registers (the tile is split into even and odd channels after the load, not
+loaded at stride 2), and ONE low-rank product with K = GROUP into an fp32 accumulator: for a
+bf16 proj_down, x_hat split into two bf16 halves (two MMAs, ~2^-17 relative); otherwise
+tf32x3. Both divisions (by smooth, by the group scale) take Markstein's FMA correction from
+IEEE reciprocals on the GPU (bit-exact, see common.div_correct). The loop is pipelined by
+Triton (num_stages). Deterministic: each output element is produced by one program in a fixed order.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from engine.kernels.triton.common import INTERPRET, LaunchConfig, div_correct, dot_bf16
+
+# 16 rows per program: 272 programs at M = 4352, two or three per SM. block_n is unused here
+# (the low-rank width is BLOCK_R).
+ACT_CONFIGS: dict[int, LaunchConfig] = {9: LaunchConfig(16, 0, 4, 4), 8: LaunchConfig(16, 0, 4, 3)}
+INTERPRETER_CONFIG = LaunchConfig(16, 0, 4, 1)
+
+
+def act_config(major: int) -> LaunchConfig:
+    """The launch config for an architecture (compute-capability major)."""
+    if INTERPRET:
+        return INTERPRETER_CONFIG
+    return ACT_CONFIGS[9 if major >= 9 else 8]
+
+
+@triton.jit
+def quantize_act_kernel(
+    x_ptr,  # [M, K]
+    smooth_ptr,  # [K]
+    rsmooth_ptr,  # f32 [K], RN(1 / smooth) (read only with COMPILED)
+    down_ptr,  # [R, K]
+    qx_ptr,  # u8 [M, K/2]
+    ascales_ptr,  # f32 [M, G], stored group-major (stride 1 along M)
+    lora_ptr,  # f32 [M, R]
+    M,
+    K,
+    R,
+    stride_xm,
+    stride_dr,
+    stride_qm,
+    stride_ag,
+    shift,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP: tl.constexpr,
+    UNSIGNED: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    COMPILED: tl.constexpr,  # for a GPU: libdevice rint, FMA division, bf16 MMA (not interpreted)
+    DOWN_BF16: tl.constexpr,
+):
+    HALF: tl.constexpr = GROUP // 2
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    rows = tl.minimum(offs_m, M - 1).to(tl.int64)  # int64: M * K passes 2^31 at ~139k tokens
+    kk = tl.arange(0, GROUP)
+    j = tl.arange(0, HALF)
+    rr = tl.arange(0, BLOCK_R)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + kk[None, :]
+    d_ptrs = down_ptr + tl.minimum(rr, tl.maximum(R - 1, 0))[:, None].to(tl.int64) * stride_dr + kk[None, :]
+    q_ptrs = qx_ptr + offs_m.to(tl.int64)[:, None] * stride_qm + j[None, :]
+    s_ptrs = ascales_ptr + offs_m
+    lora = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for g in range(0, K // GROUP):
+        x = tl.load(x_ptrs).to(tl.float32)  # [BM, GROUP], contiguous rows
+        s = tl.load(smooth_ptr + g * GROUP + kk).to(tl.float32)
+        if COMPILED:  # the reciprocal comes from the host (IEEE), three instructions per element
+            rs = tl.load(rsmooth_ptr + g * GROUP + kk)
+            h = div_correct(x + shift, s[None, :], rs[None, :])  # x_hat
+        else:
+            h = tl.div_rn(x + shift, s[None, :])
+        if UNSIGNED:
+            scale = tl.div_rn(tl.maximum(tl.max(h, axis=1), 0.0), 15.0)
+        else:
+            scale = tl.div_rn(tl.max(tl.abs(h), axis=1), 7.0)
+        denom = tl.where(scale > 0, scale, 1.0)
+        if COMPILED:
+            # A subnormal scale (a group of tiny values): scale both sides by 2^64, exactly.
+            lift = tl.where(denom < 1e-30, 18446744073709551616.0, 1.0)
+            denom = denom * lift
+            v = div_correct(h * lift[:, None], denom[:, None], tl.div_rn(1.0, denom)[:, None])
+        else:
+            v = tl.div_rn(h, denom[:, None])
+        # Half-to-even straight to int32 (one cvt.rni on the GPU); the interpreter has no
+        # libdevice: the exact 1.5 * 2^23 trick (|v| <= 15 here).
+        q = libdevice.float2int_rn(v) if COMPILED else ((v + 12582912.0) - 12582912.0).to(tl.int32)
+        # No zero-group select: a zero scale leaves denom = 1 over values that all round to 0
+        # (or below 0, unsigned). The clamp stays for scales in the subnormal range, whose
+        # rounding can push |x_hat| / scale past 7 (15); on the codes, in int32.
+        q = tl.minimum(tl.maximum(q, 0 if UNSIGNED else -8), 15 if UNSIGNED else 7)
+        q_even, q_odd = tl.split(tl.reshape(q, (BLOCK_M, HALF, 2)))  # channel 2j, 2j+1
+        packed = ((q_even & 0xF) | ((q_odd & 0xF) << 4)).to(tl.uint8)
+        tl.store(q_ptrs, packed, mask=row_ok[:, None])
+        tl.store(s_ptrs + g * stride_ag, scale, mask=row_ok)
+        if HAS_LORA:
+            d = tl.load(d_ptrs)  # [BR, GROUP]; rows past R repeat row R-1
+            if DOWN_BF16:
+                # proj_down is exact in bf16, x_hat = hi + lo in two bf16 parts (16 mantissa
+                # bits): two bf16 MMAs with exact products and fp32 sums, ~2^-17 relative.
+                h_hi = h.to(tl.bfloat16)
+                h_lo = (h - h_hi.to(tl.float32)).to(tl.bfloat16)
+                lora = dot_bf16(h_hi, tl.trans(d), lora, COMPILED)
+                lora = dot_bf16(h_lo, tl.trans(d), lora, COMPILED)
+            else:  # fp32 or fp16 factors: three TF32 MMAs, fp32-class accuracy
+                lora = tl.dot(h, tl.trans(d.to(tl.float32)), lora, input_precision="tf32x3")
+        x_ptrs += GROUP
+        d_ptrs += GROUP
+        q_ptrs += HALF
+    if HAS_LORA:
+        out = lora_ptr + offs_m.to(tl.int64)[:, None] * R + rr[None, :]
+        tl.store(out, lora, mask=row_ok[:, None] & (rr[None, :] < R))

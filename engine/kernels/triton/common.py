@@ -1,0 +1,130 @@
+"""Helpers shared by the Triton kernels: exact conversions, nibble unpacking, launch configs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+I2F_MAGIC_BITS = 0x4B400000  # the bit pattern of 1.5 * 2^23
+I2F_EXACT_LIMIT = 1 << 22  # bits(1.5 * 2^23) + v reads as 1.5 * 2^23 + v for |v| <= 2^22
+MAX_GEMM_GROUP = 256  # |group sum| <= 256 * (16 * 8)^2 = 2^22: the GEMM's conversion stays exact
+
+
+def check_group_size(group_size: int, largest: int | None = None) -> None:
+    """Group sizes the GPU kernels compile for: powers of two from 64 (one K=64 MMA step), up
+    to ``largest`` where a kernel's exactness needs a bound.
+
+    The interpreter accepts any size, a GPU compile does not (``tl.arange`` needs a power of
+    two): reject the others on every device, so a test on CPU fails where a GPU would.
+    """
+    if group_size < 64 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 64 for the triton backend, got {group_size}")
+    if largest is not None and group_size > largest:
+        raise ValueError(f"group_size must be at most {largest} for this triton kernel, got {group_size}")
+
+
+def block_r(r: int) -> int:
+    """Padded low-rank width: a power of two >= 16 (the smallest MMA K/N)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """A fixed launch configuration (tile sizes, warps, pipeline depth) for one kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    maxnreg: int | None = None  # register cap per thread (more CTAs per SM); None: ptxas decides
+
+    def launch_options(self) -> dict:
+        """The launch keywords of this config (``num_warps``, ``num_stages``, ``maxnreg``)."""
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts
+
+
+@triton.jit
+def unpack_nibbles(p, SIGNED: tl.constexpr, ASM: tl.constexpr):
+    """uint8 codes, two per byte -> (low, high) int8 tensors of the same shape.
+
+    signed: 16 * code, exact in int8 (the nibble moved to the top of its byte); the caller
+    divides the dot by 16 per signed operand, a power of two, folded into a scale.
+    unsigned: the code itself, 0..15. On the GPU each 32-bit shift/mask handles four bytes.
+    """
+    if ASM:
+        if SIGNED:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ shl.b32 $0, $2, 4; and.b32 $0, $0, 0xF0F0F0F0; and.b32 $1, $2, 0xF0F0F0F0; }",
+                "=r,=r,r",
+                [p],
+                dtype=(tl.int8, tl.int8),
+                is_pure=True,
+                pack=4,
+            )
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ and.b32 $0, $2, 0x0F0F0F0F; shr.b32 $1, $2, 4; and.b32 $1, $1, 0x0F0F0F0F; }",
+                "=r,=r,r",
+                [p],
+                dtype=(tl.int8, tl.int8),
+                is_pure=True,
+                pack=4,
+            )
+    else:  # the interpreter has no inline PTX: the same bytes, one element at a time
+        if SIGNED:
+            lo = (p << 4).to(tl.int8, bitcast=True)
+            hi = (p & 0xF0).to(tl.int8, bitcast=True)
+        else:
+            lo = (p & 0xF).to(tl.int8, bitcast=True)
+            hi = (p >> 4).to(tl.int8, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def div_correct(a, b, rb):
+    """``a / b`` rounded like IEEE division, from ``rb = RN(1 / b)``: Markstein's correction.
+
+    ``q = a * rb`` is within one ulp of a / b; the residual ``a - q * b`` is then exact in one
+    FMA, and ``q + residual * rb`` (one more FMA) is the correctly rounded quotient, provided
+    b, 1/b and a/b are normal numbers. Three instructions instead of the ~15 of a full IEEE
+    division (reciprocal, refinement, range check and a slow-path call) per element.
+    """
+    q = a * rb
+    r = tl.fma(-q, b, a)
+    return tl.fma(r, rb, q)
+
+
+@triton.jit
+def dot_bf16(a, b, acc, NATIVE: tl.constexpr):
+    """``acc + a @ b`` for bf16 ``a`` and ``b``: a bf16 MMA on the GPU; in the interpreter, whose
+    bf16 dot is wrong (triton 3.6), the same exact products in fp32."""
+    if NATIVE:
+        return tl.dot(a, b, acc)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+
+@triton.jit
+def round_to_22_bits(s):
+    """``s`` rounded to 22 significant bits (to nearest; relative change <= 2^-22, at most
+    two fp32 ulps): then ``1.5 * 2^23 * s`` is exact (3 x a 22-bit significand fits in 24 bits),
+    which lets one FMA both remove the magic bias of an integer and scale it (scale_biased)."""
+    return ((s.to(tl.int32, bitcast=True) + 2) & -4).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def scale_biased(biased, s22, neg_bias_s22, FUSED: tl.constexpr):
+    """``RN(v * s22)`` from ``biased`` = the bits of 1.5 * 2^23 plus the integer v (|v| <= 2^22)
+    and ``neg_bias_s22 = -1.5 * 2^23 * s22`` (exact, see round_to_22_bits). On the GPU one FMA
+    (the product is not rounded before the exact bias cancels); in the interpreter, which has
+    no fused multiply-add, the exact subtraction then one multiply: the same single rounding."""
+    b = biased.to(tl.float32, bitcast=True)
+    if FUSED:
+        return tl.fma(b, s22, neg_bias_s22)
+    return (b - 12582912.0) * s22

@@ -1,0 +1,170 @@
+"""The W4A4 GEMM on int8 tensor cores: one K = group_size dot per group, scales in fp32.
+
+Per group of 64 channels a CTA loads its [BLOCK_M, 32] and [BLOCK_N, 32] packed bytes,
+unpacks them with 32-bit shift/mask (four bytes per instruction, codes kept exact: signed
+codes become 16 * code), orders the nibbles of each 4 bytes as lo0..lo3 hi0..hi3 on both
+operands (a channel permutation the dot does not see, and no byte shuffles) and takes ONE int8
+dot with K = 64 (one wgmma wait on Hopper). The MMA accumulates onto the bits of 1.5 * 2^23,
+so its int32 result read as fp32 is 1.5 * 2^23 + sum exactly (no I2F); one FMA removes that
+bias and applies the activation scale (rounded to 22 bits, which makes the bias product exact;
+the factor 1/16 per signed operand folded in), one more FMA applies the weight scale into the
+fp32 accumulator. Scales are read through their strides: group-major ones load as vectors.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from engine.kernels.triton.common import (
+    INTERPRET,
+    LaunchConfig,
+    round_to_22_bits,
+    scale_biased,
+    unpack_nibbles,
+)
+
+# Fixed per-architecture configs (no autotuning: a benchmark inside CUDA-graph capture would
+# synchronize). Every entry is compiled for its architecture in CI and must not spill.
+# Hopper: 64 x 128 tiles of one warpgroup capped at 168 registers, three CTAs per SM, so that one
+# CTA's MMA runs under another's scaling (wgmma accumulates in place: each warpgroup waits on its
+# own). Ampere: 128 x 64 tiles, two CTAs per SM. "small" (M <= 1024): more, smaller tiles.
+GEMM_CONFIGS: dict[int, dict[str, LaunchConfig]] = {
+    9: {"large": LaunchConfig(64, 128, 4, 4, maxnreg=168), "small": LaunchConfig(64, 64, 4, 4)},
+    8: {"large": LaunchConfig(128, 64, 4, 3), "small": LaunchConfig(64, 64, 4, 3)},
+}
+INTERPRETER_CONFIG = LaunchConfig(16, 16, 4, 1)
+GROUP_M = 8  # CTAs along M that walk N together (L2 reuse of the weight tiles)
+
+
+def gemm_config(major: int, m: int) -> LaunchConfig:
+    """The launch config for an architecture (compute-capability major) and token count."""
+    if INTERPRET:
+        return INTERPRETER_CONFIG
+    table = GEMM_CONFIGS[9 if major >= 9 else 8]
+    return table["large" if m > 1024 else "small"]
+
+
+@triton.jit
+def interleave4(lo, hi, ROWS: tl.constexpr, GROUP: tl.constexpr):
+    """[ROWS, GROUP/2] low and high nibbles -> [ROWS, GROUP] operand whose K order, per 4 bytes
+    b0..b3, is lo0 lo1 lo2 lo3 hi0 hi1 hi2 hi3: a permutation of the channels (a dot product does
+    not care, as long as both operands share it) that keeps each unpacked 32-bit word whole."""
+    lo4 = tl.reshape(lo, (ROWS, GROUP // 8, 4))
+    hi4 = tl.reshape(hi, (ROWS, GROUP // 8, 4))
+    both = tl.permute(tl.join(lo4, hi4), (0, 1, 3, 2))  # [ROWS, GROUP/8, 2, 4]
+    return tl.reshape(both, (ROWS, GROUP))
+
+
+@triton.jit
+def w4a4_gemm_kernel(
+    qx_ptr,  # u8 [M, K/2]
+    ascales_ptr,  # f32 [M, G] (any strides)
+    qw_ptr,  # u8 [N, K/2]
+    wscales_ptr,  # [N, G] (any strides)
+    lora_ptr,  # f32 [M, R]
+    up_ptr,  # [N, R]
+    bias_ptr,  # [N]
+    out_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    R,
+    stride_xm,
+    stride_wn,
+    stride_am,
+    stride_ag,
+    stride_sn,
+    stride_sg,
+    stride_lm,
+    stride_un,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    UNSIGNED: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_MN: tl.constexpr,  # M % BLOCK_M == N % BLOCK_N == 0: scale loads without masks
+    COMPILED: tl.constexpr,  # for a GPU: inline-PTX unpacking (not interpreted)
+):
+    HALF: tl.constexpr = GROUP // 2
+    MAGIC: tl.constexpr = 0x4B400000  # the bits of 1.5 * 2^23 (common.I2F_MAGIC_BITS)
+    # 1/16 per signed operand (weights always, activations unless unsigned), exact.
+    INV: tl.constexpr = 1.0 / 16.0 if UNSIGNED else 1.0 / 256.0
+    # Grouped CTA order: GROUP_M row blocks sweep the columns together, sharing weight tiles in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past the edge re-read the last row (no masks in the loop); int64 offsets (M * K/2
+    # passes 2^31 at about 139k tokens for K = 15360).
+    rows = tl.minimum(offs_m, M - 1).to(tl.int64)
+    cols = tl.minimum(offs_n, N - 1).to(tl.int64)
+    j = tl.arange(0, HALF)
+    x_ptrs = qx_ptr + rows[:, None] * stride_xm + j[None, :]
+    w_ptrs = qw_ptr + cols[:, None] * stride_wn + j[None, :]
+    # Scales: a scalar 64-bit base per CTA plus small int32 offsets (few registers), masked
+    # rather than clamped so that contiguous (group-major) scales load as vectors.
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    sa_base = ascales_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_am
+    sw_base = wscales_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_sn
+    sa_offs = tl.arange(0, BLOCK_M) * stride_am
+    sw_offs = tl.arange(0, BLOCK_N) * stride_sn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The low-rank product first, so that its operands are dead before the main loop (taken
+    # last, their registers pushed the Ampere configs into spilling).
+    if HAS_LORA:
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr[None, :] < R
+        la = tl.load(lora_ptr + rows[:, None] * stride_lm + rr[None, :], mask=r_ok, other=0.0)
+        up = tl.load(up_ptr + cols[:, None] * stride_un + rr[None, :], mask=r_ok, other=0.0)
+        # fp32 in, three TF32 MMAs (hi*hi + hi*lo + lo*hi): fp32-class accuracy on tensor cores.
+        acc = tl.dot(la, tl.trans(up.to(tl.float32)), acc, input_precision="tf32x3")
+    for g in range(0, K // GROUP):
+        px = tl.load(x_ptrs)  # [BM, HALF] u8
+        pw = tl.load(w_ptrs)  # [BN, HALF] u8
+        if EVEN_MN:
+            sa = tl.load(sa_base + g * stride_ag + sa_offs)
+            sw = tl.load(sw_base + g * stride_sg + sw_offs)
+        else:
+            sa = tl.load(sa_base + g * stride_ag + sa_offs, mask=m_ok, other=0.0)
+            sw = tl.load(sw_base + g * stride_sg + sw_offs, mask=n_ok, other=0.0)
+        sa = round_to_22_bits(sa * INV)  # [BM]
+        neg_bias_sa = -12582912.0 * sa  # exact
+        sw = sw.to(tl.float32)  # [BN]
+        x_lo, x_hi = unpack_nibbles(px, not UNSIGNED, COMPILED)
+        w_lo, w_hi = unpack_nibbles(pw, True, COMPILED)
+        xa = interleave4(x_lo, x_hi, BLOCK_M, GROUP)
+        wa = interleave4(w_lo, w_hi, BLOCK_N, GROUP)
+        # The MMA accumulates onto the bits of 1.5 * 2^23: its int32 result, read as fp32, is
+        # 1.5 * 2^23 + dot exactly; one FMA removes the bias and applies sa, one more sw.
+        biased = tl.dot(xa, tl.trans(wa), tl.full((BLOCK_M, BLOCK_N), MAGIC, tl.int32), out_dtype=tl.int32)
+        part = scale_biased(biased, sa[:, None], neg_bias_sa[:, None], COMPILED)  # [BM, BN]
+        acc = tl.fma(part, sw[None, :], acc)
+        x_ptrs += HALF
+        w_ptrs += HALF
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    out_rows = offs_m.to(tl.int64)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(
+        out_ptr + out_rows[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask
+    )
+
+
+def grid_size(m: int, n: int, cfg: LaunchConfig) -> int:
+    """Number of CTAs (one per output tile, in grouped order)."""
+    return triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)

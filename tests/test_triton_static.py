@@ -1,0 +1,189 @@
+"""Static checks of the Triton kernels, no GPU needed.
+
+1. The performance gates of scripts/kernel_model_triton.py: every kernel and config compiled
+   for sm_90, sm_86 and sm_80 by triton's ptxas with the launcher's arguments for FLUX's shapes,
+   its SASS counted (no spills, int8 MMA and no I2F in the GEMM's main loop, <= 600 SASS per
+   group on sm_90, vector loads), and the GEMV's bytes counted from its own loads.
+2. The exact arithmetic tricks the compiled kernels rely on, over their whole input range:
+   the magic-number int -> float conversion, nibble unpacking, and the FMA division.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels.triton.common import (
+    I2F_EXACT_LIMIT,
+    I2F_MAGIC_BITS,
+    MAX_GEMM_GROUP,
+    scale_biased,
+    unpack_nibbles,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "kernel_model_triton.py"
+
+
+def _env(interpret: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+@pytest.mark.slow
+def test_static_performance_gates(tmp_path):
+    out = tmp_path / "report.json"
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), "--no-gemv-bytes", "--json", str(out)],
+        env=_env(False),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )
+    report = json.loads(out.read_text()) if out.exists() else None
+    assert res.returncode == 0, (res.stderr[-3000:], report and report["gates_failed"])
+    static = report["static"]
+    assert {e["cc"] for e in static["gemm"]} == {90, 86, 80}
+    for e in static["gemm"] + static["act"] + static["gemv"]:
+        assert e["stack_bytes"] == 0 and e["spill_instrs"] == 0, e
+    for e in static["gemm"]:
+        mma = "IGMMA.64x" if e["cc"] == 90 else "IMMA.16832.S8.S8"
+        assert any(op.startswith(mma) for op in e["loop_ops"]), (e["cc"], e["loop_ops"])
+        assert e["loop_i2f"] == 0
+        assert e["acc_init"] > 0  # the magic-number conversion is really there
+    picked = [e for e in static["gemm"] if e["cc"] == 90 and e["config"] == "large"]
+    assert picked and all(e["loop_sass"] <= 600 for e in picked)
+    for e in static["act"]:
+        assert e["loop_narrowest_load"] >= 8, e["loop_ops"]  # contiguous tiles, no 2-byte loads
+    assert report["model"] and all(r["gemm_us_overlapped"] > 0 for r in report["model"])
+
+
+@pytest.mark.slow
+def test_gemv_moves_the_packed_weight_and_scales_once():
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), "--gemv-bytes-child", "4,3072,512"],
+        env=_env(True),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout)
+    for name in ("qweight", "wscales", "wzeros"):  # every byte loaded, and loaded once
+        assert got[name]["loaded"] == got[name]["unique"] == got[name]["bytes"], (name, got[name])
+    packed = sum(got[name]["bytes"] for name in ("qweight", "wscales", "wzeros"))
+    unique = sum(v["unique"] for v in got.values() if isinstance(v, dict))
+    assert packed <= unique <= 1.10 * packed, (unique, packed)
+    assert got["max_abs_err_vs_reference"] <= 16  # bf16 outputs of magnitude ~2000: <= 1 ulp
+
+
+@triton.jit
+def _i2f_kernel(v_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    biased = tl.load(v_ptr + offs) + 0x4B400000  # what the MMA leaves: its sum on the magic bits
+    tl.store(out_ptr + offs, scale_biased(biased, 1.0, -12582912.0, False))
+
+
+def test_magic_int_to_float_is_exact_over_its_whole_range():
+    """Every int32 the GEMM's dot can produce (|v| <= 2^22 for groups up to 256), through the
+    kernel's own conversion (the interpreter's form; the GPU's one-FMA form is checked against
+    exact arithmetic below)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the jit helper in the interpreter (CPU CI)")
+    v = torch.arange(-I2F_EXACT_LIMIT, I2F_EXACT_LIMIT + 1, dtype=torch.int32)
+    block = 1 << 20
+    padded = torch.cat([v, v.new_zeros(-v.numel() % block)])
+    out = torch.empty(padded.shape, dtype=torch.float32)
+    _i2f_kernel[(padded.numel() // block,)](padded, out, BLOCK=block)
+    assert torch.equal(out[: v.numel()], v.float())
+    assert I2F_EXACT_LIMIT == MAX_GEMM_GROUP * (16 * 8) * (16 * 8)  # both codes -8, both x16
+    assert torch.tensor(12582912.0).view(torch.int32).item() == I2F_MAGIC_BITS
+
+
+@triton.jit
+def _unpack_kernel(p_ptr, lo_ptr, hi_ptr, SIGNED: tl.constexpr):
+    i = tl.arange(0, 256)
+    lo, hi = unpack_nibbles(tl.load(p_ptr + i), SIGNED, False)
+    tl.store(lo_ptr + i, lo)
+    tl.store(hi_ptr + i, hi)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_unpack_nibbles_every_byte(signed):
+    """signed codes come out as 16 * code (exact in int8), unsigned as the code."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the jit helper in the interpreter (CPU CI)")
+    p = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    lo, hi = torch.empty(256, dtype=torch.int8), torch.empty(256, dtype=torch.int8)
+    _unpack_kernel[(1,)](p, lo, hi, SIGNED=signed)
+    code_lo, code_hi = p.int() & 0xF, p.int() >> 4
+    if signed:
+        code_lo, code_hi = 16 * (code_lo - 16 * (code_lo >= 8)), 16 * (code_hi - 16 * (code_hi >= 8))
+    assert torch.equal(lo.int(), code_lo) and torch.equal(hi.int(), code_hi)
+
+
+def test_word_level_unpacking_equals_bytewise():
+    """The GPU path unpacks four bytes per 32-bit instruction (shl/and, shr/and): no nibble
+    leaks into a neighbour byte, for every byte value in every lane of a word."""
+    b = torch.arange(256, dtype=torch.int64)
+    words = b | ((255 - b) << 8) | (b << 16) | ((b ^ 0x5A) << 24)  # every byte value in every lane
+    lo_s, hi = ((words << 4) & 0xF0F0F0F0) & 0xFFFFFFFF, words & 0xF0F0F0F0
+    lo_u, hi_u = words & 0x0F0F0F0F, (words >> 4) & 0x0F0F0F0F
+    for lane in range(4):
+        byte = (words >> (8 * lane)) & 0xFF
+        assert torch.equal((lo_s >> (8 * lane)) & 0xFF, (byte << 4) & 0xFF)
+        assert torch.equal((hi >> (8 * lane)) & 0xFF, byte & 0xF0)
+        assert torch.equal((lo_u >> (8 * lane)) & 0xFF, byte & 0x0F)
+        assert torch.equal((hi_u >> (8 * lane)) & 0xFF, byte >> 4)
+
+
+def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fp32 fma with one rounding, emulated: a * b is exact in fp64 (48 bits)."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def test_fma_division_is_ieee_division():
+    """div_correct (engine/kernels/triton/common.py) on the GPU: q = a * RN(1/b), then
+    q + fma(-q, b, a) * RN(1/b). Checked against IEEE fp32 division on 4M random pairs over
+    the exponent range the kernels see, ties of the code rounding included."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 22
+    a = torch.randn(n, generator=g) * torch.exp2(torch.randint(-40, 40, (n,), generator=g).float())
+    b = torch.rand(n, generator=g) * torch.exp2(torch.randint(-40, 40, (n,), generator=g).float()) + 1e-30
+    k = torch.randint(-16, 17, (n // 4,), generator=g).float() / 2  # quotients at exact half-integers
+    a[: n // 4] = k * b[: n // 4]
+    rb = 1.0 / b
+    q = a * rb
+    got = _fma32(_fma32(-q, b, a), rb, q)
+    assert torch.equal(got, a / b)
+
+
+def test_one_fma_removes_the_bias_and_scales_exactly():
+    """The GPU GEMM's epilogue: with s22 = the scale rounded to 22 significant bits,
+    -1.5 * 2^23 * s22 is exact in fp32 and fma(bits(1.5 * 2^23 + v), s22, -1.5 * 2^23 * s22)
+    is RN(v * s22): a single rounding of the exact product, as if v had been converted first."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 20
+    v = torch.randint(-I2F_EXACT_LIMIT, I2F_EXACT_LIMIT + 1, (n,), generator=g)
+    v[:4] = torch.tensor([-I2F_EXACT_LIMIT, I2F_EXACT_LIMIT, 0, 1])
+    s = (torch.rand(n, generator=g) * torch.exp2(torch.randint(-30, 10, (n,), generator=g).float())) / 256
+    bits = s.view(torch.int32)
+    s22 = ((bits + 2) & -4).view(torch.float32)  # round_to_22_bits
+    assert ((s22 - s).abs() <= s * 2.0**-22).all()  # two ulps at most
+    bias = torch.full((n,), 12582912.0)
+    neg = -12582912.0 * s22
+    assert torch.equal(neg.double(), -12582912.0 * s22.double())  # exact
+    biased = (v.int() + 0x4B400000).view(torch.float32)
+    assert torch.equal(biased.double(), bias.double() + v.double())
+    assert torch.equal(_fma32(biased, s22, neg), (v.double() * s22.double()).float())
