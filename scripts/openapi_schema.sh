@@ -10,5 +10,8 @@ if [ ! -x .venv-schema/bin/python ]; then
   .venv-schema/bin/python -m pip install -q --disable-pip-version-check cog==0.16.12 \
     2> >(grep -v '^WARNING: Location' >&2)
 fi
-out=$(.venv-schema/bin/python -m cog.command.openapi_schema)
+# That old tool reads the predictor from cog.yaml's deprecated `predict:` key; ours uses `run:`,
+# so it is handed over the way coglet takes it too (COG_PREDICT_TYPE_STUB).
+stub=$(sed -n 's/^run: *"\(.*\)"/\1/p' cog.yaml)
+out=$(COG_PREDICT_TYPE_STUB="$stub" .venv-schema/bin/python -m cog.command.openapi_schema)
 if [ -n "${1:-}" ]; then mkdir -p "$(dirname "$1")"; printf '%s\n' "$out" > "$1"; else printf '%s\n' "$out"; fi
