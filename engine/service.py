@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from engine import inputs
+from engine import inputs, kernels
 from engine.lora import LoraError, LoraManager, LoraStore, StoreConfig, parse_lora
 from engine.lora.store import CACHE_BYTES, CIVITAI, HUB, MAX_DOWNLOAD_BYTES
 from engine.pipeline import FluxGenerator, default_device
@@ -59,6 +59,7 @@ class ServiceConfig:
     HF_ENDPOINT, HF_TOKEN     the hub's base URL and token (sent to the hub only)     huggingface.co
     SVDQ_CIVITAI_ENDPOINT,    civitai's base URL and token (sent to civitai only)     civitai.com
     CIVITAI_API_TOKEN
+    SVDQ_KERNELS              kernel backend: auto, reference, triton, cuda           auto
     ========================= ====================================================== =========
     """
 
@@ -66,6 +67,7 @@ class ServiceConfig:
     model: str = "auto"
     offline: bool = False
     lora: StoreConfig | None = None
+    kernels: str = "auto"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -96,6 +98,7 @@ class ServiceConfig:
             model=env.get(MODEL_ENV, "auto").strip() or "auto",
             offline=env.get("HF_HUB_OFFLINE") == "1",
             lora=lora,
+            kernels=env.get(kernels.ENV_VAR, "auto").strip() or "auto",
         )
 
 
@@ -111,7 +114,7 @@ def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
-def configure_runtime(weights_dir: Path) -> None:
+def configure_runtime(weights_dir: Path, kernel_backend: str = "auto") -> None:
     """Process-wide settings for serving, in one place, called once from setup()."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -121,9 +124,9 @@ def configure_runtime(weights_dir: Path) -> None:
     transformers_logging.disable_progress_bar()
     # urllib3 logs every request line, query string (tokens included) and all, at DEBUG.
     logging.getLogger("urllib3").setLevel(logging.INFO)
-    # The CUDA extension is compiled on first use (Cog's build steps run before the source is in
-    # the image); keep its build next to the weights so a warm container reuses it.
-    os.environ.setdefault("SVDQ_EXT_DIR", str(weights_dir / "torch_extensions"))
+    # The kernel backend; where no prebuilt CUDA package is installed (development machines) the
+    # extension is compiled on first use, next to the weights so a warm container reuses it.
+    kernels.configure(kernel_backend, ext_dir=weights_dir / "torch_extensions")
 
 
 def choose_model(config: ServiceConfig, gpu: bool | None = None) -> str:
@@ -239,7 +242,7 @@ class FluxService:
         """Choose, fetch, check and load the model; ``config`` defaults to the environment's."""
         t0 = time.perf_counter()
         config = config or ServiceConfig.from_env()
-        configure_runtime(config.weights_dir)
+        configure_runtime(config.weights_dir, config.kernels)
         model = choose_model(config, gpu)
         try:
             model_dir, checkpoint = model_files(model, config)

@@ -430,6 +430,7 @@ def main() -> None:
     )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
+    kernels.configure(os.environ.get(kernels.ENV_VAR, "auto"))  # SVDQ_KERNELS, read here only
     device = torch.device(args.device)
     default = "triton,cuda" if device.type == "cuda" else "reference,triton"
     backends = [b.strip() for b in (args.backends or default).split(",") if b.strip()]

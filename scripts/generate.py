@@ -10,9 +10,11 @@ out-0.png, out-1.png, ...
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 
+from engine import kernels
 from engine.pipeline import FluxGenerator
 
 
@@ -29,6 +31,7 @@ def main() -> None:
     p.add_argument("--out", default="out.png", help="PNG path; numbered when several")
     p.add_argument("--device", default=None)
     args = p.parse_args()
+    kernels.configure(os.environ.get(kernels.ENV_VAR, "auto"))  # SVDQ_KERNELS, read here only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     gen = FluxGenerator.from_pretrained(args.model, args.checkpoint, device=args.device)

@@ -131,7 +131,7 @@ def gemm_launch(m: int, k: int, n: int, major: int, cfg, unsigned: bool = False)
     rest = (_meta(m, RANK, dtype=torch.float32), _meta(n, RANK), _meta(n))
 
     def call():
-        tb.w4a4_gemm(*args, *rest, unsigned=unsigned, out_dtype=torch.bfloat16, config=cfg)
+        tb.launch_w4a4_gemm(*args, *rest, unsigned=unsigned, out_dtype=torch.bfloat16, config=cfg)
 
     return capture("w4a4_gemm_kernel", major, call)
 

@@ -10,11 +10,13 @@ prints a per-layer error summary. The file format is in docs/checkpoint-format.m
 
 import argparse
 import logging
+import os
 import time
 
 import torch
 from tqdm import tqdm
 
+from engine import kernels
 from engine.flux import DEFAULT_RESOLUTIONS, calibrate, quantize_transformer, save_checkpoint
 from engine.quant import SVDQConfig
 
@@ -48,6 +50,7 @@ def main() -> None:
     p.add_argument("--exact-svd", action="store_true", help="full SVD instead of the randomized one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    kernels.configure(os.environ.get(kernels.ENV_VAR, "auto"))  # SVDQ_KERNELS, read here only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from diffusers import FluxPipeline
 

@@ -29,6 +29,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def use_kernels():
+    """``use_kernels("triton")``: configure a kernel backend for one test (auto again after)."""
+    from engine import kernels
+
+    yield kernels.configure
+    kernels.configure("auto")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """The tiny FLUX folder with its quantized checkpoint, built once per session (seconds)."""

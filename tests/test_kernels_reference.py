@@ -82,22 +82,21 @@ def test_bad_inputs_name_the_argument():
         kernels.w4a4_gemm(**g, out_dtype=torch.int32)
 
 
-def test_dispatch_env_selection(monkeypatch):
-    monkeypatch.setenv("SVDQ_KERNELS", "reference")
+def test_dispatch_selection(use_kernels):
+    use_kernels("reference")
     assert kernels.backend_for("cpu") is reference
-    monkeypatch.setenv("SVDQ_KERNELS", "auto")
-    assert kernels.backend_for("cpu") is reference
-    monkeypatch.setenv("SVDQ_KERNELS", "fastest")
+    use_kernels(" Auto ")
+    assert kernels.backend_for("cpu") is reference  # the interpreter is never chosen automatically
     with pytest.raises(ValueError, match="SVDQ_KERNELS='fastest' is not a kernel backend"):
-        kernels.backend_for("cpu")
+        use_kernels("fastest")
+    assert kernels.config().backend == "auto"  # a refused choice changes nothing
 
 
 @pytest.mark.parametrize("name", ["cuda"])
-def test_named_backend_that_cannot_run_is_a_clear_error(monkeypatch, name):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_named_backend_that_cannot_run_is_a_clear_error(use_kernels, name):
     reason = kernels.unavailable_reason(name, torch.device("cpu"))
     assert reason  # the CUDA backend does not run on a CPU tensor
-    monkeypatch.setenv("SVDQ_KERNELS", name)
+    use_kernels(name)
     with pytest.raises(kernels.BackendUnavailableError, match=f"the {name} backend cannot run on cpu"):
         kernels.quantize_act(**act_inputs(4, 64, 0))
 

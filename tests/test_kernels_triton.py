@@ -78,12 +78,12 @@ def test_deterministic_bytes():
     assert torch.equal(y1.view(torch.int16), y2.view(torch.int16))
 
 
-def test_compiles_without_graph_break(monkeypatch):
+def test_compiles_without_graph_break(use_kernels):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from engine.modules import SVDQLinear
 
-    monkeypatch.setenv("SVDQ_KERNELS", "triton")
+    use_kernels("triton")
     layer = SVDQLinear.from_linear(torch.nn.Linear(128, 32), torch.randn(64, 128), rank=16).to(DEVICE)
     x = torch.randn(2, 5, 128, device=DEVICE)
     counter = CompileCounterWithBackend("eager")
@@ -94,18 +94,18 @@ def test_compiles_without_graph_break(monkeypatch):
     assert "svdq.quantize_act" in ops and "svdq.w4a4_gemm" in ops
 
 
-def test_dispatch_uses_triton_when_asked(monkeypatch):
+def test_dispatch_uses_triton_when_asked(use_kernels):
     from engine import kernels
 
-    monkeypatch.setenv("SVDQ_KERNELS", "triton")
+    use_kernels("triton")
     assert kernels.backend_for(DEVICE) is tb
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["SVDQ_KERNELS"] = "triton"
     code = (
         "import torch; from engine import kernels\n"
+        "kernels.configure('triton')\n"
         "kernels.quantize_act(torch.randn(2, 64), torch.ones(64), torch.zeros(0, 64))"
     )
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -1,55 +1,29 @@
-"""The two hot ops of an SVDQuant linear, behind one dispatch.
+"""The hot ops of an SVDQuant linear, behind one dispatch.
 
-Op contract (every backend implements exactly this; ``reference`` is the ground truth)::
-
-    M  tokens (all leading dimensions folded)     K  input channels, a multiple of G's size
-    N  output channels                            G  K / group_size groups (group_size = 64)
-    R  low-rank width (rank + LoRA ranks, may be 0)
-
-    quantize_act(x [..., K], smooth [K], proj_down [R, K], *, group_size, unsigned, shift)
-        x_hat    = (x + shift) / smooth                            fp32
-        qx       uint8 [M, K/2]    4-bit codes of x_hat, two per byte, low nibble = even k;
-                                   signed: round(x_hat / s) in [-8, 7], s = max|x_hat_g| / 7
-                                   unsigned: round(x_hat / s) in [0, 15], s = max(x_hat_g) / 15
-        ascales  fp32 [M, G]       one scale per token per group (0 for an all-zero group)
-        lora_act fp32 [M, R]       x_hat @ proj_down^T
-
-    w4a4_gemm(qx, ascales, qweight [N, K/2], wscales [N, G], lora_act, proj_up [N, R],
-              bias [N] | None, *, unsigned, out_dtype)
-        y [M, N] = sum_g (qx_g . qweight_g^T) * ascales_g * wscales_g + lora_act @ proj_up^T + bias
-        integer products within a group, exact; scales per group; the sum over groups and
-        the epilogue in fp32; written in out_dtype. qweight is always signed.
-
-    w4a16_gemv(x [M, K], qweight [N, K/2], wscales [N, G], wzeros [N, G], bias [N] | None)
-        y [M, N] = x @ (code * wscales + wzeros)^T + bias        weight-only 4-bit, M small
-        codes unsigned 0..15 (low nibble = even k); any float dtype in, fp32 sums, y in x's
-        dtype. For the AdaLN linears (one conditioning vector per image): the packed weight is
-        read once per call and dequantized in registers. The triton backend takes M <= 4.
-
-Rounding is round-half-to-even and division is IEEE-exact, so a backend reproduces the
-reference's codes bit for bit; only the order of the fp32 sums may differ (and the Triton GEMM
-applies each ascale rounded to 22 significant bits, a relative change <= 2^-22, which lets one
-FMA convert and scale a group's integer sum). Scales may have any strides: group-major ones
-(strides (1, M) or (1, N), as the Triton quantize_act returns ascales) load fastest there.
+The contract every backend implements (shapes, layouts, rounding) is stated once, in
+``engine.kernels.contract``; ``reference`` is the ground truth every backend is tested against.
 
 The ops are torch custom ops (``torch.ops.svdq.quantize_act``, ``torch.ops.svdq.w4a4_gemm``,
-``torch.ops.svdq.w4a16_gemv``)
-with fake implementations: ``torch.compile`` traces a model through them without a graph
-break, and the backend is chosen inside the op, at run time, so a compiled graph or a captured
-CUDA graph runs whichever kernels the device has.
+``torch.ops.svdq.w4a16_gemv``) with fake implementations: ``torch.compile`` traces a model
+through them without a graph break, and the backend is chosen inside the op, at run time, so a
+compiled graph or a captured CUDA graph runs whichever kernels the device has.
 
-Backend choice: the environment variable ``SVDQ_KERNELS`` = auto (default) | reference |
-triton | cuda. ``auto`` takes the fastest backend that can run on the tensor's device; a
-named backend that cannot run there is an error, never a silent fall-back. The CUDA extension
-has no GEMV: where it serves the W4A4 ops, ``w4a16_gemv`` runs on Triton (or the reference).
+Backend choice: ``configure(backend=...)``, called once by the server's setup() and the scripts
+(which pass ``SVDQ_KERNELS`` from the environment): auto (default) | reference | triton | cuda.
+``auto`` takes, on a CUDA tensor in the order cuda, triton, reference, the first backend whose
+own ``unavailable_reason`` accepts the device (each backend decides alone which GPUs it
+serves), and the reference elsewhere; a named backend that cannot run there is an error, never a silent fall-back. The CUDA
+extension has no GEMV: where it serves the W4A4 ops, ``w4a16_gemv`` runs on Triton (or the
+reference).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import logging
-import os
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -58,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "SVDQ_KERNELS"
 BACKENDS = ("reference", "triton", "cuda")
+# auto: fastest first; which GPUs a backend serves is its own unavailable_reason's call. Off
+# CUDA, auto is the reference: the Triton interpreter is a test tool, never an automatic choice.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "other": ("reference",)}
 _MODULES = {
     "reference": "engine.kernels.reference",
     "triton": "engine.kernels.triton_backend",
@@ -95,20 +72,35 @@ def get_backend(name: str, device: torch.device | str) -> ModuleType:
     return _load(name)[0]
 
 
-def _auto_order(device: torch.device) -> tuple[str, ...]:
-    if device.type != "cuda":
-        return ("reference",)
-    major, _ = torch.cuda.get_device_capability(device)
-    # The int4 MMA of the CUDA extension exists on sm_80..sm_89 only; Hopper has int8 MMA.
-    return ("cuda", "triton", "reference") if major == 8 else ("triton", "reference")
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Process-wide kernel settings, set once by ``configure`` (from setup() or a script)."""
+
+    backend: str = "auto"
+    ext_dir: Path | None = None  # where the CUDA extension is built just in time
+
+
+_config = KernelConfig()
+
+
+def configure(backend: str = "auto", *, ext_dir: str | Path | None = None) -> KernelConfig:
+    """Choose the kernel backend (and the CUDA extension's build folder) for this process."""
+    global _config
+    backend = (backend or "auto").strip().lower()
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"{ENV_VAR}={backend!r} is not a kernel backend; choose one of auto, {', '.join(BACKENDS)}")
+    _config = KernelConfig(backend, Path(ext_dir) if ext_dir else None)
+    _resolve.cache_clear()
+    return _config
+
+
+def config() -> KernelConfig:
+    """The settings ``configure`` made (the defaults if it was never called)."""
+    return _config
 
 
 @functools.cache
 def _resolve(requested: str, device: torch.device) -> ModuleType:
-    if requested not in ("auto", *BACKENDS):
-        raise ValueError(
-            f"{ENV_VAR}={requested!r} is not a kernel backend; choose one of auto, {', '.join(BACKENDS)}"
-        )
     if requested != "auto":
         try:
             module = get_backend(requested, device)
@@ -117,7 +109,7 @@ def _resolve(requested: str, device: torch.device) -> ModuleType:
         logger.info("SVDQuant kernels on %s: %s (%s=%s)", device, requested, ENV_VAR, requested)
         return module
     skipped = []
-    for name in _auto_order(device):
+    for name in _AUTO_ORDER["cuda" if device.type == "cuda" else "other"]:
         reason = unavailable_reason(name, device)
         if reason is None:
             why = f" ({'; '.join(skipped)})" if skipped else ""
@@ -128,11 +120,11 @@ def _resolve(requested: str, device: torch.device) -> ModuleType:
 
 
 def backend_for(device: torch.device | str) -> ModuleType:
-    """The backend module that serves tensors on ``device`` under the current ``SVDQ_KERNELS``."""
+    """The backend module that serves tensors on ``device`` under the configured choice."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return _resolve(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", device)
+    return _resolve(_config.backend, device)
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -328,7 +320,10 @@ __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "BackendUnavailableError",
+    "KernelConfig",
     "backend_for",
+    "config",
+    "configure",
     "gemv_backend_for",
     "get_backend",
     "quantize_act",

@@ -124,10 +124,27 @@ def w4a4_gemm(
     *,
     unsigned: bool,
     out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """See engine.kernels.contract. Scales are read through their strides (group-major is fastest)."""
+    return launch_w4a4_gemm(
+        qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned=unsigned, out_dtype=out_dtype
+    )
+
+
+def launch_w4a4_gemm(
+    qx: torch.Tensor,
+    ascales: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    lora_act: torch.Tensor,
+    proj_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    unsigned: bool,
+    out_dtype: torch.dtype,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """See engine.kernels. Scales are read through their strides (group-major is fastest);
-    ``config`` overrides the architecture's launch config (benchmarks and tests only)."""
+    """w4a4_gemm with ``config`` overriding the architecture's launch config (benchmarks, tests)."""
     m, half_k = qx.shape
     n, k, r = qweight.shape[0], 2 * half_k, lora_act.shape[1]
     group = k // ascales.shape[1]

@@ -5,8 +5,8 @@ extension of our own takes that last 2x. Hopper (sm_90) and newer have no 4-bit 
 there the dispatch uses Triton. Sources: csrc/kernels.cu (device code, plain CUDA) and
 csrc/ops.cpp (torch binding, ops ``torch.ops.svdq_cuda.*``). The container image installs them
 prebuilt (the ``svdq_cuda_kernels`` package, scripts/build_kernel_sdist.py); elsewhere they are
-built just in time on first use with torch.utils.cpp_extension (cached in ``SVDQ_EXT_DIR`` or
-torch's default folder) for the archs in ``TORCH_CUDA_ARCH_LIST`` (default: this GPU's), with
+built just in time on first use with torch.utils.cpp_extension (cached in the folder given to
+``engine.kernels.configure(ext_dir=...)``, or torch's default) for the archs in ``TORCH_CUDA_ARCH_LIST`` (default: this GPU's), with
 torch's own compiler flags.
 
 The kernels read the checkpoint's plain packed layout: ``ldmatrix`` from shared memory yields the
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -77,10 +76,12 @@ def _build() -> str | None:
 
 
 def _build_dir() -> str | None:
-    path = os.environ.get("SVDQ_EXT_DIR")
+    from engine import kernels
+
+    path = kernels.config().ext_dir  # configure(ext_dir=...): setup() puts it beside the weights
     if path:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    return path
+        path.mkdir(parents=True, exist_ok=True)
+    return str(path) if path else None
 
 
 def unavailable_reason(device: torch.device) -> str | None:

@@ -1,0 +1,99 @@
+"""The kernel contract, stated once: what every backend module implements.
+
+Op contract (every backend implements exactly this; ``reference`` is the ground truth)::
+
+    M  tokens (all leading dimensions folded)     K  input channels, a multiple of G's size
+    N  output channels                            G  K / group_size groups (group_size = 64)
+    R  low-rank width (rank + LoRA ranks, may be 0)
+
+    quantize_act(x [..., K], smooth [K], proj_down [R, K], *, group_size, unsigned, shift)
+        x_hat    = (x + shift) / smooth                            fp32
+        qx       uint8 [M, K/2]    4-bit codes of x_hat, two per byte, low nibble = even k;
+                                   signed: round(x_hat / s) in [-8, 7], s = max|x_hat_g| / 7
+                                   unsigned: round(x_hat / s) in [0, 15], s = max(x_hat_g) / 15
+        ascales  fp32 [M, G]       one scale per token per group (0 for an all-zero group)
+        lora_act fp32 [M, R]       x_hat @ proj_down^T
+
+    w4a4_gemm(qx, ascales, qweight [N, K/2], wscales [N, G], lora_act, proj_up [N, R],
+              bias [N] | None, *, unsigned, out_dtype)
+        y [M, N] = sum_g (qx_g . qweight_g^T) * ascales_g * wscales_g + lora_act @ proj_up^T + bias
+        integer products within a group, exact; scales per group; the sum over groups and
+        the epilogue in fp32; written in out_dtype. qweight is always signed.
+
+    w4a16_gemv(x [M, K], qweight [N, K/2], wscales [N, G], wzeros [N, G], bias [N] | None)
+        y [M, N] = x @ (code * wscales + wzeros)^T + bias        weight-only 4-bit, M small
+        codes unsigned 0..15 (low nibble = even k); any float dtype in, fp32 sums, y in x's
+        dtype. For the AdaLN linears (one conditioning vector per image): the packed weight is
+        read once per call and dequantized in registers. The triton backend takes M <= 4.
+
+Rounding is round-half-to-even and division is IEEE-exact, so a backend reproduces the
+reference's codes bit for bit; only the order of the fp32 sums may differ (and the Triton GEMM
+applies each ascale rounded to 22 significant bits, a relative change <= 2^-22, which lets one
+FMA convert and scale a group's integer sum). Scales may have any strides: group-major ones
+(strides (1, M) or (1, N), as the Triton quantize_act returns ascales) load fastest there.
+
+A backend is a module; ``GemmBackend`` and ``GemvBackend`` below are its typed form (the
+signatures are the contract: tests/test_kernel_contract.py checks every backend module, the
+custom ops and the CUDA extension's C++ schema against them).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class GemmBackend(Protocol):
+    """A backend of the W4A4 ops (reference, triton, cuda)."""
+
+    NAME: str
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """Why it cannot run on ``device`` (None when it can): the one place deciding which
+        devices (which GPU architectures) the backend serves."""
+        ...
+
+    def quantize_act(
+        self,
+        x: torch.Tensor,  # [M, K] float
+        smooth: torch.Tensor,  # [K]
+        proj_down: torch.Tensor,  # [R, K]
+        *,
+        group_size: int,
+        unsigned: bool,
+        shift: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # qx [M, K/2] u8, ascales [M, G], lora_act [M, R]
+        ...
+
+    def w4a4_gemm(
+        self,
+        qx: torch.Tensor,  # uint8 [M, K/2]
+        ascales: torch.Tensor,  # fp32 [M, G]
+        qweight: torch.Tensor,  # uint8 [N, K/2]
+        wscales: torch.Tensor,  # [N, G]
+        lora_act: torch.Tensor,  # fp32 [M, R]
+        proj_up: torch.Tensor,  # [N, R]
+        bias: torch.Tensor | None,  # [N]
+        *,
+        unsigned: bool,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:  # [M, N] out_dtype
+        ...
+
+
+class GemvBackend(Protocol):
+    """A backend of the weight-only op (reference, triton)."""
+
+    def w4a16_gemv(
+        self,
+        x: torch.Tensor,  # [M, K] float
+        qweight: torch.Tensor,  # uint8 [N, K/2], unsigned codes
+        wscales: torch.Tensor,  # [N, G]
+        wzeros: torch.Tensor,  # [N, G]
+        bias: torch.Tensor | None,  # [N]
+    ) -> torch.Tensor:  # [M, N] in x's dtype
+        ...
+
+
+OPS = {GemmBackend: ("quantize_act", "w4a4_gemm"), GemvBackend: ("w4a16_gemv",)}
