@@ -277,7 +277,9 @@ def print_real_table(title: str, cases: Sequence[LayerCase], results: dict[str, 
     print("| scheme | mean rel. error, held-out | mean rel. error, calibration | layers better than SVDQuant RTN (held-out) | time |")
     print("|---|---|---|---|---|")
     for scheme, r in results.items():
-        better = "-" if base is None or r is base else f"{sum(a < b for a, b in zip(r.held_out, base.held_out))}/{len(cases)}"
+        better = "-"
+        if base is not None and r is not base:
+            better = f"{sum(a < b for a, b in zip(r.held_out, base.held_out, strict=True))}/{len(cases)}"
         print(f"| {scheme} | {r.mean_held_out:.4f} | {r.mean_calib:.4f} | {better} | {r.seconds:.1f} s |")
     g = results.get("SVDQuant W4A4 + GPTQ rounding")
     if g is not None:
