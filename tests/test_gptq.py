@@ -89,3 +89,22 @@ def test_search_with_gptq_never_worse_on_calibration(unsigned):
     y = reference.linear(x, q, unsigned=unsigned, act_shift=shift, group_size=64)
     assert e == pytest.approx(relative_error(y, x @ w.T + b))
     assert e < e_rtn, (e, e_rtn)
+
+
+def test_checkpoint_records_and_reads_back_the_rounding(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from engine.flux.checkpoint import quant_config, read_metadata, save_checkpoint
+
+    bare = torch.nn.Module()  # save_checkpoint needs only a config and a state dict
+    bare.config = {"num_layers": 1}
+    path = save_checkpoint(bare, tmp_path / "q.safetensors", SVDQConfig(rounding="gptq", gptq_damp=0.5))
+    meta, _ = read_metadata(path)
+    assert quant_config(meta)["rounding"] == "gptq" and quant_config(meta)["gptq_damp"] == 0.5
+    # A file written before the field existed was rounded to nearest; a converted one does not say.
+    old = {"rank": 32, "group_size": 64, "alphas": [0.5], "svd_niter": None, "version": 1}
+    save_file({"x": torch.zeros(1)}, tmp_path / "old.safetensors", metadata={"quant_config": json.dumps(old)})
+    assert quant_config(read_metadata(tmp_path / "old.safetensors")[0])["rounding"] == "rtn"
+    assert quant_config({"quant_config": json.dumps(old), "converted_from": "nunchaku"})["rounding"] is None

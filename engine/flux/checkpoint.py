@@ -3,7 +3,7 @@
 Tensors: the transformer's full state dict. Quantized linears carry ``qweight``, ``wscales``,
 ``smooth_factor``, ``proj_down``, ``proj_up``, ``bias`` (W4A4) or ``qweight``, ``wscales``,
 ``wzeros``, ``bias`` (W4A16); every other parameter is stored as is. Metadata (strings):
-``format`` = "svdquant-flux", ``format_version``, ``quant_config`` (JSON of SVDQConfig),
+``format`` = "svdquant-flux", ``format_version``, ``quant_config`` (JSON of SVDQConfig, incl. ``rounding``),
 ``transformer_config`` (JSON of the diffusers config, so no model folder is needed to load),
 ``unsigned_layers`` (JSON list), ``act_shift``. See docs/checkpoint-format.md.
 """
@@ -72,12 +72,23 @@ def read_metadata(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def quant_config(metadata: dict[str, str]) -> dict:
+    """The ``SVDQConfig`` a checkpoint records (a dict), with the fields older files lack filled in.
+
+    Files written before ``rounding`` existed were rounded to nearest; a converted public-engine
+    file does not say how it was rounded (``None``).
+    """
+    config = json.loads(metadata["quant_config"])
+    config.setdefault("rounding", None if "converted_from" in metadata else "rtn")
+    return config
+
+
 def _skeleton(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], path: Path) -> nn.Module:
     """The transformer with quantized modules in place, every tensor on the meta device."""
     from diffusers import FluxTransformer2DModel
 
     config = json.loads(metadata["transformer_config"])
-    quant = json.loads(metadata["quant_config"])
+    quant = quant_config(metadata)
     unsigned = set(json.loads(metadata.get("unsigned_layers", "[]")))
     act_shift = float(metadata.get("act_shift", GELU_SHIFT))
     with torch.device("meta"):
