@@ -176,7 +176,8 @@ def flux_tiny_cases(model_dir: str, *, max_samples: int = 256) -> list[LayerCase
     """
     from diffusers import FluxPipeline
 
-    from engine.flux import Treatment, calibrate, split_sizes, target_layers
+    from engine.flux import Treatment, calibrate, target_layers
+    from engine.flux.layers import split_sizes
     from engine.flux.prompts import CALIBRATION_PROMPTS
 
     pipe = FluxPipeline.from_pretrained(model_dir, dtype=torch.float32)

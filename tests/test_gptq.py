@@ -69,26 +69,48 @@ def test_config_validates_rounding():
         SVDQConfig(gptq_damp=0.0)
 
 
+def outlier_inputs_with_shared_factors(n: int, k: int) -> torch.Tensor:
+    """Outlier channels (as FLUX has) plus a few factors shared by all channels (as real inputs have)."""
+    g = torch.Generator().manual_seed(1)
+    return outlier_activations(n, k) + torch.randn(n, 16, generator=g) @ torch.randn(16, k, generator=g)
+
+
+def search_both(x, w, b, **kw):
+    runs = {}
+    for rounding in ("rtn", "gptq"):
+        torch.manual_seed(0)
+        runs[rounding] = search_alpha(w, b, x, SVDQConfig(rank=16, rounding=rounding), dtype=torch.float32, **kw)
+    return runs["rtn"], runs["gptq"]
+
+
 @pytest.mark.parametrize("unsigned", [False, True])
-def test_search_with_gptq_never_worse_on_calibration(unsigned):
+def test_search_keeps_gptq_where_it_helps(unsigned):
     k = n = 256
+    x = outlier_inputs_with_shared_factors(384, k)
+    shift = GELU_SHIFT if unsigned else 0.0
     if unsigned:  # an MLP-out layer: GELU outputs, unsigned codes with the shift
-        x = torch.nn.functional.gelu(outlier_activations(384, k) / 4, approximate="tanh")
-        shift = GELU_SHIFT
-    else:
-        x, shift = outlier_activations(384, k), 0.0
+        x = torch.nn.functional.gelu(x / 4, approximate="tanh")
     w, b = structured_weight(n, k), torch.randn(n) * 0.1
-    kw = {"unsigned": unsigned, "act_shift": shift, "dtype": torch.float32}
-    torch.manual_seed(0)
-    q_rtn, a_rtn, e_rtn = search_alpha(w, b, x, SVDQConfig(rank=16, rounding="rtn"), **kw)
-    torch.manual_seed(0)
-    q, a, e = search_alpha(w, b, x, SVDQConfig(rank=16, rounding="gptq"), **kw)
+    (q_rtn, a_rtn, e_rtn), (q, a, e) = search_both(x, w, b, unsigned=unsigned, act_shift=shift)
     assert a == a_rtn  # the alpha is searched with round-to-nearest
     assert q.rounding == "gptq" and q_rtn.rounding == "rtn"
     assert torch.equal(q.wscales, q_rtn.wscales) and not torch.equal(q.qweight, q_rtn.qweight)
     y = reference.linear(x, q, unsigned=unsigned, act_shift=shift, group_size=64)
     assert e == pytest.approx(relative_error(y, x @ w.T + b))
-    assert e < e_rtn, (e, e_rtn)
+    # Measured (calibration error): signed 0.0566 -> 0.0422, unsigned 0.0468 -> 0.0315.
+    assert e < 0.85 * e_rtn, (e, e_rtn)
+
+
+def test_search_falls_back_where_gptq_would_fit_noise():
+    """Independent channels and fewer rows than channels: X^T X off its diagonal is sampling noise.
+
+    GPTQ fitted on half the rows loses on the other half, so round-to-nearest is kept. (On the
+    report's synthetic 1024 x 1024 layer, built the same way, GPTQ fitted on all rows and kept
+    raised the held-out error from 0.0422 to 0.0438: docs/quantization.md.)
+    """
+    x = outlier_activations(256, 512)
+    (q_rtn, _, e_rtn), (q, _, e) = search_both(x, structured_weight(512, 512), None)
+    assert q.rounding == "rtn" and e == e_rtn and torch.equal(q.qweight, q_rtn.qweight)
 
 
 def test_checkpoint_records_and_reads_back_the_rounding(tmp_path):
