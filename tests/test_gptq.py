@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.kernels import reference
-from engine.quant import GELU_SHIFT, SVDQConfig, quantize_int4, relative_error, search_alpha
+from engine.quant import GELU_SHIFT, SVDQConfig, quantize_int4, quantize_svdq, relative_error, search_alpha
 from engine.quant.gptq import gptq_quantize, second_moment
 from engine.quant.int4 import dequantize_int4
 from engine.quant.synthetic import outlier_activations, structured_weight
@@ -59,6 +59,8 @@ def test_deterministic_and_validated():
         gptq_quantize(r, h, block_size=96)
     with pytest.raises(ValueError, match="multiple of the group size"):
         gptq_quantize(r[:, :100], h[:100, :100])
+    with pytest.raises(ValueError, match="calib"):
+        quantize_svdq(r, None, r.abs().amax(0), alpha=0.5, rank=4, rounding="gptq")
 
 
 def test_config_validates_rounding():
