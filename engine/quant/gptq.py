@@ -14,8 +14,8 @@ column is reached, from the columns as updated so far (the original GPTQ's group
 the same storage format.
 
 Everything is fp32; the column loop runs over blocks of ``block_size`` columns with the update of
-later columns deferred to one matmul per block (the "lazy batch" of the paper), so memory is
-``H`` plus two copies of ``R``.
+later columns deferred to one matmul per block (the "lazy batch" of the paper); memory is a few
+``[K, K]`` matrices (``H``, its inverse and that inverse's Cholesky factor) and two copies of ``R``.
 """
 
 from __future__ import annotations
