@@ -1,11 +1,12 @@
 """Quantize a diffusers-format FLUX model's transformer with SVDQuant into our checkpoint.
 
     python scripts/quantize_flux.py --model DIR --out FILE [--rank 32 --group-size 64
-        --calib-prompts 32 --steps 4 --device cuda --svd-niter 2 | --exact-svd]
+        --calib-prompts 32 --steps 4 --device cuda --svd-niter 2 | --exact-svd --rounding gptq]
 
 Runs the float pipeline on the built-in calibration prompts at several resolutions,
-records what each layer sees, then quantizes layer by layer (alpha searched per layer) and
-prints a per-layer error summary. The file format is in docs/checkpoint-format.md.
+records what each layer sees, then quantizes layer by layer (alpha searched per layer, the
+4-bit residual rounded with GPTQ error compensation by default) and prints a per-layer error
+summary. The file format is in docs/checkpoint-format.md.
 """
 
 import argparse
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from engine import kernels
 from engine.flux import DEFAULT_RESOLUTIONS, calibrate, quantize_transformer, save_checkpoint
-from engine.quant import SVDQConfig
+from engine.quant import DEFAULT_DAMP, ROUNDINGS, SVDQConfig
 
 
 def parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
@@ -38,7 +39,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="denoising steps per calibration prompt")
     p.add_argument("--resolutions", type=parse_resolutions, default=DEFAULT_RESOLUTIONS, help="WxH,WxH,...")
     p.add_argument(
-        "--max-samples", type=int, default=256, help="input rows kept per layer for the alpha search"
+        "--max-samples", type=int, default=256, help="input rows kept per layer for the alpha search and GPTQ's X^T X"
     )
     p.add_argument(
         "--svd-niter",
@@ -48,6 +49,14 @@ def main() -> None:
         "7-23x faster; docs/quantization.md)",
     )
     p.add_argument("--exact-svd", action="store_true", help="full SVD instead of the randomized one")
+    p.add_argument(
+        "--rounding",
+        choices=ROUNDINGS,
+        default="gptq",
+        help="rounding of the 4-bit residual: gptq (error-compensating, the default: 10.7%% lower held-out "
+        "error than rtn on real activations, docs/quantization.md) or rtn (round to nearest)",
+    )
+    p.add_argument("--gptq-damp", type=float, default=DEFAULT_DAMP, help="GPTQ damping, relative to mean(diag X^T X)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     kernels.configure(os.environ.get(kernels.ENV_VAR, "auto"))  # SVDQ_KERNELS, read here only
@@ -55,7 +64,11 @@ def main() -> None:
     from diffusers import FluxPipeline
 
     config = SVDQConfig(
-        rank=args.rank, group_size=args.group_size, svd_niter=None if args.exact_svd else args.svd_niter
+        rank=args.rank,
+        group_size=args.group_size,
+        svd_niter=None if args.exact_svd else args.svd_niter,
+        rounding=args.rounding,
+        gptq_damp=args.gptq_damp,
     )
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 Tensors: the transformer's full state dict. Quantized linears carry ``qweight``, ``wscales``,
 ``smooth_factor``, ``proj_down``, ``proj_up``, ``bias`` (W4A4) or ``qweight``, ``wscales``,
 ``wzeros``, ``bias`` (W4A16); every other parameter is stored as is. Metadata (strings):
-``format`` = "svdquant-flux", ``format_version``, ``quant_config`` (JSON of SVDQConfig),
+``format`` = "svdquant-flux", ``format_version``, ``quant_config`` (JSON of SVDQConfig, incl. ``rounding``),
 ``transformer_config`` (JSON of the diffusers config, so no model folder is needed to load),
 ``unsigned_layers`` (JSON list), ``act_shift``, and ``converted_from`` for a file converted
 from the public engine's. See docs/checkpoint-format.md.
@@ -73,6 +73,7 @@ def read_config(metadata: dict[str, str], path: str | Path = "<metadata>") -> SV
         fields = json.loads(metadata["quant_config"])
         if "alphas" in fields:
             fields["alphas"] = tuple(fields["alphas"])
+        fields.setdefault("rounding", "rtn")  # written before the field existed: round to nearest
         config = SVDQConfig(**fields)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable quant_config ({e})") from e
@@ -119,7 +120,7 @@ def convert_public_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor]
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot convert the public engine's checkpoint: {e}") from e
     # Their file says how it is laid out, not how it was quantized: the procedure fields of the
-    # config are our defaults, and converted_from says where the file came from.
+    # config (alphas, svd_niter, rounding) are our defaults there, and converted_from says so.
     config = SVDQConfig(rank=c.rank, group_size=64)
     return c.state, make_metadata(config, c.transformer_config, c.unsigned_layers, converted_from="nunchaku")
 
