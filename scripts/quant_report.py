@@ -30,12 +30,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from engine.kernels import reference
 from engine.modules import W4A16Linear
 from engine.quant import (
     GELU_SHIFT,
     ActivationRecorder,
     SVDQConfig,
+    ops,
     quantize_svdq,
     relative_error,
     search_alpha,
@@ -245,7 +245,7 @@ def layer_error(case: LayerCase, q, x: torch.Tensor, group_size: int = 64) -> fl
     y_ref = x.float() @ case.weight.float().T
     if case.bias is not None:
         y_ref = y_ref + case.bias.float()
-    y = reference.linear(x, q, unsigned=case.unsigned, act_shift=case.act_shift, group_size=group_size)
+    y = ops.linear(x, q, unsigned=case.unsigned, act_shift=case.act_shift, group_size=group_size)
     return relative_error(y, y_ref)
 
 
@@ -302,7 +302,7 @@ def synthetic_report(k: int, n: int, tokens: int, seed: int) -> None:
     n_params = w.numel()
 
     def w4a4_row(label: str, q, alpha) -> tuple[str, str, float, float]:
-        y_q = reference.linear(x_test, q, unsigned=False, act_shift=0.0, group_size=64)
+        y_q = ops.linear(x_test, q, unsigned=False, act_shift=0.0, group_size=64)
         parts = [q.qweight, q.wscales, q.smooth_factor, q.proj_down, q.proj_up, q.bias]
         return (
             label,

@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from engine.kernels import reference
-from engine.quant import GELU_SHIFT, SVDQConfig, quantize_int4, quantize_svdq, relative_error, search_alpha
+from engine.quant import (
+    GELU_SHIFT,
+    SVDQConfig,
+    ops,
+    quantize_int4,
+    quantize_svdq,
+    relative_error,
+    search_alpha,
+)
 from engine.quant.gptq import gptq_quantize, second_moment
 from engine.quant.int4 import dequantize_int4
 from engine.quant.synthetic import outlier_activations, structured_weight
@@ -97,7 +104,7 @@ def test_search_keeps_gptq_where_it_helps(unsigned):
     assert a == a_rtn  # the alpha is searched with round-to-nearest
     assert q.rounding == "gptq" and q_rtn.rounding == "rtn"
     assert torch.equal(q.wscales, q_rtn.wscales) and not torch.equal(q.qweight, q_rtn.qweight)
-    y = reference.linear(x, q, unsigned=unsigned, act_shift=shift, group_size=64)
+    y = ops.linear(x, q, unsigned=unsigned, act_shift=shift, group_size=64)
     assert e == pytest.approx(relative_error(y, x @ w.T + b))
     # Measured (calibration error): signed 0.0566 -> 0.0422, unsigned 0.0468 -> 0.0315.
     assert e < 0.85 * e_rtn, (e, e_rtn)

@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from engine.kernels import reference
 from engine.quant import (
     GELU_SHIFT,
     ActivationRecorder,
     SVDQConfig,
     lowrank_split,
+    ops,
     quantize_svdq,
     relative_error,
     search_alpha,
@@ -34,7 +34,7 @@ def held_out_error(layer, **kw) -> float:
         q = quantize_svdq(w, None, x_cal.abs().amax(0), alpha=None, rank=0)
     else:
         q, _, _ = search_alpha(w, None, x_cal, SVDQConfig(**kw))
-    return relative_error(reference.linear(x_test, q, unsigned=False, act_shift=0.0, group_size=64), y)
+    return relative_error(ops.linear(x_test, q, unsigned=False, act_shift=0.0, group_size=64), y)
 
 
 def test_error_ordering_on_outlier_data(layer):
@@ -78,7 +78,7 @@ def test_unsigned_shift_is_folded_into_bias():
     q, _, err = search_alpha(
         lin.weight, lin.bias, x, SVDQConfig(rank=16), unsigned=True, act_shift=GELU_SHIFT, dtype=torch.float32
     )
-    y = reference.linear(x, q, unsigned=True, act_shift=GELU_SHIFT, group_size=64)
+    y = ops.linear(x, q, unsigned=True, act_shift=GELU_SHIFT, group_size=64)
     assert relative_error(y, lin(x)) == pytest.approx(err, rel=1e-5)
     # Unsigned codes spend all 16 levels on [0, max]: better than signed on the same data.
     _qs, _, err_signed = search_alpha(lin.weight, lin.bias, x, SVDQConfig(rank=16), dtype=torch.float32)

@@ -1,20 +1,10 @@
-"""Reference backend: the op contract in plain torch, on any device. The ground truth.
-
-Integer products are formed one group at a time as fp32 matmuls of the integer codes:
-every partial sum is an integer below 2^24 (64 * 15 * 8 = 7680 at most), so they are exact
-whatever the summation order; scales are applied per group and the groups summed in fp32.
-"""
+"""Reference backend: the ground truth of engine.quant.ops served as a kernel backend, on any device."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from engine.quant.int4 import dequantize_int4_asym, pack_int4, quantize_int4, unpack_int4
-
-if TYPE_CHECKING:
-    from engine.quant.svdquant import SVDQWeight
+from engine.quant.ops import quantize_act, w4a4_gemm, w4a16_gemv
 
 NAME = "reference"
 
@@ -23,78 +13,4 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def quantize_act(
-    x: torch.Tensor,  # [M, K] float
-    smooth: torch.Tensor,  # [K]
-    proj_down: torch.Tensor,  # [R, K]
-    *,
-    group_size: int,
-    unsigned: bool,
-    shift: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x_hat = (x.float() + shift) / smooth.float()  # [M, K]
-    lora_act = x_hat @ proj_down.float().T  # [M, R]
-    codes, ascales = quantize_int4(x_hat, group_size, unsigned=unsigned)  # [M, K], [M, G]
-    return pack_int4(codes), ascales, lora_act
-
-
-def w4a4_gemm(
-    qx: torch.Tensor,  # uint8 [M, K/2]
-    ascales: torch.Tensor,  # fp32 [M, G]
-    qweight: torch.Tensor,  # uint8 [N, K/2]
-    wscales: torch.Tensor,  # [N, G]
-    lora_act: torch.Tensor,  # fp32 [M, R]
-    proj_up: torch.Tensor,  # [N, R]
-    bias: torch.Tensor | None,  # [N]
-    *,
-    unsigned: bool,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    m, g = ascales.shape
-    n, k = qweight.shape[0], 2 * qweight.shape[1]
-    gs = k // g
-    a = unpack_int4(qx, signed=not unsigned).float().view(m, g, gs)
-    w = unpack_int4(qweight).float().view(n, g, gs)
-    sa = ascales.float()
-    sw = wscales.float()
-    acc = torch.zeros(m, n, device=qx.device)
-    for i in range(g):
-        acc += (a[:, i] @ w[:, i].T) * sa[:, i, None] * sw[None, :, i]
-    acc += lora_act.float() @ proj_up.float().T
-    if bias is not None:
-        acc += bias.float()
-    return acc.to(out_dtype)
-
-
-def w4a16_gemv(
-    x: torch.Tensor,  # [M, K] float
-    qweight: torch.Tensor,  # uint8 [N, K/2], unsigned codes
-    wscales: torch.Tensor,  # [N, G]
-    wzeros: torch.Tensor,  # [N, G]
-    bias: torch.Tensor | None,  # [N]
-) -> torch.Tensor:
-    w = dequantize_int4_asym(unpack_int4(qweight, signed=False), wscales, wzeros)  # fp32 [N, K]
-    y = x.float() @ w.T  # [M, N]
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype)
-
-
-def linear(
-    x: torch.Tensor, q: SVDQWeight, *, unsigned: bool, act_shift: float, group_size: int
-) -> torch.Tensor:
-    """One SVDQuant linear on ``x [M, K]`` through this backend, in fp32 (for the alpha search)."""
-    qx, ascales, lora_act = quantize_act(
-        x, q.smooth_factor, q.proj_down, group_size=group_size, unsigned=unsigned, shift=act_shift
-    )
-    return w4a4_gemm(
-        qx,
-        ascales,
-        q.qweight,
-        q.wscales,
-        lora_act,
-        q.proj_up,
-        q.bias,
-        unsigned=unsigned,
-        out_dtype=torch.float32,
-    )
+__all__ = ["NAME", "quantize_act", "unavailable_reason", "w4a4_gemm", "w4a16_gemv"]

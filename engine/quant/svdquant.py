@@ -23,6 +23,7 @@ import dataclasses
 
 import torch
 
+from engine.quant import ops  # the ground truth scores the candidates
 from engine.quant.gptq import DEFAULT_DAMP, gptq_quantize, second_moment
 from engine.quant.int4 import DEFAULT_GROUP_SIZE, pack_int4, quantize_int4
 
@@ -230,7 +231,6 @@ def search_alpha(
     not fitted on and lowers the calibration error (the returned weights' ``rounding`` says
     which). Returns ``(weights, alpha, relative error)``.
     """
-    from engine.kernels import reference  # the ground truth scores the candidates
 
     x = calib.reshape(-1, calib.shape[-1]).float()
     if act_max is None:
@@ -241,7 +241,7 @@ def search_alpha(
         y_ref = y_ref + bias.float()
 
     def score(q: SVDQWeight, rows: slice = slice(None)) -> float:
-        y = reference.linear(x[rows], q, unsigned=unsigned, act_shift=act_shift, group_size=config.group_size)
+        y = ops.linear(x[rows], q, unsigned=unsigned, act_shift=act_shift, group_size=config.group_size)
         return relative_error(y, y_ref[rows])
 
     def assemble(split: tuple, codes: torch.Tensor, wscales: torch.Tensor, rounding: str) -> SVDQWeight:
