@@ -92,3 +92,17 @@ def test_w4a16_linear():
     assert relative_error(y, lin(x)) < 0.1  # 4-bit uniform weights: measured 0.06
     with pytest.raises(ValueError, match="last dimension 192"):
         q(torch.randn(3, 128, dtype=torch.bfloat16))
+
+
+def test_wscales_stay_group_major_through_load_and_move(tmp_path):
+    """The GPU kernels read a group's scales for a tile of outputs in one coalesced load."""
+    from engine.modules import SVDQLinear
+
+    layer = SVDQLinear.from_linear(torch.nn.Linear(128, 48), torch.randn(32, 128), rank=8)
+    assert layer.wscales.stride() == (1, 48)
+    state = {k: v.contiguous() for k, v in layer.state_dict().items()}  # as a file holds it
+    fresh = SVDQLinear(128, 48, rank=8)
+    fresh.load_state_dict(state, assign=True)
+    assert fresh.wscales.stride() == (1, 48) and fresh.to(torch.float32).wscales.stride() == (1, 48)
+    x = torch.randn(5, 128)
+    assert torch.equal(fresh(x), layer(x))

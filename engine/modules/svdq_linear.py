@@ -47,7 +47,9 @@ class SVDQLinear(LoraSlots, nn.Module):
         n, k, g = out_features, in_features, in_features // group_size
         fkw = {"dtype": dtype, "device": device}
         self.register_buffer("qweight", torch.zeros(n, k // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("wscales", torch.zeros(n, g, **fkw))
+        # [N, G] stored group-major (strides (1, N)): a CTA's scales for one group are one
+        # coalesced load in both GPU backends. The file keeps the plain row-major layout.
+        self.register_buffer("wscales", torch.zeros(g, n, **fkw).t())
         self.register_buffer("smooth_factor", torch.ones(k, **fkw))
         self.register_buffer("proj_down", torch.zeros(rank, k, **fkw))
         self.register_buffer("proj_up", torch.zeros(n, rank, **fkw))
@@ -57,6 +59,7 @@ class SVDQLinear(LoraSlots, nn.Module):
         self.register_buffer("_lora_up", None, persistent=False)
         self.register_buffer("_lora_bias", None, persistent=False)
         self._loras: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self._register_load_state_dict_pre_hook(_wscales_group_major)
 
     @classmethod
     @torch.no_grad()
@@ -173,3 +176,10 @@ class SVDQLinear(LoraSlots, nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"group_size={self.group_size}, unsigned={self.unsigned}, loras={self.lora_names}"
         )
+
+
+def _wscales_group_major(state: dict, prefix: str, *args: object) -> None:
+    """Loading (also with ``assign=True``) keeps wscales group-major, whatever the file's layout."""
+    key = prefix + "wscales"
+    if key in state and state[key].dim() == 2:
+        state[key] = state[key].t().contiguous().t()
