@@ -23,6 +23,10 @@ class Predictor(BasePredictor):
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
         )
+        # Idle OpenMP workers sleep instead of spinning. libgomp reads this when torch loads (just
+        # below); with one long-lived prediction thread its spinning worker took the CPU share the
+        # thread itself needed on a busy 2-core machine (predictions 3-10x slower, measured).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from cog import CancelationException  # not at module level: cog 0.16's schema tool lacks it
 
         from engine.serial import SerialRunner
