@@ -262,7 +262,9 @@ def test_concurrent_burst_is_served_one_at_a_time_or_refused(server):
     served = [resp for status, resp in results if status == 200]
     refused = [resp for status, resp in results if status == 409]
     assert len(served) + len(refused) == n, [(s, r.get("status"), r.get("error")) for s, r in results]
-    assert all(r["status"] == "succeeded" and len(r["output"]) == 2 for r in served)
+    assert all(r["status"] == "succeeded" and len(r["output"]) == 2 for r in served), [
+        r.get("error") for r in served
+    ]
     assert all("At capacity" in r["error"] for r in refused)
     assert 1 <= len(served) < n  # 2 slots: the others arrive while both are taken
     spans = sorted(_log_span(r) for r in served)
