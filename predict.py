@@ -87,6 +87,8 @@ class Predictor(BasePredictor):
         ),
         lora_scale: float = Input(description="How strongly the LoRA applies", ge=-1, le=3, default=1.0),
     ) -> list[Path]:
+        if self.gpu.busy():
+            logging.getLogger(__name__).info("waiting for the GPU: another prediction is running")
         paths = await self.gpu.run(
             self.service.predict,
             prompt=prompt,

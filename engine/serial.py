@@ -74,6 +74,10 @@ class SerialRunner:
         self._jobs.put(job)
         return job.future
 
+    def busy(self) -> bool:
+        """Whether a job is running or queued now (a hint for logs: it can change at once)."""
+        return self._running is not None or not self._jobs.empty()
+
     def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the runner's thread and wait for it (after any queued job)."""
         return self.submit(fn, *args, **kwargs).result()

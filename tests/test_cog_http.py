@@ -156,13 +156,24 @@ class _Webhook(BaseHTTPRequestHandler):
 
 def _wait_for_events(ids: set[str], timeout: float = 60) -> dict[str, dict]:
     """The last webhook event of each prediction in ``ids`` (bounded wait)."""
-    deadline = time.monotonic() + timeout
+    deadline, last = time.monotonic() + timeout, {}
     while time.monotonic() < deadline:
         last = {e["id"]: e for e in _Webhook.events if e.get("id") in ids}
         if set(last) == ids:
             return last
         time.sleep(0.2)
     raise TimeoutError(f"no completed webhook for {ids - set(last)} in {timeout} s")
+
+
+def _wait_for_log(server, prediction_id: str, text: str, timeout: float = 60) -> None:
+    """Wait (bounded) until the server log has a line of ``prediction_id`` containing ``text``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in server.log.read_text().splitlines():
+            if f'"prediction_id":"{prediction_id}"' in line and text in line:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"no log line {text!r} for {prediction_id} in {timeout} s")
 
 
 def test_busy_then_cancel_then_next_succeeds(server):
@@ -186,6 +197,10 @@ def test_busy_then_cancel_then_next_succeeds(server):
         assert status == 202
         status, busy = server.predict({"prompt": "third", "num_inference_steps": 1}, timeout=10)
         assert status == 409 and "At capacity" in busy["error"], busy
+        # coglet drops a cancel that reaches its worker before the prediction is registered there
+        # (docs/architecture.md): cancel once the queued one says it waits for the GPU.
+        _wait_for_log(server, "cancel-queued", "waiting for the GPU")
+        time.sleep(0.5)
         for pid in ("cancel-queued", "cancel-running"):
             status, _ = server.request("POST", f"/predictions/{pid}/cancel")
             assert status == 200, pid
@@ -196,7 +211,11 @@ def test_busy_then_cancel_then_next_succeeds(server):
         }
     finally:
         hook.shutdown()
-    predict_ok(server, prompt="after the cancel", megapixels="0.25")
+    after = predict_ok(server, prompt="after the cancel", megapixels="0.25")
+    # The queued prediction never started: its job was taken out of the queue.
+    queued = [line for line in server.log.read_text().splitlines() if '"cancel-queued"' in line]
+    assert not any("engine.service: seed:" in line for line in queued), queued[-5:]
+    assert "waiting for the GPU" not in after["logs"]  # and the running one had ended
 
 
 def test_server_runs_with_cog_yaml_slot_count(server):
@@ -221,7 +240,9 @@ def test_back_to_back_sequential_predictions_are_never_refused(server):
         if status != 200 or resp.get("status") != "succeeded":
             failures.append((i, status, resp.get("error") or resp.get("detail")))
     assert not failures, f"{len(failures)} of 100 refused or failed: {failures[:5]}"
-    assert time.monotonic() - t0 < 110  # about 35 s on a 2-core CI machine
+    # 35-85 s on a shared 2-core machine; far more means something regressed (spinning OpenMP
+    # workers made it 10x slower once), not a slow machine.
+    assert time.monotonic() - t0 < 300, f"100 predictions took {time.monotonic() - t0:.0f} s"
 
 
 def _log_span(resp: dict) -> tuple[datetime, datetime]:

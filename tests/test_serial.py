@@ -89,6 +89,7 @@ def test_cancel_queued_job_never_starts_it(runner):
         queued = asyncio.create_task(runner.run(spin, 0.01, log, "queued"))
         while not log:
             await asyncio.sleep(0.005)
+        assert runner.busy()
         queued.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(queued, TIMEOUT)
@@ -96,6 +97,7 @@ def test_cancel_queued_job_never_starts_it(runner):
 
     assert asyncio.run(main()) == "first"
     assert [e[:2] for e in log] == [("start", "first"), ("end", "first")]
+    assert not runner.busy()
 
 
 def test_cancel_exception_type_is_configurable():
