@@ -246,8 +246,13 @@ def test_back_to_back_sequential_predictions_are_never_refused(server):
 
 
 def _log_span(resp: dict) -> tuple[datetime, datetime]:
-    """First and last timestamp of a prediction's log lines (predict.py's logging format)."""
-    stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", resp["logs"], flags=re.M)
+    """First and last timestamp of the engine's log lines of a prediction (its time on the GPU).
+
+    The lines come in predict.py's logging format; "waiting for the GPU" (predict.py's own
+    logger) is left out, since it is written before the wait.
+    """
+    stamp = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ engine\.service: "
+    stamps = re.findall(stamp, resp["logs"], flags=re.M)
     assert len(stamps) >= 2, resp["logs"]
     return tuple(datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f") for s in (stamps[0], stamps[-1]))
 
