@@ -3,9 +3,15 @@
 Thin by design: inputs are declared here, the work is in engine/service.py. The engine is
 imported in setup(), not at module level, so that Cog's schema tool can load this file
 without torch installed.
+
+predict() is async and cog.yaml gives the server two slots (concurrency.max), while every
+prediction runs on one thread through engine.serial.SerialRunner, one at a time, in order:
+coglet frees a slot only after it has answered, so with one slot a client that sends its next
+request at once could be refused with 409 (docs/architecture.md, "Back-to-back requests").
 """
 
 import logging
+import os
 
 from cog import BasePredictor, Input, Path
 
@@ -17,11 +23,25 @@ class Predictor(BasePredictor):
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
         )
+        # Idle OpenMP workers sleep instead of spinning. libgomp reads this when torch loads (just
+        # below); with one long-lived prediction thread its spinning worker took the CPU share the
+        # thread itself needed on a busy 2-core machine (predictions 3-10x slower, measured).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        from cog import CancelationException  # not at module level: cog 0.16's schema tool lacks it
+
+        from engine.serial import SerialRunner
         from engine.service import FluxService
 
-        self.service = FluxService.setup()
+        # One thread for setup and every prediction; a cancel raises coglet's exception in it.
+        self.gpu = SerialRunner(cancel_exception=CancelationException, name="gpu")
+        self.service = self.gpu.call(FluxService.setup)
+        if int(os.environ.get("COG_MAX_CONCURRENCY", "1")) < 2:
+            logging.getLogger(__name__).warning(
+                "COG_MAX_CONCURRENCY is below 2: a request sent right after another's answer "
+                "can be refused with 409 (cog.yaml sets concurrency.max: 2; scripts/serve.sh passes it)"
+            )
 
-    def predict(
+    async def predict(
         self,
         prompt: str = Input(
             description=f"Prompt for the generated image (at most {api.MAX_PROMPT_CHARS:,} characters)",
@@ -92,7 +112,10 @@ class Predictor(BasePredictor):
             default=1.0,
         ),
     ) -> list[Path]:
-        paths = self.service.predict(
+        if self.gpu.busy():
+            logging.getLogger(__name__).info("waiting for the GPU: another prediction is running")
+        paths = await self.gpu.run(
+            self.service.predict,
             prompt=prompt,
             aspect_ratio=aspect_ratio,
             num_outputs=num_outputs,

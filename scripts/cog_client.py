@@ -82,18 +82,14 @@ class CogServer:
             time.sleep(0.5)
         raise TimeoutError(f"server not ready after {timeout} s; log: {self.log.read_text()[-3000:]}")
 
-    def predict(self, inputs: dict, *, retry_busy: float = 10.0, **kw) -> tuple[int, dict]:
-        """POST a synchronous prediction; on 409 (the one slot is busy) retry for ``retry_busy`` s.
+    def predict(self, inputs: dict, **kw) -> tuple[int, dict]:
+        """POST one synchronous prediction; (HTTP status, response body).
 
-        coglet frees its slot a moment after returning the previous response, so a request sent
-        right after one can see 409; a client retries, as Replicate's does.
+        No retry: a client that waits for each answer before it sends the next request is never
+        refused (the server has two slots and queues the second on the GPU; docs/architecture.md,
+        "Back-to-back requests"). A 409 means other clients keep both slots busy.
         """
-        deadline = time.monotonic() + retry_busy
-        while True:
-            status, resp = self.request("POST", "/predictions", {"input": inputs}, **kw)
-            if status != 409 or time.monotonic() > deadline:
-                return status, resp
-            time.sleep(0.2)
+        return self.request("POST", "/predictions", {"input": inputs}, **kw)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

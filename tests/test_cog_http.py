@@ -1,16 +1,20 @@
 """The real Cog HTTP server (coglet) serving predict.py with the tiny model, on a loopback port."""
 
 import io
+import itertools
 import json
+import re
 import shutil
 import subprocess
 import threading
 import time
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import yaml
 from cog_client import CogServer, decode_output
 from PIL import Image
 
@@ -162,7 +166,30 @@ class _Webhook(BaseHTTPRequestHandler):
         pass
 
 
+def _wait_for_events(ids: set[str], timeout: float = 60) -> dict[str, dict]:
+    """The last webhook event of each prediction in ``ids`` (bounded wait)."""
+    deadline, last = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline:
+        last = {e["id"]: e for e in _Webhook.events if e.get("id") in ids}
+        if set(last) == ids:
+            return last
+        time.sleep(0.2)
+    raise TimeoutError(f"no completed webhook for {ids - set(last)} in {timeout} s")
+
+
+def _wait_for_log(server, prediction_id: str, text: str, timeout: float = 60) -> None:
+    """Wait (bounded) until the server log has a line of ``prediction_id`` containing ``text``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in server.log.read_text().splitlines():
+            if f'"prediction_id":"{prediction_id}"' in line and text in line:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"no log line {text!r} for {prediction_id} in {timeout} s")
+
+
 def test_busy_then_cancel_then_next_succeeds(server):
+    """Two slots: one prediction runs, one waits for the GPU, a third is refused; both cancel."""
     hook = HTTPServer(("127.0.0.1", 0), _Webhook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
     try:
@@ -171,22 +198,117 @@ def test_busy_then_cancel_then_next_succeeds(server):
             "webhook": f"http://127.0.0.1:{hook.server_port}/hook",
             "webhook_events_filter": ["completed"],
         }
-        status, _ = server.request("PUT", "/predictions/cancel-me", body, headers={"Prefer": "respond-async"})
+        status, _ = server.request(
+            "PUT", "/predictions/cancel-running", body, headers={"Prefer": "respond-async"}
+        )
         assert status == 202
         time.sleep(1.0)
-        status, busy = server.predict(
-            {"prompt": "second", "num_inference_steps": 1}, retry_busy=0, timeout=10
+        status, _ = server.request(
+            "PUT", "/predictions/cancel-queued", body, headers={"Prefer": "respond-async"}
         )
-        assert status == 409, busy
-        status, _ = server.request("POST", "/predictions/cancel-me/cancel")
-        assert status == 200
-        deadline = time.monotonic() + 60
-        while not _Webhook.events and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _Webhook.events and _Webhook.events[-1]["status"] == "canceled"
+        assert status == 202
+        status, busy = server.predict({"prompt": "third", "num_inference_steps": 1}, timeout=10)
+        assert status == 409 and "At capacity" in busy["error"], busy
+        # coglet drops a cancel that reaches its worker before the prediction is registered there
+        # (docs/architecture.md): cancel once the queued one says it waits for the GPU.
+        _wait_for_log(server, "cancel-queued", "waiting for the GPU")
+        time.sleep(0.5)
+        for pid in ("cancel-queued", "cancel-running"):
+            status, _ = server.request("POST", f"/predictions/{pid}/cancel")
+            assert status == 200, pid
+        events = _wait_for_events({"cancel-running", "cancel-queued"})
+        assert {pid: e["status"] for pid, e in events.items()} == {
+            "cancel-running": "canceled",
+            "cancel-queued": "canceled",
+        }
     finally:
         hook.shutdown()
-    predict_ok(server, prompt="after the cancel", megapixels="0.25")
+    after = predict_ok(server, prompt="after the cancel", megapixels="0.25")
+    # The queued prediction never started: its job was taken out of the queue.
+    queued = [line for line in server.log.read_text().splitlines() if '"cancel-queued"' in line]
+    assert not any("engine.service: seed:" in line for line in queued), queued[-5:]
+    assert "waiting for the GPU" not in after["logs"]  # and the running one had ended
+
+
+def test_server_runs_with_cog_yaml_slot_count(server):
+    """serve.sh hands cog.yaml's concurrency.max to coglet, as `cog build` bakes it into the image."""
+    slots = yaml.safe_load((ROOT / "cog.yaml").read_text())["concurrency"]["max"]
+    assert slots == 2
+    assert f'"max_concurrency":{slots}' in server.log.read_text()
+    _, health = server.request("GET", "/health-check")
+    assert "COG_MAX_CONCURRENCY is below 2" not in health["setup"]["logs"]
+
+
+SMALLEST = {"aspect_ratio": "4:5", "megapixels": "0.25", "num_inference_steps": 1}  # 448x544
+
+
+@pytest.mark.slow
+def test_back_to_back_sequential_predictions_are_never_refused(server):
+    """Issue 18: send, read the whole answer, send the next: 100 times, no retry, all succeed."""
+    failures = []
+    t0 = time.monotonic()
+    for i in range(100):
+        status, resp = server.predict({"prompt": f"back to back {i}", "seed": i, **SMALLEST}, timeout=60)
+        if status != 200 or resp.get("status") != "succeeded":
+            failures.append((i, status, resp.get("error") or resp.get("detail")))
+    assert not failures, f"{len(failures)} of 100 refused or failed: {failures[:5]}"
+    # 35-85 s on a shared 2-core machine; far more means something regressed (spinning OpenMP
+    # workers made it 10x slower once), not a slow machine.
+    assert time.monotonic() - t0 < 300, f"100 predictions took {time.monotonic() - t0:.0f} s"
+
+
+def _log_span(resp: dict) -> tuple[datetime, datetime]:
+    """First and last timestamp of the engine's log lines of a prediction (its time on the GPU).
+
+    The lines come in predict.py's logging format; "waiting for the GPU" (predict.py's own
+    logger) is left out, since it is written before the wait.
+    """
+    stamp = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ engine\.service: "
+    stamps = re.findall(stamp, resp["logs"], flags=re.M)
+    assert len(stamps) >= 2, resp["logs"]
+    return tuple(datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f") for s in (stamps[0], stamps[-1]))
+
+
+@pytest.mark.slow
+def test_concurrent_burst_is_served_one_at_a_time_or_refused(server):
+    """8 requests at once on one GPU: each is served (one after another) or refused with 409."""
+    n = 8
+    barrier = threading.Barrier(n)
+    results: list[tuple[int, dict] | BaseException | None] = [None] * n
+
+    def send(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            inputs = {
+                **SMALLEST,
+                "prompt": f"burst {i}",
+                "seed": i,
+                "num_outputs": 2,
+                "num_inference_steps": 4,
+            }
+            results[i] = server.predict(inputs, timeout=120)
+        except BaseException as e:  # reported below, never lost in the thread
+            results[i] = e
+
+    threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    assert all(isinstance(r, tuple) for r in results), results
+    served = [resp for status, resp in results if status == 200]
+    refused = [resp for status, resp in results if status == 409]
+    assert len(served) + len(refused) == n, [(s, r.get("status"), r.get("error")) for s, r in results]
+    assert all(r["status"] == "succeeded" and len(r["output"]) == 2 for r in served), [
+        r.get("error") for r in served
+    ]
+    assert all("At capacity" in r["error"] for r in refused)
+    assert 1 <= len(served) < n  # 2 slots: the others arrive while both are taken
+    spans = sorted(_log_span(r) for r in served)
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert end <= start, f"two predictions overlapped on the GPU: {spans}"
+    predict_ok(server, prompt="after the burst", **SMALLEST)  # and the server is fine
 
 
 def test_openapi_schema_file_matches_predict_py(tmp_path):
