@@ -44,3 +44,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     from engine.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def wide_model(tiny_model_dir):
+    """A FLUX transformer 128 wide (the public engine's tiles are 128), with the tiny model's
+    text encoders: the public checkpoint's layout tests build their files from it."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from engine.tiny_model import TINY_TRANSFORMER
+
+    torch.manual_seed(0)
+    config = {**TINY_TRANSFORMER, "attention_head_dim": 64, "axes_dims_rope": (16, 24, 24)}
+    model = FluxTransformer2DModel(**config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if (p == 0).all():
+                p.normal_(0.0, 0.02)
+    pipe = FluxPipeline.from_pretrained(tiny_model_dir, transformer=model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

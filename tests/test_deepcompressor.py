@@ -296,25 +296,6 @@ def deepcompressor_side(model: FluxTransformer2DModel, stats, rank: int):
 
 
 @pytest.fixture(scope="module")
-def wide_model(tiny_model_dir):
-    """A FLUX transformer 128 wide (their tiles are 128), with the tiny model's text encoders."""
-    from diffusers import FluxPipeline
-
-    from engine.tiny_model import TINY_TRANSFORMER
-
-    torch.manual_seed(0)
-    config = {**TINY_TRANSFORMER, "attention_head_dim": 64, "axes_dims_rope": (16, 24, 24)}
-    model = FluxTransformer2DModel(**config)
-    with torch.no_grad():
-        for prm in model.parameters():
-            if (prm == 0).all():
-                prm.normal_(0.0, 0.02)
-    pipe = FluxPipeline.from_pretrained(tiny_model_dir, transformer=model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def converted(wide_model, tmp_path_factory):
     """A file written by deepcompressor's own converter, the way the published one was."""
     rank = 32

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
 from safetensors.torch import save_file
 
 from engine.flux import calibrate, load_transformer
@@ -69,26 +68,6 @@ def test_converted_adanorm_layer(chunks):
     y_theirs[:, nk.adanorm_scale_rows(n, chunks)] -= 1.0
     assert relative_error(layer(x), y_theirs) < 1e-2  # bf16 bias rounding of the +1
     assert relative_error(layer(x), x @ w.T + b) < 0.1
-
-
-@pytest.fixture(scope="module")
-def wide_model(tiny_model_dir):
-    """A FLUX transformer 128 wide (their tiles are 128), with the tiny model's text encoders."""
-    from diffusers import FluxPipeline
-
-    from engine.tiny_model import TINY_TRANSFORMER
-
-    torch.manual_seed(0)
-    config = {**TINY_TRANSFORMER, "attention_head_dim": 64, "axes_dims_rope": (16, 24, 24)}
-    model = FluxTransformer2DModel(**config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if (p == 0).all():
-                p.normal_(0.0, 0.02)
-    # The text embedder projects the tiny T5's 64 channels; keep its width.
-    pipe = FluxPipeline.from_pretrained(tiny_model_dir, transformer=model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
