@@ -40,8 +40,9 @@ INPUTS = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_model_dir):
     cache = tmp_path_factory.mktemp("weights")
+    shutil.copytree(tiny_model_dir, cache / "tiny")  # the session's tiny model: built once per run
     loras = tmp_path_factory.mktemp("loras")
     env = {"SVDQ_WEIGHTS_DIR": str(cache), "SVDQ_MODEL": "auto", "SVDQ_LORA_DIR": str(loras)}
     with CogServer(env=env) as srv:
@@ -324,10 +325,10 @@ def test_openapi_schema_file_matches_predict_py(tmp_path):
     )
 
 
-def test_corrupt_weights_fail_setup_naming_the_file(tmp_path):
-    from engine.tiny_model import CHECKPOINT_NAME, make_tiny_model
+def test_corrupt_weights_fail_setup_naming_the_file(tmp_path, tiny_model_dir):
+    from engine.tiny_model import CHECKPOINT_NAME
 
-    tiny = make_tiny_model(tmp_path / "tiny", quantize=True)
+    tiny = Path(shutil.copytree(tiny_model_dir, tmp_path / "tiny"))
     (tiny / CHECKPOINT_NAME).write_bytes(b"\0" * 1000)  # damaged on disk
     with CogServer(env={"SVDQ_WEIGHTS_DIR": str(tmp_path), "SVDQ_MODEL": "tiny"}) as srv:
         health = srv.wait_ready()

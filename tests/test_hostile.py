@@ -15,6 +15,7 @@ import gzip
 import io
 import json
 import logging
+import shutil
 import tarfile
 import threading
 import time
@@ -478,7 +479,7 @@ def test_credentials_never_reach_the_log(web, tmp_path, transformer, caplog):
 
 
 @pytest.mark.slow
-def test_cancel_during_a_slow_lora_download_frees_the_server(web, tmp_path):
+def test_cancel_during_a_slow_lora_download_frees_the_server(web, tmp_path, tiny_model_dir):
     """Over HTTP, with coglet: cancel answers 200 *and* the next prediction runs at once."""
     import sys
 
@@ -487,6 +488,7 @@ def test_cancel_during_a_slow_lora_download_frees_the_server(web, tmp_path):
 
     web.routes["/minute.safetensors"] = trickle(59.0)
     env = {"SVDQ_WEIGHTS_DIR": str(tmp_path / "w"), "SVDQ_MODEL": "tiny"}
+    shutil.copytree(tiny_model_dir, tmp_path / "w" / "tiny")  # the session's tiny model
     with CogServer(env=env) as srv:
         assert srv.wait_ready()["status"] == "READY"
         body = {"input": {"prompt": "x", "lora_weights": f"{web.base}/minute.safetensors"}}
