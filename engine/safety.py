@@ -38,7 +38,7 @@ class SafetyChecker:
         from transformers import CLIPImageProcessor
 
         device = torch.device(device)
-        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        dtype = dtype or default_dtype(device)
         checker = StableDiffusionSafetyChecker.from_pretrained(model_dir / "safety_checker", dtype=dtype)
         checker = checker.to(device).eval()
         processor = CLIPImageProcessor.from_pretrained(model_dir / "feature_extractor")
@@ -52,3 +52,8 @@ class SafetyChecker:
         arrays = [np.asarray(im, dtype=np.float32) / 255.0 for im in images]
         _, nsfw = self.checker(images=arrays, clip_input=clip_input.to(self.device, self.checker.dtype))
         return [bool(x) for x in nsfw]
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float16 on a GPU (what Replicate's FLUX models run), float32 on a CPU (fp16 math is slow there)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32

@@ -13,8 +13,10 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -191,6 +193,28 @@ class OutputFolders:
         shutil.rmtree(self.root, ignore_errors=True)
         self._current = None
 
+    def remove_on_sigterm(self) -> None:
+        """Also remove the root when the process is terminated by SIGTERM (how servers are stopped).
+
+        atexit does not run on SIGTERM's default action; the handler removes the folders and
+        then lets the previous handler (or the default: terminate) act as it would have.
+        Only from the main thread, where Python allows installing handlers; called from setup().
+        """
+        if threading.current_thread() is not threading.main_thread():
+            logger.info("output folders: not on the main thread, so no SIGTERM cleanup (atexit only)")
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            self.remove_all()
+            if callable(previous):
+                previous(signum, frame)
+            elif previous != signal.SIG_IGN:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
     @staticmethod
     def _remove_stale(base: Path) -> None:
         pattern = re.compile(rf"{re.escape(OUTPUT_PREFIX)}(\d+)-")
@@ -245,6 +269,7 @@ class FluxService:
         safety = SafetyChecker.load(model_dir, device)
         settings = CompileSettings() if device.type == "cuda" else None
         service = cls(generator, safety, model, compile_settings=settings)
+        service.outputs.remove_on_sigterm()
         if device.type == "cuda":  # build the kernels and warm the caches before the first request
             t_warm = time.perf_counter()
             generator.generate("warm-up", width=1024, height=1024, steps=1, seed=0)
