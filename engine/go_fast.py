@@ -3,16 +3,18 @@
 What gets compiled and when (see docs/architecture.md for the measured counts):
 
 * one ``torch.compile(fullgraph=True, dynamic=True)`` of the transformer: the image sequence
-  length (the output size), the batch and the LoRA rank are symbolic, so every size x batch
-  combination the inputs allow shares a graph. Batch 1 is specialised by torch (sizes 0 and 1
-  always are), so batch 1 and batch 2-4 are two graphs, and a LoRA (its low-rank factors
-  become inputs of the graph) two more;
-* ``warm_up()`` compiles them at setup (default size, batch 1 first), so no request pays a
-  compile unless it brings a shape nothing has covered; that compile is logged with its shape
-  and time, as a warning;
-* the recompile limit is raised above the number of graphs the inputs can need and a
-  recompile past it is an error naming the shape (``fail_on_recompile_limit_hit``), never
-  torch's default silent fall-back to eager.
+  length (the output size) and the batch are symbolic, so every size x batch combination the
+  inputs allow shares a graph. Batch 1 is specialised by torch (sizes 0 and 1 always are), so
+  batch 1 and batch 2-4 are two graphs: all 88 combinations, measured. Parameters and buffers
+  keep static shapes (torch's default, which keeps the weights' kernels specialised), so a
+  LoRA, whose factors widen the low-rank buffers, adds two graphs per distinct LoRA rank;
+* ``FluxService.warm_up()`` compiles the two base graphs at setup (default size, batch 1
+  first), so no request pays a compile unless it brings a shape nothing has covered (a new
+  LoRA rank); that compile is logged with its shape and time, as a warning;
+* the recompile limit is raised (32: the base graphs and 15 LoRA ranks) and a recompile past
+  it raises ``GoFastError`` naming the shape (``fail_on_recompile_limit_hit``) instead of
+  torch's default silent fall-back to eager; the service then runs that request eagerly and
+  says so in a warning.
 
 The backend is injectable (``inductor`` on a GPU; ``aot_eager`` or ``inductor`` in CPU tests).
 """
@@ -30,8 +32,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-# More than the graphs the served inputs can cause (4 measured: batch 1 / 2-4, with and
-# without a LoRA), with room for the odd guard we have not seen; the default is 8.
+# Graphs per process: 2 for every size and batch (measured), 2 more per distinct LoRA rank
+# (measured); 32 allows 15 LoRA ranks. torch's default is 8.
 RECOMPILE_LIMIT = 32
 
 
@@ -97,8 +99,7 @@ class GoFast:
         except torch._dynamo.exc.FailOnRecompileLimitHit as e:
             raise GoFastError(
                 f"go_fast: {shape} needs a new compiled graph past the recompile limit "
-                f"({torch._dynamo.config.recompile_limit}); run with go_fast=false, or raise "
-                f"CompileSettings.recompile_limit"
+                f"({torch._dynamo.config.recompile_limit} graphs; raise CompileSettings.recompile_limit)"
             ) from e
         new = graphs_compiled() - before
         if new:

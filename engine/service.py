@@ -6,7 +6,6 @@ predict.py stays a thin declaration of inputs; everything here is testable witho
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from engine.go_fast import CompileSettings, GoFast, configure_compiler, shape_label
+from engine.go_fast import CompileSettings, GoFast, GoFastError, configure_compiler, shape_label
 from engine.inputs import MAX_SEED, size_for
 from engine.lora import LoraError, LoraManager, LoraStore, ParsedLora, parse_lora, read_lora
 from engine.pipeline import FluxGenerator, default_device
@@ -312,6 +311,16 @@ class FluxService:
             return self.go_fast.compiled
         return self._eager
 
+    def _run_fast(self, run, shape: str) -> list[Image.Image]:
+        """``run()`` on the compiled transformer; past the recompile limit, eagerly, with a warning."""
+        try:
+            with self.go_fast.track(shape):
+                return run()
+        except GoFastError as e:
+            logger.warning("%s; this request runs without go_fast", e)
+            self.generator.pipe.transformer = self._eager
+            return run()
+
     def _use_lora(self, source: str | None, scale: float) -> None:
         """Make ``source`` (or no LoRA) the active one; a bad file leaves the model as it was."""
         if not source:
@@ -382,23 +391,24 @@ class FluxService:
         except LoraError as e:
             raise ValueError(str(e)) from e
         self.generator.pipe.transformer = self._transformer(go_fast)
-        tracked = go_fast and self.go_fast is not None
         t0 = time.perf_counter()
+
+        def run() -> list[Image.Image]:
+            return self.generator.generate(
+                prompt,
+                width=width,
+                height=height,
+                steps=num_inference_steps,
+                seed=seed,
+                num_outputs=num_outputs,
+                on_step=lambda i, n: logger.info("step %d/%d (%.2f s)", i, n, time.perf_counter() - t0),
+            )
+
         try:
-            with (
-                self.go_fast.track(shape_label(width, height, num_outputs, self._eager))
-                if tracked
-                else contextlib.nullcontext()
-            ):
-                images = self.generator.generate(
-                    prompt,
-                    width=width,
-                    height=height,
-                    steps=num_inference_steps,
-                    seed=seed,
-                    num_outputs=num_outputs,
-                    on_step=lambda i, n: logger.info("step %d/%d (%.2f s)", i, n, time.perf_counter() - t0),
-                )
+            if go_fast and self.go_fast is not None:
+                images = self._run_fast(run, shape_label(width, height, num_outputs, self._eager))
+            else:
+                images = run()
         except torch.OutOfMemoryError as e:
             torch.cuda.empty_cache()
             raise RuntimeError(

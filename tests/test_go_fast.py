@@ -101,14 +101,16 @@ def test_sizes_and_batches_share_two_graphs_and_loras_two_more(fresh_dynamo, tra
         assert fast.graphs == 4  # the LoRA factors are new graph inputs: batch 1 and batch 2-4
         assert "LoRA rank 4" in fast.records[2].shape
         assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
-        set_lora(transformer, 12)  # another rank: the rank is symbolic too
+        set_lora(transformer, 12)  # another rank: buffers keep static shapes, so two more graphs
         call(fast, transformer, 272, 224, 3)
         call(fast, transformer, 128, 128, 1)
-        assert fast.graphs == 4
+        assert fast.graphs == 6
+        call(fast, transformer, 336, 192, 4)
+        assert fast.graphs == 6
     finally:
         set_lora(transformer, None)
     call(fast, transformer, 256, 256, 1)
-    assert fast.graphs == 4
+    assert fast.graphs == 6
 
 
 @pytest.mark.slow
@@ -131,3 +133,20 @@ def test_service_warms_up_at_setup_and_requests_do_not_compile(fresh_dynamo, tin
     for a, b in zip(fast, slow, strict=True):
         pa, pb = (torch.tensor(list(Image.open(p).convert("L").getdata()), dtype=torch.float) for p in (a, b))
         assert (pa - pb).abs().mean() < 1.0  # same images up to a rounding step of the encoder
+
+
+@pytest.mark.slow
+def test_service_past_the_limit_warns_and_runs_eagerly(fresh_dynamo, tiny_model_dir, caplog):
+    static = CompileSettings(backend="aot_eager", mode=None, dynamic=False, recompile_limit=1)
+    generator = FluxGenerator.from_pretrained(tiny_model_dir, tiny_model_dir / CHECKPOINT_NAME)
+    service = FluxService(generator, None, "tiny", compile_settings=static)
+    service.warm_up(((512, 512, 1),))
+    torch._dynamo.config.recompile_limit = 1  # configure_compiler never lowers the limit
+    caplog.set_level(logging.WARNING)
+    kw = {"prompt": "a cat", "num_inference_steps": 1, "megapixels": "0.25", "seed": 3, "aspect_ratio": "4:3"}
+    (path,) = service.predict(**kw, go_fast=True)
+    fast = path.read_bytes()  # the next prediction removes this one's folder
+    assert "576x448 x1 needs a new compiled graph past the recompile limit" in caplog.text
+    assert "this request runs without go_fast" in caplog.text
+    (slow,) = service.predict(**kw, go_fast=False)
+    assert fast == slow.read_bytes()
