@@ -74,6 +74,9 @@ def configure_runtime() -> None:
     # The CUDA extension is compiled on first use (Cog's build steps run before the source is in
     # the image); keep its build next to the weights so a warm container reuses it.
     os.environ.setdefault("SVDQ_EXT_DIR", str(cache_dir() / "torch_extensions"))
+    # go_fast's compiled graphs (inductor's FX graph and Triton caches) likewise: a restarted
+    # container with the same cache folder loads them instead of compiling again at setup.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
 
 
 def choose_model() -> str:
