@@ -39,8 +39,8 @@ LORA_CACHE_ENV = "SVDQ_LORA_CACHE_BYTES"
 LORA_CACHE_BYTES = 10 * 2**30
 PARSED_LORAS_KEPT = 4
 FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
-# libwebp's speed/size trade-off (0 fastest .. 6 smallest; Pillow's default is 4). Measured in
-# docs/benchmarks.md ("Encoding"): see WEBP_METHOD_NOTE there for the figures behind this choice.
+# libwebp's speed/size trade-off (0 fastest .. 6 smallest; Pillow's default is 4). Method 2 does
+# 2.5x less work than 4 for a 4% larger file at quality 80 (docs/benchmarks.md, "Encoding").
 WEBP_METHOD = 2
 # go_fast warm-up at setup, in this order: the default size at batch 1 (Replicate's default
 # request), then batch 2, which gives the graph batches 2-4 share. Every other size shares
