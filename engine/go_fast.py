@@ -63,6 +63,12 @@ def configure_compiler(settings: CompileSettings) -> None:
     """Process-wide dynamo settings, called once from setup(): a raised limit that fails loudly."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, settings.recompile_limit)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
+    # No "duck shaping": by default two input dimensions of equal size share one symbol, so a
+    # warm-up at 1024x1024 (4096 image tokens) would tie the image sequence to T5's width
+    # (4096) and the next size would recompile; with it off every dimension is its own symbol.
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False
 
 
 def graphs_compiled() -> int:

@@ -30,8 +30,13 @@ AOT = CompileSettings(backend="aot_eager", mode=None, dynamic=True)
 @pytest.fixture()
 def fresh_dynamo():
     """Each test starts from an empty compile cache and restores dynamo's settings."""
+    import torch.fx.experimental._config as fx_config
+
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False):
+    with (
+        torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False),
+        fx_config.patch(use_duck_shape=True),
+    ):
         yield
     torch._dynamo.reset()
 
@@ -63,6 +68,9 @@ def test_configure_compiler_raises_the_limit_and_makes_it_loud(fresh_dynamo):
     configure_compiler(CompileSettings(recompile_limit=40))
     assert torch._dynamo.config.recompile_limit == 40
     assert torch._dynamo.config.fail_on_recompile_limit_hit is True
+    import torch.fx.experimental._config as fx_config
+
+    assert fx_config.use_duck_shape is False
 
 
 @pytest.mark.slow
@@ -83,6 +91,8 @@ def test_sizes_and_batches_share_two_graphs_and_loras_two_more(fresh_dynamo, tra
     fast = GoFast(transformer, AOT)
     # What setup does: default size at batch 1, then batch 2 (sizes scaled down 4x per side
     # to keep the test short; the sequence length is what varies, as with the served sizes).
+    # 256x256 is 256 image tokens, as many as the text: with duck shaping (torch's default) the
+    # two would share a symbol and every other size would recompile.
     for shape in ((256, 256, 1), (256, 256, 2)):
         call(fast, transformer, *shape)
     assert fast.graphs == 2
