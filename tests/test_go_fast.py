@@ -52,6 +52,10 @@ def call(fast: GoFast, transformer, width: int, height: int, batch: int) -> torc
         return fast.compiled(**transformer_inputs(transformer, width, height, batch))[0]
 
 
+def go_fast_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "engine.go_fast" and r.levelno >= logging.WARNING]
+
+
 def set_lora(transformer, rank: int | None) -> None:
     from engine.modules import SVDQLinear, W4A16Linear
 
@@ -103,14 +107,14 @@ def test_sizes_and_batches_share_two_graphs_and_loras_two_more(fresh_dynamo, tra
         with torch.inference_mode():
             ref = transformer(**transformer_inputs(transformer, w, h, n))[0]
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    assert fast.graphs == 2 and not caplog.records  # no request compiled anything
+    assert fast.graphs == 2 and not go_fast_warnings(caplog)  # no request compiled anything
     set_lora(transformer, 4)
     try:
         for w, h, n in ((256, 256, 1), (336, 192, 2), (160, 384, 1)):
             call(fast, transformer, w, h, n)
         assert fast.graphs == 4  # the LoRA factors are new graph inputs: batch 1 and batch 2-4
         assert "LoRA rank 4" in fast.records[2].shape
-        assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+        assert len(go_fast_warnings(caplog)) == 2
         set_lora(transformer, 12)  # another rank: buffers keep static shapes, so two more graphs
         call(fast, transformer, 272, 224, 3)
         call(fast, transformer, 128, 128, 1)
@@ -135,14 +139,16 @@ def test_service_warms_up_at_setup_and_requests_do_not_compile(fresh_dynamo, tin
     assert generator.pipe.transformer is service._eager  # warm-up leaves the eager one in place
     caplog.set_level(logging.INFO)
     kw = {"prompt": "a cat", "num_inference_steps": 1, "megapixels": "0.25", "seed": 3}
-    fast = service.predict(**kw, aspect_ratio="16:9", num_outputs=3, go_fast=True)
-    slow = service.predict(**kw, aspect_ratio="16:9", num_outputs=3, go_fast=False)
-    assert service.go_fast.graphs == 2 and "go_fast: compiled" not in caplog.text
     from PIL import Image
 
+    def pixels(paths) -> list[torch.Tensor]:  # read now: the next prediction removes the folder
+        return [torch.tensor(list(Image.open(p).convert("L").getdata()), dtype=torch.float) for p in paths]
+
+    fast = pixels(service.predict(**kw, aspect_ratio="16:9", num_outputs=3, go_fast=True))
+    slow = pixels(service.predict(**kw, aspect_ratio="16:9", num_outputs=3, go_fast=False))
+    assert service.go_fast.graphs == 2 and not go_fast_warnings(caplog)
     for a, b in zip(fast, slow, strict=True):
-        pa, pb = (torch.tensor(list(Image.open(p).convert("L").getdata()), dtype=torch.float) for p in (a, b))
-        assert (pa - pb).abs().mean() < 1.0  # same images up to a rounding step of the encoder
+        assert (a - b).abs().mean() < 1.0  # same images up to a rounding step of the encoder
 
 
 @pytest.mark.slow

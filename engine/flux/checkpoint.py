@@ -84,6 +84,7 @@ def _skeleton(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], path
         model = SVDQFluxTransformer2DModel.from_config(config)
     fields = {f.name for f in dataclasses.fields(SVDQConfig)}
     known = {k: tuple(v) if isinstance(v, list) else v for k, v in quant.items() if k in fields}
+    known = {k: v for k, v in known.items() if v is not None}  # e.g. converted files: no alpha grid
     model.svdq_config = SVDQConfig(**known)  # what save_pretrained writes back
 
     def svdq(name: str, in_features: int, out_features: int) -> SVDQLinear:
