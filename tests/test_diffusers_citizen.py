@@ -27,6 +27,7 @@ def generator(tiny_model_dir):
     return FluxGenerator.from_pretrained(tiny_model_dir, tiny_model_dir / CHECKPOINT_NAME)
 
 
+@pytest.mark.slow
 def test_save_pretrained_round_trip_is_bit_identical(tiny_model_dir, tmp_path, inputs):
     model = params_to_float(load_transformer(tiny_model_dir / CHECKPOINT_NAME))
     assert isinstance(model, SVDQFluxTransformer2DModel) and model.svdq_config is not None
@@ -61,6 +62,7 @@ def test_our_loader_refuses_what_is_not_ours(tiny_model_dir, tmp_path):
         load_transformer(tiny_model_dir / CHECKPOINT_NAME).save_pretrained(tmp_path / "v", variant="fp16")
 
 
+@pytest.mark.slow
 def test_pipeline_lora_api_routes_to_our_slots(generator, tiny_model_dir, tmp_path, inputs):
     pipe, transformer = generator.pipe, generator.pipe.transformer
     base = velocity(transformer, inputs)
@@ -103,6 +105,7 @@ def test_pipeline_lora_api_routes_to_our_slots(generator, tiny_model_dir, tmp_pa
     assert torch.equal(velocity(transformer, inputs), base)
 
 
+@pytest.mark.slow
 def test_generate_with_a_lora_via_the_pipeline_api(generator, tmp_path):
     kw = {"width": 128, "height": 128, "steps": 1, "seed": 5}
     base = generator.generate("a cat", **kw)[0]
