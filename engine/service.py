@@ -5,21 +5,27 @@ predict.py stays a thin declaration of inputs; everything here is testable witho
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
+import re
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from PIL import Image, PngImagePlugin
 
 from engine import inputs, kernels
+from engine.go_fast import CompileSettings, GoFast, GoFastError, configure_compiler, shape_label
 from engine.lora import LoraError, LoraManager, LoraStore, StoreConfig, parse_lora
 from engine.lora.store import CACHE_BYTES, CIVITAI, HUB, MAX_DOWNLOAD_BYTES
 from engine.pipeline import FluxGenerator, default_device
@@ -39,6 +45,14 @@ MODEL_ENV = "SVDQ_MODEL"  # auto | tiny | a model name of weights/manifest.json
 TINY = "tiny"
 REAL = "flux-schnell"
 FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+# libwebp's speed/size trade-off (0 fastest .. 6 smallest; Pillow's default is 4). Method 2 does
+# 2.5x less work than 4 for a 4% larger file at quality 80 (docs/benchmarks.md, "Encoding").
+WEBP_METHOD = 2
+# go_fast warm-up at setup, in this order: the default size at batch 1 (Replicate's default
+# request), then batch 2, which gives the graph batches 2-4 share. Every other size shares
+# these graphs (dynamic sequence length), so setup covers all 88 size x batch combinations.
+WARM_UP_SHAPES = ((1024, 1024, 1), (1024, 1024, 2))
+OUTPUT_PREFIX = "svdq-out-"
 LORA_FIELDS = ("lora_weights", "extra_lora")
 
 
@@ -128,6 +142,9 @@ def configure_runtime(weights_dir: Path, kernel_backend: str = "auto") -> None:
     # extension is compiled on first use, next to the weights so a warm container reuses it.
     kernels.configure(kernel_backend, ext_dir=weights_dir / "torch_extensions")
 
+    # go_fast's compiled graphs (inductor's FX graph and Triton caches) likewise: a restarted
+    # container with the same cache folder loads them instead of compiling again at setup.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(weights_dir / "torchinductor"))
 
 def choose_model(config: ServiceConfig, gpu: bool | None = None) -> str:
     """The model to serve: ``config.model`` when named; in auto mode the real model on a GPU.
@@ -201,11 +218,15 @@ def save_images(
     seeds: list[int],
     prompt: str,
 ) -> list[Path]:
-    """``out-0.<ext>``, ``out-1.<ext>``...; each image's seed goes into PNG text or EXIF ImageDescription."""
+    """``out-0.<ext>``, ``out-1.<ext>``...; each image's seed goes into PNG text or EXIF ImageDescription.
+
+    Images are encoded in parallel threads (Pillow's encoders release the GIL), WebP with
+    ``WEBP_METHOD``.
+    """
     if output_format not in FORMATS:
         raise ValueError(f"output_format must be one of {', '.join(FORMATS)}; got {output_format!r}")
-    paths = []
-    for i, img in enumerate(images):
+
+    def encode(i: int) -> Path:
         path = out_dir / f"out-{i}.{output_format}"
         kwargs: dict = {}
         if output_format == "png":
@@ -217,9 +238,83 @@ def save_images(
             exif = Image.Exif()
             exif[0x010E] = f"seed={seeds[i]}"  # ImageDescription
             kwargs.update(quality=quality, exif=exif.tobytes())
-        img.convert("RGB").save(path, format=FORMATS[output_format], **kwargs)
-        paths.append(path)
-    return paths
+            if output_format == "webp":
+                kwargs["method"] = WEBP_METHOD
+        images[i].convert("RGB").save(path, format=FORMATS[output_format], **kwargs)
+        return path
+
+    if len(images) == 1:
+        return [encode(0)]
+    with ThreadPoolExecutor(max_workers=min(len(images), os.cpu_count() or 1)) as pool:
+        return list(pool.map(encode, range(len(images))))
+
+
+class OutputFolders:
+    """One folder per prediction under a per-process root in the temp dir, removed when done.
+
+    Cog reads the returned files after predict() returns (coglet's parent process reads each
+    path when the worker reports it, before the prediction completes, and only then gives the
+    slot the next prediction), so a prediction's folder is removed when the next one starts,
+    and the root at interpreter exit. Roots left by processes that no longer run (a crash, a
+    kill) are removed when the next one starts.
+    """
+
+    def __init__(self, base: str | Path | None = None) -> None:
+        base = Path(base or tempfile.gettempdir())
+        self._remove_stale(base)
+        self.root = Path(tempfile.mkdtemp(prefix=f"{OUTPUT_PREFIX}{os.getpid()}-", dir=base))
+        self._current: Path | None = None
+        atexit.register(self.remove_all)
+
+    def next(self) -> Path:
+        """A fresh, empty folder for this prediction; the previous prediction's is removed."""
+        if self._current is not None:
+            shutil.rmtree(self._current, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._current = Path(tempfile.mkdtemp(prefix="pred-", dir=self.root))
+        return self._current
+
+    def remove_all(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        self._current = None
+
+    def remove_on_sigterm(self) -> None:
+        """Also remove the root when the process is terminated by SIGTERM (how servers are stopped).
+
+        atexit does not run on SIGTERM's default action; the handler removes the folders and
+        then lets the previous handler (or the default: terminate) act as it would have.
+        Only from the main thread, where Python allows installing handlers; called from setup().
+        """
+        if threading.current_thread() is not threading.main_thread():
+            logger.info("output folders: not on the main thread, so no SIGTERM cleanup (atexit only)")
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            self.remove_all()
+            if callable(previous):
+                previous(signum, frame)
+            elif previous != signal.SIG_IGN:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    @staticmethod
+    def _remove_stale(base: Path) -> None:
+        pattern = re.compile(rf"{re.escape(OUTPUT_PREFIX)}(\d+)-")
+        for d in base.glob(f"{OUTPUT_PREFIX}*"):
+            m = pattern.match(d.name)
+            if not (m and d.is_dir() and d.stat().st_uid == os.getuid()):
+                continue
+            pid = int(m.group(1))
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                logger.info("removing output folder %s left by process %d", d, pid)
+                shutil.rmtree(d, ignore_errors=True)
+            except PermissionError:  # alive, another user's
+                pass
 
 
 class FluxService:
@@ -229,13 +324,19 @@ class FluxService:
         safety: SafetyChecker | None,
         model: str,
         lora: StoreConfig | None = None,
+        *,
+        compile_settings: CompileSettings | None = None,
+        output_base: str | Path | None = None,
     ) -> None:
+        """``lora``: the LoRA store's settings (a temporary folder when None); ``compile_settings``:
+        go_fast's torch.compile (None: go_fast has no effect, as on a CPU)."""
         self.generator, self.safety, self.model = generator, safety, model
         self._eager = generator.pipe.transformer
-        self._compiled = None
+        self.go_fast = GoFast(self._eager, compile_settings) if compile_settings else None
         self.loras = LoraManager(self._eager)
         lora = lora or StoreConfig(root=Path(tempfile.mkdtemp(prefix="svdq-loras-")))
         self.lora_store = LoraStore(lora, lambda state: parse_lora(state, self._eager))
+        self.outputs = OutputFolders(output_base)
 
     @classmethod
     def setup(cls, config: ServiceConfig | None = None, *, gpu: bool | None = None) -> FluxService:
@@ -253,27 +354,61 @@ class FluxService:
         device = default_device()
         generator = FluxGenerator.from_pretrained(model_dir, checkpoint, device=device)
         safety = SafetyChecker.load(model_dir, device)
+        settings = CompileSettings() if device.type == "cuda" else None
+        lora = config.lora or StoreConfig(root=config.weights_dir / "loras")
+        service = cls(generator, safety, model, lora, compile_settings=settings)
+        service.outputs.remove_on_sigterm()
         if device.type == "cuda":  # build the kernels and warm the caches before the first request
             t_warm = time.perf_counter()
             generator.generate("warm-up", width=1024, height=1024, steps=1, seed=0)
             logger.info("setup: warm-up at 1024x1024 in %.1f s", time.perf_counter() - t_warm)
+            service.warm_up()
         logger.info(
-            "setup: model %s, weights %.1f s, load %.1f s, on %s",
+            "setup: model %s, weights %.1f s, load %.1f s, on %s, %d T5 tokens",
             model,
             t1 - t0,
             time.perf_counter() - t1,
             device,
+            generator.text_tokens,
         )
-        return cls(generator, safety, model, config.lora or StoreConfig(root=config.weights_dir / "loras"))
+        return service
+
+    def warm_up(self, shapes: tuple[tuple[int, int, int], ...] = WARM_UP_SHAPES) -> None:
+        """Compile go_fast's graphs now (setup), one denoising step per shape, so requests do not."""
+        if self.go_fast is None:
+            return
+        configure_compiler(self.go_fast.settings)
+        t0 = time.perf_counter()
+        self.generator.pipe.transformer = self.go_fast.compiled
+        try:
+            for width, height, batch in shapes:
+                with self.go_fast.track(shape_label(width, height, batch), at_setup=True):
+                    self.generator.generate("warm-up", width=width, height=height, steps=1, num_outputs=batch)
+        finally:
+            self.generator.pipe.transformer = self._eager
+        logger.info(
+            "setup: go_fast compiled %d graph(s) in %.1f s (%s backend, dynamic=%s)",
+            self.go_fast.graphs,
+            time.perf_counter() - t0,
+            self.go_fast.settings.backend,
+            self.go_fast.settings.dynamic,
+        )
 
     def _transformer(self, go_fast: bool):
-        """The compiled transformer for go_fast on a GPU (compiled once, on first use), else eager."""
-        if not go_fast or self.generator.device.type != "cuda":
-            return self._eager
-        if self._compiled is None:
-            logger.info("go_fast: compiling the transformer (first use; later predictions reuse it)")
-            self._compiled = torch.compile(self._eager, mode="max-autotune-no-cudagraphs", dynamic=False)
-        return self._compiled
+        """The compiled transformer when go_fast is on and configured (a GPU), else the eager one."""
+        if go_fast and self.go_fast is not None:
+            return self.go_fast.compiled
+        return self._eager
+
+    def _run_fast(self, run, shape: str) -> list[Image.Image]:
+        """``run()`` on the compiled transformer; past the recompile limit, eagerly, with a warning."""
+        try:
+            with self.go_fast.track(shape):
+                return run()
+        except GoFastError as e:
+            logger.warning("%s; this request runs without go_fast", e)
+            self.generator.pipe.transformer = self._eager
+            return run()
 
     def _use_loras(self, requested: list[tuple[str, str | None, float]]) -> None:
         """Make ``[(field, source, scale)]`` the active LoRAs (no source: none), all-or-nothing.
@@ -354,15 +489,16 @@ class FluxService:
             num_inference_steps,
             go_fast,
         )
-        if go_fast and self.generator.device.type != "cuda":
+        if go_fast and self.go_fast is None:
             logger.info("go_fast: no GPU, so nothing to speed up; running the same path")
         self._use_loras(
             [("lora_weights", lora_weights, lora_scale), ("extra_lora", extra_lora, extra_lora_scale)]
         )
         self.generator.pipe.transformer = self._transformer(go_fast)
         t0 = time.perf_counter()
-        try:
-            images = self.generator.generate(
+
+        def run() -> list[Image.Image]:
+            return self.generator.generate(
                 prompt,
                 width=width,
                 height=height,
@@ -371,6 +507,12 @@ class FluxService:
                 num_outputs=num_outputs,
                 on_step=lambda i, n: logger.info("step %d/%d (%.2f s)", i, n, time.perf_counter() - t0),
             )
+
+        try:
+            if go_fast and self.go_fast is not None:
+                images = self._run_fast(run, shape_label(width, height, num_outputs, self._eager))
+            else:
+                images = run()
         except torch.OutOfMemoryError as e:
             torch.cuda.empty_cache()
             raise RuntimeError(
@@ -393,7 +535,7 @@ class FluxService:
             if not kept:
                 raise NSFWError("all images were flagged as possibly NSFW; try a different prompt or seed")
             images, seeds = [images[i] for i in kept], [seeds[i] for i in kept]
-        out_dir = out_dir or Path(tempfile.mkdtemp(prefix="svdq-out-"))
+        out_dir = out_dir or self.outputs.next()
         paths = save_images(
             images, out_dir, output_format=output_format, quality=output_quality, seeds=seeds, prompt=prompt
         )

@@ -138,14 +138,18 @@ def read_metadata(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int
 
 def _skeleton(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], path: Path) -> nn.Module:
     """The transformer with quantized modules in place, every tensor on the meta device."""
-    from diffusers import FluxTransformer2DModel
+    from engine.flux.model import SVDQFluxTransformer2DModel
 
     config = json.loads(metadata["transformer_config"])
     quant = dataclasses.asdict(read_config(metadata, path))
     unsigned = set(json.loads(metadata.get("unsigned_layers", "[]")))
     act_shift = float(metadata.get("act_shift", GELU_SHIFT))
     with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(config)
+        model = SVDQFluxTransformer2DModel.from_config(config)
+    fields = {f.name for f in dataclasses.fields(SVDQConfig)}
+    known = {k: tuple(v) if isinstance(v, list) else v for k, v in quant.items() if k in fields}
+    known = {k: v for k, v in known.items() if v is not None}  # e.g. converted files: no alpha grid
+    model.svdq_config = SVDQConfig(**known)  # what save_pretrained writes back
 
     def svdq(name: str, in_features: int, out_features: int) -> SVDQLinear:
         if f"{name}.proj_down" not in shapes:

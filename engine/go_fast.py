@@ -1,0 +1,163 @@
+"""go_fast: the transformer under torch.compile, every compile counted, logged and bounded.
+
+What gets compiled and when (see docs/architecture.md for the measured counts):
+
+* one ``torch.compile(fullgraph=True, dynamic=True)`` of the transformer: the image sequence
+  length (the output size) and the batch are symbolic, so every size x batch combination the
+  inputs allow shares a graph. Batch 1 is specialised by torch (sizes 0 and 1 always are), so
+  batch 1 and batch 2-4 are two graphs: all 88 combinations, measured. Parameters and buffers
+  keep static shapes (torch's default, which keeps the weights' kernels specialised), so a
+  LoRA, whose factors widen the low-rank buffers, adds two graphs per distinct LoRA rank;
+* ``FluxService.warm_up()`` compiles the two base graphs at setup (default size, batch 1
+  first), so no request pays a compile unless it brings a shape nothing has covered (a new
+  LoRA rank); that compile is logged with its shape and time, as a warning;
+* the recompile limit is raised (32: the base graphs and 15 LoRA ranks) and a recompile past
+  it raises ``GoFastError`` naming the shape (``fail_on_recompile_limit_hit``) instead of
+  torch's default silent fall-back to eager; the service then runs that request eagerly and
+  says so in a warning.
+
+The backend is injectable (``inductor`` on a GPU; ``aot_eager`` or ``inductor`` in CPU tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Graphs per process: 2 for every size and batch (measured), 2 more per distinct LoRA rank
+# (measured); 32 allows 15 LoRA ranks. torch's default is 8.
+RECOMPILE_LIMIT = 32
+
+
+class GoFastError(RuntimeError):
+    """A request needed a compile past the recompile limit (torch would have run it eagerly)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileSettings:
+    """How go_fast compiles; the serving default is inductor with autotuning, no CUDA graphs."""
+
+    backend: str = "inductor"
+    mode: str | None = "max-autotune-no-cudagraphs"
+    dynamic: bool = True
+    recompile_limit: int = RECOMPILE_LIMIT
+
+
+@dataclasses.dataclass
+class CompileRecord:
+    shape: str  # what the request asked for, e.g. "1024x1024 x1, LoRA rank 16"
+    graphs: int  # graphs compiled during that call
+    seconds: float  # wall time of the call that compiled (compile + the run itself)
+    at_setup: bool
+
+
+def configure_compiler(settings: CompileSettings) -> None:
+    """Process-wide dynamo settings, called once from setup(): a raised limit that fails loudly."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, settings.recompile_limit)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    # No "duck shaping": by default two input dimensions of equal size share one symbol, so a
+    # warm-up at 1024x1024 (4096 image tokens) would tie the image sequence to T5's width
+    # (4096) and the next size would recompile; with it off every dimension is its own symbol.
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False
+
+
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process (all callers), from its own counters."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def _compile_kwargs(settings: CompileSettings) -> dict:
+    kwargs: dict = {"backend": settings.backend, "dynamic": settings.dynamic, "fullgraph": True}
+    if settings.backend == "inductor" and settings.mode:
+        kwargs["mode"] = settings.mode
+    return kwargs
+
+
+class GoFast:
+    """The compiled twin of one transformer, and a log of every compile it caused."""
+
+    def __init__(self, transformer: nn.Module, settings: CompileSettings | None = None) -> None:
+        self.settings = settings or CompileSettings()
+        self.eager = transformer
+        self.compiled = torch.compile(transformer, **_compile_kwargs(self.settings))
+        self.records: list[CompileRecord] = []
+
+    @property
+    def graphs(self) -> int:
+        return sum(r.graphs for r in self.records)
+
+    @contextlib.contextmanager
+    def track(self, shape: str, *, at_setup: bool = False) -> Iterator[None]:
+        """Count and time the compiles of the calls inside; a limit hit becomes GoFastError."""
+        before, t0 = graphs_compiled(), time.perf_counter()
+        try:
+            yield
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            raise GoFastError(
+                f"go_fast: {shape} needs a new compiled graph past the recompile limit "
+                f"({torch._dynamo.config.recompile_limit} graphs; raise CompileSettings.recompile_limit)"
+            ) from e
+        new = graphs_compiled() - before
+        if new:
+            seconds = time.perf_counter() - t0
+            self.records.append(CompileRecord(shape, new, seconds, at_setup))
+            log = logger.info if at_setup else logger.warning
+            log(
+                "go_fast: compiled %d graph(s) for %s in %.1f s (%s; %d graph(s) so far)",
+                new,
+                shape,
+                seconds,
+                "setup" if at_setup else "during a request: a shape setup did not cover",
+                self.graphs,
+            )
+
+
+def lora_rank(transformer: nn.Module) -> int:
+    """The widest LoRA rank now set on any quantized layer (0: none), for log lines."""
+    from engine.modules import SVDQLinear, W4A16Linear
+
+    ranks = [
+        sum(d.shape[0] for d in (t[0] for t in m._loras.values()))
+        for m in transformer.modules()
+        if isinstance(m, SVDQLinear | W4A16Linear) and m._loras
+    ]
+    return max(ranks, default=0)
+
+
+def shape_label(width: int, height: int, batch: int, transformer: nn.Module | None = None) -> str:
+    rank = lora_rank(transformer) if transformer is not None else 0
+    return f"{width}x{height} x{batch}" + (f", LoRA rank {rank}" if rank else "")
+
+
+def transformer_inputs(
+    transformer: nn.Module, width: int, height: int, batch: int, text_tokens: int = 256
+) -> dict:
+    """Random inputs of the shapes FluxPipeline gives the transformer at this size and batch.
+
+    For compiling and counting graphs without running the text encoders and the VAE.
+    """
+    cfg = transformer.config
+    seq = (width // 16) * (height // 16)  # VAE factor 8 x 2x2 latent packing
+    dtype = next(transformer.parameters()).dtype
+    device = next(transformer.parameters()).device
+    kw = {"dtype": dtype, "device": device}
+    return {
+        "hidden_states": torch.randn(batch, seq, cfg.in_channels, **kw),
+        "encoder_hidden_states": torch.randn(batch, text_tokens, cfg.joint_attention_dim, **kw),
+        "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, **kw),
+        "timestep": torch.full((batch,), 0.5, **kw),
+        "img_ids": torch.zeros(seq, 3, **kw),
+        "txt_ids": torch.zeros(text_tokens, 3, **kw),
+        "guidance": torch.full((batch,), 3.5, **kw) if cfg.guidance_embeds else None,
+        "return_dict": False,
+    }

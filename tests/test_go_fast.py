@@ -1,0 +1,168 @@
+"""go_fast's compile logic on CPU: graphs shared across sizes, counted, and never a silent eager run.
+
+The served backend is inductor on a GPU; here the same torch.compile runs with aot_eager
+(tracing, functionalization and the fake kernels of our custom ops, without code generation).
+"""
+
+import logging
+
+import pytest
+import torch
+
+from engine.flux import load_transformer
+from engine.go_fast import (
+    CompileSettings,
+    GoFast,
+    GoFastError,
+    configure_compiler,
+    shape_label,
+    transformer_inputs,
+)
+from engine.pipeline import FluxGenerator
+from engine.service import FluxService
+from engine.tiny_model import CHECKPOINT_NAME
+
+from .flux_cases import params_to_float
+
+AOT = CompileSettings(backend="aot_eager", mode=None, dynamic=True)
+
+
+@pytest.fixture()
+def fresh_dynamo():
+    """Each test starts from an empty compile cache and restores dynamo's settings."""
+    import torch.fx.experimental._config as fx_config
+
+    torch._dynamo.reset()
+    with (
+        torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False),
+        fx_config.patch(use_duck_shape=True),
+    ):
+        yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def transformer(tiny_model_dir):
+    return params_to_float(load_transformer(tiny_model_dir / CHECKPOINT_NAME))
+
+
+def call(fast: GoFast, transformer, width: int, height: int, batch: int) -> torch.Tensor:
+    torch.manual_seed(0)
+    with fast.track(shape_label(width, height, batch, transformer)), torch.inference_mode():
+        return fast.compiled(**transformer_inputs(transformer, width, height, batch))[0]
+
+
+def go_fast_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "engine.go_fast" and r.levelno >= logging.WARNING]
+
+
+def set_lora(transformer, rank: int | None) -> None:
+    from engine.modules import SVDQLinear, W4A16Linear
+
+    g = torch.Generator().manual_seed(rank or 0)
+    for m in transformer.modules():
+        if isinstance(m, SVDQLinear | W4A16Linear):
+            m.clear_loras()
+            if rank:
+                down = torch.randn(rank, m.in_features, generator=g) * 0.1
+                m.add_lora("probe", down, torch.randn(m.out_features, rank, generator=g) * 0.1)
+
+
+def test_configure_compiler_raises_the_limit_and_makes_it_loud(fresh_dynamo):
+    configure_compiler(CompileSettings(recompile_limit=40))
+    assert torch._dynamo.config.recompile_limit == 40
+    assert torch._dynamo.config.fail_on_recompile_limit_hit is True
+    import torch.fx.experimental._config as fx_config
+
+    assert fx_config.use_duck_shape is False
+
+
+@pytest.mark.slow
+def test_a_recompile_past_the_limit_is_an_error_naming_the_shape(fresh_dynamo, transformer):
+    static = CompileSettings(backend="aot_eager", mode=None, dynamic=False, recompile_limit=1)
+    configure_compiler(static)
+    torch._dynamo.config.recompile_limit = 1  # configure_compiler never lowers the limit
+    fast = GoFast(transformer, static)
+    call(fast, transformer, 128, 128, 1)
+    assert fast.graphs == 1 and fast.records[0].shape == "128x128 x1"
+    with pytest.raises(GoFastError, match=r"192x128 x1 needs a new compiled graph past the recompile limit"):
+        call(fast, transformer, 192, 128, 1)
+
+
+@pytest.mark.slow
+def test_sizes_and_batches_share_two_graphs_and_loras_two_more(fresh_dynamo, transformer, caplog):
+    configure_compiler(AOT)
+    fast = GoFast(transformer, AOT)
+    # What setup does: default size at batch 1, then batch 2 (sizes scaled down 4x per side
+    # to keep the test short; the sequence length is what varies, as with the served sizes).
+    # 256x256 is 256 image tokens, as many as the text: with duck shaping (torch's default) the
+    # two would share a symbol and every other size would recompile.
+    for shape in ((256, 256, 1), (256, 256, 2)):
+        call(fast, transformer, *shape)
+    assert fast.graphs == 2
+    caplog.clear()  # the warm-up's compiles were logged; from here on, none should be
+    for w, h, n in ((336, 192, 1), (160, 384, 3), (272, 224, 4), (128, 128, 2)):
+        out = call(fast, transformer, w, h, n)
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            ref = transformer(**transformer_inputs(transformer, w, h, n))[0]
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert fast.graphs == 2 and not go_fast_warnings(caplog)  # no request compiled anything
+    set_lora(transformer, 4)
+    try:
+        for w, h, n in ((256, 256, 1), (336, 192, 2), (160, 384, 1)):
+            call(fast, transformer, w, h, n)
+        assert fast.graphs == 4  # the LoRA factors are new graph inputs: batch 1 and batch 2-4
+        assert "LoRA rank 4" in fast.records[2].shape
+        assert len(go_fast_warnings(caplog)) == 2
+        set_lora(transformer, 12)  # another rank: buffers keep static shapes, so two more graphs
+        call(fast, transformer, 272, 224, 3)
+        call(fast, transformer, 128, 128, 1)
+        assert fast.graphs == 6
+        call(fast, transformer, 336, 192, 4)
+        assert fast.graphs == 6
+    finally:
+        set_lora(transformer, None)
+    call(fast, transformer, 256, 256, 1)
+    assert fast.graphs == 6
+
+
+@pytest.mark.slow
+def test_service_warms_up_at_setup_and_requests_do_not_compile(fresh_dynamo, tiny_model_dir, caplog):
+    generator = FluxGenerator.from_pretrained(tiny_model_dir, tiny_model_dir / CHECKPOINT_NAME)
+    service = FluxService(generator, None, "tiny", compile_settings=AOT)
+    service.warm_up(((256, 256, 1), (256, 256, 2)))
+    assert [(r.shape, r.at_setup) for r in service.go_fast.records] == [
+        ("256x256 x1", True),
+        ("256x256 x2", True),
+    ]
+    assert generator.pipe.transformer is service._eager  # warm-up leaves the eager one in place
+    caplog.set_level(logging.INFO)
+    kw = {"prompt": "a cat", "num_inference_steps": 1, "megapixels": "0.25", "seed": 3}
+    from PIL import Image
+
+    def pixels(paths) -> list[torch.Tensor]:  # read now: the next prediction removes the folder
+        return [torch.tensor(list(Image.open(p).convert("L").getdata()), dtype=torch.float) for p in paths]
+
+    fast = pixels(service.predict(**kw, aspect_ratio="16:9", num_outputs=3, go_fast=True))
+    slow = pixels(service.predict(**kw, aspect_ratio="16:9", num_outputs=3, go_fast=False))
+    assert service.go_fast.graphs == 2 and not go_fast_warnings(caplog)
+    for a, b in zip(fast, slow, strict=True):
+        assert (a - b).abs().mean() < 1.0  # same images up to a rounding step of the encoder
+
+
+@pytest.mark.slow
+def test_service_past_the_limit_warns_and_runs_eagerly(fresh_dynamo, tiny_model_dir, caplog):
+    static = CompileSettings(backend="aot_eager", mode=None, dynamic=False, recompile_limit=1)
+    generator = FluxGenerator.from_pretrained(tiny_model_dir, tiny_model_dir / CHECKPOINT_NAME)
+    service = FluxService(generator, None, "tiny", compile_settings=static)
+    service.warm_up(((512, 512, 1),))
+    torch._dynamo.config.recompile_limit = 1  # configure_compiler never lowers the limit
+    caplog.set_level(logging.WARNING)
+    kw = {"prompt": "a cat", "num_inference_steps": 1, "megapixels": "0.25", "seed": 3, "aspect_ratio": "4:3"}
+    (path,) = service.predict(**kw, go_fast=True)
+    fast = path.read_bytes()  # the next prediction removes this one's folder
+    assert "576x448 x1 needs a new compiled graph past the recompile limit" in caplog.text
+    assert "this request runs without go_fast" in caplog.text
+    (slow,) = service.predict(**kw, go_fast=False)
+    assert fast == slow.read_bytes()
