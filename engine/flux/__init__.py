@@ -1,7 +1,8 @@
 """FLUX.1 with SVDQuant layers: the layer table, calibration, quantization, checkpoints."""
 
-from engine.flux.checkpoint import CheckpointError, load_transformer, read_metadata, save_checkpoint
+from engine.flux.checkpoint import CheckpointError, read_metadata, save_checkpoint
 from engine.flux.layers import LAYER_TABLE, Treatment, target_layers, treatment_of
+from engine.flux.model import SVDQFluxTransformer2DModel, load_transformer
 from engine.flux.quantize import DEFAULT_RESOLUTIONS, LayerReport, calibrate, quantize_transformer
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "LAYER_TABLE",
     "CheckpointError",
     "LayerReport",
+    "SVDQFluxTransformer2DModel",
     "Treatment",
     "calibrate",
     "load_transformer",

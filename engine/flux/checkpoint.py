@@ -136,20 +136,18 @@ def read_metadata(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def _skeleton(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], path: Path) -> nn.Module:
+def _skeleton(
+    metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], path: Path, model_class: type
+) -> nn.Module:
     """The transformer with quantized modules in place, every tensor on the meta device."""
-    from engine.flux.model import SVDQFluxTransformer2DModel
-
     config = json.loads(metadata["transformer_config"])
-    quant = dataclasses.asdict(read_config(metadata, path))
+    svdq_config = read_config(metadata, path)
+    quant = dataclasses.asdict(svdq_config)
     unsigned = set(json.loads(metadata.get("unsigned_layers", "[]")))
     act_shift = float(metadata.get("act_shift", GELU_SHIFT))
     with torch.device("meta"):
-        model = SVDQFluxTransformer2DModel.from_config(config)
-    fields = {f.name for f in dataclasses.fields(SVDQConfig)}
-    known = {k: tuple(v) if isinstance(v, list) else v for k, v in quant.items() if k in fields}
-    known = {k: v for k, v in known.items() if v is not None}  # e.g. converted files: no alpha grid
-    model.svdq_config = SVDQConfig(**known)  # what save_pretrained writes back
+        model = model_class.from_config(config)
+    model.svdq_config = svdq_config  # what save_pretrained writes back
 
     def svdq(name: str, in_features: int, out_features: int) -> SVDQLinear:
         if f"{name}.proj_down" not in shapes:
@@ -183,7 +181,9 @@ def _skeleton(metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], path
     return model
 
 
-def load_transformer(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+def load_transformer(
+    path: str | Path, device: torch.device | str = "cpu", *, model_class: type | None = None
+) -> nn.Module:
     """Build the quantized transformer from a checkpoint, directly on ``device``.
 
     Reads our format, or the public engine's INT4 checkpoint (told apart by its metadata and
@@ -198,9 +198,17 @@ def load_transformer(path: str | Path, device: torch.device | str = "cpu") -> nn
         state, metadata = convert_public_checkpoint(path)
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         logger.info("converted the public engine's checkpoint %s to our layout", path)
-    model = _skeleton(metadata, shapes, path)
+    if model_class is None:
+        from diffusers import FluxTransformer2DModel as model_class
+    model = _skeleton(metadata, shapes, path, model_class)
     if state is None:
         state = load_file(str(path), device=str(device))
+        if torch.device(device).type == "cpu":
+            # Tensors read on the CPU sit at the file's byte offsets; CPU matmuls may round
+            # differently at other alignments, so a re-saved file (other offsets) would change
+            # the last bits. Fresh allocations make the output depend on the values only.
+            for k in list(state):
+                state[k] = state[k].clone()
     else:
         state = {k: v.to(device) for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)

@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 from diffusers import FluxTransformer2DModel
 
+from engine.flux import checkpoint
+from engine.flux.checkpoint import CheckpointError, read_metadata, save_checkpoint
+
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "svdq-transformer.safetensors"
@@ -48,8 +51,6 @@ class SVDQFluxTransformer2DModel(FluxTransformer2DModel):
         LoRAs are not part of the model and are not saved. ``push_to_hub``, ``variant`` and
         pickle serialization are not supported (a plain folder of our format is).
         """
-        from engine.flux.checkpoint import save_checkpoint
-
         unsupported = {k: v for k, v in kwargs.items() if k in ("push_to_hub", "variant") and v}
         if kwargs.get("safe_serialization", True) is False:
             unsupported["safe_serialization"] = False
@@ -83,8 +84,6 @@ class SVDQFluxTransformer2DModel(FluxTransformer2DModel):
         ``dtype`` sets the 16-bit remainder (embedders, norms); quantized buffers keep their
         stored types. A folder without our weights file is refused, naming what it holds.
         """
-        from engine.flux.checkpoint import CheckpointError, load_transformer
-
         if kwargs:
             raise ValueError(f"from_pretrained of the 4-bit transformer does not take {sorted(kwargs)}")
         path = Path(pretrained_model_name_or_path)
@@ -216,8 +215,6 @@ class SVDQFluxTransformer2DModel(FluxTransformer2DModel):
 
 def _check_config(folder: Path) -> None:
     """config.json, when present, must be ours and describe the same architecture as the file."""
-    from engine.flux.checkpoint import CheckpointError, read_metadata
-
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         return
@@ -254,3 +251,9 @@ def _read_lora_source(source, kwargs: dict) -> dict[str, torch.Tensor]:
 
     allowed = ("weight_name", "cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
     return FluxLoraLoaderMixin.lora_state_dict(str(source), **{k: v for k, v in kwargs.items() if k in allowed})
+
+
+def load_transformer(path: str | Path, device: torch.device | str = "cpu") -> SVDQFluxTransformer2DModel:
+    """Our checkpoint (or the public engine's INT4 file) as an ``SVDQFluxTransformer2DModel``,
+    built directly on ``device`` (see engine.flux.checkpoint.load_transformer)."""
+    return checkpoint.load_transformer(path, device, model_class=SVDQFluxTransformer2DModel)
