@@ -409,7 +409,7 @@ def markdown(report: StaticReport, rows: list[dict], hw: dict = A40) -> str:
         "those on paths skipped at run time, and the non-loop code of a tile is counted as if every path "
         "ran, so it errs high. Scale traffic assumes ascales row-major (one 4-byte cp.async per row per "
         "group through L1: one 32-byte sector per row every 8 groups) and wscales group-major (the layout "
-        "SVDQLinear is to store).",
+        "SVDQLinear stores).",
         MARK_END,
     ]
     return "\n".join(lines)
