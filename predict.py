@@ -35,6 +35,9 @@ class Predictor(BasePredictor):
         # One thread for setup and every prediction; a cancel raises coglet's exception in it.
         self.gpu = SerialRunner(cancel_exception=CancelationException, name="gpu")
         self.service = self.gpu.call(FluxService.setup)
+        # Signal handlers can only be installed from the main thread, which this is: output
+        # folders are removed when coglet stops the worker with SIGTERM.
+        self.service.outputs.remove_on_sigterm()
         if int(os.environ.get("COG_MAX_CONCURRENCY", "1")) < 2:
             logging.getLogger(__name__).warning(
                 "COG_MAX_CONCURRENCY is below 2: a request sent right after another's answer "

@@ -283,7 +283,8 @@ class OutputFolders:
 
         atexit does not run on SIGTERM's default action; the handler removes the folders and
         then lets the previous handler (or the default: terminate) act as it would have.
-        Only from the main thread, where Python allows installing handlers; called from setup().
+        Only from the main thread, where Python allows installing handlers: predict.py's setup()
+        calls it (FluxService.setup itself runs on the prediction thread).
         """
         if threading.current_thread() is not threading.main_thread():
             logger.info("output folders: not on the main thread, so no SIGTERM cleanup (atexit only)")
@@ -357,7 +358,6 @@ class FluxService:
         settings = CompileSettings() if device.type == "cuda" else None
         lora = config.lora or StoreConfig(root=config.weights_dir / "loras")
         service = cls(generator, safety, model, lora, compile_settings=settings)
-        service.outputs.remove_on_sigterm()
         if device.type == "cuda":  # build the kernels and warm the caches before the first request
             t_warm = time.perf_counter()
             generator.generate("warm-up", width=1024, height=1024, steps=1, seed=0)

@@ -151,7 +151,7 @@ def test_bad_inputs_are_422_naming_the_field(server, inputs, field):
 def test_prompts_empty_long_unicode(server):
     predict_ok(server, prompt="", megapixels="0.25")
     long = predict_ok(server, prompt="a very detailed scene " * 200, megapixels="0.25")
-    assert "T5 reads the first 512, the rest is truncated" in long["logs"]
+    assert "T5 reads the first 256, the rest is truncated" in long["logs"]  # schnell's 256 tokens
     predict_ok(server, prompt="un renard roux 🦊 dans la neige — 雪の中の狐", megapixels="0.25")
 
 

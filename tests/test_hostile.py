@@ -501,7 +501,7 @@ def test_cancel_during_a_slow_lora_download_frees_the_server(web, tmp_path, tiny
         assert srv.request("POST", "/predictions/slow-lora/cancel")[0] == 200
         t0 = time.monotonic()
         status, resp = srv.predict(
-            {"prompt": "next", "num_inference_steps": 1, "megapixels": "0.25"}, retry_busy=30, timeout=120
+            {"prompt": "next", "num_inference_steps": 1, "megapixels": "0.25"}, timeout=120
         )
         assert status == 200 and resp["status"] == "succeeded", resp
         assert time.monotonic() - t0 < 30
