@@ -20,6 +20,9 @@ from PIL import Image
 
 from engine.inputs import ASPECT_RATIOS, size_for
 
+# Every test here starts or talks to the real coglet server: seconds each.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 INPUTS = [
     "prompt",

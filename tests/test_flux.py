@@ -84,6 +84,7 @@ def test_layer_table_on_flux(float_pipe):
     assert layers["single_transformer_blocks.0.proj_out"] is Treatment.W4A4_SPLIT
 
 
+@pytest.mark.slow
 def test_quantized_transformer_close_to_float_and_beats_plain_w4a4(
     tiny_model_dir, float_pipe, stats, transformer_inputs
 ):

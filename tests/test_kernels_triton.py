@@ -101,6 +101,7 @@ def test_dispatch_uses_triton_when_asked(use_kernels):
     assert kernels.backend_for(DEVICE) is tb
 
 
+@pytest.mark.slow
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (

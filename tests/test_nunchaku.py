@@ -100,6 +100,7 @@ def test_unknown_tensors_and_nvfp4_are_refused(tmp_path):
         nk.convert_state_dict({"a.wcscales": torch.zeros(1)}, {"config": "{}"})
 
 
+@pytest.mark.slow
 def test_convert_cli_writes_our_format(their_file, tmp_path):
     import subprocess
     import sys

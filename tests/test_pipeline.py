@@ -42,6 +42,7 @@ def test_sizes_seeds_and_batching(gen):
     assert np.abs(pixels(batch[1]).astype(int) - pixels(c[0]).astype(int)).max() <= 2
 
 
+@pytest.mark.slow
 def test_one_megapixel_runs(gen):
     (img,) = gen.generate("a lighthouse", width=1024, height=1024, steps=1, seed=0)
     assert img.size == (1024, 1024)
@@ -83,6 +84,7 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     return res
 
 
+@pytest.mark.slow
 def test_generate_cli_quantized_and_float(tiny_model_dir, tmp_path):
     common = [
         "--model",
@@ -107,6 +109,7 @@ def test_generate_cli_quantized_and_float(tiny_model_dir, tmp_path):
     assert Image.open(tmp_path / "f.png").size == (256, 128)
 
 
+@pytest.mark.slow
 def test_quantize_cli(tiny_model_dir, tmp_path):
     out = tmp_path / "q.safetensors"
     res = run_script(

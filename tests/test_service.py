@@ -226,6 +226,7 @@ def test_image_formats_and_metadata(tmp_path):
         save_images([img], tmp_path, output_format="gif", quality=80, seeds=[0], prompt="x")
 
 
+@pytest.mark.slow
 def test_safety_checker_flags_drop_images(generator, tmp_path):
     flag_all = tiny_safety_checker(tmp_path / "strict", threshold=-10.0)
     service = FluxService(generator, flag_all, "tiny")
