@@ -57,15 +57,10 @@ def go_fast_warnings(caplog) -> list[str]:
 
 
 def set_lora(transformer, rank: int | None) -> None:
-    from engine.modules import SVDQLinear, W4A16Linear
+    """scripts/go_fast_compiles.py's random LoRA on every quantized layer (None: remove them)."""
+    from go_fast_compiles import set_lora as probe_lora
 
-    g = torch.Generator().manual_seed(rank or 0)
-    for m in transformer.modules():
-        if isinstance(m, SVDQLinear | W4A16Linear):
-            m.clear_loras()
-            if rank:
-                down = torch.randn(rank, m.in_features, generator=g) * 0.1
-                m.add_lora("probe", down, torch.randn(m.out_features, rank, generator=g) * 0.1)
+    probe_lora(transformer, rank)
 
 
 def test_configure_compiler_raises_the_limit_and_makes_it_loud(fresh_dynamo):
