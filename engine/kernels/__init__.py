@@ -80,23 +80,24 @@ class KernelConfig:
     ext_dir: Path | None = None  # where the CUDA extension is built just in time
 
 
-_config = KernelConfig()
+# The one setting of the process: configure() replaces it (from setup() or a script), the ops
+# read it. A one-slot dict rather than a rebound global.
+_settings: dict[str, KernelConfig] = {"current": KernelConfig()}
 
 
 def configure(backend: str = "auto", *, ext_dir: str | Path | None = None) -> KernelConfig:
     """Choose the kernel backend (and the CUDA extension's build folder) for this process."""
-    global _config
     backend = (backend or "auto").strip().lower()
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"{ENV_VAR}={backend!r} is not a kernel backend; choose one of auto, {', '.join(BACKENDS)}")
-    _config = KernelConfig(backend, Path(ext_dir) if ext_dir else None)
+    _settings["current"] = KernelConfig(backend, Path(ext_dir) if ext_dir else None)
     _resolve.cache_clear()
-    return _config
+    return _settings["current"]
 
 
 def config() -> KernelConfig:
     """The settings ``configure`` made (the defaults if it was never called)."""
-    return _config
+    return _settings["current"]
 
 
 @functools.cache
@@ -124,7 +125,7 @@ def backend_for(device: torch.device | str) -> ModuleType:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return _resolve(_config.backend, device)
+    return _resolve(_settings["current"].backend, device)
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
