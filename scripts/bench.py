@@ -101,7 +101,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "date": time.strftime("%Y-%m-%d"),
-        "SVDQ_KERNELS": os.environ.get("SVDQ_KERNELS", "auto"),
+        "SVDQ_KERNELS": kernels.config().backend,  # as main() configured it
     }
 
 

@@ -142,7 +142,6 @@ def _skeleton(
     """The transformer with quantized modules in place, every tensor on the meta device."""
     config = json.loads(metadata["transformer_config"])
     svdq_config = read_config(metadata, path)
-    quant = dataclasses.asdict(svdq_config)
     unsigned = set(json.loads(metadata.get("unsigned_layers", "[]")))
     act_shift = float(metadata.get("act_shift", GELU_SHIFT))
     with torch.device("meta"):
@@ -157,7 +156,7 @@ def _skeleton(
             out_features,
             rank=shapes[f"{name}.proj_down"][0],
             bias=f"{name}.bias" in shapes,
-            group_size=quant["group_size"],
+            group_size=svdq_config.group_size,
             unsigned=name in unsigned,
             act_shift=act_shift if name in unsigned else 0.0,
             device="meta",
@@ -171,7 +170,7 @@ def _skeleton(
                 raise CheckpointError(
                     f"{path}: no quantized tensors for layer {name} (missing {name}.wzeros)"
                 )
-            q = W4A16Linear(k, n, bias=linear.bias is not None, group_size=quant["group_size"], device="meta")
+            q = W4A16Linear(k, n, bias=linear.bias is not None, group_size=svdq_config.group_size, device="meta")
         elif treatment is Treatment.W4A4_SPLIT:
             sizes = split_sizes(model, name)
             q = SplitInputLinear([svdq(f"{name}.parts.{i}", size, n) for i, size in enumerate(sizes)], sizes)
