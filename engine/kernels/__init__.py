@@ -28,6 +28,8 @@ from types import ModuleType
 
 import torch
 
+from engine.kernels.rope import qk_norm_rope  # its own module: q/k RMSNorm + RoPE + joint cat
+
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "SVDQ_KERNELS"
@@ -327,6 +329,7 @@ __all__ = [
     "configure",
     "gemv_backend_for",
     "get_backend",
+    "qk_norm_rope",
     "quantize_act",
     "unavailable_reason",
     "w4a4_gemm",

@@ -26,6 +26,14 @@ Op contract (every backend implements exactly this; ``reference`` is the ground 
         dtype. For the AdaLN linears (one conditioning vector per image): the packed weight is
         read once per call and dequantized in registers. The triton backend takes M <= 4.
 
+    qk_norm_rope(qkv0 [B, S0, >= 3HD], norm_q0 [D], norm_k0 [D], qkv1 [B, S1, >= 3HD] | None,
+                 norm_q1 | None, norm_k1 | None, cos [S0+S1, D], sin [S0+S1, D], *, heads, eps)
+        -> q, k, v  [B, S0+S1, H, D] contiguous, in qkv's dtype (public form: kernels.qk_norm_rope)
+        FluxAttnProcessor's glue as one op: per part, q | k | v = the first 3HD channels (last
+        dim stride 1), q and k torch.rms_norm-ed with the part's weights; parts joined in order;
+        q and k rotated (apply_rotary_emb, use_real_unbind_dim=-1); see engine.kernels.rope.
+        The reference and triton backends serve it; elsewhere it runs on triton.
+
 Rounding is round-half-to-even and division is IEEE-exact, so a backend reproduces the
 reference's codes bit for bit; only the order of the fp32 sums may differ (and the Triton GEMM
 applies each ascale rounded to 22 significant bits, a relative change <= 2^-22, which lets one
@@ -96,4 +104,28 @@ class GemvBackend(Protocol):
         ...
 
 
-OPS = {GemmBackend: ("quantize_act", "w4a4_gemm"), GemvBackend: ("w4a16_gemv",)}
+class NormRopeBackend(Protocol):
+    """A backend of the attention prologue (reference, triton): engine/kernels/rope.py."""
+
+    def qk_norm_rope(
+        self,
+        qkv0: torch.Tensor,  # [B, S0, >= 3*H*D]
+        norm_q0: torch.Tensor,  # [D]
+        norm_k0: torch.Tensor,  # [D]
+        qkv1: torch.Tensor | None,  # [B, S1, >= 3*H*D]
+        norm_q1: torch.Tensor | None,
+        norm_k1: torch.Tensor | None,
+        cos: torch.Tensor,  # [S0 + S1, D]
+        sin: torch.Tensor,
+        *,
+        heads: int,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # q, k, v [B, S0 + S1, H, D]
+        ...
+
+
+OPS = {
+    GemmBackend: ("quantize_act", "w4a4_gemm"),
+    GemvBackend: ("w4a16_gemv",),
+    NormRopeBackend: ("qk_norm_rope",),
+}

@@ -1,0 +1,188 @@
+"""q/k RMSNorm + RoPE + the joint (text, image) concatenation as one op: ``qk_norm_rope``.
+
+Between a FLUX block's q/k/v projections and attention, diffusers' FluxAttnProcessor runs
+about 37 small launches per double block (4 RMSNorms of 6 ops, RoPE's 5 ops for q and for k,
+3 cats). ``qk_norm_rope`` does the same arithmetic in one op (``torch.ops.svdq.qk_norm_rope``,
+with a fake implementation so torch.compile traces through it), with the arithmetic of
+diffusers 0.42.1's FluxAttnProcessor, rounding for rounding: per part, that part's norms (the
+modules FluxAttention builds are ``torch.nn.RMSNorm``, i.e. torch.rms_norm, which rounds once;
+diffusers' own RMSNorm class would round to T before the weight too, and differs in about a
+quarter of bf16 outputs), then the parts concatenated, then models/embeddings.py
+apply_rotary_emb(use_real=True, use_real_unbind_dim=-1, sequence_dim=1)::
+
+    var = mean(fp32(x)^2)                         fp32, over the head dim D
+    n   = T(fp32(x) * rsqrt(var + eps) * w)       T = x's dtype; fp32 products, one rounding
+    y   = T(fp32(n) * cos + fp32(rot(n)) * sin)   rot(n) = (-n1, n0, -n3, n2, ...); each
+                                                  product and the sum rounded to fp32 (no FMA)
+
+Backends: ``reference`` (the very torch ops, in FluxAttnProcessor's order, on any device) and
+``triton`` (one launch, engine/kernels/triton/rope.py). The CUDA extension has no such kernel:
+where it serves the W4A4 ops this op runs on Triton (the pattern of ``gemv_backend_for``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine import kernels as _kernels
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def reference_qk_norm_rope(
+    qkv0: torch.Tensor,
+    norm_q0: torch.Tensor,
+    norm_k0: torch.Tensor,
+    qkv1: torch.Tensor | None,
+    norm_q1: torch.Tensor | None,
+    norm_k1: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    heads: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ground truth: FluxAttnProcessor's ops in its order (norm per part, cat, then RoPE)."""
+    d = norm_q0.shape[0]
+    hd = heads * d
+    parts = [(qkv0, norm_q0, norm_k0)] + ([(qkv1, norm_q1, norm_k1)] if qkv1 is not None else [])
+    qs, ks, vs = [], [], []
+    for qkv, norm_q, norm_k in parts:
+        qs.append(_rms_norm(qkv[..., :hd].unflatten(-1, (heads, d)), norm_q, eps))  # [B, S_i, H, D]
+        ks.append(_rms_norm(qkv[..., hd : 2 * hd].unflatten(-1, (heads, d)), norm_k, eps))
+        vs.append(qkv[..., 2 * hd : 3 * hd].unflatten(-1, (heads, d)))
+    q, k, v = torch.cat(qs, dim=1), torch.cat(ks, dim=1), torch.cat(vs, dim=1)  # [B, S_total, H, D]
+    return _rotary(q, cos, sin), _rotary(k, cos, sin), v.contiguous()
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """FluxAttention's norm_q / norm_k / norm_added_q / norm_added_k: torch.nn.RMSNorm(D, eps)."""
+    return torch.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers.models.embeddings.apply_rotary_emb(x, (cos, sin), use_real=True,
+    use_real_unbind_dim=-1, sequence_dim=1)."""
+    cos, sin = cos[None, :, None, :].to(x.device), sin[None, :, None, :].to(x.device)  # [1, S, 1, D]
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # [B, S, H, D/2]
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def _triton_qk_norm_rope(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from engine.kernels.triton.rope import qk_norm_rope
+
+    return qk_norm_rope(*args, **kwargs)
+
+
+_IMPLS = {"reference": reference_qk_norm_rope, "triton": _triton_qk_norm_rope}
+
+
+def rope_backend_for(device: torch.device | str) -> str:
+    """The backend that serves ``qk_norm_rope`` on ``device``: the configured W4A4 backend when
+    it has the op (reference, triton), else the first of triton, reference that runs there."""
+    name = _kernels.backend_for(device).NAME
+    if name in _IMPLS:
+        return name
+    return "triton" if _kernels.unavailable_reason("triton", torch.device(device)) is None else "reference"
+
+
+# --- the public wrapper ------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t: object, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of parts[0]'s qkv ({dtype}), got {t.dtype}")
+    return t
+
+
+def qk_norm_rope(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q and k RMSNorm-ed (each part with its own weights) and rotated, v re-laid out; the parts
+    joined along the sequence in list order (FLUX: text, then image).
+
+    parts: 1 or 2 tuples ``(qkv [B, S_i, >= 3*H*D], norm_q weight [D], norm_k weight [D])``;
+        q | k | v are the first 3*H*D channels of qkv's last dim (which must have stride 1:
+        a column slice of a wider projection output is read in place). All in one dtype.
+    cos, sin: [S_total, D], as diffusers' FluxPosEmbed returns them (fp32).
+    Returns q, k, v: [B, S_total, H, D] contiguous, in qkv's dtype.
+    """
+    if not isinstance(parts, (list, tuple)) or len(parts) not in (1, 2):
+        raise ValueError(f"parts must be a list of 1 or 2 (qkv, norm_q, norm_k) tuples, got {parts!r:.80}")
+    if not isinstance(heads, int) or heads <= 0:
+        raise ValueError(f"heads must be a positive int, got {heads!r}")
+    flat: list[torch.Tensor | None] = []
+    d = b = None
+    s_total = 0
+    for i, part in enumerate(parts):
+        if not isinstance(part, (list, tuple)) or len(part) != 3:
+            raise ValueError(f"parts[{i}] must be a (qkv, norm_q, norm_k) tuple, got {type(part).__name__}")
+        qkv, norm_q, norm_k = part
+        dtype = _check_tensor("parts[0] qkv", parts[0][0]).dtype
+        _check_tensor(f"parts[{i}] qkv", qkv, dtype)
+        _check_tensor(f"parts[{i}] norm_q", norm_q, dtype)
+        _check_tensor(f"parts[{i}] norm_k", norm_k, dtype)
+        if norm_q.dim() != 1:
+            raise ValueError(f"parts[{i}] norm_q must have shape [D], got {list(norm_q.shape)}")
+        d = d or norm_q.shape[0]
+        if d % 2 or norm_q.shape[0] != d:
+            raise ValueError(
+                f"parts[{i}] norm_q must have shape [D] with D even and one D, got {list(norm_q.shape)}"
+            )
+        if tuple(norm_k.shape) != (d,):
+            raise ValueError(f"parts[{i}] norm_k must have shape [{d}], got {list(norm_k.shape)}")
+        if qkv.dim() != 3 or qkv.shape[2] < 3 * heads * d or (b is not None and qkv.shape[0] != b):
+            raise ValueError(
+                f"parts[{i}] qkv must have shape [B, S_i, >= 3*heads*D = {3 * heads * d}] with one B, "
+                f"got {list(qkv.shape)}"
+            )
+        if qkv.stride(2) != 1:
+            raise ValueError(
+                f"parts[{i}] qkv's last dimension must have stride 1, got strides {qkv.stride()}"
+            )
+        b = qkv.shape[0]
+        s_total += qkv.shape[1]
+        flat += [qkv, norm_q, norm_k]
+    for name, t in (("cos", cos), ("sin", sin)):
+        _check_tensor(name, t)
+        if tuple(t.shape) != (s_total, d):
+            raise ValueError(f"{name} must have shape [S_total, D] = [{s_total}, {d}], got {list(t.shape)}")
+    flat += [None] * (6 - len(flat))
+    return torch.ops.svdq.qk_norm_rope(*flat, cos, sin, heads, float(eps))
+
+
+# --- the custom op: the backend is resolved inside, out of sight of the tracer ----------------
+
+
+@torch.library.custom_op("svdq::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(
+    qkv0: torch.Tensor,
+    norm_q0: torch.Tensor,
+    norm_k0: torch.Tensor,
+    qkv1: torch.Tensor | None,
+    norm_q1: torch.Tensor | None,
+    norm_k1: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _IMPLS[rope_backend_for(qkv0.device)]
+    return impl(qkv0, norm_q0, norm_k0, qkv1, norm_q1, norm_k1, cos, sin, heads=heads, eps=eps)
+
+
+@_qk_norm_rope_op.register_fake
+def _(qkv0, norm_q0, norm_k0, qkv1, norm_q1, norm_k1, cos, sin, heads, eps):
+    s_total = qkv0.shape[1] + (qkv1.shape[1] if qkv1 is not None else 0)
+    shape = (qkv0.shape[0], s_total, heads, norm_q0.shape[0])  # [B, S_total, H, D]
+    return qkv0.new_empty(shape), qkv0.new_empty(shape), qkv0.new_empty(shape)
