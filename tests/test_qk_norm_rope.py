@@ -337,3 +337,38 @@ def test_one_launch_replaces_the_processors_glue(dtype, launches):
     assert all(torch.equal(g, w) for g, w in zip(out, want, strict=True))
     assert counts["ours"] == {"svdq.qk_norm_rope": 1}
     assert sum(counts["diffusers"].values()) == launches, counts["diffusers"]
+
+
+@pytest.mark.slow
+def test_static_figures_at_flux_shape(tmp_path):
+    """scripts/kernel_model_rope.py: compiled for sm_90 and sm_86 at FLUX's shape, no spills, no
+    FFMA, 16-byte loads and stores only; every q/k/v byte loaded once, every output byte stored
+    once (counted from the kernel's own accesses under the interpreter)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(root)}
+    out = tmp_path / "rope.json"
+    script = root / "scripts" / "kernel_model_rope.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    report = json.loads(out.read_text()) if out.exists() else None
+    assert res.returncode == 0, (res.stderr[-3000:], report and report["gates_failed"])
+    assert {(e["cc"], e["variant"][:6]) for e in report["static"]} == {
+        (90, "double"),
+        (90, "single"),
+        (86, "double"),
+        (86, "single"),
+    }
+    for e in report["static"]:
+        assert e["spill_instrs"] == 0 and e["ffma"] == 0 and e["narrowest_load"] == e["narrowest_store"] == 16
+    assert report["bytes"]["minimum_bytes"] == 2 * 3 * 4608 * 3072 * 2 + 2 * 4608 * 128 * 4 + 4 * 128 * 2

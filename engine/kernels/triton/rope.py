@@ -69,7 +69,7 @@ def _norm_rope(
     """torch.rms_norm then diffusers' apply_rotary_emb(use_real_unbind_dim=-1) of one [BLOCK_S, D] tile."""
     var = tl.sum(x * x, axis=1) * (1.0 / D)  # [BS] mean of squares, fp32
     r = tl.math.rsqrt(var + eps)
-    n = _round((x * r[:, None]) * w[None, :], ROUND, COMPILED)
+    n = _round((x * r[:, None]) * w, ROUND, COMPILED)
     n_re, n_im = tl.split(tl.reshape(n, (BLOCK_S, D // 2, 2)))
     rot = tl.reshape(tl.join(-n_im, n_re), (BLOCK_S, D))  # (-n1, n0, -n3, n2, ...)
     return _round(n * c + rot * s, ROUND, COMPILED)
@@ -112,10 +112,11 @@ def _part_tile(
     dst = ((b.to(tl.int64) * S_total + s64) * H + h) * D + d[None, :]  # [B, S_total, H, D]
     ty = q_ptr.dtype.element_ty
     x = tl.load(src, mask=ok, other=0.0).to(tl.float32)
-    w = tl.load(nq_ptr + d).to(tl.float32)
+    w_offs = d[None, :] + 0 * s_loc[:, None]  # [BS, D]: the weight in the tile's own layout
+    w = tl.load(nq_ptr + w_offs).to(tl.float32)  # (vector loads from L1, no shared-memory broadcast)
     tl.store(q_ptr + dst, _norm_rope(x, w, c, s, eps, BLOCK_S, D, ROUND, COMPILED).to(ty), mask=ok)
     x = tl.load(src + hd, mask=ok, other=0.0).to(tl.float32)
-    w = tl.load(nk_ptr + d).to(tl.float32)
+    w = tl.load(nk_ptr + w_offs).to(tl.float32)
     tl.store(k_ptr + dst, _norm_rope(x, w, c, s, eps, BLOCK_S, D, ROUND, COMPILED).to(ty), mask=ok)
     tl.store(v_ptr + dst, tl.load(src + 2 * hd, mask=ok), mask=ok)
 
