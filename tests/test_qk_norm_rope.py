@@ -372,3 +372,22 @@ def test_static_figures_at_flux_shape(tmp_path):
     for e in report["static"]:
         assert e["spill_instrs"] == 0 and e["ffma"] == 0 and e["narrowest_load"] == e["narrowest_store"] == 16
     assert report["bytes"]["minimum_bytes"] == 2 * 3 * 4608 * 3072 * 2 + 2 * 4608 * 128 * 4 + 4 * 128 * 2
+
+
+@pytest.mark.gpu
+def test_triton_on_the_gpu_at_flux_shape():
+    """Compiled kernel against the reference's torch CUDA ops, FLUX's double-block shape, bf16:
+    the same stated bound (both use the GPU's rsqrt.approx; the sum order may differ)."""
+    heads, dim = 24, 128
+    parts, _, _ = random_parts(1, 512, 4096, heads, dim, torch.bfloat16, extra=0)
+    parts = [tuple(t.cuda() for t in p) for p in parts]
+    cos, sin = (t.cuda() for t in flux_rope(512, 64, 64, axes=(16, 56, 56)))
+    got = tr.qk_norm_rope(*flat(parts), cos, sin, heads=heads, eps=EPS)
+    want = reference_qk_norm_rope(*flat(parts), cos, sin, heads=heads, eps=EPS)
+    normed = reference_qk_norm_rope(
+        *flat(parts), torch.ones_like(cos), torch.zeros_like(sin), heads=heads, eps=EPS
+    )
+    assert torch.equal(got[2], want[2])
+    for g, w, n in zip(got[:2], want[:2], normed[:2], strict=True):
+        worst, differing = within_bound(g, w, n, cos, sin, torch.bfloat16)
+        assert worst <= BOUND[torch.bfloat16] and differing <= MAX_MISMATCH_16BIT

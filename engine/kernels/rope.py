@@ -1,8 +1,8 @@
 """q/k RMSNorm + RoPE + the joint (text, image) concatenation as one op: ``qk_norm_rope``.
 
-Between a FLUX block's q/k/v projections and attention, diffusers' FluxAttnProcessor runs
-about 37 small launches per double block (4 RMSNorms of 6 ops, RoPE's 5 ops for q and for k,
-3 cats). ``qk_norm_rope`` does the same arithmetic in one op (``torch.ops.svdq.qk_norm_rope``,
+Between a FLUX block's q/k/v projections and attention, diffusers' FluxAttnProcessor runs 37
+small launches per double block in fp32 (4 RMSNorms of 6 ops, RoPE's 5 ops for q and for k, 3
+cats) and 51 in bf16 (14 dtype conversions more; tests/test_qk_norm_rope.py counts them). ``qk_norm_rope`` does the same arithmetic in one op (``torch.ops.svdq.qk_norm_rope``,
 with a fake implementation so torch.compile traces through it), with the arithmetic of
 diffusers 0.42.1's FluxAttnProcessor, rounding for rounding: per part, that part's norms (the
 modules FluxAttention builds are ``torch.nn.RMSNorm``, i.e. torch.rms_norm, which rounds once;
