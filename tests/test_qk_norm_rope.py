@@ -262,6 +262,8 @@ def test_bad_arguments_are_named():
         r"cos must have shape \[S_total, D\] = \[8, 16\]": _bad(parts, cos[:7], sin),
         "sin must be float32": _bad(parts, cos, sin.long()),
         "heads must be a positive int": _bad(parts, cos, sin, heads=0),
+        "cos must be on parts\\[0\\] qkv's device": _bad(parts, cos.to("meta"), sin),
+        r"parts\[1\] norm_k must be on": _bad([parts[0], (img, nq1, nk1.to("meta"))], cos, sin),
     }
     for message, call in cases.items():
         with pytest.raises((ValueError, TypeError), match=message):

@@ -150,11 +150,16 @@ def qk_norm_rope(
             raise ValueError(
                 f"parts[{i}] qkv's last dimension must have stride 1, got strides {qkv.stride()}"
             )
+        for name, t in (("qkv", qkv), ("norm_q", norm_q), ("norm_k", norm_k)):
+            if t.device != parts[0][0].device:
+                raise ValueError(f"parts[{i}] {name} must be on parts[0] qkv's device, got {t.device}")
         b = qkv.shape[0]
         s_total += qkv.shape[1]
         flat += [qkv, norm_q, norm_k]
     for name, t in (("cos", cos), ("sin", sin)):
         _check_tensor(name, t)
+        if t.device != parts[0][0].device:
+            raise ValueError(f"{name} must be on parts[0] qkv's device {parts[0][0].device}, got {t.device}")
         if tuple(t.shape) != (s_total, d):
             raise ValueError(f"{name} must have shape [S_total, D] = [{s_total}, {d}], got {list(t.shape)}")
     flat += [None] * (6 - len(flat))
