@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 I2F_MAGIC_BITS = 0x4B400000  # the bit pattern of 1.5 * 2^23
@@ -128,3 +129,24 @@ def scale_biased(biased, s22, neg_bias_s22, FUSED: tl.constexpr):
     if FUSED:
         return tl.fma(b, s22, neg_bias_s22)
     return (b - 12582912.0) * s22
+
+
+@triton.jit
+def mul_rn(a, b, COMPILED: tl.constexpr):
+    """fp32 ``a * b`` rounded on its own: ``mul.rn`` is never contracted into an FMA with a
+    following add (as an unfused torch op is not); the interpreter never contracts."""
+    if COMPILED:
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
+    return a * b
+
+
+@triton.jit
+def tanh_f32(x, COMPILED: tl.constexpr):
+    """fp32 tanh: CUDA's tanhf (libdevice) on the GPU, as torch's CUDA kernels call it; the
+    interpreter has no libdevice: fp64 exponentials, then one rounding to fp32."""
+    if COMPILED:
+        return libdevice.tanh(x)
+    e = tl.exp(2.0 * tl.minimum(tl.maximum(x.to(tl.float64), -20.0), 20.0))
+    return ((e - 1.0) / (e + 1.0)).to(tl.float32)
