@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections import Counter
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernel_model_triton as km  # noqa: E402  (its helpers: capture, specialize, analyse, DEVICES)
+import kernel_model_triton as km  # its helpers: capture, specialize, analyse, DEVICES
 
 tb = km.tb
 
@@ -42,7 +43,15 @@ def launch(variant: str, m: int, k: int, major: int) -> tuple:
         elif variant == "modulation":  # a chunk of the AdaLN linear's output: row stride 6K
             emb = km._meta(1, 6 * k)
             tb.quantize_act_prologue(
-                x, smooth, down, emb[:, :k], emb[:, k : 2 * k], group_size=64, unsigned=False, shift=0.0, gelu=False
+                x,
+                smooth,
+                down,
+                emb[:, :k],
+                emb[:, k : 2 * k],
+                group_size=64,
+                unsigned=False,
+                shift=0.0,
+                gelu=False,
             )
         else:
             tb.quantize_act_prologue(
@@ -74,8 +83,14 @@ def loops(cubin: bytes) -> list[dict]:
             ops = Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
             loads = [op for op in ops if re.match(r"(LDG|LDGSTS)(\.|$)", op)]
             ld = [km.load_bytes(op) for op in loads]
-            out.append({"sass": len(body), "global_loads": sum(ops[o] for o in loads),
-                        "narrowest_load": min(ld, default=0), "mma": any(re.search(r"MMA", t) for t in body)})
+            out.append(
+                {
+                    "sass": len(body),
+                    "global_loads": sum(ops[o] for o in loads),
+                    "narrowest_load": min(ld, default=0),
+                    "mma": any(re.search(r"MMA", t) for t in body),
+                }
+            )
     return [lp for lp in out if lp["global_loads"]]  # the loops over groups (the rest are libdevice's)
 
 
@@ -97,11 +112,19 @@ def static_report() -> list[dict]:
             )
             info = km.analyse(kernel.asm["cubin"])
             info.update(shared_bytes=kernel.metadata.shared)
-            rows.append({
-                "cc": cc, "variant": variant, "k": k, "regs": info["regs"], "stack_bytes": info["stack_bytes"],
-                "spill_instrs": info["spill_instrs"], "main_loop_sass": info["loop_sass"],
-                "loops": loops(kernel.asm["cubin"]), "info": info,
-            })
+            rows.append(
+                {
+                    "cc": cc,
+                    "variant": variant,
+                    "k": k,
+                    "regs": info["regs"],
+                    "stack_bytes": info["stack_bytes"],
+                    "spill_instrs": info["spill_instrs"],
+                    "main_loop_sass": info["loop_sass"],
+                    "loops": loops(kernel.asm["cubin"]),
+                    "info": info,
+                }
+            )
     return rows
 
 
@@ -114,9 +137,16 @@ def saving(m: int, k: int, variant: str) -> dict:
     else:  # gelu r+w, then quantize_act reads
         unfused, fused = 2 * x + x, x
     saved = unfused - fused
-    return {"m": m, "k": k, "variant": variant, "unfused_bytes": unfused, "fused_bytes": fused,
-            "saved_bytes": saved, **{f"saved_us_{d.name}": saved / (d.dram_gbs * 1e9) * 1e6 for d in km.DEVICES},
-            "unfused_launches_saved": 3 if variant == "modulation" else 1}
+    return {
+        "m": m,
+        "k": k,
+        "variant": variant,
+        "unfused_bytes": unfused,
+        "fused_bytes": fused,
+        "saved_bytes": saved,
+        **{f"saved_us_{d.name}": saved / (d.dram_gbs * 1e9) * 1e6 for d in km.DEVICES},
+        "unfused_launches_saved": 3 if variant == "modulation" else 1,
+    }
 
 
 def act_time(rows: list[dict]) -> list[dict]:
@@ -131,12 +161,22 @@ def act_time(rows: list[dict]) -> list[dict]:
             t = km.model_act(FLUX_M, r["k"], dev, r["info"] | {"loop_sass": r["main_loop_sass"]}, cfg)
             stats = [lp["sass"] for lp in r["loops"] if not lp["mma"]]
             if r["variant"] == "modulation" and stats:
-                per_sm = -(-(-(-FLUX_M // cfg.block_m)) // dev.sms)
+                per_sm = math.ceil(math.ceil(FLUX_M / cfg.block_m) / dev.sms)
                 issue = per_sm * (r["k"] // 64) * stats[0] * cfg.num_warps / 4 / (dev.clock_ghz * 1e9)
-                t = {**t, "us_issue": t["us_issue"] + issue * 1e6,
-                     "us_dram_floor": t["us_dram_floor"] + 2 * FLUX_M * r["k"] / (dev.dram_gbs * 1e9) * 1e6}
+                t = {
+                    **t,
+                    "us_issue": t["us_issue"] + issue * 1e6,
+                    "us_dram_floor": t["us_dram_floor"] + 2 * FLUX_M * r["k"] / (dev.dram_gbs * 1e9) * 1e6,
+                }
                 t["us"] = max(t["us_issue"], t["us_dram_floor"])
-            out.append({"device": dev.name, "variant": r["variant"], "k": r["k"], **{k: round(v, 1) if isinstance(v, float) else v for k, v in t.items()}})
+            out.append(
+                {
+                    "device": dev.name,
+                    "variant": r["variant"],
+                    "k": r["k"],
+                    **{k: round(v, 1) if isinstance(v, float) else v for k, v in t.items()},
+                }
+            )
     return out
 
 
@@ -151,8 +191,12 @@ def main() -> int:
         "act_time_modelled": act_time(rows),
     }
     bad = [f"sm_{r['cc']} {r['variant']}: spills" for r in rows if r["stack_bytes"] or r["spill_instrs"]]
-    bad += [f"sm_{r['cc']} {r['variant']}: a {lp['narrowest_load']}-byte load in a loop"
-            for r in rows for lp in r["loops"] if lp["narrowest_load"] < 8]
+    bad += [
+        f"sm_{r['cc']} {r['variant']}: a {lp['narrowest_load']}-byte load in a loop"
+        for r in rows
+        for lp in r["loops"]
+        if lp["narrowest_load"] < 8
+    ]
     report["gates_failed"] = bad
     text = json.dumps(report, indent=1)
     if a.json:

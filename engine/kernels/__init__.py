@@ -196,7 +196,9 @@ def _check_prologue(
             raise ValueError(f"{name} must have shape [B, {k}], got {list(t.shape)}")
     b = modulation[0].shape[0]
     if modulation[1].shape[0] != b:
-        raise ValueError(f"modulation shift must have shape [{b}, {k}] like scale, got {list(modulation[1].shape)}")
+        raise ValueError(
+            f"modulation shift must have shape [{b}, {k}] like scale, got {list(modulation[1].shape)}"
+        )
     if m % b or (x.dim() > 2 and b not in (1, x.shape[0])):
         raise ValueError(
             f"modulation: x {list(x.shape)} must be [B, S, K] (or [M, K] with M a multiple of B) "
@@ -345,7 +347,15 @@ def _quantize_act_prologue_op(
     gelu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return prologue_backend_for(x.device).quantize_act_prologue(
-        x, smooth, proj_down, mod_scale, mod_shift, group_size=group_size, unsigned=unsigned, shift=shift, gelu=gelu
+        x,
+        smooth,
+        proj_down,
+        mod_scale,
+        mod_shift,
+        group_size=group_size,
+        unsigned=unsigned,
+        shift=shift,
+        gelu=gelu,
     )
 
 

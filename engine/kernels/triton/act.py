@@ -58,17 +58,17 @@ def _row_stats(x_ptrs, K, eps, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _round_to(x, DT: tl.constexpr, COMPILED: tl.constexpr):
-    """fp32 ``x`` rounded to DT (half to even) and back, as torch stores an op's result. The
+def _round_to(x, dtype: tl.constexpr, COMPILED: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (half to even) and back, as torch stores an op's result. The
     interpreter truncates fp32 -> bf16 casts (triton 3.6): there the rounding is done on the bits."""
-    if DT == tl.float32:
+    if dtype == tl.float32:
         return x
-    elif DT == tl.bfloat16 and not COMPILED:
+    elif dtype == tl.bfloat16 and not COMPILED:
         b = x.to(tl.int32, bitcast=True)
         b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
         return b.to(tl.float32, bitcast=True)
     else:
-        return x.to(DT).to(tl.float32)
+        return x.to(dtype).to(tl.float32)
 
 
 @triton.jit
