@@ -30,7 +30,7 @@ import kernel_model_triton as km  # its helpers: capture, specialize, analyse, D
 tb = km.tb
 
 FLUX_M, K_MOD, K_GELU = km.FLUX_M, 3072, 12288  # LayerNorm before qkv/fc1; GELU before fc2
-VARIANTS = ("plain", "modulation", "gelu")
+VARIANTS = (("plain", K_MOD), ("plain", K_GELU), ("modulation", K_MOD), ("gelu", K_GELU))
 
 
 def launch(variant: str, m: int, k: int, major: int) -> tuple:
@@ -101,8 +101,7 @@ def static_report() -> list[dict]:
 
     rows = []
     for cc in (90, 86):
-        for variant in VARIANTS:
-            k = K_GELU if variant == "gelu" else K_MOD
+        for variant, k in VARIANTS:
             _, args, kwargs = launch(variant, FLUX_M, k, cc // 10)
             sig, const, attrs, options = km.specialize(tb.quantize_act_kernel, args, kwargs)
             kernel = triton.compile(
@@ -150,14 +149,16 @@ def saving(m: int, k: int, variant: str) -> dict:
 
 
 def act_time(rows: list[dict]) -> list[dict]:
-    """The act kernel's modelled time per variant (issue vs DRAM; the statistics pass counted
-    as one more read of x and its loop's SASS)."""
+    """The act kernel's modelled time per variant (km.model_act: issue vs DRAM; the statistics
+    pass adds one read of x and its loop's SASS), and against it the unfused path: the plain
+    kernel at the same K plus the 16-bit ops' DRAM time (saving())."""
     out = []
     for dev in km.DEVICES:
+        cfg = km.ACT_CONFIGS[dev.cc // 10]
+        plain = {}
         for r in rows:
             if r["cc"] != dev.cc:
                 continue
-            cfg = km.ACT_CONFIGS[dev.cc // 10]
             t = km.model_act(FLUX_M, r["k"], dev, r["info"] | {"loop_sass": r["main_loop_sass"]}, cfg)
             stats = [lp["sass"] for lp in r["loops"] if not lp["mma"]]
             if r["variant"] == "modulation" and stats:
@@ -169,14 +170,15 @@ def act_time(rows: list[dict]) -> list[dict]:
                     "us_dram_floor": t["us_dram_floor"] + 2 * FLUX_M * r["k"] / (dev.dram_gbs * 1e9) * 1e6,
                 }
                 t["us"] = max(t["us_issue"], t["us_dram_floor"])
-            out.append(
-                {
-                    "device": dev.name,
-                    "variant": r["variant"],
-                    "k": r["k"],
-                    **{k: round(v, 1) if isinstance(v, float) else v for k, v in t.items()},
-                }
-            )
+            entry = {"device": dev.name, "variant": r["variant"], "k": r["k"], **t}
+            if r["variant"] == "plain":
+                plain[r["k"]] = t["us"]
+            else:
+                s = saving(FLUX_M, r["k"], r["variant"])
+                ops_us = (s["unfused_bytes"] - 2 * FLUX_M * r["k"]) / (dev.dram_gbs * 1e9) * 1e6
+                entry["unfused_us"] = plain[r["k"]] + ops_us
+                entry["net_saving_us"] = entry["unfused_us"] - t["us"]
+            out.append({k: round(v, 1) if isinstance(v, float) else v for k, v in entry.items()})
     return out
 
 

@@ -230,9 +230,12 @@ def test_prologue_kernels_compile_without_spills_and_with_vector_loads(tmp_path)
     )
     assert res.returncode == 0, res.stderr[-3000:]
     static = json.loads(out.read_text())["static"]
-    assert {(e["cc"], e["variant"]) for e in static} == {
-        (c, v) for c in (90, 86) for v in ("plain", "modulation", "gelu")
+    want = {
+        (c, v, k)
+        for c in (90, 86)
+        for v, k in (("plain", 3072), ("plain", 12288), ("modulation", 3072), ("gelu", 12288))
     }
+    assert {(e["cc"], e["variant"], e["k"]) for e in static} == want
     for e in static:
         assert e["stack_bytes"] == 0 and e["spill_instrs"] == 0, e
         assert e["loops"] and all(lp["narrowest_load"] == 16 for lp in e["loops"]), e

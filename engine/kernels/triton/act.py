@@ -39,9 +39,10 @@ def act_config(major: int) -> LaunchConfig:
 
 
 @triton.jit
-def _row_stats(x_ptrs, K, eps, GROUP: tl.constexpr):
+def _row_stats(x_ptrs, K, eps, GROUP: tl.constexpr, COMPILED: tl.constexpr):
     """(mean, rstd) of each row, fp32: Welford per lane over the row's groups, then the lanes
-    merged exactly by the parallel formula for equal counts; one read of the rows."""
+    merged exactly by the parallel formula for equal counts; one read of the rows. rstd as
+    torch's LayerNorm takes it: rsqrtf on the GPU (its CUDA kernel), 1 / sqrt on the CPU."""
     mean_l = tl.zeros(x_ptrs.shape, dtype=tl.float32)
     m2_l = tl.zeros(x_ptrs.shape, dtype=tl.float32)
     n_groups = K // GROUP
@@ -53,7 +54,7 @@ def _row_stats(x_ptrs, K, eps, GROUP: tl.constexpr):
     mean = tl.sum(mean_l, axis=1) / GROUP
     spread = mean_l - mean[:, None]
     m2 = tl.sum(m2_l, axis=1) + n_groups * tl.sum(spread * spread, axis=1)
-    rstd = 1.0 / tl.sqrt_rn(m2 / K + eps)
+    rstd = libdevice.rsqrt(m2 / K + eps) if COMPILED else 1.0 / tl.sqrt_rn(m2 / K + eps)
     return mean, rstd
 
 
@@ -124,7 +125,7 @@ def quantize_act_kernel(
     lora = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     if MODULATE:
-        mean, rstd = _row_stats(x_ptrs, K, eps, GROUP)  # [BM] each
+        mean, rstd = _row_stats(x_ptrs, K, eps, GROUP, COMPILED)  # [BM] each
         image = (rows // rows_per_image) * stride_mb
         ms_ptrs = mscale_ptr + image[:, None] + kk[None, :]
         mh_ptrs = mshift_ptr + image[:, None] + kk[None, :]
