@@ -241,3 +241,28 @@ def test_prologue_kernels_compile_without_spills_and_with_vector_loads(tmp_path)
         assert e["loops"] and all(lp["narrowest_load"] == 16 for lp in e["loops"]), e
     stats_loops = [lp for e in static if e["variant"] == "modulation" for lp in e["loops"] if not lp["mma"]]
     assert len(stats_loops) == 2  # one statistics pass per arch, beside the quantizing loop
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_prologues_on_gpu_at_flux_shapes(dtype):
+    """On the GPU the reference is torch's CUDA LayerNorm (its own Welford order, rsqrtf) and
+    CUDA gelu (tanhf, the kernel's same instruction sequence). Not yet run on a GPU (none was
+    lent to this task): the bound below is the CPU-measured one widened to allow a 16-bit ulp of
+    x' at a group maximum (scale) or at a rounding tie (code +-1, at most 1e-4 of the codes)."""
+    from engine.quant import unpack_int4
+
+    m, k, b = 4352, 3072, 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g) * (0.5 + torch.rand(m, 1, generator=g))
+    x[:, torch.randperm(k, generator=g)[: k // 256]] *= 200.0
+    mod = [(torch.randn(b, k, generator=g) / 2).to("cuda", dtype) for _ in range(2)]
+    smooth, down = torch.rand(k, generator=g) + 0.5, torch.randn(32, k, generator=g) / k**0.5
+    x, smooth, down = (t.to("cuda", dtype) for t in (x, smooth, down))
+    for mod_args, kw, gelu in (((*mod,), KW, False), ((None, None), GELU_KW, True)):
+        got = tb.quantize_act_prologue(x, smooth, down, *mod_args, **kw, gelu=gelu)
+        want = reference.quantize_act_prologue(x, smooth, down, *mod_args, **kw, gelu=gelu)
+        signed = not kw["unsigned"]
+        d = (unpack_int4(got[0], signed=signed).int() - unpack_int4(want[0], signed=signed).int()).abs()
+        assert d.max() <= 1 and d.float().mean() <= 1e-4, (gelu, d.float().mean().item())
+        torch.testing.assert_close(got[1], want[1], rtol=2**-7, atol=0)
