@@ -266,3 +266,4 @@ def test_triton_prologues_on_gpu_at_flux_shapes(dtype):
         d = (unpack_int4(got[0], signed=signed).int() - unpack_int4(want[0], signed=signed).int()).abs()
         assert d.max() <= 1 and d.float().mean() <= 1e-4, (gelu, d.float().mean().item())
         torch.testing.assert_close(got[1], want[1], rtol=2**-7, atol=0)
+        torch.testing.assert_close(got[2], want[2], **LORA_TOL)

@@ -1,5 +1,6 @@
-"""Triton backend: fused activation quantization, the W4A4 GEMM on int8 tensor cores, and the
-W4A16 GEMV. The kernels live in ``engine/kernels/triton/``; this module launches them.
+"""Triton backend: fused activation quantization (optionally with the block's LayerNorm +
+modulation or GELU before it, ``quantize_act_prologue``), the W4A4 GEMM on int8 tensor cores, and
+the W4A16 GEMV. The kernels live in ``engine/kernels/triton/``; this module launches them.
 
 Portable across sm_80, sm_86, sm_89 and sm_90: Triton has no 4-bit dot, so codes are unpacked
 to int8 in registers (32-bit shift/mask, exact) and multiplied with one int8 tensor-core dot per
