@@ -3,8 +3,8 @@
 The contract every backend implements (shapes, layouts, rounding) is stated once, in
 ``engine.kernels.contract``; ``reference`` is the ground truth every backend is tested against.
 
-The ops are torch custom ops (``torch.ops.svdq.quantize_act``, ``torch.ops.svdq.w4a4_gemm``,
-``torch.ops.svdq.w4a16_gemv``) with fake implementations: ``torch.compile`` traces a model
+The ops are torch custom ops (``torch.ops.svdq.quantize_act``, ``torch.ops.svdq.quantize_act_prologue``,
+``torch.ops.svdq.w4a4_gemm``, ``torch.ops.svdq.w4a16_gemv``) with fake implementations: ``torch.compile`` traces a model
 through them without a graph break, and the backend is chosen inside the op, at run time, so a
 compiled graph or a captured CUDA graph runs whichever kernels the device has.
 
@@ -13,8 +13,9 @@ Backend choice: ``configure(backend=...)``, called once by the server's setup() 
 ``auto`` takes, on a CUDA tensor in the order cuda, triton, reference, the first backend whose
 own ``unavailable_reason`` accepts the device (each backend decides alone which GPUs it
 serves), and the reference elsewhere; a named backend that cannot run there is an error, never a silent fall-back. The CUDA
-extension has no GEMV: where it serves the W4A4 ops, ``w4a16_gemv`` runs on Triton (or the
-reference).
+extension has no GEMV and no quantize_act prologue: where it serves the W4A4 ops, ``w4a16_gemv``
+and ``quantize_act(..., modulation=... | gelu=True)`` (op ``svdq::quantize_act_prologue``) run on
+Triton (or the reference).
 """
 
 from __future__ import annotations
@@ -150,8 +151,15 @@ def quantize_act(
     group_size: int = 64,
     unsigned: bool = False,
     shift: float = 0.0,
+    modulation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    gelu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Smooth, 4-bit-quantize and low-rank-project activations (see the module docstring)."""
+    """Smooth, 4-bit-quantize and low-rank-project activations (see the module docstring).
+
+    ``modulation=(scale [B, K], shift [B, K])`` quantizes ``LayerNorm(x) * (1 + scale) + shift``
+    and ``gelu=True`` quantizes ``gelu_tanh(x)`` instead of x (x [B, S, K] or [M, K], M = B * S;
+    contract: quantize_act_prologue), without writing that 16-bit tensor out.
+    """
     _check_float("x", x)
     k = x.shape[-1]
     if group_size <= 0 or k % group_size:
@@ -162,7 +170,43 @@ def quantize_act(
     if proj_down.dim() != 2 or proj_down.shape[1] != k:
         raise ValueError(f"proj_down must have shape [R, {k}], got {list(proj_down.shape)}")
     x2 = x.reshape(-1, k)  # [M, K]
-    return torch.ops.svdq.quantize_act(x2, smooth, proj_down, group_size, unsigned, float(shift))
+    if modulation is None and not gelu:
+        return torch.ops.svdq.quantize_act(x2, smooth, proj_down, group_size, unsigned, float(shift))
+    mod_scale, mod_shift = _check_prologue(x, modulation, gelu)  # [B, K] each, or None
+    return torch.ops.svdq.quantize_act_prologue(
+        x2, smooth, proj_down, mod_scale, mod_shift, group_size, unsigned, float(shift), gelu
+    )
+
+
+def _check_prologue(
+    x: torch.Tensor, modulation: object, gelu: object
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if not isinstance(gelu, bool):
+        raise TypeError(f"gelu must be a bool, got {type(gelu).__name__}")
+    if modulation is None:
+        return None, None
+    if gelu:
+        raise ValueError("quantize_act takes one prologue: modulation (LayerNorm + AdaLN) or gelu, not both")
+    if not isinstance(modulation, (tuple, list)) or len(modulation) != 2:
+        raise TypeError("modulation must be a pair (scale [B, K], shift [B, K]) or None")
+    m, k = x.numel() // x.shape[-1], x.shape[-1]
+    for name, t in zip(("modulation scale", "modulation shift"), modulation, strict=True):
+        _check_float(name, t)
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype} (diffusers' arithmetic), got {t.dtype}")
+        if t.dim() != 2 or t.shape[1] != k or t.shape[0] == 0:
+            raise ValueError(f"{name} must have shape [B, {k}], got {list(t.shape)}")
+    b = modulation[0].shape[0]
+    if modulation[1].shape[0] != b:
+        raise ValueError(
+            f"modulation shift must have shape [{b}, {k}] like scale, got {list(modulation[1].shape)}"
+        )
+    if m % b or (x.dim() > 2 and b not in (1, x.shape[0])):
+        raise ValueError(
+            f"modulation: x {list(x.shape)} must be [B, S, K] (or [M, K] with M a multiple of B) "
+            f"for scale/shift with B={b} rows"
+        )
+    return modulation[0], modulation[1]
 
 
 def w4a4_gemm(
@@ -254,6 +298,17 @@ def gemv_backend_for(device: torch.device | str) -> ModuleType:
     return get_backend("triton" if unavailable_reason("triton", device) is None else "reference", device)
 
 
+def prologue_backend_for(device: torch.device | str) -> ModuleType:
+    """The backend that serves ``quantize_act_prologue`` on ``device``: the W4A4 backend when it
+    has the op, else the first of triton, reference that runs there (the CUDA extension has none;
+    its w4a4_gemm takes the contract's qx/ascales/lora_act, whatever their producer)."""
+    module = backend_for(device)
+    if hasattr(module, "quantize_act_prologue"):
+        return module
+    device = torch.device(device)
+    return get_backend("triton" if unavailable_reason("triton", device) is None else "reference", device)
+
+
 # --- the custom ops: the backend is resolved inside, out of sight of the tracer ----------------
 
 
@@ -272,13 +327,43 @@ def _quantize_act_op(
 
 
 @_quantize_act_op.register_fake
-def _(x, smooth, proj_down, group_size, unsigned, shift):
+def _quantize_act_fake(x, smooth, proj_down, group_size, unsigned, shift):
     m, k = x.shape
     return (
         x.new_empty(m, k // 2, dtype=torch.uint8),  # qx
         x.new_empty(m, k // group_size, dtype=torch.float32),  # ascales
         x.new_empty(m, proj_down.shape[0], dtype=torch.float32),  # lora_act
     )
+
+
+@torch.library.custom_op("svdq::quantize_act_prologue", mutates_args=())
+def _quantize_act_prologue_op(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    proj_down: torch.Tensor,
+    mod_scale: torch.Tensor | None,
+    mod_shift: torch.Tensor | None,
+    group_size: int,
+    unsigned: bool,
+    shift: float,
+    gelu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return prologue_backend_for(x.device).quantize_act_prologue(
+        x,
+        smooth,
+        proj_down,
+        mod_scale,
+        mod_shift,
+        group_size=group_size,
+        unsigned=unsigned,
+        shift=shift,
+        gelu=gelu,
+    )
+
+
+@_quantize_act_prologue_op.register_fake
+def _(x, smooth, proj_down, mod_scale, mod_shift, group_size, unsigned, shift, gelu):
+    return _quantize_act_fake(x, smooth, proj_down, group_size, unsigned, shift)
 
 
 @torch.library.custom_op("svdq::w4a4_gemm", mutates_args=())
@@ -329,6 +414,7 @@ __all__ = [
     "configure",
     "gemv_backend_for",
     "get_backend",
+    "prologue_backend_for",
     "qk_norm_rope",
     "quantize_act",
     "unavailable_reason",

@@ -14,6 +14,20 @@ Op contract (every backend implements exactly this; ``reference`` is the ground 
         ascales  fp32 [M, G]       one scale per token per group (0 for an all-zero group)
         lora_act fp32 [M, R]       x_hat @ proj_down^T
 
+    quantize_act_prologue(x [M, K], smooth, proj_down, mod_scale [B, K] | None,
+                          mod_shift [B, K] | None, *, group_size, unsigned, shift, gelu)
+        quantize_act of x' instead of x, x' in x's dtype with diffusers' roundings after each op
+        (engine.quant.ops.prologue, the definer's own torch calls); B divides M, row r is image
+        r // (M / B); mod_scale/mod_shift in x's dtype; exactly one prologue:
+          modulation  x' = LayerNorm(x, eps=1e-6) * (1 + mod_scale) + mod_shift  (AdaLayerNormZero)
+          gelu        x' = gelu_tanh(x)                                         (FeedForward)
+        One read of x (two with LayerNorm: the row statistics first) and one write of codes
+        replace the 16-bit x' round trips. The LayerNorm statistics are fp32 in the backend's own
+        summation order, so x' may differ from the reference's by one 16-bit ulp on rare
+        elements (tests/test_prologue.py states the measured bound). Served by reference and
+        triton; where the W4A4 backend has no prologue (cuda), it runs on triton (else the
+        reference), like w4a16_gemv: kernels.prologue_backend_for.
+
     w4a4_gemm(qx, ascales, qweight [N, K/2], wscales [N, G], lora_act, proj_up [N, R],
               bias [N] | None, *, unsigned, out_dtype)
         y [M, N] = sum_g (qx_g . qweight_g^T) * ascales_g * wscales_g + lora_act @ proj_up^T + bias
@@ -124,8 +138,28 @@ class NormRopeBackend(Protocol):
         ...
 
 
+class PrologueBackend(Protocol):
+    """A backend of quantize_act with the block's LayerNorm/modulation or GELU folded in (reference, triton)."""
+
+    def quantize_act_prologue(
+        self,
+        x: torch.Tensor,  # [M, K] float
+        smooth: torch.Tensor,  # [K]
+        proj_down: torch.Tensor,  # [R, K]
+        mod_scale: torch.Tensor | None,  # [B, K], x's dtype
+        mod_shift: torch.Tensor | None,  # [B, K], x's dtype
+        *,
+        group_size: int,
+        unsigned: bool,
+        shift: float,
+        gelu: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # as quantize_act
+        ...
+
+
 OPS = {
     GemmBackend: ("quantize_act", "w4a4_gemm"),
     GemvBackend: ("w4a16_gemv",),
     NormRopeBackend: ("qk_norm_rope",),
+    PrologueBackend: ("quantize_act_prologue",),
 }

@@ -1,5 +1,6 @@
-"""Triton backend: fused activation quantization, the W4A4 GEMM on int8 tensor cores, and the
-W4A16 GEMV. The kernels live in ``engine/kernels/triton/``; this module launches them.
+"""Triton backend: fused activation quantization (optionally with the block's LayerNorm +
+modulation or GELU before it, ``quantize_act_prologue``), the W4A4 GEMM on int8 tensor cores, and
+the W4A16 GEMV. The kernels live in ``engine/kernels/triton/``; this module launches them.
 
 Portable across sm_80, sm_86, sm_89 and sm_90: Triton has no 4-bit dot, so codes are unpacked
 to int8 in registers (32-bit shift/mask, exact) and multiplied with one int8 tensor-core dot per
@@ -28,6 +29,7 @@ from engine.kernels.triton.act import act_config, quantize_act_kernel
 from engine.kernels.triton.common import INTERPRET, MAX_GEMM_GROUP, LaunchConfig, block_r, check_group_size
 from engine.kernels.triton.gemm import GROUP_M, gemm_config, grid_size, w4a4_gemm_kernel
 from engine.kernels.triton.gemv import GEMV_BLOCK_K, MAX_ROWS, gemv_config, w4a16_gemv_kernel
+from engine.quant.ops import LAYER_NORM_EPS
 
 NAME = "triton"
 _INTERPRET = INTERPRET
@@ -67,6 +69,27 @@ def quantize_act(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See engine.kernels. ``ascales`` comes back group-major (strides (1, M)): the GEMM
     reads one contiguous vector of scales per group."""
+    return _launch_act(x, smooth, proj_down, None, None, group_size, unsigned, shift, False)
+
+
+def quantize_act_prologue(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    proj_down: torch.Tensor,
+    mod_scale: torch.Tensor | None,
+    mod_shift: torch.Tensor | None,
+    *,
+    group_size: int,
+    unsigned: bool,
+    shift: float,
+    gelu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_act of LayerNorm + modulation or GELU of x, in the same kernel (see
+    engine.kernels.triton.act): x is read twice (statistics, then quantization) or once."""
+    return _launch_act(x, smooth, proj_down, mod_scale, mod_shift, group_size, unsigned, shift, gelu)
+
+
+def _launch_act(x, smooth, proj_down, mod_scale, mod_shift, group_size, unsigned, shift, gelu):
     check_group_size(group_size)
     x = _row_major(x)
     m, k = x.shape
@@ -82,6 +105,12 @@ def quantize_act(
     # RN(1 / smooth) by IEEE division (K values): the kernel divides by smooth in 3 FMA-class
     # instructions per element from it (engine/kernels/triton/common.py: div_correct).
     rsmooth = smooth if _INTERPRET else 1.0 / smooth.float()
+    modulate = mod_scale is not None
+    if modulate:
+        mod_scale, mod_shift = _row_major(mod_scale), _row_major(mod_shift)
+        if mod_scale.stride(0) != mod_shift.stride(0):
+            mod_shift = mod_shift.contiguous()
+            mod_scale = mod_scale.contiguous()
     quantize_act_kernel[(triton.cdiv(m, cfg.block_m),)](
         x,
         smooth,
@@ -90,6 +119,8 @@ def quantize_act(
         qx,
         ascales,
         lora_act,
+        mod_scale if modulate else x,
+        mod_shift if modulate else x,
         m,
         k,
         r,
@@ -98,6 +129,9 @@ def quantize_act(
         qx.stride(0),
         ascales.stride(1),
         shift,
+        m // mod_scale.shape[0] if modulate else 1,
+        mod_scale.stride(0) if modulate else 0,
+        LAYER_NORM_EPS,
         BLOCK_M=cfg.block_m,
         BLOCK_R=block_r(r),
         GROUP=group_size,
@@ -105,6 +139,8 @@ def quantize_act(
         HAS_LORA=r > 0,
         COMPILED=not _INTERPRET,
         DOWN_BF16=down.dtype == torch.bfloat16,
+        MODULATE=modulate,
+        GELU=gelu,
         **cfg.launch_options(),
     )
     return qx, ascales, lora_act

@@ -145,7 +145,16 @@ class SVDQLinear(LoraSlots, nn.Module):
 
     # --- forward ----------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        modulation: tuple[torch.Tensor, torch.Tensor] | None = None,
+        gelu: bool = False,
+    ) -> torch.Tensor:
+        """``x [..., K]``; ``modulation=(scale [B, K], shift [B, K])`` applies the block's
+        ``LayerNorm(x) * (1 + scale) + shift`` and ``gelu`` its tanh GELU inside quantize_act
+        (x [B, S, K]), so the normalized 16-bit tensor is never written."""
         lead = x.shape[:-1]
         down = self.proj_down if self._lora_down is None else self._lora_down  # [R, K]
         up = self.proj_up if self._lora_up is None else self._lora_up  # [N, R]
@@ -157,6 +166,8 @@ class SVDQLinear(LoraSlots, nn.Module):
             group_size=self.group_size,
             unsigned=self.unsigned,
             shift=self.act_shift,
+            modulation=modulation,
+            gelu=gelu,
         )
         y = kernels.w4a4_gemm(  # [M, N]
             qx,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from engine.quant.int4 import dequantize_int4_asym, pack_int4, quantize_int4, unpack_int4
 
@@ -34,6 +35,47 @@ def quantize_act(
     lora_act = x_hat @ proj_down.float().T  # [M, R]
     codes, ascales = quantize_int4(x_hat, group_size, unsigned=unsigned)  # [M, K], [M, G]
     return pack_int4(codes), ascales, lora_act
+
+
+LAYER_NORM_EPS = 1e-6  # diffusers' AdaLayerNormZero / AdaLayerNormZeroSingle / FluxTransformerBlock.norm2
+
+
+def prologue(
+    x: torch.Tensor,  # [M, K] float
+    mod_scale: torch.Tensor | None,  # [B, K], x's dtype
+    mod_shift: torch.Tensor | None,  # [B, K], x's dtype
+    *,
+    gelu: bool,
+) -> torch.Tensor:  # [M, K], x's dtype
+    """What a block computes between its residual stream and a quantized linear, in x's dtype
+    with diffusers' roundings: ``LayerNorm(x) * (1 + scale) + shift`` (rows of image b = r // S
+    take row b of scale/shift) or ``gelu_tanh(x)``; these are the very torch calls diffusers
+    makes, so the fused kernels are measured against the unfused path itself."""
+    m, k = x.shape
+    if mod_scale is not None:
+        b = mod_scale.shape[0]
+        x3 = x.reshape(b, m // b, k)  # [B, S, K]
+        x3 = F.layer_norm(x3, (k,), eps=LAYER_NORM_EPS) * (1 + mod_scale[:, None]) + mod_shift[:, None]
+        x = x3.reshape(m, k)
+    if gelu:
+        x = F.gelu(x, approximate="tanh")
+    return x
+
+
+def quantize_act_prologue(
+    x: torch.Tensor,  # [M, K] float
+    smooth: torch.Tensor,  # [K]
+    proj_down: torch.Tensor,  # [R, K]
+    mod_scale: torch.Tensor | None,  # [B, K]
+    mod_shift: torch.Tensor | None,  # [B, K]
+    *,
+    group_size: int,
+    unsigned: bool,
+    shift: float,
+    gelu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = prologue(x, mod_scale, mod_shift, gelu=gelu)  # [M, K], x's dtype
+    return quantize_act(x, smooth, proj_down, group_size=group_size, unsigned=unsigned, shift=shift)
 
 
 def w4a4_gemm(

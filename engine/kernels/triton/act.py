@@ -8,6 +8,13 @@ bf16 proj_down, x_hat split into two bf16 halves (two MMAs, ~2^-17 relative); ot
 tf32x3. Both divisions (by smooth, by the group scale) take Markstein's FMA correction from
 IEEE reciprocals on the GPU (bit-exact, see common.div_correct). The loop is pipelined by
 Triton (num_stages). Deterministic: each output element is produced by one program in a fixed order.
+
+Prologues (constexpr, at most one): MODULATE quantizes ``LayerNorm(x) * (1 + scale) + shift``:
+a first pass over the program's rows gathers each row's fp32 statistics (Welford per lane,
+lanes merged by the equal-count parallel formula, a fixed order), then the per-group pass
+normalizes and modulates in registers, rounding to x's dtype after each op as diffusers'
+unfused torch ops do. GELU quantizes ``gelu_tanh(x)``, torch's formula, rounded to x's dtype.
+Neither writes the 16-bit intermediate.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from engine.kernels.triton.common import INTERPRET, LaunchConfig, div_correct, dot_bf16
+from engine.kernels.triton.common import INTERPRET, LaunchConfig, div_correct, dot_bf16, mul_rn, tanh_f32
 
 # 16 rows per program: 272 programs at M = 4352, two or three per SM. block_n is unused here
 # (the low-rank width is BLOCK_R).
@@ -32,6 +39,47 @@ def act_config(major: int) -> LaunchConfig:
 
 
 @triton.jit
+def _row_stats(x_ptrs, K, eps, GROUP: tl.constexpr, COMPILED: tl.constexpr):
+    """(mean, rstd) of each row, fp32: Welford per lane over the row's groups, then the lanes
+    merged exactly by the parallel formula for equal counts; one read of the rows. rstd as
+    torch's LayerNorm takes it: rsqrtf on the GPU (its CUDA kernel), 1 / sqrt on the CPU."""
+    mean_l = tl.zeros(x_ptrs.shape, dtype=tl.float32)
+    m2_l = tl.zeros(x_ptrs.shape, dtype=tl.float32)
+    n_groups = K // GROUP
+    for g in range(0, n_groups):
+        x = tl.load(x_ptrs + g * GROUP).to(tl.float32)
+        delta = x - mean_l
+        mean_l += delta * (1.0 / (g + 1))
+        m2_l += delta * (x - mean_l)
+    mean = tl.sum(mean_l, axis=1) / GROUP
+    spread = mean_l - mean[:, None]
+    m2 = tl.sum(m2_l, axis=1) + n_groups * tl.sum(spread * spread, axis=1)
+    rstd = libdevice.rsqrt(m2 / K + eps) if COMPILED else 1.0 / tl.sqrt_rn(m2 / K + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, COMPILED: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (half to even) and back, as torch stores an op's result. The
+    interpreter truncates fp32 -> bf16 casts (triton 3.6): there the rounding is done on the bits."""
+    if dtype == tl.float32:
+        return x
+    elif dtype == tl.bfloat16 and not COMPILED:
+        b = x.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        return b.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _gelu_tanh(x, COMPILED: tl.constexpr):
+    """torch's gelu(approximate="tanh") in fp32, its operation order."""
+    inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
+    return 0.5 * x * (1.0 + tanh_f32(inner, COMPILED))
+
+
+@triton.jit
 def quantize_act_kernel(
     x_ptr,  # [M, K]
     smooth_ptr,  # [K]
@@ -40,6 +88,8 @@ def quantize_act_kernel(
     qx_ptr,  # u8 [M, K/2]
     ascales_ptr,  # f32 [M, G], stored group-major (stride 1 along M)
     lora_ptr,  # f32 [M, R]
+    mscale_ptr,  # [B, K], x's dtype (read only with MODULATE)
+    mshift_ptr,  # [B, K], x's dtype (read only with MODULATE)
     M,
     K,
     R,
@@ -48,6 +98,9 @@ def quantize_act_kernel(
     stride_qm,
     stride_ag,
     shift,
+    rows_per_image,  # S = M / B (MODULATE)
+    stride_mb,  # row stride of mod_scale and mod_shift
+    eps,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP: tl.constexpr,
@@ -55,6 +108,8 @@ def quantize_act_kernel(
     HAS_LORA: tl.constexpr,
     COMPILED: tl.constexpr,  # for a GPU: libdevice rint, FMA division, bf16 MMA (not interpreted)
     DOWN_BF16: tl.constexpr,
+    MODULATE: tl.constexpr,  # x <- LayerNorm(x) * (1 + scale) + shift, rounded like torch
+    GELU: tl.constexpr,  # x <- gelu_tanh(x), rounded like torch
 ):
     HALF: tl.constexpr = GROUP // 2
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -68,8 +123,23 @@ def quantize_act_kernel(
     q_ptrs = qx_ptr + offs_m.to(tl.int64)[:, None] * stride_qm + j[None, :]
     s_ptrs = ascales_ptr + offs_m
     lora = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    if MODULATE:
+        mean, rstd = _row_stats(x_ptrs, K, eps, GROUP, COMPILED)  # [BM] each
+        image = (rows // rows_per_image) * stride_mb
+        ms_ptrs = mscale_ptr + image[:, None] + kk[None, :]
+        mh_ptrs = mshift_ptr + image[:, None] + kk[None, :]
     for g in range(0, K // GROUP):
         x = tl.load(x_ptrs).to(tl.float32)  # [BM, GROUP], contiguous rows
+        if MODULATE:  # each op rounded to x's dtype, as the unfused torch ops round
+            xn = _round_to((x - mean[:, None]) * rstd[:, None], DT, COMPILED)
+            a = _round_to(1.0 + tl.load(ms_ptrs).to(tl.float32), DT, COMPILED)
+            p = _round_to(mul_rn(xn, a, COMPILED), DT, COMPILED)  # no FMA with the add below
+            x = _round_to(p + tl.load(mh_ptrs).to(tl.float32), DT, COMPILED)
+            ms_ptrs += GROUP
+            mh_ptrs += GROUP
+        if GELU:
+            x = _round_to(_gelu_tanh(x, COMPILED), DT, COMPILED)
         s = tl.load(smooth_ptr + g * GROUP + kk).to(tl.float32)
         if COMPILED:  # the reciprocal comes from the host (IEEE), three instructions per element
             rs = tl.load(rsmooth_ptr + g * GROUP + kk)

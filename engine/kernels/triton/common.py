@@ -128,3 +128,52 @@ def scale_biased(biased, s22, neg_bias_s22, FUSED: tl.constexpr):
     if FUSED:
         return tl.fma(b, s22, neg_bias_s22)
     return (b - 12582912.0) * s22
+
+
+@triton.jit
+def mul_rn(a, b, COMPILED: tl.constexpr):
+    """fp32 ``a * b`` rounded on its own: ``mul.rn`` is never contracted into an FMA with a
+    following add (as an unfused torch op is not); the interpreter never contracts."""
+    if COMPILED:
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
+    return a * b
+
+
+# libdevice's __nv_tanhf as Triton links it (the instruction sequence read from its PTX), with
+# its two paths computed and selected instead of branched to: the same instructions, the same
+# bits, no divergent branch per element. |x| < 0.6: odd polynomial; else 1 - 2 / (2^(2|x| log2 e)
+# + 1), 1 from |x| >= 9.0109, with x's sign.
+_TANHF_PTX = tl.constexpr("""{
+.reg .f32 a, s, p, e, t;
+.reg .pred small, big;
+abs.ftz.f32 a, $1;
+mul.f32 s, $1, $1;
+fma.rn.ftz.f32 p, 0f3C80F082, s, 0fBD563CAE;
+fma.rn.ftz.f32 p, p, s, 0f3E085941;
+fma.rn.ftz.f32 p, p, s, 0fBEAAA9ED;
+fma.rn.ftz.f32 p, p, s, 0f00000000;
+fma.rn.ftz.f32 p, p, $1, $1;
+mul.f32 e, a, 0f4038AA3B;
+ex2.approx.ftz.f32 e, e;
+add.f32 e, e, 0f3F800000;
+rcp.approx.ftz.f32 e, e;
+fma.rn.ftz.f32 t, e, 0fC0000000, 0f3F800000;
+setp.ge.f32 big, a, 0f41102CB4;
+selp.f32 t, 0f3F800000, t, big;
+copysign.f32 t, $1, t;
+setp.ltu.f32 small, a, 0f3F19999A;
+selp.f32 $0, p, t, small;
+}""")
+
+
+@triton.jit
+def tanh_f32(x, COMPILED: tl.constexpr):
+    """fp32 tanh: CUDA's tanhf algorithm on the GPU (libdevice's, as torch's CUDA kernels call
+    it, without libdevice's per-element branch); the interpreter has no libdevice: fp64
+    exponentials, then one rounding to fp32."""
+    if COMPILED:
+        return tl.inline_asm_elementwise(_TANHF_PTX, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    e = tl.exp(2.0 * tl.minimum(tl.maximum(x.to(tl.float64), -20.0), 20.0))
+    return ((e - 1.0) / (e + 1.0)).to(tl.float32)
