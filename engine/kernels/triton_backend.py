@@ -188,6 +188,7 @@ def launch_w4a4_gemm(
         HAS_BIAS=bias is not None,
         EVEN_MN=m % cfg.block_m == 0 and n % cfg.block_n == 0,
         COMPILED=not _INTERPRET,
+        UNROLL=cfg.unroll,
         **cfg.launch_options(),
     )
     return out

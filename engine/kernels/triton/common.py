@@ -41,6 +41,7 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     maxnreg: int | None = None  # register cap per thread (more CTAs per SM); None: ptxas decides
+    unroll: int = 1  # GEMM: groups per main-loop iteration (the loop's fixed work amortized)
 
     def launch_options(self) -> dict:
         """The launch keywords of this config (``num_warps``, ``num_stages``, ``maxnreg``)."""

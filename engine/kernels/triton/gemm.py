@@ -9,6 +9,8 @@ so its int32 result read as fp32 is 1.5 * 2^23 + sum exactly (no I2F); one FMA r
 bias and applies the activation scale (rounded to 22 bits, which makes the bias product exact;
 the factor 1/16 per signed operand folded in), one more FMA applies the weight scale into the
 fp32 accumulator. Scales are read through their strides: group-major ones load as vectors.
+On Hopper the main loop takes two groups per iteration (``LaunchConfig.unroll``), a tail loop
+the odd one left over.
 """
 
 from __future__ import annotations
@@ -26,14 +28,18 @@ from engine.kernels.triton.common import (
 
 # Fixed per-architecture configs (no autotuning: a benchmark inside CUDA-graph capture would
 # synchronize). Every entry is compiled for its architecture in CI and must not spill.
-# Hopper: 64 x 128 tiles of one warpgroup capped at 168 registers, three CTAs per SM, so that one
-# CTA's MMA runs under another's scaling (wgmma accumulates in place: each warpgroup waits on its
-# own). Ampere: 128 x 64 tiles, two CTAs per SM. "small" (M <= 1024): more, smaller tiles.
+# Hopper: 64 x 128 tiles of one warpgroup, two groups per main-loop iteration (the loop's fixed
+# work, barriers, fences, pipeline bookkeeping and address updates, paid once per two groups:
+# 299 instead of 320 SASS per group), two cp.async stages; 255 registers, two CTAs per SM, so
+# that one CTA's MMA runs under the other's scaling (wgmma accumulates in place: each warpgroup
+# waits on its own). Taller tiles (128 x 128, 8 warps) count fewer SASS per group (299 at one
+# group per iteration) but hold one CTA per SM, whose MMA and scaling then take turns.
+# Ampere: 128 x 64 tiles, two CTAs per SM. "small" (M <= 1024): more, smaller tiles.
 GEMM_CONFIGS: dict[int, dict[str, LaunchConfig]] = {
-    9: {"large": LaunchConfig(64, 128, 4, 4, maxnreg=168), "small": LaunchConfig(64, 64, 4, 4)},
+    9: {"large": LaunchConfig(64, 128, 4, 2, unroll=2), "small": LaunchConfig(64, 64, 4, 3, unroll=2)},
     8: {"large": LaunchConfig(128, 64, 4, 3), "small": LaunchConfig(64, 64, 4, 3)},
 }
-INTERPRETER_CONFIG = LaunchConfig(16, 16, 4, 1)
+INTERPRETER_CONFIG = LaunchConfig(16, 16, 4, 1, unroll=2)  # runs the unrolled loop and its tail
 GROUP_M = 8  # CTAs along M that walk N together (L2 reuse of the weight tiles)
 
 
@@ -54,6 +60,55 @@ def interleave4(lo, hi, ROWS: tl.constexpr, GROUP: tl.constexpr):
     hi4 = tl.reshape(hi, (ROWS, GROUP // 8, 4))
     both = tl.permute(tl.join(lo4, hi4), (0, 1, 3, 2))  # [ROWS, GROUP/8, 2, 4]
     return tl.reshape(both, (ROWS, GROUP))
+
+
+@triton.jit
+def _group_step(
+    acc,
+    x_ptrs,
+    w_ptrs,
+    sa_base,
+    sw_base,
+    sa_offs,
+    sw_offs,
+    m_ok,
+    n_ok,
+    g,
+    stride_ag,
+    stride_sg,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
+    UNSIGNED: tl.constexpr,
+    EVEN_MN: tl.constexpr,
+    COMPILED: tl.constexpr,
+):
+    """One group ``g``: load, unpack, one int8 dot of K = GROUP, scale into ``acc``. A function
+    so that the main loop can take UNROLL groups per iteration and a tail loop the rest."""
+    HALF: tl.constexpr = GROUP // 2
+    MAGIC: tl.constexpr = 0x4B400000  # the bits of 1.5 * 2^23 (common.I2F_MAGIC_BITS)
+    # 1/16 per signed operand (weights always, activations unless unsigned), exact.
+    INV: tl.constexpr = 1.0 / 16.0 if UNSIGNED else 1.0 / 256.0
+    px = tl.load(x_ptrs + g * HALF)  # [BM, HALF] u8
+    pw = tl.load(w_ptrs + g * HALF)  # [BN, HALF] u8
+    if EVEN_MN:
+        sa = tl.load(sa_base + g * stride_ag + sa_offs)
+        sw = tl.load(sw_base + g * stride_sg + sw_offs)
+    else:
+        sa = tl.load(sa_base + g * stride_ag + sa_offs, mask=m_ok, other=0.0)
+        sw = tl.load(sw_base + g * stride_sg + sw_offs, mask=n_ok, other=0.0)
+    sa = round_to_22_bits(sa * INV)  # [BM]
+    neg_bias_sa = -12582912.0 * sa  # exact
+    sw = sw.to(tl.float32)  # [BN]
+    x_lo, x_hi = unpack_nibbles(px, not UNSIGNED, COMPILED)
+    w_lo, w_hi = unpack_nibbles(pw, True, COMPILED)
+    xa = interleave4(x_lo, x_hi, BLOCK_M, GROUP)
+    wa = interleave4(w_lo, w_hi, BLOCK_N, GROUP)
+    # The MMA accumulates onto the bits of 1.5 * 2^23: its int32 result, read as fp32, is
+    # 1.5 * 2^23 + dot exactly; one FMA removes the bias and applies sa, one more sw.
+    biased = tl.dot(xa, tl.trans(wa), tl.full((BLOCK_M, BLOCK_N), MAGIC, tl.int32), out_dtype=tl.int32)
+    part = scale_biased(biased, sa[:, None], neg_bias_sa[:, None], COMPILED)  # [BM, BN]
+    return tl.fma(part, sw[None, :], acc)
 
 
 @triton.jit
@@ -89,11 +144,9 @@ def w4a4_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_MN: tl.constexpr,  # M % BLOCK_M == N % BLOCK_N == 0: scale loads without masks
     COMPILED: tl.constexpr,  # for a GPU: inline-PTX unpacking (not interpreted)
+    UNROLL: tl.constexpr = 1,  # groups per main-loop iteration
 ):
     HALF: tl.constexpr = GROUP // 2
-    MAGIC: tl.constexpr = 0x4B400000  # the bits of 1.5 * 2^23 (common.I2F_MAGIC_BITS)
-    # 1/16 per signed operand (weights always, activations unless unsigned), exact.
-    INV: tl.constexpr = 1.0 / 16.0 if UNSIGNED else 1.0 / 256.0
     # Grouped CTA order: GROUP_M row blocks sweep the columns together, sharing weight tiles in L2.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -132,29 +185,51 @@ def w4a4_gemm_kernel(
         up = tl.load(up_ptr + cols[:, None] * stride_un + rr[None, :], mask=r_ok, other=0.0)
         # fp32 in, three TF32 MMAs (hi*hi + hi*lo + lo*hi): fp32-class accuracy on tensor cores.
         acc = tl.dot(la, tl.trans(up.to(tl.float32)), acc, input_precision="tf32x3")
-    for g in range(0, K // GROUP):
-        px = tl.load(x_ptrs)  # [BM, HALF] u8
-        pw = tl.load(w_ptrs)  # [BN, HALF] u8
-        if EVEN_MN:
-            sa = tl.load(sa_base + g * stride_ag + sa_offs)
-            sw = tl.load(sw_base + g * stride_sg + sw_offs)
-        else:
-            sa = tl.load(sa_base + g * stride_ag + sa_offs, mask=m_ok, other=0.0)
-            sw = tl.load(sw_base + g * stride_sg + sw_offs, mask=n_ok, other=0.0)
-        sa = round_to_22_bits(sa * INV)  # [BM]
-        neg_bias_sa = -12582912.0 * sa  # exact
-        sw = sw.to(tl.float32)  # [BN]
-        x_lo, x_hi = unpack_nibbles(px, not UNSIGNED, COMPILED)
-        w_lo, w_hi = unpack_nibbles(pw, True, COMPILED)
-        xa = interleave4(x_lo, x_hi, BLOCK_M, GROUP)
-        wa = interleave4(w_lo, w_hi, BLOCK_N, GROUP)
-        # The MMA accumulates onto the bits of 1.5 * 2^23: its int32 result, read as fp32, is
-        # 1.5 * 2^23 + dot exactly; one FMA removes the bias and applies sa, one more sw.
-        biased = tl.dot(xa, tl.trans(wa), tl.full((BLOCK_M, BLOCK_N), MAGIC, tl.int32), out_dtype=tl.int32)
-        part = scale_biased(biased, sa[:, None], neg_bias_sa[:, None], COMPILED)  # [BM, BN]
-        acc = tl.fma(part, sw[None, :], acc)
-        x_ptrs += HALF
-        w_ptrs += HALF
+    groups = K // GROUP
+    main = groups - groups % UNROLL
+    for g0 in range(0, main, UNROLL):
+        for u in tl.static_range(UNROLL):
+            acc = _group_step(
+                acc,
+                x_ptrs,
+                w_ptrs,
+                sa_base,
+                sw_base,
+                sa_offs,
+                sw_offs,
+                m_ok,
+                n_ok,
+                g0 + u,
+                stride_ag,
+                stride_sg,
+                BLOCK_M,
+                BLOCK_N,
+                GROUP,
+                UNSIGNED,
+                EVEN_MN,
+                COMPILED,
+            )
+    for g in range(main, groups):  # the groups left over by UNROLL
+        acc = _group_step(
+            acc,
+            x_ptrs,
+            w_ptrs,
+            sa_base,
+            sw_base,
+            sa_offs,
+            sw_offs,
+            m_ok,
+            n_ok,
+            g,
+            stride_ag,
+            stride_sg,
+            BLOCK_M,
+            BLOCK_N,
+            GROUP,
+            UNSIGNED,
+            EVEN_MN,
+            COMPILED,
+        )
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
