@@ -691,10 +691,9 @@ def markdown(report: dict, table: list[dict], ceiling: list[dict], nbytes: dict,
         )
     lines += [
         "",
-        "Format change, modelled the same way (H100 SXM; groups of 128 channels on both operands, "
-        "which the kernel already runs: compiled with the sm_90 config for that group size, 64x128, 4 "
-        "warps, 4 stages, magic bits (a bias MMA would double the tensor work there); quantize_act kept "
-        "at its 64-group time):",
+        "Groups of 128 channels on both operands, modelled the same way (H100 SXM; compiled with the sm_90 "
+        "config for that group size: 64x128, 4 warps, 4 stages, magic bits; quantize_act kept at its "
+        "64-group time):",
         "",
         "| K -> N | regs | SASS per 64 channels | w4a4_gemm us | int8 peak fraction | pair vs bf16 |",
         "|---|---|---|---|---|---|",
