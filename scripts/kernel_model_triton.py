@@ -11,14 +11,17 @@ the kernel's longest loop) is counted instruction by instruction.
 
 Gates (exit status 1 when one fails; tests/test_triton_static.py runs them in CI):
   every kernel: no spills (no stack frame, no STL/LDL);
-  w4a4_gemm: int8 MMA in the main loop, no I2F there, at most 600 SASS per 64-wide group per
-    thread on sm_90 for the config used at M = 4352;
+  w4a4_gemm: int8 MMA in the main loop, no I2F there, no flush-to-zero float op there (the
+    Hopper conversion reads int32s as fp32 subnormals), an MMA with its accumulator off where
+    the config takes the bias-MMA conversion, at most 600 SASS per 64-wide group per thread on
+    sm_90 for the config used at M = 4352;
   quantize_act: no global load narrower than 8 bytes in its loop (contiguous tiles, vectors);
   w4a16_gemv: the weight streams as 16-byte vectors.
 
 Model (every figure is MODELLED, not measured): a kernel's time is the larger of its issue time
 (SASS per loop iteration x warps / 4 schedulers, for the CTAs resident per SM, in waves over
-the SMs), its tensor-core time (tile MACs / int8 MACs per clock per SM) and its DRAM time
+the SMs), its tensor-core time (the MACs of the loop's MMA instructions, the bias MMA's
+included, / int8 MACs per clock per SM) and its DRAM time
 (unique bytes / bandwidth). "overlapped" assumes issue and tensor work of the resident warps
 overlap perfectly, "serialized" that they add (each group waits on its MMA before scaling).
 cuBLAS bf16 is modelled at CUBLAS_BF16_EFFICIENCY of the dense bf16 peak (an assumption, the
