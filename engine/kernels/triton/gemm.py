@@ -43,12 +43,12 @@ from engine.kernels.triton.common import (
 
 # Fixed per-architecture configs (no autotuning: a benchmark inside CUDA-graph capture would
 # synchronize). Every entry is compiled for its architecture in CI and must not spill.
-# Hopper: 64 x 128 tiles of one warpgroup, the bias-MMA conversion (no accumulator resets: 267
-# SASS per group, 320 with them), 189 registers: two CTAs per SM, so that one CTA's MMA runs
+# Hopper: 64 x 128 tiles of one warpgroup, the bias-MMA conversion (no accumulator resets: 261
+# SASS per group, 320 with them), 190 registers: two CTAs per SM, so that one CTA's MMA runs
 # under the other's scaling (wgmma accumulates in place: each warpgroup waits on its own). A cap
-# of 168 registers (three CTAs) spills at 128-channel groups. 128 x 128 tiles with 8 warps count
-# about as many SASS per group per thread but hold one CTA per SM, whose MMA and scaling then
-# take turns.
+# of 168 registers (three CTAs) spills. 128 x 128 tiles with 8 warps count fewer SASS per group
+# per thread (240) but hold one CTA per SM, whose MMA and scaling then take turns. 2 stages
+# count 249 but prefetch one group only.
 # Ampere: 128 x 64 tiles, two CTAs per SM. "small" (M <= 1024): more, smaller tiles.
 GEMM_CONFIGS: dict[int, dict[str, LaunchConfig]] = {
     9: {
@@ -64,7 +64,7 @@ GROUP_M = 8  # CTAs along M that walk N together (L2 reuse of the weight tiles)
 def gemm_config(major: int, m: int, group: int = 64) -> LaunchConfig:
     """The launch config for an architecture (compute-capability major), token count and group
     size. The bias MMA doubles the tensor work of a signed group: at 64 channels the Hopper loop
-    is issue-bound without it and balanced with it (267 SASS per group against 256 tensor clocks);
+    is issue-bound without it and balanced with it (261 SASS per group against 256 tensor clocks);
     at 128 and up the magic-bits conversion, one reset per 128 channels, is the cheaper one."""
     if INTERPRET:
         return INTERPRETER_CONFIG
@@ -176,8 +176,15 @@ def w4a4_gemm_kernel(
             up = up * 2.0**-SUB_OUT_EXP
         # fp32 in, three TF32 MMAs (hi*hi + hi*lo + lo*hi): fp32-class accuracy on tensor cores.
         acc = tl.dot(la, tl.trans(up), acc, input_precision="tf32x3")
-    # The bias MMA's constant operands: -128 x -128 = 2^14 per channel of K_BIAS.
-    bias_x = tl.full((BLOCK_M, K_BIAS), -128, tl.int8)
+    # The bias MMA's constant operands: -128 x -128 = 2^14 per channel of K_BIAS. bias_x comes
+    # from a load that never reads (K >= 0; other = 0x80): Triton then stages the tile in shared
+    # memory once, where a literal splat was rematerialized into 8 registers every group
+    # (counted on sm_90: 261 SASS per group against 267).
+    kb = tl.arange(0, K_BIAS)
+    never = K < 0
+    bias_x = tl.load(qx_ptr + kb[None, :] + 0 * rows[:, None], mask=never, other=0x80).to(
+        tl.int8, bitcast=True
+    )
     bias_w = tl.full((BLOCK_N, K_BIAS), -128, tl.int8)
     for g in range(0, K // GROUP):
         px = tl.load(x_ptrs)  # [BM, HALF] u8
