@@ -11,14 +11,17 @@ the kernel's longest loop) is counted instruction by instruction.
 
 Gates (exit status 1 when one fails; tests/test_triton_static.py runs them in CI):
   every kernel: no spills (no stack frame, no STL/LDL);
-  w4a4_gemm: int8 MMA in the main loop, no I2F there, at most 600 SASS per 64-wide group per
-    thread on sm_90 for the config used at M = 4352;
+  w4a4_gemm: int8 MMA in the main loop, no I2F there, no flush-to-zero float op there (the
+    Hopper conversion reads int32s as fp32 subnormals), an MMA with its accumulator off where
+    the config takes the bias-MMA conversion, at most 600 SASS per 64-wide group per thread on
+    sm_90 for the config used at M = 4352;
   quantize_act: no global load narrower than 8 bytes in its loop (contiguous tiles, vectors);
   w4a16_gemv: the weight streams as 16-byte vectors.
 
 Model (every figure is MODELLED, not measured): a kernel's time is the larger of its issue time
 (SASS per loop iteration x warps / 4 schedulers, for the CTAs resident per SM, in waves over
-the SMs), its tensor-core time (tile MACs / int8 MACs per clock per SM) and its DRAM time
+the SMs), its tensor-core time (the MACs of the loop's MMA instructions, the bias MMA's
+included, / int8 MACs per clock per SM) and its DRAM time
 (unique bytes / bandwidth). "overlapped" assumes issue and tensor work of the resident warps
 overlap perfectly, "serialized" that they add (each group waits on its MMA before scaling).
 cuBLAS bf16 is modelled at CUBLAS_BF16_EFFICIENCY of the dense bf16 peak (an assumption, the
@@ -36,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1" and "--gemv-bytes-child" not in sys.argv:
@@ -235,6 +238,18 @@ def analyse(cubin: bytes) -> dict:
     mma = [body for body in loops if any(re.search(r"\b(IGMMA|IMMA|HMMA)", t) for t in body)]
     main = max(mma or loops, key=len) if loops else []
     ops = Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in main)
+    # Accumulator resets to the magic bits: moves of the literal, and moves from a register that
+    # holds it (ptxas may copy the literal once and move the copy).
+    magic, resets = set(), 0
+    for t in main:
+        op, _, rest = re.sub(r"^@!?U?P\w+\s+", "", t).partition(" ")
+        args = [a.strip().removesuffix(".reuse") for a in rest.split(",")]
+        dest = args[0] if re.fullmatch(r"R\d+", args[0]) else None
+        if "0x4b400000" in t or (op in ("MOV", "IMAD.MOV.U32") and args[-1] in magic):
+            resets += 1
+            magic.add(dest)
+        elif dest:
+            magic.discard(dest)
     loads = {op: c for op, c in ops.items() if re.match(r"(LDG|LDGSTS)(\.|$)", op)}
     return {
         "regs": int(reg.group(1)),
@@ -246,7 +261,9 @@ def analyse(cubin: bytes) -> dict:
         "loop_mma": sum(c for op, c in ops.items() if re.match(r"(IGMMA|IMMA)", op)),
         "loop_load_bytes": sum(load_bytes(op) * c for op, c in loads.items()),
         "loop_narrowest_load": min((load_bytes(op) for op in loads), default=0),
-        "acc_init": sum(1 for t in main if "0x4b400000" in t),
+        "acc_init": resets,
+        "loop_mma_acc_off": sum(1 for t in main if re.search(r"\bIGMMA\b.*, RZ, !UPT", t)),
+        "loop_ftz": sum(1 for t in main if re.search(r"\bF(FMA|MUL|ADD)\S*\.FTZ", t)),
     }
 
 
@@ -306,6 +323,10 @@ def gate_failures(report: dict) -> list[str]:
             bad.append(f"{tag}: {e['loop_i2f']} I2F in the main loop")
         if e["cc"] == 90 and e["config"] == "large" and e["loop_sass"] > MAX_SASS_PER_GROUP_SM90:
             bad.append(f"{tag}: {e['loop_sass']} SASS per group > {MAX_SASS_PER_GROUP_SM90}")
+        if e["loop_ftz"]:
+            bad.append(f"{tag}: {e['loop_ftz']} flush-to-zero float ops in the main loop")
+        if e["bias_mma"] and not e["loop_mma_acc_off"]:
+            bad.append(f"{tag}: bias_mma without an MMA that has its accumulator off")
     for e in report["act"]:
         if e["loop_narrowest_load"] < 8:
             bad.append(
@@ -396,14 +417,30 @@ def _ctas_per_sm(info: dict, warps: int, dev: Device) -> int:
     return max(1, min(65536 // regs, dev.max_threads_sm // threads, dev.smem_kb_sm * 1024 // smem, 32))
 
 
-def model_gemm(m: int, k: int, n: int, dev: Device, info: dict, cfg) -> dict:
-    """Modelled time of w4a4_gemm (see the module docstring)."""
+def mma_macs(ops: dict, warps: int) -> int:
+    """Int8 MACs of one loop iteration of a CTA, from its MMA instructions: an IGMMA.MxNxK is one
+    warpgroup's (four warps issue it together), an IMMA.MNK one warp's."""
+    total = 0
+    for op, count in ops.items():
+        if m := re.match(r"IGMMA\.(\d+)x(\d+)x(\d+)", op):
+            total += count * math.prod(map(int, m.groups())) * (warps // 4)
+        elif m := re.match(r"IMMA\.(\d+)(\d)(\d\d)", op):
+            total += count * math.prod(map(int, m.groups())) * warps
+    return total
+
+
+def model_gemm(m: int, k: int, n: int, dev: Device, info: dict, cfg, group: int = 64) -> dict:
+    """Modelled time of w4a4_gemm (see the module docstring); one step is one group of
+    ``group`` channels, its SASS the loop's divided by the groups per iteration."""
     c = _ctas_per_sm(info, cfg.num_warps, dev)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     per_sm = math.ceil(tiles / dev.sms)  # tiles on the busiest SM
-    groups = k // 64
+    groups = k // group
     issue = info["loop_sass"] * cfg.num_warps / 4  # clocks per tile per group: 4 schedulers
-    tensor = cfg.block_m * cfg.block_n * 64 / dev.int8_macs_per_clk_sm
+    # tensor work as the SASS has it (the bias MMA's included), checked against the tile's dot
+    macs = mma_macs(info["loop_ops"], cfg.num_warps)
+    assert macs >= cfg.block_m * cfg.block_n * group, (macs, cfg)
+    tensor = macs / dev.int8_macs_per_clk_sm
     clk = dev.clock_ghz * 1e9
     dram = (m * k / 2 + n * k / 2 + 2 * m * n + 8 * (m + n) * groups) / (dev.dram_gbs * 1e9)
     t_over = max(per_sm * groups * max(issue, tensor) / clk, dram)
@@ -474,33 +511,91 @@ def model_table(report: dict) -> list[dict]:
     return rows
 
 
+def _ceiling_row(dev: Device, conversion: str, e: dict, cfg) -> dict:
+    per_thread = cfg.block_m * cfg.block_n / (cfg.num_warps * 32)
+    ops = e["loop_ops"]
+    epi = ops.get("FADD", 0) + ops.get("FMUL", 0) + ops.get("FFMA", 0) + e["acc_init"]
+    per_elem = epi / per_thread
+    # 128 lanes issue per clock per SM; an element's group step is 64 MACs; the tensor cores
+    # also run the bias MMA's MACs (Hopper), so only this share of their work is the dot.
+    tensor_share = cfg.block_m * cfg.block_n * 64 / mma_macs(ops, cfg.num_warps)
+    return {
+        "device": dev.name,
+        "conversion": conversion,
+        "loop_sass": e["loop_sass"],
+        "epilogue_per_elem": per_elem,
+        "sass_per_elem": e["loop_sass"] / per_thread,
+        "tensor_share": tensor_share,
+        "ceiling_epilogue_only": min(tensor_share, 128 / per_elem * 64 / dev.int8_macs_per_clk_sm),
+        "ceiling_whole_loop": min(
+            tensor_share, 128 / (e["loop_sass"] / per_thread) * 64 / dev.int8_macs_per_clk_sm
+        ),
+    }
+
+
 def scale_ceiling(report: dict) -> list[dict]:
     """What per-64-group scales on both operands cost: the epilogue instructions per output
-    element per group (accumulator re-init, magic subtract, two scale multiplies), counted in
-    the sm_90/sm_86 main loop, and the fraction of int8 peak that issue rate alone allows."""
+    element per group (accumulator resets, bias removal, two scale multiplies), counted in the
+    sm_90/sm_86 main loop, the share of the tensor cores' work that is the dot (the rest: the
+    bias MMA), and the fraction of int8 peak these allow. On H100 both conversions are counted:
+    the shipped one (bias MMA) and the magic bits with a reset per group, compiled with the
+    same tile config for 3072 -> 3072."""
     out = []
     for dev in DEVICES:
         cfg = tb.gemm_config(dev.cc // 10, FLUX_M)
         e = next(
             r for r in report["gemm"] if r["cc"] == dev.cc and r["config"] == "large" and not r["unsigned"]
         )
-        per_thread = cfg.block_m * cfg.block_n / (cfg.num_warps * 32)
-        ops = e["loop_ops"]
-        epi = ops.get("FADD", 0) + ops.get("FMUL", 0) + ops.get("FFMA", 0) + e["acc_init"]
-        per_elem = epi / per_thread
-        # 128 lanes issue per clock per SM; an element's group step is 64 MACs.
-        ceiling = min(1.0, 128 / per_elem * 64 / dev.int8_macs_per_clk_sm)
-        whole = min(1.0, 128 / (e["loop_sass"] / per_thread) * 64 / dev.int8_macs_per_clk_sm)
-        out.append(
+        out.append(_ceiling_row(dev, "bias MMA" if cfg.bias_mma else "magic bits", e, cfg))
+        if cfg.bias_mma:
+            magic = replace(cfg, bias_mma=False)
+            _, args, kwargs = gemm_launch(FLUX_M, 3072, 3072, dev.cc // 10, magic)
+            info = compile_sass(tb.w4a4_gemm_kernel, args, kwargs, dev.cc)
+            out.append(_ceiling_row(dev, "magic bits (reset per group)", info, magic))
+    return out
+
+
+def gemm_launch_grouped(m: int, k: int, n: int, major: int, cfg, group: int) -> tuple:
+    """gemm_launch for a checkpoint quantized with ``group``-channel groups on both operands."""
+    g = k // group
+    ascales, wscales = _meta(g, m, dtype=torch.float32).t(), _meta(g, n, dtype=torch.float32).t()
+    args = (_meta(m, k // 2, dtype=torch.uint8), ascales, _meta(n, k // 2, dtype=torch.uint8), wscales)
+    rest = (_meta(m, RANK, dtype=torch.float32), _meta(n, RANK), _meta(n))
+
+    def call():
+        tb.launch_w4a4_gemm(*args, *rest, unsigned=False, out_dtype=torch.bfloat16, config=cfg)
+
+    return capture("w4a4_gemm_kernel", major, call)
+
+
+def format_variants(table: list[dict]) -> list[dict]:
+    """The format change the kernel already runs: groups of 128 channels on both operands (a
+    checkpoint of our own quantizer; the public 64-group checkpoints cannot be regrouped),
+    compiled with the sm_90 config for that group size and modelled on H100 like the main
+    table, with quantize_act's time kept at its 64-group figure."""
+    dev = DEVICES[0]
+    cfg = tb.gemm_config(dev.cc // 10, FLUX_M, 128)
+    rows = []
+    for k, n in FLUX_SHAPES:
+        _, args, kwargs = gemm_launch_grouped(FLUX_M, k, n, dev.cc // 10, cfg, 128)
+        info = compile_sass(tb.w4a4_gemm_kernel, args, kwargs, dev.cc)
+        assert not info["stack_bytes"] and not info["spill_instrs"], info
+        g = model_gemm(FLUX_M, k, n, dev, info, cfg, group=128)
+        base = next(r for r in table if r["device"] == dev.name and (r["k"], r["n"]) == (k, n))
+        rows.append(
             {
                 "device": dev.name,
-                "epilogue_per_elem": per_elem,
-                "sass_per_elem": e["loop_sass"] / per_thread,
-                "ceiling_epilogue_only": ceiling,
-                "ceiling_whole_loop": whole,
+                "k": k,
+                "n": n,
+                "group": 128,
+                "regs": info["regs"],
+                "sass_per_64_channels": info["loop_sass"] / 2,
+                "gemm_us": g["us"],
+                "int8_frac": g["int8_frac"],
+                "pair_vs_bf16": base["cublas_bf16_us"] / (base["act_us"] + g["us"]),
             }
         )
-    return out
+    return rows
 
 
 def gemv_model(report: dict) -> list[dict]:
@@ -531,20 +626,23 @@ def gemv_model(report: dict) -> list[dict]:
     return rows
 
 
-def markdown(report: dict, table: list[dict], ceiling: list[dict], nbytes: dict) -> str:
+def markdown(report: dict, table: list[dict], ceiling: list[dict], nbytes: dict, variants: list[dict]) -> str:
     """The section of docs/benchmarks.md, every figure labelled modelled or counted."""
     lines = [
         "Counted from the SASS (Triton " + triton.__version__ + "'s ptxas, no GPU):",
         "",
-        "| kernel | arch | config (BM x BN, warps, stages) | regs | spills | SASS per loop | I2F in loop | "
+        "| kernel | arch | config (BM x BN, warps, stages[, conversion]) | regs | spills | SASS per loop | "
+        "I2F in loop | "
         "narrowest load in loop |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for e in report["gemm"]:
         lines.append(
             f"| w4a4_gemm {'u4' if e['unsigned'] else 's4'} (per 64-group) | sm_{e['cc']} | {e['config']}: "
-            f"{e['block_m']}x{e['block_n']}, {e['num_warps']}, {e['num_stages']} | {e['regs']} | "
-            f"{e['spill_instrs']} | {e['loop_sass']} | {e['loop_i2f']} | {e['loop_narrowest_load']} B |"
+            f"{e['block_m']}x{e['block_n']}, {e['num_warps']}, {e['num_stages']}"
+            f"{', bias MMA' if e['bias_mma'] else ''} | "
+            f"{e['regs']} | {e['spill_instrs']} | {e['loop_sass']} | {e['loop_i2f']} | "
+            f"{e['loop_narrowest_load']} B |"
         )
     for e in report["act"]:
         lines.append(
@@ -583,14 +681,30 @@ def markdown(report: dict, table: list[dict], ceiling: list[dict], nbytes: dict)
         "",
         "Per-64-group scales on both operands, counted in the main loop:",
         "",
-        "| device | epilogue SASS per output element per group | all loop SASS per element | "
-        "int8 peak allowed by the epilogue alone | by the whole loop |",
-        "|---|---|---|---|---|",
+        "| device | conversion | SASS per loop | epilogue SASS per output element per group | all loop SASS "
+        "per element | dot's share of the tensor work | int8 peak allowed by the epilogue (and that "
+        "share) | by the whole loop |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in ceiling:
         lines.append(
-            f"| {c['device']} | {c['epilogue_per_elem']:.1f} | {c['sass_per_elem']:.1f} | "
-            f"{c['ceiling_epilogue_only']:.0%} | {c['ceiling_whole_loop']:.0%} |"
+            f"| {c['device']} | {c['conversion']} | {c['loop_sass']} | {c['epilogue_per_elem']:.1f} | "
+            f"{c['sass_per_elem']:.1f} | {c['tensor_share']:.0%} | {c['ceiling_epilogue_only']:.0%} | "
+            f"{c['ceiling_whole_loop']:.0%} |"
+        )
+    lines += [
+        "",
+        "Groups of 128 channels on both operands, modelled the same way (H100 SXM; compiled with the sm_90 "
+        "config for that group size: 64x128, 4 warps, 4 stages, magic bits; quantize_act kept at its "
+        "64-group time):",
+        "",
+        "| K -> N | regs | SASS per 64 channels | w4a4_gemm us | int8 peak fraction | pair vs bf16 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in variants:
+        lines.append(
+            f"| {v['k']} -> {v['n']} | {v['regs']} | {v['sass_per_64_channels']:g} | {v['gemm_us']:.0f} | "
+            f"{v['int8_frac']:.0%} | **{v['pair_vs_bf16']:.2f}x** |"
         )
     if nbytes:
         w = nbytes["qweight"]
@@ -636,18 +750,20 @@ def main() -> int:
     bad = gate_failures(report)
     table = model_table(report)
     ceiling = scale_ceiling(report)
+    variants = format_variants(table)
     nbytes = {} if args.no_gemv_bytes else gemv_bytes_subprocess(4, 3072, 512)
     full = {
         "static": report,
         "gates_failed": bad,
         "model": table,
         "scale_ceiling": ceiling,
+        "format_variants": variants,
         "gemv_bytes": nbytes,
     }
     if args.json:
         args.json.write_text(json.dumps(full, indent=1))
     if args.markdown:
-        print(markdown(report, table, ceiling, nbytes))
+        print(markdown(report, table, ceiling, nbytes, variants))
     for line in bad:
         print("GATE FAILED:", line, file=sys.stderr)
     return 1 if bad else 0

@@ -8,12 +8,13 @@ counts for sm_90/86/80) are in test_triton_static.py.
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 from engine.kernels import reference
-from engine.quant import unpack_int4
+from engine.quant import pack_int4, unpack_int4
 
 from .kernel_cases import act_inputs, gemm_inputs
 
@@ -57,14 +58,67 @@ def test_gemm_matches_reference(m, k, n, r, unsigned, bias):
         torch.testing.assert_close(y, y_r, **OUT_TOL[out_dtype])
 
 
+@pytest.mark.parametrize("m,k,n,r", [(19, 128, 40, 16), (33, 192, 17, 32)])
 @pytest.mark.parametrize("unsigned", [False, True])
-def test_gemm_integer_part_exact(unsigned):
+def test_gemm_bias_mma_conversion_matches_the_magic_one(m, k, n, r, unsigned):
+    """Hopper's conversion (bias MMA, lowest binade, accumulator in units of 2^-69) against the
+    magic-bits one: the same sums to fp32 rounding (the magic path rounds ascales to 22 bits)."""
+    a = gemm_inputs(m, k, n, r, unsigned=unsigned, bias=True, device=DEVICE)
+    kw = {"unsigned": unsigned, "out_dtype": torch.float32}
+    y_magic = tb.launch_w4a4_gemm(**a, **kw, config=_config(m, False))
+    y_bias = tb.launch_w4a4_gemm(**a, **kw, config=_config(m, True))
+    torch.testing.assert_close(y_bias, y_magic, rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(y_bias, reference.w4a4_gemm(**a, **kw), **OUT_TOL[torch.float32])
+
+
+def _config(m: int, bias_mma: bool):
+    """The launch config the device would take, with the Hopper conversion on or off (the
+    interpreter's small tiles on CPU): both conversions are tested wherever the tests run."""
+    from engine.kernels.triton.gemm import INTERPRETER_CONFIG, gemm_config
+
+    major = torch.cuda.get_device_capability()[0] if DEVICE == "cuda" else 0
+    base = INTERPRETER_CONFIG if DEVICE == "cpu" else gemm_config(major, m)
+    return replace(base, bias_mma=bias_mma)
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("bias_mma", [False, True])
+def test_gemm_integer_part_exact(unsigned, bias_mma):
     a = gemm_inputs(21, 256, 33, 0, unsigned=unsigned, bias=False, device=DEVICE)
     a["ascales"].fill_(1.0)
     a["wscales"].fill_(1.0)
-    y = tb.w4a4_gemm(**a, unsigned=unsigned, out_dtype=torch.float32)
+    y = tb.launch_w4a4_gemm(**a, unsigned=unsigned, out_dtype=torch.float32, config=_config(21, bias_mma))
     exact = unpack_int4(a["qx"], signed=not unsigned).long() @ unpack_int4(a["qweight"]).long().T
     assert torch.equal(y.long().cpu(), exact.cpu()) and torch.equal(y, y.round())
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("bias_mma", [False, True])
+@pytest.mark.parametrize("group", [64, 256])
+def test_gemm_extreme_codes_exact(unsigned, bias_mma, group):
+    """Every group's dot at its most negative and most positive (the bias MMA's B must cover
+    the one and stay below 2^24 with the other): exact integers, scales 1."""
+    lo, hi = (0, 15) if unsigned else (-8, 7)
+    m, n, k = 16, 32, 2 * group
+    # signed: -8 x -8 (first group) is the most positive dot, -8 x 7 the most negative;
+    # unsigned: 15 x 7 and 15 x -8 (second group, first rows)
+    x = torch.full((m, k), hi, dtype=torch.int8)
+    x[m // 2 :] = lo
+    x[:, :group] = lo
+    w = torch.full((n, k), -8, dtype=torch.int8)
+    w[n // 2 :] = 7
+    a = {
+        "qx": pack_int4(x).to(DEVICE),
+        "ascales": torch.ones(m, k // group, device=DEVICE),
+        "qweight": pack_int4(w).to(DEVICE),
+        "wscales": torch.ones(n, k // group, device=DEVICE),
+        "lora_act": torch.zeros(m, 0, device=DEVICE),
+        "proj_up": torch.zeros(n, 0, device=DEVICE),
+        "bias": None,
+    }
+    y = tb.launch_w4a4_gemm(**a, unsigned=unsigned, out_dtype=torch.float32, config=_config(m, bias_mma))
+    exact = x.long() @ w.long().T
+    assert torch.equal(y.long().cpu(), exact), (y, exact)
 
 
 def test_deterministic_bytes():

@@ -5,7 +5,8 @@
    its SASS counted (no spills, int8 MMA and no I2F in the GEMM's main loop, <= 600 SASS per
    group on sm_90, vector loads), and the GEMV's bytes counted from its own loads.
 2. The exact arithmetic tricks the compiled kernels rely on, over their whole input range:
-   the magic-number int -> float conversion, nibble unpacking, and the FMA division.
+   the magic-number int -> float conversion, Hopper's bias-MMA / lowest-binade conversion,
+   nibble unpacking, and the FMA division.
 """
 
 import json
@@ -20,12 +21,17 @@ import triton
 import triton.language as tl
 
 from engine.kernels.triton.common import (
+    BIAS_MMA_UNIT,
     I2F_EXACT_LIMIT,
     I2F_MAGIC_BITS,
     MAX_GEMM_GROUP,
+    SUB_IN_EXP,
+    SUB_OUT_EXP,
     scale_biased,
+    scale_lowest_binade,
     unpack_nibbles,
 )
+from engine.kernels.triton.gemm import bias_mma_channels
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "kernel_model_triton.py"
@@ -60,9 +66,18 @@ def test_static_performance_gates(tmp_path):
         mma = "IGMMA.64x" if e["cc"] == 90 else "IMMA.16832.S8.S8"
         assert any(op.startswith(mma) for op in e["loop_ops"]), (e["cc"], e["loop_ops"])
         assert e["loop_i2f"] == 0
-        assert e["acc_init"] > 0  # the magic-number conversion is really there
+        assert e["bias_mma"] or e["acc_init"] > 0  # the magic-number conversion is really there
     picked = [e for e in static["gemm"] if e["cc"] == 90 and e["config"] == "large"]
     assert picked and all(e["loop_sass"] <= 600 for e in picked)
+    for e in static["gemm"]:
+        assert e["loop_ftz"] == 0  # the lowest-binade conversion needs subnormals kept
+        if e["bias_mma"]:
+            # Hopper: no accumulator resets; one MMA per group with its accumulator off
+            # (the bias), its tensor work counted in the model
+            assert e["cc"] == 90 and e["acc_init"] == 0 and e["loop_mma_acc_off"] >= 1, e
+        elif e["cc"] == 90:
+            # wgmma accumulates in place: every accumulator register is reset once per group
+            assert e["acc_init"] == e["block_m"] * e["block_n"] / (e["num_warps"] * 32), e
     for e in static["act"]:
         assert e["loop_narrowest_load"] >= 8, e["loop_ops"]  # contiguous tiles, no 2-byte loads
     assert report["model"] and all(r["gemm_us_overlapped"] > 0 for r in report["model"])
@@ -187,3 +202,67 @@ def test_one_fma_removes_the_bias_and_scales_exactly():
     biased = (v.int() + 0x4B400000).view(torch.float32)
     assert torch.equal(biased.double(), bias.double() + v.double())
     assert torch.equal(_fma32(biased, s22, neg), (v.double() * s22.double()).float())
+
+
+def _dot_range(group: int, unsigned: bool) -> tuple[int, int]:
+    """The most negative and most positive dot of one group as the GEMM's MMA sees it: weights
+    x16 (-128..112), activations x16 when signed, codes 0..15 when unsigned."""
+    xs = (0, 15) if unsigned else (-128, 112)
+    prods = [a * b for a in xs for b in (-128, 112)]
+    return group * min(prods), group * max(prods)
+
+
+def test_bias_mma_keeps_every_dot_in_the_lowest_binade():
+    """B + dot in [0, 2^24) for every group size the GEMM takes, signed and unsigned: the range
+    where int32 bits read as fp32 are the integer times 2^-149."""
+    for group in (64, 128, 256):
+        for unsigned in (False, True):
+            bias = bias_mma_channels(group, unsigned) * BIAS_MMA_UNIT.value
+            lo, hi = _dot_range(group, unsigned)
+            assert bias + lo >= 0 and bias + hi < 1 << 24, (group, unsigned)
+    bits = torch.tensor([0, 1, (1 << 23) - 1, 1 << 23, (1 << 24) - 1], dtype=torch.int32)
+    assert torch.equal(bits.view(torch.float32).double(), bits.double() * 2.0**-149)
+
+
+@triton.jit
+def _lowest_binade_kernel(
+    v_ptr, s_ptr, out_ptr, BIAS: tl.constexpr, BIAS_VALUE: tl.constexpr, BLOCK: tl.constexpr
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    s = tl.load(s_ptr + offs)
+    biased = tl.load(v_ptr + offs) + BIAS  # what the bias MMA and the data MMA leave
+    tl.store(out_ptr + offs, scale_lowest_binade(biased, s, -BIAS_VALUE * s, BIAS_VALUE, False))
+
+
+@pytest.mark.parametrize("group,unsigned", [(64, False), (64, True), (256, False)])
+def test_lowest_binade_conversion_is_exact_over_its_whole_range(group, unsigned):
+    """Every dot of a 64-channel group (a million random ones at 256), with activation scales
+    over 60 binades: the kernel's interpreter form and the GPU's one-FMA form (emulated
+    exactly) both give RN(dot * INV * sa) in units of 2^-69, one rounding."""
+    k_bias = bias_mma_channels(group, unsigned)
+    bias = k_bias * BIAS_MMA_UNIT.value
+    lo, hi = _dot_range(group, unsigned)
+    g = torch.Generator().manual_seed(group + unsigned)
+    if group == 64:
+        v = torch.arange(lo, hi + 1, dtype=torch.int32)
+    else:
+        v = torch.randint(lo, hi + 1, (1 << 20,), generator=g, dtype=torch.int32)
+        v[:2] = torch.tensor([lo, hi])
+    n = v.numel()
+    inv = 1.0 / 16.0 if unsigned else 1.0 / 256.0
+    sa = torch.rand(n, generator=g) * torch.exp2(torch.randint(-40, 20, (n,), generator=g).float()) + 1e-30
+    s = sa * (inv * 2.0**SUB_IN_EXP.value)  # the kernel's SCALE_IN: exact, a power of two
+    neg = sa * (-inv * bias * 2.0 ** (SUB_IN_EXP.value - 149))  # its NEG_BIAS_IN
+    assert torch.equal(neg.double(), -(bias * 2.0**-149) * s.double())  # exact
+    want = (v.double() * inv * sa.double() * 2.0**-SUB_OUT_EXP.value).float()
+    biased = (v + bias).view(torch.float32)
+    assert torch.equal(_fma32(biased, s, neg), want)  # the GPU's single FMA
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's form, through the kernel's helper
+        block = 1 << 16
+        pad = -n % block
+        vp, sp = torch.cat([v, v.new_zeros(pad)]), torch.cat([s, s.new_ones(pad)])
+        out = torch.empty(n + pad, dtype=torch.float32)
+        value = bias * 2.0**-149
+        _lowest_binade_kernel[((n + pad) // block,)](vp, sp, out, BIAS=bias, BIAS_VALUE=value, BLOCK=block)
+        assert torch.equal(out[:n], (v.double() * 2.0**-149 * s.double()).float())
+        assert torch.equal(out[:n], want)

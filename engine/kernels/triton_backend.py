@@ -27,7 +27,7 @@ import triton
 
 from engine.kernels.triton.act import act_config, quantize_act_kernel
 from engine.kernels.triton.common import INTERPRET, MAX_GEMM_GROUP, LaunchConfig, block_r, check_group_size
-from engine.kernels.triton.gemm import GROUP_M, gemm_config, grid_size, w4a4_gemm_kernel
+from engine.kernels.triton.gemm import GROUP_M, bias_mma_channels, gemm_config, grid_size, w4a4_gemm_kernel
 from engine.kernels.triton.gemv import GEMV_BLOCK_K, MAX_ROWS, gemv_config, w4a16_gemv_kernel
 from engine.quant.ops import LAYER_NORM_EPS
 
@@ -188,7 +188,7 @@ def launch_w4a4_gemm(
     out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
     if m == 0:
         return out
-    cfg = config or gemm_config(_major(qx.device), m)
+    cfg = config or gemm_config(_major(qx.device), m, group)
     qx, qweight = _row_major(qx), _row_major(qweight)
     lora_act, proj_up = _row_major(lora_act.float()), _row_major(proj_up)
     ascales = ascales if ascales.dtype == torch.float32 else ascales.float()
@@ -224,6 +224,8 @@ def launch_w4a4_gemm(
         HAS_BIAS=bias is not None,
         EVEN_MN=m % cfg.block_m == 0 and n % cfg.block_n == 0,
         COMPILED=not _INTERPRET,
+        BIAS_MMA=cfg.bias_mma,
+        K_BIAS=bias_mma_channels(group, unsigned),
         **cfg.launch_options(),
     )
     return out

@@ -12,6 +12,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 I2F_MAGIC_BITS = 0x4B400000  # the bit pattern of 1.5 * 2^23
 I2F_EXACT_LIMIT = 1 << 22  # bits(1.5 * 2^23) + v reads as 1.5 * 2^23 + v for |v| <= 2^22
 MAX_GEMM_GROUP = 256  # |group sum| <= 256 * (16 * 8)^2 = 2^22: the GEMM's conversion stays exact
+# Hopper's conversion (see scale_lowest_binade): a bias of BIAS_MMA_UNIT per channel of the bias
+# MMA (its -128 x -128 products), scales taken times 2^SUB_IN_EXP, results in units of 2^-SUB_OUT_EXP.
+# (constexpr: the kernels read them; ``.value`` is the int)
+BIAS_MMA_UNIT = tl.constexpr(1 << 14)
+SUB_IN_EXP = tl.constexpr(80)
+SUB_OUT_EXP = tl.constexpr(149 - 80)  # 69: the accumulator is multiplied by 2^69 once, at the end
 
 
 def check_group_size(group_size: int, largest: int | None = None) -> None:
@@ -41,6 +47,7 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     maxnreg: int | None = None  # register cap per thread (more CTAs per SM); None: ptxas decides
+    bias_mma: bool = False  # GEMM: the Hopper conversion (scale_lowest_binade), no accumulator resets
 
     def launch_options(self) -> dict:
         """The launch keywords of this config (``num_warps``, ``num_stages``, ``maxnreg``)."""
@@ -177,3 +184,21 @@ def tanh_f32(x, COMPILED: tl.constexpr):
         return tl.inline_asm_elementwise(_TANHF_PTX, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
     e = tl.exp(2.0 * tl.minimum(tl.maximum(x.to(tl.float64), -20.0), 20.0))
     return ((e - 1.0) / (e + 1.0)).to(tl.float32)
+
+
+@triton.jit
+def scale_lowest_binade(biased, s, neg_bias_s, bias_value, FUSED: tl.constexpr):
+    """``RN(v * s * 2^-149)`` from ``biased`` = B + v as int32, with 0 <= B + v < 2^24.
+
+    Every int32 in [0, 2^24) read as fp32 is exactly itself times 2^-149 (the subnormals and
+    the lowest normal binade, where the value is linear in the bits), so the biased integer
+    needs no conversion: ``neg_bias_s`` = -B * 2^-149 * s (exact: B is a power of two) cancels
+    the bias inside one FMA, which rounds once. The bias comes from an MMA with its
+    accumulator off (wgmma's scale-d = 0), so nothing resets the accumulator between groups.
+    In the interpreter (no fused multiply-add): the exact subtraction of ``bias_value`` =
+    B * 2^-149 (both multiples of 2^-149 below 2^-125), then one multiply.
+    """
+    b = biased.to(tl.float32, bitcast=True)
+    if FUSED:
+        return tl.fma(b, s, neg_bias_s)
+    return (b - bias_value) * s

@@ -9,40 +9,76 @@ so its int32 result read as fp32 is 1.5 * 2^23 + sum exactly (no I2F); one FMA r
 bias and applies the activation scale (rounded to 22 bits, which makes the bias product exact;
 the factor 1/16 per signed operand folded in), one more FMA applies the weight scale into the
 fp32 accumulator. Scales are read through their strides: group-major ones load as vectors.
+
+Hopper (``BIAS_MMA``): wgmma accumulates in place, so the reset of the accumulator to the magic
+bits each group is one more instruction per output element (64 per thread per group, a fifth of
+the loop). There the group's first MMA runs with its accumulator off (scale-d = 0, free) on
+constant -128 tiles, which leaves B = K_BIAS * 2^14 in every element; the data MMA adds the dot.
+B + dot stays in [0, 2^24), whose int32 bits read as fp32 are exactly (B + dot) * 2^-149, so one
+FMA with the activation scale taken times 2^80 removes the bias and scales (common.
+scale_lowest_binade); the fp32 accumulator then holds the result times 2^-69, undone by one
+multiply after the loop (exact: powers of two). The bias MMA adds K_BIAS channels of MMA work
+per group (as many as the data for signed activations, half for unsigned ones) on tensor cores
+that the scaling leaves idle most of the time.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import triton
 import triton.language as tl
 
 from engine.kernels.triton.common import (
+    BIAS_MMA_UNIT,
     INTERPRET,
+    SUB_IN_EXP,
+    SUB_OUT_EXP,
     LaunchConfig,
     round_to_22_bits,
     scale_biased,
+    scale_lowest_binade,
     unpack_nibbles,
 )
 
 # Fixed per-architecture configs (no autotuning: a benchmark inside CUDA-graph capture would
 # synchronize). Every entry is compiled for its architecture in CI and must not spill.
-# Hopper: 64 x 128 tiles of one warpgroup capped at 168 registers, three CTAs per SM, so that one
-# CTA's MMA runs under another's scaling (wgmma accumulates in place: each warpgroup waits on its
-# own). Ampere: 128 x 64 tiles, two CTAs per SM. "small" (M <= 1024): more, smaller tiles.
+# Hopper: 64 x 128 tiles of one warpgroup, the bias-MMA conversion (no accumulator resets: 261
+# SASS per group, 320 with them), 190 registers: two CTAs per SM, so that one CTA's MMA runs
+# under the other's scaling (wgmma accumulates in place: each warpgroup waits on its own). A cap
+# of 168 registers (three CTAs) spills. 128 x 128 tiles with 8 warps count fewer SASS per group
+# per thread (240) but hold one CTA per SM, whose MMA and scaling then take turns. 2 stages
+# count 249 but prefetch one group only.
+# Ampere: 128 x 64 tiles, two CTAs per SM. "small" (M <= 1024): more, smaller tiles.
 GEMM_CONFIGS: dict[int, dict[str, LaunchConfig]] = {
-    9: {"large": LaunchConfig(64, 128, 4, 4, maxnreg=168), "small": LaunchConfig(64, 64, 4, 4)},
+    9: {
+        "large": LaunchConfig(64, 128, 4, 4, bias_mma=True),
+        "small": LaunchConfig(64, 64, 4, 4, bias_mma=True),
+    },
     8: {"large": LaunchConfig(128, 64, 4, 3), "small": LaunchConfig(64, 64, 4, 3)},
 }
-INTERPRETER_CONFIG = LaunchConfig(16, 16, 4, 1)
+INTERPRETER_CONFIG = LaunchConfig(16, 16, 4, 1)  # tests also run it with bias_mma=True
 GROUP_M = 8  # CTAs along M that walk N together (L2 reuse of the weight tiles)
 
 
-def gemm_config(major: int, m: int) -> LaunchConfig:
-    """The launch config for an architecture (compute-capability major) and token count."""
+def gemm_config(major: int, m: int, group: int = 64) -> LaunchConfig:
+    """The launch config for an architecture (compute-capability major), token count and group
+    size. The bias MMA doubles the tensor work of a signed group: at 64 channels the Hopper loop
+    is issue-bound without it and balanced with it (261 SASS per group against 256 tensor clocks);
+    at 128 and up the magic-bits conversion, one reset per 128 channels, is the cheaper one."""
     if INTERPRET:
         return INTERPRETER_CONFIG
-    table = GEMM_CONFIGS[9 if major >= 9 else 8]
-    return table["large" if m > 1024 else "small"]
+    cfg = GEMM_CONFIGS[9 if major >= 9 else 8]["large" if m > 1024 else "small"]
+    return replace(cfg, bias_mma=False) if group > 64 else cfg
+
+
+def bias_mma_channels(group: int, unsigned: bool) -> int:
+    """Channels of the bias MMA: its bias B = channels * 2^14 (-128 x -128 per channel) must
+    cover the most negative dot and keep B + dot below 2^24. Signed activations (x16, like the
+    weights): dot >= -group * 128 * 112, so all ``group`` channels (B = group * 2^14, the largest
+    B + dot is group * 2^15 <= 2^23 for groups up to 256); unsigned ones (codes 0..15):
+    dot >= -group * 15 * 128, half of them. At least 32, one int8 MMA step."""
+    return max(32, group // 2 if unsigned else group)
 
 
 @triton.jit
@@ -89,11 +125,16 @@ def w4a4_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_MN: tl.constexpr,  # M % BLOCK_M == N % BLOCK_N == 0: scale loads without masks
     COMPILED: tl.constexpr,  # for a GPU: inline-PTX unpacking (not interpreted)
+    BIAS_MMA: tl.constexpr = False,  # Hopper: bias MMA + lowest-binade conversion (module docstring)
+    K_BIAS: tl.constexpr = 32,  # the bias MMA's channels (bias_mma_channels)
 ):
     HALF: tl.constexpr = GROUP // 2
     MAGIC: tl.constexpr = 0x4B400000  # the bits of 1.5 * 2^23 (common.I2F_MAGIC_BITS)
     # 1/16 per signed operand (weights always, activations unless unsigned), exact.
     INV: tl.constexpr = 1.0 / 16.0 if UNSIGNED else 1.0 / 256.0
+    SCALE_IN: tl.constexpr = INV * 2.0**SUB_IN_EXP
+    NEG_BIAS_IN: tl.constexpr = -INV * K_BIAS * BIAS_MMA_UNIT * 2.0 ** (SUB_IN_EXP - 149)
+    BIAS_VALUE: tl.constexpr = K_BIAS * BIAS_MMA_UNIT * 2.0**-149
     # Grouped CTA order: GROUP_M row blocks sweep the columns together, sharing weight tiles in L2.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -130,8 +171,21 @@ def w4a4_gemm_kernel(
         r_ok = rr[None, :] < R
         la = tl.load(lora_ptr + rows[:, None] * stride_lm + rr[None, :], mask=r_ok, other=0.0)
         up = tl.load(up_ptr + cols[:, None] * stride_un + rr[None, :], mask=r_ok, other=0.0)
+        up = up.to(tl.float32)
+        if BIAS_MMA:  # the main loop accumulates in units of 2^-69 (exact: a power of two)
+            up = up * 2.0**-SUB_OUT_EXP
         # fp32 in, three TF32 MMAs (hi*hi + hi*lo + lo*hi): fp32-class accuracy on tensor cores.
-        acc = tl.dot(la, tl.trans(up.to(tl.float32)), acc, input_precision="tf32x3")
+        acc = tl.dot(la, tl.trans(up), acc, input_precision="tf32x3")
+    # The bias MMA's constant operands: -128 x -128 = 2^14 per channel of K_BIAS. bias_x comes
+    # from a load that never reads (K >= 0; other = 0x80): Triton then stages the tile in shared
+    # memory once, where a literal splat was rematerialized into 8 registers every group
+    # (counted on sm_90: 261 SASS per group against 267).
+    kb = tl.arange(0, K_BIAS)
+    never = K < 0
+    bias_x = tl.load(qx_ptr + kb[None, :] + 0 * rows[:, None], mask=never, other=0x80).to(
+        tl.int8, bitcast=True
+    )
+    bias_w = tl.full((BLOCK_N, K_BIAS), -128, tl.int8)
     for g in range(0, K // GROUP):
         px = tl.load(x_ptrs)  # [BM, HALF] u8
         pw = tl.load(w_ptrs)  # [BN, HALF] u8
@@ -141,21 +195,33 @@ def w4a4_gemm_kernel(
         else:
             sa = tl.load(sa_base + g * stride_ag + sa_offs, mask=m_ok, other=0.0)
             sw = tl.load(sw_base + g * stride_sg + sw_offs, mask=n_ok, other=0.0)
-        sa = round_to_22_bits(sa * INV)  # [BM]
-        neg_bias_sa = -12582912.0 * sa  # exact
         sw = sw.to(tl.float32)  # [BN]
         x_lo, x_hi = unpack_nibbles(px, not UNSIGNED, COMPILED)
         w_lo, w_hi = unpack_nibbles(pw, True, COMPILED)
         xa = interleave4(x_lo, x_hi, BLOCK_M, GROUP)
         wa = interleave4(w_lo, w_hi, BLOCK_N, GROUP)
-        # The MMA accumulates onto the bits of 1.5 * 2^23: its int32 result, read as fp32, is
-        # 1.5 * 2^23 + dot exactly; one FMA removes the bias and applies sa, one more sw.
-        biased = tl.dot(xa, tl.trans(wa), tl.full((BLOCK_M, BLOCK_N), MAGIC, tl.int32), out_dtype=tl.int32)
-        part = scale_biased(biased, sa[:, None], neg_bias_sa[:, None], COMPILED)  # [BM, BN]
+        if BIAS_MMA:
+            # B + dot: the bias MMA with the accumulator off, then the data MMA on top of it.
+            biased = tl.dot(bias_x, tl.trans(bias_w), out_dtype=tl.int32)
+            biased = tl.dot(xa, tl.trans(wa), biased, out_dtype=tl.int32)
+            s = sa * SCALE_IN  # sa * INV * 2^80, exact
+            neg_bias_s = sa * NEG_BIAS_IN  # -B * 2^-149 * s, exact
+            part = scale_lowest_binade(biased, s[:, None], neg_bias_s[:, None], BIAS_VALUE, COMPILED)
+        else:
+            sa = round_to_22_bits(sa * INV)  # [BM]
+            neg_bias_sa = -12582912.0 * sa  # exact
+            # The MMA accumulates onto the bits of 1.5 * 2^23: its int32 result, read as fp32, is
+            # 1.5 * 2^23 + dot exactly; one FMA removes the bias and applies sa, one more sw.
+            biased = tl.dot(
+                xa, tl.trans(wa), tl.full((BLOCK_M, BLOCK_N), MAGIC, tl.int32), out_dtype=tl.int32
+            )
+            part = scale_biased(biased, sa[:, None], neg_bias_sa[:, None], COMPILED)  # [BM, BN]
         acc = tl.fma(part, sw[None, :], acc)
         x_ptrs += HALF
         w_ptrs += HALF
 
+    if BIAS_MMA:
+        acc = acc * 2.0**SUB_OUT_EXP
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     out_rows = offs_m.to(tl.int64)
