@@ -105,7 +105,10 @@ def test_choice_by_device_dtype_and_head_dim(monkeypatch):
         if expect == "sdpa":
             assert f"compute capability {cc[0]}.{cc[1]}" in reason
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
-    assert attention.choose("auto", cuda, dtype=torch.float32) == ("sdpa", f"sage unavailable: dtype {torch.float32} is not float16/bfloat16")
+    assert attention.choose("auto", cuda, dtype=torch.float32) == (
+        "sdpa",
+        f"sage unavailable: dtype {torch.float32} is not float16/bfloat16",
+    )
     # The tiny model's head dim (32): sageattention takes 64, 96, 128 only.
     backend, reason = attention.choose("auto", cuda, head_dim=TINY_TRANSFORMER["attention_head_dim"])
     assert backend == "sdpa" and "head dim 32 is not one of (64, 96, 128)" in reason
@@ -143,9 +146,8 @@ def test_configure_logs_once_and_sets_what_attend_uses(monkeypatch, caplog):
         "attention: sdpa (sage unavailable: device cpu is not CUDA (on a CPU its Triton kernels "
         "run only under TRITON_INTERPRET=1))",
     ]
-    with pytest.raises(ValueError, match="choose sdpa or sage"):
-        with attention.using("auto"):
-            pass
+    with pytest.raises(ValueError, match="choose sdpa or sage"), attention.using("auto"):
+        pass
 
 
 def test_sage_refuses_a_head_dim_it_does_not_take():
@@ -232,7 +234,9 @@ def test_service_runs_go_fast_off_requests_with_sdpa(tmp_path):
         seen.append(attention.current())
         return [Image.new("RGB", (16, 16))]
 
-    generator = types.SimpleNamespace(pipe=types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), generate=generate)
+    generator = types.SimpleNamespace(
+        pipe=types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), generate=generate
+    )
     service = FluxService(generator, None, "stub", output_base=tmp_path)
     attention._state["kind"] = "sage"
     service.predict(prompt="a cat", seed=1, go_fast=False, out_dir=tmp_path)
@@ -243,7 +247,10 @@ def test_service_config_reads_the_attention_kind(tmp_path):
     from engine.service import ServiceConfig
 
     assert ServiceConfig.from_env({"SVDQ_WEIGHTS_DIR": str(tmp_path)}).attention == "auto"
-    assert ServiceConfig.from_env({"SVDQ_WEIGHTS_DIR": str(tmp_path), "SVDQ_ATTENTION": "SDPA"}).attention == "sdpa"
+    assert (
+        ServiceConfig.from_env({"SVDQ_WEIGHTS_DIR": str(tmp_path), "SVDQ_ATTENTION": "SDPA"}).attention
+        == "sdpa"
+    )
     with pytest.raises(ValueError, match="SVDQ_ATTENTION='int8': choose one of auto, sdpa, sage"):
         ServiceConfig.from_env({"SVDQ_WEIGHTS_DIR": str(tmp_path), "SVDQ_ATTENTION": "int8"})
 
@@ -251,7 +258,8 @@ def test_service_config_reads_the_attention_kind(tmp_path):
 # --- sage: its kernels, the custom op, the bound ---------------------------------------------
 
 needs_kernels = pytest.mark.skipif(
-    attention.sage_unavailable_reason(torch.device(DEVICE), torch.bfloat16, 128, interpreter=True) is not None,
+    attention.sage_unavailable_reason(torch.device(DEVICE), torch.bfloat16, 128, interpreter=True)
+    is not None,
     reason="sageattention's kernels cannot run here (package missing, or a GPU it does not take)",
 )
 
@@ -289,7 +297,9 @@ def test_sage_within_the_bound_at_flux_sequence_length():
     """1024x1024 with 256 text tokens: S = 4352, one head (the interpreter takes ~30 s a head)."""
     heads = 1 if INTERPRETER else FLUX_HEADS
     q, k, v = flux_like_qkv(1, 256, 64, heads, dtype=torch.bfloat16, seed=1, device=DEVICE)
-    assert_within_sage_bound(attention.sage_attention(q, k, v), attention.sdpa(q.float(), k.float(), v.float()))
+    assert_within_sage_bound(
+        attention.sage_attention(q, k, v), attention.sdpa(q.float(), k.float(), v.float())
+    )
 
 
 @needs_kernels
@@ -330,9 +340,8 @@ def test_tiny_flux_transformer_with_sage_against_sdpa():
     with torch.inference_mode(), attention.using("sdpa"):
         ref = model.float()(**{k: v.float() if torch.is_tensor(v) else v for k, v in kw.items()})[0]
         bf16 = model.to(torch.bfloat16)(**kw)[0]
-    with torch.inference_mode():
-        with attention.using("sage"):
-            sage = model(**kw)[0]
+    with torch.inference_mode(), attention.using("sage"):
+        sage = model(**kw)[0]
     e_sage, e_bf16 = errors(sage, ref), errors(bf16, ref)
     assert e_sage["cos"] > 0.999 and e_sage["mean_rel"] < 0.05, (e_sage, e_bf16)
 
