@@ -29,10 +29,12 @@ INTERPRETER = not torch.cuda.is_available()
 DEVICE = "cpu" if INTERPRETER else "cuda"
 FLUX_HEADS, FLUX_HEAD_DIM, FLUX_AXES = 24, 128, (16, 56, 56)
 # The bound on sage against fp32 SDPA on FLUX-like inputs (flux_like_qkv), bf16 or fp16 inputs.
-# Measured (docs/benchmarks.md, "Attention"): cosine >= 0.9991, mean |error| <= 0.035 of the
-# output's mean magnitude, max |error| <= 0.33 (outputs ~N(0, 1)-scaled V, peaky rows). Bound
-# with some margin; the 16-bit SDPA the bf16 model already runs stays 20-50x inside it.
-SAGE_BOUND = {"cos": 0.998, "mean_rel": 0.05, "max": 0.6}
+# Measured in the interpreter (docs/benchmarks.md, "Attention"): S = 320, 3 seeds: cosine
+# 0.9989-0.9993, mean |error| 3.3-4.5% of mean |output|, max |error| 0.21-0.32; S = 4352 (FLUX
+# at 1024x1024), 4 heads: cosine 0.9976, 6.2%, max 0.63 (per head down to 0.9972, 7.0%). The
+# error grows with S: the output shrinks as it averages more values, the int8 logit noise does not.
+# Attention over the wrong keys scores cosine <= 0.91, >= 22%, max >= 3.6; 16-bit SDPA 0.2%.
+SAGE_BOUND = {"cos": 0.995, "mean_rel": 0.10, "max": 1.5}
 
 
 @pytest.fixture(autouse=True)
@@ -73,10 +75,11 @@ def flux_like_qkv(
 
 
 def errors(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    diff = (out.float() - ref.float()).abs()
+    out, ref = out.double(), ref.double()  # float64: fp32 sums over 10^7 elements drift past cos 1
+    diff = (out - ref).abs()
     return {
-        "cos": F.cosine_similarity(out.float().flatten(), ref.float().flatten(), dim=0).item(),
-        "mean_rel": (diff.mean() / ref.float().abs().mean()).item(),
+        "cos": F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item(),
+        "mean_rel": (diff.mean() / ref.abs().mean()).item(),
         "max": diff.max().item(),
     }
 
@@ -294,7 +297,7 @@ def test_sage_head_dims_64_and_96():
 @needs_kernels
 @pytest.mark.slow
 def test_sage_within_the_bound_at_flux_sequence_length():
-    """1024x1024 with 256 text tokens: S = 4352, one head (the interpreter takes ~30 s a head)."""
+    """1024x1024 with 256 text tokens: S = 4352, one head (the interpreter takes 30-70 s a head)."""
     heads = 1 if INTERPRETER else FLUX_HEADS
     q, k, v = flux_like_qkv(1, 256, 64, heads, dtype=torch.bfloat16, seed=1, device=DEVICE)
     assert_within_sage_bound(
@@ -343,7 +346,9 @@ def test_tiny_flux_transformer_with_sage_against_sdpa():
     with torch.inference_mode(), attention.using("sage"):
         sage = model(**kw)[0]
     e_sage, e_bf16 = errors(sage, ref), errors(bf16, ref)
-    assert e_sage["cos"] > 0.999 and e_sage["mean_rel"] < 0.05, (e_sage, e_bf16)
+    # Measured: sage cos 0.99998, mean |error| 0.57% of mean |output|; the bf16 model with SDPA
+    # the same (random weights attend almost uniformly, so int8 Q/K costs little here).
+    assert e_sage["cos"] >= 0.9999 and e_sage["mean_rel"] <= 1.5 * e_bf16["mean_rel"], (e_sage, e_bf16)
 
 
 # --- GPU: FLUX's full shape, and the package's own entry point ------------------------------
