@@ -9,9 +9,13 @@ The interpreter computes each 64-key block's fp16 P V product with one rounding 
 the error is far below the int8 Q/K rounding the bound is set by (modelled, not measured here).
 """
 
+import json
 import logging
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,6 +353,71 @@ def test_tiny_flux_transformer_with_sage_against_sdpa():
     # Measured: sage cos 0.99998, mean |error| 0.57% of mean |output|; the bf16 model with SDPA
     # the same (random weights attend almost uniformly, so int8 Q/K costs little here).
     assert e_sage["cos"] >= 0.9999 and e_sage["mean_rel"] <= 1.5 * e_bf16["mean_rel"], (e_sage, e_bf16)
+
+
+# --- the compiled kernels, no GPU needed -------------------------------------------------------
+
+
+def compiled_sage_kernels(archs: list[int]) -> list[dict]:
+    """Compile sageattention's two kernels, as launched for FLUX ([1, 4352, 24, 128], bf16), for
+    each sm_<cc> with Triton's own ptxas; registers, spills and the tensor-core ops of the main
+    loop (scripts/kernel_model_triton.py's reader). Run without TRITON_INTERPRET."""
+    import importlib
+
+    import kernel_model_triton as kmt
+    import sageattention.attn_qk_int8_per_block as attn_mod
+    import sageattention.quant_per_block as quant_mod
+
+    kmt._TYPES.setdefault(torch.int8, "i8")
+    s, h, d = 4352, FLUX_HEADS, FLUX_HEAD_DIM
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    rec_attn, rec_quant = kmt._Recorder(), kmt._Recorder()
+    attn_mod._attn_fwd, quant_mod.quant_per_block_int8_kernel = rec_attn, rec_quant
+    quant_mod.per_block_int8(meta(1, s, h, d), meta(1, s, h, d), tensor_layout="NHD")
+    i8, f32 = torch.int8, torch.float32
+    scales = (meta(1, h, -(-s // 128), 1, dtype=f32), meta(1, h, -(-s // 64), 1, dtype=f32))
+    qk8 = (meta(1, s, h, d, dtype=i8), meta(1, s, h, d, dtype=i8))
+    attn_mod.forward(*qk8, meta(1, s, h, d, dtype=torch.float16), *scales, tensor_layout="NHD")
+    kernels = {  # the real kernels back, and the launches they were given
+        "attn": (importlib.reload(attn_mod)._attn_fwd, rec_attn.calls[0]),
+        "quant_q": (importlib.reload(quant_mod).quant_per_block_int8_kernel, rec_quant.calls[0]),
+    }
+    out = []
+    for cc in archs:
+        for name, (fn, (_, args, kwargs)) in kernels.items():
+            try:
+                e = kmt.compile_sass(fn, args, kwargs, cc)
+            except Exception as ex:  # a target Triton cannot lower this kernel for
+                out.append({"cc": cc, "kernel": name, "error": f"{type(ex).__name__}: {ex}"[:200]})
+                continue
+            mma = {op: n for op, n in e["loop_ops"].items() if "MMA" in op}
+            out.append({"cc": cc, "kernel": name, "regs": e["regs"], "stack": e["stack_bytes"], "mma": mma})
+    return out
+
+
+@pytest.mark.slow
+def test_sage_kernels_compile_to_int8_tensor_cores_on_sm80_to_sm90_and_not_sm75():
+    """Why auto takes compute capability 8.0-9.0: there the QK^T loop is int8 MMA (IMMA on
+    sm_80/86/89, wgmma IGMMA on sm_90) and PV fp16 MMA, with no spills; sm_75 cannot lower it."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "scripts")])
+    code = "import json, sys; from tests.test_attention import compiled_sage_kernels as c; print(json.dumps(c([90, 89, 86, 80, 75])))"
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=900
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = {(e["cc"], e["kernel"]): e for e in json.loads(res.stdout.splitlines()[-1])}
+    for cc in (90, 89, 86, 80):
+        attn, quant = report[cc, "attn"], report[cc, "quant_q"]
+        assert attn["stack"] == 0 and quant["stack"] == 0, (attn, quant)
+        int8, fp16 = ("IGMMA", "HGMMA") if cc == 90 else ("IMMA.16832.S8.S8", "HMMA.16816.F16")
+        assert any(op.startswith(int8) for op in attn["mma"]), attn
+        assert any(op.startswith(fp16) for op in attn["mma"]), attn
+    assert "error" in report[75, "attn"]
 
 
 # --- GPU: FLUX's full shape, and the package's own entry point ------------------------------

@@ -35,10 +35,12 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 KINDS = ("auto", "sdpa", "sage")
-# What SageAttention 1.0.6 takes (sageattention/core.py asserts the head dims; the package checks
-# no GPU generation itself). Its int8 tl.dot needs int8 tensor cores as Triton drives them: sm_80
-# and later; it documents and tunes for sm_86/sm_89 (RTX 3090/4090), and Hopper (sm_90) is
-# Triton's other int8 MMA path. Newer generations (Blackwell, 10.x/12.x) are not validated here.
+# What SageAttention 1.0.6 takes: head dims and dtypes from sageattention/core.py's asserts (fp32
+# is accepted there but V is cast to fp16 anyway). The package checks no GPU generation itself;
+# compiled here for FLUX's launch (tests/test_attention.py, no GPU needed), its QK^T loop is int8
+# MMA and its PV loop fp16 MMA on sm_80/86/89 (IMMA/HMMA) and sm_90 (IGMMA/HGMMA), and Triton
+# cannot lower it for sm_75. Blackwell (sm_100, sm_120) compiles too but is not validated, so
+# auto stays on SDPA there.
 SAGE_HEAD_DIMS = (64, 96, 128)
 SAGE_DTYPES = (torch.float16, torch.bfloat16)
 SAGE_MIN_CAPABILITY, SAGE_MAX_CAPABILITY = (8, 0), (9, 0)
