@@ -88,9 +88,11 @@ def select_attention(transformer: nn.Module, settings: CompileSettings | None) -
     from engine.flux import attention
 
     kind = settings.attention if settings is not None else "sdpa"
+    note = "for go_fast requests; go_fast off: sdpa" if settings is not None else "no go_fast here"
     device = next(transformer.parameters()).device
     dtype = transformer.dtype  # diffusers: the first floating-point parameter's (not a packed code's)
-    chosen = attention.configure(kind, device, dtype=dtype, head_dim=transformer.config.attention_head_dim)
+    head_dim = transformer.config.attention_head_dim
+    chosen = attention.configure(kind, device, dtype=dtype, head_dim=head_dim, note=note)
     if chosen == "sage":
         changed = attention.install_processor(transformer)
         logger.info(

@@ -220,7 +220,7 @@ def test_select_attention_is_sdpa_without_go_fast_and_sage_where_asked(caplog):
     caplog.set_level(logging.INFO)
     model = flux_128().to(torch.bfloat16)
     assert select_attention(model, None) == "sdpa"
-    assert "attention: sdpa (asked for)" in caplog.text
+    assert "attention: sdpa (asked for; no go_fast here)" in caplog.text
     assert select_attention(model, CompileSettings(attention="auto")) == "sdpa"  # a CPU: no sage
     assert all(type(p) is FluxAttnProcessor for p in model.attn_processors.values())
     if INTERPRETER:

@@ -100,17 +100,23 @@ def choose(
 
 
 def configure(
-    kind: str, device: torch.device | str, *, dtype: torch.dtype = torch.bfloat16, head_dim: int = 128
+    kind: str,
+    device: torch.device | str,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    head_dim: int = 128,
+    note: str = "",
 ) -> str:
     """Choose the attention backend for this process, once, at setup; log it and why.
 
     ``kind``: ``auto`` (sage where :func:`sage_unavailable_reason` finds nothing against it, else
     SDPA), ``sdpa``, or ``sage`` (ValueError where it cannot run). ``dtype``/``head_dim``: the
-    transformer's. Returns the backend chosen, ``"sdpa"`` or ``"sage"``.
+    transformer's; ``note``: the caller's context, added to the log line. Returns the backend
+    chosen, ``"sdpa"`` or ``"sage"``.
     """
     backend, reason = choose(kind, device, dtype=dtype, head_dim=head_dim)
     _state["kind"] = backend
-    logger.info("attention: %s (%s)", backend, reason)
+    logger.info("attention: %s (%s%s)", backend, reason, f"; {note}" if note else "")
     return backend
 
 
