@@ -432,3 +432,22 @@ def test_gpu_sage_is_the_packages_sageattn_and_within_the_bound_at_flux_shape():
     out = attention.sage_attention(q, k, v)
     assert torch.equal(out, sageattn(q, k.clone(), v, tensor_layout="NHD"))
     assert_within_sage_bound(out, attention.sdpa(q.float(), k.float(), v.float()))
+
+
+@pytest.mark.gpu
+def test_gpu_go_fast_compiles_the_transformer_with_sage_in_one_graph():
+    """inductor (go_fast's backend) with the custom op in the graph: the compiled model agrees
+    with the eager one to bf16 rounding (inductor fuses the norms, so not bit for bit)."""
+    torch._dynamo.reset()
+    model = flux_128().to("cuda", torch.bfloat16)
+    assert select_attention(model, CompileSettings(attention="auto")) == "sage"
+    kw = {
+        k: v.cuda() if torch.is_tensor(v) else v
+        for k, v in transformer_inputs(model, side=32, text=64, dtype=torch.bfloat16).items()
+    }
+    with torch.inference_mode():
+        eager = model(**kw)[0]
+        compiled = torch.compile(model, backend="inductor", fullgraph=True)(**kw)[0]
+    e = errors(compiled, eager)
+    assert e["cos"] >= 0.9999 and e["mean_rel"] <= 0.01, e
+    torch._dynamo.reset()
