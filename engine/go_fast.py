@@ -17,6 +17,11 @@ What gets compiled and when (see docs/architecture.md for the measured counts):
   says so in a warning.
 
 The backend is injectable (``inductor`` on a GPU; ``aot_eager`` or ``inductor`` in CPU tests).
+
+Attention: go_fast requests use ``CompileSettings.attention`` (``auto``: SageAttention's 8-bit
+QK^T where the GPU, dtype and head dim allow it, else SDPA; engine.flux.attention), chosen and
+logged once at setup by :func:`select_attention`; requests with go_fast off, and every request
+on a machine without go_fast, use SDPA.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class CompileSettings:
     mode: str | None = "max-autotune-no-cudagraphs"
     dynamic: bool = True
     recompile_limit: int = RECOMPILE_LIMIT
+    attention: str = "auto"  # go_fast's attention (engine.flux.attention.KINDS): auto, sage, sdpa
 
 
 @dataclasses.dataclass
@@ -69,6 +75,30 @@ def configure_compiler(settings: CompileSettings) -> None:
     import torch.fx.experimental._config as fx_config
 
     fx_config.use_duck_shape = False
+
+
+def select_attention(transformer: nn.Module, settings: CompileSettings | None) -> str:
+    """Choose, once at setup, the attention go_fast's requests use; logged with its reason.
+
+    ``settings.attention`` where go_fast is configured (None: go_fast off, SDPA). Where sage is
+    chosen, diffusers' FluxAttention modules get a processor that calls
+    ``engine.flux.attention.attend`` (our own block forwards call it directly). Returns the
+    backend, ``"sage"`` or ``"sdpa"``; the service runs go_fast-off requests with SDPA.
+    """
+    from engine.flux import attention
+
+    kind = settings.attention if settings is not None else "sdpa"
+    note = "for go_fast requests; go_fast off: sdpa" if settings is not None else "no go_fast here"
+    device = next(transformer.parameters()).device
+    dtype = transformer.dtype  # diffusers: the first floating-point parameter's (not a packed code's)
+    head_dim = transformer.config.attention_head_dim
+    chosen = attention.configure(kind, device, dtype=dtype, head_dim=head_dim, note=note)
+    if chosen == "sage":
+        changed = attention.install_processor(transformer)
+        logger.info(
+            "go_fast: attention through engine.flux.attention in %d diffusers attention module(s)", changed
+        )
+    return chosen
 
 
 def graphs_compiled() -> int:

@@ -25,7 +25,15 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from engine import inputs, kernels
-from engine.go_fast import CompileSettings, GoFast, GoFastError, configure_compiler, shape_label
+from engine.flux import attention
+from engine.go_fast import (
+    CompileSettings,
+    GoFast,
+    GoFastError,
+    configure_compiler,
+    select_attention,
+    shape_label,
+)
 from engine.lora import LoraError, LoraManager, LoraStore, StoreConfig, parse_lora
 from engine.lora.store import CACHE_BYTES, CIVITAI, HUB, MAX_DOWNLOAD_BYTES
 from engine.pipeline import FluxGenerator, default_device
@@ -74,6 +82,7 @@ class ServiceConfig:
     SVDQ_CIVITAI_ENDPOINT,    civitai's base URL and token (sent to civitai only)     civitai.com
     CIVITAI_API_TOKEN
     SVDQ_KERNELS              kernel backend: auto, reference, triton, cuda           auto
+    SVDQ_ATTENTION            go_fast's attention: auto, sage, sdpa                   auto
     ========================= ====================================================== =========
     """
 
@@ -82,6 +91,7 @@ class ServiceConfig:
     offline: bool = False
     lora: StoreConfig | None = None
     kernels: str = "auto"
+    attention: str = "auto"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -107,12 +117,16 @@ class ServiceConfig:
             hf_token=env.get("HF_TOKEN") or None,
             civitai_token=env.get("CIVITAI_API_TOKEN") or None,
         )
+        attention_kind = env.get("SVDQ_ATTENTION", "auto").strip().lower() or "auto"
+        if attention_kind not in attention.KINDS:
+            raise ValueError(f"SVDQ_ATTENTION={attention_kind!r}: choose one of {', '.join(attention.KINDS)}")
         return cls(
             weights_dir=weights,
             model=env.get(MODEL_ENV, "auto").strip() or "auto",
             offline=env.get("HF_HUB_OFFLINE") == "1",
             lora=lora,
             kernels=env.get(kernels.ENV_VAR, "auto").strip() or "auto",
+            attention=attention_kind,
         )
 
 
@@ -355,9 +369,10 @@ class FluxService:
         device = default_device()
         generator = FluxGenerator.from_pretrained(model_dir, checkpoint, device=device)
         safety = SafetyChecker.load(model_dir, device)
-        settings = CompileSettings() if device.type == "cuda" else None
+        settings = CompileSettings(attention=config.attention) if device.type == "cuda" else None
         lora = config.lora or StoreConfig(root=config.weights_dir / "loras")
         service = cls(generator, safety, model, lora, compile_settings=settings)
+        select_attention(service._eager, settings)  # before go_fast's graphs are compiled
         if device.type == "cuda":  # build the kernels and warm the caches before the first request
             t_warm = time.perf_counter()
             generator.generate("warm-up", width=1024, height=1024, steps=1, seed=0)
@@ -512,7 +527,8 @@ class FluxService:
             if go_fast and self.go_fast is not None:
                 images = self._run_fast(run, shape_label(width, height, num_outputs, self._eager))
             else:
-                images = run()
+                with attention.using("sdpa"):  # go_fast off: SDPA, whatever setup chose for go_fast
+                    images = run()
         except torch.OutOfMemoryError as e:
             torch.cuda.empty_cache()
             raise RuntimeError(
