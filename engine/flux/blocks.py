@@ -266,3 +266,16 @@ def _fuse_linears(block: nn.Module, fused: str, siblings: tuple[str, ...]) -> No
         parent, _, child = s.rpartition(".")
         delattr(block.get_submodule(parent) if parent else block, child)
     set_module(block, fused, out)
+
+
+def sibling_rows(model: nn.Module) -> dict[str, tuple[str, slice]]:
+    """``{diffusers sibling: (fused module, its output rows)}`` over the fused blocks of ``model``
+    (full names): where a LoRA trained on diffusers' separate layers lands."""
+    table = {}
+    for prefix, block in model.named_modules():
+        for fused, sibs in fused_siblings(block).items():
+            start = 0
+            for sib, rows in sibs:
+                table[f"{prefix}.{sib}"] = (f"{prefix}.{fused}", slice(start, start + rows))
+                start += rows
+    return table
