@@ -195,11 +195,11 @@ class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
 
 def fused_siblings(block: nn.Module) -> dict[str, list[tuple[str, int]]]:
     """``{fused module: [(diffusers sibling, output rows)]}`` of a fused block (relative names)."""
-    inner = block.attn.inner_dim
     if isinstance(block, FusedFluxTransformerBlock):
+        inner = block.attn.inner_dim
         return {name: [(s, inner) for s in sibs] for name, sibs in DOUBLE_FUSED.items()}
     if isinstance(block, FusedFluxSingleTransformerBlock):
-        sibs = SINGLE_FUSED["to_qkv_mlp"]
+        inner, sibs = block.attn.inner_dim, SINGLE_FUSED["to_qkv_mlp"]
         return {"to_qkv_mlp": [(s, inner) for s in sibs[:3]] + [(sibs[3], block.mlp_hidden_dim)]}
     return {}
 
