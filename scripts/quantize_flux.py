@@ -4,9 +4,11 @@
         --calib-prompts 32 --steps 4 --device cuda --svd-niter 2 | --exact-svd --rounding gptq]
 
 Runs the float pipeline on the built-in calibration prompts at several resolutions,
-records what each layer sees, then quantizes layer by layer (alpha searched per layer, the
-4-bit residual rounded with GPTQ error compensation by default) and prints a per-layer error
-summary. The file format is in docs/checkpoint-format.md.
+records what each layer sees, then fuses the layers that share an input (q/k/v, and in the
+single blocks proj_mlp too: one layer each, engine/flux/blocks.py) and quantizes layer by layer
+(alpha searched per layer, jointly on a fused layer's concatenated weight; the 4-bit residual
+rounded with GPTQ error compensation by default) and prints a per-layer error summary. The
+file (format version 2) is described in docs/checkpoint-format.md.
 """
 
 import argparse
