@@ -204,10 +204,19 @@ def fused_siblings(block: nn.Module) -> dict[str, list[tuple[str, int]]]:
     return {}
 
 
+def unfused_blocks(model: nn.Module) -> list[str]:
+    """The blocks of ``model`` that still have diffusers' separate q/k/v layers."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, FluxTransformerBlock | FluxSingleTransformerBlock) and not fused_siblings(m)
+    ]
+
+
 def is_fused(model: nn.Module) -> bool:
-    """Whether every block of ``model`` is a fused one (a version-2 model)."""
-    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
-    return bool(blocks) and all(fused_siblings(b) for b in blocks)
+    """Whether ``model`` has blocks and all of them are fused ones (a version-2 model)."""
+    blocks = [m for m in model.modules() if isinstance(m, FluxTransformerBlock | FluxSingleTransformerBlock)]
+    return bool(blocks) and not unfused_blocks(model)
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.flux.blocks import fuse_projections, is_fused
+from engine.flux.blocks import fuse_projections, unfused_blocks
 from engine.flux.layers import SplitInputLinear, Treatment, set_module, split_sizes, target_layers
 from engine.modules import SVDQLinear, W4A16Linear
 from engine.quant import GELU_SHIFT, SVDQConfig
@@ -107,11 +107,12 @@ def save_checkpoint(transformer: nn.Module, path: str | Path, config: SVDQConfig
     A transformer with diffusers' separate q/k/v layers (loaded from a version-1 file) is
     refused: its siblings were smoothed separately, so they have no exact fused form.
     """
-    if not is_fused(transformer):
+    unfused = unfused_blocks(transformer)
+    if unfused:
         raise ValueError(
-            "only fused transformers are written (checkpoint format version 2); this one has diffusers' "
-            "separate q/k/v layers, as a version-1 file holds them: keep using that file, or re-quantize "
-            "with scripts/quantize_flux.py"
+            "only fused transformers are written (checkpoint format version 2); blocks "
+            f"{unfused[:3]} ({len(unfused)}) have diffusers' separate q/k/v layers, as a version-1 file "
+            "holds them: keep using that file, or re-quantize with scripts/quantize_flux.py"
         )
     unsigned = [n for n, m in transformer.named_modules() if isinstance(m, SVDQLinear) and m.unsigned]
     shifts = {m.act_shift for m in transformer.modules() if isinstance(m, SVDQLinear) and m.unsigned}
