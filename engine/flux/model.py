@@ -42,6 +42,10 @@ class SVDQFluxTransformer2DModel(FluxTransformer2DModel):
     """FluxTransformer2DModel with SVDQuant linears; built by ``engine.flux.load_transformer``."""
 
     svdq_config = None  # the SVDQConfig it was quantized with, set by load_transformer
+    # diffusers finds blocks by class name (compile_repeated_blocks, device maps): ours too.
+    _FUSED = ["FusedFluxTransformerBlock", "FusedFluxSingleTransformerBlock"]
+    _repeated_blocks = [*FluxTransformer2DModel._repeated_blocks, *_FUSED]
+    _no_split_modules = [*FluxTransformer2DModel._no_split_modules, *_FUSED]
 
     # --- save / load ----------------------------------------------------------------------------
 
