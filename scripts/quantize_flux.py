@@ -20,7 +20,14 @@ import torch
 from tqdm import tqdm
 
 from engine import kernels
-from engine.flux import DEFAULT_RESOLUTIONS, calibrate, quantize_transformer, save_checkpoint
+from engine.flux import (
+    DEFAULT_RESOLUTIONS,
+    calibrate,
+    fuse_projections,
+    quantize_transformer,
+    save_checkpoint,
+    target_layers,
+)
 from engine.quant import DEFAULT_DAMP, ROUNDINGS, SVDQConfig
 
 
@@ -86,7 +93,8 @@ def main() -> None:
             on_prompt=lambda i, n: bar.update(1),
         )
     t_cal = time.perf_counter() - t0
-    n_layers = len(stats)
+    fuse_projections(pipe.transformer)  # q/k/v (+ proj_mlp) as one layer each: what is quantized
+    n_layers = len(target_layers(pipe.transformer))
     with tqdm(total=n_layers, desc="quantizing", unit="layer") as bar:
         reports = quantize_transformer(
             pipe.transformer, stats, config, dtype=torch.bfloat16, on_layer=lambda r: bar.update(1)

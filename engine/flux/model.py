@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from diffusers import FluxTransformer2DModel
@@ -43,9 +44,9 @@ class SVDQFluxTransformer2DModel(FluxTransformer2DModel):
 
     svdq_config = None  # the SVDQConfig it was quantized with, set by load_transformer
     # diffusers finds blocks by class name (compile_repeated_blocks, device maps): ours too.
-    _FUSED = ["FusedFluxTransformerBlock", "FusedFluxSingleTransformerBlock"]
-    _repeated_blocks = [*FluxTransformer2DModel._repeated_blocks, *_FUSED]
-    _no_split_modules = [*FluxTransformer2DModel._no_split_modules, *_FUSED]
+    _FUSED: ClassVar[tuple[str, ...]] = ("FusedFluxTransformerBlock", "FusedFluxSingleTransformerBlock")
+    _repeated_blocks: ClassVar[list[str]] = [*FluxTransformer2DModel._repeated_blocks, *_FUSED]
+    _no_split_modules: ClassVar[list[str]] = [*FluxTransformer2DModel._no_split_modules, *_FUSED]
 
     # --- save / load ----------------------------------------------------------------------------
 
