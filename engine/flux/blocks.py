@@ -42,8 +42,8 @@ _UNSUPPORTED_KWARGS = ("ip_hidden_states", "ip_adapter_masks")
 
 def qk_norm_rope(
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
     *,
     heads: int,
     eps: float = 1e-6,
@@ -53,7 +53,8 @@ def qk_norm_rope(
     ``parts``: ``(qkv [B, S_i, >= 3*H*D], norm_q weight [D], norm_k weight [D])`` in sequence
     order (FLUX: text, then image); q | k | v are the first ``3*H*D`` channels of ``qkv`` (a
     view of a wider projection output is fine). q and k get RMSNorm then RoPE (``cos``/``sin``
-    ``[S_total, D]``), v is only concatenated. The interface of the fused op that replaces it.
+    ``[S_total, D]``; None: no RoPE), v is only concatenated. The interface of the fused op
+    that replaces it.
     """
     qs, ks, vs = [], [], []
     for qkv, wq, wk in parts:
@@ -63,9 +64,10 @@ def qk_norm_rope(
         ks.append(F.rms_norm(k.unflatten(-1, (heads, d)), (d,), wk, eps))
         vs.append(v.unflatten(-1, (heads, d)))
     q, k, v = (torch.cat(t, dim=1) if len(t) > 1 else t[0] for t in (qs, ks, vs))
-    q = apply_rotary_emb(q, (cos, sin), sequence_dim=1)
-    k = apply_rotary_emb(k, (cos, sin), sequence_dim=1)
-    return q, k, v.contiguous()
+    if cos is not None:
+        q = apply_rotary_emb(q, (cos, sin), sequence_dim=1)
+        k = apply_rotary_emb(k, (cos, sin), sequence_dim=1)
+    return q.contiguous(), k.contiguous(), v.contiguous()
 
 
 def _inner(width: int, heads: int, norm_weight: torch.Tensor) -> int:
@@ -117,7 +119,7 @@ class FusedFluxTransformerBlock(FluxTransformerBlock):
             _modulated(self.norm1_context.norm, encoder_hidden_states, c_scale_msa, c_shift_msa)
         )
         # q/k RMSNorm + RoPE + joint (text, image) sequence -> attention.
-        cos, sin = image_rotary_emb
+        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
         q, k, v = qk_norm_rope(
             [
                 (c_qkv, attn.norm_added_q.weight, attn.norm_added_k.weight),
@@ -177,7 +179,7 @@ class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
         # Norm + modulation -> one projection: q | k | v | MLP input.
         proj = self.to_qkv_mlp(_modulated(self.norm.norm, hidden_states, scale_msa, shift_msa))
         # q/k RMSNorm + RoPE (the q | k | v channels of proj, read in place) -> attention.
-        cos, sin = image_rotary_emb
+        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
         q, k, v = qk_norm_rope(
             [(proj, attn.norm_q.weight, attn.norm_k.weight)], cos, sin, heads=attn.heads, eps=attn.norm_q.eps
         )
