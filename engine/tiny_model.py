@@ -159,7 +159,8 @@ def build_tiny_pipeline(seed: int = 0):
 
 
 def make_tiny_model(out: str | Path, *, seed: int = 0, quantize: bool = True) -> Path:
-    """Write the tiny model folder (and its quantized transformer checkpoint) to ``out``."""
+    """Write the tiny model folder (and its quantized transformer checkpoint, format version 2:
+    fused q/k/v, as quantize_transformer makes it) to ``out``."""
     out = Path(out)
     pipe = build_tiny_pipeline(seed)
     pipe.save_pretrained(out, safe_serialization=True)

@@ -4,9 +4,11 @@
         --calib-prompts 32 --steps 4 --device cuda --svd-niter 2 | --exact-svd --rounding gptq]
 
 Runs the float pipeline on the built-in calibration prompts at several resolutions,
-records what each layer sees, then quantizes layer by layer (alpha searched per layer, the
-4-bit residual rounded with GPTQ error compensation by default) and prints a per-layer error
-summary. The file format is in docs/checkpoint-format.md.
+records what each layer sees, then fuses the layers that share an input (q/k/v, and in the
+single blocks proj_mlp too: one layer each, engine/flux/blocks.py) and quantizes layer by layer
+(alpha searched per layer, jointly on a fused layer's concatenated weight; the 4-bit residual
+rounded with GPTQ error compensation by default) and prints a per-layer error summary. The
+file (format version 2) is described in docs/checkpoint-format.md.
 """
 
 import argparse
@@ -18,7 +20,14 @@ import torch
 from tqdm import tqdm
 
 from engine import kernels
-from engine.flux import DEFAULT_RESOLUTIONS, calibrate, quantize_transformer, save_checkpoint
+from engine.flux import (
+    DEFAULT_RESOLUTIONS,
+    calibrate,
+    fuse_projections,
+    quantize_transformer,
+    save_checkpoint,
+    target_layers,
+)
 from engine.quant import DEFAULT_DAMP, ROUNDINGS, SVDQConfig
 
 
@@ -84,7 +93,8 @@ def main() -> None:
             on_prompt=lambda i, n: bar.update(1),
         )
     t_cal = time.perf_counter() - t0
-    n_layers = len(stats)
+    fuse_projections(pipe.transformer)  # q/k/v (+ proj_mlp) as one layer each: what is quantized
+    n_layers = len(target_layers(pipe.transformer))
     with tqdm(total=n_layers, desc="quantizing", unit="layer") as bar:
         reports = quantize_transformer(
             pipe.transformer, stats, config, dtype=torch.bfloat16, on_layer=lambda r: bar.update(1)

@@ -13,13 +13,17 @@ from engine.quant import (
     quantize_int4,
     quantize_int4_asym,
     quantize_svdq,
+    smooth_factors,
     unpack_int4,
 )
 
 
-def their_w4a4(weight, bias, act_max, *, unsigned, rank=16, alpha=0.5):
-    """Quantize a float layer with SVDQuant and store it as they do."""
+def their_w4a4(weight, bias, act_max, *, unsigned, rank=16, alpha=0.5, smooth=None):
+    """Quantize a float layer with SVDQuant and store it as they do; ``smooth`` imposes a
+    smoothing factor (alpha = 1 on it), as their joint smoothing of several layers does."""
     shift = GELU_SHIFT if unsigned else 0.0
+    if smooth is not None:
+        act_max, alpha = smooth - shift, 1.0
     q = quantize_svdq(weight, bias, act_max + shift, alpha=alpha, rank=rank, act_shift=shift)
     down_raw = (q.proj_down.float() / q.smooth_factor.float()).to(torch.bfloat16)  # they apply it to raw x
     b = q.bias.float()
@@ -115,24 +119,18 @@ def their_checkpoint(model, stats, rank=16):
         inner = block.proj_out.in_features - block.mlp_hidden_dim
         act = stats[f"{p}.proj_out"].act_max
         w_out = block.proj_out.weight.float()
+        w_qkv = torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight]).float()
+        # deepcompressor smooths q/k/v and proj_mlp jointly (one factor for the shared input);
+        # each keeps its own low-rank branch.
+        shared = smooth_factors(stats[f"{p}.attn.to_q"].act_max, torch.cat([w_qkv, block.proj_mlp.weight.float()]), 0.5)
         parts = {
-            "qkv_proj": (
-                torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight]).float(),
-                torch.cat([a.to_q.bias, a.to_k.bias, a.to_v.bias]).float(),
-                stats[f"{p}.attn.to_q"].act_max,
-                False,
-            ),
-            "mlp_fc1": (
-                block.proj_mlp.weight.float(),
-                block.proj_mlp.bias.float(),
-                stats[f"{p}.proj_mlp"].act_max,
-                False,
-            ),
-            "out_proj": (w_out[:, :inner], block.proj_out.bias.float(), act[:inner], False),
-            "mlp_fc2": (w_out[:, inner:], torch.zeros(w_out.shape[0]), act[inner:], True),
+            "qkv_proj": (w_qkv, torch.cat([a.to_q.bias, a.to_k.bias, a.to_v.bias]).float(), None, False, shared),
+            "mlp_fc1": (block.proj_mlp.weight.float(), block.proj_mlp.bias.float(), None, False, shared),
+            "out_proj": (w_out[:, :inner], block.proj_out.bias.float(), act[:inner], False, None),
+            "mlp_fc2": (w_out[:, inner:], torch.zeros(w_out.shape[0]), act[inner:], True, None),
         }
-        for their_name, (w, b, amax, unsigned) in parts.items():
-            for k, v in their_w4a4(w, b, amax, unsigned=unsigned, rank=rank).items():
+        for their_name, (w, b, amax, unsigned, smooth) in parts.items():
+            for k, v in their_w4a4(w, b, amax, unsigned=unsigned, rank=rank, smooth=smooth).items():
                 sd[f"{p}.{their_name}.{k}"] = v
         for k, v in their_awq(block.norm.linear.weight.float(), block.norm.linear.bias.float(), 3).items():
             sd[f"{p}.norm.linear.{k}"] = v

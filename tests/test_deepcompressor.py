@@ -10,6 +10,7 @@ tensor by our own reading of their layout.
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 
 from engine.flux import calibrate, load_transformer
 from engine.flux import nunchaku as nk
+from engine.flux.blocks import DOUBLE_FUSED, SINGLE_FUSED
 from engine.modules import SVDQLinear, W4A16Linear
 from engine.quant import GELU_SHIFT, quantize_svdq, relative_error, unpack_int4
 
@@ -313,34 +315,66 @@ def converted(wide_model, tmp_path_factory):
     return dicts, where, path
 
 
+def fused_where(where: dict) -> dict[str, list[dict]]:
+    """``where`` (keyed by diffusers' layer names) regrouped by our layers: the siblings a fused
+    layer of engine.flux.blocks holds, in its output order; every other layer alone."""
+    grouped: dict[str, list[tuple[int, dict]]] = {}
+    for name, at in where.items():
+        block, rel = re.fullmatch(r"((?:single_)?transformer_blocks\.\d+)\.(.+)", name).groups()
+        table = SINGLE_FUSED if block.startswith("single") else DOUBLE_FUSED
+        fused, index = next(((f, sibs.index(rel)) for f, sibs in table.items() if rel in sibs), (rel, 0))
+        grouped.setdefault(f"{block}.{fused}", []).append((index, at))
+    return {name: [at for _, at in sorted(pieces, key=lambda p: p[0])] for name, pieces in grouped.items()}
+
+
 @pytest.mark.slow
 def test_every_layer_of_a_deepcompressor_file_loads_as_it_was_quantized(converted):
     (sd, scales, smooths, branches), where, path = converted
     model = load_transformer(path)
     w4a4 = {n: m for n, m in model.named_modules() if isinstance(m, SVDQLinear)}
     w4a16 = {n: m for n, m in model.named_modules() if isinstance(m, W4A16Linear)}
-    assert set(w4a4) == set(where)
+    ours = fused_where(where)
+    assert set(w4a4) == set(ours)
+    assert {"transformer_blocks.0.attn.to_qkv", "single_transformer_blocks.0.to_qkv_mlp"} <= set(w4a4)
     assert set(w4a16) == {k.removesuffix(".weight.scale.0") for k in scales} - {
         w["linear"] for w in where.values()
     }
     for name, mod in w4a4.items():
-        at = where[name]
-        w, s = sd[f"{at['linear']}.weight"], scales[f"{at['linear']}.weight.scale.0"].flatten(1)
-        codes = torch.round(w.float().unflatten(1, (-1, 64)) / s.float().unsqueeze(-1)).flatten(1)
-        assert mod.unsigned == at["unsigned"], name
-        assert torch.equal(unpack_int4(mod.qweight).float(), codes), name
-        assert torch.equal(mod.wscales, s), name
-        branch = branches[at["branch"]]
-        assert torch.equal(mod.proj_up, branch["b.weight"][at["rows"]]), name
+        pieces = ours[name]
+        codes, wscales, bias = [], [], []
+        for at in pieces:
+            w, s = sd[f"{at['linear']}.weight"], scales[f"{at['linear']}.weight.scale.0"].flatten(1)
+            codes.append(torch.round(w.float().unflatten(1, (-1, 64)) / s.float().unsqueeze(-1)).flatten(1))
+            wscales.append(s)
+            bias.append(sd[f"{at['linear']}.bias"].float())
+        assert {at["unsigned"] for at in pieces} == {mod.unsigned}, name
+        assert torch.equal(unpack_int4(mod.qweight).float(), torch.cat(codes)), name
+        assert torch.equal(mod.wscales, torch.cat(wscales)), name
+        # One low-rank branch per branch of theirs: downs stacked, each up in its own rows and
+        # columns (one branch: the plain rows of its up).
+        keys = list(dict.fromkeys(at["branch"] for at in pieces))
+        cols, start = {}, 0
+        for key in keys:
+            cols[key] = slice(start, start + branches[key]["a.weight"].shape[0])
+            start = cols[key].stop
+        up = torch.zeros(mod.out_features, start, dtype=mod.proj_up.dtype)
+        row = 0
+        for at in pieces:
+            n = at["rows"].stop - at["rows"].start
+            up[row : row + n, cols[at["branch"]]] = branches[at["branch"]]["b.weight"][at["rows"]]
+            row += n
+        assert torch.equal(mod.proj_up, up), name
+        down = torch.cat([branches[key]["a.weight"] for key in keys])
         # Our down factor reads the smoothed input, as theirs did before their packer divided
         # it by the smoothing factor: two bf16 roundings at most.
-        assert torch.allclose(mod.proj_down.float(), branch["a.weight"].float(), rtol=2**-7, atol=1e-6), name
+        assert torch.allclose(mod.proj_down.float(), down.float(), rtol=2**-7, atol=1e-6), name
         if name.endswith(("to_out.0", "to_add_out", "proj_out.parts.0")):
             # An out projection: the smoothing was fused into v, so the input arrives divided.
             assert torch.equal(mod.smooth_factor, torch.ones_like(mod.smooth_factor)), name
         else:
-            assert torch.equal(mod.smooth_factor, smooths[at["smooth"]]), name
-        bias = sd[f"{at['linear']}.bias"].float()
+            assert len({at["smooth"] for at in pieces}) == 1, name  # one smoothing factor: fusable
+            assert torch.equal(mod.smooth_factor, smooths[pieces[0]["smooth"]]), name
+        bias = torch.cat(bias)
         assert ((mod.bias.float() - bias).abs() <= 2**-7 * bias.abs() + 2e-3).all(), name
     for name, mod in w4a16.items():
         # Their rows are reordered and their +1 folded into the bias; ours are diffusers' again.

@@ -8,6 +8,12 @@ Tensors: the transformer's full state dict. Quantized linears carry ``qweight``,
 ``unsigned_layers`` (JSON list), ``act_shift``, and ``converted_from`` for a file converted
 from the public engine's. See docs/checkpoint-format.md.
 
+``format_version`` 2 (what this engine writes): the fused blocks of ``engine.flux.blocks``,
+whose q/k/v projections are one layer (``attn.to_qkv``, ``attn.to_added_qkv``; the single
+block's ``to_qkv_mlp`` also holds proj_mlp) and whose single-block ``proj_out`` is stored as
+``proj_out.parts.{0,1}``. Version 1 (read only): diffusers' own layers, each sibling smoothed
+on its own, so they cannot be fused exactly; such files load with diffusers' block forwards.
+
 This module owns the format: the metadata, its two versions (``format_version``, the file
 layout; ``quant_config.version``, the config's schema), the atomic write, and reading the
 public engine's checkpoint through the layout translation of ``engine.flux.nunchaku``.
@@ -26,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from engine.flux.blocks import fuse_projections, unfused_blocks
 from engine.flux.layers import SplitInputLinear, Treatment, set_module, split_sizes, target_layers
 from engine.modules import SVDQLinear, W4A16Linear
 from engine.quant import GELU_SHIFT, SVDQConfig
@@ -33,7 +40,7 @@ from engine.quant import GELU_SHIFT, SVDQConfig
 logger = logging.getLogger(__name__)
 
 FORMAT = "svdquant-flux"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: diffusers' separate q/k/v layers; 2: fused (engine.flux.blocks)
 
 
 class CheckpointError(ValueError):
@@ -95,7 +102,18 @@ def write_checkpoint(state: dict[str, torch.Tensor], path: str | Path, metadata:
 
 
 def save_checkpoint(transformer: nn.Module, path: str | Path, config: SVDQConfig) -> Path:
-    """Write the quantized ``transformer`` to ``path`` in our format."""
+    """Write the quantized ``transformer`` to ``path`` in our format (version 2: fused blocks).
+
+    A transformer with diffusers' separate q/k/v layers (loaded from a version-1 file) is
+    refused: its siblings were smoothed separately, so they have no exact fused form.
+    """
+    unfused = unfused_blocks(transformer)
+    if unfused:
+        raise ValueError(
+            "only fused transformers are written (checkpoint format version 2); blocks "
+            f"{unfused[:3]} ({len(unfused)}) have diffusers' separate q/k/v layers, as a version-1 file "
+            "holds them: keep using that file, or re-quantize with scripts/quantize_flux.py"
+        )
     unsigned = [n for n, m in transformer.named_modules() if isinstance(m, SVDQLinear) and m.unsigned]
     shifts = {m.act_shift for m in transformer.modules() if isinstance(m, SVDQLinear) and m.unsigned}
     if len(shifts) > 1:
@@ -147,6 +165,8 @@ def _skeleton(
     with torch.device("meta"):
         model = model_class.from_config(config)
     model.svdq_config = svdq_config  # what save_pretrained writes back
+    if int(metadata["format_version"]) >= 2:
+        fuse_projections(model)  # the fused blocks, their float layers still on the meta device
 
     def svdq(name: str, in_features: int, out_features: int) -> SVDQLinear:
         if f"{name}.proj_down" not in shapes:

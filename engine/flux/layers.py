@@ -22,7 +22,13 @@ _DOUBLE = r"transformer_blocks\.\d+\."
 _SINGLE = r"single_transformer_blocks\.\d+\."
 
 # Matched against the full module name. Everything else (embedders, norm_out, proj_out) stays 16-bit.
+# diffusers' own layers (what calibration sees, and version-1 checkpoints hold) and the fused
+# layers of engine.flux.blocks (version 2): q/k/v (+ proj_mlp) as one linear, proj_out in parts.
 LAYER_TABLE: tuple[tuple[str, Treatment], ...] = (
+    (_DOUBLE + r"attn\.(to_qkv|to_added_qkv)", Treatment.W4A4),
+    (_SINGLE + r"to_qkv_mlp", Treatment.W4A4),
+    (_SINGLE + r"proj_out\.parts\.0", Treatment.W4A4),
+    (_SINGLE + r"proj_out\.parts\.1", Treatment.W4A4_UNSIGNED),
     (
         _DOUBLE + r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
         Treatment.W4A4,
@@ -83,6 +89,24 @@ def split_sizes(model: nn.Module, name: str) -> list[int]:
     block = model.get_submodule(name.rpartition(".")[0])
     mlp = block.mlp_hidden_dim
     return [model.get_submodule(name).in_features - mlp, mlp]
+
+
+def calibration_source(model: nn.Module, name: str) -> tuple[str, slice | None]:
+    """Which calibrated layer of diffusers' model saw the input of layer ``name`` (a fused or
+    split layer of the fused model), and which of its input channels: siblings share their
+    input, so a fused layer's statistics are those of its first sibling."""
+    if name.endswith(".attn.to_qkv"):
+        return name.removesuffix("to_qkv") + "to_q", None
+    if name.endswith(".attn.to_added_qkv"):
+        return name.removesuffix("to_added_qkv") + "add_q_proj", None
+    if name.endswith(".to_qkv_mlp"):
+        return name.removesuffix("to_qkv_mlp") + "attn.to_q", None
+    m = re.fullmatch(r"(.+)\.proj_out\.parts\.(\d)", name)
+    if m:
+        sizes = model.get_submodule(f"{m.group(1)}.proj_out").sizes
+        start = sum(sizes[: int(m.group(2))])
+        return f"{m.group(1)}.proj_out", slice(start, start + sizes[int(m.group(2))])
+    return name, None
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

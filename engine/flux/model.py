@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from diffusers import FluxTransformer2DModel
@@ -42,6 +43,10 @@ class SVDQFluxTransformer2DModel(FluxTransformer2DModel):
     """FluxTransformer2DModel with SVDQuant linears; built by ``engine.flux.load_transformer``."""
 
     svdq_config = None  # the SVDQConfig it was quantized with, set by load_transformer
+    # diffusers finds blocks by class name (compile_repeated_blocks, device maps): ours too.
+    _FUSED: ClassVar[tuple[str, ...]] = ("FusedFluxTransformerBlock", "FusedFluxSingleTransformerBlock")
+    _repeated_blocks: ClassVar[list[str]] = [*FluxTransformer2DModel._repeated_blocks, *_FUSED]
+    _no_split_modules: ClassVar[list[str]] = [*FluxTransformer2DModel._no_split_modules, *_FUSED]
 
     # --- save / load ----------------------------------------------------------------------------
 

@@ -9,10 +9,16 @@ Their layout, worked out from their source and documented in docs/checkpoint-for
   low-rank branch reads the *raw* input (ours reads the smoothed one), so our down factor is
   theirs times the smoothing factor. On unsigned layers they add the GELU shift to the 4-bit
   path only; ours shifts both paths, so the bias moves by ``shift * up @ down.sum(1)``.
-* q, k and v are one fused layer (``qkv_proj``); we split its rows, which is exact since the
-  three share their input, smoothing and low-rank down factor.
+* q, k and v are one fused layer (``qkv_proj``, ``qkv_proj_context``), as ours are
+  (``attn.to_qkv``, ``attn.to_added_qkv``: checkpoint format version 2): mapped directly.
+* In the single blocks their ``qkv_proj`` and ``mlp_fc1`` are two layers, but deepcompressor
+  smooths them jointly (``smooth_diffusion_parallel_qkv_up_proj``: one smoothing factor for
+  q/k/v and the MLP input), so they are our one ``to_qkv_mlp``, exactly: the same smoothed
+  input gives the same activation codes; each keeps its own low-rank branch, as the down
+  factors concatenated ([2R, K]) with a block-diagonal up factor ([N, 2R]). A file whose two
+  smoothing factors differ is refused (it could not be one layer exactly).
 * The single block's ``proj_out`` is ``out_proj`` (attention slice) + ``mlp_fc2`` (GELU slice,
-  unsigned), as our SplitInputLinear.
+  unsigned), our SplitInputLinear's ``parts.0`` and ``parts.1``.
 * AdaLN linears are AWQ W4A16: ``qweight`` int32 [N/4, K/2] in TinyChat's order,
   ``wscales``/``wzeros`` [G', N] with ``w = q * s + z``, where the group count is padded (zero
   rows) to a multiple of 16 (TinyChat's packer); the output channels are interleaved
@@ -178,21 +184,21 @@ def adanorm_scale_rows(n: int, chunks: int) -> torch.Tensor:
 
 # --- whole checkpoints --------------------------------------------------------------------------
 
-_DOUBLE_W4A4 = {  # their name -> ours (a list: fused rows split in order)
-    "qkv_proj": ["attn.to_q", "attn.to_k", "attn.to_v"],
-    "qkv_proj_context": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-    "out_proj": ["attn.to_out.0"],
-    "out_proj_context": ["attn.to_add_out"],
-    "mlp_fc1": ["ff.net.0.proj"],
-    "mlp_fc2": ["ff.net.2"],
-    "mlp_context_fc1": ["ff_context.net.0.proj"],
-    "mlp_context_fc2": ["ff_context.net.2"],
+_DOUBLE_W4A4 = {  # their name -> ours (checkpoint format version 2)
+    "qkv_proj": "attn.to_qkv",
+    "qkv_proj_context": "attn.to_added_qkv",
+    "out_proj": "attn.to_out.0",
+    "out_proj_context": "attn.to_add_out",
+    "mlp_fc1": "ff.net.0.proj",
+    "mlp_fc2": "ff.net.2",
+    "mlp_context_fc1": "ff_context.net.0.proj",
+    "mlp_context_fc2": "ff_context.net.2",
 }
-_SINGLE_W4A4 = {
-    "qkv_proj": ["attn.to_q", "attn.to_k", "attn.to_v"],
-    "mlp_fc1": ["proj_mlp"],
-    "out_proj": ["proj_out.parts.0"],
-    "mlp_fc2": ["proj_out.parts.1"],
+_SINGLE_W4A4 = {  # qkv_proj and mlp_fc1: one layer, outputs in this order
+    "qkv_proj": "to_qkv_mlp",
+    "mlp_fc1": "to_qkv_mlp",
+    "out_proj": "proj_out.parts.0",
+    "mlp_fc2": "proj_out.parts.1",
 }
 _UNSIGNED = {"mlp_fc2", "mlp_context_fc2"}
 _ADANORM = {"norm1.linear": 6, "norm1_context.linear": 6, "norm.linear": 3}
@@ -261,6 +267,29 @@ def _awq_layer(t: dict[str, torch.Tensor], chunks: int, dtype: torch.dtype) -> d
     }
 
 
+def concat_outputs(layers: list[dict[str, torch.Tensor]], what: str) -> dict[str, torch.Tensor]:
+    """W4A4 layers (our plain format) that read one input, as one layer with their outputs
+    concatenated in order. Exact only if they share the smoothing factor (then the smoothed
+    input and its 4-bit codes are the same for all); their low-rank branches stay apart: one
+    down factor if they share it, else the downs stacked under a block-diagonal up factor."""
+    smooth = layers[0]["smooth_factor"]
+    if any(not torch.equal(layer["smooth_factor"], smooth) for layer in layers[1:]):
+        raise ValueError(f"{what}: its parts have different smoothing factors, so they cannot be one layer exactly")
+    downs, ups = [layer["proj_down"] for layer in layers], [layer["proj_up"] for layer in layers]
+    if all(torch.equal(d, downs[0]) for d in downs[1:]):
+        down, up = downs[0], torch.cat(ups)
+    else:
+        down, up = torch.cat(downs), torch.block_diag(*ups)
+    return {
+        "qweight": torch.cat([layer["qweight"] for layer in layers]),
+        "wscales": torch.cat([layer["wscales"] for layer in layers]),
+        "smooth_factor": smooth,
+        "proj_down": down,
+        "proj_up": up,
+        "bias": torch.cat([layer["bias"] for layer in layers]),
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class Converted:
     """Their checkpoint in our layout: the tensors and what our metadata needs to describe them."""
@@ -303,24 +332,24 @@ def convert_state_dict(state: dict[str, torch.Tensor], metadata: dict[str, str])
         )
     dtype = next(v.dtype for v in state.values() if v.dtype in (torch.bfloat16, torch.float16))
     unsigned_layers = []
+    ranks = set()
     for block, block_layers in layers.items():
         table = _SINGLE_W4A4 if block.startswith("single") else _DOUBLE_W4A4
-        for layer, tensors in block_layers.items():
+        targets: dict[str, list[dict[str, torch.Tensor]]] = {}
+        for layer in sorted(block_layers, key=lambda n: list(table).index(n) if n in table else -1):
+            tensors = block_layers[layer]
             if layer in _ADANORM:
                 for name, v in _awq_layer(tensors, _ADANORM[layer], dtype).items():
                     out[f"{block}.{layer}.{name}"] = v
                 continue
-            ours = _w4a4_layer(tensors, layer in _UNSIGNED, dtype)
-            targets = table[layer]
-            for i, target in enumerate(targets):
-                prefix = f"{block}.{target}"
-                if layer in _UNSIGNED:
-                    unsigned_layers.append(prefix)
-                for name, v in ours.items():
-                    if name in ("qweight", "wscales", "proj_up", "bias"):  # row-split the fused outputs
-                        v = v.chunk(len(targets), dim=0)[i]
-                    out[f"{prefix}.{name}"] = v.clone() if len(targets) > 1 else v  # own storage each
-    ranks = {v.shape[0] for k, v in out.items() if k.endswith(".proj_down")}
+            ranks.add(tensors.get("proj_down", tensors.get("lora_down")).shape[1])
+            targets.setdefault(table[layer], []).append(_w4a4_layer(tensors, layer in _UNSIGNED, dtype))
+            if layer in _UNSIGNED:
+                unsigned_layers.append(f"{block}.{table[layer]}")
+        for target, converted in targets.items():
+            ours = converted[0] if len(converted) == 1 else concat_outputs(converted, f"{block}.{target}")
+            for name, v in ours.items():
+                out[f"{block}.{target}.{name}"] = v
     if len(ranks) > 1:
         raise ValueError(f"the public checkpoint's layers disagree on the rank: {sorted(ranks)}")
     return Converted(

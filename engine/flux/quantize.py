@@ -10,7 +10,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from engine.flux.layers import SplitInputLinear, Treatment, set_module, split_sizes, target_layers
+from engine.flux.blocks import fuse_projections
+from engine.flux.layers import (
+    SplitInputLinear,
+    Treatment,
+    calibration_source,
+    set_module,
+    split_sizes,
+    target_layers,
+)
 from engine.flux.prompts import CALIBRATION_PROMPTS
 from engine.modules import SVDQLinear, W4A16Linear
 from engine.quant import GELU_SHIFT, ActivationRecorder, LayerStats, SVDQConfig, relative_error
@@ -77,28 +85,39 @@ def quantize_transformer(
     *,
     dtype: torch.dtype | None = None,
     on_layer: Callable[[LayerReport], None] | None = None,
+    fuse: bool = True,
 ) -> list[LayerReport]:
     """Swap every layer of the table for its quantized module, one layer at a time.
+
+    ``stats`` are calibrate()'s, keyed by diffusers' layer names. With ``fuse`` (the default,
+    what checkpoints hold) the blocks are first made the fused ones of engine.flux.blocks: q/k/v
+    (and the single blocks' proj_mlp) become one linear, quantized as one (one smoothing factor
+    searched on the concatenated weight, one low-rank branch), with the statistics of the
+    input the siblings share. ``fuse=False`` keeps diffusers' layers (the version-1 layout).
 
     Each float layer is replaced (and freed) as soon as its quantized twin exists, so peak
     memory stays near the float model plus one layer's work. ``dtype`` is the storage type of
     the 16-bit tensors (default: the layer's own if 16-bit, else bfloat16).
     """
+    if fuse:
+        fuse_projections(transformer)
     reports = []
     for name, treatment in target_layers(transformer).items():
         linear = transformer.get_submodule(name)
-        st = stats.get(name)
+        source, cols = calibration_source(transformer, name)
+        st = stats.get(source)
         if st is None:
-            raise KeyError(f"no calibration statistics for layer {name}")
+            raise KeyError(f"no calibration statistics for layer {source}" + (f" (for {name})" if source != name else ""))
+        samples, act_max = (st.samples, st.act_max) if cols is None else (st.samples[:, cols], st.act_max[cols])
         t0 = time.perf_counter()
-        x = st.samples.to(linear.weight.device, linear.weight.dtype)
+        x = samples.to(linear.weight.device, linear.weight.dtype)
         if treatment is Treatment.W4A16:
             q, alpha = W4A16Linear.from_linear(linear, config.group_size, dtype=dtype), None
         elif treatment is Treatment.W4A4_SPLIT:
             q, alpha = _quantize_split(linear, st, split_sizes(transformer, name), config, dtype), None
         else:
             unsigned = treatment is Treatment.W4A4_UNSIGNED
-            q = _svdq(linear, st.samples, st.act_max, config, dtype, unsigned=unsigned)
+            q = _svdq(linear, samples, act_max, config, dtype, unsigned=unsigned)
             alpha = q.alpha
         err = relative_error(q(x), linear(x))
         set_module(transformer, name, q)

@@ -9,6 +9,13 @@ are split the way diffusers splits the model: ``qkv`` rows into q, k, v (the dow
 shared), the single block's ``linear1`` into q, k, v and ``proj_mlp``, and the single block's
 ``proj_out`` input columns into its attention and GELU parts.
 
+On a model with fused blocks (engine.flux.blocks: ``attn.to_qkv``, ``attn.to_added_qkv``,
+``to_qkv_mlp``) the factors of the siblings a fused layer replaces become one factor of the
+fused layer: their down factors stacked (one down when they share it, as a LoRA trained on
+BFL's fused ``qkv``/``linear1`` does) and a block-structured up factor, each sibling's up in
+its own output rows and zero elsewhere. Exact: the fused layer's output rows are the
+siblings' outputs.
+
 Every factor is checked before anything is applied: a LoRA pair (rank > 0, matching ranks), one
 scalar alpha, finite values (a LoRA holding NaN or Inf would turn every image into a constant),
 and shapes that fit the target layer. Keys that match nothing and text-encoder keys are listed
@@ -25,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.flux.blocks import sibling_rows
 from engine.flux.layers import SplitInputLinear
 from engine.modules import SVDQLinear, W4A16Linear
 
@@ -180,6 +188,7 @@ def parse_lora(state: dict[str, torch.Tensor], model: nn.Module) -> ParsedLora:
     table = _bfl_table(model)
     kohya_names = {name.replace(".", "_"): name for name in table}
     modules = dict(model.named_modules())
+    siblings = sibling_rows(model)
     factors, unmatched, text_encoder = [], list(leftover), []
     for base, parts in pairs.items():
         if base.startswith(_TEXT_ENCODER):
@@ -200,7 +209,9 @@ def parse_lora(state: dict[str, torch.Tensor], model: nn.Module) -> ParsedLora:
         scale = _alpha_scale(base, parts["alpha"], rank) if "alpha" in parts else 1.0
         if fmt == "diffusers":
             name = re.sub(r"^(base_model\.model\.|transformer\.)+", "", base)
-            if isinstance(modules.get(name), nn.Linear | SVDQLinear | W4A16Linear | SplitInputLinear):
+            if name in siblings or isinstance(
+                modules.get(name), nn.Linear | SVDQLinear | W4A16Linear | SplitInputLinear
+            ):
                 factors.append(LoraFactor(name, down, up, scale, base))
             else:
                 unmatched.append(base)
@@ -222,13 +233,55 @@ def parse_lora(state: dict[str, torch.Tensor], model: nn.Module) -> ParsedLora:
         raise LoraError(
             f"no FLUX transformer LoRA keys recognized (format looked like {fmt}; e.g. {list(state)[:3]})"
         )
-    _check_shapes(factors, modules)
-    return ParsedLora(fmt, factors, unmatched, text_encoder)
+    _check_shapes(factors, modules, siblings)
+    return ParsedLora(fmt, _onto_fused(factors, modules, siblings), unmatched, text_encoder)
 
 
-def _check_shapes(factors: list[LoraFactor], modules: dict[str, nn.Module]) -> None:
+def _onto_fused(
+    factors: list[LoraFactor], modules: dict[str, nn.Module], siblings: dict[str, tuple[str, slice]]
+) -> list[LoraFactor]:
+    """Factors of fused siblings as one factor per fused layer (see the module doc), in order."""
+    groups: dict[str, list[LoraFactor]] = {}
+    out: list[LoraFactor | str] = []
     for f in factors:
-        k, n = modules[f.module].in_features, modules[f.module].out_features
+        if f.module not in siblings:
+            out.append(f)
+            continue
+        fused = siblings[f.module][0]
+        if fused not in groups:
+            groups[fused] = []
+            out.append(fused)  # its place in the order
+        groups[fused].append(f)
+    merged = {}
+    for fused, members in groups.items():
+        downs: dict[int, torch.Tensor] = {}  # one column block per distinct down factor
+        for f in members:
+            downs.setdefault(id(f.down), f.down)
+        offsets, start = {}, 0
+        for key, down in downs.items():
+            offsets[key] = start
+            start += down.shape[0]
+        one_scale = len({f.scale for f in members}) == 1
+        up = torch.zeros(modules[fused].out_features, start)
+        for f in members:
+            rows, col = siblings[f.module][1], offsets[id(f.down)]
+            up[rows, col : col + f.down.shape[0]] += f.up if one_scale else f.up * f.scale
+        keys = list(dict.fromkeys(f.key for f in members))
+        merged[fused] = LoraFactor(
+            fused, torch.cat(list(downs.values())), up, members[0].scale if one_scale else 1.0, ", ".join(keys)
+        )
+    return [merged[f] if isinstance(f, str) else f for f in out]
+
+
+def _check_shapes(
+    factors: list[LoraFactor], modules: dict[str, nn.Module], siblings: dict[str, tuple[str, slice]]
+) -> None:
+    for f in factors:
+        if f.module in siblings:  # a layer fused into a wider one: its input, its rows
+            fused, rows = siblings[f.module]
+            k, n = modules[fused].in_features, rows.stop - rows.start
+        else:
+            k, n = modules[f.module].in_features, modules[f.module].out_features
         if f.down.shape[1] != k or f.up.shape[0] != n:
             raise LoraError(
                 f"{f.key}: shapes down {list(f.down.shape)} / up {list(f.up.shape)} do not fit {f.module} "

@@ -3,7 +3,9 @@
 On SVDQLinear and W4A16Linear a LoRA widens the 16-bit low-rank branch
 (engine/modules/lora_slots.py); a SplitInputLinear splits the down factor by input slice; on a
 layer that stays 16-bit (embedders, output projection) it is merged into the float weight, and
-the original weight tensor is kept to restore it bit for bit.
+the original weight tensor is kept to restore it bit for bit. LoRAs of layers that a fused
+block holds as one (q/k/v, proj_mlp) arrive here already as factors of the fused layer
+(engine.lora.formats).
 """
 
 from __future__ import annotations
@@ -66,21 +68,27 @@ class LoraManager:
         self._applied = []
 
     @torch.no_grad()
+    def _add(self, name: str, module_name: str, m: nn.Module, down: torch.Tensor, up: torch.Tensor, s: float) -> None:
+        """One LoRA on one layer: a slot of a quantized layer, or merged into a 16-bit weight."""
+        if isinstance(m, SVDQLinear | W4A16Linear):
+            m.add_lora(name, down, up, s)
+            return
+        original = self._merged.setdefault(module_name, m.weight)  # kept to restore bit for bit
+        w = m.weight
+        merged = w.float() + s * (up.to(w.device) @ down.to(w.device))
+        m.weight = nn.Parameter(merged.to(original.dtype), requires_grad=False)
+
+    @torch.no_grad()
     def _apply(self, name: str, parsed: ParsedLora, scale: float) -> None:
         modules = dict(self.transformer.named_modules())
         for f in parsed.factors:
             m = modules[f.module]
             s = scale * f.scale
-            if isinstance(m, SVDQLinear | W4A16Linear):
-                m.add_lora(name, f.down, f.up, s)
-            elif isinstance(m, SplitInputLinear):
-                for part, down in zip(m.parts, f.down.split(m.sizes, dim=1), strict=True):
-                    part.add_lora(name, down, f.up, s)
-            else:  # a 16-bit nn.Linear: merge, keeping the original tensor to restore
-                original = self._merged.setdefault(f.module, m.weight)
-                w = m.weight
-                merged = w.float() + s * (f.up.to(w.device) @ f.down.to(w.device))
-                m.weight = nn.Parameter(merged.to(original.dtype), requires_grad=False)
+            if isinstance(m, SplitInputLinear):
+                for i, (part, down) in enumerate(zip(m.parts, f.down.split(m.sizes, dim=1), strict=True)):
+                    self._add(name, f"{f.module}.parts.{i}", part, down, f.up, s)
+            else:
+                self._add(name, f.module, m, f.down, f.up, s)
         if parsed.unmatched:
             logger.warning(
                 "LoRA %s: %d key(s) match no layer of this model and were not applied: %s",

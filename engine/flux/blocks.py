@@ -1,0 +1,292 @@
+"""FLUX blocks whose sibling projections are one layer: one quantize_act, one GEMM per input.
+
+In diffusers' blocks q, k and v (and, in the single blocks, the MLP's input projection) are
+separate linears over the same input. Here they are one linear with concatenated outputs:
+
+* double block: ``attn.to_qkv`` (q | k | v of the image stream) and ``attn.to_added_qkv``
+  (q | k | v of the text stream), diffusers' own names for fused projections;
+* single block: ``to_qkv_mlp`` (q | k | v | proj_mlp), on the block;
+* the single block's ``proj_out`` is a :class:`SplitInputLinear` whose two parts the forward
+  calls on the attention output and the GELU output directly (no concatenation, no slices).
+
+The forwards are diffusers' arithmetic (FLUX.1 as diffusers 0.42.1 computes it), written as
+small steps so that each can be replaced by a fused op: AdaLN modulation next to the
+projection it feeds (``_modulated``), q/k RMSNorm + RoPE + the joint (text, image)
+concatenation in one function (``qk_norm_rope``), the attention in one (``attend``).
+diffusers' ``FluxTransformer2DModel.forward`` drives them unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import (
+    FluxSingleTransformerBlock,
+    FluxTransformerBlock,
+)
+from torch import nn
+
+from engine.flux.layers import SplitInputLinear, set_module
+
+# fused module (relative to its block) -> the diffusers siblings it replaces, in output order
+DOUBLE_FUSED = {
+    "attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "attn.to_added_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
+SINGLE_FUSED = {"to_qkv_mlp": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+_UNSUPPORTED_KWARGS = ("ip_hidden_states", "ip_adapter_masks")
+
+
+def qk_norm_rope(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    *,
+    heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, S_total, H, D]`` for attention over the parts concatenated along the sequence.
+
+    ``parts``: ``(qkv [B, S_i, >= 3*H*D], norm_q weight [D], norm_k weight [D])`` in sequence
+    order (FLUX: text, then image); q | k | v are the first ``3*H*D`` channels of ``qkv`` (a
+    view of a wider projection output is fine). q and k get RMSNorm then RoPE (``cos``/``sin``
+    ``[S_total, D]``; None: no RoPE), v is only concatenated. The interface of the fused op
+    that replaces it.
+    """
+    qs, ks, vs = [], [], []
+    for qkv, wq, wk in parts:
+        inner, d = _inner(qkv.shape[-1], heads, wq), wq.shape[0]
+        q, k, v = (qkv[..., i * inner : (i + 1) * inner] for i in range(3))
+        qs.append(F.rms_norm(q.unflatten(-1, (heads, d)), (d,), wq, eps))
+        ks.append(F.rms_norm(k.unflatten(-1, (heads, d)), (d,), wk, eps))
+        vs.append(v.unflatten(-1, (heads, d)))
+    q, k, v = (torch.cat(t, dim=1) if len(t) > 1 else t[0] for t in (qs, ks, vs))
+    if cos is not None:
+        q = apply_rotary_emb(q, (cos, sin), sequence_dim=1)
+        k = apply_rotary_emb(k, (cos, sin), sequence_dim=1)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def _inner(width: int, heads: int, norm_weight: torch.Tensor) -> int:
+    inner = heads * norm_weight.shape[0]
+    if width < 3 * inner:
+        raise ValueError(f"a fused projection of width {width} cannot hold q, k and v of {heads} x {norm_weight.shape[0]}")
+    return inner
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention over ``[B, S, H, D]`` inputs -> ``[B, S, H, D]``: SDPA, as diffusers' native backend."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _modulated(norm: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """AdaLN: ``LayerNorm(x) * (1 + scale) + shift`` (diffusers' AdaLayerNormZero arithmetic)."""
+    return norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+def _check_kwargs(joint_attention_kwargs: dict[str, Any] | None) -> None:
+    if joint_attention_kwargs and any(k in joint_attention_kwargs for k in _UNSUPPORTED_KWARGS):
+        raise NotImplementedError("IP-adapter attention is not supported by the fused FLUX blocks")
+
+
+class FusedFluxTransformerBlock(FluxTransformerBlock):
+    """diffusers' double block with ``attn.to_qkv`` and ``attn.to_added_qkv`` (see module doc)."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_kwargs(joint_attention_kwargs)
+        attn = self.attn
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.linear(
+            self.norm1.silu(temb)
+        ).chunk(6, dim=1)
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.linear(
+            self.norm1_context.silu(temb)
+        ).chunk(6, dim=1)
+
+        # Norm + modulation -> one projection per stream.
+        qkv = attn.to_qkv(_modulated(self.norm1.norm, hidden_states, scale_msa, shift_msa))
+        c_qkv = attn.to_added_qkv(
+            _modulated(self.norm1_context.norm, encoder_hidden_states, c_scale_msa, c_shift_msa)
+        )
+        # q/k RMSNorm + RoPE + joint (text, image) sequence -> attention.
+        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        q, k, v = qk_norm_rope(
+            [
+                (c_qkv, attn.norm_added_q.weight, attn.norm_added_k.weight),
+                (qkv, attn.norm_q.weight, attn.norm_k.weight),
+            ],
+            cos,
+            sin,
+            heads=attn.heads,
+            eps=attn.norm_q.eps,
+        )
+        out = attend(q, k, v).flatten(2, 3)
+        context_out, out = out.split_with_sizes(
+            [encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1
+        )
+        attn_output = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        context_attn_output = attn.to_add_out(context_out.contiguous())
+
+        # Gates and residuals; feed-forward of each stream.
+        hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
+        ff_output = _feed_forward(self.ff, _modulated(self.norm2, hidden_states, scale_mlp, shift_mlp))
+        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
+
+        encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
+        context_ff_output = _feed_forward(
+            self.ff_context, _modulated(self.norm2_context, encoder_hidden_states, c_scale_mlp, c_shift_mlp)
+        )
+        encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
+        if encoder_hidden_states.dtype == torch.float16:
+            encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+        return encoder_hidden_states, hidden_states
+
+
+def _feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """diffusers' FeedForward (GELU-tanh): proj -> gelu -> (dropout) -> out, as separate steps."""
+    h = F.gelu(ff.net[0].proj(x), approximate="tanh")
+    return ff.net[2](ff.net[1](h))
+
+
+class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
+    """diffusers' single block with ``to_qkv_mlp`` and a two-part ``proj_out`` (see module doc)."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_kwargs(joint_attention_kwargs)
+        attn = self.attn
+        text_seq_len = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        residual = hidden_states
+        shift_msa, scale_msa, gate_msa = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
+
+        # Norm + modulation -> one projection: q | k | v | MLP input.
+        proj = self.to_qkv_mlp(_modulated(self.norm.norm, hidden_states, scale_msa, shift_msa))
+        # q/k RMSNorm + RoPE (the q | k | v channels of proj, read in place) -> attention.
+        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        q, k, v = qk_norm_rope(
+            [(proj, attn.norm_q.weight, attn.norm_k.weight)], cos, sin, heads=attn.heads, eps=attn.norm_q.eps
+        )
+        attn_output = attend(q, k, v).flatten(2, 3)
+        mlp_hidden_states = F.gelu(proj[..., 3 * attn.inner_dim :], approximate="tanh")
+
+        # proj_out over (attention, MLP) as its two parts, added: no concatenation.
+        attn_part, mlp_part = self.proj_out.parts
+        out = attn_part(attn_output) + mlp_part(mlp_hidden_states)
+        hidden_states = residual + gate_msa.unsqueeze(1) * out
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
+def fused_siblings(block: nn.Module) -> dict[str, list[tuple[str, int]]]:
+    """``{fused module: [(diffusers sibling, output rows)]}`` of a fused block (relative names)."""
+    if isinstance(block, FusedFluxTransformerBlock):
+        inner = block.attn.inner_dim
+        return {name: [(s, inner) for s in sibs] for name, sibs in DOUBLE_FUSED.items()}
+    if isinstance(block, FusedFluxSingleTransformerBlock):
+        inner, sibs = block.attn.inner_dim, SINGLE_FUSED["to_qkv_mlp"]
+        return {"to_qkv_mlp": [(s, inner) for s in sibs[:3]] + [(sibs[3], block.mlp_hidden_dim)]}
+    return {}
+
+
+def unfused_blocks(model: nn.Module) -> list[str]:
+    """The blocks of ``model`` that still have diffusers' separate q/k/v layers."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, FluxTransformerBlock | FluxSingleTransformerBlock) and not fused_siblings(m)
+    ]
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether ``model`` has blocks and all of them are fused ones (a version-2 model)."""
+    blocks = [m for m in model.modules() if isinstance(m, FluxTransformerBlock | FluxSingleTransformerBlock)]
+    return bool(blocks) and not unfused_blocks(model)
+
+
+@torch.no_grad()
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Turn diffusers' FluxTransformer2DModel into the fused one, in place (float weights).
+
+    Sibling linears become one ``nn.Linear`` with their weights and biases concatenated (on the
+    meta device too: the checkpoint loader builds its skeleton this way), each block takes the
+    fused class (same modules, so diffusers' model forward drives it), and the single block's
+    ``proj_out`` becomes a SplitInputLinear of its attention columns (with the bias) and its
+    MLP columns. Exact up to float rounding of the larger matmul.
+    """
+    for block in model.transformer_blocks:
+        if isinstance(block, FusedFluxTransformerBlock):
+            continue
+        for fused, sibs in DOUBLE_FUSED.items():
+            _fuse_linears(block, fused, sibs)
+        block.__class__ = FusedFluxTransformerBlock  # same modules and state, our forward
+    for block in model.single_transformer_blocks:
+        if isinstance(block, FusedFluxSingleTransformerBlock):
+            continue
+        for fused, sibs in SINGLE_FUSED.items():
+            _fuse_linears(block, fused, sibs)
+        linear = block.proj_out
+        sizes = [linear.in_features - block.mlp_hidden_dim, block.mlp_hidden_dim]
+        parts, start = [], 0
+        for i, size in enumerate(sizes):
+            part = nn.Linear(size, linear.out_features, bias=i == 0 and linear.bias is not None,
+                             device=linear.weight.device, dtype=linear.weight.dtype)
+            part.weight.copy_(linear.weight[:, start : start + size])
+            if part.bias is not None:
+                part.bias.copy_(linear.bias)
+            parts.append(part)
+            start += size
+        block.proj_out = SplitInputLinear(parts, sizes)
+        block.__class__ = FusedFluxSingleTransformerBlock
+    return model
+
+
+def _fuse_linears(block: nn.Module, fused: str, siblings: tuple[str, ...]) -> None:
+    linears = [block.get_submodule(s) for s in siblings]
+    first = linears[0]
+    if not all(isinstance(m, nn.Linear) for m in linears):
+        raise TypeError(f"fuse_projections: {siblings} must be float nn.Linear layers (quantize after fusing)")
+    out = nn.Linear(
+        first.in_features,
+        sum(m.out_features for m in linears),
+        bias=first.bias is not None,
+        device=first.weight.device,
+        dtype=first.weight.dtype,
+    )
+    out.weight.copy_(torch.cat([m.weight for m in linears]))
+    if out.bias is not None:
+        out.bias.copy_(torch.cat([m.bias for m in linears]))
+    for s in siblings:
+        parent, _, child = s.rpartition(".")
+        delattr(block.get_submodule(parent) if parent else block, child)
+    set_module(block, fused, out)
+
+
+def sibling_rows(model: nn.Module) -> dict[str, tuple[str, slice]]:
+    """``{diffusers sibling: (fused module, its output rows)}`` over the fused blocks of ``model``
+    (full names): where a LoRA trained on diffusers' separate layers lands."""
+    table = {}
+    for prefix, block in model.named_modules():
+        for fused, sibs in fused_siblings(block).items():
+            start = 0
+            for sib, rows in sibs:
+                table[f"{prefix}.{sib}"] = (f"{prefix}.{fused}", slice(start, start + rows))
+                start += rows
+    return table
