@@ -277,30 +277,3 @@ def test_fused_quantization_matches_unfused_and_old_files_load_as_before(
     loaded = load_transformer(write_v1(unfused, tmp_path / "v1.safetensors", config))
     assert not is_fused(loaded)
     assert torch.equal(latents(float_pipe, loaded), latents(float_pipe, unfused))
-
-
-def test_qk_norm_rope_is_diffusers_processor_arithmetic():
-    """The helper the fused op replaces: diffusers' FluxAttnProcessor steps, on views of wider
-    projection outputs (the single block's q | k | v | MLP), bit for bit."""
-    from diffusers.models.embeddings import apply_rotary_emb
-
-    from engine.flux.blocks import qk_norm_rope
-
-    g = torch.Generator().manual_seed(0)
-    b, h, d, s_txt, s_img = 2, 3, 16, 5, 7
-    txt = torch.randn(b, s_txt, 3 * h * d, generator=g)
-    img = torch.randn(b, s_img, 3 * h * d + 40, generator=g)  # a strided view's parent
-    w = [torch.rand(d, generator=g) + 0.5 for _ in range(4)]
-    cos, sin = torch.randn(s_txt + s_img, d, generator=g), torch.randn(s_txt + s_img, d, generator=g)
-    q, k, v = qk_norm_rope([(txt, w[0], w[1]), (img, w[2], w[3])], cos, sin, heads=h, eps=1e-6)
-
-    def heads(x, i):
-        return x[..., i * h * d : (i + 1) * h * d].unflatten(-1, (h, d))
-
-    rms = torch.nn.functional.rms_norm
-    q_ref = torch.cat([rms(heads(txt, 0), (d,), w[0], 1e-6), rms(heads(img, 0), (d,), w[2], 1e-6)], dim=1)
-    k_ref = torch.cat([rms(heads(txt, 1), (d,), w[1], 1e-6), rms(heads(img, 1), (d,), w[3], 1e-6)], dim=1)
-    assert torch.equal(q, apply_rotary_emb(q_ref, (cos, sin), sequence_dim=1))
-    assert torch.equal(k, apply_rotary_emb(k_ref, (cos, sin), sequence_dim=1))
-    assert torch.equal(v, torch.cat([heads(txt, 2), heads(img, 2)], dim=1))
-    assert q.shape == (b, s_txt + s_img, h, d) and all(t.is_contiguous() for t in (q, k, v))

@@ -9,11 +9,18 @@ separate linears over the same input. Here they are one linear with concatenated
 * the single block's ``proj_out`` is a :class:`SplitInputLinear` whose two parts the forward
   calls on the attention output and the GELU output directly (no concatenation, no slices).
 
-The forwards are diffusers' arithmetic (FLUX.1 as diffusers 0.42.1 computes it), written as
-small steps so that each can be replaced by a fused op: AdaLN modulation next to the
-projection it feeds (``_modulated``), q/k RMSNorm + RoPE + the joint (text, image)
-concatenation in one function (``qk_norm_rope``), the attention in one (``attend``).
-diffusers' ``FluxTransformer2DModel.forward`` drives them unchanged.
+The forwards are diffusers' arithmetic (FLUX.1 as diffusers 0.42.1 computes it) with the glue
+between the quantized linears folded into as few launches as possible:
+
+* LayerNorm + AdaLN modulation run inside the projection's activation quantization
+  (``SVDQLinear(x, modulation=...)``, ``_project``), and the feed-forward's GELU inside the
+  next layer's (``gelu=True``, ``_gelu_project``): no 16-bit normalized or GELU'd copy is written;
+* q/k RMSNorm + RoPE + the joint (text, image) concatenation are one op,
+  ``engine.kernels.qk_norm_rope``; the attention is ``engine.flux.attention.attend`` (SDPA, or
+  SageAttention where setup chose it).
+
+A float layer (the quantizer's fused float model) takes the same steps unfused. diffusers'
+``FluxTransformer2DModel.forward`` drives the blocks unchanged.
 """
 
 from __future__ import annotations
@@ -22,14 +29,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (
     FluxSingleTransformerBlock,
     FluxTransformerBlock,
 )
 from torch import nn
 
+from engine import kernels
+from engine.flux.attention import attend
 from engine.flux.layers import SplitInputLinear, set_module
+from engine.modules.svdq_linear import SVDQLinear
 
 # fused module (relative to its block) -> the diffusers siblings it replaces, in output order
 DOUBLE_FUSED = {
@@ -40,47 +49,22 @@ SINGLE_FUSED = {"to_qkv_mlp": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"
 _UNSUPPORTED_KWARGS = ("ip_hidden_states", "ip_adapter_masks")
 
 
-def qk_norm_rope(
-    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    cos: torch.Tensor | None,
-    sin: torch.Tensor | None,
-    *,
-    heads: int,
-    eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v ``[B, S_total, H, D]`` for attention over the parts concatenated along the sequence.
-
-    ``parts``: ``(qkv [B, S_i, >= 3*H*D], norm_q weight [D], norm_k weight [D])`` in sequence
-    order (FLUX: text, then image); q | k | v are the first ``3*H*D`` channels of ``qkv`` (a
-    view of a wider projection output is fine). q and k get RMSNorm then RoPE (``cos``/``sin``
-    ``[S_total, D]``; None: no RoPE), v is only concatenated. The interface of the fused op
-    that replaces it.
-    """
-    qs, ks, vs = [], [], []
-    for qkv, wq, wk in parts:
-        inner, d = _inner(qkv.shape[-1], heads, wq), wq.shape[0]
-        q, k, v = (qkv[..., i * inner : (i + 1) * inner] for i in range(3))
-        qs.append(F.rms_norm(q.unflatten(-1, (heads, d)), (d,), wq, eps))
-        ks.append(F.rms_norm(k.unflatten(-1, (heads, d)), (d,), wk, eps))
-        vs.append(v.unflatten(-1, (heads, d)))
-    q, k, v = (torch.cat(t, dim=1) if len(t) > 1 else t[0] for t in (qs, ks, vs))
-    if cos is not None:
-        q = apply_rotary_emb(q, (cos, sin), sequence_dim=1)
-        k = apply_rotary_emb(k, (cos, sin), sequence_dim=1)
-    return q.contiguous(), k.contiguous(), v.contiguous()
+def _project(
+    layer: nn.Module, norm: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """``layer(LayerNorm(x) * (1 + scale) + shift)``: a quantized layer folds the norm and the
+    modulation into its activation quantization (one read of x, no 16-bit copy written); a float
+    layer (the quantizer's fused float model) takes diffusers' arithmetic step by step."""
+    if isinstance(layer, SVDQLinear):
+        return layer(x, modulation=(scale, shift))
+    return layer(_modulated(norm, x, scale, shift))
 
 
-def _inner(width: int, heads: int, norm_weight: torch.Tensor) -> int:
-    inner = heads * norm_weight.shape[0]
-    if width < 3 * inner:
-        raise ValueError(f"a fused projection of width {width} cannot hold q, k and v of {heads} x {norm_weight.shape[0]}")
-    return inner
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention over ``[B, S, H, D]`` inputs -> ``[B, S, H, D]``: SDPA, as diffusers' native backend."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+def _gelu_project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(gelu_tanh(x))``, the GELU folded into a quantized layer's activation quantization."""
+    if isinstance(layer, SVDQLinear):
+        return layer(x, gelu=True)
+    return layer(F.gelu(x, approximate="tanh"))
 
 
 def _modulated(norm: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -109,18 +93,18 @@ class FusedFluxTransformerBlock(FluxTransformerBlock):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1.linear(
             self.norm1.silu(temb)
         ).chunk(6, dim=1)
-        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.linear(
-            self.norm1_context.silu(temb)
-        ).chunk(6, dim=1)
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = (
+            self.norm1_context.linear(self.norm1_context.silu(temb)).chunk(6, dim=1)
+        )
 
         # Norm + modulation -> one projection per stream.
-        qkv = attn.to_qkv(_modulated(self.norm1.norm, hidden_states, scale_msa, shift_msa))
-        c_qkv = attn.to_added_qkv(
-            _modulated(self.norm1_context.norm, encoder_hidden_states, c_scale_msa, c_shift_msa)
+        qkv = _project(attn.to_qkv, self.norm1.norm, hidden_states, scale_msa, shift_msa)
+        c_qkv = _project(
+            attn.to_added_qkv, self.norm1_context.norm, encoder_hidden_states, c_scale_msa, c_shift_msa
         )
         # q/k RMSNorm + RoPE + joint (text, image) sequence -> attention.
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
-        q, k, v = qk_norm_rope(
+        q, k, v = kernels.qk_norm_rope(
             [
                 (c_qkv, attn.norm_added_q.weight, attn.norm_added_k.weight),
                 (qkv, attn.norm_q.weight, attn.norm_k.weight),
@@ -139,12 +123,12 @@ class FusedFluxTransformerBlock(FluxTransformerBlock):
 
         # Gates and residuals; feed-forward of each stream.
         hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
-        ff_output = _feed_forward(self.ff, _modulated(self.norm2, hidden_states, scale_mlp, shift_mlp))
+        ff_output = _feed_forward(self.ff, self.norm2, hidden_states, scale_mlp, shift_mlp)
         hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
 
         encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
         context_ff_output = _feed_forward(
-            self.ff_context, _modulated(self.norm2_context, encoder_hidden_states, c_scale_mlp, c_shift_mlp)
+            self.ff_context, self.norm2_context, encoder_hidden_states, c_scale_mlp, c_shift_mlp
         )
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
         if encoder_hidden_states.dtype == torch.float16:
@@ -152,10 +136,12 @@ class FusedFluxTransformerBlock(FluxTransformerBlock):
         return encoder_hidden_states, hidden_states
 
 
-def _feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """diffusers' FeedForward (GELU-tanh): proj -> gelu -> (dropout) -> out, as separate steps."""
-    h = F.gelu(ff.net[0].proj(x), approximate="tanh")
-    return ff.net[2](ff.net[1](h))
+def _feed_forward(
+    ff: nn.Module, norm: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """diffusers' FeedForward (GELU-tanh) on the modulated ``x``: proj -> gelu -> (dropout) -> out,
+    with the norm folded into proj's and the GELU into out's activation quantization."""
+    return _gelu_project(ff.net[2], _project(ff.net[0].proj, norm, x, scale, shift))
 
 
 class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
@@ -177,18 +163,17 @@ class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
         shift_msa, scale_msa, gate_msa = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
 
         # Norm + modulation -> one projection: q | k | v | MLP input.
-        proj = self.to_qkv_mlp(_modulated(self.norm.norm, hidden_states, scale_msa, shift_msa))
+        proj = _project(self.to_qkv_mlp, self.norm.norm, hidden_states, scale_msa, shift_msa)
         # q/k RMSNorm + RoPE (the q | k | v channels of proj, read in place) -> attention.
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
-        q, k, v = qk_norm_rope(
+        q, k, v = kernels.qk_norm_rope(
             [(proj, attn.norm_q.weight, attn.norm_k.weight)], cos, sin, heads=attn.heads, eps=attn.norm_q.eps
         )
         attn_output = attend(q, k, v).flatten(2, 3)
-        mlp_hidden_states = F.gelu(proj[..., 3 * attn.inner_dim :], approximate="tanh")
 
         # proj_out over (attention, MLP) as its two parts, added: no concatenation.
         attn_part, mlp_part = self.proj_out.parts
-        out = attn_part(attn_output) + mlp_part(mlp_hidden_states)
+        out = attn_part(attn_output) + _gelu_project(mlp_part, proj[..., 3 * attn.inner_dim :])
         hidden_states = residual + gate_msa.unsqueeze(1) * out
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
@@ -246,8 +231,13 @@ def fuse_projections(model: nn.Module) -> nn.Module:
         sizes = [linear.in_features - block.mlp_hidden_dim, block.mlp_hidden_dim]
         parts, start = [], 0
         for i, size in enumerate(sizes):
-            part = nn.Linear(size, linear.out_features, bias=i == 0 and linear.bias is not None,
-                             device=linear.weight.device, dtype=linear.weight.dtype)
+            part = nn.Linear(
+                size,
+                linear.out_features,
+                bias=i == 0 and linear.bias is not None,
+                device=linear.weight.device,
+                dtype=linear.weight.dtype,
+            )
             part.weight.copy_(linear.weight[:, start : start + size])
             if part.bias is not None:
                 part.bias.copy_(linear.bias)
@@ -262,7 +252,9 @@ def _fuse_linears(block: nn.Module, fused: str, siblings: tuple[str, ...]) -> No
     linears = [block.get_submodule(s) for s in siblings]
     first = linears[0]
     if not all(isinstance(m, nn.Linear) for m in linears):
-        raise TypeError(f"fuse_projections: {siblings} must be float nn.Linear layers (quantize after fusing)")
+        raise TypeError(
+            f"fuse_projections: {siblings} must be float nn.Linear layers (quantize after fusing)"
+        )
     out = nn.Linear(
         first.in_features,
         sum(m.out_features for m in linears),
