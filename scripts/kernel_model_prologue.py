@@ -19,7 +19,6 @@ import json
 import math
 import re
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -63,34 +62,19 @@ def launch(variant: str, m: int, k: int, major: int) -> tuple:
 
 def loops(cubin: bytes) -> list[dict]:
     """Every loop of the kernel: its SASS count and its global loads (bytes per thread)."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = km._run("nvdisasm", "-c", f.name)
-    instrs, labels = [], {}
-    for line in sass.splitlines():
-        if m := re.match(r"^\s*(\.L_x_\d+):", line):
-            labels[m.group(1)] = len(instrs)
-        elif m := re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line):
-            instrs.append(m.group(1))
     out = []
-    for i, text in enumerate(instrs):
-        m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", text)
-        if m and labels.get(m.group(1), i + 1) <= i:
-            body = instrs[labels[m.group(1)] : i + 1]
-            ops = Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
-            loads = [op for op in ops if re.match(r"(LDG|LDGSTS)(\.|$)", op)]
-            ld = [km.load_bytes(op) for op in loads]
-            out.append(
-                {
-                    "sass": len(body),
-                    "global_loads": sum(ops[o] for o in loads),
-                    "narrowest_load": min(ld, default=0),
-                    "mma": any(re.search(r"MMA", t) for t in body),
-                }
-            )
+    for body in km.disassemble(cubin)[2]:
+        ops = km.opcode_counts(body)
+        loads = [op for op in ops if re.match(r"(LDG|LDGSTS)(\.|$)", op)]
+        ld = [km.load_bytes(op) for op in loads]
+        out.append(
+            {
+                "sass": len(body),
+                "global_loads": sum(ops[o] for o in loads),
+                "narrowest_load": min(ld, default=0),
+                "mma": any(re.search(r"MMA", t) for t in body),
+            }
+        )
     return [lp for lp in out if lp["global_loads"]]  # the loops over groups (the rest are libdevice's)
 
 

@@ -216,14 +216,14 @@ def load_bytes(opcode: str) -> int:
     return 4
 
 
-def analyse(cubin: bytes) -> dict:
-    """Registers, spills and the main loop's instruction mix of one kernel."""
+def disassemble(cubin: bytes) -> tuple[str, list[str], list[list[str]]]:
+    """``cuobjdump -res-usage`` text, every SASS instruction, and the body of every loop (the
+    instructions from a backward branch's target to the branch)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = _run("cuobjdump", "-res-usage", f.name)
         sass = _run("nvdisasm", "-c", f.name)
-    reg = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     instrs, labels = [], {}
     for line in sass.splitlines():
         if m := re.match(r"^\s*(\.L_x_\d+):", line):
@@ -235,9 +235,21 @@ def analyse(cubin: bytes) -> dict:
         m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", text)
         if m and labels.get(m.group(1), i + 1) <= i:
             loops.append(instrs[labels[m.group(1)] : i + 1])
+    return usage, instrs, loops
+
+
+def opcode_counts(body: list[str]) -> Counter:
+    """Opcodes (predicates stripped) of a list of SASS instructions."""
+    return Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
+
+
+def analyse(cubin: bytes) -> dict:
+    """Registers, spills and the main loop's instruction mix of one kernel."""
+    usage, instrs, loops = disassemble(cubin)
+    reg = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     mma = [body for body in loops if any(re.search(r"\b(IGMMA|IMMA|HMMA)", t) for t in body)]
     main = max(mma or loops, key=len) if loops else []
-    ops = Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in main)
+    ops = opcode_counts(main)
     # Accumulator resets to the magic bits: moves of the literal, and moves from a register that
     # holds it (ptxas may copy the literal once and move the copy).
     magic, resets = set(), 0

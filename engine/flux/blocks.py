@@ -37,7 +37,7 @@ from torch import nn
 
 from engine import kernels
 from engine.flux.attention import attend
-from engine.flux.layers import SplitInputLinear, set_module
+from engine.flux.layers import SplitInputLinear, set_module, split_linear
 from engine.modules.svdq_linear import SVDQLinear
 
 # fused module (relative to its block) -> the diffusers siblings it replaces, in output order
@@ -229,20 +229,7 @@ def fuse_projections(model: nn.Module) -> nn.Module:
             _fuse_linears(block, fused, sibs)
         linear = block.proj_out
         sizes = [linear.in_features - block.mlp_hidden_dim, block.mlp_hidden_dim]
-        parts, start = [], 0
-        for i, size in enumerate(sizes):
-            part = nn.Linear(
-                size,
-                linear.out_features,
-                bias=i == 0 and linear.bias is not None,
-                device=linear.weight.device,
-                dtype=linear.weight.dtype,
-            )
-            part.weight.copy_(linear.weight[:, start : start + size])
-            if part.bias is not None:
-                part.bias.copy_(linear.bias)
-            parts.append(part)
-            start += size
+        parts = split_linear(linear, sizes)
         block.proj_out = SplitInputLinear(parts, sizes)
         block.__class__ = FusedFluxSingleTransformerBlock
     return model

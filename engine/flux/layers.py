@@ -84,6 +84,27 @@ class SplitInputLinear(nn.Module):
         return out
 
 
+@torch.no_grad()
+def split_linear(linear: nn.Linear, sizes: list[int]) -> list[nn.Linear]:
+    """``linear`` as one float linear per input slice (``sizes``): their outputs add up to its
+    output; the bias goes to the first."""
+    parts, start = [], 0
+    for i, size in enumerate(sizes):
+        part = nn.Linear(
+            size,
+            linear.out_features,
+            bias=i == 0 and linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        part.weight.copy_(linear.weight[:, start : start + size])
+        if part.bias is not None:
+            part.bias.copy_(linear.bias)
+        parts.append(part)
+        start += size
+    return parts
+
+
 def split_sizes(model: nn.Module, name: str) -> list[int]:
     """Input slices of a W4A4_SPLIT layer: [attention width, MLP hidden width]."""
     block = model.get_submodule(name.rpartition(".")[0])

@@ -16,6 +16,7 @@ from engine.flux.layers import (
     Treatment,
     calibration_source,
     set_module,
+    split_linear,
     split_sizes,
     target_layers,
 )
@@ -144,18 +145,8 @@ def _svdq(linear: nn.Linear, samples, act_max, config, dtype, *, unsigned: bool)
 def _quantize_split(linear: nn.Linear, st: LayerStats, sizes: list[int], config, dtype) -> SplitInputLinear:
     """Attention slice with signed codes and the bias; GELU slice with unsigned codes."""
     parts, start = [], 0
-    for i, size in enumerate(sizes):
+    for i, (size, part) in enumerate(zip(sizes, split_linear(linear, sizes), strict=True)):
         sl = slice(start, start + size)
-        part = nn.Linear(
-            size,
-            linear.out_features,
-            bias=i == 0 and linear.bias is not None,
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-        )
-        part.weight.copy_(linear.weight[:, sl])
-        if part.bias is not None:
-            part.bias.copy_(linear.bias)
         parts.append(_svdq(part, st.samples[:, sl], st.act_max[sl], config, dtype, unsigned=i > 0))
         start += size
     return SplitInputLinear(parts, sizes)

@@ -92,7 +92,9 @@ def configure(backend: str = "auto", *, ext_dir: str | Path | None = None) -> Ke
     """Choose the kernel backend (and the CUDA extension's build folder) for this process."""
     backend = (backend or "auto").strip().lower()
     if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"{ENV_VAR}={backend!r} is not a kernel backend; choose one of auto, {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"{ENV_VAR}={backend!r} is not a kernel backend; choose one of auto, {', '.join(BACKENDS)}"
+        )
     _settings["current"] = KernelConfig(backend, Path(ext_dir) if ext_dir else None)
     _resolve.cache_clear()
     return _settings["current"]

@@ -27,6 +27,8 @@ import triton
 
 from engine.kernels.triton.act import act_config, quantize_act_kernel
 from engine.kernels.triton.common import INTERPRET, MAX_GEMM_GROUP, LaunchConfig, block_r, check_group_size
+from engine.kernels.triton.common import arch_major as _major  # a module global: the kernel models patch it
+from engine.kernels.triton.common import row_major as _row_major
 from engine.kernels.triton.gemm import GROUP_M, bias_mma_channels, gemm_config, grid_size, w4a4_gemm_kernel
 from engine.kernels.triton.gemv import GEMV_BLOCK_K, MAX_ROWS, gemv_config, w4a16_gemv_kernel
 from engine.quant.ops import LAYER_NORM_EPS
@@ -44,15 +46,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cpu" and _INTERPRET:
         return None
     return "it runs on CUDA GPUs, or on the CPU only under TRITON_INTERPRET=1 (set before import)"
-
-
-def _major(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" and not _INTERPRET else 0
-
-
-def _row_major(t: torch.Tensor) -> torch.Tensor:
-    """Last dimension contiguous (the kernels take the row stride, not the column stride)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # --- quantize_act ----------------------------------------------------------------------------

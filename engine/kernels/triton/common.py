@@ -5,10 +5,23 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def arch_major(device: torch.device) -> int:
+    """The GPU's compute-capability major (which config table applies); 0 in the interpreter."""
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" and not INTERPRET else 0
+
+
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """Last dimension contiguous (the kernels take the row stride, not the column stride)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 I2F_MAGIC_BITS = 0x4B400000  # the bit pattern of 1.5 * 2^23
 I2F_EXACT_LIMIT = 1 << 22  # bits(1.5 * 2^23) + v reads as 1.5 * 2^23 + v for |v| <= 2^22
 MAX_GEMM_GROUP = 256  # |group sum| <= 256 * (16 * 8)^2 = 2^22: the GEMM's conversion stays exact

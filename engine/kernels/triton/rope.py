@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 
 from engine.kernels.triton.common import INTERPRET, LaunchConfig
+from engine.kernels.triton.common import arch_major as _major  # a module global: the kernel model patches it
+from engine.kernels.triton.common import row_major as _row_major
 
 # block_m = tokens per program (block_n unused); one program per (head, token block, image).
 ROPE_CONFIGS: dict[int, LaunchConfig] = {9: LaunchConfig(32, 0, 4, 1), 8: LaunchConfig(32, 0, 4, 1)}
@@ -177,14 +179,6 @@ def qk_norm_rope_kernel(
         )  # fmt: skip
 
 
-def _major(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" and not INTERPRET else 0
-
-
-def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def qk_norm_rope(
     qkv0: torch.Tensor,
     norm_q0: torch.Tensor,
@@ -202,9 +196,9 @@ def qk_norm_rope(
     d = norm_q0.shape[0]
     check_head_dim(d)
     two = qkv1 is not None
-    qkv0 = _last_contiguous(qkv0)
-    qkv1 = _last_contiguous(qkv1) if two else qkv0
-    cos, sin = _last_contiguous(cos), _last_contiguous(sin)
+    qkv0 = _row_major(qkv0)
+    qkv1 = _row_major(qkv1) if two else qkv0
+    cos, sin = _row_major(cos), _row_major(sin)
     b, s0 = qkv0.shape[:2]
     s1 = qkv1.shape[1] if two else 0
     q, k, v = (torch.empty(b, s0 + s1, heads, d, dtype=qkv0.dtype, device=qkv0.device) for _ in range(3))
