@@ -3,6 +3,7 @@
     python scripts/quant_report.py [--k 1024 --n 1024 --tokens 512]    one FLUX-like outlier layer
     python scripts/quant_report.py --real minilm                        every linear of all-MiniLM-L6-v2
     python scripts/quant_report.py --real flux-tiny                     every W4A4 linear of the tiny FLUX
+    ... --group-size 128                                                one scale per 128 channels (default 64)
 
 Synthetic: a layer with FLUX-like statistics (engine/quant/synthetic.py), a few activation
 channels 40x larger than the rest and a weight with a decaying singular spectrum.
@@ -250,7 +251,12 @@ def layer_error(case: LayerCase, q, x: torch.Tensor, group_size: int = 64) -> fl
 
 
 def compare(
-    cases: Sequence[LayerCase], schemes: Sequence[str] = SCHEMES, *, rank: int = 32, seed: int = 0
+    cases: Sequence[LayerCase],
+    schemes: Sequence[str] = SCHEMES,
+    *,
+    rank: int = 32,
+    seed: int = 0,
+    group_size: int = 64,
 ) -> dict[str, SchemeResult]:
     """Quantize every case under every scheme; per-layer errors on held-out and calibration inputs."""
     results = {}
@@ -259,20 +265,27 @@ def compare(
         t0 = time.perf_counter()
         res = SchemeResult([], [], 0.0)
         for case in cases:
-            q = quantize_case(case, scheme, rank=rank)
-            res.held_out.append(layer_error(case, q, case.x_test))
-            res.calib.append(layer_error(case, q, case.x_cal))
+            q = quantize_case(case, scheme, rank=rank, group_size=group_size)
+            res.held_out.append(layer_error(case, q, case.x_test, group_size))
+            res.calib.append(layer_error(case, q, case.x_cal, group_size))
             res.gptq_layers += q.rounding == "gptq"
         res.seconds = time.perf_counter() - t0
         results[scheme] = res
     return results
 
 
-def print_real_table(title: str, cases: Sequence[LayerCase], results: dict[str, SchemeResult]) -> None:
+def print_real_table(
+    title: str,
+    cases: Sequence[LayerCase],
+    results: dict[str, SchemeResult],
+    group_size: int = 64,
+    per_layer: bool = False,
+) -> None:
     shapes = sorted({(c.weight.shape[1], c.weight.shape[0]) for c in cases})
     print(
         f"{title}: {len(cases)} linears ({', '.join(f'{k}->{n}' for k, n in shapes)}), "
-        f"{cases[0].x_cal.shape[0]} calibration / {cases[0].x_test.shape[0]} held-out rows, rank 32, group 64\n"
+        f"{cases[0].x_cal.shape[0]} calibration / {cases[0].x_test.shape[0]} held-out rows, rank 32, "
+        f"group {group_size}\n"
     )
     base = results.get("SVDQuant W4A4 (round-to-nearest)")
     print("| scheme | mean rel. error, held-out | mean rel. error, calibration | layers better than SVDQuant RTN (held-out) | time |")
@@ -285,6 +298,12 @@ def print_real_table(title: str, cases: Sequence[LayerCase], results: dict[str, 
     g = results.get("SVDQuant W4A4 + GPTQ rounding")
     if g is not None:
         print(f"\nGPTQ rounding kept (lower calibration error than round-to-nearest) on {g.gptq_layers}/{len(cases)} layers")
+    if per_layer:
+        print("\nHeld-out error per layer:\n")
+        print("| layer | " + " | ".join(results) + " |")
+        print("|---|" + "---|" * len(results))
+        for i, case in enumerate(cases):
+            print(f"| {case.name} | " + " | ".join(f"{r.held_out[i]:.4f}" for r in results.values()) + " |")
 
 
 # --- the synthetic layer -----------------------------------------------------------------
@@ -294,7 +313,7 @@ def stored_bytes(tensors: list[torch.Tensor | None]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def synthetic_report(k: int, n: int, tokens: int, seed: int) -> None:
+def synthetic_report(k: int, n: int, tokens: int, seed: int, group_size: int = 64) -> None:
     x_cal = outlier_activations(tokens, k, seed=seed)
     x_test = outlier_activations(tokens, k, seed=seed, sample_seed=seed + 1)
     w = structured_weight(n, k, seed=seed)
@@ -302,7 +321,7 @@ def synthetic_report(k: int, n: int, tokens: int, seed: int) -> None:
     n_params = w.numel()
 
     def w4a4_row(label: str, q, alpha) -> tuple[str, str, float, float]:
-        y_q = ops.linear(x_test, q, unsigned=False, act_shift=0.0, group_size=64)
+        y_q = ops.linear(x_test, q, unsigned=False, act_shift=0.0, group_size=group_size)
         parts = [q.qweight, q.wscales, q.smooth_factor, q.proj_down, q.proj_up, q.bias]
         return (
             label,
@@ -312,7 +331,8 @@ def synthetic_report(k: int, n: int, tokens: int, seed: int) -> None:
         )
 
     t0 = time.perf_counter()
-    rows = [w4a4_row("naive W4A4", quantize_svdq(w, None, x_cal.abs().amax(0), alpha=None, rank=0), None)]
+    naive = quantize_svdq(w, None, x_cal.abs().amax(0), alpha=None, rank=0, group_size=group_size)
+    rows = [w4a4_row("naive W4A4", naive, None)]
     for label, rank, rounding in [
         ("SmoothQuant W4A4", 0, "rtn"),
         ("SVDQuant W4A4 r=16", 16, "rtn"),
@@ -320,11 +340,11 @@ def synthetic_report(k: int, n: int, tokens: int, seed: int) -> None:
         ("SVDQuant W4A4 r=32 + GPTQ rounding", 32, "gptq"),
         ("SVDQuant W4A4 r=64", 64, "rtn"),
     ]:
-        q, alpha, _ = search_alpha(w, None, x_cal, SVDQConfig(rank=rank, rounding=rounding))
+        q, alpha, _ = search_alpha(w, None, x_cal, SVDQConfig(rank=rank, group_size=group_size, rounding=rounding))
         rows.append(w4a4_row(label, q, alpha))
     lin = torch.nn.Linear(k, n, bias=False)
     lin.weight.data.copy_(w)
-    w16 = W4A16Linear.from_linear(lin)
+    w16 = W4A16Linear.from_linear(lin, group_size)
     rows.append(
         (
             "W4A16 (weights only)",
@@ -337,7 +357,7 @@ def synthetic_report(k: int, n: int, tokens: int, seed: int) -> None:
 
     print(
         f"layer K={k} N={n}, {tokens} calibration + {tokens} held-out tokens, "
-        f"8 outlier channels x40, group 64, bf16 storage ({time.perf_counter() - t0:.1f} s)\n"
+        f"8 outlier channels x40, group {group_size}, bf16 storage ({time.perf_counter() - t0:.1f} s)\n"
     )
     print("| scheme | alpha | rel. output error | bytes/param |")
     print("|---|---|---|---|")
@@ -353,9 +373,13 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1024, help="synthetic: output features")
     p.add_argument("--tokens", type=int, default=512, help="synthetic: calibration tokens (as many held out)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-layer", action="store_true", help="--real: also print each layer's held-out error")
+    p.add_argument(
+        "--group-size", type=int, default=64, help="input channels per 4-bit scale (64: the public checkpoint's)"
+    )
     args = p.parse_args()
     if args.real is None:
-        synthetic_report(args.k, args.n, args.tokens, args.seed)
+        synthetic_report(args.k, args.n, args.tokens, args.seed, args.group_size)
         return
     if args.real == "minilm":
         cases = minilm_cases()
@@ -368,7 +392,7 @@ def main() -> None:
         model_dir = args.model_dir or make_tiny_model(os.path.join(tempfile.mkdtemp(), "tiny"))
         cases = flux_tiny_cases(str(model_dir))
         title = "tiny FLUX (random weights), 4 calibration / 4 held-out prompts at 256x256, 2 steps"
-    print_real_table(title, cases, compare(cases, seed=args.seed))
+    print_real_table(title, cases, compare(cases, seed=args.seed, group_size=args.group_size), args.group_size, args.per_layer)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ own ``unavailable_reason`` accepts the device (each backend decides alone which 
 serves), and the reference elsewhere; a named backend that cannot run there is an error, never a silent fall-back. The CUDA
 extension has no GEMV and no quantize_act prologue: where it serves the W4A4 ops, ``w4a16_gemv``
 and ``quantize_act(..., modulation=... | gelu=True)`` (op ``svdq::quantize_act_prologue``) run on
-Triton (or the reference).
+Triton (or the reference). The CUDA extension also serves group_size 64 only (its
+``GROUP_SIZES``): under auto, a layer with another group size (128, the Hopper option of our
+quantizer) runs its W4A4 ops on Triton (or the reference); a backend named explicitly that
+lacks the layer's group size is an error.
 """
 
 from __future__ import annotations
@@ -290,14 +293,37 @@ def w4a16_gemv(
     return y.reshape(*x.shape[:-1], n)
 
 
+def _fallback(device: torch.device | str) -> ModuleType:
+    """Where an op the chosen backend lacks runs: triton if it runs on ``device``, else the reference."""
+    device = torch.device(device)
+    return get_backend("triton" if unavailable_reason("triton", device) is None else "reference", device)
+
+
+def gemm_backend_for(device: torch.device | str, group_size: int) -> ModuleType:
+    """The backend that serves the W4A4 ops (quantize_act, w4a4_gemm) of a layer with
+    ``group_size`` on ``device``: the configured one when it takes that group size (a backend
+    without ``GROUP_SIZES`` takes any), else under auto the first of triton, reference that runs
+    there. A backend named explicitly that lacks it raises (never a silent fall-back)."""
+    module = backend_for(device)
+    sizes = getattr(module, "GROUP_SIZES", None)
+    if sizes is None or group_size in sizes:
+        return module
+    requested = _settings["current"].backend
+    if requested != "auto":
+        raise BackendUnavailableError(
+            f"{ENV_VAR}={requested}: the {module.NAME} backend supports group_size "
+            f"{', '.join(map(str, sizes))} only, this layer has {group_size}; use {ENV_VAR}=triton or auto"
+        )
+    return _fallback(device)
+
+
 def gemv_backend_for(device: torch.device | str) -> ModuleType:
     """The backend that serves ``w4a16_gemv`` on ``device``: the W4A4 backend when it has the
     op, else the first of triton, reference that runs there (the CUDA extension has no GEMV)."""
     module = backend_for(device)
     if hasattr(module, "w4a16_gemv"):
         return module
-    device = torch.device(device)
-    return get_backend("triton" if unavailable_reason("triton", device) is None else "reference", device)
+    return _fallback(device)
 
 
 def prologue_backend_for(device: torch.device | str) -> ModuleType:
@@ -307,8 +333,7 @@ def prologue_backend_for(device: torch.device | str) -> ModuleType:
     module = backend_for(device)
     if hasattr(module, "quantize_act_prologue"):
         return module
-    device = torch.device(device)
-    return get_backend("triton" if unavailable_reason("triton", device) is None else "reference", device)
+    return _fallback(device)
 
 
 # --- the custom ops: the backend is resolved inside, out of sight of the tracer ----------------
@@ -323,7 +348,7 @@ def _quantize_act_op(
     unsigned: bool,
     shift: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backend_for(x.device).quantize_act(
+    return gemm_backend_for(x.device, group_size).quantize_act(
         x, smooth, proj_down, group_size=group_size, unsigned=unsigned, shift=shift
     )
 
@@ -380,7 +405,8 @@ def _w4a4_gemm_op(
     unsigned: bool,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    return backend_for(qx.device).w4a4_gemm(
+    group_size = 2 * qx.shape[1] // max(ascales.shape[1], 1)  # w4a4_gemm checked that G divides K
+    return gemm_backend_for(qx.device, group_size).w4a4_gemm(
         qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned=unsigned, out_dtype=out_dtype
     )
 
@@ -414,6 +440,7 @@ __all__ = [
     "backend_for",
     "config",
     "configure",
+    "gemm_backend_for",
     "gemv_backend_for",
     "get_backend",
     "prologue_backend_for",

@@ -3,7 +3,7 @@
 Op contract (every backend implements exactly this; ``reference`` is the ground truth)::
 
     M  tokens (all leading dimensions folded)     K  input channels, a multiple of G's size
-    N  output channels                            G  K / group_size groups (group_size = 64)
+    N  output channels                            G  K / group_size groups (64; or 128, below)
     R  low-rank width (rank + LoRA ranks, may be 0)
 
     quantize_act(x [..., K], smooth [K], proj_down [R, K], *, group_size, unsigned, shift)
@@ -53,6 +53,7 @@ reference's codes bit for bit; only the order of the fp32 sums may differ (and t
 applies each ascale rounded to 22 significant bits, a relative change <= 2^-22, which lets one
 FMA convert and scale a group's integer sum). Scales may have any strides: group-major ones
 (strides (1, M) or (1, N), as the Triton quantize_act returns ascales) load fastest there.
+Group sizes: reference, triton take 64 and 128; cuda 64 only, auto sends 128 to triton (gemm_backend_for).
 
 A backend is a module; ``GemmBackend`` and ``GemvBackend`` below are its typed form (the
 signatures are the contract: tests/test_kernel_contract.py checks every backend module, the

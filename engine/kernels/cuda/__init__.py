@@ -42,6 +42,18 @@ NAME = "cuda"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "ops.cpp", CSRC / "kernels.cu")
 SUPPORTED_ARCHS = ((8, 0), (8, 6), (8, 7), (8, 9))
+# One K=64 MMA step per scale: the kernels are written for group 64 only (the public format's).
+# kernels.gemm_backend_for sends other group sizes to Triton under auto.
+GROUP_SIZES = (64,)
+
+
+def _check_group_size(group_size: int) -> None:
+    """A clear refusal before the extension (whose own TORCH_CHECK says the same) is reached."""
+    if group_size not in GROUP_SIZES:
+        raise ValueError(
+            f"the cuda backend supports group_size 64 only, got {group_size}: "
+            "use the triton backend (SVDQ_KERNELS=triton or auto) for this layer"
+        )
 
 
 @functools.cache
@@ -107,6 +119,7 @@ def quantize_act(
     unsigned: bool,
     shift: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_group_size(group_size)
     return torch.ops.svdq_cuda.quantize_act(x, smooth, proj_down, group_size, unsigned, shift)
 
 
@@ -122,6 +135,7 @@ def w4a4_gemm(
     unsigned: bool,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
+    _check_group_size(2 * qx.shape[1] // max(ascales.shape[1], 1))
     return torch.ops.svdq_cuda.w4a4_gemm(
         qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned, out_dtype
     )
