@@ -43,7 +43,15 @@ def main() -> None:
     p.add_argument("--model", required=True, help="diffusers-format FLUX model folder")
     p.add_argument("--out", required=True, help="output .safetensors")
     p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument(
+        "--group-size",
+        type=int,
+        choices=(64, 128),
+        default=64,
+        help="input channels per 4-bit scale: 64 (the public checkpoint's format, every backend) or 128 "
+        "(our Hopper option, served by the Triton and reference kernels; about 12%% more error: "
+        "docs/quantization.md)",
+    )
     p.add_argument("--calib-prompts", type=int, default=32, help="how many built-in prompts to calibrate on")
     p.add_argument("--steps", type=int, default=4, help="denoising steps per calibration prompt")
     p.add_argument("--resolutions", type=parse_resolutions, default=DEFAULT_RESOLUTIONS, help="WxH,WxH,...")
