@@ -215,6 +215,7 @@ def test_group_128_tiny_transformer_on_triton_matches_the_reference(wide_checkpo
         expected = transformer(**inputs[0])[0].float()
         use_kernels("triton")
         got = transformer(**inputs[0])[0].float()
-    # The bound of test_fused_tiny_transformer_on_triton_matches_the_reference (group 64).
+    # The bound of test_fused_tiny_transformer_on_triton_matches_the_reference (group 64, where
+    # 5.5e-5 was measured); 1.3e-5 measured here at group 128.
     err = (got - expected).norm() / expected.norm()
     assert err < 5e-4, err.item()
