@@ -158,7 +158,7 @@ def access_check(s_txt: int = 40, s_img: int = 72, heads: int = 3) -> dict:
     from triton.runtime import interpreter
 
     import engine.kernels.triton.rope as tr
-    from engine.kernels.rope import reference_qk_norm_rope
+    from engine.quant.ops import qk_norm_rope as reference_qk_norm_rope
 
     out: dict = {}
     for single in (False, True):

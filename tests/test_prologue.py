@@ -158,8 +158,8 @@ def test_where_cuda_serves_w4a4_the_prologue_runs_on_triton(monkeypatch):
     assert not hasattr(cuda_backend, "quantize_act_prologue")
     monkeypatch.setattr(kernels, "backend_for", lambda device: cuda_backend)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert kernels.prologue_backend_for(device) is tb
-    assert kernels.gemv_backend_for(device) is tb
+    assert kernels.op_backend_for(device, "quantize_act_prologue") is tb
+    assert kernels.op_backend_for(device, "w4a16_gemv") is tb
 
 
 # --- the Triton kernel (interpreter on CPU) ---------------------------------------------------

@@ -19,7 +19,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAt
 
 from engine import kernels
 from engine.kernels import contract
-from engine.kernels.rope import reference_qk_norm_rope, rope_backend_for
+from engine.quant.ops import qk_norm_rope as reference_qk_norm_rope
 
 EPS = 1e-6
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -98,7 +98,7 @@ def test_reference_is_the_double_blocks_processor(monkeypatch, dtype, extra):
     ]
     with torch.no_grad():
         got = kernels.qk_norm_rope(parts, cos, sin, heads=heads, eps=EPS)
-    assert rope_backend_for("cpu") == "reference"
+    assert kernels.op_backend_for("cpu", "qk_norm_rope").NAME == "reference"
     for g, w in zip(got, want, strict=True):
         assert g.shape == (2, s_txt + hw[0] * hw[1], heads, dim) and g.dtype == dtype and g.is_contiguous()
         assert torch.equal(g, w)
@@ -216,7 +216,7 @@ def test_triton_at_flux_head_size_through_the_op(use_kernels):
     heads, dim = 2, 128
     parts, _, _ = random_parts(1, 32, 80, heads, dim, torch.bfloat16, extra=64)
     cos, sin = flux_rope(32, 8, 10, axes=(16, 56, 56))
-    assert rope_backend_for("cpu") == "triton"
+    assert kernels.op_backend_for("cpu", "qk_norm_rope").NAME == "triton"
     got = kernels.qk_norm_rope(parts, cos, sin, heads=heads)
     want = reference_qk_norm_rope(*flat(parts), cos, sin, heads=heads, eps=EPS)
     normed = reference_qk_norm_rope(

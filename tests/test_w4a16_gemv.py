@@ -98,7 +98,7 @@ def test_a_backend_without_the_gemv_delegates_it(monkeypatch):
     import types
 
     monkeypatch.setattr(kernels, "backend_for", lambda device: types.SimpleNamespace(NAME="cuda"))
-    assert kernels.gemv_backend_for(DEVICE) is tb  # triton runs on DEVICE (GPU, or the interpreter)
+    assert kernels.op_backend_for(DEVICE, "w4a16_gemv") is tb  # triton runs on DEVICE (GPU, or the interpreter)
 
 
 @pytest.mark.gpu

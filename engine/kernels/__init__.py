@@ -317,23 +317,13 @@ def gemm_backend_for(device: torch.device | str, group_size: int) -> ModuleType:
     return _fallback(device)
 
 
-def gemv_backend_for(device: torch.device | str) -> ModuleType:
-    """The backend that serves ``w4a16_gemv`` on ``device``: the W4A4 backend when it has the
-    op, else the first of triton, reference that runs there (the CUDA extension has no GEMV)."""
+def op_backend_for(device: torch.device | str, op: str) -> ModuleType:
+    """The backend that serves ``op`` on ``device``: the configured one when it has the op, else
+    the first of triton, reference that runs there (the CUDA extension has no w4a16_gemv,
+    quantize_act_prologue or qk_norm_rope; its w4a4_gemm takes the contract's qx/ascales/lora_act,
+    whatever their producer)."""
     module = backend_for(device)
-    if hasattr(module, "w4a16_gemv"):
-        return module
-    return _fallback(device)
-
-
-def prologue_backend_for(device: torch.device | str) -> ModuleType:
-    """The backend that serves ``quantize_act_prologue`` on ``device``: the W4A4 backend when it
-    has the op, else the first of triton, reference that runs there (the CUDA extension has none;
-    its w4a4_gemm takes the contract's qx/ascales/lora_act, whatever their producer)."""
-    module = backend_for(device)
-    if hasattr(module, "quantize_act_prologue"):
-        return module
-    return _fallback(device)
+    return module if hasattr(module, op) else _fallback(device)
 
 
 # --- the custom ops: the backend is resolved inside, out of sight of the tracer ----------------
@@ -375,7 +365,7 @@ def _quantize_act_prologue_op(
     shift: float,
     gelu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return prologue_backend_for(x.device).quantize_act_prologue(
+    return op_backend_for(x.device, "quantize_act_prologue").quantize_act_prologue(
         x,
         smooth,
         proj_down,
@@ -424,7 +414,7 @@ def _w4a16_gemv_op(
     wzeros: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    return gemv_backend_for(x.device).w4a16_gemv(x, qweight, wscales, wzeros, bias)
+    return op_backend_for(x.device, "w4a16_gemv").w4a16_gemv(x, qweight, wscales, wzeros, bias)
 
 
 @_w4a16_gemv_op.register_fake
@@ -441,9 +431,8 @@ __all__ = [
     "config",
     "configure",
     "gemm_backend_for",
-    "gemv_backend_for",
     "get_backend",
-    "prologue_backend_for",
+    "op_backend_for",
     "qk_norm_rope",
     "quantize_act",
     "unavailable_reason",

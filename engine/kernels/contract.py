@@ -26,7 +26,7 @@ Op contract (every backend implements exactly this; ``reference`` is the ground 
         summation order, so x' may differ from the reference's by one 16-bit ulp on rare
         elements (tests/test_prologue.py states the measured bound). Served by reference and
         triton; where the W4A4 backend has no prologue (cuda), it runs on triton (else the
-        reference), like w4a16_gemv: kernels.prologue_backend_for.
+        reference), like w4a16_gemv: kernels.op_backend_for.
 
     w4a4_gemm(qx, ascales, qweight [N, K/2], wscales [N, G], lora_act, proj_up [N, R],
               bias [N] | None, *, unsigned, out_dtype)

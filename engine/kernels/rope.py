@@ -15,9 +15,9 @@ apply_rotary_emb(use_real=True, use_real_unbind_dim=-1, sequence_dim=1)::
     y   = T(fp32(n) * cos + fp32(rot(n)) * sin)   rot(n) = (-n1, n0, -n3, n2, ...); each
                                                   product and the sum rounded to fp32 (no FMA)
 
-Backends: ``reference`` (the very torch ops, in FluxAttnProcessor's order, on any device) and
+Backends: ``reference`` (engine.quant.ops.qk_norm_rope: the very torch ops, in FluxAttnProcessor's order) and
 ``triton`` (one launch, engine/kernels/triton/rope.py). The CUDA extension has no such kernel:
-where it serves the W4A4 ops this op runs on Triton (the pattern of ``gemv_backend_for``).
+where it serves the W4A4 ops this op runs on Triton (``kernels.op_backend_for``).
 """
 
 from __future__ import annotations
@@ -27,64 +27,6 @@ import torch
 from engine import kernels as _kernels
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def reference_qk_norm_rope(
-    qkv0: torch.Tensor,
-    norm_q0: torch.Tensor,
-    norm_k0: torch.Tensor,
-    qkv1: torch.Tensor | None,
-    norm_q1: torch.Tensor | None,
-    norm_k1: torch.Tensor | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    *,
-    heads: int,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ground truth: FluxAttnProcessor's ops in its order (norm per part, cat, then RoPE)."""
-    d = norm_q0.shape[0]
-    hd = heads * d
-    parts = [(qkv0, norm_q0, norm_k0)] + ([(qkv1, norm_q1, norm_k1)] if qkv1 is not None else [])
-    qs, ks, vs = [], [], []
-    for qkv, norm_q, norm_k in parts:
-        qs.append(_rms_norm(qkv[..., :hd].unflatten(-1, (heads, d)), norm_q, eps))  # [B, S_i, H, D]
-        ks.append(_rms_norm(qkv[..., hd : 2 * hd].unflatten(-1, (heads, d)), norm_k, eps))
-        vs.append(qkv[..., 2 * hd : 3 * hd].unflatten(-1, (heads, d)))
-    q, k, v = torch.cat(qs, dim=1), torch.cat(ks, dim=1), torch.cat(vs, dim=1)  # [B, S_total, H, D]
-    return _rotary(q, cos, sin), _rotary(k, cos, sin), v.contiguous()
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """FluxAttention's norm_q / norm_k / norm_added_q / norm_added_k: torch.nn.RMSNorm(D, eps)."""
-    return torch.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """diffusers.models.embeddings.apply_rotary_emb(x, (cos, sin), use_real=True,
-    use_real_unbind_dim=-1, sequence_dim=1)."""
-    cos, sin = cos[None, :, None, :].to(x.device), sin[None, :, None, :].to(x.device)  # [1, S, 1, D]
-    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # [B, S, H, D/2]
-    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
-    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
-
-
-def _triton_qk_norm_rope(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from engine.kernels.triton.rope import qk_norm_rope
-
-    return qk_norm_rope(*args, **kwargs)
-
-
-_IMPLS = {"reference": reference_qk_norm_rope, "triton": _triton_qk_norm_rope}
-
-
-def rope_backend_for(device: torch.device | str) -> str:
-    """The backend that serves ``qk_norm_rope`` on ``device``: the configured W4A4 backend when
-    it has the op (reference, triton), else the first of triton, reference that runs there."""
-    name = _kernels.backend_for(device).NAME
-    if name in _IMPLS:
-        return name
-    return "triton" if _kernels.unavailable_reason("triton", torch.device(device)) is None else "reference"
 
 
 # --- the public wrapper ------------------------------------------------------------------------
@@ -182,8 +124,8 @@ def _qk_norm_rope_op(
     heads: int,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _IMPLS[rope_backend_for(qkv0.device)]
-    return impl(qkv0, norm_q0, norm_k0, qkv1, norm_q1, norm_k1, cos, sin, heads=heads, eps=eps)
+    backend = _kernels.op_backend_for(qkv0.device, "qk_norm_rope")
+    return backend.qk_norm_rope(qkv0, norm_q0, norm_k0, qkv1, norm_q1, norm_k1, cos, sin, heads=heads, eps=eps)
 
 
 @_qk_norm_rope_op.register_fake

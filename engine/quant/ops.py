@@ -138,3 +138,46 @@ def linear(
         unsigned=unsigned,
         out_dtype=torch.float32,
     )
+
+
+# --- q/k RMSNorm + RoPE + joint concatenation (FluxAttnProcessor's arithmetic) --------------------
+
+
+def qk_norm_rope(
+    qkv0: torch.Tensor,
+    norm_q0: torch.Tensor,
+    norm_k0: torch.Tensor,
+    qkv1: torch.Tensor | None,
+    norm_q1: torch.Tensor | None,
+    norm_k1: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    heads: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ground truth of kernels.qk_norm_rope (contract: engine.kernels.contract): FluxAttnProcessor's ops in its order (norm per part, cat, then RoPE)."""
+    d = norm_q0.shape[0]
+    hd = heads * d
+    parts = [(qkv0, norm_q0, norm_k0)] + ([(qkv1, norm_q1, norm_k1)] if qkv1 is not None else [])
+    qs, ks, vs = [], [], []
+    for qkv, norm_q, norm_k in parts:
+        qs.append(_rms_norm(qkv[..., :hd].unflatten(-1, (heads, d)), norm_q, eps))  # [B, S_i, H, D]
+        ks.append(_rms_norm(qkv[..., hd : 2 * hd].unflatten(-1, (heads, d)), norm_k, eps))
+        vs.append(qkv[..., 2 * hd : 3 * hd].unflatten(-1, (heads, d)))
+    q, k, v = torch.cat(qs, dim=1), torch.cat(ks, dim=1), torch.cat(vs, dim=1)  # [B, S_total, H, D]
+    return _rotary(q, cos, sin), _rotary(k, cos, sin), v.contiguous()
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """FluxAttention's norm_q / norm_k / norm_added_q / norm_added_k: torch.nn.RMSNorm(D, eps)."""
+    return torch.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers.models.embeddings.apply_rotary_emb(x, (cos, sin), use_real=True,
+    use_real_unbind_dim=-1, sequence_dim=1)."""
+    cos, sin = cos[None, :, None, :].to(x.device), sin[None, :, None, :].to(x.device)  # [1, S, 1, D]
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # [B, S, H, D/2]
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
