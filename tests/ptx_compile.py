@@ -16,6 +16,7 @@ the worktree's, read at test time.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import subprocess
@@ -26,6 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from unittest import mock
+
+import triton
+import triton.language as tl
 
 ROOT = Path(__file__).resolve().parents[1]
 _DTYPES = {"torch.uint8": "u8", "torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16",
@@ -134,6 +138,19 @@ def compile_ptx(requests: list[dict], timeout: float = 600) -> list[dict]:
     return json.loads(res.stdout)
 
 
+@triton.jit
+def old_bias_tile_kernel(x_ptr, out_ptr, K, BLOCK_N: tl.constexpr, K_BIAS: tl.constexpr):
+    """The bias-MMA tile as engine/kernels/triton/gemm.py built it before issue 22: a load that
+    never reads (K >= 0) with ``other=0x80``. Every output should be K_BIAS * 2^14; triton 3.6
+    materializes the constant sign-extended (0xffffffffffffff80), and the harness must see it."""
+    kb = tl.arange(0, K_BIAS)
+    rows = tl.arange(0, 16)
+    bias_x = tl.load(x_ptr + kb[None, :] + 0 * rows[:, None], mask=K < 0, other=0x80).to(tl.int8, bitcast=True)
+    bias_w = tl.full((BLOCK_N, K_BIAS), -128, tl.int8)
+    d = tl.dot(bias_x, tl.trans(bias_w), out_dtype=tl.int32)
+    tl.store(out_ptr + rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], d)
+
+
 # --- the child -------------------------------------------------------------------------------------
 
 
@@ -195,6 +212,7 @@ OUTPUTS = {
     "quantize_act_kernel": {"qx_ptr", "ascales_ptr", "lora_ptr"},
     "w4a16_gemv_kernel": {"y_ptr"},
     "qk_norm_rope_kernel": {"q_ptr", "k_ptr", "v_ptr"},
+    "old_bias_tile_kernel": {"out_ptr"},
 }
 
 
@@ -212,7 +230,7 @@ def execute(launch: Launch, compiled: dict, ctas: list[tuple[int, int, int]] | N
     fn_name = launch.kernel.split(":")[1]
     mod_name = launch.kernel.split(":")[0]
     fn = getattr(importlib.import_module(mod_name), fn_name)
-    names = fn.arg_names if hasattr(fn, "arg_names") else list(fn.fn.__code__.co_varnames)
+    names = list(inspect.signature(getattr(fn, "fn", fn)).parameters)
     outs = OUTPUTS[fn_name]
     mem = X.GlobalMemory()
     placed: dict[int, tuple[str, int]] = {}  # storage pointer -> (name, base)
@@ -249,7 +267,7 @@ def execute(launch: Launch, compiled: dict, ctas: list[tuple[int, int, int]] | N
     for name, st in storages.items():
         if name in outs:
             data = mem.get(name)
-            torch.frombuffer(bytearray(data.tobytes()), dtype=torch.uint8)
-            st.copy_(torch.frombuffer(bytearray(data.tobytes()), dtype=torch.uint8).untyped_storage())
+            if data.size:
+                st.copy_(torch.frombuffer(bytearray(data.tobytes()), dtype=torch.uint8).untyped_storage())
             written[name] = mem.written(name)
     return findings, written

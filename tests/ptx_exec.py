@@ -173,7 +173,8 @@ def _parse_operand(s: str, rename):
     if re.fullmatch(r"-?\d+\.\d*(e[-+]?\d+)?", s):
         return ("fimm", int(np.float64(float(s)).view(np.uint64)), 64)
     if re.fullmatch(r"[A-Za-z_$][\w$.]*", s):
-        return ("sym", s)
+        scoped = rename(s)  # an inline-asm block's own registers have no % sign
+        return ("reg", scoped) if scoped != s else ("sym", s)
     raise PtxError(f"cannot parse operand {s!r}")
 
 
@@ -255,7 +256,7 @@ def parse(ptx: str, name: str | None = None) -> Kernel:
                 raise PtxError(f"local memory is not supported: {s}")
             continue
         pred = None
-        if m := re.match(r"^@(!?)(%[\w$@]+)\s+", s):
+        if m := re.match(r"^@(!?)(%?[\w$@]+)\s+", s):
             pred = (rename(m.group(2)), m.group(1) == "!")
             s = s[m.end() :]
         m = re.match(r"^([\w.:]+)\s*(.*)$", s, re.S)
@@ -1099,7 +1100,8 @@ def _unary(c: CTA, ins: Instr, m, pc, mask):
                    "lg2": lambda: np.log2(x64), "tanh": lambda: np.tanh(x64), "sin": lambda: np.sin(x64),
                    "cos": lambda: np.cos(x64)}[base]()  # fmt: skip
         if t == "f32":
-            r = round_f64_to_f32(r64, _rnd(ins)) if base in ("sqrt", "rcp") else r64.astype(np.float32)
+            with np.errstate(over="ignore"):
+                r = round_f64_to_f32(r64, _rnd(ins)) if base in ("sqrt", "rcp") else r64.astype(np.float32)
             if ftz:
                 r = _ftz32(r)
             _wf(c, ins.args[0], r, t, m)
