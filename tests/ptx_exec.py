@@ -1376,8 +1376,8 @@ def _shfl(c: CTA, ins: Instr, m, pc, mask):
     a = np.broadcast_to(c.read(ins.args[1], 32), (c.T,)).astype(U64)
     b = np.broadcast_to(to_int(c.read(ins.args[2], 32), 32, False), (c.T,)) & 31
     cc = np.broadcast_to(to_int(c.read(ins.args[3], 32), 32, False), (c.T,))
-    membermask = int(c.read(ins.args[4], 32))
-    if membermask != 0xFFFFFFFF:
+    membermask = np.broadcast_to(c.read(ins.args[4], 32), (c.T,))
+    if (membermask[m] != 0xFFFFFFFF).any():
         raise PtxError("shfl with a partial member mask")
     _whole_warps(c, m, pc, ins)
     lane = c.lane
@@ -1564,3 +1564,29 @@ def launch(kernel: Kernel, mem: GlobalMemory, args: list, grid: tuple[int, int, 
     for cta in order:
         CTA(kernel, mem, params, cta, grid, nthreads, shared_bytes, findings).run()
     return findings
+
+
+@_h("bfi")
+def _bfi(c: CTA, ins: Instr, m, pc, mask):
+    bits = _TYPE_BITS[_type(ins)]
+    a, b = (np.broadcast_to(c.read(x, bits), (c.T,)).astype(U64) for x in ins.args[1:3])
+    pos = np.broadcast_to(to_int(c.read(ins.args[3], 32), 8, False), (c.T,))
+    ln = np.broadcast_to(to_int(c.read(ins.args[4], 32), 8, False), (c.T,))
+    ln = np.clip(np.minimum(ln, bits - np.minimum(pos, bits)), 0, bits)
+    field = np.where(ln >= 64, _mask(64), (U64(1) << ln.astype(U64)) - U64(1))
+    sh = np.minimum(pos, bits - 1).astype(U64)
+    keep = (pos >= bits) | (ln == 0)
+    d = (b & ~(field << sh) & _mask(bits)) | ((a & field) << sh)
+    c.write(ins.args[0], np.where(keep, b, d & _mask(bits)), m)
+    return None
+
+
+@_h("vote")
+def _vote(c: CTA, ins: Instr, m, pc, mask):
+    if "ballot" not in ins.mods:
+        raise PtxError(ins.op)
+    _whole_warps(c, m, pc, ins)
+    p = c.pred(ins.args[1]) & m
+    w = (p.reshape(-1, WARP).astype(np.int64) << np.arange(WARP)).sum(axis=1)
+    c.write(ins.args[0], w[c.warp].astype(U64), m)
+    return None
