@@ -41,7 +41,12 @@ from engine.kernels.triton import rope as RP  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CC = 86
 M, N, K = 19, 21, 192  # odd M and N inside one 64 x 64 tile, three groups of 64
-OLD_BIAS_TILE = "other=0x80" in (ROOT / "engine/kernels/triton/gemm.py").read_text()
+# gemm.py's bias tile before the fix of issue 22 (code only: comments may quote it)
+_GEMM_CODE = "\n".join(line.split("#")[0] for line in (ROOT / "engine/kernels/triton/gemm.py").read_text().splitlines())
+OLD_BIAS_TILE = re.search(r"other\s*=\s*0x80\b", _GEMM_CODE) is not None
+# act.py's group maximum before the fix of issue 22: tl.max, which drops NaN on the GPU
+_ACT_CODE = "\n".join(line.split("#")[0] for line in (ROOT / "engine/kernels/triton/act.py").read_text().splitlines())
+OLD_NAN_MAX = "propagate_nan" not in _ACT_CODE
 
 
 def exact_gemm_inputs(m: int, k: int, n: int, r: int, unsigned: bool, seed: int = 0) -> dict:
@@ -76,8 +81,10 @@ def _gemm(r: int, unsigned: bool, bias_mma: bool, m: int = M, out_dtype=torch.fl
     return "gemm", launch, want
 
 
-def _act(r: int, unsigned: bool, prologue: str | None, m: int = M, dtype=torch.bfloat16):
+def _act(r: int, unsigned: bool, prologue: str | None, m: int = M, dtype=torch.bfloat16, nan_at=None):
     a = act_inputs(m, K, r, dtype=dtype, unsigned=unsigned and prologue != "gelu")
+    if nan_at:
+        a["x"][nan_at] = float("nan")
     kw = {"group_size": 64, "unsigned": unsigned, "shift": 0.171875 if unsigned else 0.0}
     g = torch.Generator().manual_seed(1)
     mods = {"mod_scale": None, "mod_shift": None}
@@ -126,6 +133,8 @@ CASES = {
     "act_u_r48_gelu": lambda: _act(48, True, "gelu"),
     "gemv": _gemv,
     "rope": _rope,
+    "act_nan": lambda: _act(5, False, None, nan_at=(3, 70)),
+    "old_bias_tile": lambda: _old_bias_tile(),
 }
 SLOW_CASES = {
     "gemm_s_r48_biasmma_2cta": lambda: _gemm(48, False, True, m=70),
@@ -135,11 +144,19 @@ SLOW_CASES = {
 }
 
 
+def _old_bias_tile():
+    x = torch.zeros(64, dtype=torch.uint8)
+    out = torch.empty(16, 16, dtype=torch.int32)
+    launch = PC.Launch("tests.ptx_compile:old_bias_tile_kernel", (1, 1, 1), [x, out, 64],
+                       {"BLOCK_N": 16, "K_BIAS": 64}, {"num_warps": 4, "num_stages": 1})  # fmt: skip
+    return None, launch, None
+
+
 def _build(cases: dict) -> dict:
     built = {}
     for name, make in cases.items():
         kind, launch, want = make()
-        built[name] = (PC.record(kind, launch), want)
+        built[name] = (PC.record(kind, launch) if kind else launch, want)
     results = PC.compile_ptx([launch.request(CC) for launch, _ in built.values()])
     return {name: (lw[0], lw[1], res) for (name, lw), res in zip(built.items(), results, strict=True)}
 
@@ -197,24 +214,59 @@ def _codes(qx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.stack([qx & 0xF, qx >> 4], dim=-1).flatten(1).int()
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if "biasmma" not in n or not OLD_BIAS_TILE])
+SPECIAL = {"act_nan", "old_bias_tile"}  # cases with their own test below
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if "biasmma" not in n and n not in SPECIAL])
 def test_compiled_kernel_matches_reference(compiled, name):
     check(name, *compiled[name])
 
 
-@pytest.mark.xfail(OLD_BIAS_TILE, strict=True, reason="gemm.py's bias tile (other=0x80) compiles to "
-                   "0xffffffffffffff80: issue 22 part 2, fixed on branch i22a")  # fmt: skip
-@pytest.mark.parametrize("name", [n for n in CASES if "biasmma" in n and OLD_BIAS_TILE])
-def test_bias_mma_path_of_the_current_source(compiled, name):
-    check(name, *compiled[name])
+@pytest.mark.parametrize("name", [n for n in CASES if "biasmma" in n])
+def test_bias_mma_path(compiled, name):
+    """sm_90's conversion, compiled for sm_86. While gemm.py builds its bias tile with
+    ``other=0x80`` (before issue 22's fix), the compiled constant is 0xffffffffffffff80 and the
+    result is wrong: the harness must see that; once fixed, the result must be exact."""
+    launch, want, res = compiled[name]
+    if OLD_BIAS_TILE:
+        assert "0xffffffffffffff80" in res["ptx"]
+        findings, _ = _run(launch, res)
+        assert not findings, findings.report()
+        got = _outputs(launch)["out_ptr"]
+        assert not torch.allclose(got, want, rtol=0.5), "the old bias tile should give a wrong GEMM"
+    else:
+        check(name, launch, want, res)
+
+
+def test_nan_reaches_the_scale(compiled):
+    """A NaN in x makes its group's scale NaN, as torch.amax (the reference) does. Before issue
+    22's fix, tl.max compiled to ``max.f32``, which drops NaN: the harness must see the finite
+    scale there; once fixed, NaN scales in the same places and the other groups exact."""
+    launch, want, res = compiled["act_nan"]
+    findings, _ = _run(launch, res)
+    assert not findings, findings.report()
+    outs = _outputs(launch)
+    got, ref = outs["ascales_ptr"], want[1]
+    nan = torch.isnan(ref)
+    assert nan.sum() == 1
+    same_nan = torch.equal(torch.isnan(got), nan)
+    if OLD_NAN_MAX:
+        assert not same_nan, "the old max.f32 reduction should drop the NaN"
+    else:
+        assert same_nan
+    assert torch.equal(got[~nan], ref[~nan])
+    codes, codes_r = _codes(outs["qx_ptr"], None), _codes(want[0], None)
+    group = nan.repeat_interleave(64, dim=1)  # codes of the NaN group are not compared
+    assert torch.equal(codes[~group], codes_r[~group])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SLOW_CASES))
 def test_compiled_kernel_matches_reference_slow(name):
+    launch, want, res = _build({name: SLOW_CASES[name]})[name]
     if "biasmma" in name and OLD_BIAS_TILE:
-        pytest.xfail("gemm.py's old bias tile")
-    check(name, *_build({name: SLOW_CASES[name]})[name])
+        pytest.skip("gemm.py's old bias tile: test_bias_mma_path shows the wrong result")
+    check(name, launch, want, res)
 
 
 # --- broken variants: the checks must catch them ---------------------------------------------------
@@ -245,15 +297,13 @@ def test_wait_count_off_by_one_reads_in_flight_data(compiled):
     assert not torch.equal(_outputs(launch)["out_ptr"], want)  # and the stale tiles show in the result
 
 
-def test_old_bias_tile_constant_is_caught():
-    """gemm.py's bias tile as it was: the harness sees the sign-extended constant's product."""
-    x = torch.zeros(64, dtype=torch.uint8)
-    out = torch.empty(16, 16, dtype=torch.int32)
-    launch = PC.Launch("tests.ptx_compile:old_bias_tile_kernel", (1, 1, 1), [x, out, 64],
-                       {"BLOCK_N": 16, "K_BIAS": 64}, {"num_warps": 4, "num_stages": 1})  # fmt: skip
-    (res,) = PC.compile_ptx([launch.request(CC)])
+def test_old_bias_tile_constant_is_caught(compiled):
+    """gemm.py's bias tile as it was (tests/ptx_compile.py: old_bias_tile_kernel): the harness
+    sees the sign-extended constant's product."""
+    launch, _, res = compiled["old_bias_tile"]
     findings, written = _run(launch, res)
     assert not findings and written["out_ptr"].all(), findings.report()
+    out = launch.args[1]
     if "0xffffffffffffff80" in res["ptx"]:  # triton 3.6: the tile holds (-128, -1, -1, -1) per 4 bytes
         assert (out == 16 * (16384 + 3 * 128)).all(), out
     else:  # a triton that materializes four 0x80 bytes
