@@ -72,7 +72,11 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg", "enable_fp_fusion") if k in kwargs}
+            opts = {
+                k: kwargs.pop(k)
+                for k in ("num_warps", "num_stages", "maxnreg", "enable_fp_fusion")
+                if k in kwargs
+            }
             g = tuple(grid) + (1,) * (3 - len(grid))
             self.launches.append(Launch(self.path, g, list(args), kwargs, opts))
 
@@ -145,7 +149,9 @@ def old_bias_tile_kernel(x_ptr, out_ptr, K, BLOCK_N: tl.constexpr, K_BIAS: tl.co
     materializes the constant sign-extended (0xffffffffffffff80), and the harness must see it."""
     kb = tl.arange(0, K_BIAS)
     rows = tl.arange(0, 16)
-    bias_x = tl.load(x_ptr + kb[None, :] + 0 * rows[:, None], mask=K < 0, other=0x80).to(tl.int8, bitcast=True)
+    bias_x = tl.load(x_ptr + kb[None, :] + 0 * rows[:, None], mask=K < 0, other=0x80).to(
+        tl.int8, bitcast=True
+    )
     bias_w = tl.full((BLOCK_N, K_BIAS), -128, tl.int8)
     d = tl.dot(bias_x, tl.trans(bias_w), out_dtype=tl.int32)
     tl.store(out_ptr + rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], d)

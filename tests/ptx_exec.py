@@ -81,7 +81,9 @@ class Findings:
         return bool(self.items)
 
     def report(self, limit: int = 12) -> str:
-        rows = [f"{f.kind} x{self.counts[(f.kind, f.pc)]} at pc {f.pc} `{f.line}`: {f.detail}" for f in self.items]
+        rows = [
+            f"{f.kind} x{self.counts[(f.kind, f.pc)]} at pc {f.pc} `{f.line}`: {f.detail}" for f in self.items
+        ]
         more = f"\n... {len(rows) - limit} more" if len(rows) > limit else ""
         return "\n".join(rows[:limit]) + more
 
@@ -207,6 +209,7 @@ def parse(ptx: str, name: str | None = None) -> Kernel:
                 break
         i += 1
     body = text[start + 1 : i]
+    shared_symbols = {k: v for k, v in shared_symbols.items() if re.search(rf"\b{re.escape(k)}\b", body)}
 
     instrs: list[Instr] = []
     labels: dict[str, int] = {}
@@ -251,7 +254,9 @@ def parse(ptx: str, name: str | None = None) -> Kernel:
                         decl = new
                     widths[decl] = bits
             continue
-        if s.startswith((".local", ".shared", ".pragma", ".maxnreg", ".reqntid", ".maxntid", ".minnctapersm")):
+        if s.startswith(
+            (".local", ".shared", ".pragma", ".maxnreg", ".reqntid", ".maxntid", ".minnctapersm")
+        ):
             if s.startswith(".local"):
                 raise PtxError(f"local memory is not supported: {s}")
             continue
@@ -394,7 +399,9 @@ class GlobalMemory:
         self.readonly: list[bool] = []
         self.writer: list[np.ndarray] = []  # global thread id of the last write (-1: none)
 
-    def alloc(self, name: str, data: np.ndarray | bytes | int, readonly: bool = False, fill: int = 0xFF) -> int:
+    def alloc(
+        self, name: str, data: np.ndarray | bytes | int, readonly: bool = False, fill: int = 0xFF
+    ) -> int:
         """Place ``data`` (bytes of an array, or a size: filled with ``fill``); return its address."""
         if isinstance(data, int):
             buf = np.full(data, fill, dtype=np.uint8)
@@ -561,13 +568,11 @@ class CTA:
             v = np.broadcast_to(np.asarray(value, dtype=bool), (self.T,))
         else:
             v = np.broadcast_to(np.asarray(value, dtype=U64) & _mask(bits), (self.T,))
-        old = self.regs.get(name)
-        if old is None or mask.all():
-            self.regs[name] = np.array(v, copy=True) if old is None or not mask.all() else v.copy()
-            if old is None and not mask.all():
-                self.regs[name] = np.where(mask, v, np.zeros_like(v))
+        if mask.all():
+            self.regs[name] = v.copy()
         else:
-            self.regs[name] = np.where(mask, v, old)
+            old = self.regs.get(name)
+            self.regs[name] = np.where(mask, v, np.zeros_like(v) if old is None else old)
 
     # --- shared memory checks ---------------------------------------------------------------------
 
@@ -593,9 +598,13 @@ class CTA:
         b = idx.ravel()
         line = self.k.instrs[pc].line
         if (sm.pending[b] > 0).any():
-            self.f.add("race-inflight", pc, line, "read of a cp.async destination before its wait_group completed")
+            self.f.add(
+                "race-inflight", pc, line, "read of a cp.async destination before its wait_group completed"
+            )
         if not sm.init[b].all():
-            self.f.add("uninit-shared", pc, line, f"read of shared byte {int(b[~sm.init[b]][0])} never written")
+            self.f.add(
+                "uninit-shared", pc, line, f"read of shared byte {int(b[~sm.init[b]][0])} never written"
+            )
         w = sm.w_thread[b]
         other = (w >= 0) & (w != t)
         if other.any():
@@ -742,7 +751,12 @@ class CTA:
             bi, off, ok = self.mem.locate(a, size)
             line = self.k.instrs[pc].line
             if not ok.all():
-                self.f.add("oob-global", pc, line, f"store of {size} B at {int(a[~ok][0]):#x} outside every allocation")
+                self.f.add(
+                    "oob-global",
+                    pc,
+                    line,
+                    f"store of {size} B at {int(a[~ok][0]):#x} outside every allocation",
+                )
             for buf in np.unique(bi[ok]):
                 sel = ok & (bi == buf)
                 if self.mem.readonly[buf]:
@@ -753,7 +767,12 @@ class CTA:
                 g = np.broadcast_to(self.gtid[th[sel]][:, None], pos.shape)
                 clash = (prev >= 0) & (prev != g) & (self.mem.bufs[buf][pos] != d[sel])
                 if clash.any():
-                    self.f.add("race-global", pc, line, f"{self.mem.names[buf]} byte written twice with different values")
+                    self.f.add(
+                        "race-global",
+                        pc,
+                        line,
+                        f"{self.mem.names[buf]} byte written twice with different values",
+                    )
                 self.mem.bufs[buf][pos] = d[sel]
                 self.mem.writer[buf][pos] = g
             return
@@ -859,12 +878,10 @@ def _ld(c: CTA, ins: Instr, m, pc, mask):
     dst, src = ins.args
     space = c._space(ins)
     if space == "param":
-        _, base, sym, off = src
+        _, _base, sym, _off = src
         if sym not in c.params:
             raise PtxError(f"unknown parameter {sym}")
         v = U64(c.params[sym] & ((1 << 64) - 1))
-        if t[0] == "s" and bits < 64:
-            pass
         if dst[0] == "reg" and c.width(dst[1]) == 64 and bits == 32 and t[0] == "s":  # ld.param.s32 into b64
             v = from_int(to_int(v, 32, True), 64)
         c.write(dst, np.full(c.T, v, dtype=U64), m)
@@ -1058,7 +1075,9 @@ def _fma(c: CTA, ins: Instr, m, pc, mask):
         kind = t[:-2] if t.endswith("x2") else t
         lanes = 2 if t.endswith("x2") else 1
         out = np.zeros(c.T, dtype=U64)
-        srcs = [np.broadcast_to(c.read(a, 32 if lanes == 2 else 16), (c.T,)).astype(U64) for a in ins.args[1:4]]
+        srcs = [
+            np.broadcast_to(c.read(a, 32 if lanes == 2 else 16), (c.T,)).astype(U64) for a in ins.args[1:4]
+        ]
         for h in range(lanes):
             a, b, cc = (half_to_f64(s >> U64(16 * h), kind) for s in srcs)
             r = round_odd_f64(a * b, cc)
@@ -1268,7 +1287,7 @@ def _cvt(c: CTA, ins: Instr, m, pc, mask):
         x = f32(c.read(ins.args[1], 32)).astype(np.float32)
         u = x.view(np.uint32).astype(U64)
         if rnd == "rna":
-            r = ((u + U64(0x1000)) & U64(0xFFFFE000))
+            r = (u + U64(0x1000)) & U64(0xFFFFE000)
         elif rnd == "rz":
             r = u & U64(0xFFFFE000)
         else:
@@ -1305,7 +1324,7 @@ def _cvt(c: CTA, ins: Instr, m, pc, mask):
         bits = _TYPE_BITS[dt]
         lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if dt[0] == "s" else (0, (1 << bits) - 1)
         r = np.where(np.isnan(r), 0, np.clip(r, lo, hi))
-        c.write(dst, from_int(r.astype(np.int64) if bits < 64 else r.astype(np.int64), bits), m)
+        c.write(dst, from_int(r.astype(np.int64), bits), m)
         return None
     # int -> ...
     ab = _TYPE_BITS[at]
@@ -1512,7 +1531,7 @@ def _ldmatrix(c: CTA, ins: Instr, m, pc, mask):
 def _mma(c: CTA, ins: Instr, m, pc, mask):
     shape = next(x for x in ins.mods if x.startswith("m") and "n" in x and "k" in x)
     types = [x for x in ins.mods if x in _TYPE_BITS or x in ("tf32", "s4", "u4")]
-    dtype, atype, btype, ctype = types
+    _dtype, atype, btype, ctype = types
     satfinite = "satfinite" in ins.mods
     d_op, a_op, b_op, c_op = ins.args
     warps = _whole_warps(c, m, pc, ins)

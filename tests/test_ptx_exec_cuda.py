@@ -37,10 +37,13 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc
 
 
 @pytest.fixture(scope="module")
-def ptx(pytestconfig) -> str:
-    """kernels.cu compiled to PTX for sm_86 (cached by the sources' hash: nvcc takes ~15 s)."""
+def ptx(pytestconfig, tmp_path_factory) -> str:
+    """kernels.cu compiled to PTX for sm_86 (cached by the sources' hash in pytest's cache: nvcc
+    takes ~15 s)."""
     src = b"".join((CSRC / f).read_bytes() for f in ("kernels.cu", "kernels.h"))
-    out = pytestconfig.cache.mkdir("ptx_exec") / f"kernels_sm86_{hashlib.sha256(src).hexdigest()[:16]}.ptx"
+    cache = getattr(pytestconfig, "cache", None)
+    folder = cache.mkdir("ptx_exec") if cache is not None else tmp_path_factory.mktemp("ptx_exec")
+    out = folder / f"kernels_sm86_{hashlib.sha256(src).hexdigest()[:16]}.ptx"
     if not out.exists():
         tmp = out.with_suffix(".tmp")
         cmd = ["nvcc", "-std=c++17", "-O3", "-ptx", "-arch=sm_86", str(CSRC / "kernels.cu"), "-o", str(tmp)]

@@ -42,10 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CC = 86
 M, N, K = 19, 21, 192  # odd M and N inside one 64 x 64 tile, three groups of 64
 # gemm.py's bias tile before the fix of issue 22 (code only: comments may quote it)
-_GEMM_CODE = "\n".join(line.split("#")[0] for line in (ROOT / "engine/kernels/triton/gemm.py").read_text().splitlines())
+_GEMM_CODE = "\n".join(
+    line.split("#")[0] for line in (ROOT / "engine/kernels/triton/gemm.py").read_text().splitlines()
+)
 OLD_BIAS_TILE = re.search(r"other\s*=\s*0x80\b", _GEMM_CODE) is not None
 # act.py's group maximum before the fix of issue 22: tl.max, which drops NaN on the GPU
-_ACT_CODE = "\n".join(line.split("#")[0] for line in (ROOT / "engine/kernels/triton/act.py").read_text().splitlines())
+_ACT_CODE = "\n".join(
+    line.split("#")[0] for line in (ROOT / "engine/kernels/triton/act.py").read_text().splitlines()
+)
 OLD_NAN_MAX = "propagate_nan" not in _ACT_CODE
 
 
@@ -291,7 +295,9 @@ def test_wait_count_off_by_one_reads_in_flight_data(compiled):
     launch, want, res = compiled["gemm_s_r5"]
     m = _loop_wait(res["ptx"])
     n = int(m.group(1)) + 1
-    broken = res["ptx"][: m.start()] + f"cp.async.wait_group {n};{m.group(2)}bar.sync 0;" + res["ptx"][m.end() :]
+    broken = (
+        res["ptx"][: m.start()] + f"cp.async.wait_group {n};{m.group(2)}bar.sync 0;" + res["ptx"][m.end() :]
+    )
     findings, _ = _run(launch, res, broken)
     assert "race-inflight" in findings.kinds(), findings.report()
     assert not torch.equal(_outputs(launch)["out_ptr"], want)  # and the stale tiles show in the result
