@@ -222,7 +222,9 @@ OUTPUTS = {
 }
 
 
-def execute(launch: Launch, compiled: dict, ctas: list[tuple[int, int, int]] | None = None):
+def execute(
+    launch: Launch, compiled: dict, ctas: list[tuple[int, int, int]] | None = None, approx: str = "exact"
+):
     """Run ``launch`` from its compiled PTX in the interpreter (tests/ptx_exec.py). Tensors are
     placed in its global memory (inputs read-only; outputs filled with 0xFF bytes, so an element
     the kernel never writes reads as NaN or -1) and the outputs are copied back into the launch's
@@ -268,7 +270,9 @@ def execute(launch: Launch, compiled: dict, ctas: list[tuple[int, int, int]] | N
         else:
             args.append(a)
     args += [0] * (len(kernel.params) - len(args))  # triton's scratch pointers: never touched here
-    findings = X.launch(kernel, mem, args, launch.grid, 32 * compiled["num_warps"], compiled["shared"], ctas)
+    findings = X.launch(
+        kernel, mem, args, launch.grid, 32 * compiled["num_warps"], compiled["shared"], ctas, approx
+    )
     written = {}
     for name, st in storages.items():
         if name in outs:

@@ -470,8 +470,10 @@ class CTA:
     MAX_STEPS = 2_000_000
 
     def __init__(self, kernel: Kernel, mem: GlobalMemory, params: dict[str, int], ctaid: tuple[int, int, int],
-                 nctaid: tuple[int, int, int], nthreads: int, shared_bytes: int, findings: Findings) -> None:  # fmt: skip
+                 nctaid: tuple[int, int, int], nthreads: int, shared_bytes: int, findings: Findings,
+                 approx: str = "exact") -> None:  # fmt: skip
         self.k = kernel
+        self.approx = approx
         self.mem = mem
         self.params = params
         self.ctaid, self.nctaid = ctaid, nctaid
@@ -852,6 +854,13 @@ def _rnd(ins: Instr, default: str = "rn") -> str:
     return default
 
 
+def _away(r: np.ndarray) -> np.ndarray:
+    """One ulp away from zero (finite non-zero values), for approx="perturb"."""
+    r = np.asarray(r, dtype=np.float32)
+    ok = np.isfinite(r) & (r != 0)
+    return np.where(ok, np.nextafter(r, np.copysign(np.float32(np.inf), r)), r).astype(np.float32)
+
+
 def _fval(c: CTA, op, t: str) -> np.ndarray:
     v = c.read(op, _TYPE_BITS[t])
     if t == "f32":
@@ -1031,6 +1040,8 @@ def _float_arith(c: CTA, ins: Instr, m, name: str, t: str):
             r = a * b
         elif name == "div":
             r = a / b  # div.rn, and div.full / div.approx as one result their bounds allow
+            if ("full" in ins.mods or "approx" in ins.mods) and c.approx == "perturb":
+                r = _away(r)
         elif name in ("min", "max"):
             r = np.fmin(a, b) if name == "min" else np.fmax(a, b)
             if "NaN" in ins.mods:
@@ -1119,8 +1130,15 @@ def _unary(c: CTA, ins: Instr, m, pc, mask):
                    "lg2": lambda: np.log2(x64), "tanh": lambda: np.tanh(x64), "sin": lambda: np.sin(x64),
                    "cos": lambda: np.cos(x64)}[base]()  # fmt: skip
         if t == "f32":
-            with np.errstate(over="ignore"):
-                r = round_f64_to_f32(r64, _rnd(ins)) if base in ("sqrt", "rcp") else r64.astype(np.float32)
+            with np.errstate(all="ignore"):
+                if base in ("sqrt", "rcp") and _rnd(ins) == "rn":  # IEEE, in fp32 itself (no double rounding)
+                    r = np.sqrt(x) if base == "sqrt" else np.float32(1) / x
+                elif base in ("sqrt", "rcp") and "approx" not in ins.mods:
+                    r = round_f64_to_f32(r64, _rnd(ins))
+                else:
+                    r = r64.astype(np.float32)
+            if "approx" in ins.mods and c.approx == "perturb":
+                r = _away(r)
             if ftz:
                 r = _ftz32(r)
             _wf(c, ins.args[0], r, t, m)
@@ -1572,16 +1590,23 @@ def param_bits(ptype: str, value) -> int:
 
 
 def launch(kernel: Kernel, mem: GlobalMemory, args: list, grid: tuple[int, int, int], nthreads: int,
-           shared_bytes: int, ctas: list[tuple[int, int, int]] | None = None) -> Findings:  # fmt: skip
+           shared_bytes: int, ctas: list[tuple[int, int, int]] | None = None, approx: str = "exact") -> Findings:  # fmt: skip
     """Run ``kernel`` over ``grid`` (or only the CTAs in ``ctas``) with ``args`` (ints/floats in PTX
-    parameter order; pointers are GlobalMemory addresses). Returns what the checks found."""
+    parameter order; pointers are GlobalMemory addresses). Returns what the checks found.
+
+    ``approx``: "exact" gives approximate instructions (``.approx``, ``div.full``) their correctly
+    rounded result; "perturb" moves each such result one ulp away from zero (inside every bound
+    the ISA gives them), so that a result that must be exact cannot lean on an approximation
+    being better on the CPU than on the GPU."""
+    if approx not in ("exact", "perturb"):
+        raise ValueError(f"approx must be 'exact' or 'perturb', got {approx!r}")
     if len(args) != len(kernel.params):
         raise PtxError(f"{kernel.name} takes {len(kernel.params)} parameters, got {len(args)}")
     params = {name: param_bits(t, v) for (name, t), v in zip(kernel.params, args, strict=True)}
     findings = Findings()
     order = ctas or [(x, y, z) for z in range(grid[2]) for y in range(grid[1]) for x in range(grid[0])]
     for cta in order:
-        CTA(kernel, mem, params, cta, grid, nthreads, shared_bytes, findings).run()
+        CTA(kernel, mem, params, cta, grid, nthreads, shared_bytes, findings, approx).run()
     return findings
 
 

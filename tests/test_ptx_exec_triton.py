@@ -170,8 +170,8 @@ def compiled() -> dict:
     return _build(CASES)
 
 
-def _run(launch, res, ptx: str | None = None):
-    return PC.execute(launch, {**res, "ptx": ptx} if ptx else res)
+def _run(launch, res, ptx: str | None = None, approx: str = "exact"):
+    return PC.execute(launch, {**res, "ptx": ptx} if ptx else res, approx=approx)
 
 
 def _outputs(launch) -> dict[str, torch.Tensor]:
@@ -184,8 +184,8 @@ def _outputs(launch) -> dict[str, torch.Tensor]:
     return {n: a for n, a in zip(names, launch.args, strict=False) if n in outs}
 
 
-def check(name: str, launch, want, res) -> None:
-    findings, written = _run(launch, res)
+def check(name: str, launch, want, res, approx: str = "exact") -> None:
+    findings, written = _run(launch, res, approx=approx)
     assert not findings, findings.report()
     outs = _outputs(launch)
     kind = name.split("_")[0]
@@ -267,10 +267,17 @@ def test_nan_reaches_the_scale(compiled):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SLOW_CASES))
 def test_compiled_kernel_matches_reference_slow(name):
-    launch, want, res = _build({name: SLOW_CASES[name]})[name]
     if "biasmma" in name and OLD_BIAS_TILE:
         pytest.skip("gemm.py's old bias tile: test_bias_mma_path shows the wrong result")
+    launch, want, res = _build({name: SLOW_CASES[name]})[name]
     check(name, launch, want, res)
+
+
+@pytest.mark.parametrize("name", ["gemm_s_r5", "act_s_r5", "gemv"])
+def test_exact_paths_do_not_lean_on_approximations(compiled, name):
+    """The exact comparisons again with every approximate instruction (rcp/ex2/rsqrt .approx,
+    div.full) one ulp off, as the GPU may compute them: the exact paths must not use any."""
+    check(name, *compiled[name], approx="perturb")
 
 
 # --- broken variants: the checks must catch them ---------------------------------------------------

@@ -42,7 +42,7 @@ ld.global.b32 %r12, [%rd5+512];
 """
 
 
-def run(body: str, a, b=None, c=None, smem: int = 1024, threads: int = T):
+def run(body: str, a, b=None, c=None, smem: int = 1024, threads: int = T, approx: str = "exact"):
     """Run ``body`` with r10, r11, r12 = a, b, c of the thread (uint32 bit patterns); the kernel
     stores its result with ``st.global.b32 [%rd4], ...``. Returns (out uint32 [T], findings)."""
     ins = np.zeros(3 * T, dtype=np.uint32)
@@ -55,7 +55,7 @@ def run(body: str, a, b=None, c=None, smem: int = 1024, threads: int = T):
     out = mem.alloc("out", threads * 4, fill=0)
     inp = mem.alloc("in", ins, readonly=True)
     kernel = X.parse(HEAD + body + "\nret;\n}\n")
-    findings = X.launch(kernel, mem, [out, inp], (1, 1, 1), threads, smem)
+    findings = X.launch(kernel, mem, [out, inp], (1, 1, 1), threads, smem, approx=approx)
     return mem.get("out").view(np.uint32).copy(), findings
 
 
@@ -229,6 +229,26 @@ def test_float_compare_and_minmax_nan():
         "max.NaN.f32 %r20, %r10, %r11;\nst.global.b32 [%rd4], %r20;", a.view(np.uint32), b.view(np.uint32)
     )
     assert np.isnan(got.view(np.float32)[:2]).all() and got.view(np.float32)[2] == 3.0
+
+
+def test_approximate_instructions_exact_or_one_ulp_off():
+    """approx="exact": the correctly rounded value; "perturb": one ulp away from zero (both inside
+    the ISA's bounds); the IEEE forms (.rn) are never perturbed."""
+    x = (RNG.standard_normal(T) * 10).astype(np.float32)
+    y = (RNG.standard_normal(T) + 3).astype(np.float32)
+    body = "rcp.approx.ftz.f32 %r20, %r10;\nst.global.b32 [%rd4], %r20;"
+    exact, _ = run(body, x.view(np.uint32))
+    off, _ = run(body, x.view(np.uint32), approx="perturb")
+    assert np.array_equal(exact.view(np.float32), np.float32(1) / x)
+    assert np.array_equal(
+        off.view(np.float32), np.nextafter(np.float32(1) / x, np.copysign(np.inf, x).astype(np.float32))
+    )
+    for op, perturbed in (("div.full.f32", True), ("div.rn.f32", False)):
+        body = f"{op} %r20, %r10, %r11;\nst.global.b32 [%rd4], %r20;"
+        got, _ = run(body, x.view(np.uint32), y.view(np.uint32), approx="perturb")
+        q = x / y
+        want = np.nextafter(q, np.copysign(np.inf, q).astype(np.float32)) if perturbed else q
+        assert np.array_equal(got.view(np.float32), want), op
 
 
 # --- warp shuffles --------------------------------------------------------------------------------
