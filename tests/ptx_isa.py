@@ -44,6 +44,7 @@ from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
     "WARP",
+    "MmaSpec",
     "bf16_to_bits",
     "bits_to_bf16",
     "bits_to_f16",

@@ -2,8 +2,8 @@
 the PTX interpreter of tests/ptx_exec.py and compared with the reference backend.
 
 The launch (grid, threads, dynamic shared memory, argument order) is the host code's in
-kernels.cu (svdq::w4a4_gemm, launch_quantize), with the tile parameters read from kernels.cu by
-scripts/kernel_model.py. Edge shapes: odd M and N inside one 192 x 128 tile, three K groups,
+kernels.cu (svdq::w4a4_gemm, launch_quantize), with its constants (tiles, kThreads, kSmemBytes)
+evaluated from kernels.cu itself. Edge shapes: odd M and N inside one 192 x 128 tile, three K groups,
 ranks 0, 5 and 48 (48 takes the kNT = 8 instance of quantize_act). The GEMM runs on inputs whose
 products and sums are exact (see exact_gemm_inputs), so it must equal the reference bit for bit;
 quantize_act's codes and scales are exact by contract, its low-rank product (bf16 hi + lo) to
@@ -55,13 +55,21 @@ def ptx(pytestconfig, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def prm() -> dict:
-    import importlib.util
-    import sys
+    return host_constants()
 
-    spec = importlib.util.spec_from_file_location("kernel_model", ROOT / "scripts" / "kernel_model.py")
-    mod = sys.modules.setdefault("kernel_model", importlib.util.module_from_spec(spec))
-    spec.loader.exec_module(mod)
-    return mod.tile_params()
+
+def host_constants() -> dict[str, int]:
+    """kernels.cu's namespace-level ``constexpr int`` constants (tile sizes, threads, shared
+    memory bytes: what its host code launches with), evaluated in order, C integer arithmetic."""
+    env: dict[str, int] = {}
+    text = (CSRC / "kernels.cu").read_text()
+    for m in re.finditer(r"^constexpr int ([^;]+);", text, re.M):
+        for decl in m.group(1).split(","):
+            name, expr = (x.strip() for x in decl.split("=", 1))
+            if not re.fullmatch(r"[\w\s+\-*/()]+", expr):
+                raise ValueError(f"cannot evaluate {name} = {expr}")
+            env[name] = int(eval(re.sub(r"(?<!/)/(?!/)", "//", expr), {"__builtins__": {}}, dict(env)))
+    return env
 
 
 def entry(ptx: str, pattern: str) -> str:
@@ -88,9 +96,7 @@ def run_gemm(ptx: str, prm: dict, r: int, unsigned: bool, src: str | None = None
             M, N, K, r]  # fmt: skip
     kernel = X.parse(src or ptx, entry(ptx, rf"w4a4_gemm_kernelILb{int(unsigned)}E"))
     tiles = -(-M // prm["kBM"]) * -(-N // prm["kBN"])
-    stage = (prm["kBM"] + prm["kBN"]) * prm["kGroupBytes"] + (prm["kBM"] + prm["kBN"]) * 4
-    threads = 32 * prm["kWarpsM"] * prm["kWarpsN"]
-    findings = X.launch(kernel, mem, args, (tiles, 1, 1), threads, prm["kStages"] * stage)
+    findings = X.launch(kernel, mem, args, (tiles, 1, 1), prm["kThreads"], prm["kSmemBytes"])
     y = torch.from_numpy(mem.get("out").view(np.float32).reshape(M, N).copy())
     want = reference.w4a4_gemm(**a, unsigned=unsigned, out_dtype=torch.float32)
     return findings, y, want, mem.written("out")

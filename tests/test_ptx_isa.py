@@ -7,7 +7,8 @@ Three kinds of checks, so that a mistake in one table cannot hide behind the sam
   (whose maps come from the "Matrix Fragments" sections) reproduces the stored matrices.
 
 Copied from the emulator's author (/work/ptx_emu, with ptx_isa.py unchanged); only the import of
-ptx_isa (a package-relative import instead of a sys.path insert) and zip(strict=True) differ.
+ptx_isa (a package-relative import instead of a sys.path insert) and zip(strict=True) differ. The
+m16n8k32 .s8 / m16n8k8 .tf32 tests at the end came later, with the PTX interpreter (ptx_exec.py).
 """
 
 from __future__ import annotations
