@@ -483,6 +483,9 @@ class CTA:
         self.lane = self.tid % WARP
         self.warp = self.tid // WARP
         self.regs: dict[str, np.ndarray] = {}
+        self.undef: dict[str, np.ndarray] = {}  # threads that never wrote a partially written register
+        self.cur = np.ones(nthreads, dtype=bool)  # the threads executing the current instruction
+        self.pc = 0
         self.f = findings
         # shared symbols: the extern one at 0 (dynamic), static ones after it
         self.sym_addr: dict[str, int] = {}
@@ -532,6 +535,10 @@ class CTA:
         kind = op[0]
         if kind == "reg":
             v = self.regs.get(op[1])
+            undef = self.undef.get(op[1]) if v is not None else None
+            if (v is None and self.cur.any()) or (undef is not None and (undef & self.cur).any()):
+                self.f.add("uninit-register", self.pc, self.k.instrs[self.pc].line,
+                           f"{op[1]} read before any write in {int(self.cur.sum())} active threads")  # fmt: skip
             if v is None:
                 if self.width(op[1]) == 1:
                     return np.zeros(self.T, dtype=bool)
@@ -572,9 +579,14 @@ class CTA:
             v = np.broadcast_to(np.asarray(value, dtype=U64) & _mask(bits), (self.T,))
         if mask.all():
             self.regs[name] = v.copy()
+            self.undef.pop(name, None)
         else:
             old = self.regs.get(name)
             self.regs[name] = np.where(mask, v, np.zeros_like(v) if old is None else old)
+            if old is None:
+                self.undef[name] = ~mask
+            elif name in self.undef:
+                self.undef[name] = self.undef[name] & ~mask
 
     # --- shared memory checks ---------------------------------------------------------------------
 
@@ -802,6 +814,7 @@ class CTA:
             h = _HANDLERS.get(ins.base)
             if h is None:
                 raise PtxError(f"unsupported instruction {ins.op} at pc {p}: {ins.line}")
+            self.cur, self.pc = active, p
             nxt = h(self, ins, active, p, mask)
             if nxt is None:
                 pc[mask] = p + 1

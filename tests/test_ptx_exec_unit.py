@@ -398,3 +398,13 @@ shfl.sync.bfly.b32 %r20, %r10, 1, 31, -1;
 $SKIP:
 st.global.b32 [%rd4], %r10;"""
     assert "warp-divergence" in run(body, rand32())[1].kinds()
+
+
+def test_register_read_before_write_is_flagged():
+    body = """setp.lt.u32 %p1, %r1, {n};
+@%p1 mov.u32 %r20, 7;
+add.u32 %r21, %r20, 1;
+st.global.b32 [%rd4], %r21;"""
+    assert "uninit-register" in run(body.format(n=16), rand32())[1].kinds()  # threads 16.. never wrote r20
+    got, f = run(body.format(n=T), rand32())
+    assert not f and (got == 8).all()
