@@ -29,8 +29,12 @@ barrier epoch (``bar.sync`` opens a CTA-wide epoch, ``bar.warp.sync`` one per wa
 another thread's write, or a write over another thread's read, without a barrier between them is
 a race; cp.async destinations stay "in flight" until the issuing thread's ``wait_group`` completes
 their group (the data lands then), so reading them earlier is a race that also sees stale data;
-reads of shared memory never written; barriers and warp-synchronous instructions reached by part of
-a CTA or warp.
+reads of shared memory never written; registers read by threads that never wrote them; barriers and
+warp-synchronous instructions reached by part of a CTA or warp; integer division by zero.
+
+Not modelled: ptxas contracting an unrounded ``mul`` + ``add`` into an FMA (the interpreter rounds
+each), memory ordering across CTAs (they run one after another), ``.local`` memory, calls, and
+instructions the kernels here do not use (an unknown one raises PtxError, never runs silently).
 """
 
 from __future__ import annotations

@@ -103,9 +103,9 @@ def _act(r: int, unsigned: bool, prologue: str | None, m: int = M, dtype=torch.b
     return "act", launch, want
 
 
-def _gemv():
+def _gemv(m: int = 3):
     g = torch.Generator().manual_seed(2)
-    m, k, n = 3, 512, 21
+    k, n = 512, 21
     x = (torch.randint(-8, 8, (m, k), generator=g).float() / 8).to(torch.bfloat16)
     qw = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
     ws = torch.exp2(torch.randint(-3, 1, (n, k // 64), generator=g).float()).to(torch.bfloat16)
@@ -114,7 +114,7 @@ def _gemv():
     return "gemv", lambda: tb.w4a16_gemv(x, qw, ws, wz, bias), reference.w4a16_gemv(x, qw, ws, wz, bias)
 
 
-def _rope():
+def _rope(two_parts: bool = True):
     g = torch.Generator().manual_seed(3)
     h, d = 2, 16
     qkv0 = torch.randn(1, 5, 3 * h * d, generator=g).bfloat16()
@@ -122,7 +122,9 @@ def _rope():
     w0, w1 = torch.randn(d, generator=g).bfloat16(), torch.randn(d, generator=g).bfloat16()
     ang = torch.randn(12, d // 2, generator=g).repeat_interleave(2, dim=1)
     cos, sin = ang.cos(), ang.sin()
-    args = (qkv0, w0, w1, qkv1, w1, w0, cos, sin)
+    if not two_parts:
+        qkv1, cos, sin = None, cos[:5], sin[:5]
+    args = (qkv0, w0, w1, qkv1, w1 if two_parts else None, w0 if two_parts else None, cos, sin)
     kw = {"heads": h, "eps": 1e-6}
     return "rope", lambda: RP.qk_norm_rope(*args, **kw), reference.qk_norm_rope(*args, **kw)
 
@@ -145,6 +147,11 @@ SLOW_CASES = {
     "gemm_s_r0_2cta_bf16": lambda: _gemm(0, False, False, m=70, out_dtype=torch.bfloat16),
     "act_u_r0_2cta_f32": lambda: _act(0, True, None, m=33, dtype=torch.float32),
     "act_s_r48_modulate": lambda: _act(48, False, "modulate"),
+    "act_s_r5_f32": lambda: _act(5, False, None, dtype=torch.float32),  # fp32 proj_down: tf32x3
+    "gemm_u_r5_bf16": lambda: _gemm(5, True, False, out_dtype=torch.bfloat16),
+    "gemv_m1": lambda: _gemv(1),
+    "gemv_m4": lambda: _gemv(4),
+    "rope_one_part": lambda: _rope(two_parts=False),
 }
 
 
@@ -264,13 +271,17 @@ def test_nan_reaches_the_scale(compiled):
     assert torch.equal(codes[~group], codes_r[~group])
 
 
+@pytest.fixture(scope="module")
+def compiled_slow() -> dict:
+    return _build({n: f for n, f in SLOW_CASES.items() if not ("biasmma" in n and OLD_BIAS_TILE)})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SLOW_CASES))
-def test_compiled_kernel_matches_reference_slow(name):
+def test_compiled_kernel_matches_reference_slow(compiled_slow, name):
     if "biasmma" in name and OLD_BIAS_TILE:
         pytest.skip("gemm.py's old bias tile: test_bias_mma_path shows the wrong result")
-    launch, want, res = _build({name: SLOW_CASES[name]})[name]
-    check(name, launch, want, res)
+    check(name, *compiled_slow[name])
 
 
 @pytest.mark.parametrize("name", ["gemm_s_r5", "act_s_r5", "gemv"])
