@@ -146,3 +146,17 @@ def test_cuda_gemm_without_its_barrier_races(ptx, prm):
     broken = ptx[:cut] + ptx[cut + len(m.group(1)) :]
     findings, *_ = run_gemm(ptx, prm, 0, False, src=broken)
     assert findings.kinds() & {"race-raw", "race-war"}, findings.report()
+
+
+def test_cuda_gemm_with_wait_count_one_too_high_reads_in_flight_data(ptx, prm):
+    """cp_async_wait<kStages - 1> instead of <kStages - 2>: the stage about to be read may still be
+    in flight; the interpreter reports it, and the result is wrong."""
+    name = entry(ptx, r"w4a4_gemm_kernelILb0E")
+    start = ptx.index(name)
+    m = re.search(r"cp\.async\.wait_group\s+(\d+);(?=(?:\s|//[^\n]*)*bar\.sync\s+0;)", ptx[start:])
+    assert m and int(m.group(1)) == prm["kStages"] - 2
+    cut = start + m.start(1)
+    broken = ptx[:cut] + str(int(m.group(1)) + 1) + ptx[cut + len(m.group(1)) :]
+    findings, y, want, _ = run_gemm(ptx, prm, 0, False, src=broken)
+    assert "race-inflight" in findings.kinds(), findings.report()
+    assert not torch.equal(y, want)
