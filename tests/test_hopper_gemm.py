@@ -167,6 +167,7 @@ def test_hopper_dispatch_takes_the_sm90_kernel(monkeypatch):
     torch.testing.assert_close(y2, reference.w4a4_gemm(**a, **kw), **OUT_TOL[torch.float32])
 
 
+@pytest.mark.slow
 def test_gpu_measurement_script_runs_tiny(tmp_path):
     """scripts/gpu_hopper_gemm.py, the GPU session's part, on its tiny CPU shapes: it reports
     the exactness check, the error against the reference and every timing."""
