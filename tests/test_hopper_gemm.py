@@ -200,3 +200,11 @@ def test_sm90_flux_shapes_on_gpu(k, n):
     torch.testing.assert_close(
         tb.w4a4_gemm(**a, **kw), reference.w4a4_gemm(**a, **kw), **OUT_TOL[torch.bfloat16]
     )
+
+
+def test_sm90_weight_cache_takes_inference_tensors():
+    """Weights loaded under torch.inference_mode keep no version counter: cached all the same."""
+    with torch.inference_mode():
+        a = gemm_inputs(2, 128, 16, 0)
+        first = tb.sm90_weight(a["qweight"], a["wscales"])
+        assert tb.sm90_weight(a["qweight"], a["wscales"]) is first

@@ -182,9 +182,17 @@ def w4a4_gemm(
 _SM90_WEIGHTS = WeakTensorKeyDictionary()
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place write counter; None for inference tensors, which keep none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def sm90_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> gemm_sm90.Sm90Weight:
     """The load-time transform of a W4A4 weight for the sm_90 kernel, cached per tensor."""
-    key = (qweight._version, wscales.data_ptr(), wscales._version)
+    key = (_version(qweight), wscales.data_ptr(), _version(wscales))
     hit = _SM90_WEIGHTS.get(qweight)
     if hit is None or hit[0] != key:
         hit = (key, gemm_sm90.prepare_weight(qweight, wscales))
