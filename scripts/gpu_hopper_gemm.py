@@ -60,34 +60,6 @@ def _inputs(m: int, k: int, n: int, device: torch.device, seed: int = 0) -> dict
     }
 
 
-def _extreme_codes_exact(device: torch.device, group: int = 64) -> bool:
-    """Every group's dot at its extremes (signed and unsigned activations), scales 1: exact."""
-    ok = True
-    for unsigned in (False, True):
-        lo, hi = (0, 15) if unsigned else (-8, 7)
-        m, n, k = 64, 64, 4 * group
-        x = torch.full((m, k), hi, dtype=torch.int8)
-        x[m // 2 :] = lo
-        x[:, :group] = lo
-        x[:, 2 * group : 3 * group] = (torch.arange(group) % (hi - lo + 1) + lo).to(torch.int8)  # every code
-        w = torch.full((n, k), -8, dtype=torch.int8)
-        w[n // 2 :] = 7
-        w[:, 3 * group :] = (torch.arange(n * group).view(n, group) % 16 - 8).to(torch.int8)
-        weight = gemm_sm90.prepare_weight(pack_int4(w).to(device), torch.ones(n, k // group, device=device))
-        y = gemm_sm90.launch(
-            pack_int4(x).to(device),
-            torch.ones(m, k // group, device=device),
-            weight,
-            torch.zeros(m, 0, device=device),
-            torch.zeros(n, 0, device=device),
-            None,
-            unsigned=unsigned,
-            out_dtype=torch.float32,
-        )
-        ok &= torch.equal(y.cpu().double(), (x.double() @ w.double().T))
-    return ok
-
-
 def measure_shape(m: int, k: int, n: int, device: torch.device) -> dict:
     """One K -> N: correctness against the reference, then the timings."""
     a = _inputs(m, k, n, device)
@@ -132,7 +104,7 @@ def measure(m: int, shapes: list[tuple[int, int]], device: torch.device) -> dict
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)",
         "m": m,
-        "extreme_codes_exact": _extreme_codes_exact(device),
+        "extreme_codes_exact": gemm_sm90.extreme_codes_exact(device),
         "shapes": [measure_shape(m, k, n, device) for k, n in shapes],
     }
 

@@ -26,6 +26,8 @@ from .kernel_cases import gemm_inputs
 tb = pytest.importorskip("engine.kernels.triton_backend")
 from engine.kernels.triton import gemm_sm90  # noqa: E402 (after the importorskip)
 
+# An out-of-bounds read shows in the interpreter as garbage that overflows a dot: make it fail.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OUT_TOL = {
@@ -153,6 +155,7 @@ def test_hopper_dispatch_takes_the_sm90_kernel(monkeypatch):
     calls = []
     real_launch, real_prepare = gemm_sm90.launch, gemm_sm90.prepare_weight
     monkeypatch.setattr(tb, "_major", lambda device: 9)
+    monkeypatch.setattr(gemm_sm90, "serves", lambda device: True)
     monkeypatch.setattr(gemm_sm90, "launch", lambda *a, **kw: calls.append("launch") or real_launch(*a, **kw))
     monkeypatch.setattr(gemm_sm90, "prepare_weight", lambda *a: calls.append("prepare") or real_prepare(*a))
     a = gemm_inputs(5, 128, 24, 4, device=DEVICE)
@@ -165,6 +168,27 @@ def test_hopper_dispatch_takes_the_sm90_kernel(monkeypatch):
     y2 = tb.w4a4_gemm(**a, **kw)
     assert calls[-2:] == ["prepare", "launch"]
     torch.testing.assert_close(y2, reference.w4a4_gemm(**a, **kw), **OUT_TOL[torch.float32])
+
+
+def test_hopper_dispatch_checks_the_gpu_once_and_falls_back_loudly(monkeypatch, caplog):
+    """Where the FP8 sums do not check exact on the device, w4a4_gemm takes the int8 kernel and
+    says so once; the check itself passes on the interpreter's exact arithmetic."""
+    assert gemm_sm90.extreme_codes_exact(torch.device(DEVICE))
+    checks = []
+    monkeypatch.setattr(tb, "_major", lambda device: 9)
+    monkeypatch.setattr(gemm_sm90, "extreme_codes_exact", lambda device: checks.append(device) or False)
+    monkeypatch.setattr(gemm_sm90, "launch", lambda *a, **kw: pytest.fail("the FP8 kernel ran"))
+    gemm_sm90._exact_on.cache_clear()
+    try:
+        a = gemm_inputs(5, 128, 24, 4, device=DEVICE)
+        kw = {"unsigned": False, "out_dtype": torch.float32}
+        with caplog.at_level("WARNING"):
+            y = tb.w4a4_gemm(**a, **kw)
+            tb.w4a4_gemm(**a, **kw)
+        assert len(checks) == 1 and "not exact" in caplog.text
+        torch.testing.assert_close(y, reference.w4a4_gemm(**a, **kw), **OUT_TOL[torch.float32])
+    finally:
+        gemm_sm90._exact_on.cache_clear()
 
 
 @pytest.mark.slow

@@ -29,6 +29,8 @@ are loaded one group ahead), then the two fp32 instructions per element.
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,8 @@ import triton
 import triton.language as tl
 
 from engine.kernels.triton.common import INTERPRET, LaunchConfig, dot_bf16
+
+logger = logging.getLogger(__name__)
 
 # Fixed configs (no autotuning: see gemm.py). 128 x 64 tiles of one warpgroup (two m64n64 MMAs
 # per K step): 64 fp32 accumulators and 64 partials per thread, two CTAs per SM (228 registers),
@@ -222,7 +226,8 @@ def w4a4_gemm_sm90_kernel(
         gg = tl.arange(0, BLOCK_G)
         for g0 in range(0, G, BLOCK_G):
             g_ok = (g0 + gg) < G
-            sa_t = tl.load(sa_ptrs[:, None] + (g0 + gg)[None, :] * stride_ag, mask=g_ok[None, :], other=0.0)
+            sa_ok = m_ok[:, None] & g_ok[None, :]  # rows past M: no read (group-major: the next group's)
+            sa_t = tl.load(sa_ptrs[:, None] + (g0 + gg)[None, :] * stride_ag, mask=sa_ok, other=0.0)
             wc_ptrs = wcorr_ptr + (g0 + gg)[:, None] * N + offs_n[None, :]
             wc_ok = g_ok[:, None] & n_ok[None, :]
             wc_hi = tl.load(wc_ptrs, mask=wc_ok, other=0.0)  # [BG, BN] bf16
@@ -321,3 +326,55 @@ def launch(
         **cfg.launch_options(),
     )
     return out
+
+
+def extreme_codes_exact(device: torch.device, group: int = 64) -> bool:
+    """Whether the kernel's integer part is exact on ``device``, with every group's dot at its
+    most negative and most positive and every code once, for signed and unsigned activations
+    (scales 1, compared with the exact integer product). On a GPU this tests the two hardware
+    facts the kernel relies on: e4m3 subnormals in the tensor cores and FP8 accumulation
+    exact for sums below 2^13."""
+    from engine.quant import pack_int4
+
+    ok = True
+    for unsigned in (False, True):
+        lo, hi = (0, 15) if unsigned else (-8, 7)
+        m, n, k = 64, 64, 4 * group
+        x = torch.full((m, k), hi, dtype=torch.int8)
+        x[m // 2 :] = lo
+        x[:, :group] = lo
+        x[:, 2 * group : 3 * group] = (torch.arange(group) % (hi - lo + 1) + lo).to(torch.int8)
+        w = torch.full((n, k), -8, dtype=torch.int8)
+        w[n // 2 :] = 7
+        w[:, 3 * group :] = (torch.arange(n * group).view(n, group) % 16 - 8).to(torch.int8)
+        weight = prepare_weight(pack_int4(w).to(device), torch.ones(n, k // group, device=device))
+        y = launch(
+            pack_int4(x).to(device),
+            torch.ones(m, k // group, device=device),
+            weight,
+            torch.zeros(m, 0, device=device),
+            torch.zeros(n, 0, device=device),
+            None,
+            unsigned=unsigned,
+            out_dtype=torch.float32,
+        )
+        ok &= torch.equal(y.cpu().double(), x.double() @ w.double().T)
+    return ok
+
+
+@functools.cache
+def _exact_on(device: torch.device) -> bool:
+    ok = extreme_codes_exact(device)
+    if not ok:
+        logger.warning(
+            "w4a4_gemm on %s: the FP8 kernel's integer sums are not exact on this GPU; "
+            "using the int8 kernel (engine/kernels/triton/gemm.py) instead",
+            device,
+        )
+    return ok
+
+
+def serves(device: torch.device) -> bool:
+    """Whether the FP8 kernel serves ``device``: checked once per device (extreme_codes_exact,
+    a few small launches at the first call, i.e. setup's warm-up); a failure is logged."""
+    return _exact_on(device)
