@@ -1,12 +1,12 @@
-"""The W4A4 GEMM for Hopper (sm_90): FP8 tensor cores on exact 4-bit codes, no serial chain.
+"""The W4A4 GEMM for Hopper (sm_90): FP8 tensor cores on exact 4-bit codes.
 
 Why FP8 and not int8 on Hopper: an int8 wgmma accumulates int32 in place, and turning a
 group's int32 into fp32 costs the loop either a reset per element and group, an I2F, or a
 second (bias) MMA as large as the data (engine/kernels/triton/gemm.py). An FP8 (e4m3) wgmma
 accumulates in fp32 and starts from zero for free (scale-d = 0), at the int8 rate. Every 4-bit
 code is exact in e4m3, every product of two codes is exact, and a group's dot (|sum| < 2^13)
-is exact in the fp32 accumulator, so the integer part matches the reference bit for bit (a GPU
-check, scripts/gpu_hopper_gemm.py, tries the extreme codes). Then a group costs the loop two
+is exact in the fp32 accumulator, so the integer part matches the reference bit for bit (two
+hardware facts, checked on the device once before the kernel serves it: ``serves``). Then a group costs the loop two
 fp32 instructions per output element (``acc = (part * sa) * sw + acc``), which is exactly
 what the tensor cores take for the group's 64 MACs: the loop is balanced at the dot's own work.
 
@@ -20,11 +20,14 @@ Operands, both straight into the tensor cores without a shared-memory round trip
   codes (two shift/mask for the high nibbles): the byte u (0..15) IS the e4m3 number u * 2^-9
   (the subnormals and the lowest normal binade are linear in the bits). Signed codes c are
   taken as u = c + 8 (XOR of bit 3); the offset's contribution, 8 * sum_g sa * sw * colsum(w),
-  is one small GEMM over the groups (ascales [M, G] x wcorr [G, N], tf32x3 on tensor cores)
-  before the loop, like the low-rank branch. A is a register operand of the wgmma.
+  is one small GEMM over the groups (ascales [M, G] x wcorr [G, N], both as bf16 hi + lo
+  halves, three bf16 MMAs per 16 groups) before the loop, like the low-rank branch. A is a
+  register operand of the wgmma.
 
-Per group: two K = 32 FP8 wgmmas, one wait, the next group's scales already in registers (they
-are loaded one group ahead), then the two fp32 instructions per element.
+Per group and 64-row tile: two K = 32 FP8 wgmmas (Triton waits on each where it is issued, so
+a CTA's MMA runs under the other resident CTA's scaling, not its own), the next group's scales
+already in registers (loaded one group ahead), then the two fp32 instructions per element.
+Modelled with its dependency chain in scripts/kernel_model_hopper.py (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from engine.kernels.triton.common import INTERPRET, LaunchConfig, dot_bf16
 logger = logging.getLogger(__name__)
 
 # Fixed configs (no autotuning: see gemm.py). 128 x 64 tiles of one warpgroup (two m64n64 MMAs
-# per K step): 64 fp32 accumulators and 64 partials per thread, two CTAs per SM (228 registers),
+# per K step): 64 fp32 accumulators and 64 partials per thread, two CTAs per SM (225 registers),
 # so that one CTA's MMA runs under the other's scaling. The L2 binds these loops
 # (scripts/kernel_model_hopper.py): a group moves BM * 32 bytes of codes and BN * 64 bytes of
 # e4m3 weights per CTA, 8 KB here against 10 KB for 64 x 128 tiles (modelled 40% of the fp8
@@ -55,7 +58,7 @@ SM90_CONFIGS: dict[str, LaunchConfig] = {
 }
 INTERPRETER_CONFIG = LaunchConfig(16, 16, 4, 1)
 GROUP_M = 8  # CTAs along M that walk N together (L2 reuse of the weight tiles)
-BLOCK_G = 16  # groups per step of the offset-correction GEMM (the smallest tf32 MMA K)
+BLOCK_G = 16  # groups per step of the offset-correction GEMM (one bf16 MMA K step)
 A_UNIT = 2.0**-9  # e4m3 byte u is u * 2^-9: the dot comes out in these units
 SIGNED_OFFSET = 8  # signed codes c enter the MMA as c + 8
 
@@ -100,12 +103,12 @@ def prepare_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> Sm90Weight:
     ws = wscales.float()
     colsum = (lo.sum(dim=2) + hi.sum(dim=2)).float()  # [N, G] integers, |sum| <= 512
     wcorr = (-SIGNED_OFFSET * colsum * ws).t()  # [G, N] fp32
-    hi = wcorr.to(torch.bfloat16)
-    lo = (wcorr - hi.float()).to(torch.bfloat16)
+    wc_hi = wcorr.to(torch.bfloat16)
+    wc_lo = (wcorr - wc_hi.float()).to(torch.bfloat16)
     return Sm90Weight(
         w8.contiguous(),
         (ws * (1.0 / A_UNIT)).t().contiguous(),
-        torch.stack([hi, lo]).contiguous(),
+        torch.stack([wc_hi, wc_lo]).contiguous(),
     )
 
 
