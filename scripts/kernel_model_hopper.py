@@ -497,18 +497,20 @@ def calibrate() -> dict:
     }
 
 
-def sm90_report(cfg: LaunchConfig) -> list[dict]:
-    """Static facts of the sm_90 kernel's loops for every FLUX shape, signed and unsigned."""
+def sm90_report(cfg: LaunchConfig, m: int = FLUX_M, shapes: list | None = None) -> list[dict]:
+    """Static facts of the sm_90 kernel's loops for every FLUX shape (or ``shapes``) at M = m,
+    signed and unsigned."""
     out = []
     for unsigned in (False, True):
-        for k, n in FLUX_SHAPES:
-            args, kwargs = sm90_launch(FLUX_M, k, n, cfg, unsigned)
+        for k, n in shapes or FLUX_SHAPES:
+            args, kwargs = sm90_launch(m, k, n, cfg, unsigned)
             loops, regs, stack, spills, smem = compile_cubin(gemm_sm90.w4a4_gemm_sm90_kernel, args, kwargs)
             body = main_loop(loops, "QGMMA")
             ops = kmt.opcode_counts(body)
             corr = [b for b in loops if any("HGMMA" in t for t in b) and b is not body]
             out.append(
                 {
+                    "m": m,
                     "k": k,
                     "n": n,
                     "unsigned": unsigned,
@@ -637,7 +639,7 @@ def gate_failures(static: list[dict]) -> list[str]:
     """The loop-structure gates of the sm_90 kernel (tests/test_hopper_gemm_static.py)."""
     bad = []
     for e in static:
-        tag = f"sm90 gemm {e['k']}->{e['n']} unsigned={e['unsigned']}"
+        tag = f"sm90 gemm M={e['m']} {e['k']}->{e['n']} unsigned={e['unsigned']}"
         if e["stack_bytes"] or e["spill_instrs"]:
             bad.append(f"{tag}: spills")
         if e["shared_bytes"] > 227 * 1024 // 2:
@@ -690,12 +692,14 @@ def markdown(cal: dict, static: list[dict], rows: list[dict], base: list[dict]) 
         "",
         "The sm_90 W4A4 GEMM (engine/kernels/triton/gemm_sm90.py), counted per 64-channel group:",
         "",
-        "| K -> N | acts | regs | CTAs/SM | smem KB | SASS / group | BAR.SYNC | MMA waits | FP8 MMAs | shared stores |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| M | tile | K -> N | acts | regs | CTAs/SM | smem KB | SASS / group | BAR.SYNC | MMA waits | FP8 MMAs | "
+        "shared stores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in static:
         lines.append(
-            f"| {e['k']} -> {e['n']} | {'u4' if e['unsigned'] else 's4'} | {e['regs']} | {e['ctas_per_sm']} | "
+            f"| {e['m']} | {e['config']['block_m']}x{e['config']['block_n']} | {e['k']} -> {e['n']} | "
+            f"{'u4' if e['unsigned'] else 's4'} | {e['regs']} | {e['ctas_per_sm']} | "
             f"{e['shared_bytes'] / 1024:.0f} | {e['loop_sass']} | {e['loop_bar_sync']} | {e['loop_mma_waits']} | "
             f"{e['loop_qgmma']} | {e['loop_shared_stores']} |"
         )
@@ -747,7 +751,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     cfg = gemm_sm90.SM90_CONFIGS["large"]
-    static = sm90_report(cfg)
+    # the config served at M = 4352 on every FLUX shape, and the small-M one (M <= 1024) on one
+    static = sm90_report(cfg) + sm90_report(gemm_sm90.SM90_CONFIGS["small"], 1024, FLUX_SHAPES[:1])
     bad = gate_failures(static)
     cal = {
         "rows": [],
@@ -760,7 +765,7 @@ def main() -> int:
     if not args.no_calibration:
         cal = calibrate()
     acts = act_times()
-    rows = [sm90_model(e, cal["l2_bytes_per_clk_sm"], acts[e["k"]]) for e in static]
+    rows = [sm90_model(e, cal["l2_bytes_per_clk_sm"], acts[e["k"]]) for e in static if e["m"] == FLUX_M]
     base = baseline_model(cal["l2_bytes_per_clk_sm"], acts)
     full = {
         "calibration": cal,
