@@ -372,14 +372,34 @@ def stage(name: str, ops: list[Op], kt, *, compiled: bool, sage: bool, repeat: i
     return st
 
 
-def postprocess_stage(batch: int, size: int) -> Stage:
-    """diffusers' postprocess to PIL and our safety checker's input preparation, as the code runs
-    them: the float32 image copied to the host, then numpy passes (permute, * 255, round, to
-    uint8), then per image np.asarray(float32) / 255 and CLIPImageProcessor's resize/normalize."""
+def post_bytes(batch: int, size: int) -> dict[str, float]:
+    """Bytes of the post-processing as the code runs it, and as diffusers' own path ran it before.
+
+    Now (engine.pipeline.to_pil): on the GPU, eager, bf16 -> float32, x 255, round, -> uint8 (27 B per
+    value); one byte per value to the host; PIL's copy. The safety checker's input (engine/safety.py,
+    on the host): np.asarray(float32) / 255 per image (13 B per value) and CLIPImageProcessor's pass
+    over the uint8 image (read it, write float32: 5 B per value; its 224-pixel output is negligible).
+    Before: the float32 image to the host (4 B per value), then permute, x 255, round, astype (29 B)."""
     px = batch * 3 * size * size
-    host_passes = 4 * px * 4 + 2 * px * 4 + px * (4 + 1)  # permute copy, *255, round, astype; /255; asarray
-    seconds = {d: px * 4 / hw["pcie"] + host_passes / CPU_BPS for d, hw in DEVICES.items()}
-    return Stage("post-processing + safety input (CPU)", seconds, {d: {"CPU": s} for d, s in seconds.items()})
+    return {
+        "gpu": 27 * px,
+        "to_host": px,
+        "host_pil": px,
+        "host_safety": 13 * px + 5 * px,
+        "before_to_host": 4 * px,
+        "before_host": (8 + 8 + 8 + 5) * px,
+    }
+
+
+def postprocess_stage(batch: int, size: int) -> Stage:
+    """To uint8 on the GPU (engine.pipeline.to_pil), then the safety checker's input prepared on the host."""
+    b = post_bytes(batch, size)
+    seconds, detail = {}, {}
+    for d, hw in DEVICES.items():
+        gpu = dram_s(b["gpu"], d) + b["to_host"] / hw["pcie"]
+        host = (b["host_pil"] + b["host_safety"]) / CPU_BPS
+        seconds[d], detail[d] = gpu + host, {"GPU + copy": gpu, "CPU": host}
+    return Stage("post-processing (GPU) + safety input (CPU)", seconds, detail)
 
 
 def image_model(kt: KernelTimes, batch: int = 1, steps: int = 4, size: int = 1024) -> list[Stage]:
@@ -423,7 +443,7 @@ def calibration() -> dict:
 # --- levers ----------------------------------------------------------------------------------------------
 
 
-def levers(kt: KernelTimes, base: list[Stage]) -> list[dict]:
+def levers(kt: KernelTimes) -> list[dict]:
     """Each lever's modelled saving per image on the A40 (what it removes, priced by the model)."""
     dev, steps = "A40", 4
     step_ops = trace_transformer(True, 1, 1024)
@@ -483,14 +503,27 @@ def levers(kt: KernelTimes, base: list[Stage]) -> list[dict]:
     vae = trace_vae(1, 1024)
     eager = sum(price(op, dev, kt, compiled=False, sage=False) for op in vae)
     fused = sum(price(op, dev, kt, compiled=True, sage=False) for op in vae)
-    add("VAE decoder compiled, channels_last", eager - fused, "inductor fuses GroupNorm/SiLU/adds")
-    # (g) post-processing on the GPU: one uint8 copy to the host
-    post = next(s for s in base if s.name.startswith("post"))
-    gpu_post = 3 * 1024 * 1024 / DEVICES[dev]["pcie"] + dram_s(3 * 1024 * 1024 * (2 + 1), dev)
     add(
-        "post-processing + safety input on the GPU",
-        post.seconds[dev] - gpu_post,
-        "uint8 to the host, 224 px resize on GPU",
+        "VAE decoder in channels_last (on CUDA)",
+        0.0,
+        f"not priced: the convolutions' efficiency is held at {EFF['conv']} either way",
+        True,
+    )
+    add("VAE decoder compiled", eager - fused, "inductor fuses GroupNorm/SiLU/adds")
+    # (g) post-processing on the GPU (in the code), the safety checker's input preparation (not yet)
+    b = post_bytes(1, 1024)
+    before = b["before_to_host"] / DEVICES[dev]["pcie"] + b["before_host"] / CPU_BPS
+    now = dram_s(b["gpu"], dev) + b["to_host"] / DEVICES[dev]["pcie"] + b["host_pil"] / CPU_BPS
+    add(
+        "post-processing to uint8 on the GPU (engine.pipeline.to_pil)",
+        before - now,
+        "diffusers' float32 copy to the host and its numpy passes",
+        True,
+    )
+    add(
+        "safety checker input prepared on the GPU",
+        b["host_safety"] / CPU_BPS - dram_s(b["host_safety"], dev),
+        "np.asarray(float32) / 255 per image and CLIPImageProcessor on the host",
     )
     return rows
 
@@ -528,7 +561,7 @@ def run() -> dict:
     kt = KernelTimes()
     one = image_model(kt, 1)
     four = image_model(kt, 4)
-    return {"one": one, "four": four, "calibration": calibration(), "levers": levers(kt, one)}
+    return {"one": one, "four": four, "calibration": calibration(), "levers": levers(kt)}
 
 
 def markdown(result: dict) -> str:
