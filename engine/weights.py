@@ -360,8 +360,19 @@ def remove_stale_staging(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def recorded_sha256(path: Path) -> str:
-    """The verified sha256 of a file ``ensure_files`` made present (from its sidecar when current)."""
+def recorded_sha256(path: Path, *, trust_recorded: bool = False) -> str:
+    """The verified sha256 of a file ``ensure_files`` made present (from its sidecar when current).
+
+    ``trust_recorded``: the sidecar's hash whenever the size matches, mtime aside (a baked image,
+    whose files were hashed when baked and whose copy may not keep mtimes to the nanosecond).
+    """
+    if trust_recorded:
+        try:
+            rec = json.loads(_sidecar(path).read_text())
+            if rec.get("size") == path.stat().st_size and isinstance(rec.get("sha256"), str):
+                return rec["sha256"]
+        except (OSError, ValueError):
+            pass
     return _verified_hash(path, path.name)
 
 
