@@ -127,5 +127,7 @@ def test_dockerignore_keeps_environments_and_caches_out():
         "requirements.txt",
         f"{SDIST.relative_to(ROOT)}",
         ".cog/openapi_schema.json",
+        "weights/baked/flux-schnell/vae/diffusion_pytorch_model.safetensors",  # baked mode only: it
+        "weights/baked/compile-cache/triton/x.cubin",  # exists only after scripts/bake_weights.py
     ):
         assert not _dockerignored(path, patterns), path

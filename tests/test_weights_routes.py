@@ -297,3 +297,38 @@ def test_stale_hub_staging_folders_are_removed(tmp_path):
     mine.mkdir()
     remove_stale_staging(tmp_path)
     assert not (tmp_path / "vae" / "tmpab12cd_9").exists() and mine.exists()
+
+
+# --- (c) baked into the image ---------------------------------------------------------------
+def test_baked_weights_are_used_with_no_network(server, tmp_path, tiny_model_dir, caplog):
+    """scripts/bake_weights.py fills weights/baked/<model> from a mirror (every manifest path);
+    setup's model_files then serves from it offline, checked by size, downloading nothing."""
+    import logging
+
+    from safetensors.torch import save
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import torch
+    from bake_weights import bake
+
+    from engine.service import ServiceConfig, model_files
+    from engine.tiny_model import CHECKPOINT_NAME
+    from engine.weights import load_manifest, transformer_file
+
+    tensor_file = save({"w": torch.zeros(4)})
+    for entry in load_manifest("flux-schnell"):
+        if entry.path == transformer_file("flux-schnell"):
+            data = (tiny_model_dir / CHECKPOINT_NAME).read_bytes()  # ours: used as it is, no conversion
+        else:
+            data = tensor_file if entry.path.endswith(".safetensors") else b"{}"
+        server.files[f"/bucket/{entry.path}"] = (data, f'"{hashlib.sha256(data).hexdigest()[:8]}"')
+    baked = tmp_path / "baked"
+    bake("flux-schnell", baked, Sources(mirror=server.url + "/bucket"))
+    assert len(server.requests) >= len(server.files) and leftovers(baked) == []
+    server.requests.clear()
+    caplog.set_level(logging.INFO, logger="engine")
+    config = ServiceConfig(weights_dir=tmp_path / "cache", baked_dir=baked, offline=True)
+    root, checkpoint = model_files("flux-schnell", config)
+    assert root == baked / "flux-schnell" and checkpoint.read_bytes() == (tiny_model_dir / CHECKPOINT_NAME).read_bytes()
+    assert server.requests == [] and not (tmp_path / "cache" / "flux-schnell").exists()
+    assert "baked into the image" in caplog.text
