@@ -28,7 +28,8 @@ from PIL import Image, PngImagePlugin
 
 from engine import inputs, kernels
 from engine.flux import attention
-from engine.flux.converted import converted_checkpoint
+from engine.flux.checkpoint import read_metadata
+from engine.flux.converted import SOURCE_KEY, converted_checkpoint
 from engine.go_fast import (
     CompileSettings,
     GoFast,
@@ -51,6 +52,7 @@ from engine.weights import (
     load_manifest,
     recorded_sha256,
     transformer_file,
+    with_mirrored_conversion,
 )
 from engine.weights import HUB as WEIGHTS_HUB
 
@@ -274,9 +276,21 @@ def model_files(name: str, config: ServiceConfig) -> tuple[Path, Path]:
             f"(scripts/bake_weights.py), allow network access, or set {MODEL_ENV}=tiny to serve the "
             "tiny test model on purpose"
         )
+    transformer = transformer_file(name)
+    source = next((e for e in entries if e.path == transformer), None)
+    if not (root / transformer).exists() and not offline:
+        entries, transformer = with_mirrored_conversion(entries, transformer, config.sources)
     ensure_files(entries, root, offline=offline, sources=config.sources)
     check_model_folder(root)
-    return root, root / transformer_file(name)
+    if source is not None and transformer != source.path and source.sha256:
+        converted_from = read_metadata(root / transformer)[0].get(SOURCE_KEY)
+        if converted_from != source.sha256.lower():
+            raise WeightsError(
+                f"{transformer}: the mirror's converted transformer was made from a file with sha256 "
+                f"{converted_from}, not the manifest's {source.path} ({source.sha256}); convert it again "
+                "(scripts/bake_weights.py) or remove it from the mirror"
+            )
+    return root, root / transformer
 
 
 def save_images(

@@ -245,7 +245,9 @@ def _fetch_chunks(
         logger.info("%s: resuming, %d of %d chunks already here", part.name, len(done), n)
     else:
         if part.exists() or record.exists():
-            logger.info("%s: the partial file is of another version or unrecorded; starting from zero", part.name)
+            logger.info(
+                "%s: the partial file is of another version or unrecorded; starting from zero", part.name
+            )
         _discard(part)
         with open(part, "wb") as f:
             f.truncate(remote.size)
@@ -255,7 +257,9 @@ def _fetch_chunks(
     def one(i: int) -> None:
         first, last = i * chunk, min(remote.size, (i + 1) * chunk) - 1
         chunk_limits = dataclasses.replace(limits, max_bytes=last - first + 1)
-        download(url, part, limits=chunk_limits, headers=headers, byte_range=(first, last), if_range=remote.etag)
+        download(
+            url, part, limits=chunk_limits, headers=headers, byte_range=(first, last), if_range=remote.etag
+        )
         with lock:
             done.add(i)
             _write_json(record, {**key, "done": sorted(done)})
@@ -268,7 +272,9 @@ def _fetch_chunks(
     record.unlink()
 
 
-def _transfer(url: str, part: Path, headers: dict[str, str], limits: DownloadLimits, sources: Sources) -> None:
+def _transfer(
+    url: str, part: Path, headers: dict[str, str], limits: DownloadLimits, sources: Sources
+) -> None:
     """One file into ``part``: parallel chunks where the server allows, else one resumable stream."""
     for attempt in range(2):
         try:
@@ -277,13 +283,17 @@ def _transfer(url: str, part: Path, headers: dict[str, str], limits: DownloadLim
             if e.status in (401, 403, 404):
                 raise
             remote = None  # HEAD not served (or failed): one stream, whose GET says what is wrong
-        if not (remote and remote.size and remote.etag and remote.ranges and remote.size > sources.chunk_bytes):
+        if not (
+            remote and remote.size and remote.etag and remote.ranges and remote.size > sources.chunk_bytes
+        ):
             if chunks_path(part).exists():  # a chunked partial: not continuable as one stream
                 _discard(part)
             download(url, part, limits=limits, headers=headers, resume=True)
             return
         if remote.size > limits.max_bytes:
-            raise DownloadError(f"{redact(url)} is {human(remote.size)}, over the cap of {human(limits.max_bytes)}")
+            raise DownloadError(
+                f"{redact(url)} is {human(remote.size)}, over the cap of {human(limits.max_bytes)}"
+            )
         try:
             _fetch_chunks(url, part, remote, headers, limits, sources)
             return
@@ -305,7 +315,7 @@ def _gated_message(entry: WeightFile, e: DownloadError, sources: Sources) -> str
         f"accept its license at {HUB}/{entry.hub} and set HF_TOKEN to a token of that account (a "
         "secret of the deployment); or serve every weight file from your own bucket and set "
         "SVDQ_WEIGHTS_URL to its base URL; or bake the weights into the image with "
-        "scripts/bake_weights.py before `cog build` (README, \"Weights\")"
+        'scripts/bake_weights.py before `cog build` (README, "Weights")'
     )
 
 
@@ -344,6 +354,30 @@ def _fetch(entry: WeightFile, root: Path, offline: bool, sources: Sources, verif
     part.replace(dest)
     _sidecar(part).replace(_sidecar(dest))
     return dest
+
+
+CONVERTED = "converted"  # a mirror's folder for the transformer already in our format
+
+
+def with_mirrored_conversion(
+    entries: list[WeightFile], transformer: str, sources: Sources
+) -> tuple[list[WeightFile], str]:
+    """``(entries, transformer path)``, the transformer taken from ``<mirror>/converted/<path>``
+    when the mirror has it (our format: nothing to convert at boot), else as listed."""
+    if not sources.mirror:
+        return entries, transformer
+    converted = WeightFile(
+        path=f"{CONVERTED}/{transformer}",
+        url=f"{sources.mirror.rstrip('/')}/{CONVERTED}/{transformer}",
+        sha256=None,
+    )
+    try:
+        probe(sources.url_of(converted), limits=WEIGHTS_LIMITS)
+    except DownloadError as e:
+        logger.info("mirror: no converted transformer (%s); fetching the published one", e)
+        return entries, transformer
+    logger.info("mirror: the transformer comes converted (%s)", converted.path)
+    return [e for e in entries if e.path != transformer] + [converted], converted.path
 
 
 _STAGING = re.compile(r"tmp[a-z0-9_]{8}")

@@ -62,15 +62,26 @@ def bake(model: str, baked: Path, sources: Sources, manifest: Path = MANIFEST) -
     converted = converted_checkpoint(checkpoint, lambda: recorded_sha256(checkpoint), [baked / "converted"])
     size = sum(p.stat().st_size for p in baked.rglob("*") if p.is_file())
     logger.info("baked %s into %s (%.1f GiB); transformer: %s", model, baked, size / 2**30, converted.name)
+    logger.info(
+        "to serve it from a mirror instead: upload %s/ to <bucket>/ and %s as "
+        "<bucket>/converted/%s, then set SVDQ_WEIGHTS_URL=<bucket URL>",
+        root,
+        converted,
+        checkpoint.name,
+    )
     return root
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="flux-schnell", help="a model of weights/manifest.json")
     parser.add_argument("--mirror", default=os.environ.get("SVDQ_WEIGHTS_URL"), help="base URL of a mirror")
     parser.add_argument("--out", type=Path, default=BAKED, help="the baked folder (default weights/baked)")
-    parser.add_argument("--warm", action="store_true", help="then run setup() once to fill the compile caches")
+    parser.add_argument(
+        "--warm", action="store_true", help="then run setup() once to fill the compile caches"
+    )
     parser.add_argument("--clean", action="store_true", help="remove the baked folder (leave baked mode)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

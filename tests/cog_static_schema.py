@@ -175,7 +175,10 @@ def to_json(value: tuple[str, object]) -> object:
         return [to_json(x) for x in v]
     if kind == "dict":
         keys, values = v
-        return {(k[1] if k[0] == "str" else str(to_json(k))): to_json(x) for k, x in zip(keys, values, strict=True)}
+        return {
+            (k[1] if k[0] == "str" else str(to_json(k))): to_json(x)
+            for k, x in zip(keys, values, strict=True)
+        }
     return v
 
 
@@ -400,7 +403,11 @@ def resolve_input_type(ann: tuple, imports: dict) -> InputType:
 
 def input_type_json(t: InputType) -> dict:
     """inputTypeJSONSchema."""
-    schema = {"type": "array", "items": dict(_PRIMITIVES[t.primitive])} if t.array else dict(_PRIMITIVES[t.primitive])
+    schema = (
+        {"type": "array", "items": dict(_PRIMITIVES[t.primitive])}
+        if t.array
+        else dict(_PRIMITIVES[t.primitive])
+    )
     if t.nullable:
         schema["nullable"] = True
     return schema
@@ -413,7 +420,9 @@ class InputField:
     order: int
     type: InputType
     default: tuple[str, object] | None = None
-    info: dict = field(default_factory=dict)  # description, ge, le, min_length, max_length, regex, choices, ...
+    info: dict = field(
+        default_factory=dict
+    )  # description, ge, le, min_length, max_length, regex, choices, ...
 
 
 def _is_input_call(node: Node, src: bytes, imports: dict) -> bool:
@@ -434,7 +443,9 @@ def parse_input_call(node: Node, src: bytes, param: str, scope: dict) -> tuple[t
         if key == "default":
             default = resolve_default_expr(val, src, scope) or _NONE
         elif key == "default_factory":
-            raise CogSchemaError(f"parameter '{param}': default_factory is not supported in static schema generation")
+            raise CogSchemaError(
+                f"parameter '{param}': default_factory is not supported in static schema generation"
+            )
         elif key == "description":
             if (s := resolve_string_expr(val, src, scope)) is not None:
                 info["description"] = s
@@ -464,7 +475,9 @@ def extract_inputs(params: Node, src: bytes, imports: dict, scope: dict, method:
         elif child.type == "typed_parameter":
             name = next(_text(c, src) for c in child.named_children if c.type == "identifier")
             type_node = next(c for c in child.named_children if c.type == "type")
-            fields.append(InputField(name, order, resolve_input_type(parse_type_annotation(type_node, src), imports)))
+            fields.append(
+                InputField(name, order, resolve_input_type(parse_type_annotation(type_node, src), imports))
+            )
             order += 1
         elif child.type == "typed_default_parameter":
             name = _text(child.child_by_field_name("name"), src)

@@ -24,13 +24,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _schema_of(tmp_path: Path, body: str, header: str = "") -> dict:
-    source = "from cog import BasePredictor, Input, Path\n" + textwrap.dedent(header) + textwrap.dedent(
-        """
+    source = (
+        "from cog import BasePredictor, Input, Path\n"
+        + textwrap.dedent(header)
+        + textwrap.dedent(
+            """
         class Predictor(BasePredictor):
             def predict(self, {body}) -> str:
                 pass
         """
-    ).format(body=body)
+        ).format(body=body)
+    )
     path = tmp_path / "predict.py"
     path.write_text(source)
     return static_schema(path)
@@ -96,7 +100,11 @@ def test_cog_case_multiple_inputs_with_defaults(tmp_path):  # TestMultipleInputs
         'scale: float = Input(description="Factor to scale image by", ge=0, le=10, default=1.5)',
     )
     assert _input(s, "image") == {
-        "x-order": 0, "title": "Image", "type": "string", "format": "uri", "description": "Grayscale input image"
+        "x-order": 0,
+        "title": "Image",
+        "type": "string",
+        "format": "uri",
+        "description": "Grayscale input image",
     }
     scale = _input(s, "scale")
     assert (scale["default"], scale["minimum"], scale["maximum"]) == (1.5, 0.0, 10.0)
@@ -113,8 +121,16 @@ def test_cog_case_multiple_inputs_with_defaults(tmp_path):  # TestMultipleInputs
             "list(ASPECT_RATIOS.keys())",
             ["1:1", "16:9", "2:3"],
         ),
-        ('LABELS = {"fast": "Fast Mode", "slow": "Slow Mode"}\n', "list(LABELS.values())", ["Fast Mode", "Slow Mode"]),
-        ('SIZES = {"small": 256, "large": 1024}\n', 'list(SIZES.keys()) + ["custom"]', ["small", "large", "custom"]),
+        (
+            'LABELS = {"fast": "Fast Mode", "slow": "Slow Mode"}\n',
+            "list(LABELS.values())",
+            ["Fast Mode", "Slow Mode"],
+        ),
+        (
+            'SIZES = {"small": 256, "large": 1024}\n',
+            'list(SIZES.keys()) + ["custom"]',
+            ["small", "large", "custom"],
+        ),
         ('BASE = ["a", "b"]\nEXTRA = ["c"]\n', "BASE + EXTRA", ["a", "b", "c"]),  # TestChoicesConcatTwoVars
     ],
 )
@@ -134,7 +150,9 @@ def test_cog_cases_choices_resolved(tmp_path, header, choices, want):
     ],
 )
 def test_cog_cases_choices_refused(tmp_path, header, choices):
-    with pytest.raises(CogSchemaError, match="parameter 'x': choices expression cannot be statically resolved"):
+    with pytest.raises(
+        CogSchemaError, match="parameter 'x': choices expression cannot be statically resolved"
+    ):
         _schema_of(tmp_path, f"x: str = Input(choices={choices})", header)
 
 
@@ -147,7 +165,9 @@ def test_cog_cases_module_level_defaults_and_descriptions(tmp_path):
     )
     assert _input(s, "ar")["default"] == "1:1" and _input(s, "steps")["default"] == 50
     assert _input(s, "steps")["description"] == "Number of denoising steps. 4 is recommended."
-    with pytest.raises(CogSchemaError, match="cannot be statically resolved"):  # TestDefaultUndefinedVarPlainErrors
+    with pytest.raises(
+        CogSchemaError, match="cannot be statically resolved"
+    ):  # TestDefaultUndefinedVarPlainErrors
         _schema_of(tmp_path, "text: str = UNDEFINED_VAR")
 
 
@@ -161,8 +181,12 @@ def test_cog_case_none_default_on_a_non_optional_type_is_required(tmp_path):
 # --- the forms predict.py used before: each one refused or silently changed by cog -------------
 def test_previous_forms_are_refused_or_dropped(tmp_path):
     header = "from engine import inputs as api\n"
-    with pytest.raises(CogSchemaError, match="'aspect_ratio': choices expression cannot be statically resolved"):
-        _schema_of(tmp_path, 'aspect_ratio: str = Input(choices=list(api.ASPECT_RATIOS), default="1:1")', header)
+    with pytest.raises(
+        CogSchemaError, match="'aspect_ratio': choices expression cannot be statically resolved"
+    ):
+        _schema_of(
+            tmp_path, 'aspect_ratio: str = Input(choices=list(api.ASPECT_RATIOS), default="1:1")', header
+        )
     s = _schema_of(
         tmp_path,
         "steps: int = Input(ge=api.NUM_INFERENCE_STEPS[0], le=api.NUM_INFERENCE_STEPS[1], default=api.DEFAULT_STEPS), "

@@ -147,7 +147,9 @@ def leftovers(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name.endswith(partial))
 
 
-def hub_entry(path: str, repo: str = "black-forest-labs/FLUX.1-schnell", sha: bytes | None = None) -> WeightFile:
+def hub_entry(
+    path: str, repo: str = "black-forest-labs/FLUX.1-schnell", sha: bytes | None = None
+) -> WeightFile:
     return WeightFile(path=path, hub=repo, file=path, sha256=hashlib.sha256(sha).hexdigest() if sha else None)
 
 
@@ -155,7 +157,11 @@ def hub_entry(path: str, repo: str = "black-forest-labs/FLUX.1-schnell", sha: by
 def test_gated_hub_without_a_token_names_the_repository_and_the_ways_out(server, tmp_path):
     server.files["/open/repo/resolve/main/free.bin"] = (V1, '"a"')
     server.gated = {"/black-forest-labs/FLUX.1-schnell/"}
-    entries = [hub_entry("vae/x.bin"), hub_entry("text_encoder/y.bin"), hub_entry("free.bin", repo="open/repo")]
+    entries = [
+        hub_entry("vae/x.bin"),
+        hub_entry("text_encoder/y.bin"),
+        hub_entry("free.bin", repo="open/repo"),
+    ]
     with pytest.raises(WeightsError) as err:
         ensure_files(entries, tmp_path, sources=Sources(hub=server.url))
     msg = str(err.value)
@@ -265,7 +271,14 @@ def test_killed_mid_download_resumes_with_nothing_spliced_or_left_behind(server,
     server.delay_s = 0.05  # 0.2 s a chunk: the child is killed with whole chunks on disk and some in flight
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_CHILD, server.url + "/m", str(tmp_path), hashlib.sha256(V1).hexdigest()],
+        [
+            sys.executable,
+            "-c",
+            _KILLED_CHILD,
+            server.url + "/m",
+            str(tmp_path),
+            hashlib.sha256(V1).hexdigest(),
+        ],
         env=env,
     )
     record = chunks_path(tmp_path / "text_encoder_2" / "model.bin.part")
@@ -279,7 +292,9 @@ def test_killed_mid_download_resumes_with_nothing_spliced_or_left_behind(server,
     child.wait()
     assert 3 <= len(done) < 16, f"the child was not killed midway (done: {done})"
     done = json.loads(record.read_text())["done"]  # what it had recorded when it died
-    in_flight = {r["range"] for r in server.requests} - {f"bytes={i * 64 * KIB}-{(i + 1) * 64 * KIB - 1}" for i in done}
+    in_flight = {r["range"] for r in server.requests} - {
+        f"bytes={i * 64 * KIB}-{(i + 1) * 64 * KIB - 1}" for i in done
+    }
     assert in_flight, "no chunk was in flight at the kill"
     server.delay_s, server.requests = 0.0, []
     ensure_files([mirror_entry()], tmp_path, sources=Sources(mirror=server.url + "/m", chunk_bytes=64 * KIB))
@@ -299,29 +314,40 @@ def test_stale_hub_staging_folders_are_removed(tmp_path):
     assert not (tmp_path / "vae" / "tmpab12cd_9").exists() and mine.exists()
 
 
-# --- (c) baked into the image ---------------------------------------------------------------
+# --- (c) baked into the image, and the mirror's converted transformer ------------------------
+def _serve_manifest(server: StandIn, tiny_model_dir: Path, converted: bool = False) -> None:
+    """Every flux-schnell manifest path under /bucket (small stand-ins; the transformer is the
+    tiny model's checkpoint, our format), and with ``converted`` also /bucket/converted/<it>."""
+    import torch
+    from safetensors.torch import save
+
+    from engine.tiny_model import CHECKPOINT_NAME
+    from engine.weights import load_manifest, transformer_file
+
+    tensor_file = save({"w": torch.zeros(4)})
+    ours = (tiny_model_dir / CHECKPOINT_NAME).read_bytes()
+    for entry in load_manifest("flux-schnell"):
+        if entry.path == transformer_file("flux-schnell"):
+            data = ours
+            if converted:
+                server.files[f"/bucket/converted/{entry.path}"] = (ours, '"conv"')
+        else:
+            data = tensor_file if entry.path.endswith(".safetensors") else b"{}"
+        server.files[f"/bucket/{entry.path}"] = (data, f'"{hashlib.sha256(data).hexdigest()[:8]}"')
+
+
 def test_baked_weights_are_used_with_no_network(server, tmp_path, tiny_model_dir, caplog):
     """scripts/bake_weights.py fills weights/baked/<model> from a mirror (every manifest path);
     setup's model_files then serves from it offline, checked by size, downloading nothing."""
     import logging
 
-    from safetensors.torch import save
-
     sys.path.insert(0, str(ROOT / "scripts"))
-    import torch
     from bake_weights import bake
 
     from engine.service import ServiceConfig, model_files
     from engine.tiny_model import CHECKPOINT_NAME
-    from engine.weights import load_manifest, transformer_file
 
-    tensor_file = save({"w": torch.zeros(4)})
-    for entry in load_manifest("flux-schnell"):
-        if entry.path == transformer_file("flux-schnell"):
-            data = (tiny_model_dir / CHECKPOINT_NAME).read_bytes()  # ours: used as it is, no conversion
-        else:
-            data = tensor_file if entry.path.endswith(".safetensors") else b"{}"
-        server.files[f"/bucket/{entry.path}"] = (data, f'"{hashlib.sha256(data).hexdigest()[:8]}"')
+    _serve_manifest(server, tiny_model_dir)
     baked = tmp_path / "baked"
     bake("flux-schnell", baked, Sources(mirror=server.url + "/bucket"))
     assert len(server.requests) >= len(server.files) and leftovers(baked) == []
@@ -329,6 +355,21 @@ def test_baked_weights_are_used_with_no_network(server, tmp_path, tiny_model_dir
     caplog.set_level(logging.INFO, logger="engine")
     config = ServiceConfig(weights_dir=tmp_path / "cache", baked_dir=baked, offline=True)
     root, checkpoint = model_files("flux-schnell", config)
-    assert root == baked / "flux-schnell" and checkpoint.read_bytes() == (tiny_model_dir / CHECKPOINT_NAME).read_bytes()
+    assert root == baked / "flux-schnell"
+    assert checkpoint.read_bytes() == (tiny_model_dir / CHECKPOINT_NAME).read_bytes()
     assert server.requests == [] and not (tmp_path / "cache" / "flux-schnell").exists()
     assert "baked into the image" in caplog.text
+
+
+def test_mirror_with_a_converted_transformer_skips_the_published_one(server, tmp_path, tiny_model_dir):
+    from engine.service import ServiceConfig, model_files
+    from engine.weights import transformer_file
+
+    _serve_manifest(server, tiny_model_dir, converted=True)
+    sources = Sources(mirror=server.url + "/bucket")
+    config = ServiceConfig(weights_dir=tmp_path / "cache", baked_dir=tmp_path / "none", sources=sources)
+    root, checkpoint = model_files("flux-schnell", config)
+    published = transformer_file("flux-schnell")
+    assert checkpoint == root / "converted" / published
+    assert not any(r["path"] == f"/bucket/{published}" for r in server.requests)  # never downloaded
+    assert leftovers(root) == []

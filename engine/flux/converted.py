@@ -51,7 +51,9 @@ def converted_checkpoint(source: Path, source_sha256: Callable[[], str], folders
     name = converted_name(source, sha256)
     for folder in folders:
         if _matches(folder / name, sha256):
-            logger.info("setup: converted checkpoint from the cache: %s (source sha256 %s)", folder / name, sha256)
+            logger.info(
+                "setup: converted checkpoint from the cache: %s (source sha256 %s)", folder / name, sha256
+            )
             return folder / name
     for folder in folders:
         try:
@@ -71,4 +73,6 @@ def converted_checkpoint(source: Path, source_sha256: Callable[[], str], folders
             path,
         )
         return path
-    raise OSError(f"no writable folder for the converted checkpoint of {source} among {[str(f) for f in folders]}")
+    raise OSError(
+        f"no writable folder for the converted checkpoint of {source} among {[str(f) for f in folders]}"
+    )
