@@ -54,7 +54,6 @@ from engine.weights import (
     transformer_file,
     with_mirrored_conversion,
 )
-from engine.weights import HUB as WEIGHTS_HUB
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +138,7 @@ class ServiceConfig:
             lora=lora,
             kernels=env.get(kernels.ENV_VAR, "auto").strip() or "auto",
             attention=attention_kind,
-            sources=Sources(
-                mirror=env.get("SVDQ_WEIGHTS_URL", "").strip() or None,
-                hub=env.get("HF_ENDPOINT", "").strip() or WEIGHTS_HUB,
-                hf_token=env.get("HF_TOKEN") or None,
-            ),
+            sources=Sources.from_env(env),
         )
 
 

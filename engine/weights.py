@@ -106,6 +106,16 @@ class Sources:
     chunk_bytes: int = CHUNK_BYTES
     chunk_workers: int = CHUNK_WORKERS
 
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Sources:
+        """``SVDQ_WEIGHTS_URL`` (a mirror), ``HF_ENDPOINT``, ``HF_TOKEN``: read by setup() and the scripts."""
+        env = os.environ if environ is None else environ
+        return cls(
+            mirror=env.get("SVDQ_WEIGHTS_URL", "").strip() or None,
+            hub=env.get("HF_ENDPOINT", "").strip() or HUB,
+            hf_token=env.get("HF_TOKEN") or None,
+        )
+
     def url_of(self, entry: WeightFile) -> str:
         if self.mirror:
             return f"{self.mirror.rstrip('/')}/{urllib.parse.quote(entry.path)}"

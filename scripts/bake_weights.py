@@ -38,7 +38,6 @@ sys.path.insert(0, str(ROOT))
 from engine.flux.converted import converted_checkpoint  # noqa: E402
 from engine.weights import (  # noqa: E402
     BAKED,
-    HUB,
     MANIFEST,
     Sources,
     WeightsError,
@@ -89,11 +88,7 @@ def main() -> int:
         shutil.rmtree(args.out, ignore_errors=True)
         logger.info("removed %s: the next cog build has no baked weights", args.out)
         return 0
-    sources = Sources(
-        mirror=args.mirror or None,
-        hub=os.environ.get("HF_ENDPOINT") or HUB,
-        hf_token=os.environ.get("HF_TOKEN") or None,
-    )
+    sources = dataclasses.replace(Sources.from_env(), mirror=args.mirror or None)
     try:
         bake(args.model, args.out, sources)
     except WeightsError as e:
