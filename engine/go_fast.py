@@ -124,13 +124,11 @@ def _compile_kwargs(settings: CompileSettings) -> dict:
 
 
 def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
-    """The transformer's repeated blocks: diffusers' ``_repeated_blocks`` classes (FLUX:
-    FluxTransformerBlock, FluxSingleTransformerBlock), our fused subclasses included."""
-    import diffusers
-
-    names = getattr(type(transformer), "_repeated_blocks", None) or ()
-    classes = tuple(getattr(diffusers.models.transformers.transformer_flux, n) for n in names)
-    return [m for m in transformer.modules() if classes and isinstance(m, classes)]
+    """The transformer's repeated blocks: modules of a class named in its ``_repeated_blocks``
+    (diffusers' declaration; FLUX: FluxTransformerBlock, FluxSingleTransformerBlock), matched
+    through the class hierarchy so that our fused subclasses count."""
+    names = set(getattr(type(transformer), "_repeated_blocks", None) or ())
+    return [m for m in transformer.modules() if any(c.__name__ in names for c in type(m).__mro__)]
 
 
 def compile_repeated_blocks(transformer: nn.Module, settings: CompileSettings) -> int:
