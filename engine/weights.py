@@ -353,8 +353,11 @@ def _fetch(entry: WeightFile, root: Path, offline: bool, sources: Sources, verif
         if entry.hub and not sources.mirror and e.status in (401, 403):
             _discard(part)
             raise WeightsError(_gated_message(entry, e, sources)) from None
-        kept = part.stat().st_size if part.exists() else 0
-        hint = f"; {kept} bytes kept in {part.name}, run again to resume" if kept else ""
+        try:  # a chunked partial is preallocated: what it holds is in its record
+            kept = len(json.loads(chunks_path(part).read_text())["done"]) * sources.chunk_bytes
+        except (OSError, ValueError, KeyError, TypeError):
+            kept = part.stat().st_size if part.exists() else 0
+        hint = f"; about {human(kept)} kept in {part.name}, run again to resume" if kept else ""
         raise WeightsError(f"{entry.path}: {e}{hint}") from None
     try:
         _check(entry, part)
