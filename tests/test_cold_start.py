@@ -1,7 +1,7 @@
 """Cold start: nothing done per boot that can be done once.
 
 * regional compilation (go_fast compiles one double and one single block, not the whole model)
-  gives the same outputs as the whole-model compile, under inductor on the CPU;
+  gives the whole-model compile's outputs (to fp32 rounding), under inductor on the CPU;
 * the public engine's checkpoint is converted once: the second setup loads the converted file
   (the conversion does not run again) and every phase of setup is logged with its time.
 """
@@ -33,8 +33,8 @@ def fresh_dynamo():
 
 @pytest.mark.slow
 def test_regional_compile_equals_the_whole_model_compile_under_inductor(fresh_dynamo, tiny_model_dir):
-    """Regional compile (one graph per block class) gives bit for bit the whole-model compile's
-    output. One double and one single block keep inductor's CPU compile (C++ per kernel) to a few
+    """Regional compile (one graph per block class) gives the whole-model compile's output to fp32
+    rounding. One double and one single block keep inductor's CPU compile (C++ per kernel) to a few
     minutes; that blocks of a class share one graph is counted in tests/test_go_fast.py (2 + 2
     blocks, aot_eager)."""
     settings = CompileSettings(backend="inductor", mode=None, dynamic=True)
@@ -56,8 +56,13 @@ def test_regional_compile_equals_the_whole_model_compile_under_inductor(fresh_dy
         with fast.disabled():  # go_fast off: the same modules, eager
             assert torch.equal(fast.compiled(**kw)[0], eager)
         whole = torch.compile(whole_model, backend="inductor", dynamic=True, fullgraph=True)(**kw)[0]
-    assert torch.equal(got, whole)
-    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)  # inductor fuses: not bit for bit
+    # Not bit for bit: the whole graph lets inductor fuse across a block boundary (a block's
+    # residual add into the next norm), which rounds differently in fp32. Regional sits as close
+    # to the whole-model compile as that compile sits to eager, and both within fp32 rounding.
+    to_whole, whole_to_eager = (got - whole).abs().max().item(), (whole - eager).abs().max().item()
+    assert to_whole <= max(whole_to_eager, 1e-6), (to_whole, whole_to_eager)
+    torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
 
 
 class _Stats(dict):
