@@ -78,7 +78,6 @@ class _Stats(dict):
         return types.SimpleNamespace(act_max=torch.rand(k, generator=g) + 0.1)
 
 
-@pytest.mark.slow  # the wide model and its public-format file: seconds alone, a minute on a busy machine
 def test_second_setup_loads_the_converted_checkpoint(wide_model, tmp_path, caplog, monkeypatch):
     """A model folder whose checkpoint is the public engine's file (128 wide: their tiles)."""
     import engine.flux.converted as converted
