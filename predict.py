@@ -1,8 +1,8 @@
 """Cog predictor: FLUX.1-schnell with SVDQuant W4A4, Replicate's flux-schnell inputs.
 
 Thin by design: inputs are declared here, the work is in engine/service.py. The engine is
-imported in setup(), not at module level, so that Cog's schema tool can load this file
-without torch installed.
+imported in setup(), not at module level, so that Cog's schema tools (cog 0.16's, which imports
+this file) can load it without torch installed.
 
 predict() is async and cog.yaml gives the server two slots (concurrency.max), while every
 prediction runs on one thread through engine.serial.SerialRunner, one at a time, in order:
@@ -15,7 +15,20 @@ import os
 
 from cog import BasePredictor, Input, Path
 
-from engine import inputs as api  # every bound and choice of the API, in one place
+# The API's choices and descriptions, as literals. `cog build` (Cog 0.23) never imports this file:
+# it parses it with tree-sitter and keeps only what it can read statically: choices as a list
+# literal or a module-level name bound to one, bounds (ge/le/max_length) as number literals
+# written in the Input() call, defaults and descriptions as plain literals or such names. Any
+# other form stops the build (choices) or is dropped without a word. engine/inputs.py owns every
+# value; tests/test_cog_static_schema.py parses this file by Cog's rules and checks each literal
+# against it and the resulting schema against .cog/openapi_schema.json.
+ASPECT_RATIOS = ["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
+MEGAPIXELS = ["1", "0.25"]
+OUTPUT_FORMATS = ["webp", "jpg", "png"]
+PROMPT = "Prompt for the generated image (at most 10,000 characters)"
+SEED = "Random seed for reproducible generation; leave blank for a random one (it is logged). Any integer; it is taken mod 2^32."
+GO_FAST = "Run the compiled transformer (torch.compile) on a GPU; results stay deterministic for a given seed. No effect on CPU."
+LORA_WEIGHTS = "LoRA to apply: a .safetensors or .tar URL, a Hugging Face URL or 'owner/repo[/file]', a civitai model or download URL, or a data: URL; diffusers, kohya, ComfyUI or XLabs format. Empty: none."
 
 
 class Predictor(BasePredictor):
@@ -46,73 +59,39 @@ class Predictor(BasePredictor):
 
     async def predict(
         self,
-        prompt: str = Input(
-            description=f"Prompt for the generated image (at most {api.MAX_PROMPT_CHARS:,} characters)",
-            max_length=api.MAX_PROMPT_CHARS,
-        ),
+        prompt: str = Input(description=PROMPT, max_length=10000),
         aspect_ratio: str = Input(
-            description="Aspect ratio of the output image", choices=list(api.ASPECT_RATIOS), default="1:1"
+            description="Aspect ratio of the output image", choices=ASPECT_RATIOS, default="1:1"
         ),
-        num_outputs: int = Input(
-            description="Number of images to generate",
-            ge=api.NUM_OUTPUTS[0],
-            le=api.NUM_OUTPUTS[1],
-            default=1,
-        ),
+        num_outputs: int = Input(description="Number of images to generate", ge=1, le=4, default=1),
         num_inference_steps: int = Input(
             description="Number of denoising steps; 4 is recommended, fewer is faster and rougher",
-            ge=api.NUM_INFERENCE_STEPS[0],
-            le=api.NUM_INFERENCE_STEPS[1],
-            default=api.DEFAULT_STEPS,
+            ge=1,
+            le=4,
+            default=4,
         ),
-        seed: int = Input(
-            description="Random seed for reproducible generation; leave blank for a random one (it is logged). "
-            "Any integer; it is taken mod 2^32.",
-            default=None,
-        ),
+        seed: int | None = Input(description=SEED, default=None),
         output_format: str = Input(
-            description="Format of the output images", choices=list(api.OUTPUT_FORMATS), default="webp"
+            description="Format of the output images", choices=OUTPUT_FORMATS, default="webp"
         ),
         output_quality: int = Input(
-            description="Quality when saving webp or jpg, 0 to 100; ignored for png",
-            ge=api.OUTPUT_QUALITY[0],
-            le=api.OUTPUT_QUALITY[1],
-            default=80,
+            description="Quality when saving webp or jpg, 0 to 100; ignored for png", ge=0, le=100, default=80
         ),
         disable_safety_checker: bool = Input(
             description="Disable the safety checker for generated images", default=False
         ),
-        go_fast: bool = Input(
-            description="Run the compiled transformer (torch.compile) on a GPU; results stay deterministic "
-            "for a given seed. No effect on CPU.",
-            default=True,
-        ),
+        go_fast: bool = Input(description=GO_FAST, default=True),
         megapixels: str = Input(
-            description="Approximate number of megapixels of the output",
-            choices=list(api.MEGAPIXELS),
-            default="1",
+            description="Approximate number of megapixels of the output", choices=MEGAPIXELS, default="1"
         ),
-        lora_weights: str = Input(
-            description="LoRA to apply: a .safetensors or .tar URL, a Hugging Face URL or 'owner/repo[/file]', "
-            "a civitai model or download URL, or a data: URL; diffusers, kohya, ComfyUI or XLabs format. "
-            "Empty: none.",
-            default=None,
-        ),
-        lora_scale: float = Input(
-            description="How strongly the LoRA applies",
-            ge=api.LORA_SCALE[0],
-            le=api.LORA_SCALE[1],
-            default=1.0,
-        ),
-        extra_lora: str = Input(
+        lora_weights: str | None = Input(description=LORA_WEIGHTS, default=None),
+        lora_scale: float = Input(description="How strongly the LoRA applies", ge=-1, le=3, default=1.0),
+        extra_lora: str | None = Input(
             description="A second LoRA, applied together with lora_weights (same forms). Empty: none.",
             default=None,
         ),
         extra_lora_scale: float = Input(
-            description="How strongly the extra LoRA applies",
-            ge=api.LORA_SCALE[0],
-            le=api.LORA_SCALE[1],
-            default=1.0,
+            description="How strongly the extra LoRA applies", ge=-1, le=3, default=1.0
         ),
     ) -> list[Path]:
         if self.gpu.busy():

@@ -18,7 +18,15 @@ guarantees, whatever the server does:
 - credentials never reach a log line or an error message (:func:`redact`).
 
 The partial file is removed on failure unless ``resume`` is set (the manifest's large files,
-where a later run continues from it with a ``Range`` request).
+where a later run continues from it with a ``Range`` request). A partial file is continued only
+when the remote is provably the one it came from: the response's strong ``ETag`` is kept beside
+it (``<part>.etag``) and the continuation asks ``Range`` with ``If-Range: <etag>``; a server whose
+file changed answers 200 with the whole new file, which is then written from byte 0. A partial
+without a recorded ETag, or a 206 that does not start where the partial ends, starts again from
+zero: bytes of two versions are never spliced. ``byte_range`` fetches one range of a file into
+its place in a preallocated ``part`` (the manifest's parallel chunks, engine.weights), and a
+remote whose ETag no longer matches is :class:`RemoteChanged`. :func:`probe` asks a file's size
+and ETag with ``HEAD``.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import socket
 import threading
@@ -41,7 +50,38 @@ _SECRET_QUERY = re.compile(r"token|key|sig|signature|secret|password|auth|creden
 
 
 class DownloadError(RuntimeError):
-    """A download that failed or was refused; the message names the (redacted) URL and why."""
+    """A download that failed or was refused; the message names the (redacted) URL and why.
+
+    ``status``: the HTTP status that refused it, where one did (401/403: a token is needed).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RemoteChanged(DownloadError):
+    """The remote's ETag is no longer the one a partial download or a range was started from."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Remote:
+    """What ``HEAD`` says of a file: its size, strong ETag (None if weak or absent), ranges."""
+
+    size: int | None
+    etag: str | None
+    ranges: bool
+
+
+def etag_path(part: Path) -> Path:
+    """Where the ETag of the remote a resumable partial file came from is kept."""
+    return part.with_name(part.name + ".etag")
+
+
+def strong_etag(value: str | None) -> str | None:
+    """An ETag usable with If-Range (RFC 9110: strong only); None for a weak or missing one."""
+    value = (value or "").strip()
+    return value if value.startswith('"') and value.endswith('"') and len(value) >= 2 else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,39 +147,76 @@ def _shutdown(state: _State) -> None:
             state.sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked in the worker
 
 
-def _stream(url: str, part: Path, headers: dict[str, str], limits: DownloadLimits, resume: bool, st: _State):
+def _stream(
+    url: str,
+    part: Path,
+    headers: dict[str, str],
+    limits: DownloadLimits,
+    resume: bool,
+    st: _State,
+    byte_range: tuple[int, int] | None = None,
+    if_range: str | None = None,
+):
     import requests
 
     shown = redact(url)
     have = part.stat().st_size if resume and part.exists() else 0
+    etag = _read_etag(part) if have else None
+    if have and etag is None:
+        logger.info("%s: %s of a partial file with no recorded ETag; starting from zero", shown, human(have))
+        have = 0
     req_headers = {"Accept-Encoding": "identity", **headers}
-    if have:
+    if byte_range is not None:
+        req_headers["Range"] = f"bytes={byte_range[0]}-{byte_range[1]}"
+        if if_range:
+            req_headers["If-Range"] = if_range
+    elif have:
         req_headers["Range"] = f"bytes={have}-"
+        req_headers["If-Range"] = etag
     with requests.get(url, headers=req_headers, stream=True, timeout=(limits.connect_s, limits.idle_s)) as r:
         st.sock = _socket_of(r)
         if st.stop.is_set():
             return
-        if r.status_code == 416 and have:  # the part file is already complete
-            st.written = have
+        total = _content_range(r.headers.get("Content-Range"))
+        if byte_range is None and r.status_code == 416 and have and total == (None, None, have):
+            st.written = have  # If-Range held (else a 200) and the partial is the whole file
             return
         if r.status_code not in (200, 206):
             hint = " (a private or gated file needs a token)" if r.status_code in (401, 403) else ""
-            raise DownloadError(f"HTTP {r.status_code} from {shown}{hint}")
+            raise DownloadError(f"HTTP {r.status_code} from {shown}{hint}", status=r.status_code)
         encoding = r.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise DownloadError(
                 f"{shown} answered with Content-Encoding {encoding!r} although identity was asked; refused"
             )
-        append = r.status_code == 206
-        start = have if append else 0  # a server without Range support restarts from 0
+        if byte_range is not None:
+            if r.status_code != 206 or total[:2] != byte_range:
+                raise RemoteChanged(
+                    f"{shown} answered bytes {byte_range[0]}-{byte_range[1]} with HTTP {r.status_code} "
+                    f"{r.headers.get('Content-Range', '')!s}: the file changed since its ETag {if_range} was read"
+                )
+            start, mode = byte_range[0], "r+b"
+        else:
+            append = r.status_code == 206 and have and total[0] == have
+            if have and not append:
+                logger.info("%s changed or cannot resume (HTTP %d): starting from zero", shown, r.status_code)
+            start, mode = (have, "ab") if append else (0, "wb")
+            new_etag = strong_etag(r.headers.get("ETag"))
+            if not append:  # a new body: remember which version it is, or that it is unknown
+                etag_path(part).unlink(missing_ok=True)
+                if resume and new_etag:
+                    etag_path(part).write_text(new_etag)
         length = r.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None
-        if expected is not None and start + expected > limits.max_bytes:
+        base = 0 if byte_range is not None else start  # the cap applies to what this call writes
+        if expected is not None and base + expected > limits.max_bytes:
             raise DownloadError(
-                f"{shown} is {human(start + expected)}, over the download cap of {human(limits.max_bytes)}"
+                f"{shown} is {human(base + expected)}, over the download cap of {human(limits.max_bytes)}"
             )
         written = start
-        with open(part, "ab" if append else "wb") as f:
+        with open(part, mode) as f:
+            if byte_range is not None:
+                f.seek(start)
             while not st.stop.is_set():
                 try:
                     chunk = r.raw.read(_CHUNK, decode_content=False)
@@ -153,16 +230,61 @@ def _stream(url: str, part: Path, headers: dict[str, str], limits: DownloadLimit
                 if not chunk:
                     break
                 written += len(chunk)
-                if written > limits.max_bytes:
+                if written - start + base > limits.max_bytes:
                     raise DownloadError(
                         f"{shown} sent more than the download cap of {human(limits.max_bytes)}; stopped"
                     )
                 f.write(chunk)
+            if byte_range is not None:  # a chunk counts as done only once it is on the disk
+                f.flush()
+                os.fsync(f.fileno())
         st.written = written
         if not st.stop.is_set() and expected is not None and written - start != expected:
             raise DownloadError(
                 f"truncated download from {shown} ({human(written - start)} of {human(expected)})"
             )
+
+
+def _read_etag(part: Path) -> str | None:
+    try:
+        return strong_etag(etag_path(part).read_text())
+    except OSError:
+        return None
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
+    """``bytes a-b/n`` -> (a, b, n); ``bytes */n`` -> (None, None, n); anything else -> Nones."""
+    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*", value or "")
+    if not m:
+        return None, None, None
+    a, b, n = m.groups()
+    return (int(a) if a else None, int(b) if b else None, int(n) if n and n != "*" else None)
+
+
+def probe(url: str, *, limits: DownloadLimits, headers: dict[str, str] | None = None) -> Remote:
+    """``HEAD`` the file (redirects followed): its size, strong ETag and whether it serves ranges."""
+    import requests
+
+    if not url.startswith(("http://", "https://")):
+        raise DownloadError(f"not an http(s) URL: {redact(url)}")
+    try:
+        r = requests.head(
+            url,
+            headers={"Accept-Encoding": "identity", **(headers or {})},
+            allow_redirects=True,
+            timeout=(limits.connect_s, limits.idle_s),
+        )
+    except requests.RequestException as e:
+        raise DownloadError(f"HEAD {redact(url)} failed: {_describe(e)}") from None
+    if r.status_code != 200:
+        hint = " (a private or gated file needs a token)" if r.status_code in (401, 403) else ""
+        raise DownloadError(f"HTTP {r.status_code} from {redact(url)}{hint}", status=r.status_code)
+    length = r.headers.get("Content-Length", "")
+    return Remote(
+        size=int(length) if length.isdigit() else None,
+        etag=strong_etag(r.headers.get("ETag")),
+        ranges=r.headers.get("Accept-Ranges", "").strip().lower() == "bytes",
+    )
 
 
 def download(
@@ -173,12 +295,16 @@ def download(
     headers: dict[str, str] | None = None,
     resume: bool = False,
     cancel: threading.Event | None = None,
+    byte_range: tuple[int, int] | None = None,
+    if_range: str | None = None,
 ) -> int:
     """Stream ``url`` into ``part``; returns its size in bytes. Raises :class:`DownloadError`.
 
     On failure, cancellation or deadline the part file is removed (kept when ``resume``; a
-    later call continues it). Any exception raised in the calling thread while waiting
-    (coglet's cancellation) stops the worker and is re-raised.
+    later call continues it if its ETag still matches). Any exception raised in the calling
+    thread while waiting (coglet's cancellation) stops the worker and is re-raised.
+    ``byte_range=(first, last)``: only those bytes (inclusive), written at their offset into
+    the existing ``part`` (kept on failure: it belongs to the caller), guarded by ``if_range``.
     """
     if not url.startswith(("http://", "https://")):
         raise DownloadError(f"not an http(s) URL: {redact(url)}")
@@ -187,7 +313,7 @@ def download(
 
     def worker() -> None:
         try:
-            _stream(url, part, headers or {}, limits, resume, st)
+            _stream(url, part, headers or {}, limits, resume, st, byte_range, if_range)
         except BaseException as e:  # handed to the waiting caller
             st.error = e
         finally:
@@ -211,13 +337,16 @@ def download(
                 raise st.error
             raise DownloadError(f"download from {redact(url)} failed: {_describe(st.error)}") from None
         ok = True
+        if byte_range is None:
+            etag_path(part).unlink(missing_ok=True)  # complete: nothing left to resume
         return st.written
     finally:
         if not ok:
             _shutdown(st)
             thread.join(timeout=2.0)  # the shut-down socket wakes it; a stuck connect ends on its own
-            if not resume:
+            if not resume and byte_range is None:
                 part.unlink(missing_ok=True)
+                etag_path(part).unlink(missing_ok=True)
 
 
 def _describe(e: BaseException) -> str:

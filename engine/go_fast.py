@@ -2,16 +2,27 @@
 
 What gets compiled and when (see docs/architecture.md for the measured counts):
 
-* one ``torch.compile(fullgraph=True, dynamic=True)`` of the transformer: the image sequence
-  length (the output size) and the batch are symbolic, so every size x batch combination the
-  inputs allow shares a graph. Batch 1 is specialised by torch (sizes 0 and 1 always are), so
-  batch 1 and batch 2-4 are two graphs: all 88 combinations, measured. Parameters and buffers
-  keep static shapes (torch's default, which keeps the weights' kernels specialised), so a
-  LoRA, whose factors widen the low-rank buffers, adds two graphs per distinct LoRA rank;
-* ``FluxService.warm_up()`` compiles the two base graphs at setup (default size, batch 1
-  first), so no request pays a compile unless it brings a shape nothing has covered (a new
-  LoRA rank); that compile is logged with its shape and time, as a warning;
-* the recompile limit is raised (32: the base graphs and 15 LoRA ranks) and a recompile past
+* regional compilation, as diffusers' ``compile_repeated_blocks`` does: each repeated block
+  (the 19 double and 38 single transformer blocks of FLUX.1) gets
+  ``torch.compile(fullgraph=True, dynamic=True)`` on its forward, in place, and the embedders,
+  final norm and projection stay eager. Blocks of one class share their code, and dynamo
+  inlines their parameters as graph inputs, so the graphs of a block class serve every block of
+  it: the compile traces one double and one single block instead of the whole model (57
+  blocks), which is what makes it cheap enough for a cold start. The single blocks take two
+  graphs per shape: the first gets the last double block's contiguous output, the others a
+  slice of the previous single block's joint sequence (another stride; counted on the tiny
+  model: 3 graphs per shape class, 1 double + 2 single). Switching go_fast off for a
+  request runs the same modules with ``torch.compiler.set_stance("force_eager")``
+  (:meth:`GoFast.disabled`);
+* the image sequence length (the output size) and the batch are symbolic, so every size x
+  batch combination the inputs allow shares a graph. Batch 1 is specialised by torch (sizes 0
+  and 1 always are), so batch 1 and batch 2-4 are two shape classes (6 graphs). Parameters and
+  buffers keep static shapes (torch's default, which keeps the weights' kernels specialised),
+  so a LoRA, whose factors widen the low-rank buffers, adds 6 graphs per distinct LoRA rank;
+* ``FluxService.warm_up()`` compiles the base graphs at setup (default size, batch 1 first),
+  so no request pays a compile unless it brings a shape nothing has covered (a new LoRA
+  rank); that compile is logged with its shape and time, as a warning;
+* the recompile limit is raised (64 per block class: the base graphs and 15 LoRA ranks) and a recompile past
   it raises ``GoFastError`` naming the shape (``fail_on_recompile_limit_hit``) instead of
   torch's default silent fall-back to eager; the service then runs that request eagerly and
   says so in a warning.
@@ -37,9 +48,10 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-# Graphs per process: 2 for every size and batch (measured), 2 more per distinct LoRA rank
-# (measured); 32 allows 15 LoRA ranks. torch's default is 8.
-RECOMPILE_LIMIT = 32
+# Graphs per compiled code object (the limit counts per block class): for the single blocks 4
+# (batch 1 and 2-4, each for the first block's contiguous input and the others' strided one),
+# 4 more per distinct LoRA rank; 64 allows 15 LoRA ranks. torch's default is 8.
+RECOMPILE_LIMIT = 64
 
 
 class GoFastError(RuntimeError):
@@ -113,14 +125,48 @@ def _compile_kwargs(settings: CompileSettings) -> dict:
     return kwargs
 
 
+def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
+    """The transformer's repeated blocks: modules of a class named in its ``_repeated_blocks``
+    (diffusers' declaration; FLUX: FluxTransformerBlock, FluxSingleTransformerBlock), matched
+    through the class hierarchy so that our fused subclasses count."""
+    names = set(getattr(type(transformer), "_repeated_blocks", None) or ())
+    return [m for m in transformer.modules() if any(c.__name__ in names for c in type(m).__mro__)]
+
+
+def compile_repeated_blocks(transformer: nn.Module, settings: CompileSettings) -> int:
+    """Compile every repeated block's forward in place (``nn.Module.compile``); returns how many.
+
+    Our equivalent of diffusers' ``ModelMixin.compile_repeated_blocks``, which matches blocks by
+    class *name* and so would miss our fused subclasses.
+    """
+    blocks = repeated_blocks(transformer)
+    if not blocks:
+        raise GoFastError(f"{type(transformer).__name__} declares no repeated blocks to compile")
+    for block in blocks:
+        block.compile(**_compile_kwargs(settings))
+    return len(blocks)
+
+
 class GoFast:
-    """The compiled twin of one transformer, and a log of every compile it caused."""
+    """One transformer with its repeated blocks compiled in place, and a log of every compile.
+
+    ``compiled`` and ``eager`` are the same module; a request without go_fast runs inside
+    :meth:`disabled`, where every compiled block runs its eager forward.
+    """
 
     def __init__(self, transformer: nn.Module, settings: CompileSettings | None = None) -> None:
         self.settings = settings or CompileSettings()
         self.eager = transformer
-        self.compiled = torch.compile(transformer, **_compile_kwargs(self.settings))
+        self.blocks = compile_repeated_blocks(transformer, self.settings)
+        self.compiled = transformer
         self.records: list[CompileRecord] = []
+
+    @staticmethod
+    @contextlib.contextmanager
+    def disabled() -> Iterator[None]:
+        """Run the compiled blocks' eager forwards (go_fast off) without undoing the compile."""
+        with torch.compiler.set_stance("force_eager"):
+            yield
 
     @property
     def graphs(self) -> int:

@@ -1,10 +1,11 @@
 """The input domain of the API, in one place: every bound, choice and default, and its checks.
 
 Replicate's flux-schnell inputs (aspect ratios, megapixels, sizes, counts, formats), its LoRA
-models' inputs (lora_scale, extra_lora_scale), the prompt cap and the seed mapping.
-predict.py reads its bounds and choices from here and engine.service checks with the functions
-below, so the schema and direct callers agree. Pure Python (no torch), so that predict.py can
-import it when Cog's schema tool loads it without the engine's dependencies.
+models' inputs (lora_scale, extra_lora_scale), the prompt cap, the defaults and the seed mapping.
+engine.service checks with the functions below. predict.py restates these values as literals,
+since `cog build` reads it without importing it (only literals survive its static parse); a test
+(tests/test_cog_static_schema.py) parses predict.py as cog does and asserts every literal equals
+the value here. Pure Python (no torch).
 """
 
 from __future__ import annotations
@@ -30,6 +31,23 @@ MEGAPIXELS = ("1", "0.25")
 NUM_OUTPUTS = (1, 4)
 NUM_INFERENCE_STEPS = (1, 4)
 DEFAULT_STEPS = 4
+# Every optional input's default (None: absent, or a random seed), as predict.py and
+# FluxService.predict declare them.
+DEFAULTS: dict[str, object] = {
+    "aspect_ratio": "1:1",
+    "num_outputs": 1,
+    "num_inference_steps": DEFAULT_STEPS,
+    "seed": None,
+    "output_format": "webp",
+    "output_quality": 80,
+    "disable_safety_checker": False,
+    "go_fast": True,
+    "megapixels": "1",
+    "lora_weights": None,
+    "lora_scale": 1.0,
+    "extra_lora": None,
+    "extra_lora_scale": 1.0,
+}
 OUTPUT_FORMATS = ("webp", "jpg", "png")
 OUTPUT_QUALITY = (0, 100)
 LORA_SCALE = (-1.0, 3.0)  # lora_scale and extra_lora_scale, as on Replicate's flux LoRA models

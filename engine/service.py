@@ -6,6 +6,7 @@ predict.py stays a thin declaration of inputs; everything here is testable witho
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import logging
 import os
@@ -17,7 +18,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from PIL import Image, PngImagePlugin
 
 from engine import inputs, kernels
 from engine.flux import attention
+from engine.flux.checkpoint import read_metadata
+from engine.flux.converted import SOURCE_KEY, converted_checkpoint
 from engine.go_fast import (
     CompileSettings,
     GoFast,
@@ -39,12 +43,16 @@ from engine.lora.store import CACHE_BYTES, CIVITAI, HUB, MAX_DOWNLOAD_BYTES
 from engine.pipeline import FluxGenerator, default_device
 from engine.safety import SafetyChecker
 from engine.weights import (
+    BAKED,
+    Sources,
     WeightsError,
     cache_dir,
     check_model_folder,
     ensure_files,
     load_manifest,
+    recorded_sha256,
     transformer_file,
+    with_mirrored_conversion,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,6 +87,7 @@ class ServiceConfig:
     SVDQ_LORA_MAX_BYTES       cap on one LoRA download                                4 GiB
     SVDQ_LORA_DEADLINE_S      time allowed to fetch one LoRA                          300
     HF_ENDPOINT, HF_TOKEN     the hub's base URL and token (sent to the hub only)     huggingface.co
+    SVDQ_WEIGHTS_URL          a mirror: every weight file from <url>/<path>           none (sources)
     SVDQ_CIVITAI_ENDPOINT,    civitai's base URL and token (sent to civitai only)     civitai.com
     CIVITAI_API_TOKEN
     SVDQ_KERNELS              kernel backend: auto, reference, triton, cuda           auto
@@ -92,6 +101,8 @@ class ServiceConfig:
     lora: StoreConfig | None = None
     kernels: str = "auto"
     attention: str = "auto"
+    sources: Sources = dataclasses.field(default_factory=Sources)  # where weight files come from (mirror, hub, token)
+    baked_dir: Path = BAKED  # weights baked into the image (scripts/bake_weights.py), used first
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -127,6 +138,7 @@ class ServiceConfig:
             lora=lora,
             kernels=env.get(kernels.ENV_VAR, "auto").strip() or "auto",
             attention=attention_kind,
+            sources=Sources.from_env(env),
         )
 
 
@@ -134,15 +146,15 @@ class NSFWError(RuntimeError):
     """Every image of a prediction was flagged by the safety checker."""
 
 
-def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+def _online(host: str = "huggingface.co", timeout: float = 3.0, port: int = 443) -> bool:
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
         return True
     except OSError:
         return False
 
 
-def configure_runtime(weights_dir: Path, kernel_backend: str = "auto") -> None:
+def configure_runtime(weights_dir: Path, kernel_backend: str = "auto", compile_cache: Path | None = None) -> None:
     """Process-wide settings for serving, in one place, called once from setup()."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -156,9 +168,41 @@ def configure_runtime(weights_dir: Path, kernel_backend: str = "auto") -> None:
     # extension is compiled on first use, next to the weights so a warm container reuses it.
     kernels.configure(kernel_backend, ext_dir=weights_dir / "torch_extensions")
 
-    # go_fast's compiled graphs (inductor's FX graph and Triton caches) likewise: a restarted
-    # container with the same cache folder loads them instead of compiling again at setup.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(weights_dir / "torchinductor"))
+    # go_fast's compiled graphs (inductor's FX graph, autotuning and Triton caches) and our own
+    # Triton kernels' cache: a restarted container with the same folder, or an image baked with
+    # it, loads them instead of compiling again at setup.
+    cache = compile_cache or weights_dir / "compile-cache"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "torchinductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+
+
+class SetupPhases:
+    """Times setup's phases; each is logged as it ends, and :meth:`summary` lists them all."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - t
+            logger.info("setup: %s %.1f s", name, self.seconds[name])
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        return f"setup {time.perf_counter() - self.t0:.1f} s ({parts})"
+
+
+def compile_cache_dir(config: ServiceConfig) -> Path:
+    """Inductor's and Triton's caches: in the baked folder when the image has one (warmed there by
+    scripts/bake_weights.py --warm on a GPU of the serving kind), else beside the weights cache.
+    Either lives as long as the container; /tmp, Triton's default home, may not."""
+    return config.baked_dir / "compile-cache" if config.baked_dir.is_dir() else config.weights_dir / "compile-cache"
+
 
 def choose_model(config: ServiceConfig, gpu: bool | None = None) -> str:
     """The model to serve: ``config.model`` when named; in auto mode the real model on a GPU.
@@ -207,20 +251,41 @@ def model_files(name: str, config: ServiceConfig) -> tuple[Path, Path]:
         check_model_folder(root)
         return root, root / CHECKPOINT_NAME
     entries = load_manifest(name)
+    baked = config.baked_dir / name
+    if all((baked / e.path).exists() for e in entries):
+        logger.info("weights: baked into the image at %s (checked by size; hashed when baked)", baked)
+        ensure_files(entries, baked, offline=True, verify="size")
+        check_model_folder(baked)
+        return baked, baked / transformer_file(name)
     root = config.weights_dir / name
     missing = [e.path for e in entries if not (root / e.path).exists()]
-    offline = config.offline or (bool(missing) and not _online())
+    where = urllib.parse.urlsplit(config.sources.mirror or config.sources.hub)
+    reachable = _online(where.hostname or "", port=where.port or (80 if where.scheme == "http" else 443))
+    offline = config.offline or (bool(missing) and not reachable)
     if missing and offline:
         raise WeightsError(
             f"{name}: {len(missing)} of {len(entries)} weight files are missing from the cache folder "
-            f"{root} ({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}) and the hub cannot "
-            f"be reached{' (HF_HUB_OFFLINE=1)' if config.offline else ''}. Put the files there (or mount a "
-            f"cache with SVDQ_WEIGHTS_DIR), allow network access, or set {MODEL_ENV}=tiny to serve the "
+            f"{root} ({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}) and "
+            f"{where.hostname} cannot be reached{' (HF_HUB_OFFLINE=1)' if config.offline else ''}. Put the "
+            f"files there (or mount a cache with SVDQ_WEIGHTS_DIR), bake them into the image "
+            f"(scripts/bake_weights.py), allow network access, or set {MODEL_ENV}=tiny to serve the "
             "tiny test model on purpose"
         )
-    ensure_files(entries, root, offline=offline)
+    transformer = transformer_file(name)
+    source = next((e for e in entries if e.path == transformer), None)
+    if not (root / transformer).exists() and not offline:
+        entries, transformer = with_mirrored_conversion(entries, transformer, config.sources)
+    ensure_files(entries, root, offline=offline, sources=config.sources)
     check_model_folder(root)
-    return root, root / transformer_file(name)
+    if source is not None and transformer != source.path and source.sha256:
+        converted_from = read_metadata(root / transformer)[0].get(SOURCE_KEY)
+        if converted_from != source.sha256.lower():
+            raise WeightsError(
+                f"{transformer}: the mirror's converted transformer was made from a file with sha256 "
+                f"{converted_from}, not the manifest's {source.path} ({source.sha256}); convert it again "
+                "(scripts/bake_weights.py) or remove it from the mirror"
+            )
+    return root, root / transformer
 
 
 def save_images(
@@ -356,35 +421,39 @@ class FluxService:
     @classmethod
     def setup(cls, config: ServiceConfig | None = None, *, gpu: bool | None = None) -> FluxService:
         """Choose, fetch, check and load the model; ``config`` defaults to the environment's."""
-        t0 = time.perf_counter()
+        phases = SetupPhases()
         config = config or ServiceConfig.from_env()
-        configure_runtime(config.weights_dir, config.kernels)
+        with phases("runtime"):
+            configure_runtime(config.weights_dir, config.kernels, compile_cache_dir(config))
         model = choose_model(config, gpu)
         try:
-            model_dir, checkpoint = model_files(model, config)
+            with phases("weights"):
+                model_dir, checkpoint = model_files(model, config)
         except WeightsError:
             logger.error("setup failed while fetching the weights of %s", model)
             raise
-        t1 = time.perf_counter()
+        with phases("convert"):  # the public engine's file: converted once, then from the cache
+            baked = model_dir.parent == config.baked_dir
+            checkpoint = converted_checkpoint(
+                checkpoint,
+                lambda: recorded_sha256(checkpoint, trust_recorded=baked),
+                [model_dir.parent / "converted", config.weights_dir / "converted"],
+            )
         device = default_device()
-        generator = FluxGenerator.from_pretrained(model_dir, checkpoint, device=device)
-        safety = SafetyChecker.load(model_dir, device)
+        with phases("load"):
+            generator = FluxGenerator.from_pretrained(model_dir, checkpoint, device=device)
+            safety = SafetyChecker.load(model_dir, device)
         settings = CompileSettings(attention=config.attention) if device.type == "cuda" else None
         lora = config.lora or StoreConfig(root=config.weights_dir / "loras")
         service = cls(generator, safety, model, lora, compile_settings=settings)
         select_attention(service._eager, settings)  # before go_fast's graphs are compiled
         if device.type == "cuda":  # build the kernels and warm the caches before the first request
-            t_warm = time.perf_counter()
-            generator.generate("warm-up", width=1024, height=1024, steps=1, seed=0)
-            logger.info("setup: warm-up at 1024x1024 in %.1f s", time.perf_counter() - t_warm)
-            service.warm_up()
+            with phases("kernels"), service._eager_only():  # eager once: Triton JIT, CUDA extension, cuDNN
+                generator.generate("warm-up", width=1024, height=1024, steps=1, seed=0)
+            with phases("compile"):
+                service.warm_up()
         logger.info(
-            "setup: model %s, weights %.1f s, load %.1f s, on %s, %d T5 tokens",
-            model,
-            t1 - t0,
-            time.perf_counter() - t1,
-            device,
-            generator.text_tokens,
+            "setup: model %s on %s, %d T5 tokens; %s", model, device, generator.text_tokens, phases.summary()
         )
         return service
 
@@ -423,7 +492,12 @@ class FluxService:
         except GoFastError as e:
             logger.warning("%s; this request runs without go_fast", e)
             self.generator.pipe.transformer = self._eager
-            return run()
+            with self._eager_only():
+                return run()
+
+    def _eager_only(self):
+        """go_fast off: the compiled blocks run their eager forwards (regional compile is in place)."""
+        return self.go_fast.disabled() if self.go_fast is not None else contextlib.nullcontext()
 
     def _use_loras(self, requested: list[tuple[str, str | None, float]]) -> None:
         """Make ``[(field, source, scale)]`` the active LoRAs (no source: none), all-or-nothing.
@@ -527,7 +601,7 @@ class FluxService:
             if go_fast and self.go_fast is not None:
                 images = self._run_fast(run, shape_label(width, height, num_outputs, self._eager))
             else:
-                with attention.using("sdpa"):  # go_fast off: SDPA, whatever setup chose for go_fast
+                with attention.using("sdpa"), self._eager_only():  # go_fast off: SDPA, eager blocks
                     images = run()
         except torch.OutOfMemoryError as e:
             torch.cuda.empty_cache()

@@ -3,10 +3,21 @@
 A manifest (weights/manifest.json) lists, per model, every file the container needs with its
 source (a hub repository and file, or a URL) and sha256. ``ensure_files`` makes each present
 in the cache folder: files already there are verified (a sidecar remembers the size, mtime and
-hash, so a restart does not re-hash gigabytes), missing ones are downloaded in parallel, a
-``.part`` file is resumed where it stopped, and a file only takes its final name after its
-hash matched. A wrong hash, a truncated download or a missing file offline is a
-:class:`WeightsError` that names the file.
+hash, so a restart does not re-hash gigabytes), missing ones are downloaded in parallel, and a
+file only takes its final name after its hash matched. A wrong hash, a truncated download or a
+missing file offline is a :class:`WeightsError` that names the file.
+
+Where the bytes come from (:class:`Sources`, configured once by setup()): each entry's own
+source, with ``HF_TOKEN`` sent to the hub only (black-forest-labs/FLUX.1-schnell is gated: a
+refused or missing token is an error naming the repository and the ways out), or a mirror, a
+base URL of the deployer's own bucket that serves every entry at ``<base>/<path>``. Every file,
+hub or URL, goes through engine.download: a file the server describes with a size, a strong
+ETag and ``Accept-Ranges: bytes`` is fetched in parallel ranged chunks (``If-Range``: a file
+that changes midway restarts from zero), its finished chunks recorded in ``<part>.chunks.json``
+so a killed download resumes with the chunks it has; any other file is one stream that resumes
+only when its ETag says the remote is unchanged. Nothing of a partial download is left once a
+file is complete. The hub's own client is not used for manifest files (its staging folders
+outlived killed downloads and restarted at byte 0).
 
 An entry whose sha256 is null is trusted on first download: its hash is recorded then and
 checked from then on, with a warning. A recorded hash is never replaced: a file that no longer
@@ -22,19 +33,37 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
-import tempfile
+import threading
+import urllib.parse
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from engine.download import DownloadError, DownloadLimits, download, redact
+from engine.download import (
+    DownloadError,
+    DownloadLimits,
+    Remote,
+    RemoteChanged,
+    download,
+    etag_path,
+    human,
+    probe,
+    redact,
+)
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "weights" / "manifest.json"
 CACHE_ENV = "SVDQ_WEIGHTS_DIR"
+# Written by scripts/bake_weights.py before `cog build`; in the image only when it exists
+# (.dockerignore keeps weights/cache and weights/tiny out, not this).
+BAKED = ROOT / "weights" / "baked"
+HUB = "https://huggingface.co"
+CHUNK_BYTES = 64 * 2**20  # one ranged request of a large file
+CHUNK_WORKERS = 8  # ranged requests in flight per file
 _CHUNK = 1 << 20
 # Cap for a URL entry without a recorded size: above any single file of the model (the
 # largest, a T5 shard, is about 5 GB; the transformer about 6.7 GB).
@@ -65,6 +94,46 @@ class WeightFile:
     @property
     def source(self) -> str:
         return self.url or f"hub:{self.hub}/{self.file}" + (f"@{self.revision}" if self.revision else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sources:
+    """Where manifest files come from; built by setup() (ServiceConfig) and passed down."""
+
+    mirror: str | None = None  # base URL: every entry from <mirror>/<entry.path>
+    hub: str = HUB  # the hub's base URL (HF_ENDPOINT)
+    hf_token: str | None = None  # sent to the hub only, never to a mirror or a URL entry
+    chunk_bytes: int = CHUNK_BYTES
+    chunk_workers: int = CHUNK_WORKERS
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Sources:
+        """``SVDQ_WEIGHTS_URL`` (a mirror), ``HF_ENDPOINT``, ``HF_TOKEN``: read by setup() and the scripts."""
+        env = os.environ if environ is None else environ
+        return cls(
+            mirror=env.get("SVDQ_WEIGHTS_URL", "").strip() or None,
+            hub=env.get("HF_ENDPOINT", "").strip() or HUB,
+            hf_token=env.get("HF_TOKEN") or None,
+        )
+
+    def url_of(self, entry: WeightFile) -> str:
+        if self.mirror:
+            return f"{self.mirror.rstrip('/')}/{urllib.parse.quote(entry.path)}"
+        if entry.url:
+            return entry.url
+        revision = urllib.parse.quote(entry.revision or "main", safe="")
+        return f"{self.hub.rstrip('/')}/{entry.hub}/resolve/{revision}/{urllib.parse.quote(entry.file)}"
+
+    def headers_for(self, entry: WeightFile) -> dict[str, str]:
+        # requests drops Authorization on a redirect to another host (the hub's CDN).
+        if entry.hub and not self.mirror and self.hf_token:
+            return {"Authorization": f"Bearer {self.hf_token}"}
+        return {}
+
+    @property
+    def host(self) -> str:
+        """The host downloads go to first (for the reachability check)."""
+        return urllib.parse.urlsplit(self.mirror or self.hub).hostname or ""
 
 
 def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -146,29 +215,128 @@ def _check(entry: WeightFile, path: Path) -> None:
         raise WeightsError(f"{entry.path}: sha256 {digest} does not match the manifest's {entry.sha256}")
 
 
-def _download_url(entry: WeightFile, part: Path) -> None:
-    limits = dataclasses.replace(WEIGHTS_LIMITS, max_bytes=entry.size or MAX_FILE_BYTES)
+def chunks_path(part: Path) -> Path:
+    """The record of a chunked download's finished chunks, beside its part file."""
+    return part.with_name(part.name + ".chunks.json")
+
+
+def _discard(part: Path) -> None:
+    for path in (part, chunks_path(part), etag_path(part), _sidecar(part)):
+        path.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _fetch_chunks(
+    url: str, part: Path, remote: Remote, headers: dict[str, str], limits: DownloadLimits, sources: Sources
+) -> None:
+    """``url`` into ``part`` in parallel ranged chunks, resuming the chunks a record says are done.
+
+    The record holds the remote's ETag and size: a record of another version, or none, starts
+    from zero. A chunk is recorded only after its bytes are on the disk (fsync), so a process
+    killed at any point resumes with whole chunks of one version, never a splice.
+    """
+    chunk = sources.chunk_bytes
+    key = {"etag": remote.etag, "size": remote.size, "chunk": chunk}
+    record = chunks_path(part)
+    done: set[int] = set()
     try:
-        download(entry.url, part, limits=limits, resume=True)
-    except DownloadError as e:
-        kept = part.stat().st_size if part.exists() else 0
-        hint = f"; {kept} bytes kept in {part.name}, run again to resume" if kept else ""
-        raise WeightsError(f"{entry.path}: {e}{hint}") from None
+        state = json.loads(record.read_text())
+        if {k: state.get(k) for k in key} == key and part.stat().st_size == remote.size:
+            done = {int(i) for i in state["done"]}
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    n = -(-remote.size // chunk)
+    if done:
+        logger.info("%s: resuming, %d of %d chunks already here", part.name, len(done), n)
+    else:
+        if part.exists() or record.exists():
+            logger.info(
+                "%s: the partial file is of another version or unrecorded; starting from zero", part.name
+            )
+        _discard(part)
+        with open(part, "wb") as f:
+            f.truncate(remote.size)
+        _write_json(record, {**key, "done": []})
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        first, last = i * chunk, min(remote.size, (i + 1) * chunk) - 1
+        chunk_limits = dataclasses.replace(limits, max_bytes=last - first + 1)
+        download(
+            url, part, limits=chunk_limits, headers=headers, byte_range=(first, last), if_range=remote.etag
+        )
+        with lock:
+            done.add(i)
+            _write_json(record, {**key, "done": sorted(done)})
+
+    with ThreadPoolExecutor(max_workers=sources.chunk_workers) as pool:
+        futures = [pool.submit(one, i) for i in range(n) if i not in done]
+        errors = [e for f in futures if (e := f.exception()) is not None]
+    if errors:
+        raise next((e for e in errors if isinstance(e, RemoteChanged)), errors[0])
+    record.unlink()
 
 
-def _download_hub(entry: WeightFile, part: Path) -> None:
-    from huggingface_hub import hf_hub_download
+def _transfer(
+    url: str, part: Path, headers: dict[str, str], limits: DownloadLimits, sources: Sources
+) -> None:
+    """One file into ``part``: parallel chunks where the server allows, else one resumable stream."""
+    for attempt in range(2):
+        try:
+            remote = probe(url, limits=limits, headers=headers)
+        except DownloadError as e:
+            if e.status in (401, 403, 404):
+                raise
+            remote = None  # HEAD not served (or failed): one stream, whose GET says what is wrong
+        if not (
+            remote and remote.size and remote.etag and remote.ranges and remote.size > sources.chunk_bytes
+        ):
+            if chunks_path(part).exists():  # a chunked partial: not continuable as one stream
+                _discard(part)
+            download(url, part, limits=limits, headers=headers, resume=True)
+            return
+        if remote.size > limits.max_bytes:
+            raise DownloadError(
+                f"{redact(url)} is {human(remote.size)}, over the cap of {human(limits.max_bytes)}"
+            )
+        try:
+            _fetch_chunks(url, part, remote, headers, limits, sources)
+            return
+        except RemoteChanged:
+            if attempt:
+                raise
+            logger.warning("%s changed during the download; starting again from zero", redact(url))
+            _discard(part)
 
-    # The hub client resumes and stages its own partial files; we only move the result.
-    with tempfile.TemporaryDirectory(dir=part.parent) as tmp:
-        got = hf_hub_download(entry.hub, entry.file, revision=entry.revision, local_dir=tmp)
-        shutil.move(got, part)
+
+def _gated_message(entry: WeightFile, e: DownloadError, sources: Sources) -> str:
+    why = (
+        f"the token in HF_TOKEN was refused (HTTP {e.status}): its account has not been granted access"
+        if sources.hf_token
+        else f"no token was given (HF_TOKEN is unset; HTTP {e.status})"
+    )
+    return (
+        f"{entry.path}: {entry.hub} is a gated repository on the Hugging Face hub and {why}. Ways out: "
+        f"accept its license at {HUB}/{entry.hub} and set HF_TOKEN to a token of that account (a "
+        "secret of the deployment); or serve every weight file from your own bucket and set "
+        "SVDQ_WEIGHTS_URL to its base URL; or bake the weights into the image with "
+        'scripts/bake_weights.py before `cog build` (README, "Weights")'
+    )
 
 
-def _fetch(entry: WeightFile, root: Path, offline: bool) -> Path:
+def _fetch(entry: WeightFile, root: Path, offline: bool, sources: Sources, verify: str = "sha256") -> Path:
     dest = root / entry.path
     if dest.exists():
-        _check(entry, dest)
+        if verify == "size":  # a baked image: hashed when it was baked, immutable since
+            if entry.size is not None and dest.stat().st_size != entry.size:
+                raise WeightsError(f"{entry.path}: size {dest.stat().st_size} bytes, expected {entry.size}")
+        else:
+            _check(entry, dest)
         return dest
     if offline:
         raise WeightsError(
@@ -176,29 +344,103 @@ def _fetch(entry: WeightFile, root: Path, offline: bool) -> Path:
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    logger.info("downloading %s from %s", entry.path, redact(entry.source))
+    url = sources.url_of(entry)
+    logger.info("downloading %s from %s", entry.path, redact(url))
+    limits = dataclasses.replace(WEIGHTS_LIMITS, max_bytes=entry.size or MAX_FILE_BYTES)
     try:
-        (_download_url if entry.url else _download_hub)(entry, part)
-    except WeightsError:
-        raise
-    except Exception as e:  # hub errors: name the file, keep the part for resuming
-        raise WeightsError(f"{entry.path}: download from {redact(entry.source)} failed: {e}") from e
+        _transfer(url, part, sources.headers_for(entry), limits, sources)
+    except DownloadError as e:
+        if entry.hub and not sources.mirror and e.status in (401, 403):
+            _discard(part)
+            raise WeightsError(_gated_message(entry, e, sources)) from None
+        try:  # a chunked partial is preallocated: what it holds is in its record
+            kept = len(json.loads(chunks_path(part).read_text())["done"]) * sources.chunk_bytes
+        except (OSError, ValueError, KeyError, TypeError):
+            kept = part.stat().st_size if part.exists() else 0
+        hint = f"; about {human(kept)} kept in {part.name}, run again to resume" if kept else ""
+        raise WeightsError(f"{entry.path}: {e}{hint}") from None
     try:
         _check(entry, part)
     except WeightsError:
-        part.unlink(missing_ok=True)
-        _sidecar(part).unlink(missing_ok=True)
+        _discard(part)
         raise
     part.replace(dest)
     _sidecar(part).replace(_sidecar(dest))
     return dest
 
 
-def ensure_files(entries: list[WeightFile], root: Path, *, offline: bool = False, workers: int = 4) -> Path:
-    """Make every entry present and verified under ``root``; returns ``root``."""
+CONVERTED = "converted"  # a mirror's folder for the transformer already in our format
+
+
+def with_mirrored_conversion(
+    entries: list[WeightFile], transformer: str, sources: Sources
+) -> tuple[list[WeightFile], str]:
+    """``(entries, transformer path)``, the transformer taken from ``<mirror>/converted/<path>``
+    when the mirror has it (our format: nothing to convert at boot), else as listed."""
+    if not sources.mirror:
+        return entries, transformer
+    converted = WeightFile(
+        path=f"{CONVERTED}/{transformer}",
+        url=f"{sources.mirror.rstrip('/')}/{CONVERTED}/{transformer}",
+        sha256=None,
+    )
+    try:
+        probe(sources.url_of(converted), limits=WEIGHTS_LIMITS)
+    except DownloadError as e:
+        logger.info("mirror: no converted transformer (%s); fetching the published one", e)
+        return entries, transformer
+    logger.info("mirror: the transformer comes converted (%s)", converted.path)
+    return [e for e in entries if e.path != transformer] + [converted], converted.path
+
+
+_STAGING = re.compile(r"tmp[a-z0-9_]{8}")
+
+
+def remove_stale_staging(root: Path) -> None:
+    """Remove the staging folders huggingface_hub left in ``root`` when a download was killed
+    (``tmpXXXXXXXX/.cache/huggingface/...incomplete``, written by earlier versions of this module)."""
+    if not root.is_dir():
+        return
+    for d in [p for p in root.rglob("tmp*") if p.is_dir() and _STAGING.fullmatch(p.name)]:
+        if (d / ".cache" / "huggingface").is_dir():
+            logger.info("removing a download's staging folder left behind: %s", d)
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def recorded_sha256(path: Path, *, trust_recorded: bool = False) -> str:
+    """The verified sha256 of a file ``ensure_files`` made present (from its sidecar when current).
+
+    ``trust_recorded``: the sidecar's hash whenever the size matches, mtime aside (a baked image,
+    whose files were hashed when baked and whose copy may not keep mtimes to the nanosecond).
+    """
+    if trust_recorded:
+        try:
+            rec = json.loads(_sidecar(path).read_text())
+            if rec.get("size") == path.stat().st_size and isinstance(rec.get("sha256"), str):
+                return rec["sha256"]
+        except (OSError, ValueError):
+            pass
+    return _verified_hash(path, path.name)
+
+
+def ensure_files(
+    entries: list[WeightFile],
+    root: Path,
+    *,
+    offline: bool = False,
+    workers: int = 4,
+    sources: Sources | None = None,
+    verify: str = "sha256",
+) -> Path:
+    """Make every entry present and verified under ``root``; returns ``root``.
+
+    ``verify="size"`` checks present files by size only (a baked image, hashed when baked).
+    """
+    sources = sources or Sources()
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(root)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_fetch, e, root, offline) for e in entries]
+        futures = [pool.submit(_fetch, e, root, offline, sources, verify) for e in entries]
         errors = []
         for fut in futures:
             try:
@@ -206,6 +448,12 @@ def ensure_files(entries: list[WeightFile], root: Path, *, offline: bool = False
             except WeightsError as e:
                 errors.append(str(e))
     if errors:
+        gated = [e for e in errors if "is a gated repository" in e]
+        if len(gated) > 1:  # one explanation, not one per file
+            errors = [e for e in errors if e not in gated] + [
+                f"{len(gated)} files ({', '.join(g.split(':', 1)[0] for g in gated)}) are refused: "
+                + gated[0].split(": ", 1)[1]
+            ]
         raise WeightsError("; ".join(errors))
     return root
 

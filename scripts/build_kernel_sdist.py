@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CUDA = ROOT / "engine" / "kernels" / "cuda"
 NAME, VERSION = "svdq_cuda_kernels", "0.2.0"
 SDIST = CUDA / "dist" / f"{NAME}-{VERSION}.tar.gz"
+# torch's BuildExtension compiles the .cu files in parallel only through ninja; without it, one
+# at a time (minutes of the image build).
+NINJA = "ninja==1.13.2"
 
 
 def torch_pin(requirements: Path = ROOT / "requirements.txt") -> str:
@@ -37,7 +40,7 @@ def torch_pin(requirements: Path = ROOT / "requirements.txt") -> str:
 def files() -> dict[str, bytes]:
     """Archive member name (without the top folder) -> contents."""
     pyproject = f"""[build-system]
-requires = ["setuptools>=68", "wheel", "{torch_pin()}"]
+requires = ["setuptools>=68", "wheel", "{NINJA}", "{torch_pin()}"]
 build-backend = "setuptools.build_meta"
 
 [project]

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from engine.weights import MANIFEST, cache_dir, ensure_files, load_manifest, sha256_of
+from engine.weights import MANIFEST, Sources, cache_dir, ensure_files, load_manifest, sha256_of
 
 
 def main() -> None:
@@ -19,7 +19,8 @@ def main() -> None:
     p.add_argument("--model", default="flux-schnell")
     p.add_argument("--manifest", type=Path, default=MANIFEST)
     args = p.parse_args()
-    root = ensure_files(load_manifest(args.model, args.manifest), cache_dir() / args.model)
+    # HF_TOKEN for the gated hub files, or SVDQ_WEIGHTS_URL for a mirror (engine.weights.Sources)
+    root = ensure_files(load_manifest(args.model, args.manifest), cache_dir() / args.model, sources=Sources.from_env())
     data = json.loads(args.manifest.read_text())
     for entry in data["models"][args.model]["files"]:
         path = root / entry["path"]

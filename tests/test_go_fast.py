@@ -25,6 +25,10 @@ from engine.tiny_model import CHECKPOINT_NAME
 from .flux_cases import params_to_float
 
 AOT = CompileSettings(backend="aot_eager", mode=None, dynamic=True)
+# Regional compilation, graphs per shape class: one for every double block, two for the single
+# blocks (the first takes the last double block's contiguous output, the others a slice of the
+# previous single block's joint sequence: another stride, one more graph, shared by the rest).
+KINDS = 3
 
 
 @pytest.fixture()
@@ -74,12 +78,12 @@ def test_configure_compiler_raises_the_limit_and_makes_it_loud(fresh_dynamo):
 
 @pytest.mark.slow
 def test_a_recompile_past_the_limit_is_an_error_naming_the_shape(fresh_dynamo, transformer):
-    static = CompileSettings(backend="aot_eager", mode=None, dynamic=False, recompile_limit=1)
+    static = CompileSettings(backend="aot_eager", mode=None, dynamic=False, recompile_limit=2)
     configure_compiler(static)
-    torch._dynamo.config.recompile_limit = 1  # configure_compiler never lowers the limit
+    torch._dynamo.config.recompile_limit = 2  # configure_compiler never lowers the limit
     fast = GoFast(transformer, static)
     call(fast, transformer, 128, 128, 1)
-    assert fast.graphs == 1 and fast.records[0].shape == "128x128 x1"
+    assert fast.graphs == KINDS and fast.records[0].shape == "128x128 x1"
     with pytest.raises(GoFastError, match=r"192x128 x1 needs a new compiled graph past the recompile limit"):
         call(fast, transformer, 192, 128, 1)
 
@@ -94,32 +98,32 @@ def test_sizes_and_batches_share_two_graphs_and_loras_two_more(fresh_dynamo, tra
     # two would share a symbol and every other size would recompile.
     for shape in ((256, 256, 1), (256, 256, 2)):
         call(fast, transformer, *shape)
-    assert fast.graphs == 2
+    assert fast.graphs == 2 * KINDS
     caplog.clear()  # the warm-up's compiles were logged; from here on, none should be
     for w, h, n in ((336, 192, 1), (160, 384, 3), (272, 224, 4), (128, 128, 2)):
         out = call(fast, transformer, w, h, n)
         torch.manual_seed(0)
-        with torch.inference_mode():
+        with torch.inference_mode(), fast.disabled():  # the blocks are compiled in place: eager on request
             ref = transformer(**transformer_inputs(transformer, w, h, n))[0]
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    assert fast.graphs == 2 and not go_fast_warnings(caplog)  # no request compiled anything
+    assert fast.graphs == 2 * KINDS and not go_fast_warnings(caplog)  # no request compiled anything
     set_lora(transformer, 4)
     try:
         for w, h, n in ((256, 256, 1), (336, 192, 2), (160, 384, 1)):
             call(fast, transformer, w, h, n)
-        assert fast.graphs == 4  # the LoRA factors are new graph inputs: batch 1 and batch 2-4
+        assert fast.graphs == 4 * KINDS  # the LoRA factors are new graph inputs: batch 1 and batch 2-4
         assert "LoRA rank 4" in fast.records[2].shape
         assert len(go_fast_warnings(caplog)) == 2
         set_lora(transformer, 12)  # another rank: buffers keep static shapes, so two more graphs
         call(fast, transformer, 272, 224, 3)
         call(fast, transformer, 128, 128, 1)
-        assert fast.graphs == 6
+        assert fast.graphs == 6 * KINDS
         call(fast, transformer, 336, 192, 4)
-        assert fast.graphs == 6
+        assert fast.graphs == 6 * KINDS
     finally:
         set_lora(transformer, None)
     call(fast, transformer, 256, 256, 1)
-    assert fast.graphs == 6
+    assert fast.graphs == 6 * KINDS
 
 
 @pytest.mark.slow
@@ -141,7 +145,7 @@ def test_service_warms_up_at_setup_and_requests_do_not_compile(fresh_dynamo, tin
 
     fast = pixels(service.predict(**kw, aspect_ratio="16:9", num_outputs=3, go_fast=True))
     slow = pixels(service.predict(**kw, aspect_ratio="16:9", num_outputs=3, go_fast=False))
-    assert service.go_fast.graphs == 2 and not go_fast_warnings(caplog)
+    assert service.go_fast.graphs == 2 * KINDS and not go_fast_warnings(caplog)
     for a, b in zip(fast, slow, strict=True):
         assert (a - b).abs().mean() < 1.0  # same images up to a rounding step of the encoder
 

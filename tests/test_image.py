@@ -66,6 +66,9 @@ def test_kernel_package_is_listed_and_current():
     names = {name for name, _ in _sdist_members()}
     assert {"setup.py", "pyproject.toml", "svdq_cuda_kernels/__init__.py"} <= names
     assert {f"csrc/{p.name}" for p in (ROOT / "engine/kernels/cuda/csrc").iterdir()} <= names
+    # ninja among the build requirements: BuildExtension compiles the .cu files in parallel with it
+    pyproject = tomllib.loads(dict(_sdist_members())["pyproject.toml"].decode())
+    assert any(r.startswith("ninja==") for r in pyproject["build-system"]["requires"])
 
 
 @pytest.mark.slow
@@ -124,5 +127,7 @@ def test_dockerignore_keeps_environments_and_caches_out():
         "requirements.txt",
         f"{SDIST.relative_to(ROOT)}",
         ".cog/openapi_schema.json",
+        "weights/baked/flux-schnell/vae/diffusion_pytorch_model.safetensors",  # baked mode only: it
+        "weights/baked/compile-cache/triton/x.cubin",  # exists only after scripts/bake_weights.py
     ):
         assert not _dockerignored(path, patterns), path

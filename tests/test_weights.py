@@ -8,10 +8,12 @@ from typing import ClassVar
 
 import pytest
 
+from engine.download import etag_path
 from engine.weights import WeightFile, WeightsError, ensure_files, load_manifest, transformer_file
 
 BLOB = bytes(range(256)) * 4096  # 1 MiB
 SHA = hashlib.sha256(BLOB).hexdigest()
+ETAG = '"v1"'
 
 
 class _Files(BaseHTTPRequestHandler):
@@ -33,13 +35,16 @@ class _Files(BaseHTTPRequestHandler):
             return
         data = BLOB
         start = 0
-        if rng := self.headers.get("Range"):
+        rng = self.headers.get("Range")
+        if rng and self.headers.get("If-Range", ETAG) == ETAG:  # RFC 9110: If-Range or the whole file
             start = int(rng.split("=")[1].split("-")[0])
             self.ranges.append(start)
             self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
             self.send_response(200)
         body = data[start:]
+        self.send_header("ETag", ETAG)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body[: len(body) // 2] if self.truncate else body)
@@ -71,12 +76,17 @@ def test_download_verify_and_reuse(http, tmp_path):
     ensure_files([entry(http)], tmp_path, offline=True)  # present and verified: no network needed
 
 
-def test_resume_from_part_file(http, tmp_path):
+@pytest.mark.parametrize("etag,resumed", [(ETAG, [300_000]), (None, []), ('"v0"', [])])
+def test_resume_from_part_file_only_with_its_etag(http, tmp_path, etag, resumed):
+    """A partial continues only when its recorded ETag still names the remote (If-Range)."""
     part = tmp_path / "sub" / "blob.bin.part"
     part.parent.mkdir(parents=True)
-    part.write_bytes(BLOB[:300_000])
+    part.write_bytes(BLOB[:300_000] if etag == ETAG else b"x" * 300_000)  # another version's bytes
+    if etag:
+        etag_path(part).write_text(etag)
     ensure_files([entry(http)], tmp_path)
-    assert _Files.ranges == [300_000] and (tmp_path / "sub" / "blob.bin").read_bytes() == BLOB
+    assert _Files.ranges == resumed and (tmp_path / "sub" / "blob.bin").read_bytes() == BLOB
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["blob.bin", "blob.bin.sha256.json"]
 
 
 def test_wrong_checksum_names_the_file_and_leaves_nothing(http, tmp_path):
