@@ -15,7 +15,10 @@ guarantees, whatever the server does:
   inside a blocking ``recv``). The network I/O therefore runs in a worker thread while the
   caller waits in short slices; on cancel or deadline the worker's socket is shut down, which
   wakes its ``recv`` at once;
-- credentials never reach a log line or an error message (:func:`redact`).
+- credentials never reach a log line or an error message (:func:`redact`);
+- with a ``policy`` (engine.egress; the LoRA store always passes one), every connection,
+  redirect hops included, goes only to a checked public (or allow-listed) address, and a
+  refusal says only that the host is not public.
 
 The partial file is removed on failure unless ``resume`` is set (the manifest's large files,
 where a later run continues from it with a ``Range`` request).
@@ -32,6 +35,8 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
+
+from engine.egress import AddressRefused, EgressPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -107,15 +112,26 @@ def _shutdown(state: _State) -> None:
             state.sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked in the worker
 
 
-def _stream(url: str, part: Path, headers: dict[str, str], limits: DownloadLimits, resume: bool, st: _State):
+def _stream(
+    url: str,
+    part: Path,
+    headers: dict[str, str],
+    limits: DownloadLimits,
+    resume: bool,
+    st: _State,
+    policy: EgressPolicy | None = None,
+):
     import requests
 
+    from engine import egress
+
+    get = requests.get if policy is None else egress.session(policy).get
     shown = redact(url)
     have = part.stat().st_size if resume and part.exists() else 0
     req_headers = {"Accept-Encoding": "identity", **headers}
     if have:
         req_headers["Range"] = f"bytes={have}-"
-    with requests.get(url, headers=req_headers, stream=True, timeout=(limits.connect_s, limits.idle_s)) as r:
+    with get(url, headers=req_headers, stream=True, timeout=(limits.connect_s, limits.idle_s)) as r:
         st.sock = _socket_of(r)
         if st.stop.is_set():
             return
@@ -173,12 +189,14 @@ def download(
     headers: dict[str, str] | None = None,
     resume: bool = False,
     cancel: threading.Event | None = None,
+    policy: EgressPolicy | None = None,
 ) -> int:
     """Stream ``url`` into ``part``; returns its size in bytes. Raises :class:`DownloadError`.
 
     On failure, cancellation or deadline the part file is removed (kept when ``resume``; a
     later call continues it). Any exception raised in the calling thread while waiting
-    (coglet's cancellation) stops the worker and is re-raised.
+    (coglet's cancellation) stops the worker and is re-raised. ``policy``: which addresses may
+    be connected to (engine.egress); None for the operator's own URLs (the manifest).
     """
     if not url.startswith(("http://", "https://")):
         raise DownloadError(f"not an http(s) URL: {redact(url)}")
@@ -187,7 +205,7 @@ def download(
 
     def worker() -> None:
         try:
-            _stream(url, part, headers or {}, limits, resume, st)
+            _stream(url, part, headers or {}, limits, resume, st, policy)
         except BaseException as e:  # handed to the waiting caller
             st.error = e
         finally:
@@ -209,6 +227,8 @@ def download(
         if st.error is not None:
             if isinstance(st.error, DownloadError):
                 raise st.error
+            if isinstance(st.error, AddressRefused):  # the host only: no port, no path
+                raise DownloadError(f"refused: {st.error}") from None
             raise DownloadError(f"download from {redact(url)} failed: {_describe(st.error)}") from None
         ok = True
         return st.written

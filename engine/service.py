@@ -25,6 +25,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from engine import inputs, kernels
+from engine.egress import EgressPolicy
 from engine.flux import attention
 from engine.go_fast import (
     CompileSettings,
@@ -81,6 +82,8 @@ class ServiceConfig:
     HF_ENDPOINT, HF_TOKEN     the hub's base URL and token (sent to the hub only)     huggingface.co
     SVDQ_CIVITAI_ENDPOINT,    civitai's base URL and token (sent to civitai only)     civitai.com
     CIVITAI_API_TOKEN
+    SVDQ_EGRESS_ALLOW         networks LoRA requests may reach although not public    none
+                              (dev/tests only: e.g. 127.0.0.0/8; engine.egress)
     SVDQ_KERNELS              kernel backend: auto, reference, triton, cuda           auto
     SVDQ_ATTENTION            go_fast's attention: auto, sage, sdpa                   auto
     ========================= ====================================================== =========
@@ -116,6 +119,7 @@ class ServiceConfig:
             civitai=env.get("SVDQ_CIVITAI_ENDPOINT", "").strip() or CIVITAI,
             hf_token=env.get("HF_TOKEN") or None,
             civitai_token=env.get("CIVITAI_API_TOKEN") or None,
+            egress=EgressPolicy.parse(env.get("SVDQ_EGRESS_ALLOW", "")),
         )
         attention_kind = env.get("SVDQ_ATTENTION", "auto").strip().lower() or "auto"
         if attention_kind not in attention.KINDS:

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from engine.download import DownloadError, DownloadLimits, download, human, redact
+from engine.egress import EgressPolicy
 from engine.lora.formats import LoraError, ParsedLora, read_lora
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class StoreConfig:
     hf_token: str | None = dataclasses.field(default=None, repr=False)
     civitai_token: str | None = dataclasses.field(default=None, repr=False)
     parsed_kept: int = 4  # parsed LoRAs kept in memory
+    egress: EgressPolicy = dataclasses.field(default_factory=EgressPolicy)  # public addresses only, unless allow-listed (dev/tests)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +314,13 @@ class LoraStore:
 
     def _get(self, url: str, part: Path, deadline: float, max_bytes: int | None = None) -> None:
         try:
-            download(url, part, limits=self._limits(deadline, max_bytes), headers=self._headers(url))
+            download(
+                url,
+                part,
+                limits=self._limits(deadline, max_bytes),
+                headers=self._headers(url),
+                policy=self.config.egress,
+            )
         except DownloadError as e:
             raise LoraError(str(e)) from None
 
