@@ -17,6 +17,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -138,9 +139,12 @@ class NSFWError(RuntimeError):
     """Every image of a prediction was flagged by the safety checker."""
 
 
-def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+def _online(endpoint: str = HUB, timeout: float = 3.0) -> bool:
+    """Whether the hub at ``endpoint`` (HF_ENDPOINT's base URL, a mirror included) takes connections."""
+    parts = urllib.parse.urlsplit(endpoint)
+    host, port = parts.hostname or "huggingface.co", parts.port or (80 if parts.scheme == "http" else 443)
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -213,7 +217,7 @@ def model_files(name: str, config: ServiceConfig) -> tuple[Path, Path]:
     entries = load_manifest(name)
     root = config.weights_dir / name
     missing = [e.path for e in entries if not (root / e.path).exists()]
-    offline = config.offline or (bool(missing) and not _online())
+    offline = config.offline or (bool(missing) and not _online(config.lora.hub if config.lora else HUB))
     if missing and offline:
         raise WeightsError(
             f"{name}: {len(missing)} of {len(entries)} weight files are missing from the cache folder "

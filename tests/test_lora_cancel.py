@@ -26,7 +26,7 @@ from engine.serial import _set_async_exc
 from engine.service import FluxService
 from engine.tiny_model import CHECKPOINT_NAME
 
-from .test_hostile import body, web  # noqa: F401 - the loopback server fixture
+from .test_hostile import LOOPBACK, body, web  # noqa: F401 - the loopback server fixture
 from .test_lora import DIFFUSERS_MODULES, diffusers_file, kohya_file
 
 try:  # the real cancel type, as coglet raises it
@@ -45,7 +45,8 @@ def service(tiny_model_dir, tmp_path_factory):
     save_file(kohya_file(seed=7, amp=4.0), folder / "b.safetensors")
     generator = FluxGenerator.from_pretrained(tiny_model_dir, tiny_model_dir / CHECKPOINT_NAME)
     cache = tmp_path_factory.mktemp("cache")
-    return FluxService(generator, None, "tiny", StoreConfig(root=cache, local_dir=folder))
+    store = StoreConfig(root=cache, local_dir=folder, egress=LOOPBACK)  # the download stand-in is on loopback
+    return FluxService(generator, None, "tiny", store)
 
 
 def control(service: FluxService) -> bytes:
@@ -244,3 +245,67 @@ def test_manager_alone_restores_on_any_base_exception(tiny_model_dir):
         finally:
             LoraManager._add = original
         assert _same(_state(model), before) and manager.active == [("a", 1.0)]
+
+
+def big_lora(rank_copies: int = 32) -> dict[str, torch.Tensor]:
+    """Every double/single block layer at rank 4 x ``rank_copies``: a slower apply, a wider window."""
+    sd = kohya_file(seed=3, amp=4.0)
+    out = {}
+    for key, t in sd.items():
+        if key.endswith("lora_down.weight"):
+            out[key] = torch.cat([t] * rank_copies)
+        elif key.endswith("lora_up.weight"):
+            out[key] = torch.cat([t] * rank_copies, dim=1) / rank_copies
+        else:
+            out[key] = t * rank_copies  # alpha: the same alpha / rank
+    return out
+
+
+@pytest.mark.slow
+def test_cancels_over_http_never_change_the_control_image(tmp_path, tiny_model_dir):
+    """The issue's attack, bounded: one large LoRA as lora_weights and extra_lora, cancelled 5-50 ms
+    after the PUT, through the real Cog server; each time the next prediction without a LoRA gives
+    the control image's bytes, and a LoRA prediction afterwards still works."""
+    import random
+    import shutil
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from cog_client import CogServer
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    save_file(big_lora(), loras / "big.safetensors")
+    shutil.copytree(tiny_model_dir, tmp_path / "w" / "tiny")
+    env = {"SVDQ_WEIGHTS_DIR": str(tmp_path / "w"), "SVDQ_MODEL": "tiny", "SVDQ_LORA_DIR": str(loras)}
+    common = {
+        "prompt": "a fox",
+        "seed": 5,
+        "megapixels": "0.25",
+        "output_format": "png",
+        "num_inference_steps": 1,
+    }
+    with CogServer(env=env) as srv:
+        assert srv.wait_ready()["status"] == "READY"
+
+        def control_bytes() -> bytes:
+            status, resp = srv.predict(common, timeout=300)
+            assert status == 200 and resp["status"] == "succeeded", resp
+            return resp["output"][0]
+
+        base = control_bytes()
+        rng = random.Random(24)
+        for run in range(5):
+            body = {"input": {**common, "lora_weights": "big.safetensors", "extra_lora": "big.safetensors"}}
+            status, _ = srv.request(
+                "PUT", f"/predictions/cancel-{run}", body, headers={"Prefer": "respond-async"}
+            )
+            assert status == 202
+            time.sleep(rng.uniform(0.005, 0.05))
+            assert srv.request("POST", f"/predictions/cancel-{run}/cancel")[0] == 200
+            assert control_bytes() == base, f"run {run}: the model changed after a cancel"
+        status, resp = srv.predict({**common, "lora_weights": "big.safetensors"}, timeout=300)
+        assert status == 200 and resp["status"] == "succeeded" and resp["output"][0] != base, resp
+        assert control_bytes() == base
