@@ -11,10 +11,10 @@ raised in the caller's thread never leaves a layer half changed (LoraManager).
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextvars
 import logging
 import threading
+import time
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from engine.modules import SVDQLinear, W4A16Linear
 logger = logging.getLogger(__name__)
 
 
-POLL_S = 0.05  # how often a waiting caller lets a cancel land
+POLL_S = 0.005  # how often the waiting caller checks whether the apply thread is done
 
 
 class _Aborted(Exception):
@@ -40,7 +40,7 @@ class LoraManager:
     raising ``CancelationException`` (a BaseException) in the prediction's thread at whatever
     bytecode it is running (``PyThreadState_SetAsyncExc``), which can fall between two
     assignments of one layer's tensors. So the model's tensors are changed only on a thread of
-    this manager's own, which nothing cancels: the caller waits for it in short slices and, if
+    this manager's own, which nothing cancels: the caller polls it in short sleeps and, if
     cancelled meanwhile, asks it to stop, waits until it has put the previous state back, and
     only then re-raises. The previous state is kept as the very tensors it was made of (each
     layer's slots and built factors, each merged 16-bit weight), so restoring it assigns
@@ -53,7 +53,6 @@ class LoraManager:
         self.transformer = transformer
         self._applied: list[tuple[str, ParsedLora, float]] = []
         self._merged: dict[str, torch.Tensor] = {}  # 16-bit module -> its original weight
-        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-apply")
 
     @property
     def active(self) -> list[tuple[str, float]]:
@@ -69,36 +68,47 @@ class LoraManager:
         if [(n, id(p), s) for n, p, s in loras] == [(n, id(p), s) for n, p, s in self._applied]:
             return
         abort = threading.Event()
-        previous, cancel = self._wait(self._submit(self._set_now, loras, abort), abort)
+        previous, cancel = self._run(self._set_now, loras, abort)
         if cancel is not None:
             if previous is not None:  # it had finished: undo it
-                self._wait(self._submit(self._restore, previous), abort)
+                self._run(self._restore, previous)
             raise cancel
 
-    def _submit(self, fn, *args) -> concurrent.futures.Future:
-        # The caller's context variables go along: coglet routes a prediction's log lines by one.
-        return self._thread.submit(contextvars.copy_context().run, fn, *args)
+    def _run(self, fn, *args) -> tuple:
+        """Run ``fn(*args)`` on a thread of its own; ``(result, None)`` or ``(result or None, cancel)``.
 
-    def _wait(self, future: concurrent.futures.Future, abort: threading.Event):
-        """``(result, None)``, or ``(result or None, the exception raised in this thread)``.
-
-        The job's own exception is raised here; a cancel raised in this thread while waiting
-        aborts the job and is returned once the job has ended, so that nothing still changes the
-        model when the caller goes on.
+        The job's own exception is raised here. An exception raised in this thread while it
+        waits (a cancel) sets the job's ``abort`` event (its last argument, where it takes one)
+        and is returned once the job has ended, so that nothing changes the model after the
+        caller goes on. The wait is a sleep loop over a plain list, not a lock or a condition:
+        an asynchronous exception landing inside a lock's bookkeeping could leave it held.
         """
+        box: list[tuple[bool, object]] = []
+        context = contextvars.copy_context()  # coglet routes a prediction's log lines by one
+
+        def job() -> None:
+            try:
+                box.append((True, context.run(fn, *args)))
+            except BaseException as e:  # handed to the waiting caller
+                box.append((False, e))
+
+        thread = threading.Thread(target=job, name="lora-apply", daemon=True)
         cancel: BaseException | None = None
         while True:
             try:
-                while not future.done():
-                    concurrent.futures.wait([future], timeout=POLL_S)
+                if thread.ident is None:
+                    thread.start()
+                while not box:
+                    time.sleep(POLL_S)
                 break
             except BaseException as e:  # an asynchronous cancel of the calling thread
                 cancel = cancel or e
-                abort.set()
-        error = future.exception()
-        if error is not None and cancel is None:
-            raise error
-        return (None if error is not None else future.result()), cancel
+                if args and isinstance(args[-1], threading.Event):
+                    args[-1].set()
+        ok, value = box[0]
+        if not ok and cancel is None:
+            raise value
+        return (value if ok else None), cancel
 
     @torch.no_grad()
     def _set_now(self, loras: list[tuple[str, ParsedLora, float]], abort: threading.Event) -> tuple:
