@@ -146,6 +146,11 @@ def test_hub_paths_that_climb_are_refused(text, tmp_path):
         resolve_source(text, local_dir=None)
 
 
+def test_normal_hub_forms_still_resolve():
+    assert resolve_source("https://huggingface.co/o/r/").kind == "hub_repo"  # a trailing slash is fine
+    assert resolve_source("o/r/sub/x.safetensors").location.endswith("/o/r/resolve/main/sub/x.safetensors")
+
+
 def test_online_probe_follows_hf_endpoint():
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

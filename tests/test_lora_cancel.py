@@ -98,6 +98,7 @@ def count_layer_changes(service) -> int:
     return len(calls)
 
 
+@pytest.mark.slow  # ~40 s on a busy 2-core machine; the asynchronous test below covers every layer too
 def test_cancel_inside_each_layer_of_the_apply(service, images, monkeypatch):
     """The cancel raised where the layer is being changed (the apply thread) at layer k."""
     n = count_layer_changes(service)

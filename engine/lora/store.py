@@ -193,7 +193,7 @@ def _resolve_url(url: str, hub: str, civitai: str) -> Source:
     if host in ("replicate.com", "www.replicate.com", "r8.im"):
         raise _replicate_refusal(redact(url))
     if host in _HUB_HOSTS:
-        _check_hub_path([urllib.parse.unquote(p) for p in parts.path.split("/")[1:]], url)
+        _check_hub_path([urllib.parse.unquote(p) for p in parts.path.strip("/").split("/")], url)
         prefix = path[:1] if path[:1] in (["datasets"], ["spaces"]) else []
         rest = path[len(prefix) :]
         if len(rest) == 2 and not prefix:
