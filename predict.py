@@ -51,7 +51,8 @@ class Predictor(BasePredictor):
         # Signal handlers can only be installed from the main thread, which this is: output
         # folders are removed when coglet stops the worker with SIGTERM.
         self.service.outputs.remove_on_sigterm()
-        if int(os.environ.get("COG_MAX_CONCURRENCY", "1")) < 2:
+        self.admitted = max(1, int(os.environ.get("COG_MAX_CONCURRENCY", "1")))  # predictions at once
+        if self.admitted < 2:
             logging.getLogger(__name__).warning(
                 "COG_MAX_CONCURRENCY is below 2: a request sent right after another's answer "
                 "can be refused with 409 (cog.yaml sets concurrency.max: 2; scripts/serve.sh passes it)"
@@ -94,6 +95,9 @@ class Predictor(BasePredictor):
             description="How strongly the extra LoRA applies", ge=-1, le=3, default=1.0
         ),
     ) -> list[Path]:
+        from engine import coglet_folders
+
+        coglet_folders.prune(keep=self.admitted)  # coglet 0.23.1 never removes a prediction's folder
         if self.gpu.busy():
             logging.getLogger(__name__).info("waiting for the GPU: another prediction is running")
         paths = await self.gpu.run(

@@ -15,7 +15,10 @@ guarantees, whatever the server does:
   inside a blocking ``recv``). The network I/O therefore runs in a worker thread while the
   caller waits in short slices; on cancel or deadline the worker's socket is shut down, which
   wakes its ``recv`` at once;
-- credentials never reach a log line or an error message (:func:`redact`).
+- credentials never reach a log line or an error message (:func:`redact`);
+- with a ``policy`` (engine.egress; the LoRA store always passes one), every connection,
+  redirect hops included, goes only to a checked public (or allow-listed) address, and a
+  refusal says only that the host is not public.
 
 The partial file is removed on failure unless ``resume`` is set (the manifest's large files,
 where a later run continues from it with a ``Range`` request). A partial file is continued only
@@ -41,6 +44,8 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
+
+from engine.egress import AddressRefused, EgressPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +161,13 @@ def _stream(
     st: _State,
     byte_range: tuple[int, int] | None = None,
     if_range: str | None = None,
+    policy: EgressPolicy | None = None,
 ):
     import requests
 
+    from engine import egress
+
+    get = requests.get if policy is None else egress.session(policy).get
     shown = redact(url)
     have = part.stat().st_size if resume and part.exists() else 0
     etag = _read_etag(part) if have else None
@@ -173,7 +182,7 @@ def _stream(
     elif have:
         req_headers["Range"] = f"bytes={have}-"
         req_headers["If-Range"] = etag
-    with requests.get(url, headers=req_headers, stream=True, timeout=(limits.connect_s, limits.idle_s)) as r:
+    with get(url, headers=req_headers, stream=True, timeout=(limits.connect_s, limits.idle_s)) as r:
         st.sock = _socket_of(r)
         if st.stop.is_set():
             return
@@ -261,19 +270,31 @@ def _content_range(value: str | None) -> tuple[int | None, int | None, int | Non
     return (int(a) if a else None, int(b) if b else None, int(n) if n and n != "*" else None)
 
 
-def probe(url: str, *, limits: DownloadLimits, headers: dict[str, str] | None = None) -> Remote:
-    """``HEAD`` the file (redirects followed): its size, strong ETag and whether it serves ranges."""
+def probe(
+    url: str,
+    *,
+    limits: DownloadLimits,
+    headers: dict[str, str] | None = None,
+    policy: EgressPolicy | None = None,
+) -> Remote:
+    """``HEAD`` the file (redirects followed): its size, strong ETag and whether it serves ranges.
+    ``policy`` as for :func:`download`."""
     import requests
+
+    from engine import egress
 
     if not url.startswith(("http://", "https://")):
         raise DownloadError(f"not an http(s) URL: {redact(url)}")
     try:
-        r = requests.head(
+        head = requests.head if policy is None else egress.session(policy).head
+        r = head(
             url,
             headers={"Accept-Encoding": "identity", **(headers or {})},
             allow_redirects=True,
             timeout=(limits.connect_s, limits.idle_s),
         )
+    except AddressRefused as e:  # the host only: no port, no path
+        raise DownloadError(f"refused: {e}") from None
     except requests.RequestException as e:
         raise DownloadError(f"HEAD {redact(url)} failed: {_describe(e)}") from None
     if r.status_code != 200:
@@ -297,6 +318,7 @@ def download(
     cancel: threading.Event | None = None,
     byte_range: tuple[int, int] | None = None,
     if_range: str | None = None,
+    policy: EgressPolicy | None = None,
 ) -> int:
     """Stream ``url`` into ``part``; returns its size in bytes. Raises :class:`DownloadError`.
 
@@ -305,6 +327,8 @@ def download(
     thread while waiting (coglet's cancellation) stops the worker and is re-raised.
     ``byte_range=(first, last)``: only those bytes (inclusive), written at their offset into
     the existing ``part`` (kept on failure: it belongs to the caller), guarded by ``if_range``.
+    ``policy``: which addresses may be connected to (engine.egress); None for the operator's own
+    URLs (the manifest).
     """
     if not url.startswith(("http://", "https://")):
         raise DownloadError(f"not an http(s) URL: {redact(url)}")
@@ -313,7 +337,7 @@ def download(
 
     def worker() -> None:
         try:
-            _stream(url, part, headers or {}, limits, resume, st, byte_range, if_range)
+            _stream(url, part, headers or {}, limits, resume, st, byte_range, if_range, policy)
         except BaseException as e:  # handed to the waiting caller
             st.error = e
         finally:
@@ -335,6 +359,8 @@ def download(
         if st.error is not None:
             if isinstance(st.error, DownloadError):
                 raise st.error
+            if isinstance(st.error, AddressRefused):  # the host only: no port, no path
+                raise DownloadError(f"refused: {st.error}") from None
             raise DownloadError(f"download from {redact(url)} failed: {_describe(st.error)}") from None
         ok = True
         if byte_range is None:

@@ -27,6 +27,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from engine import inputs, kernels
+from engine.egress import EgressPolicy
 from engine.flux import attention
 from engine.flux.checkpoint import read_metadata
 from engine.flux.converted import SOURCE_KEY, converted_checkpoint
@@ -90,6 +91,8 @@ class ServiceConfig:
     SVDQ_WEIGHTS_URL          a mirror: every weight file from <url>/<path>           none (sources)
     SVDQ_CIVITAI_ENDPOINT,    civitai's base URL and token (sent to civitai only)     civitai.com
     CIVITAI_API_TOKEN
+    SVDQ_EGRESS_ALLOW         networks LoRA requests may reach although not public    none
+                              (dev/tests only: e.g. 127.0.0.0/8; engine.egress)
     SVDQ_KERNELS              kernel backend: auto, reference, triton, cuda           auto
     SVDQ_ATTENTION            go_fast's attention: auto, sage, sdpa                   auto
     ========================= ====================================================== =========
@@ -127,6 +130,7 @@ class ServiceConfig:
             civitai=env.get("SVDQ_CIVITAI_ENDPOINT", "").strip() or CIVITAI,
             hf_token=env.get("HF_TOKEN") or None,
             civitai_token=env.get("CIVITAI_API_TOKEN") or None,
+            egress=EgressPolicy.parse(env.get("SVDQ_EGRESS_ALLOW", "")),
         )
         attention_kind = env.get("SVDQ_ATTENTION", "auto").strip().lower() or "auto"
         if attention_kind not in attention.KINDS:
@@ -146,7 +150,10 @@ class NSFWError(RuntimeError):
     """Every image of a prediction was flagged by the safety checker."""
 
 
-def _online(host: str = "huggingface.co", timeout: float = 3.0, port: int = 443) -> bool:
+def _online(endpoint: str = HUB, timeout: float = 3.0) -> bool:
+    """Whether the server at ``endpoint`` (a base URL: HF_ENDPOINT's hub or a mirror) takes connections."""
+    parts = urllib.parse.urlsplit(endpoint)
+    host, port = parts.hostname or "huggingface.co", parts.port or (80 if parts.scheme == "http" else 443)
     try:
         socket.create_connection((host, port), timeout=timeout).close()
         return True
@@ -260,7 +267,7 @@ def model_files(name: str, config: ServiceConfig) -> tuple[Path, Path]:
     root = config.weights_dir / name
     missing = [e.path for e in entries if not (root / e.path).exists()]
     where = urllib.parse.urlsplit(config.sources.mirror or config.sources.hub)
-    reachable = _online(where.hostname or "", port=where.port or (80 if where.scheme == "http" else 443))
+    reachable = _online(config.sources.mirror or config.sources.hub)
     offline = config.offline or (bool(missing) and not reachable)
     if missing and offline:
         raise WeightsError(

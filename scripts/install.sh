@@ -30,3 +30,16 @@ if [ ! -f "$stamp" ]; then
   python -c "import torch, diffusers, transformers, safetensors, PIL, cog" || { echo "install failed" >&2; exit 1; }
   touch "$stamp"
 fi
+# The ingress test (tests/test_ingress.py) runs Debian's nginx in front of the server: installed
+# here where that is possible (root and apt-get); otherwise that test is skipped, saying why.
+# (On a host with systemd, Debian's package also starts an nginx service on port 80.)
+if [ "${1:-}" = "--dev" ] && ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -q --no-install-recommends nginx-light \
+      || { apt-get update -q && apt-get install -y -q --no-install-recommends nginx-light; }; } >/dev/null 2>&1 \
+      || echo "nginx could not be installed with apt-get: tests/test_ingress.py will be skipped" >&2
+  else
+    echo "nginx is not installed (needs root and apt-get here): tests/test_ingress.py will be skipped" >&2
+  fi
+fi

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from engine.download import DownloadError, DownloadLimits, download, redact
+from engine.egress import EgressPolicy
 from engine.flux import load_transformer
 from engine.lora import LoraError, LoraStore, StoreConfig, parse_lora, resolve_source
 from engine.tiny_model import CHECKPOINT_NAME
@@ -34,6 +35,7 @@ from engine.tiny_model import CHECKPOINT_NAME
 from .test_lora import DIFFUSERS_MODULES, diffusers_file
 
 MiB = 2**20
+LOOPBACK = EgressPolicy(allow=("127.0.0.0/8",))  # the stand-in servers here are on loopback
 
 
 # --- a loopback server whose behaviour each test chooses ------------------------------------------
@@ -135,7 +137,7 @@ def store_for(tmp_path, transformer, web=None, **kw) -> LoraStore:
         root=tmp_path / "cache",
         hub=web.base if web else "https://huggingface.co",
         civitai=web.base if web else "https://civitai.com",
-        **kw,
+        **{"egress": LOOPBACK, **kw},
     )
     return LoraStore(cfg, lambda state: parse_lora(state, transformer))
 
@@ -487,7 +489,7 @@ def test_cancel_during_a_slow_lora_download_frees_the_server(web, tmp_path, tiny
     from cog_client import CogServer
 
     web.routes["/minute.safetensors"] = trickle(59.0)
-    env = {"SVDQ_WEIGHTS_DIR": str(tmp_path / "w"), "SVDQ_MODEL": "tiny"}
+    env = {"SVDQ_WEIGHTS_DIR": str(tmp_path / "w"), "SVDQ_MODEL": "tiny", "SVDQ_EGRESS_ALLOW": "127.0.0.0/8"}
     shutil.copytree(tiny_model_dir, tmp_path / "w" / "tiny")  # the session's tiny model
     with CogServer(env=env) as srv:
         assert srv.wait_ready()["status"] == "READY"

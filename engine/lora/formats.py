@@ -36,6 +36,14 @@ from engine.flux.blocks import sibling_rows
 from engine.flux.layers import SplitInputLinear
 from engine.modules import SVDQLinear, W4A16Linear
 
+# A LoRA changes a weight by scale * up @ down. Bounded against the layer's own largest weight,
+# with a wide margin (trained LoRAs change weights by a fraction of them; lora_scale adds at most
+# 3x): finite but huge factors (1e30, alpha 3e38) pass a NaN/Inf check and give black images.
+MAX_RELATIVE_CHANGE = 1e4
+MAX_ALPHA_SCALE = 1e4  # alpha / rank
+MAX_HEADER_BYTES = 16 * 2**20  # a safetensors header (JSON); real FLUX LoRAs: well under 1 MiB
+MAX_KEYS = 20_000  # tensors in one LoRA file; FLUX LoRAs have about 1,000-3,000
+
 
 class LoraError(ValueError):
     """A LoRA that cannot be fetched, read or applied; the model is left as it was."""
@@ -63,10 +71,36 @@ def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
+    _check_header(path)
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for a damaged file
         raise LoraError(f"{path.name}: not a readable .safetensors LoRA file ({e})") from e
+
+
+def _check_header(path: Path) -> None:
+    """Bound the work before safetensors reads anything: header size and number of tensors."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LoraError(f"{path.name}: not a readable .safetensors LoRA file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > path.stat().st_size - 8:
+            raise LoraError(f"{path.name}: not a readable .safetensors LoRA file (its header is cut short)")
+        if n > MAX_HEADER_BYTES:
+            raise LoraError(
+                f"{path.name}: its safetensors header is {n:,} bytes, over the limit of {MAX_HEADER_BYTES:,}"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise LoraError(f"{path.name}: not a readable .safetensors LoRA file (header: {e})") from None
+    keys = len(header) - ("__metadata__" in header) if isinstance(header, dict) else 0
+    if keys > MAX_KEYS:
+        raise LoraError(f"{path.name}: holds {keys:,} tensors, over the limit of {MAX_KEYS:,} for one LoRA")
 
 
 def _alpha_scale(base: str, alpha: torch.Tensor, rank: int) -> float:
@@ -75,7 +109,37 @@ def _alpha_scale(base: str, alpha: torch.Tensor, rank: int) -> float:
     value = float(alpha.reshape(()))
     if value != value or value in (float("inf"), float("-inf")):
         raise LoraError(f"{base}.alpha is {value}")
+    if abs(value / rank) > MAX_ALPHA_SCALE:
+        raise LoraError(
+            f"{base}.alpha is {value:.3g}: alpha / rank = {value / rank:.3g}, beyond the accepted "
+            f"+-{MAX_ALPHA_SCALE:g}"
+        )
     return value / rank
+
+
+@torch.no_grad()
+def _layer_magnitude(m: nn.Module) -> float:
+    """About the largest weight of a layer, in the units a LoRA's change is in."""
+    if isinstance(m, SplitInputLinear):
+        return max(_layer_magnitude(p) for p in m.parts)
+    if isinstance(m, SVDQLinear):  # the 4-bit residual's largest value and the low-rank part's bound
+        low = m.proj_up.double().norm(dim=1).max() * m.proj_down.double().norm(dim=0).max()
+        return float(8 * m.wscales.double().abs().max() + low)
+    if isinstance(m, W4A16Linear):
+        return float(15 * m.wscales.double().abs().max() + m.wzeros.double().abs().max())
+    return float(m.weight.detach().double().abs().max())
+
+
+def _check_magnitude(f: LoraFactor, layer: nn.Module, name: str) -> None:
+    """``|scale| * max row norm(up) * max column norm(down)`` bounds every entry of the change."""
+    bound = abs(f.scale) * float(f.up.double().norm(dim=1).max() * f.down.double().norm(dim=0).max())
+    own = max(_layer_magnitude(layer), 1e-6)
+    if not bound <= MAX_RELATIVE_CHANGE * own:
+        raise LoraError(
+            f"{f.key}: its factors (with alpha) can change a weight of {name} by up to {bound:.3g}, "
+            f"{bound / own:.3g} times the layer's largest weight ({own:.3g}); at most "
+            f"{MAX_RELATIVE_CHANGE:g} times is accepted"
+        )
 
 
 # --- BFL (original FLUX) module names -> diffusers modules --------------------------------------
@@ -268,7 +332,11 @@ def _onto_fused(
             up[rows, col : col + f.down.shape[0]] += f.up if one_scale else f.up * f.scale
         keys = list(dict.fromkeys(f.key for f in members))
         merged[fused] = LoraFactor(
-            fused, torch.cat(list(downs.values())), up, members[0].scale if one_scale else 1.0, ", ".join(keys)
+            fused,
+            torch.cat(list(downs.values())),
+            up,
+            members[0].scale if one_scale else 1.0,
+            ", ".join(keys),
         )
     return [merged[f] if isinstance(f, str) else f for f in out]
 
@@ -287,3 +355,5 @@ def _check_shapes(
                 f"{f.key}: shapes down {list(f.down.shape)} / up {list(f.up.shape)} do not fit {f.module} "
                 f"({k} -> {n}); is this a FLUX LoRA for this model?"
             )
+        fused = siblings[f.module][0] if f.module in siblings else f.module
+        _check_magnitude(f, modules[fused], f.module)

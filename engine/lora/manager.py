@@ -5,12 +5,16 @@ On SVDQLinear and W4A16Linear a LoRA widens the 16-bit low-rank branch
 layer that stays 16-bit (embedders, output projection) it is merged into the float weight, and
 the original weight tensor is kept to restore it bit for bit. LoRAs of layers that a fused
 block holds as one (q/k/v, proj_mlp) arrive here already as factors of the fused layer
-(engine.lora.formats).
+(engine.lora.formats). Changes are made on a thread of the manager's own, so that a cancel
+raised in the caller's thread never leaves a layer half changed (LoraManager).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import threading
+import time
 
 import torch
 from torch import nn
@@ -22,8 +26,28 @@ from engine.modules import SVDQLinear, W4A16Linear
 logger = logging.getLogger(__name__)
 
 
+POLL_S = 0.005  # how often the waiting caller checks whether the apply thread is done
+
+
+class _Aborted(Exception):
+    """The caller was cancelled while the apply thread worked: stop and put everything back."""
+
+
 class LoraManager:
-    """The set of LoRAs applied to one transformer; every change is all-or-nothing."""
+    """The set of LoRAs applied to one transformer; every change is all-or-nothing.
+
+    All-or-nothing under any exception, coglet's cancel included. coglet cancels a prediction by
+    raising ``CancelationException`` (a BaseException) in the prediction's thread at whatever
+    bytecode it is running (``PyThreadState_SetAsyncExc``), which can fall between two
+    assignments of one layer's tensors. So the model's tensors are changed only on a thread of
+    this manager's own, which nothing cancels: the caller polls it in short sleeps and, if
+    cancelled meanwhile, asks it to stop, waits until it has put the previous state back, and
+    only then re-raises. The previous state is kept as the very tensors it was made of (each
+    layer's slots and built factors, each merged 16-bit weight), so restoring it assigns
+    references and allocates nothing: it gives the previous model bit for bit and cannot fail
+    half way. The record of what is applied (``active``) is changed on the same thread, together
+    with the tensors.
+    """
 
     def __init__(self, transformer: nn.Module) -> None:
         self.transformer = transformer
@@ -37,22 +61,91 @@ class LoraManager:
     def set(self, loras: list[tuple[str, ParsedLora, float]]) -> None:
         """Replace the active LoRAs by ``[(name, parsed, scale)]`` (empty: the base model).
 
-        If applying fails, the previous set is restored and the error raised.
+        If applying fails, or the calling thread is cancelled (any BaseException raised in it
+        while this runs), the previous set is restored and the exception raised.
         """
+        loras = list(loras)
         if [(n, id(p), s) for n, p, s in loras] == [(n, id(p), s) for n, p, s in self._applied]:
             return
-        previous = self._applied
-        self._clear()
+        abort = threading.Event()
+        previous, cancel = self._run(self._set_now, loras, abort)
+        if cancel is not None:
+            if previous is not None:  # it had finished: undo it
+                self._run(self._restore, previous)
+            raise cancel
+
+    def _run(self, fn, *args) -> tuple:
+        """Run ``fn(*args)`` on a thread of its own; ``(result, None)`` or ``(result or None, cancel)``.
+
+        The job's own exception is raised here. An exception raised in this thread while it
+        waits (a cancel) sets the job's ``abort`` event (its last argument, where it takes one)
+        and is returned once the job has ended, so that nothing changes the model after the
+        caller goes on. The wait is a sleep loop over a plain list, not a lock or a condition:
+        an asynchronous exception landing inside a lock's bookkeeping could leave it held.
+        """
+        box: list[tuple[bool, object]] = []
+        context = contextvars.copy_context()  # coglet routes a prediction's log lines by one
+
+        def job() -> None:
+            try:
+                box.append((True, context.run(fn, *args)))
+            except BaseException as e:  # handed to the waiting caller
+                box.append((False, e))
+
+        thread = threading.Thread(target=job, name="lora-apply", daemon=True)
+        cancel: BaseException | None = None
+        while True:
+            try:
+                if thread.ident is None:
+                    thread.start()
+                while not box:
+                    time.sleep(POLL_S)
+                break
+            except BaseException as e:  # an asynchronous cancel of the calling thread
+                cancel = cancel or e
+                if args and isinstance(args[-1], threading.Event):
+                    args[-1].set()
+        ok, value = box[0]
+        if not ok and cancel is None:
+            raise value
+        return (value if ok else None), cancel
+
+    @torch.no_grad()
+    def _set_now(self, loras: list[tuple[str, ParsedLora, float]], abort: threading.Event) -> tuple:
+        """On the apply thread: apply ``loras``; on any exception put the previous state back.
+
+        Returns the previous state (for the caller to restore if it was cancelled meanwhile).
+        """
+        previous = self._snapshot()
         try:
-            for name, parsed, scale in loras:
-                self._apply(name, parsed, scale)
-        except Exception:
             self._clear()
-            for name, parsed, scale in previous:
-                self._apply(name, parsed, scale)
-            self._applied = previous
+            for name, parsed, scale in loras:
+                self._apply(name, parsed, scale, abort)
+            self._applied = loras
+        except BaseException:
+            self._restore(previous)
             raise
-        self._applied = list(loras)
+        return previous
+
+    def _snapshot(self) -> tuple:
+        slots = {
+            name: m.lora_state()
+            for name, m in self.transformer.named_modules()
+            if isinstance(m, SVDQLinear | W4A16Linear)
+        }
+        weights = {name: m.weight for name, m in self.transformer.named_modules() if isinstance(m, nn.Linear)}
+        return list(self._applied), dict(self._merged), slots, weights
+
+    def _restore(self, state: tuple) -> None:
+        applied, merged, slots, weights = state
+        modules = dict(self.transformer.named_modules())
+        for name, slot_state in slots.items():
+            modules[name].restore_lora_state(slot_state)
+        for name, weight in weights.items():
+            if modules[name].weight is not weight:
+                modules[name].weight = weight
+        self._merged = merged
+        self._applied = applied
 
     def clear(self) -> None:
         self.set([])
@@ -68,7 +161,9 @@ class LoraManager:
         self._applied = []
 
     @torch.no_grad()
-    def _add(self, name: str, module_name: str, m: nn.Module, down: torch.Tensor, up: torch.Tensor, s: float) -> None:
+    def _add(
+        self, name: str, module_name: str, m: nn.Module, down: torch.Tensor, up: torch.Tensor, s: float
+    ) -> None:
         """One LoRA on one layer: a slot of a quantized layer, or merged into a 16-bit weight."""
         if isinstance(m, SVDQLinear | W4A16Linear):
             m.add_lora(name, down, up, s)
@@ -79,9 +174,11 @@ class LoraManager:
         m.weight = nn.Parameter(merged.to(original.dtype), requires_grad=False)
 
     @torch.no_grad()
-    def _apply(self, name: str, parsed: ParsedLora, scale: float) -> None:
+    def _apply(self, name: str, parsed: ParsedLora, scale: float, abort: threading.Event) -> None:
         modules = dict(self.transformer.named_modules())
         for f in parsed.factors:
+            if abort.is_set():
+                raise _Aborted(f"LoRA {name}: cancelled")
             m = modules[f.module]
             s = scale * f.scale
             if isinstance(m, SplitInputLinear):

@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import tarfile
 import time
@@ -46,6 +47,7 @@ from pathlib import Path
 import torch
 
 from engine.download import DownloadError, DownloadLimits, download, human, redact
+from engine.egress import EgressPolicy
 from engine.lora.formats import LoraError, ParsedLora, read_lora
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,9 @@ PREFERRED_NAMES = ("lora.safetensors", "pytorch_lora_weights.safetensors")
 _HUB_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
 _CIVITAI_HOSTS = ("civitai.com", "www.civitai.com")
 _API_BYTES = 16 * 2**20  # cap on a hub or civitai API answer
+MAX_TAR_MEMBERS = 1000  # Replicate's trainer writes a handful; 200k empty members cost 15 s to list
+MUTABLE_TTL_S = 3600.0  # how long a LoRA from a mutable source is served from the cache
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +82,9 @@ class StoreConfig:
     hf_token: str | None = dataclasses.field(default=None, repr=False)
     civitai_token: str | None = dataclasses.field(default=None, repr=False)
     parsed_kept: int = 4  # parsed LoRAs kept in memory
+    mutable_ttl_s: float = MUTABLE_TTL_S  # cache life of a LoRA whose source can change (Source.immutable)
+    # outbound requests: public addresses only, unless allow-listed (dev/tests; engine.egress)
+    egress: EgressPolicy = dataclasses.field(default_factory=EgressPolicy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +94,11 @@ class Source:
     kind: str  # "url" | "hub_repo" | "civitai_model" | "data" | "local"
     location: str  # download URL, "owner/repo", civitai model id, the data URL, or a path
     revision: str = "main"  # hub_repo only
+    # Whether the same source always names the same bytes: a hub commit revision, a civitai
+    # version id, a data: URL. Others (any other URL, resolve/main, owner/repo, a civitai model's
+    # latest version) may change, and are fetched again once their cached copy is older than
+    # StoreConfig.mutable_ttl_s.
+    immutable: bool = False
 
     @property
     def shown(self) -> str:
@@ -122,7 +135,7 @@ def resolve_source(
     if not text:
         raise LoraError("empty source")
     if text.startswith("data:"):
-        return Source("data", text)
+        return Source("data", text, immutable=True)
     if _REPLICATE_REF.fullmatch(text) or text.startswith(("r8.im/", "replicate.com/")):
         raise _replicate_refusal(text)
     if re.match(r"(www\.)?(huggingface\.co|hf\.co|civitai\.com)/", text):
@@ -135,10 +148,23 @@ def resolve_source(
         return _local(text, local_dir)
     if m := _HUB_REF.fullmatch(text):
         repo, file = m.group(1), (m.group(2) or "").lstrip("/")
+        _check_hub_path([*repo.split("/"), *(file.split("/") if file else [])], text)
         if file:
             return Source("url", f"{hub.rstrip('/')}/{repo}/resolve/main/{urllib.parse.quote(file)}")
         return Source("hub_repo", repo)
     return _local(text, local_dir)
+
+
+def _check_hub_path(parts: list[str], text: str) -> None:
+    """Hub paths are owner/repo[/file...]: no '.', '..' or empty segment, no '/' hidden as %2F.
+
+    Else ``owner/repo/../../../api/...`` would send the hub token to any path on the hub's host.
+    """
+    for p in parts:
+        if p in ("", ".", "..") or "/" in p or "\\" in p:
+            raise LoraError(
+                f"{redact(text)}: a Hugging Face path may not hold '.', '..', empty or escaped-'/' segments"
+            )
 
 
 def _inside(local_dir: Path, text: str) -> bool:
@@ -167,15 +193,18 @@ def _resolve_url(url: str, hub: str, civitai: str) -> Source:
     if host in ("replicate.com", "www.replicate.com", "r8.im"):
         raise _replicate_refusal(redact(url))
     if host in _HUB_HOSTS:
+        _check_hub_path([urllib.parse.unquote(p) for p in parts.path.strip("/").split("/")], url)
         prefix = path[:1] if path[:1] in (["datasets"], ["spaces"]) else []
         rest = path[len(prefix) :]
         if len(rest) == 2 and not prefix:
             return Source("hub_repo", "/".join(rest))
         if len(rest) == 4 and rest[2] == "tree" and not prefix:
-            return Source("hub_repo", "/".join(rest[:2]), revision=rest[3])
+            return Source(
+                "hub_repo", "/".join(rest[:2]), revision=rest[3], immutable=bool(_COMMIT.fullmatch(rest[3]))
+            )
         if len(rest) >= 5 and rest[2] in ("blob", "resolve"):
             quoted = "/".join(urllib.parse.quote(p) for p in [*prefix, *rest[:2], "resolve", *rest[3:]])
-            return Source("url", f"{hub.rstrip('/')}/{quoted}")
+            return Source("url", f"{hub.rstrip('/')}/{quoted}", immutable=bool(_COMMIT.fullmatch(rest[3])))
         raise LoraError(
             f"{redact(url)}: not a Hugging Face file or repository URL "
             "(expected huggingface.co/owner/repo or .../blob|resolve/<revision>/<file>)"
@@ -183,12 +212,12 @@ def _resolve_url(url: str, hub: str, civitai: str) -> Source:
     if host in _CIVITAI_HOSTS:
         query = dict(urllib.parse.parse_qsl(parts.query))
         if len(path) >= 2 and path[0] == "models" and path[1].isdigit():
-            if (version := query.get("modelVersionId", "")).isdigit():
-                return Source("url", f"{civitai.rstrip('/')}/api/download/models/{version}")
+            if (version := query.get("modelVersionId", "")).isdigit():  # a version's files never change
+                return Source("url", f"{civitai.rstrip('/')}/api/download/models/{version}", immutable=True)
             return Source("civitai_model", path[1])
         if len(path) == 4 and path[:3] == ["api", "download", "models"] and path[3].isdigit():
             q = f"?{parts.query}" if parts.query else ""
-            return Source("url", f"{civitai.rstrip('/')}/api/download/models/{path[3]}{q}")
+            return Source("url", f"{civitai.rstrip('/')}/api/download/models/{path[3]}{q}", immutable=True)
         raise LoraError(
             f"{redact(url)}: not a civitai model URL (expected civitai.com/models/<id>[/<name>]"
             "[?modelVersionId=<id>] or civitai.com/api/download/models/<version id>)"
@@ -224,9 +253,16 @@ class LoraStore:
         self.config, self.parse = config, parse
         self.root = Path(config.root)
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob("*.part"):  # left by a process that died mid-download
+        # Left by a process that died mid-download or mid-unpack: <key>.part, <key>.part.tarmember.
+        for stale in self.root.glob("*.part*"):
             stale.unlink(missing_ok=True)
-        self._parsed: collections.OrderedDict[str, ParsedLora] = collections.OrderedDict()
+        self._parsed: collections.OrderedDict[str, tuple[ParsedLora, float]] = collections.OrderedDict()
+        if config.cache_bytes < config.max_download_bytes:
+            logger.warning(
+                "LoRA cache bound %s is below the download cap %s: LoRAs larger than the bound are refused",
+                human(config.cache_bytes),
+                human(config.max_download_bytes),
+            )
 
     # --- the one entry point ---------------------------------------------------------------
 
@@ -235,17 +271,20 @@ class LoraStore:
         c = self.config
         src = resolve_source(text, hub=c.hub, civitai=c.civitai, local_dir=c.local_dir)
         key = self._key(src)
-        if (parsed := self._parsed.get(key)) is not None:
-            self._parsed.move_to_end(key)
-            logger.info("LoRA cache hit: %s already parsed", src.shown)
-            return src.shown, parsed
+        if (hit := self._parsed.get(key)) is not None:
+            parsed, loaded = hit
+            if src.immutable or time.monotonic() - loaded <= c.mutable_ttl_s:
+                self._parsed.move_to_end(key)
+                logger.info("LoRA cache hit: %s already parsed", src.shown)
+                return src.shown, parsed
+            del self._parsed[key]  # a source that may have changed: its file's age decides below
         t0 = time.perf_counter()
         if src.kind == "local":
             parsed = self._parse_file(Path(src.location), src.shown)
         else:
             parsed = self._cached_or_fetched(src, key)
         logger.info("LoRA loaded from %s in %.2f s", src.shown, time.perf_counter() - t0)
-        self._parsed[key] = parsed
+        self._parsed[key] = (parsed, time.monotonic())
         while len(self._parsed) > c.parsed_kept:
             self._parsed.popitem(last=False)
         return src.shown, parsed
@@ -270,10 +309,22 @@ class LoraStore:
         except LoraError as e:
             raise LoraError(f"{shown}: {e}") from None
 
+    @property
+    def _cap(self) -> int:
+        """Largest LoRA file: the download cap, or the cache bound where that is smaller."""
+        return min(self.config.max_download_bytes, self.config.cache_bytes)
+
     def _cached_or_fetched(self, src: Source, key: str) -> ParsedLora:
         final = self.root / f"{key}.safetensors"
+        if final.exists() and not src.immutable:
+            age = time.time() - final.stat().st_mtime  # mtime: when it was fetched
+            if age > self.config.mutable_ttl_s:
+                logger.info(
+                    "LoRA cache: %s is %.0f s old and its source may change; fetching again", src.shown, age
+                )
+                final.unlink(missing_ok=True)
         if final.exists():
-            final.touch()  # most recently used
+            os.utime(final, (time.time(), final.stat().st_mtime))  # atime: last use (LRU)
             logger.info("LoRA file cache hit: %s (%s)", src.shown, final.name)
             try:
                 return self._parse_file(final, src.shown)
@@ -282,7 +333,7 @@ class LoraStore:
                 raise
         part = self.root / f"{key}.part"
         try:
-            self._evict(reserve=self.config.max_download_bytes)
+            self._evict(reserve=self._cap)
             self._fetch(src, part, time.monotonic() + self.config.deadline_s)
             self._unpack_tar(part, src.shown)
             parsed = self._parse_file(part, src.shown)
@@ -296,9 +347,7 @@ class LoraStore:
         left = deadline - time.monotonic()
         if left <= 0:
             raise LoraError(f"not fetched within {self.config.deadline_s:g} s")
-        return DownloadLimits(
-            max_bytes=max_bytes or self.config.max_download_bytes, deadline_s=left, idle_s=self.config.idle_s
-        )
+        return DownloadLimits(max_bytes=max_bytes or self._cap, deadline_s=left, idle_s=self.config.idle_s)
 
     def _headers(self, url: str) -> dict[str, str]:
         """Credentials for the hub and civitai, sent only to their own hosts."""
@@ -312,9 +361,20 @@ class LoraStore:
 
     def _get(self, url: str, part: Path, deadline: float, max_bytes: int | None = None) -> None:
         try:
-            download(url, part, limits=self._limits(deadline, max_bytes), headers=self._headers(url))
+            download(
+                url,
+                part,
+                limits=self._limits(deadline, max_bytes),
+                headers=self._headers(url),
+                policy=self.config.egress,
+            )
         except DownloadError as e:
-            raise LoraError(str(e)) from None
+            note = ""
+            if "cap" in str(e) and max_bytes is None and self._cap < self.config.max_download_bytes:
+                note = (
+                    " (the cap is the LoRA cache bound, SVDQ_LORA_CACHE_BYTES: a LoRA must fit in the cache)"
+                )
+            raise LoraError(f"{e}{note}") from None
 
     def _get_json(self, url: str, part: Path, deadline: float) -> object:
         try:
@@ -357,7 +417,7 @@ class LoraStore:
         header, sep, payload = url.partition(",")
         if not sep:
             raise LoraError("data: URL without a ',' before its data")
-        cap = self.config.max_download_bytes
+        cap = self._cap
         if len(payload) * 3 // 4 > cap:
             raise LoraError(f"data: URL holds more than the download cap of {human(cap)}")
         try:
@@ -370,22 +430,45 @@ class LoraStore:
         part.write_bytes(data)
 
     def _unpack_tar(self, part: Path, shown: str) -> None:
-        """Replace a .tar archive by its one .safetensors member; anything else is left as is."""
+        """Replace a .tar archive by its one .safetensors member; anything else is left as is.
+
+        Bounded whatever the archive says: at most MAX_TAR_MEMBERS members are listed, sparse
+        members are refused, and the bytes actually written are counted against the cap (a
+        member's header can claim any size).
+        """
         try:
             tar = tarfile.open(part, "r:")  # noqa: SIM115 - closed by the with below; plain tar only
         except tarfile.TarError:
             return
+        cap = self._cap
         with tar:
-            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            members = {}
+            for i, m in enumerate(tar):
+                if i >= MAX_TAR_MEMBERS:
+                    raise LoraError(
+                        f"{shown}: the .tar archive holds more than {MAX_TAR_MEMBERS} members; refused"
+                    )
+                if m.isfile():
+                    members[m.name] = m
             name = choose_file(list(members), f"{shown} (a .tar archive)")
             member = members[name]
-            if member.size > self.config.max_download_bytes:
-                raise LoraError(f"{shown}: {name} is {human(member.size)}, over the download cap")
+            if member.issparse():
+                raise LoraError(f"{shown}: {name} is a sparse archive member; a LoRA file never is")
+            if member.size > cap:
+                raise LoraError(
+                    f"{shown}: {name} is {human(member.size)}, over the download cap of {human(cap)}"
+                )
             src = tar.extractfile(member)
             out = part.with_name(part.name + ".tarmember")
             try:
+                written = 0
                 with src, open(out, "wb") as f:
                     while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > cap:
+                            raise LoraError(
+                                f"{shown}: {name} unpacks to more than the cap of {human(cap)}; stopped"
+                            )
                         f.write(chunk)
                 out.replace(part)
             finally:
@@ -394,12 +477,12 @@ class LoraStore:
 
     def _evict(self, keep: Path | None = None, reserve: int = 0) -> None:
         """Delete least recently used files until the folder (``.part`` files included) fits."""
-        files = sorted((p for p in self.root.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+        files = sorted((p for p in self.root.iterdir() if p.is_file()), key=lambda p: p.stat().st_atime)
         total = sum(p.stat().st_size for p in files)
         for p in files:
             if total + reserve <= self.config.cache_bytes:
                 break
-            if p != keep and not p.name.endswith(".part"):
+            if p != keep and ".part" not in p.name:  # <key>.part and <key>.part.tarmember are in use
                 total -= p.stat().st_size
                 p.unlink(missing_ok=True)
                 logger.info("LoRA cache: evicted %s", p.name)

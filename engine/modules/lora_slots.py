@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+_BUILT = ("_lora_down", "_lora_up", "_lora_bias")  # what _rebuild_lora derives from the slots
+
 
 class LoraSlots:
     """LoRAs kept beside a layer's own tensors, never folded into them, so removal is exact.
@@ -42,6 +44,21 @@ class LoraSlots:
     @property
     def lora_names(self) -> list[str]:
         return list(self._loras)
+
+    def lora_state(self) -> tuple:
+        """The LoRA slots and the tensors built from them, to put back with :meth:`restore_lora_state`.
+
+        Restoring assigns the very tensors saved here: nothing is recomputed or allocated, so it
+        cannot fail half way and gives the saved state bit for bit (engine.lora.manager).
+        """
+        built = {a: getattr(self, a) for a in _BUILT if hasattr(self, a)}
+        return dict(self._loras), built
+
+    def restore_lora_state(self, state: tuple) -> None:
+        loras, built = state
+        self._loras = dict(loras)
+        for attr, value in built.items():
+            setattr(self, attr, value)
 
     def _prepare_lora(self, down: torch.Tensor, up: torch.Tensor) -> tuple:
         raise NotImplementedError
