@@ -420,6 +420,28 @@ def test_deepcompressor_file_computes_what_the_float_model_computes(wide_model, 
     assert err < 0.03, err
 
 
+@pytest.mark.slow
+def test_which_kind_of_file_is_detected_and_logged(packed, caplog):
+    """Fused: out-projection smooth all ones, smooth_orig not; every attention block un-fused."""
+    import logging
+
+    from safetensors import safe_open
+
+    for kind in KINDS:
+        path = packed[kind][2]
+        with safe_open(str(path), framework="pt") as f:
+            c = nk.convert_state_dict({k: f.get_tensor(k) for k in f.keys()}, f.metadata())  # noqa: SIM118
+        blocks = [f"transformer_blocks.{i}" for i in range(2)] + [
+            f"single_transformer_blocks.{i}" for i in range(2)
+        ]
+        assert c.smooth_fused_blocks == (sorted(blocks) if kind == "fused" else []), kind
+        with caplog.at_level(logging.INFO, logger="engine.flux.checkpoint"):
+            caplog.clear()
+            load_transformer(path)
+        expect = "fused into v in 4 of 4 blocks" if kind == "fused" else "smoothing NOT fused"
+        assert f"INT4 W4A4, rank 32, group size 64, bfloat16; {expect}" in caplog.text, caplog.text
+
+
 # --- LoRAs on both kinds of file, against diffusers/PEFT on the float model --------------------
 
 LORA_RANK = 16
