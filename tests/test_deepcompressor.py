@@ -438,7 +438,11 @@ def test_which_kind_of_file_is_detected_and_logged(packed, caplog):
         with caplog.at_level(logging.INFO, logger="engine.flux.checkpoint"):
             caplog.clear()
             load_transformer(path)
-        expect = "fused into v in 4 of 4 blocks" if kind == "fused" else "smoothing NOT fused"
+        expect = (
+            "out-projection smoothing fused into v in 4 of 4 blocks"
+            if kind == "fused"
+            else "smoothing NOT fused"
+        )
         assert f"INT4 W4A4, rank 32, group size 64, bfloat16; {expect}" in caplog.text, caplog.text
 
 
