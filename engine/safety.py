@@ -1,4 +1,9 @@
-"""The Stable Diffusion safety checker, as Replicate's FLUX models run it, when its weights exist."""
+"""The safety checker as Replicate's FLUX models run it (replicate/cog-flux, predict.py), when
+its weights exist: the Stable Diffusion safety checker flags images, and an image it flags is
+dropped only if a second opinion, Falconsai's ViT NSFW classifier (Falconsai/nsfw_image_detection),
+does not call it "normal" (or fails). Without the classifier's weights the first opinion alone
+decides, and setup says so.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,60 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
+CLASSIFIER_DIR = "nsfw_classifier"  # Falconsai/nsfw_image_detection, under the model folder
+SAFE_LABEL = "normal"  # the classifier's labels: "normal", "nsfw"
+# What Replicate's flux models say when every image of a prediction was dropped (cog-flux).
+ALL_FLAGGED = "All generated images contained NSFW content. Try running it again with a different prompt."
+
+
+class NSFWClassifier:
+    """The second opinion: a ViT image classifier; an image is safe when its top label is "normal"."""
+
+    def __init__(self, model, processor, device: torch.device) -> None:
+        self.model, self.processor, self.device = model, processor, device
+
+    @classmethod
+    def load(
+        cls, path: str | Path, device: torch.device, dtype: torch.dtype | None = None
+    ) -> NSFWClassifier | None:
+        """Load from ``path`` (config.json, model.safetensors, preprocessor_config.json); None if absent.
+
+        Replicate runs it on the CPU in float32; here it sits beside the first checker (the GPU,
+        float16 by default: 0.17 GB), since it only ever runs on images that checker flagged.
+        """
+        path = Path(path)
+        if not (path / "config.json").exists() or not (path / "preprocessor_config.json").exists():
+            return None
+        from transformers import AutoModelForImageClassification, ViTImageProcessor
+
+        device = torch.device(device)
+        dtype = dtype or default_dtype(device)
+        model = AutoModelForImageClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        labels = {str(v).lower() for v in model.config.id2label.values()}
+        if SAFE_LABEL not in labels:
+            raise ValueError(f"{path}: the NSFW classifier's labels {sorted(labels)} have no {SAFE_LABEL!r}")
+        processor = ViTImageProcessor.from_pretrained(path)
+        logger.info("NSFW classifier loaded from %s (%s)", path, dtype)
+        return cls(model, processor, device)
+
+    @torch.inference_mode()
+    def safe(self, images: list[Image.Image]) -> list[bool]:
+        """One verdict per image: True when the top label is "normal"."""
+        pixels = self.processor(images=images, return_tensors="pt").pixel_values
+        logits = self.model(pixel_values=pixels.to(self.device, self.model.dtype)).logits
+        labels = self.model.config.id2label
+        return [str(labels[int(i)]).lower() == SAFE_LABEL for i in logits.argmax(-1).tolist()]
+
 
 class SafetyChecker:
-    """CLIP image embeddings compared against concept embeddings; flags per image."""
+    """CLIP image embeddings compared against concept embeddings; flags per image, each flag
+    confirmed by the NSFW classifier when it is loaded."""
 
-    def __init__(self, checker, processor, device: torch.device) -> None:
+    def __init__(
+        self, checker, processor, device: torch.device, classifier: NSFWClassifier | None = None
+    ) -> None:
         self.checker, self.processor, self.device = checker, processor, device
+        self.classifier = classifier
 
     @classmethod
     def load(
@@ -43,15 +96,39 @@ class SafetyChecker:
         checker = checker.to(device).eval()
         processor = CLIPImageProcessor.from_pretrained(model_dir / "feature_extractor")
         logger.info("safety checker loaded from %s (%s)", model_dir / "safety_checker", dtype)
-        return cls(checker, processor, device)
+        classifier = NSFWClassifier.load(model_dir / CLASSIFIER_DIR, device, dtype)
+        if classifier is None:
+            logger.warning(
+                "NSFW classifier not loaded (no weights under %s/%s): the safety checker's flags "
+                "alone drop images, more often than Replicate's flux-schnell does",
+                model_dir,
+                CLASSIFIER_DIR,
+            )
+        return cls(checker, processor, device, classifier)
 
     @torch.inference_mode()
     def flags(self, images: list[Image.Image]) -> list[bool]:
-        """One verdict per image: True when it is flagged as possibly NSFW."""
+        """One verdict per image: True when it is to be dropped as possibly NSFW.
+
+        As Replicate's flux models: the safety checker flags; each flagged image goes to the
+        classifier, and stays flagged unless the classifier calls it "normal"; if the classifier
+        fails, it stays flagged.
+        """
         clip_input = self.processor(images=images, return_tensors="pt").pixel_values
         arrays = [np.asarray(im, dtype=np.float32) / 255.0 for im in images]
         _, nsfw = self.checker(images=arrays, clip_input=clip_input.to(self.device, self.checker.dtype))
-        return [bool(x) for x in nsfw]
+        flags = [bool(x) for x in nsfw]
+        flagged = [i for i, f in enumerate(flags) if f]
+        if self.classifier is None or not flagged:
+            return flags
+        try:
+            safe = self.classifier.safe([images[i] for i in flagged])
+        except Exception:  # a failing second opinion confirms the first, as Replicate's does
+            logger.exception("the NSFW classifier failed; the safety checker's flags stand")
+            return flags
+        for i, ok in zip(flagged, safe, strict=True):
+            flags[i] = not ok
+        return flags
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

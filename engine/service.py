@@ -42,7 +42,7 @@ from engine.go_fast import (
 from engine.lora import LoraError, LoraManager, LoraStore, StoreConfig, parse_lora
 from engine.lora.store import CACHE_BYTES, CIVITAI, HUB, MAX_DOWNLOAD_BYTES
 from engine.pipeline import FluxGenerator, default_device
-from engine.safety import SafetyChecker
+from engine.safety import ALL_FLAGGED, SafetyChecker
 from engine.weights import (
     BAKED,
     Sources,
@@ -620,17 +620,13 @@ class FluxService:
         logger.info("denoise + decode: %.2f s", t1 - t0)
         seeds = [seed + i for i in range(len(images))]
         if self.safety is not None and not disable_safety_checker:
-            flags = self.safety.flags(images)
+            flags = self.safety.flags(images)  # the checker, confirmed by the classifier (engine.safety)
             for i, flagged in enumerate(flags):
                 if flagged:
-                    logger.warning(
-                        "image %d (seed %d) was flagged by the safety checker and is not returned",
-                        i,
-                        seeds[i],
-                    )
+                    logger.warning("NSFW content detected in image %d (seed %d); it is not returned", i, seeds[i])
             kept = [i for i, flagged in enumerate(flags) if not flagged]
             if not kept:
-                raise NSFWError("all images were flagged as possibly NSFW; try a different prompt or seed")
+                raise NSFWError(ALL_FLAGGED)  # Replicate's flux models' words
             images, seeds = [images[i] for i in kept], [seeds[i] for i in kept]
         out_dir = out_dir or self.outputs.next()
         paths = save_images(

@@ -133,10 +133,24 @@ def convert_public_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor]
         raise CheckpointError(
             f"{path}: not an {FORMAT} checkpoint nor the public engine's (metadata format={metadata.get('format')!r})"
         )
+    if "config" not in metadata:
+        raise CheckpointError(
+            f"{path}: the public engine's tensors without its metadata (no 'config' entry): this loader "
+            "reads its merged single file, e.g. svdq-int4_r32-flux.1-schnell.safetensors of "
+            "nunchaku-tech/nunchaku-flux.1-schnell, whose metadata holds the transformer 'config' and "
+            "'quantization_config'; deepcompressor's output (transformer_blocks.safetensors + "
+            "unquantized_layers.safetensors) must be merged into such a file first"
+        )
+    try:
+        config = json.loads(metadata["config"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its 'config' metadata is not JSON ({e})") from e
+    refuse_guidance_distilled(config, path)
     try:
         c = nunchaku.convert_state_dict(load_file(str(path)), metadata)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot convert the public engine's checkpoint: {e}") from e
+    logger.info("public engine's checkpoint %s: %s", path, c.describe())
     # Their file says how it is laid out, not how it was quantized: the procedure fields of the
     # config (alphas, svd_niter, rounding) are our defaults there, and converted_from says so.
     config = SVDQConfig(rank=c.rank, group_size=64)
@@ -154,11 +168,48 @@ def read_metadata(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def refuse_guidance_distilled(transformer_config: dict, path: str | Path) -> None:
+    """A FLUX.1-dev transformer (``guidance_embeds``) is refused: this engine serves schnell.
+
+    FLUX.1-dev takes a guidance value as an input of the transformer (BFL's default 3.5) and
+    28-50 steps; our pipeline passes guidance 0 and serves 1-4 steps, as Replicate's
+    flux-schnell does, so a dev file would load and give wrong images without a word.
+    """
+    if transformer_config.get("guidance_embeds"):
+        raise CheckpointError(
+            f"{path}: a FLUX.1-dev (guidance-distilled) transformer: its config has guidance_embeds=true. "
+            "This engine serves FLUX.1-schnell (no guidance input, 1-4 steps) and would run it with "
+            "guidance 0; use a FLUX.1-schnell checkpoint (e.g. svdq-int4_r32-flux.1-schnell)"
+        )
+
+
+def _check_dtypes(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Every tensor of the file has the kind of dtype its place expects: the integer codes
+    exactly (uint8), every other tensor a 16- or 32-bit float. An fp8 scale or an int8 code
+    would otherwise be assigned as it is and compute numbers of another meaning."""
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for key, t in state.items():
+        want = expected.get(key)
+        if want is None:
+            continue  # reported as unexpected by load_state_dict
+        if not want.dtype.is_floating_point:
+            ok = t.dtype == want.dtype
+        else:
+            ok = t.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        if not ok:
+            need = want.dtype if not want.dtype.is_floating_point else "float32, bfloat16 or float16"
+            raise CheckpointError(f"{path}: tensor {key} is {t.dtype}: expected {need}")
+
+
 def _skeleton(
     metadata: dict[str, str], shapes: dict[str, tuple[int, ...]], path: Path, model_class: type
 ) -> nn.Module:
     """The transformer with quantized modules in place, every tensor on the meta device."""
-    config = json.loads(metadata["transformer_config"])
+    try:
+        config = json.loads(metadata["transformer_config"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: no readable transformer_config in its metadata ({e!r})") from e
+    refuse_guidance_distilled(config, path)
     svdq_config = read_config(metadata, path)
     unsigned = set(json.loads(metadata.get("unsigned_layers", "[]")))
     act_shift = float(metadata.get("act_shift", GELU_SHIFT))
@@ -230,7 +281,11 @@ def load_transformer(
                 state[k] = state[k].clone()
     else:
         state = {k: v.to(device) for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False, assign=True)
+    _check_dtypes(model, state, path)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # size mismatches
+        raise CheckpointError(f"{path}: does not match the transformer: {e}") from e
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{path}: does not match the transformer: missing {result.missing_keys[:5]}"
