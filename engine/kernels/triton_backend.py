@@ -32,7 +32,7 @@ from engine.kernels.triton.common import row_major as _row_major
 from engine.kernels.triton.gemm import GROUP_M, bias_mma_channels, gemm_config, grid_size, w4a4_gemm_kernel
 from engine.kernels.triton.gemv import GEMV_BLOCK_K, MAX_ROWS, gemv_config, w4a16_gemv_kernel
 from engine.kernels.triton.rope import qk_norm_rope  # noqa: F401 (the backend's qk_norm_rope)
-from engine.quant.ops import LAYER_NORM_EPS
+from engine.quant.ops import LAYER_NORM_EPS, empty_ascales
 
 NAME = "triton"
 _INTERPRET = INTERPRET
@@ -89,7 +89,7 @@ def _launch_act(x, smooth, proj_down, mod_scale, mod_shift, group_size, unsigned
     m, k = x.shape
     r = proj_down.shape[0]
     qx = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
-    ascales = torch.empty(k // group_size, m, dtype=torch.float32, device=x.device).t()  # [M, G]
+    ascales = empty_ascales(m, k // group_size, x.device)  # [M, G], strides (1, M)
     lora_act = torch.empty(m, r, dtype=torch.float32, device=x.device)
     if m == 0:
         return qx, ascales, lora_act

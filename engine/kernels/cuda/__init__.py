@@ -14,8 +14,9 @@ MMA fragments directly, so no weight repacking is needed at load. w4a4_gemm: 192
 12 warps, a 4-stage cp.async pipeline, int32 partial sums turned into fp32 by a magic-number add
 folded into the MMA's accumulator input, the low-rank up-projection on bf16 tensor cores,
 grouped CTA order. quantize_act: coalesced 16-byte loads, group maxima by warp shuffles, the
-down-projection on bf16 tensor cores; its ``ascales`` are row-major [M, G] like every backend's
-(torch.compile asserts the fake op's strides). The GEMM accepts any scale strides: one 4-byte
+down-projection on bf16 tensor cores; its ``ascales`` are returned group-major [M, G], strides
+(1, M), like every backend's (torch.compile asserts the fake op's strides; a row-major result of
+the kernel is copied into that layout here). The GEMM accepts any scale strides: one 4-byte
 cp.async per row per group, through L1, so a row-major [M, G] costs one 32-byte sector per row
 every 8 groups; group-major ``wscales`` (strides (1, N)) is fully coalesced. See docs/benchmarks.md for the
 modelled speed and tests/test_cuda_static.py for the gates.
@@ -35,6 +36,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from engine.quant.ops import empty_ascales
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +123,10 @@ def quantize_act(
     shift: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_group_size(group_size)
-    return torch.ops.svdq_cuda.quantize_act(x, smooth, proj_down, group_size, unsigned, shift)
+    qx, ascales, lora_act = torch.ops.svdq_cuda.quantize_act(x, smooth, proj_down, group_size, unsigned, shift)
+    if ascales.shape[0] > 1 and ascales.stride(0) != 1:  # a row-major kernel: the contract's layout
+        ascales = empty_ascales(*ascales.shape, ascales.device).copy_(ascales)
+    return qx, ascales, lora_act
 
 
 def w4a4_gemm(
