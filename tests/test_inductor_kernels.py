@@ -51,7 +51,9 @@ def test_quantized_layer_compiles_with_inductor_on_triton(fresh_inductor, use_ke
     _needs_interpreter()
     use_kernels("triton")
     torch.manual_seed(0)
-    layer = SVDQLinear.from_linear(torch.nn.Linear(128, 48), torch.randn(64, 128), rank=8, dtype=torch.float32)
+    layer = SVDQLinear.from_linear(
+        torch.nn.Linear(128, 48), torch.randn(64, 128), rank=8, dtype=torch.float32
+    )
     x = torch.randn(2, 9, 128)  # M = 18: odd and not a multiple of any tile
     scale, shift = torch.randn(2, 128) * 0.1, torch.randn(2, 128) * 0.1
 
@@ -76,7 +78,7 @@ def test_tiny_transformer_compiles_with_inductor_on_triton(fresh_inductor, use_k
     configure_compiler(SETUP)
     compiled = torch.compile(transformer, **_compile_kwargs(SETUP))
     torch.manual_seed(0)
-    inputs = transformer_inputs(transformer, 128, 128, 1)
+    inputs = transformer_inputs(transformer, 64, 64, 1, text_tokens=16)  # small: the interpreter runs it
     with torch.inference_mode():
         got = compiled(**inputs)[0]
         want = transformer(**inputs)[0]
@@ -99,9 +101,13 @@ def _cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
     for m, k, r, group, unsigned in ((1, 64, 0, 64, False), (7, 128, 5, 64, True), (33, 256, 16, 128, False)):
         x, smooth, down = rnd(m, k), rnd(k).abs() + 0.5, rnd(r, k)
         cases.append(("quantize_act", (x, smooth, down, group, unsigned, 0.0)))
-        cases.append(("quantize_act_prologue", (x.bfloat16(), smooth, down, None, None, group, unsigned, 0.0, True)))
+        cases.append(
+            ("quantize_act_prologue", (x.bfloat16(), smooth, down, None, None, group, unsigned, 0.0, True))
+        )
         mod = (rnd(1, k, dtype=torch.bfloat16), rnd(1, k, dtype=torch.bfloat16))
-        cases.append(("quantize_act_prologue", (x.bfloat16(), smooth, down, *mod, group, unsigned, 0.0, False)))
+        cases.append(
+            ("quantize_act_prologue", (x.bfloat16(), smooth, down, *mod, group, unsigned, 0.0, False))
+        )
         qx, ascales, lora_act = kernels.backend_for("cpu").quantize_act(
             x.cpu(), smooth.cpu(), down.cpu(), group_size=group, unsigned=unsigned, shift=0.0
         )
@@ -109,11 +115,23 @@ def _cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
         qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g).to(device)
         ws = rnd(k // group, n).abs().t()  # group-major, as SVDQLinear holds it
         for bias, out_dtype in ((None, torch.bfloat16), (rnd(n), torch.float32)):
-            args = (qx.to(device), ascales.to(device), qw, ws, lora_act.to(device), rnd(n, r), bias, unsigned, out_dtype)
+            args = (
+                qx.to(device),
+                ascales.to(device),
+                qw,
+                ws,
+                lora_act.to(device),
+                rnd(n, r),
+                bias,
+                unsigned,
+                out_dtype,
+            )
             cases.append(("w4a4_gemm", args))
     qw = torch.randint(0, 256, (40, 64), dtype=torch.uint8, generator=g).to(device)
     for rows in (1, 3):
-        cases.append(("w4a16_gemv", (rnd(rows, 128, dtype=torch.bfloat16), qw, rnd(40, 2), rnd(40, 2), rnd(40))))
+        cases.append(
+            ("w4a16_gemv", (rnd(rows, 128, dtype=torch.bfloat16), qw, rnd(40, 2), rnd(40, 2), rnd(40)))
+        )
     return cases
 
 
