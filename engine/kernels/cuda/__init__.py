@@ -123,8 +123,10 @@ def quantize_act(
     shift: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_group_size(group_size)
-    qx, ascales, lora_act = torch.ops.svdq_cuda.quantize_act(x, smooth, proj_down, group_size, unsigned, shift)
-    if ascales.shape[0] > 1 and ascales.stride(0) != 1:  # a row-major kernel: the contract's layout
+    qx, ascales, lora_act = torch.ops.svdq_cuda.quantize_act(
+        x, smooth, proj_down, group_size, unsigned, shift
+    )
+    if ascales.stride() != (1, max(ascales.shape[0], 1)):  # not empty_ascales' (group-major) strides
         ascales = empty_ascales(*ascales.shape, ascales.device).copy_(ascales)
     return qx, ascales, lora_act
 
