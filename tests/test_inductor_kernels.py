@@ -71,19 +71,22 @@ def test_quantized_layer_compiles_with_inductor_on_triton(fresh_inductor, use_ke
 @pytest.mark.slow
 def test_tiny_transformer_compiles_with_inductor_on_triton(fresh_inductor, use_kernels, tiny_model_dir):
     """The tiny transformer as setup()'s warm-up compiles it (go_fast's settings, inductor), every
-    quantized layer on the Triton kernels: compiles and agrees with the eager model."""
+    quantized layer on the Triton kernels (the prologue ops included): compiles, and agrees with
+    the eager model on the reference kernels (the interpreter runs the Triton side once)."""
     _needs_interpreter()
-    use_kernels("triton")
     transformer = params_to_float(load_transformer(tiny_model_dir / CHECKPOINT_NAME))
-    configure_compiler(SETUP)
-    compiled = torch.compile(transformer, **_compile_kwargs(SETUP))
     torch.manual_seed(0)
     inputs = transformer_inputs(transformer, 64, 64, 1, text_tokens=16)  # small: the interpreter runs it
     with torch.inference_mode():
-        got = compiled(**inputs)[0]
+        use_kernels("reference")
         want = transformer(**inputs)[0]
-    # inductor fuses the 16-bit glue between our ops (norms, gates): fp32 reassociation only
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        use_kernels("triton")
+        configure_compiler(SETUP)
+        got = torch.compile(transformer, **_compile_kwargs(SETUP))(**inputs)[0]
+    # Same codes and scales; the order of fp32 sums differs (GEMM groups, low-rank, norms, and
+    # inductor's fusion of the glue): tests/test_kernels_triton.py measures 5.5e-5 eagerly.
+    err = (got - want).norm() / want.norm()
+    assert err < 5e-4, err.item()
 
 
 # --- the contract: every backend's outputs have the fake's sizes, dtypes and strides -------------
