@@ -126,12 +126,12 @@ def _meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def gemm_launch(m: int, k: int, n: int, major: int, cfg, unsigned: bool = False) -> tuple:
+def gemm_launch(m: int, k: int, n: int, major: int, cfg, unsigned: bool = False, rank: int = RANK) -> tuple:
     g = k // 64
     ascales = _meta(g, m, dtype=torch.float32).t()  # group-major, as quantize_act returns them
     wscales = _meta(g, n, dtype=torch.float32).t()  # group-major, as SVDQLinear stores them
     args = (_meta(m, k // 2, dtype=torch.uint8), ascales, _meta(n, k // 2, dtype=torch.uint8), wscales)
-    rest = (_meta(m, RANK, dtype=torch.float32), _meta(n, RANK), _meta(n))
+    rest = (_meta(m, rank, dtype=torch.float32), _meta(n, rank), _meta(n))
 
     def call():
         tb.launch_w4a4_gemm(*args, *rest, unsigned=unsigned, out_dtype=torch.bfloat16, config=cfg)
@@ -139,9 +139,18 @@ def gemm_launch(m: int, k: int, n: int, major: int, cfg, unsigned: bool = False)
     return capture("w4a4_gemm_kernel", major, call)
 
 
-def act_launch(m: int, k: int, major: int) -> tuple:
+def act_launch(m: int, k: int, major: int, rank: int = RANK, prologue: str = "") -> tuple:
+    """quantize_act's launch; ``prologue`` "modulation" or "gelu": quantize_act_prologue's."""
+
     def call():
-        tb.quantize_act(_meta(m, k), _meta(k), _meta(RANK, k), group_size=64, unsigned=False, shift=0.0)
+        x, smooth, down = _meta(m, k), _meta(k), _meta(rank, k)
+        if not prologue:
+            tb.quantize_act(x, smooth, down, group_size=64, unsigned=False, shift=0.0)
+            return
+        mod = (_meta(1, k), _meta(1, k)) if prologue == "modulation" else (None, None)
+        tb.quantize_act_prologue(
+            x, smooth, down, *mod, group_size=64, unsigned=False, shift=0.0, gelu=prologue == "gelu"
+        )
 
     return capture("quantize_act_kernel", major, call)
 
@@ -195,13 +204,33 @@ def compile_sass(fn, args: tuple, kwargs: dict, cc: int) -> dict:
             target=GPUTarget("cuda", cc, 32),
             options=options,
         )
-        info = analyse(kernel.asm["cubin"])
+        info = analyse(kernel.asm["cubin"]) | ptx_checks(kernel.asm["ptx"])
         info.update(shared_bytes=kernel.metadata.shared, **options)
         _COMPILED[key] = info
     return _COMPILED[key]
 
 
-# --- reading the SASS --------------------------------------------------------------------------
+# --- reading the PTX and the SASS --------------------------------------------------------------
+
+
+def ptx_checks(ptx: str) -> dict:
+    """Counts in the PTX of arithmetic the kernels must not compile to:
+
+    wide_immediates: a 32-bit (or narrower) instruction given an immediate outside 32 bits: a
+      sign-extended narrow constant (Triton 3.6 wrote a masked load's 8-bit ``other=0x80`` as
+      ``mov.u32 %r, 0xffffffffffffff80``: bytes -128, -1, -1, -1);
+    div_approx: fp32 division that is not IEEE (``div.full.f32``, ``div.approx.f32``: Triton's
+      ``/``), where the reference divides exactly;
+    max_drops_nan: fp32 ``max``/``min`` without ``.NaN`` (drops a NaN operand; torch propagates it).
+    """
+    wide = re.findall(
+        r"^\s*(?:@!?%p\d+\s+)?\w+(?:\.\w+)*\.[bsu](?:8|16|32)\b[^;]*\b0x[0-9a-fA-F]{9,}\b", ptx, re.M
+    )
+    return {
+        "ptx_wide_immediates": len(wide),
+        "ptx_div_approx": len(re.findall(r"\bdiv\.(?:full|approx)(?:\.ftz)?\.f32\b", ptx)),
+        "ptx_max_drops_nan": len(re.findall(r"\b(?:max|min)(?:\.ftz)?\.f32\b", ptx)),
+    }
 
 
 def _run(tool: str, *args: str) -> str:
@@ -247,8 +276,11 @@ def analyse(cubin: bytes) -> dict:
     """Registers, spills and the main loop's instruction mix of one kernel."""
     usage, instrs, loops = disassemble(cubin)
     reg = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    # The main loop: the longest loop with an int8 MMA (the GEMM's groups; its low-rank loop runs
+    # HMMA), else with any MMA (quantize_act's down-projection), else the longest loop.
+    imma = [body for body in loops if any(re.search(r"\b(IGMMA|IMMA)", t) for t in body)]
     mma = [body for body in loops if any(re.search(r"\b(IGMMA|IMMA|HMMA)", t) for t in body)]
-    main = max(mma or loops, key=len) if loops else []
+    main = max(imma or mma or loops, key=len) if loops else []
     ops = opcode_counts(main)
     # Accumulator resets to the magic bits: moves of the literal, and moves from a register that
     # holds it (ptxas may copy the literal once and move the copy).

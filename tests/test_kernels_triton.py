@@ -33,7 +33,7 @@ def ref_act(a, **kw):
     return reference.quantize_act(a["x"], a["smooth"], a["proj_down"], **kw)
 
 
-@pytest.mark.parametrize("m,k,r", [(1, 64, 0), (17, 128, 16), (40, 192, 32), (33, 128, 3)])
+@pytest.mark.parametrize("m,k,r", [(1, 64, 0), (17, 128, 16), (40, 192, 32), (33, 128, 3), (9, 128, 80)])
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_quantize_act_matches_reference(m, k, r, unsigned, dtype):
@@ -46,7 +46,9 @@ def test_quantize_act_matches_reference(m, k, r, unsigned, dtype):
     torch.testing.assert_close(lora, lora_r, **LORA_TOL)
 
 
-@pytest.mark.parametrize("m,k,n,r", [(1, 64, 16, 0), (19, 128, 40, 16), (33, 192, 17, 32), (16, 64, 48, 5)])
+@pytest.mark.parametrize(
+    "m,k,n,r", [(1, 64, 16, 0), (19, 128, 40, 16), (33, 192, 17, 32), (16, 64, 48, 5), (20, 128, 24, 50)]
+)
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemm_matches_reference(m, k, n, r, unsigned, bias):
@@ -185,6 +187,25 @@ def test_flux_shapes_on_gpu(k, n):
     torch.testing.assert_close(
         y, reference.w4a4_gemm(**g, unsigned=False, out_dtype=torch.bfloat16), **OUT_TOL[torch.bfloat16]
     )
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_a_nan_in_x_reaches_the_scale_and_the_output_as_in_the_reference(unsigned):
+    """torch's amax propagates NaN; the kernel's group maximum does too (max.NaN.f32 on the GPU:
+    test_triton_static.py reads it), so a NaN input gives that row and group a NaN scale and a NaN
+    output row in both, never a finite-looking result. (The codes of a NaN group are unspecified:
+    the output does not depend on them.)"""
+    a = act_inputs(5, 128, 8, device=DEVICE)
+    a["x"][2, 70] = float("nan")
+    kw = {"group_size": 64, "unsigned": unsigned, "shift": 0.0}
+    _, ascales, _ = tb.quantize_act(a["x"], a["smooth"], a["proj_down"], **kw)
+    _, ascales_r, _ = ref_act(a, **kw)
+    assert torch.equal(ascales.isnan(), ascales_r.isnan()) and ascales.isnan().sum() == 1
+    assert ascales[2, 1].isnan()
+    g = gemm_inputs(5, 128, 24, 8, unsigned=unsigned, device=DEVICE)
+    g["ascales"] = ascales
+    y = tb.w4a4_gemm(**g, unsigned=unsigned, out_dtype=torch.float32)
+    assert y[2].isnan().all() and not y[[0, 1, 3, 4]].isnan().any()
 
 
 def test_ascales_come_back_group_major_and_any_scale_strides_give_the_same_bits():

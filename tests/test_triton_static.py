@@ -266,3 +266,69 @@ def test_lowest_binade_conversion_is_exact_over_its_whole_range(group, unsigned)
         _lowest_binade_kernel[((n + pad) // block,)](vp, sp, out, BIAS=bias, BIAS_VALUE=value, BLOCK=block)
         assert torch.equal(out[:n], (v.double() * 2.0**-149 * s.double()).float())
         assert torch.equal(out[:n], want)
+
+
+# --- compiled constants, divisions and NaN; the low-rank gate (scripts/triton_rank_gate.py) ------
+
+GATE = ROOT / "scripts" / "triton_rank_gate.py"
+
+
+def _gate_env() -> dict:
+    env = _env(False)
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'scripts'}"
+    return env
+
+
+def test_compiled_bias_tile_division_and_nan_are_the_references():
+    """Read from the PTX and SASS that Triton's ptxas builds for sm_90 and sm_86 (no GPU):
+    the GEMM's bias-MMA tile is four 0x80 bytes per word, not the sign-extended 0xFFFFFF80 that
+    ``other=0x80`` compiled to (PTX ``mov.u32 %r, 0xffffffffffffff80``, SASS ``MOV ..., -0x80``:
+    the interpreter never runs that code); quantize_act's LayerNorm statistics divide with
+    ``div.rn`` (IEEE, like the reference), never ``div.full``; its group maximum is ``max.NaN``
+    (torch's amax propagates NaN, ``max.f32`` drops it)."""
+    res = subprocess.run(
+        [sys.executable, str(GATE), "--constants"],
+        env=_gate_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    entries = json.loads(res.stdout)
+    assert {(e["kind"], e["cc"]) for e in entries} == {(k, cc) for k in ("gemm", "act") for cc in (90, 86)}
+    for e in entries:
+        assert e["ptx_wide_immediates"] == 0 and e["sass_neg80_movs"] == 0, e
+        if e["kind"] == "gemm":
+            assert e["ptx_0x80808080"] > 0, e  # the tiles' words are built from 0x80 bytes
+        else:
+            assert e["ptx_div_approx"] == 0 and e["ptx_div_rn"] >= 3, e  # statistics + scales
+            assert e["ptx_max_drops_nan"] == 0 and e["ptx_max_nan"] > 0, e
+
+
+@pytest.mark.slow
+def test_every_rank_compiles_without_spills_within_shared_memory_at_the_intended_occupancy(tmp_path):
+    """The GEMM (every config, signed and unsigned, and sm_86 with the bias MMA) and quantize_act
+    (plain, LayerNorm + modulation, GELU) at ranks 32, 48, 96 and 224 for sm_90 and sm_86: no
+    spills, shared memory within the device's limit, the CTAs per SM the configs are designed for.
+    The low-rank branch is processed in chunks, so ranks past the chunk share one kernel."""
+    out = tmp_path / "gate.json"
+    res = subprocess.run(
+        [sys.executable, str(GATE), "--json", str(out)],
+        env=_gate_env(),
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=ROOT,
+    )
+    report = json.loads(out.read_text()) if out.exists() else None
+    assert res.returncode == 0, (res.stderr[-3000:], report and report["gates_failed"])
+    entries = report["entries"]
+    assert {(e["cc"], e["rank"]) for e in entries} == {(cc, r) for cc in (90, 86) for r in (32, 48, 96, 224)}
+    for e in entries:
+        assert e["spill_instrs"] == 0 and e["stack_bytes"] == 0, e
+        assert e["ctas_per_sm"] >= 2, e
+    by_variant: dict = {}
+    for e in entries:
+        by_variant.setdefault((e["kind"], e["variant"], e["cc"]), set()).add(e["kernel_id"])
+    assert all(len(ids) == 1 for ids in by_variant.values()), by_variant  # one kernel for every rank

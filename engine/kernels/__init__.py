@@ -33,6 +33,7 @@ from types import ModuleType
 import torch
 
 from engine.kernels.rope import qk_norm_rope  # its own module: q/k RMSNorm + RoPE + joint cat
+from engine.quant.ops import empty_ascales  # the one ascales layout: [M, G] group-major
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +349,7 @@ def _quantize_act_fake(x, smooth, proj_down, group_size, unsigned, shift):
     m, k = x.shape
     return (
         x.new_empty(m, k // 2, dtype=torch.uint8),  # qx
-        x.new_empty(m, k // group_size, dtype=torch.float32),  # ascales
+        empty_ascales(m, k // group_size, x.device),  # ascales [M, G], strides (1, M)
         x.new_empty(m, proj_down.shape[0], dtype=torch.float32),  # lora_act
     )
 

@@ -11,7 +11,9 @@ Op contract (every backend implements exactly this; ``reference`` is the ground 
         qx       uint8 [M, K/2]    4-bit codes of x_hat, two per byte, low nibble = even k;
                                    signed: round(x_hat / s) in [-8, 7], s = max|x_hat_g| / 7
                                    unsigned: round(x_hat / s) in [0, 15], s = max(x_hat_g) / 15
-        ascales  fp32 [M, G]       one scale per token per group (0 for an all-zero group)
+        ascales  fp32 [M, G]       one scale per token per group (0 for an all-zero group, NaN
+                                   where x_hat_g holds a NaN), stored GROUP-MAJOR, strides (1, M)
+                                   (engine.quant.ops.empty_ascales), by every backend and fake
         lora_act fp32 [M, R]       x_hat @ proj_down^T
 
     quantize_act_prologue(x [M, K], smooth, proj_down, mod_scale [B, K] | None,
@@ -51,8 +53,9 @@ Op contract (every backend implements exactly this; ``reference`` is the ground 
 Rounding is round-half-to-even and division is IEEE-exact, so a backend reproduces the
 reference's codes bit for bit; only the order of the fp32 sums may differ (and the Triton GEMM
 applies each ascale rounded to 22 significant bits, a relative change <= 2^-22, which lets one
-FMA convert and scale a group's integer sum). Scales may have any strides: group-major ones
-(strides (1, M) or (1, N), as the Triton quantize_act returns ascales) load fastest there.
+FMA convert and scale a group's integer sum). Every op returns exactly its fake's sizes, dtypes
+and strides (inductor asserts them: tests/test_inductor_kernels.py). The GEMMs accept scales of
+any strides; group-major ones (strides (1, M) or (1, N)) load fastest.
 Group sizes: reference, triton take 64 and 128; cuda 64 only, auto sends 128 to triton (gemm_backend_for).
 
 A backend is a module; ``GemmBackend`` and ``GemvBackend`` below are its typed form (the

@@ -27,14 +27,16 @@ import triton
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from engine.kernels.triton import gemm_sm90
+from engine.kernels.triton.act import LORA_CHUNK as ACT_LORA_CHUNK
 from engine.kernels.triton.act import act_config, quantize_act_kernel
 from engine.kernels.triton.common import INTERPRET, MAX_GEMM_GROUP, LaunchConfig, block_r, check_group_size
 from engine.kernels.triton.common import arch_major as _major  # a module global: the kernel models patch it
 from engine.kernels.triton.common import row_major as _row_major
 from engine.kernels.triton.gemm import GROUP_M, bias_mma_channels, gemm_config, grid_size, w4a4_gemm_kernel
+from engine.kernels.triton.gemm import LORA_CHUNK as GEMM_LORA_CHUNK
 from engine.kernels.triton.gemv import GEMV_BLOCK_K, MAX_ROWS, gemv_config, w4a16_gemv_kernel
 from engine.kernels.triton.rope import qk_norm_rope  # noqa: F401 (the backend's qk_norm_rope)
-from engine.quant.ops import LAYER_NORM_EPS
+from engine.quant.ops import LAYER_NORM_EPS, empty_ascales
 
 NAME = "triton"
 _INTERPRET = INTERPRET
@@ -91,7 +93,7 @@ def _launch_act(x, smooth, proj_down, mod_scale, mod_shift, group_size, unsigned
     m, k = x.shape
     r = proj_down.shape[0]
     qx = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
-    ascales = torch.empty(k // group_size, m, dtype=torch.float32, device=x.device).t()  # [M, G]
+    ascales = empty_ascales(m, k // group_size, x.device)  # [M, G], strides (1, M)
     lora_act = torch.empty(m, r, dtype=torch.float32, device=x.device)
     if m == 0:
         return qx, ascales, lora_act
@@ -107,7 +109,8 @@ def _launch_act(x, smooth, proj_down, mod_scale, mod_shift, group_size, unsigned
         if mod_scale.stride(0) != mod_shift.stride(0):
             mod_shift = mod_shift.contiguous()
             mod_scale = mod_scale.contiguous()
-    quantize_act_kernel[(triton.cdiv(m, cfg.block_m),)](
+    chunk = block_r(r, ACT_LORA_CHUNK)
+    quantize_act_kernel[(triton.cdiv(m, cfg.block_m), max(1, triton.cdiv(r, chunk)))](
         x,
         smooth,
         rsmooth,
@@ -129,7 +132,7 @@ def _launch_act(x, smooth, proj_down, mod_scale, mod_shift, group_size, unsigned
         mod_scale.stride(0) if modulate else 0,
         LAYER_NORM_EPS,
         BLOCK_M=cfg.block_m,
-        BLOCK_R=block_r(r),
+        BLOCK_R=chunk,
         GROUP=group_size,
         UNSIGNED=unsigned,
         HAS_LORA=r > 0,
@@ -250,7 +253,7 @@ def launch_w4a4_gemm(
         out.stride(0),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
-        BLOCK_R=block_r(r),
+        BLOCK_R=block_r(r, GEMM_LORA_CHUNK),
         GROUP=group,
         GROUP_M=GROUP_M,
         UNSIGNED=unsigned,

@@ -33,8 +33,17 @@ def quantize_act(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x_hat = (x.float() + shift) / smooth.float()  # [M, K]
     lora_act = x_hat @ proj_down.float().T  # [M, R]
-    codes, ascales = quantize_int4(x_hat, group_size, unsigned=unsigned)  # [M, K], [M, G]
+    codes, scales = quantize_int4(x_hat, group_size, unsigned=unsigned)  # [M, K], [M, G]
+    ascales = empty_ascales(*scales.shape, x.device).copy_(scales)  # [M, G] group-major
     return pack_int4(codes), ascales, lora_act
+
+
+def empty_ascales(m: int, groups: int, device: torch.device | str) -> torch.Tensor:
+    """An empty ``ascales`` in the one layout that every backend and every fake op returns: fp32
+    [M, G] stored group-major, strides (1, M), so a GEMM reads one contiguous vector of scales
+    per group. Inductor asserts each custom op's outputs against its fake's sizes and strides
+    (``assert_size_stride``): one backend with another layout fails the compiled model."""
+    return torch.empty(groups, m, dtype=torch.float32, device=device).t()
 
 
 LAYER_NORM_EPS = 1e-6  # diffusers' AdaLayerNormZero / AdaLayerNormZeroSingle / FluxTransformerBlock.norm2

@@ -121,6 +121,7 @@ def quantize_act(
     shift: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_group_size(group_size)
+    # ascales come from the kernel group-major (ops.cpp), the layout every backend returns.
     return torch.ops.svdq_cuda.quantize_act(x, smooth, proj_down, group_size, unsigned, shift)
 
 

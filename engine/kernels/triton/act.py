@@ -29,6 +29,7 @@ from engine.kernels.triton.common import INTERPRET, LaunchConfig, div_correct, d
 # (the low-rank width is BLOCK_R).
 ACT_CONFIGS: dict[int, LaunchConfig] = {9: LaunchConfig(16, 0, 4, 4), 8: LaunchConfig(16, 0, 4, 3)}
 INTERPRETER_CONFIG = LaunchConfig(16, 0, 4, 1)
+LORA_CHUNK = 32  # ranks of the low-rank branch per program (common.block_r; grid axis 1)
 
 
 def act_config(major: int) -> LaunchConfig:
@@ -42,19 +43,22 @@ def act_config(major: int) -> LaunchConfig:
 def _row_stats(x_ptrs, K, eps, GROUP: tl.constexpr, COMPILED: tl.constexpr):
     """(mean, rstd) of each row, fp32: Welford per lane over the row's groups, then the lanes
     merged exactly by the parallel formula for equal counts; one read of the rows. rstd as
-    torch's LayerNorm takes it: rsqrtf on the GPU (its CUDA kernel), 1 / sqrt on the CPU."""
+    torch's LayerNorm takes it: rsqrtf on the GPU (its CUDA kernel), 1 / sqrt on the CPU.
+    Divisions are IEEE (``div_rn``): Triton's ``/`` compiles to the approximate ``div.full.f32``
+    on the GPU where the interpreter divides exactly (tests/test_triton_static.py reads the PTX)."""
     mean_l = tl.zeros(x_ptrs.shape, dtype=tl.float32)
     m2_l = tl.zeros(x_ptrs.shape, dtype=tl.float32)
     n_groups = K // GROUP
     for g in range(0, n_groups):
         x = tl.load(x_ptrs + g * GROUP).to(tl.float32)
         delta = x - mean_l
-        mean_l += delta * (1.0 / (g + 1))
+        mean_l += delta * tl.div_rn(1.0, tl.cast(g + 1, tl.float32))
         m2_l += delta * (x - mean_l)
-    mean = tl.sum(mean_l, axis=1) / GROUP
+    mean = tl.div_rn(tl.sum(mean_l, axis=1), float(GROUP))
     spread = mean_l - mean[:, None]
     m2 = tl.sum(m2_l, axis=1) + n_groups * tl.sum(spread * spread, axis=1)
-    rstd = libdevice.rsqrt(m2 / K + eps) if COMPILED else 1.0 / tl.sqrt_rn(m2 / K + eps)
+    var = tl.div_rn(m2, tl.cast(K, tl.float32)) + eps
+    rstd = libdevice.rsqrt(var) if COMPILED else tl.div_rn(1.0, tl.sqrt_rn(var))
     return mean, rstd
 
 
@@ -113,13 +117,20 @@ def quantize_act_kernel(
 ):
     HALF: tl.constexpr = GROUP // 2
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # The low-rank branch BLOCK_R ranks at a time (at most LORA_CHUNK): program (i, c)
+    # projects rows block i onto ranks [c * BLOCK_R, (c + 1) * BLOCK_R); the programs of chunk 0
+    # also write the codes and scales. Registers and shared memory do not grow with the rank;
+    # a rank past LORA_CHUNK re-reads x once per extra chunk (from L2, mostly).
+    chunk = tl.program_id(1)
+    r0 = chunk * BLOCK_R
     row_ok = offs_m < M
     rows = tl.minimum(offs_m, M - 1).to(tl.int64)  # int64: M * K passes 2^31 at ~139k tokens
     kk = tl.arange(0, GROUP)
     j = tl.arange(0, HALF)
     rr = tl.arange(0, BLOCK_R)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + kk[None, :]
-    d_ptrs = down_ptr + tl.minimum(rr, tl.maximum(R - 1, 0))[:, None].to(tl.int64) * stride_dr + kk[None, :]
+    d_rows = tl.minimum(r0 + rr, tl.maximum(R - 1, 0)).to(tl.int64)  # rows past R repeat row R-1
+    d_ptrs = down_ptr + d_rows[:, None] * stride_dr + kk[None, :]
     q_ptrs = qx_ptr + offs_m.to(tl.int64)[:, None] * stride_qm + j[None, :]
     s_ptrs = ascales_ptr + offs_m
     lora = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -146,31 +157,10 @@ def quantize_act_kernel(
             h = div_correct(x + shift, s[None, :], rs[None, :])  # x_hat
         else:
             h = tl.div_rn(x + shift, s[None, :])
-        if UNSIGNED:
-            scale = tl.div_rn(tl.maximum(tl.max(h, axis=1), 0.0), 15.0)
-        else:
-            scale = tl.div_rn(tl.max(tl.abs(h), axis=1), 7.0)
-        denom = tl.where(scale > 0, scale, 1.0)
-        if COMPILED:
-            # A subnormal scale (a group of tiny values): scale both sides by 2^64, exactly.
-            lift = tl.where(denom < 1e-30, 18446744073709551616.0, 1.0)
-            denom = denom * lift
-            v = div_correct(h * lift[:, None], denom[:, None], tl.div_rn(1.0, denom)[:, None])
-        else:
-            v = tl.div_rn(h, denom[:, None])
-        # Half-to-even straight to int32 (one cvt.rni on the GPU); the interpreter has no
-        # libdevice: the exact 1.5 * 2^23 trick (|v| <= 15 here).
-        q = libdevice.float2int_rn(v) if COMPILED else ((v + 12582912.0) - 12582912.0).to(tl.int32)
-        # No zero-group select: a zero scale leaves denom = 1 over values that all round to 0
-        # (or below 0, unsigned). The clamp stays for scales in the subnormal range, whose
-        # rounding can push |x_hat| / scale past 7 (15); on the codes, in int32.
-        q = tl.minimum(tl.maximum(q, 0 if UNSIGNED else -8), 15 if UNSIGNED else 7)
-        q_even, q_odd = tl.split(tl.reshape(q, (BLOCK_M, HALF, 2)))  # channel 2j, 2j+1
-        packed = ((q_even & 0xF) | ((q_odd & 0xF) << 4)).to(tl.uint8)
-        tl.store(q_ptrs, packed, mask=row_ok[:, None])
-        tl.store(s_ptrs + g * stride_ag, scale, mask=row_ok)
+        if chunk == 0:
+            _quantize_group(h, q_ptrs, s_ptrs + g * stride_ag, row_ok, BLOCK_M, GROUP, UNSIGNED, COMPILED)
         if HAS_LORA:
-            d = tl.load(d_ptrs)  # [BR, GROUP]; rows past R repeat row R-1
+            d = tl.load(d_ptrs)  # [BR, GROUP]
             if DOWN_BF16:
                 # proj_down is exact in bf16, x_hat = hi + lo in two bf16 parts (16 mantissa
                 # bits): two bf16 MMAs with exact products and fp32 sums, ~2^-17 relative.
@@ -184,5 +174,51 @@ def quantize_act_kernel(
         d_ptrs += GROUP
         q_ptrs += HALF
     if HAS_LORA:
-        out = lora_ptr + offs_m.to(tl.int64)[:, None] * R + rr[None, :]
-        tl.store(out, lora, mask=row_ok[:, None] & (rr[None, :] < R))
+        out = lora_ptr + offs_m.to(tl.int64)[:, None] * R + (r0 + rr)[None, :]
+        tl.store(out, lora, mask=row_ok[:, None] & (r0 + rr < R)[None, :])
+
+
+@triton.jit
+def _max_nan(a, b):
+    """max that propagates NaN, as torch's amax does (PTX ``max.NaN.f32``); ``tl.max`` compiles to
+    ``max.f32``, which drops a NaN operand, where the interpreter (numpy) keeps it."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _quantize_group(
+    h,
+    q_ptrs,
+    s_ptrs,
+    row_ok,
+    BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr,
+    UNSIGNED: tl.constexpr,
+    COMPILED: tl.constexpr,
+):
+    """One group of x_hat [BM, GROUP] -> its packed codes and its scale per row, stored."""
+    HALF: tl.constexpr = GROUP // 2
+    # NaN propagates into the scale (and so into the row's output) as in the reference.
+    if UNSIGNED:
+        scale = tl.div_rn(_max_nan(tl.reduce(h, 1, _max_nan), 0.0), 15.0)
+    else:
+        scale = tl.div_rn(tl.reduce(tl.abs(h), 1, _max_nan), 7.0)
+    denom = tl.where(scale > 0, scale, 1.0)
+    if COMPILED:
+        # A subnormal scale (a group of tiny values): scale both sides by 2^64, exactly.
+        lift = tl.where(denom < 1e-30, 18446744073709551616.0, 1.0)
+        denom = denom * lift
+        v = div_correct(h * lift[:, None], denom[:, None], tl.div_rn(1.0, denom)[:, None])
+    else:
+        v = tl.div_rn(h, denom[:, None])
+    # Half-to-even straight to int32 (one cvt.rni on the GPU); the interpreter has no
+    # libdevice: the exact 1.5 * 2^23 trick (|v| <= 15 here).
+    q = libdevice.float2int_rn(v) if COMPILED else ((v + 12582912.0) - 12582912.0).to(tl.int32)
+    # No zero-group select: a zero scale leaves denom = 1 over values that all round to 0
+    # (or below 0, unsigned). The clamp stays for scales in the subnormal range, whose
+    # rounding can push |x_hat| / scale past 7 (15); on the codes, in int32.
+    q = tl.minimum(tl.maximum(q, 0 if UNSIGNED else -8), 15 if UNSIGNED else 7)
+    q_even, q_odd = tl.split(tl.reshape(q, (BLOCK_M, HALF, 2)))  # channel 2j, 2j+1
+    packed = ((q_even & 0xF) | ((q_odd & 0xF) << 4)).to(tl.uint8)
+    tl.store(q_ptrs, packed, mask=row_ok[:, None])
+    tl.store(s_ptrs, scale, mask=row_ok)

@@ -46,9 +46,12 @@ def check_group_size(group_size: int, largest: int | None = None) -> None:
         raise ValueError(f"group_size must be at most {largest} for this triton kernel, got {group_size}")
 
 
-def block_r(r: int) -> int:
-    """Padded low-rank width: a power of two >= 16 (the smallest MMA K/N)."""
-    return max(16, triton.next_power_of_2(r))
+def block_r(r: int, chunk: int) -> int:
+    """Low-rank ranks per step of a kernel: a power of two >= 16 (the smallest MMA K/N), at most
+    the kernel's ``chunk``, so registers and shared memory do not grow with the rank (the base
+    32 plus LoRAs of any width: tests/test_triton_static.py compiles ranks 32 to 224 and gates
+    them)."""
+    return min(chunk, max(16, triton.next_power_of_2(r)))
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,10 @@ GEMM_CONFIGS: dict[int, dict[str, LaunchConfig]] = {
 }
 INTERPRETER_CONFIG = LaunchConfig(16, 16, 4, 1)  # tests also run it with bias_mma=True
 GROUP_M = 8  # CTAs along M that walk N together (L2 reuse of the weight tiles)
+# Ranks of the low-rank branch per step (common.block_r). 16, not 32: on sm_86 the 128 x 64
+# tiles hold 244 registers at rank 32 in one step, and a loop of 32-rank steps spills (37
+# STL/LDL); 16-rank steps compile to 254 registers, no spills, two CTAs per SM.
+LORA_CHUNK = 16
 
 
 def gemm_config(major: int, m: int, group: int = 64) -> LaunchConfig:
@@ -165,26 +169,32 @@ def w4a4_gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # The low-rank product first, so that its operands are dead before the main loop (taken
-    # last, their registers pushed the Ampere configs into spilling).
+    # last, their registers pushed the Ampere configs into spilling). BLOCK_R ranks at a time
+    # (at most LORA_CHUNK, not software-pipelined): registers and shared memory do not grow
+    # with the rank (the base 32 plus LoRAs), so every rank compiles to the same kernel.
     if HAS_LORA:
         rr = tl.arange(0, BLOCK_R)
-        r_ok = rr[None, :] < R
-        la = tl.load(lora_ptr + rows[:, None] * stride_lm + rr[None, :], mask=r_ok, other=0.0)
-        up = tl.load(up_ptr + cols[:, None] * stride_un + rr[None, :], mask=r_ok, other=0.0)
-        up = up.to(tl.float32)
-        if BIAS_MMA:  # the main loop accumulates in units of 2^-69 (exact: a power of two)
-            up = up * 2.0**-SUB_OUT_EXP
-        # fp32 in, three TF32 MMAs (hi*hi + hi*lo + lo*hi): fp32-class accuracy on tensor cores.
-        acc = tl.dot(la, tl.trans(up), acc, input_precision="tf32x3")
+        la_ptrs = lora_ptr + rows[:, None] * stride_lm + rr[None, :]
+        up_ptrs = up_ptr + cols[:, None] * stride_un + rr[None, :]
+        for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+            r_ok = rr[None, :] < R - r0
+            la = tl.load(la_ptrs + r0, mask=r_ok, other=0.0)
+            up = tl.load(up_ptrs + r0, mask=r_ok, other=0.0).to(tl.float32)
+            if BIAS_MMA:  # the main loop accumulates in units of 2^-69 (exact: a power of two)
+                up = up * 2.0**-SUB_OUT_EXP
+            # fp32 in, three TF32 MMAs (hi*hi + hi*lo + lo*hi): fp32-class accuracy on tensor cores.
+            acc = tl.dot(la, tl.trans(up), acc, input_precision="tf32x3")
     # The bias MMA's constant operands: -128 x -128 = 2^14 per channel of K_BIAS. bias_x comes
-    # from a load that never reads (K >= 0; other = 0x80): Triton then stages the tile in shared
-    # memory once, where a literal splat was rematerialized into 8 registers every group
-    # (counted on sm_90: 261 SASS per group against 267).
+    # from a load that never reads (K >= 0), XORed with 0x80: Triton then stages the tile in
+    # shared memory once, where a literal splat was rematerialized into 8 registers every group
+    # (counted on sm_90: 261 SASS per group against 267). Not ``other=0x80``: Triton 3.6
+    # materializes a masked load's 8-bit ``other`` of 0x80 as the sign-extended word (PTX
+    # ``mov.u32 %r, 0xffffffffffffff80``), bytes (-128, -1, -1, -1): a wrong bias on every
+    # group (tests/test_triton_static.py reads the compiled PTX and SASS for it).
     kb = tl.arange(0, K_BIAS)
     never = K < 0
-    bias_x = tl.load(qx_ptr + kb[None, :] + 0 * rows[:, None], mask=never, other=0x80).to(
-        tl.int8, bitcast=True
-    )
+    zero_x = tl.load(qx_ptr + kb[None, :] + 0 * rows[:, None], mask=never, other=0)  # [BM, K_BIAS]
+    bias_x = (zero_x ^ 0x80).to(tl.int8, bitcast=True)
     bias_w = tl.full((BLOCK_N, K_BIAS), -128, tl.int8)
     for g in range(0, K // GROUP):
         px = tl.load(x_ptrs)  # [BM, HALF] u8
