@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from engine import inputs, kernels
+from engine import inputs, kernels, memory
 from engine.flux import attention
 from engine.go_fast import (
     CompileSettings,
@@ -83,6 +83,7 @@ class ServiceConfig:
     CIVITAI_API_TOKEN
     SVDQ_KERNELS              kernel backend: auto, reference, triton, cuda           auto
     SVDQ_ATTENTION            go_fast's attention: auto, sage, sdpa                   auto
+    SVDQ_MEMORY               memory mode: auto, fast, small (engine/memory.py)       auto
     ========================= ====================================================== =========
     """
 
@@ -92,6 +93,7 @@ class ServiceConfig:
     lora: StoreConfig | None = None
     kernels: str = "auto"
     attention: str = "auto"
+    memory: str = "auto"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -127,6 +129,7 @@ class ServiceConfig:
             lora=lora,
             kernels=env.get(kernels.ENV_VAR, "auto").strip() or "auto",
             attention=attention_kind,
+            memory=memory.parse(env.get(memory.ENV_VAR)),
         )
 
 
@@ -159,6 +162,14 @@ def configure_runtime(weights_dir: Path, kernel_backend: str = "auto") -> None:
     # go_fast's compiled graphs (inductor's FX graph and Triton caches) likewise: a restarted
     # container with the same cache folder loads them instead of compiling again at setup.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(weights_dir / "torchinductor"))
+
+def memory_mode(requested: str, device: torch.device) -> memory.Mode:
+    """The memory mode for ``device`` (auto: from the GPU's memory), logged with the reason."""
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    mode, why = memory.choose(requested, total)
+    logger.info("memory mode: %s (%s)", mode.value, why)
+    return mode
+
 
 def choose_model(config: ServiceConfig, gpu: bool | None = None) -> str:
     """The model to serve: ``config.model`` when named; in auto mode the real model on a GPU.
@@ -367,8 +378,11 @@ class FluxService:
             raise
         t1 = time.perf_counter()
         device = default_device()
-        generator = FluxGenerator.from_pretrained(model_dir, checkpoint, device=device)
+        mode = memory_mode(config.memory, device)
+        generator = FluxGenerator.from_pretrained(model_dir, checkpoint, device=device, memory=mode)
         safety = SafetyChecker.load(model_dir, device)
+        if safety is not None and not memory.safety_resident(mode):
+            safety.checker = memory.OnDemand(safety.checker, device)  # on the GPU for its check only
         settings = CompileSettings(attention=config.attention) if device.type == "cuda" else None
         lora = config.lora or StoreConfig(root=config.weights_dir / "loras")
         service = cls(generator, safety, model, lora, compile_settings=settings)
