@@ -30,7 +30,7 @@ ENV_VAR = "SVDQ_MEMORY"
 AUTO = "auto"
 
 
-class Mode(str, enum.Enum):
+class Mode(enum.StrEnum):
     FAST = "fast"
     SMALL = "small"
 
@@ -99,6 +99,4 @@ class OnDemand(nn.Module):
 
 def device_copies(state: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """A copy of every tensor of ``state`` on ``device`` (freed when the dict is)."""
-    return {
-        name: torch.empty_like(t, device=device).copy_(t, non_blocking=True) for name, t in state.items()
-    }
+    return {name: torch.empty_like(t, device=device).copy_(t, non_blocking=True) for name, t in state.items()}

@@ -163,6 +163,7 @@ def configure_runtime(weights_dir: Path, kernel_backend: str = "auto") -> None:
     # container with the same cache folder loads them instead of compiling again at setup.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(weights_dir / "torchinductor"))
 
+
 def memory_mode(requested: str, device: torch.device) -> memory.Mode:
     """The memory mode for ``device`` (auto: from the GPU's memory), logged with the reason."""
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None

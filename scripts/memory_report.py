@@ -45,7 +45,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from count_launches import FLUX_SCHNELL_CONFIG, _attention_as_one_launch, full_size_transformer  # noqa: E402
+from count_launches import _attention_as_one_launch, full_size_transformer
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -292,7 +292,9 @@ def trace_prediction(
     ]
     try:
         with torch.inference_mode(), _attention_as_one_launch(), _images_stay_on_device(pipe), tracer:
-            images = gen.generate("a red fox in fresh snow", width=width, height=height, steps=1, num_outputs=num_outputs)
+            images = gen.generate(
+                "a red fox in fresh snow", width=width, height=height, steps=1, num_outputs=num_outputs
+            )
             tracer.stage = "safety"
             # engine.safety.SafetyChecker.flags: CLIP's 224x224 crops of the images, on the device
             visiting = None if safety_resident else device_copies(_state(safety), torch.device("meta"))
@@ -370,9 +372,7 @@ def report() -> dict:
         out["modes"][mode] = {
             "components_bytes": component_bytes(gen, safety),
             "safety_resident": resident,
-            "cases": [
-                trace_prediction(gen, safety, w, h, n, safety_resident=resident) for w, h, n in CASES
-            ],
+            "cases": [trace_prediction(gen, safety, w, h, n, safety_resident=resident) for w, h, n in CASES],
             "latency": latency_model(gen, safety, resident),
         }
     fast, small = out["modes"]["fast"]["latency"], out["modes"]["small"]["latency"]
@@ -396,7 +396,11 @@ def markdown(r: dict) -> str:
     for mode, m in r["modes"].items():
         for c in m["cases"]:
             budget = r["budgets"].get(str(c["num_outputs"])) if mode == "small" else None
-            ok = "" if budget is None else f"{_gib(budget)} ({'met' if c['card_bytes'] <= budget else 'MISSED'})"
+            ok = (
+                ""
+                if budget is None
+                else f"{_gib(budget)} ({'met' if c['card_bytes'] <= budget else 'MISSED'})"
+            )
             lines.append(
                 f"| {mode} | {c['width']}x{c['height']} | {c['num_outputs']} | {_gib(c['weights_bytes'])} | "
                 f"{_gib(c['peak_allocated_bytes'])} ({c['peak_stage']}) | **{_gib(c['card_bytes'])}** | {ok} |"
@@ -436,7 +440,9 @@ def docs_block(text: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--write-docs", type=Path, default=None, help="replace the table in this file (docs/benchmarks.md)")
+    p.add_argument(
+        "--write-docs", type=Path, default=None, help="replace the table in this file (docs/benchmarks.md)"
+    )
     args = p.parse_args()
     r = report()
     table = markdown(r)

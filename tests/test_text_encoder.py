@@ -81,7 +81,7 @@ def test_t5_error_on_real_prompts_and_the_transformers_output(tiny_model_dir):
     with torch.no_grad():
         embeds = [(pipe.text_encoder_2(_ids(pipe, p))[0], q5(_ids(pipe, p))[0]) for p in PROMPTS]
         outs = [[transformer(encoder_hidden_states=e, **common)[0] for e in pair] for pair in embeds]
-    for i, ((a, b), (ya, yb)) in enumerate(zip(embeds, outs, strict=True)):
+    for (a, b), (ya, yb) in zip(embeds, outs, strict=True):
         t5_cos.append(F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item())
         change.append(((yb - ya).norm() / ya.norm()).item())
         assert (yb - ya).norm() > 0  # the quantized encoder does change the output
