@@ -390,7 +390,8 @@ def _gib(n: int) -> str:
 def markdown(r: dict) -> str:
     """The table docs/benchmarks.md holds (between the memory_report markers)."""
     lines = [
-        "| mode | size | images | weights | peak allocated (stage) | + slack, workspaces, context | budget |",
+        "| mode | size | images | weights GiB | peak allocated GiB (stage) | card GiB: + slack, workspaces, "
+        "context | budget GiB |",
         "|---|---|---|---|---|---|---|",
     ]
     for mode, m in r["modes"].items():
@@ -451,7 +452,8 @@ def main() -> None:
         args.json.write_text(json.dumps(r, indent=2) + "\n")
     if args.write_docs:
         text = args.write_docs.read_text()
-        args.write_docs.write_text(text.replace(docs_block(text), table))
+        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+        args.write_docs.write_text(text[:start] + table + text[end:])
 
 
 if __name__ == "__main__":
