@@ -201,36 +201,92 @@ def _module_bytes(*modules: torch.nn.Module) -> int:
     return total
 
 
-def full_size_pipeline(memory: str):
+# The same components at the tiny model's widths (engine/tiny_model.py), for scripts/gpu_session.py's
+# CPU run of the code that measures these cases on a GPU.
+TINY_CONFIGS = {
+    "t5": {
+        "d_model": 64,
+        "d_kv": 32,
+        "d_ff": 128,
+        "num_layers": 1,
+        "num_heads": 2,
+        "vocab_size": 128,
+        "feed_forward_proj": "gated-gelu",
+    },
+    "clip": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "vocab_size": 600,
+        "max_position_embeddings": 77,
+        "projection_dim": 32,
+    },
+    "vae": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "block_out_channels": (16, 16, 16, 16),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "mid_block_add_attention": False,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "scaling_factor": 0.3611,
+        "shift_factor": 0.1159,
+    },
+    "safety": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "patch_size": 14,
+        "image_size": 224,
+    },
+    "safety_projection_dim": 32,
+}
+
+
+def full_size_pipeline(memory: str, *, tiny: bool = False):
     """FLUX.1-schnell's pipeline on the meta device, in memory mode ``memory``, as the server
     loads it (engine.pipeline.FluxGenerator.from_pretrained's placement and dtypes), and its
     safety checker. Tokenizers are the tiny model's (the token count, not the vocabulary, sets
-    the sizes)."""
+    the sizes). ``tiny``: the tiny model's widths (``TINY_CONFIGS``)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from engine import memory as memory_mode
     from engine.pipeline import FluxGenerator, configure_memory
-    from engine.tiny_model import SCHEDULER, _clip_tokenizer, _t5_tokenizer
+    from engine.tiny_model import SCHEDULER, TINY_TRANSFORMER, _clip_tokenizer, _t5_tokenizer
 
     bf16 = torch.bfloat16
-    transformer = full_size_transformer(2, layers=(19, 38))
+    if tiny:
+        transformer = full_size_transformer(2, rank=16, config=dict(TINY_TRANSFORMER))
+        t5_cfg, clip_cfg, vae_cfg = TINY_CONFIGS["t5"], TINY_CONFIGS["clip"], TINY_CONFIGS["vae"]
+        vision_cfg, projection = TINY_CONFIGS["safety"], TINY_CONFIGS["safety_projection_dim"]
+    else:
+        transformer = full_size_transformer(2, layers=(19, 38))
+        t5_cfg, clip_cfg, vae_cfg = T5_XXL_CONFIG, CLIP_L_CONFIG, VAE_CONFIG
+        vision_cfg, projection = SAFETY_VISION_CONFIG, SAFETY_PROJECTION_DIM
+    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+    if tiny:  # the tiny tokenizers' special tokens (the real configs name the real ones)
+        clip_cfg = {**clip_cfg, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     with torch.device("meta"):
-        t5 = T5EncoderModel(T5Config(**T5_XXL_CONFIG)).to(bf16).eval()
-        clip = CLIPTextModel(CLIPTextConfig(**CLIP_L_CONFIG)).to(bf16).eval()
-        vae = AutoencoderKL(**VAE_CONFIG).to(bf16).eval()
-        safety = StableDiffusionSafetyChecker(
-            CLIPConfig(vision_config=SAFETY_VISION_CONFIG, projection_dim=SAFETY_PROJECTION_DIM)
-        )
+        t5 = T5EncoderModel(T5Config(**t5_cfg)).to(bf16).eval()
+        clip = CLIPTextModel(CLIPTextConfig(**clip_cfg)).to(bf16).eval()
+        vae = AutoencoderKL(**vae_cfg).to(bf16).eval()
+        safety = StableDiffusionSafetyChecker(CLIPConfig(vision_config=vision_cfg, projection_dim=projection))
         safety = safety.to(torch.float16).eval()  # engine.safety.default_dtype on a GPU
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
         vae=vae,
         text_encoder=clip,
-        tokenizer=_clip_tokenizer(),
+        tokenizer=tokenizer,
         text_encoder_2=t5,
-        tokenizer_2=_t5_tokenizer(),
+        tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
     mode = memory_mode.Mode(memory)
