@@ -95,3 +95,28 @@ def test_report_meets_the_budgets_and_the_docs_table_is_current():
     assert mr.docs_block(text) == mr.markdown(r), (
         "run: python scripts/memory_report.py --write-docs docs/benchmarks.md"
     )
+
+
+def test_setup_chooses_and_logs_the_mode(caplog):
+    from engine.service import memory_mode
+
+    with caplog.at_level("INFO", logger="engine.service"):
+        assert memory_mode("auto", torch.device("cpu")) is memory.Mode.FAST
+        assert memory_mode("small", torch.device("cpu")) is memory.Mode.SMALL
+    assert "memory mode: fast (no GPU)" in caplog.text
+    assert "memory mode: small (SVDQ_MEMORY=small)" in caplog.text
+
+
+def test_on_demand_serves_the_safety_checkers_keyword_call():
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    torch.manual_seed(0)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    checker = StableDiffusionSafetyChecker(CLIPConfig(vision_config=vision, projection_dim=16)).eval()
+    images = [torch.rand(8, 8, 3).numpy() for _ in range(2)]
+    clip_input = torch.randn(2, 3, 224, 224)
+    _, expected = checker(images=images, clip_input=clip_input)
+    visiting = memory.OnDemand(checker, "cpu")
+    _, got = visiting(images=images, clip_input=clip_input)
+    assert got == expected and visiting.dtype == torch.float32
