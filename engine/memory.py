@@ -4,16 +4,16 @@
 
 * ``fast``: every component in the dtype it ships in (T5-XXL in bf16, 9.5 GB).
 * ``small``: T5-XXL's linears in 4-bit weights (W4A16, group 64; ``engine.text_encoder``):
-  2.9 GB instead of 9.5 GB, for a few tens of milliseconds more per prediction.
+  2.9 GB instead of 9.5 GB, for about 54 ms more per prediction (modelled, A40).
 * ``auto`` (default): ``fast`` where the GPU has the memory the fast mode needs for the
   largest request (four 1024x1024 images), else ``small``; the choice is logged.
 
 In both modes the VAE decodes one image at a time (its peak does not grow with num_outputs).
 The safety checker's placement follows the mode: resident on the GPU in ``fast``; in ``small``
 its weights (0.61 GB in fp16) wait in pinned host memory and are copied to the GPU for each
-check, after the VAE decode, the peak (``OnDemand``): 0.57 GiB off the peak for about 30 ms
+check, after the VAE decode, the peak (``OnDemand``): 0.57 GiB off the peak for about 25 ms
 of PCIe copy per prediction, where a tiled VAE decode would save more but cost about half a
-decode again (scripts/memory_report.py models both).
+decode again (scripts/memory_report.py models both). The small mode's whole cost: about 80 ms.
 The figure (``FAST_CARD_GIB``) comes from ``scripts/memory_report.py``, which traces a
 prediction on the meta device; a test keeps them equal.
 """
