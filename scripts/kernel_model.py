@@ -258,11 +258,18 @@ def analyse(arch: str = "86", work: Path | None = None) -> StaticReport:
 # --- the model -------------------------------------------------------------------------------------------
 
 
+def gemm_smem_bytes(p: dict[str, int]) -> int:
+    """Dynamic shared memory of w4a4_gemm (kernels.cu's kStageBytes x kStages): per stage the A and B
+    codes, then one 8-byte (sa22, -magic sa22) slot and one 4-byte wscales slot per thread."""
+    threads = 32 * p["kWarpsM"] * p["kWarpsN"]
+    return p["kStages"] * ((p["kBM"] + p["kBN"]) * 32 + threads * 12)
+
+
 def gemm_ctas_per_sm(report: StaticReport, hw: dict = A40) -> int:
     p = report.params
     threads = 32 * p["kWarpsM"] * p["kWarpsN"]
     regs = max(r["registers"] for n, r in report.resources.items() if "w4a4_gemm" in n)
-    smem = p["kStages"] * ((p["kBM"] + p["kBN"]) * 32 + (p["kBM"] + p["kBN"]) * 4)
+    smem = gemm_smem_bytes(p)
     by_regs = hw["regs_per_sm"] // (math.ceil(regs / 8) * 8 * threads)
     return max(0, min(by_regs, hw["smem_per_sm"] // smem, hw["max_threads_per_sm"] // threads))
 
@@ -275,9 +282,8 @@ def model_gemm(report: StaticReport, m: int, k: int, n: int, hw: dict = A40) -> 
     # per main-loop iteration (one group) of one CTA; CTAs on one SM share its pipes
     tensor = loop.counts["int4 MMA"] * warps * 16 * 8 * 64 / mac_per_clk
     issue = loop.counts["total"] * warps / hw["schedulers"]
-    smem_bytes = loop.smem_read_bytes_per_warp * warps + (p["kBM"] + p["kBN"]) * (
-        32 + 4
-    )  # reads + cp.async fills
+    smem_bytes = loop.smem_read_bytes_per_warp * warps + (p["kBM"] + p["kBN"]) * 32 + 32 * warps * 12
+    # reads + cp.async fills of the codes + every thread's scale slots
     smem = smem_bytes / hw["smem_bytes_per_clk"]
     per_iter = max(tensor, issue, smem)
     groups = k // 64
@@ -381,10 +387,11 @@ def markdown(report: StaticReport, rows: list[dict], hw: dict = A40) -> str:
         f"quantize_act: {quant_regs} registers, no spills.",
         "",
         f"Per main-loop iteration of a warp (one 64-channel group): {c['total']} instructions, of which "
-        f"{c['int4 MMA']} int4 MMA, {c['fp32 add/mul/fma']} fp32 add/mul/fma (3 per accumulator: remove the "
-        f"magic offset, scale by ascales, FMA with wscales), {c['ldmatrix']} ldmatrix, {c['shared load']} shared "
+        f"{c['int4 MMA']} int4 MMA, {c['fp32 add/mul/fma']} fp32 add/mul/fma (2 FFMA per accumulator: remove the "
+        f"magic offset and scale by the 22-bit ascales, FMA with wscales; one FMUL for the row's offset), {c['ldmatrix']} ldmatrix, {c['shared load']} shared "
         f"loads (scales), {c['cp.async']} cp.async, {c['barrier']} barrier, {c['int->float conversion']} int->float "
-        f"conversions, {c['global load']} global loads, {c['other']} other. "
+        f"conversions, {c['global load']} global load (the activation scale of a later group), {c['other']} other "
+        f"({c['total'] / c['int4 MMA']:.1f} per int4 MMA). "
         f"The low-rank up-projection is {report.gemm_hmma_total} bf16 MMAs in the epilogue. "
         f"quantize_act's group loop: {q.counts['total']} instructions per warp iteration "
         f"({q.counts['bf16 MMA']} bf16 MMA for the down-projection).",
@@ -407,9 +414,8 @@ def markdown(report: StaticReport, rows: list[dict], hw: dict = A40) -> str:
         "to the SMs), instruction latencies and dual-issue limits, the clock under load (the model uses the "
         "boost clock), launch overhead. Issue time counts every instruction of the loop body, including "
         "those on paths skipped at run time, and the non-loop code of a tile is counted as if every path "
-        "ran, so it errs high. Scale traffic assumes ascales row-major (one 4-byte cp.async per row per "
-        "group through L1: one 32-byte sector per row every 8 groups) and wscales group-major (the layout "
-        "SVDQLinear stores).",
+        "ran, so it errs high. Scale traffic assumes both scales group-major (ascales as every quantize_act writes them, wscales "
+        "as SVDQLinear stores them): each group's scales are one coalesced row.",
         MARK_END,
     ]
     return "\n".join(lines)

@@ -273,7 +273,11 @@ def full_size_pipeline(memory: str, *, tiny: bool = False):
         vision_cfg, projection = SAFETY_VISION_CONFIG, SAFETY_PROJECTION_DIM
     tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
     if tiny:  # the tiny tokenizers' special tokens (the real configs name the real ones)
-        clip_cfg = {**clip_cfg, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+        clip_cfg = {
+            **clip_cfg,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
     with torch.device("meta"):
         t5 = T5EncoderModel(T5Config(**t5_cfg)).to(bf16).eval()
         clip = CLIPTextModel(CLIPTextConfig(**clip_cfg)).to(bf16).eval()
@@ -307,15 +311,23 @@ def component_bytes(gen, safety) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def _images_stay_on_device(pipe):
-    """The pipeline's last step turns the decoded batch into PIL images on the CPU; on meta it
-    cannot, so it hands the device tensor back (the CPU copy is not GPU memory)."""
-    original = pipe.image_processor.postprocess
-    pipe.image_processor.postprocess = lambda image, output_type="pil", **kw: image
+def _images_stay_on_device():
+    """The pipeline's last step (engine.pipeline.to_pil) makes uint8 images on the device and
+    copies them to the host as PIL images; on meta it cannot copy, so the device half runs and
+    the device tensors are handed back (the host copies are not GPU memory)."""
+    import engine.pipeline
+
+    original = engine.pipeline.to_pil
+
+    def device_half(images: torch.Tensor) -> list[torch.Tensor]:
+        u8 = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # as to_pil, on the device
+        return list(u8)
+
+    engine.pipeline.to_pil = device_half
     try:
         yield
     finally:
-        pipe.image_processor.postprocess = original
+        engine.pipeline.to_pil = original
 
 
 def _staged(tracer: LiveBytes, module: torch.nn.Module, name: str):
@@ -347,7 +359,7 @@ def trace_prediction(
         _staged(tracer, pipe.vae.decoder, "decode"),
     ]
     try:
-        with torch.inference_mode(), _attention_as_one_launch(), _images_stay_on_device(pipe), tracer:
+        with torch.inference_mode(), _attention_as_one_launch(), _images_stay_on_device(), tracer:
             images = gen.generate(
                 "a red fox in fresh snow", width=width, height=height, steps=1, num_outputs=num_outputs
             )

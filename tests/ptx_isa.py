@@ -11,6 +11,8 @@ every table below is cited by its section *title*:
 * "Multiply-and-Accumulate Instruction: mma"                      (9.7.14.5.14: semantics, rounding,
                                                                    integer wrap / .satfinite)
 * "Warp-level matrix load instruction: ldmatrix"                  (9.7.14.5.15, Figure 104)
+* "Matrix Fragments for mma.m16n8k32" (.s8/.u8 part)               (9.7.14.5.10, Figure 88-90)
+* "Matrix Fragments for mma.m16n8k8" (.tf32 part)                  (9.7.14.5.7, Figures 72, 74)
 
 Why it exists: CUDA kernels that hand-place mma/ldmatrix operands are tested against this model on
 the CPU, so a layout mistake shows up as a wrong matrix element instead of a silently wrong GEMM.
@@ -34,6 +36,7 @@ Conventions used throughout (all arrays are numpy):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
@@ -41,15 +44,20 @@ from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
     "WARP",
+    "MmaSpec",
     "bf16_to_bits",
     "bits_to_bf16",
     "bits_to_f16",
     "bits_to_f32",
     "f16_to_bits",
     "f32_to_bits",
+    "frag_m16n8k8_tf32_a",
+    "frag_m16n8k8_tf32_b",
     "frag_m16n8k16_a",
     "frag_m16n8k16_b",
     "frag_m16n8k16_c",
+    "frag_m16n8k32_a",
+    "frag_m16n8k32_b",
     "frag_m16n8k64_a",
     "frag_m16n8k64_b",
     "frag_m16n8k64_c",
@@ -61,6 +69,8 @@ __all__ = [
     "mma_m16n8k16_bf16",
     "mma_m16n8k16_f16",
     "mma_m16n8k64_s4",
+    "mma_spec",
+    "mma_sync",
     "pack_A_m16n8k16",
     "pack_A_m16n8k64",
     "pack_B_m16n8k16",
@@ -592,3 +602,150 @@ def ldmatrix(
             halves = [tiles[ldmatrix_frag(lane, j, e, trans)] for e in range(2)]
             out[lane, j] = np.uint32(halves[0]) | (np.uint32(halves[1]) << np.uint32(16))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# mma.m16n8k32 .s8/.u8 and mma.m16n8k8 .tf32 (the shapes Triton emits for int8 and tf32 dots),
+# and one warp-level entry point for every shape/type pair above (the PTX interpreter's mma).
+# ---------------------------------------------------------------------------------------------
+M16N8K32_A_REGS, M16N8K32_B_REGS = 4, 2
+S8_PER_REG = 4
+
+
+def frag_m16n8k32_a(lane: int, reg: int, elem: int) -> tuple[int, int]:
+    """A (16x32, .s8/.u8): four .b32 registers of four 8-bit elements a0..a15 (Figure 88).
+
+    row = groupID     for ai where 0 <= i < 4 || 8 <= i < 12;  groupID + 8 otherwise
+    col = threadID_in_group*4 + (i & 0x3)        for i < 8
+          threadID_in_group*4 + (i & 0x3) + 16   for i >= 8
+    """
+    i = _check(reg, elem, M16N8K32_A_REGS, S8_PER_REG)
+    g, t = lane_coords(lane)
+    row = g if (0 <= i < 4 or 8 <= i < 12) else g + 8
+    return row, t * 4 + (i & 0x3) + (16 if i >= 8 else 0)
+
+
+def frag_m16n8k32_b(lane: int, reg: int, elem: int) -> tuple[int, int]:
+    """B (32x8, K x N, .s8/.u8): two .b32 registers of four 8-bit elements b0..b7 (Figure 89).
+
+    row = threadID_in_group*4 + (i & 0x3)        for bi where i < 4
+          threadID_in_group*4 + (i & 0x3) + 16   for bi where i >= 4
+    col = groupID
+    """
+    i = _check(reg, elem, M16N8K32_B_REGS, S8_PER_REG)
+    g, t = lane_coords(lane)
+    return t * 4 + (i & 0x3) + (16 if i >= 4 else 0), g
+
+
+def frag_m16n8k8_tf32_a(lane: int, reg: int, elem: int = 0) -> tuple[int, int]:
+    """A (16x8, .tf32): four .b32 registers a0..a3, one element each (Figure 72).
+
+    row = groupID for a0 and a2;  groupID + 8 for a1 and a3
+    col = threadID_in_group for a0 and a1;  threadID_in_group + 4 for a2 and a3
+    """
+    i = _check(reg, elem, 4, 1)
+    g, t = lane_coords(lane)
+    return (g if i in (0, 2) else g + 8), (t if i < 2 else t + 4)
+
+
+def frag_m16n8k8_tf32_b(lane: int, reg: int, elem: int = 0) -> tuple[int, int]:
+    """B (8x8, K x N, .tf32): two .b32 registers b0, b1 (Figure 74).
+
+    row = threadID_in_group for b0;  threadID_in_group + 4 for b1
+    col = groupID
+    """
+    i = _check(reg, elem, 2, 1)
+    g, t = lane_coords(lane)
+    return (t if i == 0 else t + 4), g
+
+
+@dataclass(frozen=True)
+class MmaSpec:
+    """One mma.sync shape and its operand types: fragment maps, registers, element widths."""
+
+    m: int
+    n: int
+    k: int
+    atype: str
+    btype: str
+    ctype: str
+    a_frag: FragFn
+    b_frag: FragFn
+    c_frag: FragFn
+    a_regs: int
+    b_regs: int
+    c_regs: int = 4
+
+    @property
+    def a_bits(self) -> int:
+        return _ELEM_BITS[self.atype]
+
+    @property
+    def b_bits(self) -> int:
+        return _ELEM_BITS[self.btype]
+
+
+_ELEM_BITS = {"s4": 4, "u4": 4, "s8": 8, "u8": 8, "f16": 16, "bf16": 16, "tf32": 32}
+
+
+def mma_spec(shape: str, atype: str, btype: str, ctype: str) -> MmaSpec:
+    """The spec of ``mma.sync.aligned.<shape>.row.col.<dtype>.<atype>.<btype>.<ctype>``."""
+    ints = {"s4", "u4", "s8", "u8"}
+    if shape == "m16n8k64" and {atype, btype} <= {"s4", "u4"} and ctype == "s32":
+        return MmaSpec(16, 8, 64, atype, btype, ctype, frag_m16n8k64_a, frag_m16n8k64_b, frag_m16n8k64_c, 4, 2)
+    if shape == "m16n8k32" and {atype, btype} <= {"s8", "u8"} and ctype == "s32":
+        return MmaSpec(16, 8, 32, atype, btype, ctype, frag_m16n8k32_a, frag_m16n8k32_b, frag_m16n8k64_c, 4, 2)
+    if shape == "m16n8k16" and atype == btype and atype in ("f16", "bf16") and ctype == "f32":
+        return MmaSpec(16, 8, 16, atype, btype, ctype, frag_m16n8k16_a, frag_m16n8k16_b, frag_m16n8k16_c, 4, 2)
+    if shape == "m16n8k8" and atype == btype == "tf32" and ctype == "f32":
+        return MmaSpec(16, 8, 8, atype, btype, ctype, frag_m16n8k8_tf32_a, frag_m16n8k8_tf32_b, frag_m16n8k16_c,
+                       4, 2)  # fmt: skip
+    del ints
+    raise NotImplementedError(f"mma {shape} {atype}.{btype} -> {ctype}")
+
+
+def _decode(fields: NDArray[np.uint32], t: str) -> NDArray:
+    if t in ("s4", "u4"):
+        return _from_nibbles(fields, t == "u4")
+    if t in ("s8", "u8"):
+        v = fields.astype(np.int64)
+        return v if t == "u8" else np.where(v >= 128, v - 256, v)
+    if t in ("f16", "bf16"):
+        return _half_vals(fields.astype(np.uint16), t == "bf16")
+    if t == "tf32":  # only the tf32 bits (sign, exponent, 10 mantissa bits) take part
+        return (fields.astype(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32).astype(np.float64)
+    raise NotImplementedError(t)
+
+
+def _operand(regs: NDArray[np.uint32], fn: FragFn, nregs: int, t: str, shape: tuple[int, int]) -> NDArray:
+    bits = _ELEM_BITS[t]
+    epr = 32 // bits
+    rows, cols = frag_table(fn, nregs, epr)
+    vals = _decode(_unpack_fields(regs, bits, epr) if epr > 1 else regs[..., None], t)
+    out = np.zeros(shape, dtype=vals.dtype)
+    out[rows, cols] = vals
+    return out
+
+
+def mma_sync(spec: MmaSpec, a_regs: ArrayLike, b_regs: ArrayLike, c_regs: ArrayLike, satfinite: bool = False) -> NDArray[np.uint32]:
+    """One warp's ``mma.sync.aligned`` on raw 32-bit registers: a [32, a_regs], b [32, b_regs], c and
+    the result [32, 4] (bit patterns: int32 for .s32, fp32 for .f32 accumulators).
+
+    Integer products are exact; .s32 sums wrap modulo 2^32, or clamp with .satfinite. Float
+    products are exact in float64, summed with C in float64, rounded once to fp32 (see
+    mma_m16n8k16_f16 for why this is a model: the ISA leaves accumulation order unspecified)."""
+    a = _check_regs(a_regs, spec.a_regs, "a_regs")
+    b = _check_regs(b_regs, spec.b_regs, "b_regs")
+    c = _check_regs(c_regs, spec.c_regs, "c_regs")
+    A = _operand(a, spec.a_frag, spec.a_regs, spec.atype, (spec.m, spec.k))
+    B = _operand(b, spec.b_frag, spec.b_regs, spec.btype, (spec.k, spec.n))
+    rows, cols = frag_table(spec.c_frag, spec.c_regs, 1)
+    C = np.zeros((spec.m, spec.n), dtype=np.int64 if spec.ctype == "s32" else np.float64)
+    cv = c.view(np.int32).astype(np.int64) if spec.ctype == "s32" else c.view(np.float32).astype(np.float64)
+    C[rows, cols] = cv[..., None]
+    if spec.ctype == "s32":
+        D = A.astype(np.int64) @ B.astype(np.int64) + C
+        D = np.clip(D, INT32_MIN, INT32_MAX) if satfinite else ((D - INT32_MIN) % (2**32)) + INT32_MIN
+        return D.astype(np.int32)[rows, cols][..., 0].view(np.uint32)
+    D = (A @ B + C).astype(np.float32)
+    return D[rows, cols][..., 0].view(np.uint32)

@@ -4,7 +4,10 @@ The instructions (ldmatrix, mma.m16n8k64 s4/u4, mma.m16n8k16 bf16) come from tes
 emulator written from the PTX ISA's fragment tables by someone who had not seen kernels.cu. What this file
 adds is the kernels' *design*: which thread copies which 16 bytes into which swizzled shared-memory slot of
 which pipeline stage, the addresses each lane hands to ldmatrix, how warps split the CTA tile, the grouped
-CTA order, the magic-number int32 -> fp32 conversion, where each register's scale is read and where each
+CTA order, the magic-number int32 -> fp32 conversion (with the activation scale rounded to 22 bits so that
+one FMA removes the offset and scales), the activation scales' register pipeline (loaded one group ahead,
+stored as (sa22, -magic sa22) pairs two stages ahead of the one read), where each register's scale is read
+and where each
 accumulator is stored, and, in quantize_act, which channels each lane owns and how they fill the bf16 MMA
 fragments. The tile parameters are read from kernels.cu. If any design choice disagreed with the ISA's
 fragment layouts, the emulated result would not be the reference's.
@@ -59,6 +62,12 @@ def bf16_pair_bits(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray
     x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
     hx, hy = P.round_to_bf16(x), P.round_to_bf16(y)
     return bf16x2(hx, hy), bf16x2((x - hx).astype(np.float32), (y - hy).astype(np.float32))
+
+
+def round_to_22_bits(s: np.ndarray) -> np.ndarray:
+    """kernels.cu's round_to_22_bits: (bits + 2) & ~3 on the fp32 pattern (to nearest, 22 significant bits)."""
+    bits = np.asarray(s, np.float32).view(np.int32)
+    return ((bits + 2) & ~np.int32(3)).view(np.float32)
 
 
 def gather(t: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -133,8 +142,9 @@ def emulate_gemm(
     mt_n, nt_n = bm // wm_n // 16, bn // wn_n // 8
     m, n, k, r = qx.shape[0], qweight.shape[0], 2 * qx.shape[1], lora_act.shape[1]
     groups = k // 64
-    sa_off, sw_off = (bm + bn) * 32, (bm + bn) * 32 + bm * 4
-    stage_bytes = sa_off + (bm + bn) * 4
+    # per stage: codes, then one (sa22, -magic sa22) slot and one wscales slot per thread
+    sa_off, sw_off = (bm + bn) * 32, (bm + bn) * 32 + threads * 8
+    stage_bytes = sw_off + threads * 4
     out = np.full((m, n), np.nan, np.float32)
     written = np.zeros((m, n), np.int64)
     lane = np.arange(32)
@@ -145,7 +155,21 @@ def emulate_gemm(
     for tm, tn in grouped_order(tiles_m, tiles_n, gm):
         m0, n0 = tm * bm, tn * bn
         ring = np.zeros((stages, stage_bytes), np.uint8)
-        tag = [-1] * stages  # which group each stage holds
+        tag = [-1] * stages  # which group each stage's codes and wscales hold
+        tag_sa = [-1] * stages  # which group each stage's activation scales hold
+
+        def load_sa(g: int, m0: int = m0) -> np.ndarray:
+            """Each thread's LDG of its row's scale (rows past M and threads >= kBM: 0)."""
+            rows = m0 + np.arange(threads)
+            ok = (np.arange(threads) < bm) & (rows < m)
+            return np.where(ok, ascales[np.minimum(rows, m - 1), g], 0).astype(np.float32)
+
+        def store_sa(g: int, v: np.ndarray, ring: np.ndarray = ring, tag_sa: list = tag_sa) -> None:
+            """Every thread's STS.64 of (sa22, -magic sa22) into stage g % stages (unconditional)."""
+            s22 = round_to_22_bits(v)
+            pair = np.stack([s22, (-MAGIC * s22).astype(np.float32)], 1)  # exact: 22-bit significand
+            ring[g % stages, sa_off : sa_off + threads * 8] = pair.reshape(-1).view(np.uint8)
+            tag_sa[g % stages] = g
 
         def load(g: int, m0: int = m0, n0: int = n0, ring: np.ndarray = ring, tag: list = tag) -> None:
             """Every thread's cp.async for group g (zero-fill past M / N)."""
@@ -168,24 +192,29 @@ def emulate_gemm(
                     )
                     o = bm * 32 + swizzled(row, half)
                     buf[o : o + 16] = src
-                if tid < bm:
-                    v = ascales[m0 + tid, g] if m0 + tid < m else 0.0
-                    buf[sa_off + 4 * tid : sa_off + 4 * tid + 4] = np.array([v], np.float32).view(np.uint8)
-                if tid < bn:
-                    v = wscales[n0 + tid, g] if n0 + tid < n else 0.0
-                    buf[sw_off + 4 * tid : sw_off + 4 * tid + 4] = np.array([v], np.float32).view(np.uint8)
+                # every thread's 4-byte cp.async of wscales (zero-filled past N and for tid >= kBN)
+                v = wscales[n0 + tid, g] if tid < bn and n0 + tid < n else 0.0
+                buf[sw_off + 4 * tid : sw_off + 4 * tid + 4] = np.array([v], np.float32).view(np.uint8)
             tag[s] = g
 
         acc = np.zeros((warps, mt_n, nt_n, 32, 4), np.float32)
         for g in range(min(stages - 1, groups)):
             load(g)
+        for g in range(min(stages - 2, groups)):
+            store_sa(g, load_sa(g))
+        sa_next = load_sa(stages - 2) if stages - 2 < groups else np.zeros(threads, np.float32)
         for g in range(groups):
             # barrier: every warp finished group g - 1, so its stage may be refilled with g + stages - 1
             if g + stages - 1 < groups:
                 load(g + stages - 1)
-            assert tag[g % stages] == g
+            # stage (g + stages - 2) % stages was last read in iteration g - 2: free since this barrier
+            assert tag_sa[(g + stages - 2) % stages] < g, "overwrote activation scales still to be read"
+            store_sa(g + stages - 2, sa_next)
+            if g + stages - 1 < groups:
+                sa_next = load_sa(g + stages - 1)
+            assert tag[g % stages] == g and tag_sa[g % stages] == g
             buf = ring[g % stages]
-            sa_s = buf[sa_off : sa_off + bm * 4].view(np.float32)
+            sa_s = buf[sa_off : sa_off + threads * 8].view(np.float32).reshape(threads, 2)
             sw_s = buf[sw_off : sw_off + bn * 4].view(np.float32)
             for w in range(warps):
                 wm, wn = (w // wn_n) * (bm // wm_n), (w % wn_n) * (bn // wn_n)
@@ -209,16 +238,12 @@ def emulate_gemm(
                         )  # [32, 2]
                         for mt in range(mt_n):
                             d = P.mma_m16n8k64_s4(a[mt], b[:, 2 * h : 2 * h + 2], magic, a_unsigned=unsigned)
-                            f = d.view(np.float32) - MAGIC  # exact (test above)
-                            sa = np.stack(
-                                [sa_s[wm + mt * 16 + grp], sa_s[wm + mt * 16 + grp + 8]], 1
-                            )  # [32, 2]
+                            b32 = d.view(np.float32)  # 1.5 * 2^23 + the group's dot, exactly (test above)
+                            pairs = [sa_s[wm + mt * 16 + grp], sa_s[wm + mt * 16 + grp + 8]]  # [32, 2] each
                             for e in range(4):
-                                acc[w, mt, nt, :, e] = fma32(
-                                    (f[:, e] * sa[:, e // 2]).astype(np.float32),
-                                    sw[:, e % 2],
-                                    acc[w, mt, nt, :, e],
-                                )
+                                s22, neg_bias = pairs[e // 2][:, 0], pairs[e // 2][:, 1]
+                                part = fma32(b32[:, e], s22, neg_bias)  # RN(dot * sa22): one rounding
+                                acc[w, mt, nt, :, e] = fma32(part, sw[:, e % 2], acc[w, mt, nt, :, e])
         # epilogue: low-rank on bf16 MMAs (lora_act as hi + lo, proj_up bf16), bias, stores
         for w in range(warps):
             wm, wn = (w // wn_n) * (bm // wm_n), (w % wn_n) * (bn // wn_n)
@@ -315,7 +340,7 @@ def emulate_quantize(x: np.ndarray, smooth: np.ndarray, down: np.ndarray, unsign
     m, k = x.shape
     r, groups = down.shape[0], k // 64
     qx = np.full((m, k // 2), 0xEE, np.uint8)
-    ascales = np.full((m, groups), -1.0, np.float32)
+    ascales_mem = np.full(groups * m, -1.0, np.float32)  # the kernel's buffer: group-major, strides (1, M)
     lora = np.zeros((m, r), np.float32)
     lane = np.arange(32)
     grp, tig = lane // 4, lane % 4
@@ -354,7 +379,7 @@ def emulate_quantize(x: np.ndarray, smooth: np.ndarray, down: np.ndarray, unsign
                                 if rows[ln] < m:
                                     qx[rows[ln], g * 32 + 8 * tig[ln] : g * 32 + 8 * tig[ln] + 8] = packed[ln]
                                     if tig[ln] == 0:
-                                        ascales[rows[ln], g] = scale[ln]
+                                        ascales_mem[g * m + rows[ln]] = scale[ln]
                     if r == 0:
                         continue
                     for step in range(4):
@@ -408,7 +433,7 @@ def emulate_quantize(x: np.ndarray, smooth: np.ndarray, down: np.ndarray, unsign
                 for col in range(nt_pass * 8):
                     if m0 + row < m and r0 + col < r:
                         lora[m0 + row, r0 + col] = total[row, col]
-    return qx, ascales, lora
+    return qx, ascales_mem.reshape(groups, m).T, lora
 
 
 @pytest.mark.parametrize(

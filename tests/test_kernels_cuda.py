@@ -127,8 +127,12 @@ def test_cuda_scale_strides_nan_groups_and_alignment_errors():
     m, k, n, r = 300, 256, 200, 48  # ragged tiles, R > 32 (two low-rank passes in quantize_act)
     g = gemm_inputs(m, k, n, r, device="cuda", dtype=torch.float32)
     y = cb.w4a4_gemm(**g, unsigned=False, out_dtype=torch.float32)
-    group_major = {**g, "wscales": g["wscales"].t().contiguous().t()}  # logical [N, G], strides (1, N)
-    assert group_major["wscales"].stride() == (1, n)
+    group_major = {  # logical [N, G] / [M, G], strides (1, N) / (1, M): the contract's layout
+        **g,
+        "wscales": g["wscales"].t().contiguous().t(),
+        "ascales": g["ascales"].t().contiguous().t(),
+    }
+    assert group_major["wscales"].stride() == (1, n) and group_major["ascales"].stride() == (1, m)
     assert torch.equal(cb.w4a4_gemm(**group_major, unsigned=False, out_dtype=torch.float32), y)
     ref = reference.w4a4_gemm(**g, unsigned=False, out_dtype=torch.float32)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
@@ -140,7 +144,7 @@ def test_cuda_scale_strides_nan_groups_and_alignment_errors():
     want = reference.quantize_act(a["x"], a["smooth"], a["proj_down"], **kw)
     assert torch.equal(got[0], want[0])
     assert torch.isnan(got[1][5, 1]) and torch.equal(got[1].nan_to_num(-1), want[1].nan_to_num(-1))
-    assert got[1].is_contiguous()  # the strides of the fake op (torch.compile asserts them)
+    assert got[1].stride() == (1, m)  # group-major, the contract's strides (torch.compile asserts them)
 
     misaligned = torch.empty(m * (k // 2) + 1, dtype=torch.uint8, device="cuda")[1:].view(m, k // 2)
     with pytest.raises(RuntimeError, match="16-byte aligned"):

@@ -7,7 +7,8 @@ Three kinds of checks, so that a mistake in one table cannot hide behind the sam
   (whose maps come from the "Matrix Fragments" sections) reproduces the stored matrices.
 
 Copied from the emulator's author (/work/ptx_emu, with ptx_isa.py unchanged); only the import of
-ptx_isa (a package-relative import instead of a sys.path insert) and zip(strict=True) differ.
+ptx_isa (a package-relative import instead of a sys.path insert) and zip(strict=True) differ. The
+m16n8k32 .s8 / m16n8k8 .tf32 tests at the end came later, with the PTX interpreter (ptx_exec.py).
 """
 
 from __future__ import annotations
@@ -404,3 +405,99 @@ def test_ldmatrix_rejects_misaligned_and_out_of_bounds() -> None:
         P.ldmatrix(mem, [256] + [0] * 31, 1)
     with pytest.raises(ValueError):
         P.ldmatrix(mem, [0] * 32, 3)
+
+
+# ----------------------------------------------------------------------------- m16n8k32 s8, m16n8k8 tf32
+# (added with the PTX interpreter, tests/ptx_exec.py; ISA sections "Matrix Fragments for mma.m16n8k32"
+# and "Matrix Fragments for mma.m16n8k8", hand-worked entries below)
+
+
+@pytest.mark.parametrize(
+    "fn,lane,reg,elem,expected",
+    [
+        (P.frag_m16n8k32_a, 5, 0, 2, (1, 6)),  # g=1 t=1, i=2: row g, col 4t+2
+        (P.frag_m16n8k32_a, 5, 1, 0, (9, 4)),  # i=4: row g+8, col 4t
+        (P.frag_m16n8k32_a, 5, 2, 3, (1, 23)),  # i=11: row g, col 4t+3+16
+        (P.frag_m16n8k32_a, 5, 3, 1, (9, 21)),  # i=13: row g+8, col 4t+1+16
+        (P.frag_m16n8k32_b, 6, 0, 3, (11, 1)),  # g=1 t=2, i=3: row 4t+3, col g
+        (P.frag_m16n8k32_b, 6, 1, 0, (24, 1)),  # i=4: row 4t+16
+        (P.frag_m16n8k8_tf32_a, 9, 0, 0, (2, 1)),  # g=2 t=1: a0 (g, t)
+        (P.frag_m16n8k8_tf32_a, 9, 1, 0, (10, 1)),  # a1 (g+8, t)
+        (P.frag_m16n8k8_tf32_a, 9, 2, 0, (2, 5)),  # a2 (g, t+4)
+        (P.frag_m16n8k8_tf32_a, 9, 3, 0, (10, 5)),  # a3 (g+8, t+4)
+        (P.frag_m16n8k8_tf32_b, 9, 0, 0, (1, 2)),  # b0 (t, g)
+        (P.frag_m16n8k8_tf32_b, 9, 1, 0, (5, 2)),  # b1 (t+4, g)
+    ],
+)
+def test_frag_new_shapes_entries(fn, lane: int, reg: int, elem: int, expected: tuple[int, int]) -> None:
+    assert fn(lane, reg, elem) == expected
+
+
+@pytest.mark.parametrize(
+    "fn,nregs,epr,shape",
+    [
+        (P.frag_m16n8k32_a, 4, 4, (16, 32)),
+        (P.frag_m16n8k32_b, 2, 4, (32, 8)),
+        (P.frag_m16n8k8_tf32_a, 4, 1, (16, 8)),
+        (P.frag_m16n8k8_tf32_b, 2, 1, (8, 8)),
+    ],
+)
+def test_new_frag_maps_are_bijections(fn, nregs: int, epr: int, shape: tuple[int, int]) -> None:
+    test_frag_maps_are_bijections(fn, nregs, epr, shape)
+
+
+def _lane_rows(row_addr) -> np.ndarray:
+    """ldmatrix.x4 lane addresses: lane l gives row l % 8 of matrix l // 8."""
+    return np.array([row_addr(lane // 8, lane % 8) for lane in range(32)])
+
+
+def test_mma_sync_s8_from_ldmatrix_equals_matmul() -> None:
+    """int8 A [16, 32] and W [8, 32] stored row-major, loaded by ldmatrix (its own lane map): the
+    m16n8k32 fragments (the mma section's maps) multiply to A @ W^T, wrapping / saturating."""
+    a = RNG.integers(-128, 128, (16, 32)).astype(np.int8)
+    w = RNG.integers(-128, 128, (8, 32)).astype(np.int8)
+    smem = np.concatenate([a.view(np.uint8).ravel(), w.view(np.uint8).ravel()])
+    # A: matrices 0..3 = rows 0-7 / 8-15, bytes 0-15 / 16-31 (a0..a3 of the fragment table)
+    a_regs = P.ldmatrix(smem, _lane_rows(lambda mt, r: (r + 8 * (mt % 2)) * 32 + 16 * (mt // 2)), 4)
+    b_regs = P.ldmatrix(smem, _lane_rows(lambda mt, r: 512 + r * 32 + 16 * (mt % 2)), 2)
+    c = RNG.integers(-1000, 1000, (16, 8)).astype(np.int32)
+    spec = P.mma_spec("m16n8k32", "s8", "s8", "s32")
+    rows, cols = P.frag_table(P.frag_m16n8k64_c, 4, 1)
+    d = P.mma_sync(spec, a_regs, b_regs, c[rows, cols][..., 0].view(np.uint32))
+    assert np.array_equal(P.unpack_D_m16n8k64(d.view(np.int32)), a.astype(np.int64) @ w.T.astype(np.int64) + c)
+    u = P.mma_spec("m16n8k32", "u8", "s8", "s32")
+    d = P.mma_sync(u, a_regs, b_regs, np.zeros((32, 4), np.uint32))
+    assert np.array_equal(P.unpack_D_m16n8k64(d.view(np.int32)), a.view(np.uint8).astype(np.int64) @ w.T.astype(np.int64))
+    big = np.full((32, 4), 2**31 - 1, dtype=np.int32).view(np.uint32)
+    ones = np.full((32, 4), 0x01010101, np.uint32)
+    sat = P.mma_sync(spec, ones, ones[:, :2], big, satfinite=True).view(np.int32)
+    wrap = P.mma_sync(spec, ones, ones[:, :2], big).view(np.int32)
+    assert (sat == 2**31 - 1).all() and (wrap == -(2**31) + 31).all()
+
+
+def test_mma_sync_tf32_from_ldmatrix_reads_only_tf32_bits() -> None:
+    """fp32 A [16, 8] and W [8, 8] row-major through ldmatrix (b16 pairs = one fp32 element):
+    the m16n8k8 tf32 fragments give A @ W^T; the 13 low mantissa bits are not used."""
+    a = (RNG.integers(-64, 64, (16, 8)) / 8).astype(np.float32)  # exact in tf32
+    w = (RNG.integers(-64, 64, (8, 8)) / 4).astype(np.float32)
+    noise = RNG.integers(0, 1 << 13, a.shape).astype(np.uint32)
+    a_noisy = (a.view(np.uint32) | noise).view(np.float32)  # same tf32 bits
+    smem = np.concatenate([a_noisy.view(np.uint8).ravel(), w.view(np.uint8).ravel()])
+    a_regs = P.ldmatrix(smem, _lane_rows(lambda mt, r: (r + 8 * (mt % 2)) * 32 + 16 * (mt // 2)), 4)
+    b_regs = P.ldmatrix(smem, _lane_rows(lambda mt, r: 512 + r * 32 + 16 * (mt % 2)), 2)
+    spec = P.mma_spec("m16n8k8", "tf32", "tf32", "f32")
+    d = P.mma_sync(spec, a_regs, b_regs, np.zeros((32, 4), np.uint32))
+    assert np.array_equal(P.unpack_D_m16n8k16(d.view(np.float32)), a @ w.T)
+
+
+def test_mma_sync_agrees_with_the_shape_specific_emulators() -> None:
+    a4, b4 = RNG.integers(-8, 8, (16, 64)), RNG.integers(-8, 8, (64, 8))
+    ar, br = P.pack_A_m16n8k64(a4), P.pack_B_m16n8k64(b4)
+    c = RNG.integers(-99, 99, (32, 4)).astype(np.int32)
+    got = P.mma_sync(P.mma_spec("m16n8k64", "s4", "s4", "s32"), ar, br, c.view(np.uint32)).view(np.int32)
+    assert np.array_equal(got, P.mma_m16n8k64_s4(ar, br, c))
+    ah, bh = RNG.standard_normal((16, 16)), RNG.standard_normal((16, 8))
+    ar, br = P.pack_A_m16n8k16(ah, bf16=True), P.pack_B_m16n8k16(bh, bf16=True)
+    cf = RNG.standard_normal((32, 4)).astype(np.float32)
+    got = P.mma_sync(P.mma_spec("m16n8k16", "bf16", "bf16", "f32"), ar, br, cf.view(np.uint32)).view(np.float32)
+    assert np.array_equal(got, P.mma_m16n8k16_bf16(ar, br, cf))

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch.utils.weak import WeakTensorKeyDictionary
 
+from engine.kernels.triton import gemm_sm90
 from engine.kernels.triton.act import act_config, quantize_act_kernel
 from engine.kernels.triton.common import INTERPRET, MAX_GEMM_GROUP, LaunchConfig, block_r, check_group_size
 from engine.kernels.triton.common import arch_major as _major  # a module global: the kernel models patch it
@@ -155,10 +157,48 @@ def w4a4_gemm(
     unsigned: bool,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """See engine.kernels.contract. Scales are read through their strides (group-major is fastest)."""
+    """See engine.kernels.contract. Scales are read through their strides (group-major is fastest).
+    Hopper (sm_90) takes the FP8 kernel of engine/kernels/triton/gemm_sm90.py where its
+    integer sums check exact on the device (once; gemm_sm90.serves), else the int8 one."""
+    if _major(qx.device) == 9 and gemm_sm90.serves(qx.device):
+        check_group_size(2 * qx.shape[1] // ascales.shape[1], MAX_GEMM_GROUP)
+        return gemm_sm90.launch(
+            _row_major(qx),
+            ascales if ascales.dtype == torch.float32 else ascales.float(),
+            sm90_weight(qweight, wscales),
+            _row_major(lora_act.float()),
+            _row_major(proj_up),
+            bias,
+            unsigned=unsigned,
+            out_dtype=out_dtype,
+        )
     return launch_w4a4_gemm(
         qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned=unsigned, out_dtype=out_dtype
     )
+
+
+# The Hopper kernel's weight layout (gemm_sm90.prepare_weight), made once per weight tensor at its
+# first call (setup's warm-up, before any CUDA-graph capture) and kept while the tensor lives;
+# made again when the tensor is written in place (load_state_dict bumps its version).
+_SM90_WEIGHTS = WeakTensorKeyDictionary()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place write counter; None for inference tensors, which keep none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def sm90_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> gemm_sm90.Sm90Weight:
+    """The load-time transform of a W4A4 weight for the sm_90 kernel, cached per tensor."""
+    key = (_version(qweight), wscales.data_ptr(), _version(wscales))
+    hit = _SM90_WEIGHTS.get(qweight)
+    if hit is None or hit[0] != key:
+        hit = (key, gemm_sm90.prepare_weight(qweight, wscales))
+        _SM90_WEIGHTS[qweight] = hit
+    return hit[1]
 
 
 def launch_w4a4_gemm(

@@ -13,11 +13,12 @@ The kernels read the checkpoint's plain packed layout: ``ldmatrix`` from shared 
 MMA fragments directly, so no weight repacking is needed at load. w4a4_gemm: 192x128 CTA tiles,
 12 warps, a 4-stage cp.async pipeline, int32 partial sums turned into fp32 by a magic-number add
 folded into the MMA's accumulator input, the low-rank up-projection on bf16 tensor cores,
-grouped CTA order. quantize_act: coalesced 16-byte loads, group maxima by warp shuffles, the
-down-projection on bf16 tensor cores; its ``ascales`` are row-major [M, G] like every backend's
-(torch.compile asserts the fake op's strides). The GEMM accepts any scale strides: one 4-byte
-cp.async per row per group, through L1, so a row-major [M, G] costs one 32-byte sector per row
-every 8 groups; group-major ``wscales`` (strides (1, N)) is fully coalesced. See docs/benchmarks.md for the
+grouped CTA order; per accumulator and group two FFMA (the activation scale rounded to 22 bits so
+that one FFMA removes the magic offset and scales, as the Triton kernel does). quantize_act:
+coalesced 16-byte loads, group maxima by warp shuffles, the down-projection on bf16 tensor cores;
+its ``ascales`` are group-major [M, G] (strides (1, M)) like every backend's (torch.compile asserts
+the fake op's strides). The GEMM accepts any scale strides; group-major ones (``ascales`` (1, M),
+``wscales`` (1, N)) make each group's scale loads one coalesced row. See docs/benchmarks.md for the
 modelled speed and tests/test_cuda_static.py for the gates.
 
 Precision: the low-rank branches run as two bf16 MMAs (the fp32 operand split into bf16 hi + lo,

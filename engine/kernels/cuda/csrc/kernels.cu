@@ -30,16 +30,26 @@ constexpr int kGroupTilesM = 8;  // swizzled CTA order: 8 tile rows sweep N toge
 constexpr int kThreads = 32 * kWarpsM * kWarpsN;
 constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN;  // warp tile
 constexpr int kMT = kWM / 16, kNT = kWN / 8;               // m16 and n8 tiles per warp
-constexpr int kStageBytes = (kBM + kBN) * kGroupBytes + (kBM + kBN) * 4;  // codes + scales
+// codes, then (sa22, -magic sa22) and wscales, one slot per thread (rows tid < kBM and columns tid < kBN are
+// read; the rest is padding that lets every thread store or copy without a branch)
+constexpr int kStageBytes = (kBM + kBN) * kGroupBytes + kThreads * (8 + 4);
 constexpr int kSmemBytes = kStages * kStageBytes;
 static_assert(kNT % 2 == 0 && kBM <= kThreads && kBN <= kThreads, "tile shape");
 
 // int32 -> fp32 without cvt: the MMA adds its partial sum c to C = bits(1.5 * 2^23); for |c| < 2^22 the
-// result's bits are the float 1.5 * 2^23 + c exactly (ulp 1 in that binade), and one FADD removes the
-// offset exactly. A group's partial sums lie in [-7680, 7680] (64 * 15 * 8); tests/test_cuda_static.py
-// checks the identity exhaustively on [-2^22, 2^22).
+// result's bits are the float b = 1.5 * 2^23 + c exactly (ulp 1 in that binade). A group's partial sums lie
+// in [-7680, 7680] (64 * 15 * 8); tests/test_cuda_emulation.py checks the identity exhaustively on
+// [-2^22, 2^22). One FFMA then removes the offset and applies the activation scale: with sa rounded to 22
+// significant bits (round_to_22_bits), -1.5 * 2^23 * sa is exact (3 x a 22-bit significand fits in 24 bits),
+// so fma(b, sa22, -1.5 * 2^23 * sa22) = RN(c * sa22) with one rounding; one more FFMA applies wscales into
+// the accumulator. The loader threads round each row's scale once per group and park (sa22, -magic * sa22)
+// in shared memory, so the loop spends two FFMA per accumulator and group (the Triton kernel's conversion).
 constexpr int kMagicBits = 0x4B400000;
 constexpr float kMagic = 12582912.0f;
+
+// s rounded to nearest at 22 significant bits (relative change <= 2^-22; 0, NaN and infinities map to
+// themselves): what makes kMagic * s exact.
+__device__ __forceinline__ float round_to_22_bits(float s) { return __int_as_float((__float_as_int(s) + 2) & ~3); }
 
 // --- quantize_act configuration -------------------------------------------------------------------------
 // 32 rows (two m16 tiles) per CTA, 4 warps splitting the groups round-robin; lane (g, t) of a warp owns
@@ -227,7 +237,7 @@ __global__ void __launch_bounds__(32 * kQWarps) quantize_act_kernel(
             if (m < M) {
               *reinterpret_cast<uint2*>(qx + static_cast<int64_t>(m) * (K / 2) + g * kGroupBytes + 8 * t) =
                   make_uint2(w[0], w[1]);
-              if (t == 0) ascales[static_cast<int64_t>(m) * groups + g] = scale;
+              if (t == 0) ascales[static_cast<int64_t>(g) * M + m] = scale;  // group-major [M, G]: strides (1, M)
             }
           }
       }
@@ -421,7 +431,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
     DType ot, int M, int N, int K, int R) {
   extern __shared__ __align__(16) uint8_t smem[];
   const uint32_t smem0 = smem_addr(smem);
-  constexpr int kSaOff = (kBM + kBN) * kGroupBytes, kSwOff = kSaOff + kBM * 4;
+  constexpr int kSaOff = (kBM + kBN) * kGroupBytes, kSwOff = kSaOff + kThreads * 8;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int grp = lane / 4, t = lane % 4;
@@ -450,9 +460,19 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
     b_ok[i] = n < N;
     b_src[i] = (b_ok[i] ? n : 0) * static_cast<int>(row_bytes) + 16 * (tid % 2);
   }
-  // Scales: one fp32 per thread (A rows) and per thread < kBN (B columns), any strides (32-bit offsets).
+  // Scales: one fp32 per thread (A rows) and per thread < kBN (B columns), any strides (32-bit offsets);
+  // group-major [M, G] / [N, G] (strides (1, M) / (1, N)) make each group's loads one coalesced row.
   const bool sa_ok = tid < kBM && m0 + tid < M, sw_ok = tid < kBN && n0 + tid < N;
-  const int sa_src = sa_ok ? (m0 + tid) * as_m : 0, sw_src = sw_ok ? (n0 + tid) * ws_n : 0;
+  const int sa_src = sa_ok ? (m0 + tid) * as_m : 0;
+  const float* sw_row = wscales + (sw_ok ? (n0 + tid) * ws_n : 0);  // + g ws_g: one wide IMAD per group
+  // Activation scales do not go through cp.async: thread tid < kBM loads its row's scale one group ahead
+  // into a register (a whole iteration to land), then rounds it and stores (sa22, -magic sa22) into the
+  // stage two groups ahead of the one being read (free since the previous barrier, read after two more).
+  auto load_sa = [&](int g) { return sa_ok ? ascales[sa_src + g * as_g] : 0.f; };
+  auto store_sa = [&](int g, float v) {
+    const float s22 = round_to_22_bits(v);
+    *reinterpret_cast<float2*>(smem + (g % kStages) * kStageBytes + kSaOff + 8 * tid) = make_float2(s22, -kMagic * s22);
+  };
 
   auto load_stage = [&](int g) {
     const uint32_t base = smem0 + (g % kStages) * kStageBytes + ld_dst;
@@ -465,8 +485,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
       if ((i + 1) * kThreads <= 2 * kBN || tid + i * kThreads < 2 * kBN)
         cp_async_16(base + (kBM + i * (kThreads / 2)) * kGroupBytes, qw + b_src[i] + g * kGroupBytes, b_ok[i]);
     const uint32_t sbase = smem0 + (g % kStages) * kStageBytes + 4 * tid;
-    if (tid < kBM) cp_async_4(sbase + kSaOff, ascales + sa_src + g * as_g, sa_ok);
-    if (tid < kBN) cp_async_4(sbase + kSwOff, wscales + sw_src + g * ws_g, sw_ok);
+    cp_async_4(sbase + kSwOff, sw_row + g * ws_g, sw_ok);  // zero-fill for columns past N and tid >= kBN
   };
 
   float acc[kMT][kNT][4];
@@ -488,21 +507,29 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
     if (s < groups) load_stage(s);
     cp_async_commit();
   }
+  float sa_next = 0.f;  // this thread's activation scale of group g + kStages - 2, in flight
+#pragma unroll
+  for (int s = 0; s < kStages - 2; ++s)
+    if (s < groups) store_sa(s, load_sa(s));
+  if (kStages - 2 < groups) sa_next = load_sa(kStages - 2);
 
   for (int g = 0; g < groups; ++g) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage g is visible to all; stage g - 1 is free to overwrite
     if (g + kStages - 1 < groups) load_stage(g + kStages - 1);
     cp_async_commit();
+    // (unconditional: past the last group it fills a stage nobody reads; threads >= kBM store zeros)
+    store_sa(g + kStages - 2, sa_next);
+    if (g + kStages - 1 < groups) sa_next = load_sa(g + kStages - 1);
 
     const uint32_t base = smem0 + (g % kStages) * kStageBytes;
     const uint8_t* stage = smem + (g % kStages) * kStageBytes;
     uint32_t a[kMT][4];
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], base + a_ld + mt * 16 * kGroupBytes);
-    const float* sa_s = reinterpret_cast<const float*>(stage + kSaOff);
+    const float2* sa_s = reinterpret_cast<const float2*>(stage + kSaOff);  // (sa22, -magic sa22) per row
     const float* sw_s = reinterpret_cast<const float*>(stage + kSwOff);
-    float sa[kMT][2];
+    float2 sa[kMT][2];
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) sa[mt][0] = sa_s[wm + mt * 16 + grp], sa[mt][1] = sa_s[wm + mt * 16 + grp + 8];
 
@@ -518,11 +545,12 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
         for (int mt = 0; mt < kMT; ++mt) {
           int d[4];
           mma_s4_magic<kUnsigned>(d, a[mt], b[2 * h], b[2 * h + 1]);
-          // (c * sa) * sw + acc: the reference's product order, one rounding fewer on the sum.
-          acc[mt][nt][0] = fmaf((__int_as_float(d[0]) - kMagic) * sa[mt][0], sw.x, acc[mt][nt][0]);
-          acc[mt][nt][1] = fmaf((__int_as_float(d[1]) - kMagic) * sa[mt][0], sw.y, acc[mt][nt][1]);
-          acc[mt][nt][2] = fmaf((__int_as_float(d[2]) - kMagic) * sa[mt][1], sw.x, acc[mt][nt][2]);
-          acc[mt][nt][3] = fmaf((__int_as_float(d[3]) - kMagic) * sa[mt][1], sw.y, acc[mt][nt][3]);
+          // RN(c * sa22) in one FFMA (the magic offset cancels exactly), then * sw + acc in one more:
+          // the reference's product order with sa rounded to 22 bits.
+          acc[mt][nt][0] = fmaf(fmaf(__int_as_float(d[0]), sa[mt][0].x, sa[mt][0].y), sw.x, acc[mt][nt][0]);
+          acc[mt][nt][1] = fmaf(fmaf(__int_as_float(d[1]), sa[mt][0].x, sa[mt][0].y), sw.y, acc[mt][nt][1]);
+          acc[mt][nt][2] = fmaf(fmaf(__int_as_float(d[2]), sa[mt][1].x, sa[mt][1].y), sw.x, acc[mt][nt][2]);
+          acc[mt][nt][3] = fmaf(fmaf(__int_as_float(d[3]), sa[mt][1].x, sa[mt][1].y), sw.y, acc[mt][nt][3]);
         }
       }
     }

@@ -12,8 +12,9 @@ enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
 // x [M, K] (dtype xt, rows contiguous, 16-byte aligned), smooth [K] (dtype st, 16-byte aligned),
 // proj_down as bf16 [R, K]: down_hi, plus down_lo (the bf16 residual of a wider dtype) or null
-//   -> qx uint8 [M, K/2] (plain layout), ascales fp32 [M, K/64] row-major (the strides every backend
-//      returns, which torch.compile asserts), lora_act fp32 [M, R]. K must be a multiple of 64.
+//   -> qx uint8 [M, K/2] (plain layout), ascales fp32 [M, K/64] group-major, element (m, g) at g * M + m
+//      (strides (1, M): the layout every backend returns, which torch.compile asserts), lora_act fp32 [M, R].
+//      K must be a multiple of 64.
 cudaError_t quantize_act(const void* x, DType xt, const void* smooth, DType st, const __nv_bfloat16* down_hi,
                          const __nv_bfloat16* down_lo, uint8_t* qx, float* ascales, float* lora_act, int M, int K,
                          int R, float shift, bool is_unsigned, cudaStream_t stream);

@@ -79,8 +79,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x,
   check_aligned16(down_hi, "proj_down");
   const int64_t R = proj_down.size(0), G = K / kGroup;
   auto qx = at::empty({M, K / 2}, xc.options().dtype(at::kByte));
-  // [M, G] row-major like every backend: torch.compile asserts the fake op's strides on the real output
-  auto ascales = at::empty({M, G}, xc.options().dtype(at::kFloat));
+  // [M, G] group-major (strides (1, M)) like every backend: the GEMM's per-group loads of it are coalesced,
+  // and torch.compile asserts the fake op's strides on the real output
+  auto ascales = at::empty({G, M}, xc.options().dtype(at::kFloat)).t();
   auto lora_act = at::empty({M, R}, xc.options().dtype(at::kFloat));
   C10_CUDA_CHECK(svdq::quantize_act(xc.data_ptr(), dtype_of(xc, "x"), sc.data_ptr(), dtype_of(sc, "smooth"),
                                     bf16_ptr(down_hi), bf16_ptr(down_lo), qx.data_ptr<uint8_t>(),

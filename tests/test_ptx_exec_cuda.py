@@ -1,0 +1,162 @@
+"""The CUDA kernels' PTX (engine/kernels/cuda/csrc/kernels.cu, nvcc -ptx for sm_86) executed by
+the PTX interpreter of tests/ptx_exec.py and compared with the reference backend.
+
+The launch (grid, threads, dynamic shared memory, argument order) is the host code's in
+kernels.cu (svdq::w4a4_gemm, launch_quantize), with its constants (tiles, kThreads, kSmemBytes)
+evaluated from kernels.cu itself. Edge shapes: odd M and N inside one 192 x 128 tile, three K groups,
+ranks 0, 5 and 48 (48 takes the kNT = 8 instance of quantize_act). The GEMM runs on inputs whose
+products and sums are exact (see exact_gemm_inputs), so it must equal the reference bit for bit;
+quantize_act's codes and scales are exact by contract, its low-rank product (bf16 hi + lo) to
+~2^-16. Every run must be clean of the interpreter's findings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.kernels import reference
+
+from . import ptx_exec as X
+from .kernel_cases import act_inputs
+from .test_ptx_exec_triton import exact_gemm_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "engine" / "kernels" / "cuda" / "csrc"
+DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # svdq::DType
+M, N, K = 19, 21, 192
+
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CUDA toolkit) for -ptx")
+
+
+@pytest.fixture(scope="module")
+def ptx(pytestconfig, tmp_path_factory) -> str:
+    """kernels.cu compiled to PTX for sm_86 (cached by the sources' hash in pytest's cache: nvcc
+    takes ~15 s)."""
+    src = b"".join((CSRC / f).read_bytes() for f in ("kernels.cu", "kernels.h"))
+    cache = getattr(pytestconfig, "cache", None)
+    folder = cache.mkdir("ptx_exec") if cache is not None else tmp_path_factory.mktemp("ptx_exec")
+    out = folder / f"kernels_sm86_{hashlib.sha256(src).hexdigest()[:16]}.ptx"
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        cmd = ["nvcc", "-std=c++17", "-O3", "-ptx", "-arch=sm_86", str(CSRC / "kernels.cu"), "-o", str(tmp)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        tmp.rename(out)
+    return out.read_text()
+
+
+@pytest.fixture(scope="module")
+def prm() -> dict:
+    return host_constants()
+
+
+def host_constants() -> dict[str, int]:
+    """kernels.cu's namespace-level ``constexpr int`` constants (tile sizes, threads, shared
+    memory bytes: what its host code launches with), evaluated in order, C integer arithmetic."""
+    env: dict[str, int] = {}
+    text = (CSRC / "kernels.cu").read_text()
+    for m in re.finditer(r"^constexpr int ([^;]+);", text, re.M):
+        for decl in m.group(1).split(","):
+            name, expr = (x.strip() for x in decl.split("=", 1))
+            if not re.fullmatch(r"[\w\s+\-*/()]+", expr):
+                raise ValueError(f"cannot evaluate {name} = {expr}")
+            env[name] = int(eval(re.sub(r"(?<!/)/(?!/)", "//", expr), {"__builtins__": {}}, dict(env)))
+    return env
+
+
+def entry(ptx: str, pattern: str) -> str:
+    names = re.findall(r"\.entry\s+([\w$]+)\s*\(", ptx)
+    hits = [n for n in names if re.search(pattern, n)]
+    assert len(hits) == 1, (pattern, names)
+    return hits[0]
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    return np.frombuffer(bytes(t.untyped_storage()), dtype=np.uint8)[t.storage_offset() * t.element_size() :]
+
+
+def run_gemm(ptx: str, prm: dict, r: int, unsigned: bool, src: str | None = None):
+    a = exact_gemm_inputs(M, K, N, r, unsigned)
+    a["wscales"] = a["wscales"].float().contiguous()
+    mem = X.GlobalMemory()
+    put = lambda name, t: mem.alloc(name, _bytes(t), readonly=True)  # noqa: E731
+    asc = a["ascales"]  # group-major, strides (1, M)
+    args = [put("qx", a["qx"]), put("ascales", asc), asc.stride(0), asc.stride(1), put("qweight", a["qweight"]),
+            put("wscales", a["wscales"]), a["wscales"].stride(0), a["wscales"].stride(1),
+            put("lora_act", a["lora_act"]) if r else 0, put("up_hi", a["proj_up"]) if r else 0, 0,
+            put("bias", a["bias"]), DTYPE[torch.bfloat16], mem.alloc("out", M * N * 4), DTYPE[torch.float32],
+            M, N, K, r]  # fmt: skip
+    kernel = X.parse(src or ptx, entry(ptx, rf"w4a4_gemm_kernelILb{int(unsigned)}E"))
+    tiles = -(-M // prm["kBM"]) * -(-N // prm["kBN"])
+    findings = X.launch(kernel, mem, args, (tiles, 1, 1), prm["kThreads"], prm["kSmemBytes"])
+    y = torch.from_numpy(mem.get("out").view(np.float32).reshape(M, N).copy())
+    want = reference.w4a4_gemm(**a, unsigned=unsigned, out_dtype=torch.float32)
+    return findings, y, want, mem.written("out")
+
+
+@pytest.mark.parametrize("r,unsigned", [(0, False), (5, True), (48, False)])
+def test_cuda_gemm_ptx_matches_reference(ptx, prm, r, unsigned):
+    findings, y, want, written = run_gemm(ptx, prm, r, unsigned)
+    assert not findings, findings.report()
+    assert written.all()
+    assert torch.equal(y, want), (y - want).abs().max()
+
+
+@pytest.mark.parametrize("r,unsigned", [(0, False), (5, True), (48, False)])
+def test_cuda_quantize_act_ptx_matches_reference(ptx, prm, r, unsigned):
+    a = act_inputs(M, K, r, unsigned=unsigned)
+    kw = {"group_size": 64, "unsigned": unsigned, "shift": 0.171875 if unsigned else 0.0}
+    want = reference.quantize_act(a["x"], a["smooth"], a["proj_down"], **kw)
+    knt = 4 if r <= 32 else 8
+    kernel = X.parse(ptx, entry(ptx, rf"quantize_act_kernelI13__nv_bfloat16Li{knt}E"))
+    mem = X.GlobalMemory()
+    g = K // 64
+    args = [mem.alloc("x", _bytes(a["x"]), True), mem.alloc("smooth", _bytes(a["smooth"]), True),
+            DTYPE[torch.bfloat16], mem.alloc("down_hi", _bytes(a["proj_down"]), True) if r else 0, 0,
+            mem.alloc("qx", M * K // 2), mem.alloc("ascales", M * g * 4), mem.alloc("lora_act", max(M * r * 4, 4)),
+            M, K, r, kw["shift"], int(unsigned)]  # fmt: skip
+    findings = X.launch(kernel, mem, args, (-(-M // prm["kQRows"]), 1, 1), 32 * prm["kQWarps"], 0)
+    assert not findings, findings.report()
+    qx = torch.from_numpy(mem.get("qx").reshape(M, K // 2).copy())
+    sc = torch.from_numpy(mem.get("ascales").view(np.float32).copy())
+    assert torch.equal(qx, want[0])
+    # the scales in either layout (row-major [M, G], or group-major as issue 22 makes every backend)
+    assert torch.equal(sc.view(M, g), want[1]) or torch.equal(sc.view(g, M).t(), want[1])
+    if r:
+        lora = torch.from_numpy(mem.get("lora_act").view(np.float32)[: M * r].reshape(M, r).copy())
+        torch.testing.assert_close(lora, want[2], rtol=1e-4, atol=1e-4)
+    assert mem.written("qx").all() and mem.written("ascales").all()
+
+
+def test_cuda_gemm_without_its_barrier_races(ptx, prm):
+    """The main loop's __syncthreads after cp_async_wait removed: the interpreter reports the race."""
+    name = entry(ptx, r"w4a4_gemm_kernelILb0E")
+    body = ptx[ptx.index(name) :]
+    m = re.search(r"cp\.async\.wait_group\s+\d+;(?:\s|//[^\n]*)*(bar\.sync\s+0;)", body)
+    assert m, "no cp.async wait + barrier in the GEMM's PTX"
+    cut = ptx.index(name) + m.start(1)
+    broken = ptx[:cut] + ptx[cut + len(m.group(1)) :]
+    findings, *_ = run_gemm(ptx, prm, 0, False, src=broken)
+    assert findings.kinds() & {"race-raw", "race-war"}, findings.report()
+
+
+def test_cuda_gemm_with_wait_count_one_too_high_reads_in_flight_data(ptx, prm):
+    """cp_async_wait<kStages - 1> instead of <kStages - 2>: the stage about to be read may still be
+    in flight; the interpreter reports it, and the result is wrong."""
+    name = entry(ptx, r"w4a4_gemm_kernelILb0E")
+    start = ptx.index(name)
+    m = re.search(r"cp\.async\.wait_group\s+(\d+);(?=(?:\s|//[^\n]*)*bar\.sync\s+0;)", ptx[start:])
+    assert m and int(m.group(1)) == prm["kStages"] - 2
+    cut = start + m.start(1)
+    broken = ptx[:cut] + str(int(m.group(1)) + 1) + ptx[cut + len(m.group(1)) :]
+    findings, y, want, _ = run_gemm(ptx, prm, 0, False, src=broken)
+    assert "race-inflight" in findings.kinds(), findings.report()
+    assert not torch.equal(y, want)
