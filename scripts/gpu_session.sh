@@ -28,16 +28,18 @@ PY=${PYTHON:-python3}
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1; } >> "$LOG"
 
-# name, timeout in seconds (sum <= 450 with the hooks), command (gets --out and --size). Most valuable first.
+TINY=""; [ "$SIZE" = tiny ] && TINY="--tiny"
+# name, timeout in seconds (sum <= 450 with the hooks), command line: evaluated when the part runs,
+# so it may use $PY, $OUT, $SIZE and $TINY (--tiny at SIZE=tiny). Most valuable first.
 PARTS=(
-  "kernels 120 $PY scripts/gpu_session.py kernels"
-  "compile 75 $PY scripts/gpu_session.py compile"
-  "bench 60 $PY scripts/gpu_session.py bench"
-  "step 45 $PY scripts/gpu_session.py step"
-  "memory 75 $PY scripts/gpu_session.py memory"
-  # Hooks, wired in by the lead, each writing $OUT/<name>.json and taking --out DIR --size full|tiny:
-  # "stages 40 $PY scripts/<i26's stage-timing script>"
-  # "hopper_gemm 35 $PY scripts/<i27's Hopper GEMM bench script>"
+  'kernels 120 $PY scripts/gpu_session.py kernels --out $OUT --size $SIZE'
+  'compile 75 $PY scripts/gpu_session.py compile --out $OUT --size $SIZE'
+  'bench 60 $PY scripts/gpu_session.py bench --out $OUT --size $SIZE'
+  'step 45 $PY scripts/gpu_session.py step --out $OUT --size $SIZE'
+  'memory 75 $PY scripts/gpu_session.py memory --out $OUT --size $SIZE'
+  # Hooks (the lead wires them in by uncommenting), each writing one JSON under $OUT:
+  # 'hopper_gemm 35 $PY scripts/gpu_hopper_gemm.py $TINY --out $OUT/hopper_gemm.json'
+  # 'stages 40 $PY scripts/gpu_stages.py $TINY --json $OUT/stages.json'   # needs --model/--checkpoint off --tiny
 )
 wanted=("$@")
 status=0
@@ -46,8 +48,7 @@ for entry in "${PARTS[@]}"; do
   if [ ${#wanted[@]} -gt 0 ] && [[ ! " ${wanted[*]} " == *" $name "* ]]; then continue; fi
   echo "=== $name (limit ${limit}s) $(date -u +%T)" >> "$LOG"
   start=$SECONDS
-  # shellcheck disable=SC2086  # cmd is a command line
-  timeout -k 5 "$((limit * LIMIT_SCALE))" $cmd --out "$OUT" --size "$SIZE" >> "$LOG" 2>&1
+  eval "timeout -k 5 $((limit * LIMIT_SCALE)) $cmd" >> "$LOG" 2>&1
   rc=$?
   [ $rc -eq 124 ] && echo "=== $name: TIMED OUT after $((limit * LIMIT_SCALE))s (its JSON holds the cases it finished)" >> "$LOG"
   echo "=== $name: exit $rc in $((SECONDS - start))s" >> "$LOG"

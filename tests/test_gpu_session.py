@@ -20,7 +20,7 @@ MAX_FILES = 8  # what the device tool returns from $OUT
 def _parts() -> list[tuple[str, int]]:
     """(name, limit) of every part the script runs, in order (hooks commented out excluded)."""
     block = SCRIPT.read_text().split("PARTS=(", 1)[1].split("\n)", 1)[0]
-    return [(m[1], int(m[2])) for m in re.finditer(r'^\s+"(\w+) (\d+) ', block, re.M)]
+    return [(m[1], int(m[2])) for m in re.finditer(r"^\s+'(\w+) (\d+) ", block, re.M)]
 
 
 def test_parts_fit_one_call_and_the_tools_file_limit():
