@@ -13,6 +13,8 @@ from PIL import Image
 
 from engine.flux import load_transformer
 from engine.inputs import round_size
+from engine.memory import Mode
+from engine.text_encoder import quantize_t5
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +46,14 @@ class FluxGenerator:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        memory: Mode = Mode.FAST,
     ) -> FluxGenerator:
         """Load the text encoders, VAE and scheduler from ``model_dir`` (diffusers layout).
 
         With ``checkpoint`` the transformer is our quantized one, built on ``device`` without a
         float copy; without it, the folder's float transformer (for comparison). ``dtype``
         defaults to bfloat16 on a GPU and float32 on a CPU, where bfloat16 math is slow.
+        ``memory``: the memory mode (engine.memory; see :func:`configure_memory`).
         """
         from diffusers import FluxPipeline, FluxTransformer2DModel
 
@@ -71,6 +75,7 @@ class FluxGenerator:
             svdq_pipeline_class() if isinstance(transformer, SVDQFluxTransformer2DModel) else FluxPipeline
         )
         pipe = pipeline_cls.from_pretrained(model_dir, transformer=transformer, dtype=dtype)
+        configure_memory(pipe, memory, device)
         pipe.to(device)
         if device.type == "cuda":
             # NHWC convolutions on tensor cores (flux-fast's decoder setting); same arithmetic per pixel
@@ -150,6 +155,19 @@ class FluxGenerator:
             logger.info(
                 "prompt is %d CLIP tokens: CLIP (pooled embedding) reads the first %d", n_clip, clip_len
             )
+
+
+def configure_memory(pipe, memory: Mode, device: torch.device) -> None:
+    """Apply memory mode ``memory`` (engine.memory) to a pipeline not yet on ``device``.
+
+    Both modes: the VAE decodes one image at a time (diffusers' sliced decode), so the decode's
+    peak, the prediction's highest, does not grow with num_outputs; a batch-1 decode at 1
+    megapixel already fills the GPU, so this costs no time. ``small``: T5's linears in 4-bit
+    weights (engine.text_encoder), quantized one layer at a time on ``device``.
+    """
+    pipe.vae.enable_slicing()
+    if Mode(memory) is Mode.SMALL:
+        quantize_t5(pipe.text_encoder_2, device)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -52,6 +52,11 @@ class NSFWClassifier:
         logger.info("NSFW classifier loaded from %s (%s)", path, dtype)
         return cls(model, processor, device)
 
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> NSFWClassifier:
+        """The same classifier on another device (the small memory mode keeps it on the CPU in
+        float32, where Replicate runs it: it only sees images the first checker flagged)."""
+        return NSFWClassifier(self.model.to(device, dtype), self.processor, torch.device(device))
+
     @torch.inference_mode()
     def safe(self, images: list[Image.Image]) -> list[bool]:
         """One verdict per image: True when the top label is "normal"."""

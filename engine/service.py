@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from engine import inputs, kernels
+from engine import inputs, kernels, memory
 from engine.egress import EgressPolicy
 from engine.flux import attention
 from engine.flux.checkpoint import read_metadata
@@ -95,6 +95,7 @@ class ServiceConfig:
                               (dev/tests only: e.g. 127.0.0.0/8; engine.egress)
     SVDQ_KERNELS              kernel backend: auto, reference, triton, cuda           auto
     SVDQ_ATTENTION            go_fast's attention: auto, sage, sdpa                   auto
+    SVDQ_MEMORY               memory mode: auto, fast, small (engine/memory.py)       auto
     ========================= ====================================================== =========
     """
 
@@ -106,6 +107,7 @@ class ServiceConfig:
     attention: str = "auto"
     sources: Sources = dataclasses.field(default_factory=Sources)  # where weight files come from (mirror, hub, token)
     baked_dir: Path = BAKED  # weights baked into the image (scripts/bake_weights.py), used first
+    memory: str = "auto"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceConfig:
@@ -143,6 +145,7 @@ class ServiceConfig:
             kernels=env.get(kernels.ENV_VAR, "auto").strip() or "auto",
             attention=attention_kind,
             sources=Sources.from_env(env),
+            memory=memory.parse(env.get(memory.ENV_VAR)),
         )
 
 
@@ -209,6 +212,15 @@ def compile_cache_dir(config: ServiceConfig) -> Path:
     scripts/bake_weights.py --warm on a GPU of the serving kind), else beside the weights cache.
     Either lives as long as the container; /tmp, Triton's default home, may not."""
     return config.baked_dir / "compile-cache" if config.baked_dir.is_dir() else config.weights_dir / "compile-cache"
+
+
+
+def memory_mode(requested: str, device: torch.device) -> memory.Mode:
+    """The memory mode for ``device`` (auto: from the GPU's memory), logged with the reason."""
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    mode, why = memory.choose(requested, total)
+    logger.info("memory mode: %s (%s)", mode.value, why)
+    return mode
 
 
 def choose_model(config: ServiceConfig, gpu: bool | None = None) -> str:
@@ -448,8 +460,13 @@ class FluxService:
             )
         device = default_device()
         with phases("load"):
-            generator = FluxGenerator.from_pretrained(model_dir, checkpoint, device=device)
+            mode = memory_mode(config.memory, device)
+            generator = FluxGenerator.from_pretrained(model_dir, checkpoint, device=device, memory=mode)
             safety = SafetyChecker.load(model_dir, device)
+            if safety is not None and not memory.safety_resident(mode):
+                safety.checker = memory.OnDemand(safety.checker, device)  # on the GPU for its check only
+                if safety.classifier is not None:  # off the GPU: it runs only on flagged images
+                    safety.classifier = safety.classifier.to("cpu", torch.float32)
         settings = CompileSettings(attention=config.attention) if device.type == "cuda" else None
         lora = config.lora or StoreConfig(root=config.weights_dir / "loras")
         service = cls(generator, safety, model, lora, compile_settings=settings)

@@ -102,12 +102,16 @@ def summary(counter: LaunchCounter) -> dict:
     return out
 
 
-def full_size_transformer(version: int, rank: int = 32) -> torch.nn.Module:
-    """FLUX.1-schnell's widths with one block of each kind, quantized, on the meta device.
+def full_size_transformer(
+    version: int, rank: int = 32, *, layers: tuple[int, int] = (1, 1), config: dict | None = None
+) -> torch.nn.Module:
+    """FLUX.1-schnell's widths with ``layers`` (double, single) blocks, quantized, on the meta device.
 
     Built by the checkpoint loader's own skeleton from a file description (metadata + tensor
     shapes) of checkpoint format ``version``, so the modules are exactly the ones a real file
-    gives; only the number of blocks differs (counts per block do not depend on it).
+    gives; by default one block of each kind (counts per block do not depend on the number;
+    scripts/memory_report.py asks for all 19 + 38). ``config``: another transformer config
+    (the tiny model's, for scripts/gpu_session.py's CPU run); FLUX.1-schnell's by default.
     """
     from diffusers import FluxTransformer2DModel
 
@@ -117,7 +121,7 @@ def full_size_transformer(version: int, rank: int = 32) -> torch.nn.Module:
     from engine.flux.model import SVDQFluxTransformer2DModel
     from engine.quant import SVDQConfig
 
-    config = dict(FLUX_SCHNELL_CONFIG, num_layers=1, num_single_layers=1)
+    config = dict(config or FLUX_SCHNELL_CONFIG, num_layers=layers[0], num_single_layers=layers[1])
     with torch.device("meta"):
         probe = FluxTransformer2DModel.from_config(config)
     if version >= 2:
