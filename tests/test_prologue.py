@@ -129,7 +129,10 @@ def test_rows_of_an_m_k_input_take_their_image_row(use_kernels):
     lone = kernels.quantize_act(
         x[1], a["smooth"], a["proj_down"], **KW, modulation=[m[1:] for m in modulation]
     )
-    _equal([t[4:] for t in flat], lone)
+    # Codes and scales are per row: exact. lora_act is a matmul, whose fp32 sums CPU BLAS may
+    # block differently for 4 rows than for 8 (seen on some CPUs), so it gets a rounding bound.
+    _equal([t[4:] for t in flat[:2]] + [lone[2]], lone)
+    torch.testing.assert_close(flat[2][4:], lone[2], rtol=1e-6, atol=1e-6)
 
 
 def test_compiles_without_graph_break(use_kernels):
