@@ -1,11 +1,11 @@
 """Static performance model of the CUDA int4 kernels on an A40, from the compiled code (no GPU needed).
 
 Why: until a GPU of compute capability 8.x measures the kernels, their speed has evidence only from what
-the compiler produced. This script compiles engine/kernels/cuda/csrc/kernels.cu for sm_86 (nvcc), reads
-ptxas' resource report, disassembles the cubin (cuobjdump from the triton package), finds each kernel's
-main loop (the backward branch around the MMAs), counts its instructions per iteration, and combines those
-counts with the tile parameters read from kernels.cu and the A40's published peaks into a modelled time
-per FLUX shape. Every figure it prints is *modelled*, not measured.
+the compiler produced. This script compiles engine/kernels/cuda/csrc/*.cu (one file per kernel family)
+for sm_86 (nvcc), reads ptxas' resource report, disassembles the cubins (cuobjdump from the triton
+package), finds each kernel's main loop (the backward branch around the MMAs), counts its instructions per
+iteration, and combines those counts with the tile parameters read from the sources and the A40's
+published peaks into a modelled time per FLUX shape. Every figure it prints is *modelled*, not measured.
 
 Model (per SM: 4 schedulers issuing one warp instruction per clock; int4 MMA at 2048 MAC/clock; shared
 memory 128 B/clock; all SMs share 696 GB/s of DRAM):
@@ -36,7 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "engine" / "kernels" / "cuda" / "csrc"
-KERNELS_CU = CSRC / "kernels.cu"
+KERNEL_SOURCES = tuple(sorted(CSRC.glob("*.cu")))  # one translation unit per kernel family
+TILE_SOURCES = (CSRC / "fragments.cuh", *KERNEL_SOURCES)  # where the tile constants live
 
 # NVIDIA A40 datasheet (GA102, sm_86): dense tensor peaks, memory bandwidth; boost clock 1740 MHz, 84 SMs.
 A40 = {
@@ -78,9 +79,9 @@ def tool(name: str) -> str:
     raise FileNotFoundError(f"{name} not found (install the CUDA toolkit or triton)")
 
 
-def tile_params(source: Path = KERNELS_CU) -> dict[str, int]:
-    """The `constexpr int kName = <literal>;` constants of kernels.cu."""
-    text = source.read_text()
+def tile_params(sources: tuple[Path, ...] = TILE_SOURCES) -> dict[str, int]:
+    """The `constexpr int kName = <literal>;` constants of the kernel sources."""
+    text = "\n".join(source.read_text() for source in sources)
     return {m[1]: int(m[2]) for m in re.finditer(r"constexpr int (k\w+) = (\d+);", text)}
 
 
@@ -93,18 +94,25 @@ class Resources:
     static_smem: int
 
 
-def compile_cubin(arch: str, out_dir: Path, werror: bool = True) -> tuple[Path, dict[str, Resources], str]:
-    """nvcc -cubin for one arch with ptxas -v; returns the cubin, resources per mangled kernel, stderr."""
-    cubin = out_dir / f"kernels_sm{arch}.cubin"
+def compile_cubin(
+    arch: str, out_dir: Path, werror: bool = True
+) -> tuple[list[Path], dict[str, Resources], str]:
+    """nvcc -cubin of each kernel source for one arch with ptxas -v; returns the cubins, resources per
+    mangled kernel, stderr."""
     cmd = [tool("nvcc"), "-std=c++17", "-O3", "-cubin", f"-arch=sm_{arch}", "-Xptxas", "-v,-warn-spills"]
     if werror:
         cmd += ["-Werror", "all-warnings"]
-    res = subprocess.run(
-        [*cmd, str(KERNELS_CU), "-o", str(cubin)], capture_output=True, text=True, timeout=900
-    )
-    if res.returncode:
-        raise RuntimeError(f"nvcc failed for sm_{arch}:\n{res.stderr[-4000:]}")
-    return cubin, parse_ptxas(res.stderr), res.stderr
+    cubins, stderr = [], ""
+    for source in KERNEL_SOURCES:
+        cubin = out_dir / f"{source.stem}_sm{arch}.cubin"
+        res = subprocess.run(
+            [*cmd, str(source), "-o", str(cubin)], capture_output=True, text=True, timeout=900
+        )
+        if res.returncode:
+            raise RuntimeError(f"nvcc failed for {source.name}, sm_{arch}:\n{res.stderr[-4000:]}")
+        cubins.append(cubin)
+        stderr += res.stderr
+    return cubins, parse_ptxas(stderr), stderr
 
 
 def parse_ptxas(text: str) -> dict[str, Resources]:
@@ -239,8 +247,8 @@ class StaticReport:
 def analyse(arch: str = "86", work: Path | None = None) -> StaticReport:
     """Compile, disassemble and count: everything the gates and the model need."""
     with tempfile.TemporaryDirectory() as tmp:
-        cubin, res, _ = compile_cubin(arch, work or Path(tmp))
-        funcs = disassemble(cubin)
+        cubins, res, _ = compile_cubin(arch, work or Path(tmp))
+        funcs = {name: code for cubin in cubins for name, code in disassemble(cubin).items()}
     report = StaticReport(arch, tile_params(), {k: asdict(v) for k, v in res.items()})
     for unsigned in (False, True):
         _, code = find_kernel(funcs, "w4a4_gemm_kernel", f"ILb{int(unsigned)}E")
@@ -259,7 +267,7 @@ def analyse(arch: str = "86", work: Path | None = None) -> StaticReport:
 
 
 def gemm_smem_bytes(p: dict[str, int]) -> int:
-    """Dynamic shared memory of w4a4_gemm (kernels.cu's kStageBytes x kStages): per stage the A and B
+    """Dynamic shared memory of w4a4_gemm (w4a4_gemm.cu's kStageBytes x kStages): per stage the A and B
     codes, then one 8-byte (sa22, -magic sa22) slot and one 4-byte wscales slot per thread."""
     threads = 32 * p["kWarpsM"] * p["kWarpsN"]
     return p["kStages"] * ((p["kBM"] + p["kBN"]) * 32 + threads * 12)

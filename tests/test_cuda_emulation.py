@@ -1,15 +1,15 @@
 """The CUDA kernels' data movement, emulated on the CPU and checked against the reference backend.
 
 The instructions (ldmatrix, mma.m16n8k64 s4/u4, mma.m16n8k16 bf16) come from tests/ptx_isa.py, an
-emulator written from the PTX ISA's fragment tables by someone who had not seen kernels.cu. What this file
-adds is the kernels' *design*: which thread copies which 16 bytes into which swizzled shared-memory slot of
-which pipeline stage, the addresses each lane hands to ldmatrix, how warps split the CTA tile, the grouped
+emulator written from the PTX ISA's fragment tables by someone who had not seen kernels.cu (now
+csrc/*.cu). What this file adds is the kernels' *design*: which thread copies which 16 bytes into which
+swizzled shared-memory slot of which pipeline stage, the addresses each lane hands to ldmatrix, how warps split the CTA tile, the grouped
 CTA order, the magic-number int32 -> fp32 conversion (with the activation scale rounded to 22 bits so that
 one FMA removes the offset and scales), the activation scales' register pipeline (loaded one group ahead,
 stored as (sa22, -magic sa22) pairs two stages ahead of the one read), where each register's scale is read
 and where each
 accumulator is stored, and, in quantize_act, which channels each lane owns and how they fill the bf16 MMA
-fragments. The tile parameters are read from kernels.cu. If any design choice disagreed with the ISA's
+fragments. The tile parameters are read from the kernel sources. If any design choice disagreed with the ISA's
 fragment layouts, the emulated result would not be the reference's.
 """
 
@@ -65,7 +65,8 @@ def bf16_pair_bits(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def round_to_22_bits(s: np.ndarray) -> np.ndarray:
-    """kernels.cu's round_to_22_bits: (bits + 2) & ~3 on the fp32 pattern (to nearest, 22 significant bits)."""
+    """round_to_22_bits of fragments.cuh: (bits + 2) & ~3 on the fp32 pattern (to nearest, 22 significant
+    bits)."""
     bits = np.asarray(s, np.float32).view(np.int32)
     return ((bits + 2) & ~np.int32(3)).view(np.float32)
 
@@ -89,7 +90,7 @@ def grouped_order(tiles_m: int, tiles_n: int, group_m: int) -> list[tuple[int, i
 
 
 def kernel_tile_formula(block: int, tiles_m: int, tiles_n: int, group_m: int) -> tuple[int, int]:
-    """tile_coords() of kernels.cu, transcribed (checked against grouped_order below)."""
+    """tile_coords() of w4a4_gemm.cu, transcribed (checked against grouped_order below)."""
     per_group = group_m * tiles_n
     first_m = (block // per_group) * group_m
     rows_here = min(tiles_m - first_m, group_m)

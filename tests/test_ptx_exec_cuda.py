@@ -1,10 +1,10 @@
-"""The CUDA kernels' PTX (engine/kernels/cuda/csrc/kernels.cu, nvcc -ptx for sm_86) executed by
+"""The CUDA kernels' PTX (engine/kernels/cuda/csrc/*.cu, nvcc -ptx for sm_86) executed by
 the PTX interpreter of tests/ptx_exec.py and compared with the reference backend.
 
 The launch (grid, threads, dynamic shared memory, argument order) is the host code's in
-kernels.cu (svdq::w4a4_gemm, launch_quantize), with its constants (tiles, kThreads, kSmemBytes)
-evaluated from kernels.cu itself. Edge shapes: odd M and N inside one 192 x 128 tile, three K groups,
-ranks 0, 5 and 48 (48 takes the kNT = 8 instance of quantize_act). The GEMM runs on inputs whose
+w4a4_gemm.cu and quantize_act.cu (svdq::w4a4_gemm, launch_quantize), with their constants (tiles,
+kThreads, kSmemBytes) evaluated from the sources themselves. Edge shapes: odd M and N inside one
+192 x 128 tile, three K groups, ranks 0, 5 and 48 (48 takes the kNT = 8 instance of quantize_act). The GEMM runs on inputs whose
 products and sums are exact (see exact_gemm_inputs), so it must equal the reference bit for bit;
 quantize_act's codes and scales are exact by contract, its low-rank product (bf16 hi + lo) to
 ~2^-16. Every run must be clean of the interpreter's findings.
@@ -30,6 +30,8 @@ from .test_ptx_exec_triton import exact_gemm_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "engine" / "kernels" / "cuda" / "csrc"
+KERNEL_SOURCES = sorted(CSRC.glob("*.cu"))  # one file per kernel family
+CONSTANT_SOURCES = [CSRC / "fragments.cuh", *KERNEL_SOURCES]  # the shared header's constants come first
 DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # svdq::DType
 M, N, K = 19, 21, 192
 
@@ -38,17 +40,21 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc
 
 @pytest.fixture(scope="module")
 def ptx(pytestconfig, tmp_path_factory) -> str:
-    """kernels.cu compiled to PTX for sm_86 (cached by the sources' hash in pytest's cache: nvcc
-    takes ~15 s)."""
-    src = b"".join((CSRC / f).read_bytes() for f in ("kernels.cu", "kernels.h"))
+    """The kernel sources compiled to PTX for sm_86, one module per file, concatenated (cached by the
+    sources' hash in pytest's cache: nvcc takes ~15 s)."""
+    src = b"".join(f.read_bytes() for f in [*sorted(CSRC.glob("*.cu*")), CSRC / "kernels.h"])
     cache = getattr(pytestconfig, "cache", None)
     folder = cache.mkdir("ptx_exec") if cache is not None else tmp_path_factory.mktemp("ptx_exec")
     out = folder / f"kernels_sm86_{hashlib.sha256(src).hexdigest()[:16]}.ptx"
     if not out.exists():
         tmp = out.with_suffix(".tmp")
-        cmd = ["nvcc", "-std=c++17", "-O3", "-ptx", "-arch=sm_86", str(CSRC / "kernels.cu"), "-o", str(tmp)]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
+        modules = []
+        for source in KERNEL_SOURCES:
+            cmd = ["nvcc", "-std=c++17", "-O3", "-ptx", "-arch=sm_86", str(source), "-o", str(tmp)]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            assert res.returncode == 0, res.stderr[-3000:]
+            modules.append(tmp.read_text())
+        tmp.write_text("\n".join(modules))
         tmp.rename(out)
     return out.read_text()
 
@@ -59,10 +65,10 @@ def prm() -> dict:
 
 
 def host_constants() -> dict[str, int]:
-    """kernels.cu's namespace-level ``constexpr int`` constants (tile sizes, threads, shared
-    memory bytes: what its host code launches with), evaluated in order, C integer arithmetic."""
+    """The kernel sources' namespace-level ``constexpr int`` constants (tile sizes, threads, shared
+    memory bytes: what their host code launches with), evaluated in order, C integer arithmetic."""
     env: dict[str, int] = {}
-    text = (CSRC / "kernels.cu").read_text()
+    text = "\n".join(f.read_text() for f in CONSTANT_SOURCES)
     for m in re.finditer(r"^constexpr int ([^;]+);", text, re.M):
         for decl in m.group(1).split(","):
             name, expr = (x.strip() for x in decl.split("=", 1))

@@ -2,8 +2,9 @@
 
 The A40 (sm_86) runs 4-bit MMA at twice its 8-bit rate; Triton has no 4-bit dot, so this small
 extension of our own takes that last 2x. Hopper (sm_90) and newer have no 4-bit integer MMA:
-there the dispatch uses Triton. Sources: csrc/kernels.cu (device code, plain CUDA) and
-csrc/ops.cpp (torch binding, ops ``torch.ops.svdq_cuda.*``). The container image installs them
+there the dispatch uses Triton. Sources: csrc/quantize_act.cu and csrc/w4a4_gemm.cu (device code, plain
+CUDA, one file per kernel family, sharing csrc/fragments.cuh) and csrc/ops.cpp (torch binding, ops
+``torch.ops.svdq_cuda.*``). The container image installs them
 prebuilt (the ``svdq_cuda_kernels`` package, scripts/build_kernel_sdist.py); elsewhere they are
 built just in time on first use with torch.utils.cpp_extension (cached in the folder given to
 ``engine.kernels.configure(ext_dir=...)``, or torch's default) for the archs in ``TORCH_CUDA_ARCH_LIST`` (default: this GPU's), with
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 NAME = "cuda"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "ops.cpp", CSRC / "kernels.cu")
+SOURCES = (CSRC / "ops.cpp", CSRC / "quantize_act.cu", CSRC / "w4a4_gemm.cu")
 SUPPORTED_ARCHS = ((8, 0), (8, 6), (8, 7), (8, 9))
 # One K=64 MMA step per scale: the kernels are written for group 64 only (the public format's).
 # kernels.gemm_backend_for sends other group sizes to Triton under auto.
