@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.weights import Sources, WeightFile, WeightsError, chunks_path, ensure_files, remove_stale_staging
+from engine.weight_transfer import chunks_path
+from engine.weights import Sources, WeightFile, WeightsError, ensure_files, remove_stale_staging
 
 ROOT = Path(__file__).resolve().parent.parent
 KIB = 1024
