@@ -11,7 +11,8 @@ from engine import kernels, memory
 from engine.egress import EgressPolicy
 from engine.flux import attention
 from engine.lora import StoreConfig
-from engine.lora.store import CACHE_BYTES, CIVITAI, HUB, MAX_DOWNLOAD_BYTES
+from engine.lora.sources import CIVITAI, HUB
+from engine.lora.store import CACHE_BYTES, MAX_DOWNLOAD_BYTES
 from engine.weights import BAKED, Sources, cache_dir
 
 MODEL_ENV = "SVDQ_MODEL"  # auto | tiny | a model name of weights/manifest.json

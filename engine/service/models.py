@@ -13,7 +13,7 @@ import torch
 
 from engine.flux.checkpoint import read_metadata
 from engine.flux.converted import SOURCE_KEY
-from engine.lora.store import HUB
+from engine.lora.sources import HUB
 from engine.service.config import MODEL_ENV, ServiceConfig
 from engine.weights import (
     WeightsError,
