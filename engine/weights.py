@@ -15,8 +15,8 @@ hub or URL, goes through engine.download: a file the server describes with a siz
 ETag and ``Accept-Ranges: bytes`` is fetched in parallel ranged chunks (``If-Range``: a file
 that changes midway restarts from zero), its finished chunks recorded in ``<part>.chunks.json``
 so a killed download resumes with the chunks it has; any other file is one stream that resumes
-only when its ETag says the remote is unchanged. Nothing of a partial download is left once a
-file is complete. The hub's own client is not used for manifest files (its staging folders
+only when its ETag says the remote is unchanged (engine.weight_transfer moves the bytes). Nothing
+of a partial download is left once a file is complete. The hub's own client is not used for manifest files (its staging folders
 outlived killed downloads and restarted at byte 0).
 
 An entry whose sha256 is null is trusted on first download: its hash is recorded then and
@@ -35,23 +35,13 @@ import logging
 import os
 import re
 import shutil
-import threading
 import urllib.parse
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from engine.download import (
-    DownloadError,
-    DownloadLimits,
-    Remote,
-    RemoteChanged,
-    download,
-    etag_path,
-    human,
-    probe,
-    redact,
-)
+from engine.download import DownloadError, DownloadLimits, human, probe, redact
+from engine.weight_transfer import chunks_path, discard_partial, sidecar_path, transfer
 
 logger = logging.getLogger(__name__)
 
@@ -166,10 +156,6 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256.json")
-
-
 def _verified_hash(path: Path, label: str) -> str:
     """The file's sha256, from its sidecar when size and mtime are unchanged.
 
@@ -177,7 +163,7 @@ def _verified_hash(path: Path, label: str) -> str:
     recorded hash is never overwritten by a different one.
     """
     st = path.stat()
-    side = _sidecar(path)
+    side = sidecar_path(path)
     recorded = None
     if side.exists():
         try:
@@ -202,7 +188,7 @@ def _check(entry: WeightFile, path: Path) -> None:
         raise WeightsError(
             f"{entry.path}: size {path.stat().st_size} bytes, expected {entry.size} (truncated download?)"
         )
-    first_use = not _sidecar(path).exists()
+    first_use = not sidecar_path(path).exists()
     digest = _verified_hash(path, entry.path)
     if entry.sha256 is None:
         if first_use:
@@ -213,105 +199,6 @@ def _check(entry: WeightFile, path: Path) -> None:
             )
     elif digest != entry.sha256.lower():
         raise WeightsError(f"{entry.path}: sha256 {digest} does not match the manifest's {entry.sha256}")
-
-
-def chunks_path(part: Path) -> Path:
-    """The record of a chunked download's finished chunks, beside its part file."""
-    return part.with_name(part.name + ".chunks.json")
-
-
-def _discard(part: Path) -> None:
-    for path in (part, chunks_path(part), etag_path(part), _sidecar(part)):
-        path.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
-def _fetch_chunks(
-    url: str, part: Path, remote: Remote, headers: dict[str, str], limits: DownloadLimits, sources: Sources
-) -> None:
-    """``url`` into ``part`` in parallel ranged chunks, resuming the chunks a record says are done.
-
-    The record holds the remote's ETag and size: a record of another version, or none, starts
-    from zero. A chunk is recorded only after its bytes are on the disk (fsync), so a process
-    killed at any point resumes with whole chunks of one version, never a splice.
-    """
-    chunk = sources.chunk_bytes
-    key = {"etag": remote.etag, "size": remote.size, "chunk": chunk}
-    record = chunks_path(part)
-    done: set[int] = set()
-    try:
-        state = json.loads(record.read_text())
-        if {k: state.get(k) for k in key} == key and part.stat().st_size == remote.size:
-            done = {int(i) for i in state["done"]}
-    except (OSError, ValueError, TypeError, KeyError):
-        pass
-    n = -(-remote.size // chunk)
-    if done:
-        logger.info("%s: resuming, %d of %d chunks already here", part.name, len(done), n)
-    else:
-        if part.exists() or record.exists():
-            logger.info(
-                "%s: the partial file is of another version or unrecorded; starting from zero", part.name
-            )
-        _discard(part)
-        with open(part, "wb") as f:
-            f.truncate(remote.size)
-        _write_json(record, {**key, "done": []})
-    lock = threading.Lock()
-
-    def one(i: int) -> None:
-        first, last = i * chunk, min(remote.size, (i + 1) * chunk) - 1
-        chunk_limits = dataclasses.replace(limits, max_bytes=last - first + 1)
-        download(
-            url, part, limits=chunk_limits, headers=headers, byte_range=(first, last), if_range=remote.etag
-        )
-        with lock:
-            done.add(i)
-            _write_json(record, {**key, "done": sorted(done)})
-
-    with ThreadPoolExecutor(max_workers=sources.chunk_workers) as pool:
-        futures = [pool.submit(one, i) for i in range(n) if i not in done]
-        errors = [e for f in futures if (e := f.exception()) is not None]
-    if errors:
-        raise next((e for e in errors if isinstance(e, RemoteChanged)), errors[0])
-    record.unlink()
-
-
-def _transfer(
-    url: str, part: Path, headers: dict[str, str], limits: DownloadLimits, sources: Sources
-) -> None:
-    """One file into ``part``: parallel chunks where the server allows, else one resumable stream."""
-    for attempt in range(2):
-        try:
-            remote = probe(url, limits=limits, headers=headers)
-        except DownloadError as e:
-            if e.status in (401, 403, 404):
-                raise
-            remote = None  # HEAD not served (or failed): one stream, whose GET says what is wrong
-        if not (
-            remote and remote.size and remote.etag and remote.ranges and remote.size > sources.chunk_bytes
-        ):
-            if chunks_path(part).exists():  # a chunked partial: not continuable as one stream
-                _discard(part)
-            download(url, part, limits=limits, headers=headers, resume=True)
-            return
-        if remote.size > limits.max_bytes:
-            raise DownloadError(
-                f"{redact(url)} is {human(remote.size)}, over the cap of {human(limits.max_bytes)}"
-            )
-        try:
-            _fetch_chunks(url, part, remote, headers, limits, sources)
-            return
-        except RemoteChanged:
-            if attempt:
-                raise
-            logger.warning("%s changed during the download; starting again from zero", redact(url))
-            _discard(part)
 
 
 def _gated_message(entry: WeightFile, e: DownloadError, sources: Sources) -> str:
@@ -348,10 +235,10 @@ def _fetch(entry: WeightFile, root: Path, offline: bool, sources: Sources, verif
     logger.info("downloading %s from %s", entry.path, redact(url))
     limits = dataclasses.replace(WEIGHTS_LIMITS, max_bytes=entry.size or MAX_FILE_BYTES)
     try:
-        _transfer(url, part, sources.headers_for(entry), limits, sources)
+        transfer(url, part, sources.headers_for(entry), limits, sources)
     except DownloadError as e:
         if entry.hub and not sources.mirror and e.status in (401, 403):
-            _discard(part)
+            discard_partial(part)
             raise WeightsError(_gated_message(entry, e, sources)) from None
         try:  # a chunked partial is preallocated: what it holds is in its record
             kept = len(json.loads(chunks_path(part).read_text())["done"]) * sources.chunk_bytes
@@ -362,10 +249,10 @@ def _fetch(entry: WeightFile, root: Path, offline: bool, sources: Sources, verif
     try:
         _check(entry, part)
     except WeightsError:
-        _discard(part)
+        discard_partial(part)
         raise
     part.replace(dest)
-    _sidecar(part).replace(_sidecar(dest))
+    sidecar_path(part).replace(sidecar_path(dest))
     return dest
 
 
@@ -415,7 +302,7 @@ def recorded_sha256(path: Path, *, trust_recorded: bool = False) -> str:
     """
     if trust_recorded:
         try:
-            rec = json.loads(_sidecar(path).read_text())
+            rec = json.loads(sidecar_path(path).read_text())
             if rec.get("size") == path.stat().st_size and isinstance(rec.get("sha256"), str):
                 return rec["sha256"]
         except (OSError, ValueError):

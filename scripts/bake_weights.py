@@ -95,7 +95,8 @@ def main() -> int:
         logger.error("%s", e)
         return 1
     if args.warm:
-        from engine.service import FluxService, ServiceConfig
+        from engine.service import FluxService
+        from engine.service.config import ServiceConfig
 
         config = dataclasses.replace(ServiceConfig.from_env(), model=args.model, baked_dir=args.out)
         FluxService.setup(config, gpu=True)

@@ -17,7 +17,7 @@ import time
 import numpy as np
 from PIL import Image, ImageFilter
 
-from engine.service import FORMATS, WEBP_METHOD
+from engine.service.outputs import FORMATS, WEBP_METHOD
 
 
 def photo_like(size: int = 1024, seed: int = 0) -> Image.Image:

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from engine.flux import nunchaku as nk
+from engine.flux import nunchaku_packing as nkp
 from engine.quant import (
     GELU_SHIFT,
     dequantize_int4,
@@ -30,37 +30,37 @@ def their_w4a4(weight, bias, act_max, *, unsigned, rank=16, alpha=0.5, smooth=No
     if unsigned:  # their shift touches only the 4-bit path
         b = b + GELU_SHIFT * (q.proj_up.float() @ down_raw.float().sum(dim=1))
     return {
-        "qweight": nk.pack_w4a4_weight(unpack_int4(q.qweight)),
-        "wscales": nk.pack_wscales(q.wscales),
-        "smooth": nk.pack_lane_vector(q.smooth_factor),
-        "smooth_orig": nk.pack_lane_vector(q.smooth_factor),
-        "lora_down": nk.pack_lowrank(down_raw, down=True),
-        "lora_up": nk.pack_lowrank(q.proj_up, down=False),
-        "bias": nk.pack_lane_vector(b.to(torch.bfloat16)),
+        "qweight": nkp.pack_w4a4_weight(unpack_int4(q.qweight)),
+        "wscales": nkp.pack_wscales(q.wscales),
+        "smooth": nkp.pack_lane_vector(q.smooth_factor),
+        "smooth_orig": nkp.pack_lane_vector(q.smooth_factor),
+        "lora_down": nkp.pack_lowrank(down_raw, down=True),
+        "lora_up": nkp.pack_lowrank(q.proj_up, down=False),
+        "bias": nkp.pack_lane_vector(b.to(torch.bfloat16)),
     }
 
 
 def their_w4a4_forward(t, x, *, unsigned):
     """y = Q((x + shift) / smooth) . Q(R)^T + (x @ down^T) @ up^T + bias, from their tensors."""
     x = x.float()
-    smooth = nk.unpack_lane_vector(t["smooth"]).float()
+    smooth = nkp.unpack_lane_vector(t["smooth"]).float()
     x_hat = ((x + GELU_SHIFT) if unsigned else x) / smooth
     codes, scales = quantize_int4(x_hat, 64, unsigned=unsigned)
-    w = dequantize_int4(nk.unpack_w4a4_weight(t["qweight"]), nk.unpack_wscales(t["wscales"]))
-    down = nk.unpack_lowrank(t["lora_down"], down=True).float()
-    up = nk.unpack_lowrank(t["lora_up"], down=False).float()
-    bias = nk.unpack_lane_vector(t["bias"]).float()
+    w = dequantize_int4(nkp.unpack_w4a4_weight(t["qweight"]), nkp.unpack_wscales(t["wscales"]))
+    down = nkp.unpack_lowrank(t["lora_down"], down=True).float()
+    up = nkp.unpack_lowrank(t["lora_up"], down=False).float()
+    bias = nkp.unpack_lane_vector(t["bias"]).float()
     return dequantize_int4(codes, scales) @ w.T + (x @ down.T) @ up.T + bias
 
 
 def their_awq(weight, bias, chunks):
     """AdaLN linear as they store it: rows interleaved, +1 folded into the scale chunks' bias."""
     n = weight.shape[0]
-    order = nk.adanorm_order(n, chunks)
+    order = nkp.adanorm_order(n, chunks)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(n)
     b = bias.float().clone()
-    b[nk.adanorm_scale_rows(n, chunks)] += 1.0
+    b[nkp.adanorm_scale_rows(n, chunks)] += 1.0
     w_theirs = weight[inverse]
     codes, scales, zeros = quantize_int4_asym(w_theirs, 64, scale_dtype=torch.bfloat16)
     g = scales.shape[1]
@@ -70,7 +70,7 @@ def their_awq(weight, bias, chunks):
         return torch.cat([t.t(), t.new_zeros(padded - g, t.shape[0])])
 
     return {
-        "qweight": nk.pack_awq_weight(codes),
+        "qweight": nkp.pack_awq_weight(codes),
         "wscales": pad(scales),
         "wzeros": pad(zeros),
         "bias": b[inverse].to(torch.bfloat16),
@@ -79,7 +79,7 @@ def their_awq(weight, bias, chunks):
 
 def their_awq_forward(t, x):
     g = t["qweight"].shape[1] * 2 // 64
-    w = dequantize_int4_asym(nk.unpack_awq_weight(t["qweight"]), t["wscales"][:g].t(), t["wzeros"][:g].t())
+    w = dequantize_int4_asym(nkp.unpack_awq_weight(t["qweight"]), t["wscales"][:g].t(), t["wzeros"][:g].t())
     return x.float() @ w.T + t["bias"].float()
 
 

@@ -253,7 +253,7 @@ def test_service_runs_go_fast_off_requests_with_sdpa(tmp_path):
 
 
 def test_service_config_reads_the_attention_kind(tmp_path):
-    from engine.service import ServiceConfig
+    from engine.service.config import ServiceConfig
 
     assert ServiceConfig.from_env({"SVDQ_WEIGHTS_DIR": str(tmp_path)}).attention == "auto"
     assert (

@@ -230,7 +230,7 @@ def test_busy_then_cancel_then_next_succeeds(server):
     after = predict_ok(server, prompt="after the cancel", megapixels="0.25")
     # The queued prediction never started: its job was taken out of the queue.
     queued = [line for line in server.log.read_text().splitlines() if '"cancel-queued"' in line]
-    assert not any("engine.service: seed:" in line for line in queued), queued[-5:]
+    assert not any("engine.service.request: seed:" in line for line in queued), queued[-5:]
     assert "waiting for the GPU" not in after["logs"]  # and the running one had ended
 
 

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 from engine.flux import load_transformer
 from engine.go_fast import CompileSettings, GoFast, graphs_compiled, transformer_inputs
-from engine.service import FluxService, ServiceConfig
+from engine.service import FluxService
+from engine.service.config import ServiceConfig
 from engine.tiny_model import CHECKPOINT_NAME
 
 from .flux_cases import params_to_float

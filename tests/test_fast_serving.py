@@ -11,7 +11,8 @@ from PIL import Image
 
 from engine.pipeline import DEV_TEXT_TOKENS, SCHNELL_TEXT_TOKENS, FluxGenerator, text_tokens_for
 from engine.safety import SafetyChecker, default_dtype
-from engine.service import OUTPUT_PREFIX, WEBP_METHOD, FluxService, OutputFolders, save_images
+from engine.service import FluxService
+from engine.service.outputs import OUTPUT_PREFIX, WEBP_METHOD, OutputFolders, save_images
 from engine.tiny_model import CHECKPOINT_NAME
 
 from .test_service import tiny_safety_checker

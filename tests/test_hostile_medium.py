@@ -21,7 +21,7 @@ from safetensors.torch import save
 from engine.lora import LoraError, parse_lora, resolve_source
 from engine.lora.formats import MAX_KEYS
 from engine.lora.store import MAX_TAR_MEMBERS
-from engine.service import _online
+from engine.service.models import _online
 
 from .test_hostile import body, cache_files, lora_bytes, store_for, tar_of, transformer, web  # noqa: F401
 from .test_lora import DIFFUSERS_MODULES, diffusers_file

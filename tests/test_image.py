@@ -122,7 +122,7 @@ def test_dockerignore_keeps_environments_and_caches_out():
         assert _dockerignored(path, patterns), path
     for path in (
         "predict.py",
-        "engine/service.py",
+        "engine/service/__init__.py",
         "weights/manifest.json",
         "requirements.txt",
         f"{SDIST.relative_to(ROOT)}",

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from engine import memory
-from engine.service import ServiceConfig
+from engine.service.config import ServiceConfig
 
 GiB = 2**30
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -98,7 +98,7 @@ def test_report_meets_the_budgets_and_the_docs_table_is_current():
 
 
 def test_setup_chooses_and_logs_the_mode(caplog):
-    from engine.service import memory_mode
+    from engine.service.setup_phases import memory_mode
 
     with caplog.at_level("INFO", logger="engine.service"):
         assert memory_mode("auto", torch.device("cpu")) is memory.Mode.FAST

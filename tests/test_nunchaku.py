@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 
 from engine.flux import calibrate, load_transformer
 from engine.flux import nunchaku as nk
+from engine.flux import nunchaku_packing as nkp
 from engine.flux.nunchaku import _awq_layer, _w4a4_layer
 from engine.modules import SVDQLinear, W4A16Linear
 from engine.quant import relative_error, smooth_factors
@@ -18,21 +19,21 @@ from .nunchaku_layout import their_awq, their_awq_forward, their_checkpoint, the
 def test_layout_round_trips():
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-8, 8, (256, 384), generator=g, dtype=torch.int8)
-    assert torch.equal(nk.unpack_w4a4_weight(nk.pack_w4a4_weight(codes)), codes)
+    assert torch.equal(nkp.unpack_w4a4_weight(nkp.pack_w4a4_weight(codes)), codes)
     scales = torch.rand(256, 6, generator=g).to(torch.bfloat16)
-    assert nk.pack_wscales(scales).shape == (6, 256)
-    assert torch.equal(nk.unpack_wscales(nk.pack_wscales(scales)), scales)
+    assert nkp.pack_wscales(scales).shape == (6, 256)
+    assert torch.equal(nkp.unpack_wscales(nkp.pack_wscales(scales)), scales)
     down, up = torch.randn(32, 384, generator=g), torch.randn(256, 32, generator=g)
-    assert nk.pack_lowrank(down, down=True).shape == (384, 32)
-    assert torch.equal(nk.unpack_lowrank(nk.pack_lowrank(down, down=True), down=True), down)
-    assert torch.equal(nk.unpack_lowrank(nk.pack_lowrank(up, down=False), down=False), up)
+    assert nkp.pack_lowrank(down, down=True).shape == (384, 32)
+    assert torch.equal(nkp.unpack_lowrank(nkp.pack_lowrank(down, down=True), down=True), down)
+    assert torch.equal(nkp.unpack_lowrank(nkp.pack_lowrank(up, down=False), down=False), up)
     ucodes = torch.randint(0, 16, (768, 128), generator=g, dtype=torch.uint8)
-    packed = nk.pack_awq_weight(ucodes)
+    packed = nkp.pack_awq_weight(ucodes)
     assert packed.dtype == torch.int32 and packed.shape == (192, 64)
-    assert torch.equal(nk.unpack_awq_weight(packed), ucodes)
+    assert torch.equal(nkp.unpack_awq_weight(packed), ucodes)
     # The tile orders are real permutations, not the identity.
     assert not torch.equal(
-        nk.pack_w4a4_weight(codes).view(torch.uint8) & 0xF, (codes[:, 0::2] & 0xF).to(torch.uint8)
+        nkp.pack_w4a4_weight(codes).view(torch.uint8) & 0xF, (codes[:, 0::2] & 0xF).to(torch.uint8)
     )
 
 
@@ -99,8 +100,8 @@ def test_converted_adanorm_layer(chunks):
     layer = W4A16Linear(k, n)
     layer.load_state_dict(_awq_layer(theirs, chunks, torch.bfloat16))
     x = torch.randn(3, k)
-    y_theirs = their_awq_forward(theirs, x)[:, nk.adanorm_order(n, chunks)]
-    y_theirs[:, nk.adanorm_scale_rows(n, chunks)] -= 1.0
+    y_theirs = their_awq_forward(theirs, x)[:, nkp.adanorm_order(n, chunks)]
+    y_theirs[:, nkp.adanorm_scale_rows(n, chunks)] -= 1.0
     assert relative_error(layer(x), y_theirs) < 1e-2  # bf16 bias rounding of the +1
     assert relative_error(layer(x), x @ w.T + b) < 0.1
 

@@ -14,7 +14,11 @@ from engine.inputs import MAX_PROMPT_CHARS, seed_from
 from engine.lora import StoreConfig
 from engine.pipeline import FluxGenerator
 from engine.safety import SafetyChecker
-from engine.service import FluxService, NSFWError, ServiceConfig, choose_model, model_files, save_images
+from engine.service import FluxService
+from engine.service.config import ServiceConfig
+from engine.service.models import choose_model, model_files
+from engine.service.outputs import save_images
+from engine.service.request import NSFWError
 from engine.tiny_model import CHECKPOINT_NAME
 from engine.weights import WeightsError
 

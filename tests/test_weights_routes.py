@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.weights import Sources, WeightFile, WeightsError, chunks_path, ensure_files, remove_stale_staging
+from engine.weight_transfer import chunks_path
+from engine.weights import Sources, WeightFile, WeightsError, ensure_files, remove_stale_staging
 
 ROOT = Path(__file__).resolve().parent.parent
 KIB = 1024
@@ -344,7 +345,8 @@ def test_baked_weights_are_used_with_no_network(server, tmp_path, tiny_model_dir
     sys.path.insert(0, str(ROOT / "scripts"))
     from bake_weights import bake
 
-    from engine.service import ServiceConfig, model_files
+    from engine.service.config import ServiceConfig
+    from engine.service.models import model_files
     from engine.tiny_model import CHECKPOINT_NAME
 
     _serve_manifest(server, tiny_model_dir)
@@ -362,7 +364,8 @@ def test_baked_weights_are_used_with_no_network(server, tmp_path, tiny_model_dir
 
 
 def test_mirror_with_a_converted_transformer_skips_the_published_one(server, tmp_path, tiny_model_dir):
-    from engine.service import ServiceConfig, model_files
+    from engine.service.config import ServiceConfig
+    from engine.service.models import model_files
     from engine.weights import transformer_file
 
     _serve_manifest(server, tiny_model_dir, converted=True)

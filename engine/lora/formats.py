@@ -20,7 +20,7 @@ Every factor is checked before anything is applied: a LoRA pair (rank > 0, match
 scalar alpha, finite values (a LoRA holding NaN or Inf would turn every image into a constant),
 and shapes that fit the target layer. Keys that match nothing and text-encoder keys are listed
 in the result (engine.lora.manager logs them). Applying is engine.lora.manager's job; where
-files come from is engine.lora.store's.
+files come from is engine.lora.sources' and engine.lora.store's.
 """
 
 from __future__ import annotations
