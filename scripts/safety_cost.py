@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import torch
-from kernel_model import A40
+from perfmodel.devices import A40
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -9,7 +9,7 @@ variant, arch and rank:
   no spills (no stack frame, no STL/LDL);
   shared memory per CTA within the device's per-block limit (227 KB sm_90, 99 KB sm_86);
   CTAs per SM (registers, shared memory, threads, blocks) at least the design's (INTENDED_CTAS);
-  the PTX checks of kernel_model_triton.ptx_checks: no sign-extended narrow immediate (the old
+  the PTX checks of perfmodel.sass.ptx_checks: no sign-extended narrow immediate (the old
   bias-MMA tile), and in quantize_act no approximate fp32 division and no NaN-dropping max.
 Where several ranks share one specialization (the low-rank branch is processed LORA_CHUNK ranks
 at a time, so every rank >= the chunk compiles to one kernel), the report says so.
@@ -25,7 +25,10 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import kernel_model_triton as km
+from perfmodel.launches import act_launch, gemm_launch
+from perfmodel.loops import compile_sass
+from perfmodel.sass import disassemble, ptx_checks, triton_kernel
+from perfmodel.shapes import FLUX_M
 
 import engine.kernels.triton_backend as tb
 from engine.kernels.triton.gemm import GEMM_CONFIGS
@@ -69,13 +72,13 @@ def launches(cc: int, rank: int) -> list[tuple[str, str, object, tuple]]:
     out = []
     for name, cfg in GEMM_CONFIGS[cc // 10].items():
         for unsigned in (False, True):
-            launch = km.gemm_launch(km.FLUX_M, FLUX_K, FLUX_K, cc // 10, cfg, unsigned, rank=rank)
+            launch = gemm_launch(FLUX_M, FLUX_K, FLUX_K, cc // 10, cfg, unsigned, rank=rank)
             out.append(("gemm", f"{name} unsigned={unsigned}", tb.w4a4_gemm_kernel, launch))
         if cc == 86:  # the bias-MMA path is Hopper's; compiled for an mma.sync target too
-            launch = km.gemm_launch(km.FLUX_M, FLUX_K, FLUX_K, 8, replace(cfg, bias_mma=True), rank=rank)
+            launch = gemm_launch(FLUX_M, FLUX_K, FLUX_K, 8, replace(cfg, bias_mma=True), rank=rank)
             out.append(("gemm", f"{name} bias_mma", tb.w4a4_gemm_kernel, launch))
     for prologue in ("", "modulation", "gelu"):
-        launch = km.act_launch(km.FLUX_M, FLUX_K, cc // 10, rank=rank, prologue=prologue)
+        launch = act_launch(FLUX_M, FLUX_K, cc // 10, rank=rank, prologue=prologue)
         out.append(("act", prologue or "plain", tb.quantize_act_kernel, launch))
     return out
 
@@ -86,7 +89,7 @@ def gate(ranks: tuple[int, ...] = RANKS) -> tuple[list[dict], list[str]]:
     for cc in ARCHS:
         for rank in ranks:
             for kind, variant, fn, (_grid, args, kwargs) in launches(cc, rank):
-                info = km.compile_sass(fn, args, kwargs, cc)
+                info = compile_sass(fn, args, kwargs, cc)
                 warps = kwargs["num_warps"]
                 e = {
                     "kind": kind,
@@ -130,31 +133,23 @@ def compiled_constants() -> list[dict]:
     """The PTX/SASS facts the bias-MMA tile, the LayerNorm statistics and the group maximum rely
     on, for the GEMM with the bias MMA (sm_90's small config, and sm_86's compiled with it) and
     quantize_act with the LayerNorm prologue (sm_90, sm_86), at rank 32."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     out = []
     for cc in ARCHS:
         cfg = replace(GEMM_CONFIGS[cc // 10]["small"], bias_mma=True)
-        gemm = km.gemm_launch(km.FLUX_M, FLUX_K, FLUX_K, cc // 10, cfg)
-        act = km.act_launch(km.FLUX_M, FLUX_K, cc // 10, prologue="modulation")
+        gemm = gemm_launch(FLUX_M, FLUX_K, FLUX_K, cc // 10, cfg)
+        act = act_launch(FLUX_M, FLUX_K, cc // 10, prologue="modulation")
         for kind, fn, (_grid, args, kwargs) in (
             ("gemm", tb.w4a4_gemm_kernel, gemm),
             ("act", tb.quantize_act_kernel, act),
         ):
-            sig, const, attrs, options = km.specialize(fn, args, kwargs)
-            kernel = km.triton.compile(
-                ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                target=GPUTarget("cuda", cc, 32),
-                options=options,
-            )
+            kernel = triton_kernel(fn, args, kwargs, cc)
             ptx = kernel.asm["ptx"]
-            _usage, sass, _loops = km.disassemble(kernel.asm["cubin"])
+            _usage, sass, _loops = disassemble(kernel.asm["cubin"])
             out.append(
                 {
                     "kind": kind,
                     "cc": cc,
-                    **km.ptx_checks(ptx),
+                    **ptx_checks(ptx),
                     # the old tile: IMAD.MOV.U32 R16, RZ, RZ, -0x80 then STS.128 of it
                     "sass_neg80_movs": sum(1 for t in sass if re.search(r"\bMOV\b.*, -0x80$", t)),
                     # the tile written as four 0x80 bytes per word (0x80808080 = -2139062144)

@@ -363,20 +363,22 @@ def test_tiny_flux_transformer_with_sage_against_sdpa():
 def compiled_sage_kernels(archs: list[int]) -> list[dict]:
     """Compile sageattention's two kernels, as launched for FLUX ([1, 4352, 24, 128], bf16), for
     each sm_<cc> with Triton's own ptxas; registers, spills and the tensor-core ops of the main
-    loop (scripts/kernel_model_triton.py's reader). Run without TRITON_INTERPRET."""
+    loop (perfmodel's reader). Run without TRITON_INTERPRET."""
     import importlib
 
-    import kernel_model_triton as kmt
     import sageattention.attn_qk_int8_per_block as attn_mod
     import sageattention.quant_per_block as quant_mod
+    from perfmodel.launches import _Recorder
+    from perfmodel.loops import compile_sass
+    from perfmodel.sass import _TYPES
 
-    kmt._TYPES.setdefault(torch.int8, "i8")
+    _TYPES.setdefault(torch.int8, "i8")
     s, h, d = 4352, FLUX_HEADS, FLUX_HEAD_DIM
 
     def meta(*shape, dtype=torch.bfloat16):
         return torch.empty(*shape, dtype=dtype, device="meta")
 
-    rec_attn, rec_quant = kmt._Recorder(), kmt._Recorder()
+    rec_attn, rec_quant = _Recorder(), _Recorder()
     attn_mod._attn_fwd, quant_mod.quant_per_block_int8_kernel = rec_attn, rec_quant
     quant_mod.per_block_int8(meta(1, s, h, d), meta(1, s, h, d), tensor_layout="NHD")
     i8, f32 = torch.int8, torch.float32
@@ -391,7 +393,7 @@ def compiled_sage_kernels(archs: list[int]) -> list[dict]:
     for cc in archs:
         for name, (fn, (_, args, kwargs)) in kernels.items():
             try:
-                e = kmt.compile_sass(fn, args, kwargs, cc)
+                e = compile_sass(fn, args, kwargs, cc)
             except Exception as ex:  # a target Triton cannot lower this kernel for
                 out.append({"cc": cc, "kernel": name, "error": f"{type(ex).__name__}: {ex}"[:200]})
                 continue

@@ -15,14 +15,13 @@ fragment layouts, the emulated result would not be the reference's.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from perfmodel import cuda as kernel_model
 
 from engine.kernels import reference
 
@@ -30,9 +29,6 @@ from . import ptx_isa as P
 from .kernel_cases import act_inputs, gemm_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("kernel_model", ROOT / "scripts" / "kernel_model.py")
-kernel_model = sys.modules.setdefault("kernel_model", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(kernel_model)
 PRM = kernel_model.tile_params()
 
 MAGIC_BITS = 0x4B400000  # float 1.5 * 2^23

@@ -3,31 +3,28 @@
 For sm_80, sm_86 and sm_89: nvcc with warnings as errors, ptxas' resource report (no spills, no stack,
 the occupancy the kernels are designed for), and the disassembled main loops (int4 MMAs and little else in
 the GEMM, no int->float conversions, no global loads; the low-rank branches as bf16 MMAs). On sm_86 (the
-A40) the model of scripts/kernel_model.py must reach the targets of issue 14.
+A40) the model of scripts/perfmodel/cuda.py (scripts/kernel_model.py) must reach the targets of issue 14.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from perfmodel import cuda as kernel_model
+from perfmodel import sass
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("kernel_model", ROOT / "scripts" / "kernel_model.py")
-kernel_model = sys.modules.setdefault("kernel_model", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(kernel_model)
 
 
 def _have_tools() -> bool:
     try:
-        kernel_model.tool("nvcc")
-        kernel_model.tool("cuobjdump")
+        sass.tool("nvcc")
+        sass.tool("cuobjdump")
     except FileNotFoundError:
         return False
     return True

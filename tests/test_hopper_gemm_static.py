@@ -28,7 +28,7 @@ def _run(args: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
 
 _SIM_CHECK = """
 import json
-from scripts.kernel_model_hopper import WGMMA_LAT, BAR_LAT, simulate
+from scripts.perfmodel.chain import WGMMA_LAT, BAR_LAT, simulate
 loop = [
     "BAR.SYNC.DEFER_BLOCKING 0x0",
     "QGMMA.64x128x32.F32.E4M3.E4M3 R24, R88, gdesc[UR8], RZ, !UPT, gsb0",

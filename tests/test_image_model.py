@@ -1,4 +1,4 @@
-"""scripts/image_model.py: the stage-by-stage image model, its calibration and its docs block (issue 26).
+"""scripts/image_model.py (perfmodel.image): the stage-by-stage image model, its calibration and its docs block (issue 26).
 
 The model's figures are modelled, not measured; these tests check that it traces what the code issues,
 that its calibration against the published measurement stays within a stated error, and that the
@@ -7,7 +7,6 @@ block in docs/benchmarks.md is the one the code gives today.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,29 +15,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from perfmodel import image as image_model
+from perfmodel import image_price, image_trace
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-_spec = importlib.util.spec_from_file_location("image_model", ROOT / "scripts" / "image_model.py")
-image_model = sys.modules.setdefault("image_model", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(image_model)
 
 CALIBRATION_TOLERANCE = 0.25  # |modelled / measured - 1| on the calibration run, eager and compiled
 
 
 def test_attention_flops_do_not_depend_on_the_layout():
-    nhd = image_model.attention_flops((1, 4352, 24, 128), (1, 4352, 24, 128))
-    hnd = image_model.attention_flops((1, 24, 4352, 128), (1, 24, 4352, 128))
+    nhd = image_price.attention_flops((1, 4352, 24, 128), (1, 4352, 24, 128))
+    hnd = image_price.attention_flops((1, 24, 4352, 128), (1, 24, 4352, 128))
     assert nhd == hnd == (2 * 24 * 4352 * 4352 * 128,) * 2
 
 
 def test_the_tracer_sees_the_launches_count_launches_counts():
     """Same skeleton, same stand-in for attention: the per-block op lists agree with the launch counter's
     figures for the fused blocks (30 per double block, 14 per single block)."""
-    ops = image_model.trace_transformer(True, batch=1, size=256, text_tokens=64)
+    ops = image_trace.trace_transformer(True, batch=1, size=256, text_tokens=64)
     per_kind = {
         kind: sum(op.where == kind for op in ops) / n
-        for kind, n in image_model.cl.FLUX_SCHNELL_BLOCKS.items()
+        for kind, n in image_trace.cl.FLUX_SCHNELL_BLOCKS.items()
     }
     assert per_kind == {"transformer_blocks": 30, "single_transformer_blocks": 14}
     gemms = [op for op in ops if op.name == "svdq.w4a4_gemm"]
@@ -51,10 +48,10 @@ def test_the_tracer_sees_the_launches_count_launches_counts():
 
 def test_sage_preparation_bytes_follow_the_tensor_size():
     q = torch.empty(1, 24, 4352, 128, dtype=torch.bfloat16, device="meta")
-    op = image_model.Op("count_launches.flash_attention", "x", [], 0, 0, 0, (q, q, q))
+    op = image_trace.Op("count_launches.flash_attention", "x", [], 0, 0, 0, (q, q, q))
     t = 4352 * 24 * 128 * 2
     # mean of K (read), K - mean (read + write), V to fp16 (read + write), Q and K to int8 (read + write 1 B)
-    assert image_model.sage_prep_bytes(op) == t + 2 * t + 2 * t + 2 * (t + t // 2)
+    assert image_price.sage_prep_bytes(op) == t + 2 * t + 2 * t + 2 * (t + t // 2)
 
 
 @pytest.mark.slow

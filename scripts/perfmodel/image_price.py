@@ -1,0 +1,214 @@
+"""Pricing one image's traced ops and its stages (every figure MODELLED): our kernels from their
+compiled code through the kernel models, 16-bit matmuls and convolutions by roofline, attention
+by FLOPs, everything else by its bytes, at the stated efficiencies below (perfmodel.image)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from perfmodel.devices import IMAGE_PEAKS as DEVICES
+from perfmodel.image_trace import Op
+
+# Stated efficiencies (fractions of the peaks above): what the model assumes, in one place.
+EFF = {
+    "matmul": 0.70,  # cuBLAS bf16 on large shapes (the kernel models' baseline)
+    "conv": 0.50,  # cuDNN bf16 implicit GEMM, 3x3 convolutions of the VAE
+    "attention": {"A40": 0.60, "H100 SXM": 0.35},  # FA2 through SDPA: tuned for Ampere, not Hopper
+    "dram": 0.80,  # elementwise and reduction kernels, of DRAM bandwidth
+    "compiled_glue": 0.50,  # torch.compile: fraction of the eager glue bytes left after fusion
+}
+LAUNCH_US = 4.0  # per kernel launch that the GPU waits for: eager small ops, CPU-bound
+CPU_BPS = 4e9  # single-threaded numpy elementwise pass on the host (bytes read + written per s)
+
+OUR_OPS = ("svdq.", "count_launches.flash_attention")
+
+
+class KernelTimes:
+    """Our kernels' modelled times from their compiled code, through the kernel models' readers."""
+
+    def __init__(self) -> None:
+        from perfmodel import cuda as km_cuda
+        from perfmodel.devices import DEVICES as TRITON_DEVICES
+
+        self.cuda = km_cuda
+        self.cuda_report = km_cuda.analyse("86")  # nvcc + cuobjdump, once
+        self.devices = {d.name: d for d in TRITON_DEVICES}
+        self._cache: dict = {}
+
+    def _triton_gemm(self, m: int, k: int, n: int, unsigned: bool) -> float:
+        import engine.kernels.triton_backend as tb
+        from perfmodel.launches import gemm_launch
+        from perfmodel.loops import compile_sass
+        from perfmodel.triton_model import model_gemm
+
+        dev = self.devices["H100 SXM"]
+        cfg = tb.gemm_config(9, m)
+        _, args, kwargs = gemm_launch(m, k, n, 9, cfg, unsigned)
+        info = compile_sass(tb.w4a4_gemm_kernel, args, kwargs, 90)
+        return model_gemm(m, k, n, dev, info, cfg)["us"] * 1e-6
+
+    def _triton_act(self, m: int, k: int) -> float:
+        import engine.kernels.triton_backend as tb
+        from engine.kernels.triton.act import ACT_CONFIGS
+        from perfmodel.launches import act_launch
+        from perfmodel.loops import compile_sass
+        from perfmodel.triton_model import model_act
+
+        dev = self.devices["H100 SXM"]
+        _, args, kwargs = act_launch(m, k, 9)
+        info = compile_sass(tb.quantize_act_kernel, args, kwargs, 90)
+        return model_act(m, k, dev, info, ACT_CONFIGS[9])["us"] * 1e-6
+
+    def gemm(self, device: str, m: int, k: int, n: int, unsigned: bool) -> float:
+        key = ("gemm", device, m, k, n, unsigned)
+        if key not in self._cache:
+            if device == "A40":
+                t = self.cuda.model_gemm(self.cuda_report, m, k, n)["time_us"] * 1e-6
+            else:
+                t = self._triton_gemm(m, k, n, unsigned)
+            self._cache[key] = t
+        return self._cache[key]
+
+    def quantize(self, device: str, m: int, k: int) -> float:
+        key = ("act", device, m, k)
+        if key not in self._cache:
+            if device == "A40":
+                t = self.cuda.model_quant(self.cuda_report, m, k)["time_us"] * 1e-6
+            else:
+                t = self._triton_act(m, k)
+            self._cache[key] = t
+        return self._cache[key]
+
+
+def dram_s(nbytes: float, device: str) -> float:
+    return nbytes / (EFF["dram"] * DEVICES[device]["dram"])
+
+
+def attention_flops(q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(QK^T FLOPs, PV FLOPs) of one attention on [B, S, H, D] (or [B, H, S, D] with H < S)."""
+    b, s_q, h, d = q_shape
+    s_k = k_shape[1]
+    if h > s_q:  # [B, H, S, D]
+        h, s_q, s_k = s_q, h, k_shape[2]
+    return 2 * b * h * s_q * s_k * d, 2 * b * h * s_q * s_k * d
+
+
+def classify(op: Op) -> str:
+    """The stage column an op belongs to."""
+    n = op.name
+    if n == "svdq.w4a4_gemm":
+        return "W4A4 GEMM"
+    if n in ("svdq.quantize_act", "svdq.quantize_act_prologue"):
+        return "quantize_act (+prologue)"
+    if n == "svdq.w4a16_gemv":
+        return "AdaLN GEMV (W4A16)"
+    if n == "svdq.qk_norm_rope":
+        return "qk_norm_rope"
+    if n == "count_launches.flash_attention":
+        return "attention"
+    if op.flops:
+        return "16-bit matmul / conv"
+    return "glue (elementwise, copies)"
+
+
+def price(op: Op, device: str, kt: KernelTimes | None, *, compiled: bool, sage: bool) -> float:
+    """Modelled seconds of one op on ``device``."""
+    hw, n = DEVICES[device], op.name
+    if n == "svdq.w4a4_gemm":
+        qx, qweight = op.args[0], op.args[2]
+        m, k, nn = qx.shape[0], 2 * qx.shape[1], qweight.shape[0]
+        return kt.gemm(device, m, k, nn, bool(op.args[7]))
+    if n == "svdq.quantize_act":
+        x = op.args[0]
+        return kt.quantize(device, x.shape[0], x.shape[1])
+    if n == "svdq.quantize_act_prologue":
+        # the plain kernel's time plus the prologue's extra pass over x (LayerNorm statistics)
+        x = op.args[0]
+        extra = 2 * x.numel() if op.args[3] is not None else 0
+        return kt.quantize(device, x.shape[0], x.shape[1]) + dram_s(extra, device)
+    if n == "svdq.w4a16_gemv":
+        return dram_s(op.in_bytes + op.out_bytes, device)  # at its DRAM time on the A40 (kernel_model_triton)
+    if n == "svdq.qk_norm_rope":
+        # reads q | k | v (not the rest of a single block's projection) and the RoPE tables, writes
+        # q, k, v: kernel_model_rope.py's minimum, which its access check shows the kernel moves
+        tables = sum(t.numel() * t.element_size() for t in op.args[6:8] if isinstance(t, torch.Tensor))
+        return dram_s(2 * op.out_bytes + tables, device)
+    if n == "count_launches.flash_attention":
+        q, k = op.args[0], op.args[1]
+        qk, pv = attention_flops(tuple(q.shape), tuple(k.shape))
+        if not sage:
+            return (qk + pv) / (EFF["attention"][device] * hw["bf16"])
+        # SageAttention 1.0.6 (Triton): QK^T at the int8 rate, PV in fp16 (the bf16 rate on both
+        # GPUs, whatever the accumulator), at the same fraction of peak as the device's SDPA
+        eff = EFF["attention"][device]
+        t = qk / (eff * hw["int8"]) + pv / (eff * hw["bf16"])
+        return t + dram_s(sage_prep_bytes(op), device)
+    if op.flops:
+        eff = EFF["conv"] if "conv" in n else EFF["matmul"]
+        return max(op.flops / (eff * hw["bf16"]), (op.in_bytes + op.out_bytes) / hw["dram"])
+    nbytes = op.in_bytes + op.out_bytes
+    if compiled:
+        return EFF["compiled_glue"] * dram_s(nbytes, device)
+    return max(dram_s(nbytes, device), LAUNCH_US * 1e-6)
+
+
+def sage_prep_bytes(op: Op) -> int:
+    """SageAttention 1.0.6's passes before its kernel (engine/flux/attention.py): K's mean (read K),
+    K minus it (read, write), V to fp16 (read, write), Q and K to int8 per block (read, write 1 B)."""
+    q = op.args[0]
+    t = q.numel() * q.element_size()
+    return t + 2 * t + 2 * t + 2 * (t + t // 2)
+
+
+# --- stages --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    name: str
+    seconds: dict[str, float]  # device -> s
+    detail: dict[str, dict[str, float]] = field(default_factory=dict)  # device -> column -> s
+
+
+def stage(name: str, ops: list[Op], kt, *, compiled: bool, sage: bool, repeat: int = 1) -> Stage:
+    st = Stage(name, {}, {})
+    for device in DEVICES:
+        cols: dict[str, float] = {}
+        for op in ops:
+            col = classify(op)
+            cols[col] = cols.get(col, 0.0) + repeat * price(op, device, kt, compiled=compiled, sage=sage)
+        st.detail[device] = cols
+        st.seconds[device] = sum(cols.values())
+    return st
+
+
+def post_bytes(batch: int, size: int) -> dict[str, float]:
+    """Bytes of the post-processing as the code runs it, and as diffusers' own path ran it before.
+
+    Now (engine.pipeline.to_pil): on the GPU, eager, bf16 -> float32, x 255, round, -> uint8 (27 B per
+    value); one byte per value to the host; PIL's copy. The safety checker's input (engine/safety.py,
+    on the host): np.asarray(float32) / 255 per image (13 B per value) and CLIPImageProcessor's pass
+    over the uint8 image (read it, write float32: 5 B per value; its 224-pixel output is negligible).
+    Before: the float32 image to the host (4 B per value), then permute, x 255, round, astype (29 B)."""
+    px = batch * 3 * size * size
+    return {
+        "gpu": 27 * px,
+        "to_host": px,
+        "host_pil": px,
+        "host_safety": 13 * px + 5 * px,
+        "before_to_host": 4 * px,
+        "before_host": (8 + 8 + 8 + 5) * px,
+    }
+
+
+def postprocess_stage(batch: int, size: int) -> Stage:
+    """To uint8 on the GPU (engine.pipeline.to_pil), then the safety checker's input prepared on the host."""
+    b = post_bytes(batch, size)
+    seconds, detail = {}, {}
+    for d, hw in DEVICES.items():
+        gpu = dram_s(b["gpu"], d) + b["to_host"] / hw["pcie"]
+        host = (b["host_pil"] + b["host_safety"]) / CPU_BPS
+        seconds[d], detail[d] = gpu + host, {"GPU + copy": gpu, "CPU": host}
+    return Stage("post-processing (GPU) + safety input (CPU)", seconds, detail)
