@@ -27,8 +27,10 @@ from .nunchaku_layout import their_checkpoint
 
 @pytest.fixture()
 def fresh_dynamo():
+    """An empty dynamo cache and no inductor caches: a graph another run cached may hold other ops' fakes."""
     torch._dynamo.reset()
-    yield
+    with torch._inductor.config.patch(force_disable_caches=True):
+        yield
     torch._dynamo.reset()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -34,9 +35,21 @@ def configure_runtime(weights_dir: Path, kernel_backend: str = "auto", compile_c
     # go_fast's compiled graphs (inductor's FX graph, autotuning and Triton caches) and our own
     # Triton kernels' cache: a restarted container with the same folder, or an image baked with
     # it, loads them instead of compiling again at setup.
+    # Inductor's cache keys do not cover a custom op's fake: a graph compiled against an older
+    # version of our ops (another output layout, say) would be loaded and fail its stride asserts,
+    # so the folder is keyed by the ops' source.
     cache = compile_cache or weights_dir / "compile-cache"
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "torchinductor"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / f"torchinductor-{ops_source_digest()}"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+
+
+def ops_source_digest() -> str:
+    """12 hex digits of sha256 over the Python sources that define our ops and their fakes."""
+    root = Path(kernels.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted([*root.rglob("*.py"), root.parent / "quant" / "ops.py"]):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 class SetupPhases:
