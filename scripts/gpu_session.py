@@ -282,7 +282,9 @@ def part_compile(rec: Record, device: torch.device, size: str) -> None:
     rec.data["backend"] = backend
     # A fresh compile, as a cold container's: inductor's caches do not key on our ops' fakes, and a
     # graph cached by an older checkout would be replayed (engine/service/setup_phases.py).
-    torch._inductor.config.force_disable_caches = True
+    import torch._inductor.config as inductor_config
+
+    inductor_config.force_disable_caches = True
     compiled = torch.compile(transformer, backend="inductor", dynamic=False)
     for batch in (1, 2) if size == "full" else (1,):
 
