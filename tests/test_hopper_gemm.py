@@ -170,6 +170,22 @@ def test_hopper_dispatch_takes_the_sm90_kernel(monkeypatch):
     torch.testing.assert_close(y2, reference.w4a4_gemm(**a, **kw), **OUT_TOL[torch.float32])
 
 
+def test_hopper_dispatch_sends_ranks_above_the_sm90_tile_to_the_chunked_int8_kernel(monkeypatch):
+    """A low-rank branch wider than gemm_sm90.MAX_RANK (the base plus LoRAs) would spill in the
+    FP8 kernel's whole-rank tile: the int8 kernel, chunked, runs it."""
+    calls = []
+    monkeypatch.setattr(tb, "_major", lambda device: 9)
+    monkeypatch.setattr(gemm_sm90, "serves", lambda device: True)
+    monkeypatch.setattr(gemm_sm90, "launch", lambda *a, **kw: calls.append("sm90"))
+    kw = {"unsigned": False, "out_dtype": torch.float32}
+    tb.w4a4_gemm(**gemm_inputs(5, 128, 24, gemm_sm90.MAX_RANK, device=DEVICE), **kw)
+    assert calls == ["sm90"]
+    a = gemm_inputs(5, 128, 24, gemm_sm90.MAX_RANK + 1, device=DEVICE)
+    y = tb.w4a4_gemm(**a, **kw)
+    assert calls == ["sm90"]  # not launched again: the int8 kernel ran
+    torch.testing.assert_close(y, reference.w4a4_gemm(**a, **kw), **OUT_TOL[torch.float32])
+
+
 def test_hopper_dispatch_checks_the_gpu_once_and_falls_back_loudly(monkeypatch, caplog):
     """Where the FP8 sums do not check exact on the device, w4a4_gemm takes the int8 kernel and
     says so once; the check itself passes on the interpreter's exact arithmetic."""

@@ -82,3 +82,30 @@ def test_sm90_loop_structure_and_calibrated_model(tmp_path):
         assert r["gemm_us"] > 0 and r["bound"] in ("chain", "issue", "tensor", "L2")
         if not unsigned:  # the FP8 kernel models faster than the int8 one it replaces on Hopper
             assert r["gemm_us"] < base[(k, n)]["gemm_us"], (r, base[(k, n)])
+
+
+_RANK_CHECK = """
+import json, sys
+sys.path.insert(0, "scripts")
+import perfmodel.hopper as h
+from perfmodel.hopper_calibration import compile_cubin
+from engine.kernels.triton import gemm_sm90
+out = {}
+for rank in (gemm_sm90.MAX_RANK, 2 * gemm_sm90.MAX_RANK):
+    h.RANK = rank
+    args, kwargs = h.sm90_launch(4352, 3072, 3072, gemm_sm90.sm90_config(4352), False)
+    _, regs, stack, spills, smem = compile_cubin(gemm_sm90.w4a4_gemm_sm90_kernel, args, kwargs)
+    out[rank] = spills
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_sm90_rank_limit_is_where_its_whole_rank_tile_stops_fitting():
+    """gemm_sm90.MAX_RANK, above which Hopper's dispatch takes the chunked int8 kernel, compiles
+    without spills; twice it spills (so the limit is not set lower than it need be)."""
+    res = _run([sys.executable, "-c", _RANK_CHECK], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    spills = {int(k): v for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
+    at, above = sorted(spills)
+    assert spills[at] == 0 and spills[above] > 0, spills

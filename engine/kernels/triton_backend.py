@@ -162,8 +162,9 @@ def w4a4_gemm(
 ) -> torch.Tensor:
     """See engine.kernels.contract. Scales are read through their strides (group-major is fastest).
     Hopper (sm_90) takes the FP8 kernel of engine/kernels/triton/gemm_sm90.py where its
-    integer sums check exact on the device (once; gemm_sm90.serves), else the int8 one."""
-    if _major(qx.device) == 9 and gemm_sm90.serves(qx.device):
+    integer sums check exact on the device (once; gemm_sm90.serves) and its whole-rank low-rank
+    tile fits (rank <= gemm_sm90.MAX_RANK), else the int8 one, whose low-rank loop is chunked."""
+    if _major(qx.device) == 9 and lora_act.shape[1] <= gemm_sm90.MAX_RANK and gemm_sm90.serves(qx.device):
         check_group_size(2 * qx.shape[1] // ascales.shape[1], MAX_GEMM_GROUP)
         return gemm_sm90.launch(
             _row_major(qx),

@@ -59,6 +59,12 @@ SM90_CONFIGS: dict[str, LaunchConfig] = {
 INTERPRETER_CONFIG = LaunchConfig(16, 16, 4, 1)
 GROUP_M = 8  # CTAs along M that walk N together (L2 reuse of the weight tiles)
 BLOCK_G = 16  # groups per step of the offset-correction GEMM (one bf16 MMA K step)
+# The low-rank branch is one whole-rank tile here (chunking it as the int8 kernel does costs two
+# extra MMA waits per group in the main loop, compiled with Triton 3.6). Compiled for sm_90 at the
+# FLUX shapes: ranks up to 64 hold 222-225 registers, no spills; rank 96 spills (104 spill
+# instructions), 224 spills 821 with 128 KB of shared memory. Wider branches (LoRAs) take the
+# chunked int8 kernel (triton_backend.w4a4_gemm).
+MAX_RANK = 64
 A_UNIT = 2.0**-9  # e4m3 byte u is u * 2^-9: the dot comes out in these units
 SIGNED_OFFSET = 8  # signed codes c enter the MMA as c + 8
 
