@@ -74,6 +74,19 @@ class LaunchConfig:
 
 
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of this program in grouped order: GROUP_M row blocks sweep the
+    columns together, so their weight tiles are shared in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
 def unpack_nibbles(p, SIGNED: tl.constexpr, ASM: tl.constexpr):
     """uint8 codes, two per byte -> (low, high) int8 tensors of the same shape.
 

@@ -35,6 +35,7 @@ from engine.kernels.triton.common import (
     SUB_IN_EXP,
     SUB_OUT_EXP,
     LaunchConfig,
+    grouped_tile,
     round_to_22_bits,
     scale_biased,
     scale_lowest_binade,
@@ -139,15 +140,7 @@ def w4a4_gemm_kernel(
     SCALE_IN: tl.constexpr = INV * 2.0**SUB_IN_EXP
     NEG_BIAS_IN: tl.constexpr = -INV * K_BIAS * BIAS_MMA_UNIT * 2.0 ** (SUB_IN_EXP - 149)
     BIAS_VALUE: tl.constexpr = K_BIAS * BIAS_MMA_UNIT * 2.0**-149
-    # Grouped CTA order: GROUP_M row blocks sweep the columns together, sharing weight tiles in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

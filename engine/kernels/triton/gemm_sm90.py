@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.triton.common import INTERPRET, LaunchConfig, dot_bf16
+from engine.kernels.triton.common import INTERPRET, LaunchConfig, dot_bf16, grouped_tile
 
 logger = logging.getLogger(__name__)
 
@@ -197,15 +197,7 @@ def w4a4_gemm_sm90_kernel(
 ):
     HALF: tl.constexpr = GROUP // 2
     G = K // GROUP
-    # Grouped CTA order: GROUP_M row blocks sweep the columns together, sharing weight tiles in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
