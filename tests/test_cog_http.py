@@ -195,7 +195,7 @@ def _wait_for_log(server, prediction_id: str, text: str, timeout: float = 60) ->
 def test_busy_then_cancel_then_next_succeeds(server):
     """Two slots: one prediction runs, one waits for the GPU, a third is refused; both cancel."""
     hook = HTTPServer(("127.0.0.1", 0), _Webhook)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    threading.Thread(target=hook.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     try:
         body = {
             "input": {"prompt": "slow", "num_inference_steps": 4, "num_outputs": 4, "seed": 1},

@@ -70,7 +70,7 @@ def servers():
         srv.daemon_threads = True
         srv.routes, srv.seen = {}, []
         srv.base = f"http://{host}:{srv.server_port}"
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         out.append(srv)
     yield out
     for srv in out:

@@ -58,7 +58,7 @@ def http():
     _Files.truncate, _Files.ranges = False, []
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
     srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_port}"
     srv.shutdown()
 
