@@ -294,7 +294,7 @@ def test_backends_and_custom_op_take_the_contracts_arguments():
         assert [(p.name, p.kind) for p in got] == [(p.name, p.kind) for p in want], fn.__module__
     schema = torch.ops.svdq.qk_norm_rope.default._schema
     assert [a.name for a in schema.arguments] == [p.name for p in want]
-    assert contract.OPS[contract.NormRopeBackend] == ("qk_norm_rope",)
+    assert contract.OPS[contract.NormRopeBackend] == ("qk_norm_rope", "qk_norm_rope_sage")
 
 
 @pytest.mark.parametrize("dtype,launches", [(torch.float32, 37), (torch.bfloat16, 51)])

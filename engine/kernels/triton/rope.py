@@ -371,14 +371,15 @@ def sage_k_quant_kernel(
     n_kblk = tl.cdiv(S, BLOCK_K)
     for j in tl.static_range(K_BLOCKS):
         blk = pid * K_BLOCKS + j
-        s = blk * BLOCK_K + tl.arange(0, BLOCK_K)
-        ok = (s < S)[:, None]
-        offs = ((b.to(tl.int64) * S + s.to(tl.int64)[:, None]) * H + h) * D + d[None, :]
-        k = tl.load(k_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        k = tl.where(ok, _round(k - mean[None, :], ROUND, COMPILED), 0.0)  # T(k - mean); 0 past S
-        k8, k_scale = _sage_quant(k, 1.0, False)  # per_block_int8's sm_scale=1.0: x * 1.0 is x
-        tl.store(k8_ptr + offs, k8, mask=ok)
-        tl.store(k_scale_ptr + bh * n_kblk + blk, k_scale, mask=blk < n_kblk)
+        if blk < n_kblk:  # the last program's blocks past S do nothing
+            s = blk * BLOCK_K + tl.arange(0, BLOCK_K)
+            ok = (s < S)[:, None]
+            offs = ((b.to(tl.int64) * S + s.to(tl.int64)[:, None]) * H + h) * D + d[None, :]
+            k = tl.load(k_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            k = tl.where(ok, _round(k - mean[None, :], ROUND, COMPILED), 0.0)  # T(k - mean); 0 past S
+            k8, k_scale = _sage_quant(k, 1.0, False)  # per_block_int8's sm_scale=1.0: x * 1.0 is x
+            tl.store(k8_ptr + offs, k8, mask=ok)
+            tl.store(k_scale_ptr + bh * n_kblk + blk, k_scale)
 
 
 def sage_config(major: int) -> LaunchConfig:
