@@ -81,25 +81,105 @@ def capture(single: bool, major: int) -> tuple:
     return launch
 
 
-def compile_report(single: bool, cc: int) -> dict:
-    """Compile one variant for sm_<cc> and read its SASS."""
+def capture_sage(single: bool, major: int) -> dict:
+    """{kernel name: (grid, args, kwargs)} of qk_norm_rope_sage's two launches at FLUX's shape."""
+    import engine.kernels.triton.rope as tr
+    from perfmodel.launches import _Recorder
+
+    names = ("qk_norm_rope_sage_kernel", "sage_k_quant_kernel")
+    recs = {n: _Recorder() for n in names}
+    saved = {n: getattr(tr, n) for n in names}, tr._major
+    for n in names:
+        setattr(tr, n, recs[n])
+    tr._major = lambda device: major
+    try:
+        parts, (cos, sin) = _inputs(single)
+        tr.qk_norm_rope_sage(*parts, cos, sin, heads=HEADS, eps=1e-6)
+    finally:
+        for n in names:
+            setattr(tr, n, saved[0][n])
+        tr._major = saved[1]
+    return {n: recs[n].calls[0] for n in names}
+
+
+def _compiled_counts(fn, args: tuple, kwargs: dict, cc: int) -> dict:
+    """Compile ``fn`` for sm_<cc> with the launch's arguments; registers, spills, access widths."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import engine.kernels.triton.rope as tr
-
-    grid, args, kwargs = capture(single, cc // 10)
     kwargs = dict(kwargs)
-    fusion = kwargs.pop("enable_fp_fusion")
-    sig, const, attrs, options = specialize(tr.qk_norm_rope_kernel, args, kwargs)
+    fusion = kwargs.pop("enable_fp_fusion", True)
+    sig, const, attrs, options = specialize(fn, args, kwargs)
     kernel = triton.compile(
-        ASTSource(fn=tr.qk_norm_rope_kernel, signature=sig, constexprs=const, attrs=attrs),
+        ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
         target=GPUTarget("cuda", cc, 32),
         options={**options, "enable_fp_fusion": fusion},
     )
     info = analyse(kernel.asm["cubin"])
     ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in disassemble(kernel.asm["cubin"])[1]]
+    return {"info": info, "ops": ops, "options": options}
+
+
+def compile_sage_report(single: bool, cc: int) -> list[dict]:
+    """qk_norm_rope_sage's two kernels compiled for sm_<cc>: registers, spills, SASS, widths."""
+    import engine.kernels.triton.rope as tr
+
+    out = []
+    for name, (grid, args, kwargs) in capture_sage(single, cc // 10).items():
+        c = _compiled_counts(getattr(tr, name), args, kwargs, cc)
+        ops, info = c["ops"], c["info"]
+        out.append(
+            {
+                "kernel": name,
+                "variant": "single block (1 part, strided)" if single else "double block (2 parts)",
+                "cc": cc,
+                "grid": list(grid),
+                "num_warps": c["options"]["num_warps"],
+                "regs": info["regs"],
+                "stack_bytes": info["stack_bytes"],
+                "spill_instrs": info["spill_instrs"],
+                "sass": len(ops),
+                "narrowest_load": min(load_bytes(op) for op in ops if re.match(r"LDG(\.|$)", op)),
+                "narrowest_store": min(load_bytes(op) for op in ops if re.match(r"STG(\.|$)", op)),
+                "ffma": sum(op.startswith("FFMA") for op in ops),
+            }
+        )
+    return out
+
+
+def sage_bytes(s: int = S_TXT + S_IMG, heads: int = HEADS, dim: int = DIM, batch: int = B) -> dict:
+    """DRAM bytes of one attention's preparation: qk_norm_rope_sage's two launches against
+    qk_norm_rope followed by sageattn's passes (engine.flux.attention.sage_attention). Minimum
+    traffic of each launch (every tensor read or written once; the per-block sums and scales
+    included), 16-bit q|k|v in."""
+    t = batch * s * heads * dim  # elements of one of q, k, v
+    nbq, nbk = -(-s // 128), -(-s // 64)
+    tables = 2 * s * dim * 4
+    sums = batch * heads * nbq * dim * 4
+    fused_rope = 3 * 2 * t + tables + t * 1 + batch * heads * nbq * 4 + t * 2 + sums + t * 2  # q8, k, sums, v16
+    fused_k = t * 2 + sums + t * 1 + batch * heads * nbk * 4  # k in, sums, k8 out, scales
+    plain_rope = 3 * 2 * t + tables + 3 * 2 * t
+    # sageattn's passes: k.mean (read k), k - mean (read, write), v to fp16 (read, write), Q and K
+    # to int8 (read 2 B, write 1 B each)
+    sage_passes = 2 * t + 2 * (2 * t) + 2 * (2 * t) + 2 * (2 * t + t)
+    return {
+        "fused_rope_sage": fused_rope,
+        "fused_k_quant": fused_k,
+        "fused_total": fused_rope + fused_k,
+        "unfused_total": plain_rope + sage_passes,
+        "unfused_rope": plain_rope,
+        "unfused_sage_passes": sage_passes,
+    }
+
+
+def compile_report(single: bool, cc: int) -> dict:
+    """Compile one variant for sm_<cc> and read its SASS."""
+    import engine.kernels.triton.rope as tr
+
+    grid, args, kwargs = capture(single, cc // 10)
+    c = _compiled_counts(tr.qk_norm_rope_kernel, args, kwargs, cc)
+    info, ops, options = c["info"], c["ops"], c["options"]
     loads = [load_bytes(op) for op in ops if re.match(r"LDG(\.|$)", op)]
     stores = [load_bytes(op) for op in ops if re.match(r"STG(\.|$)", op)]
     return {

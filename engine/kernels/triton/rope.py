@@ -252,7 +252,9 @@ def qk_norm_rope(
 # in block order (a fixed order: no atomics, the same bytes every run), divides by S (IEEE, as
 # torch's mean), rounds the mean to T, and quantizes T(k - mean) per SAGE_BLOCK_K tokens.
 
-SAGE_CONFIGS: dict[int, LaunchConfig] = {9: LaunchConfig(SAGE_BLOCK_Q, 0, 8, 1), 8: LaunchConfig(SAGE_BLOCK_Q, 0, 8, 1)}
+# 16 warps: a [128, D] tile at 32 fp32 values per thread and tensor, like qk_norm_rope's 32-token
+# tiles at 4 warps (8 warps compile to 255 registers on sm_86; 16 to 128, no spills)
+SAGE_CONFIGS: dict[int, LaunchConfig] = {9: LaunchConfig(SAGE_BLOCK_Q, 0, 16, 1), 8: LaunchConfig(SAGE_BLOCK_Q, 0, 16, 1)}
 SAGE_K_CONFIGS: dict[int, LaunchConfig] = {9: LaunchConfig(4, 0, 4, 1), 8: LaunchConfig(4, 0, 4, 1)}
 SAGE_INTERPRETER_K_CONFIG = LaunchConfig(2, 0, 4, 1)  # two key blocks per program: the loop is tested
 SAGE_HEAD_DIMS = (64, 128)  # SageAttention's head dims that this kernel compiles (powers of two)
