@@ -14,6 +14,8 @@
 3. Checked from the kernel's own accesses (interpreter, GPU launch config, a reduced shape):
    every q/k/v byte of the projection output is loaded exactly once, the columns after them
    never, every output byte stored exactly once.
+4. ``qk_norm_rope_sage`` (SageAttention's preparation folded in): both launches compiled the same
+   way (registers, spills, widths), and its bytes against qk_norm_rope + sageattn's own passes.
 
 Exit status 1 when a gate fails (spills, FFMA, loads or stores narrower than 16 bytes, a byte
 not read or written exactly once).
@@ -321,6 +323,19 @@ def gate_failures(static: list[dict], access: dict) -> list[str]:
     return bad
 
 
+def sage_gate_failures(static: list[dict]) -> list[str]:
+    """qk_norm_rope_sage's kernels: no spills; the rope launch without FFMA (its products round
+    like the plain op's) and with 16-byte loads (its scalar scale and sum stores are 4 bytes)."""
+    bad = []
+    for e in static:
+        tag = f"{e['kernel']} {e['variant']} sm_{e['cc']}"
+        if e["stack_bytes"] or e["spill_instrs"]:
+            bad.append(f"{tag}: spills")
+        if e["kernel"] == "qk_norm_rope_sage_kernel" and (e["ffma"] or e["narrowest_load"] < 16):
+            bad.append(f"{tag}: {e['ffma']} FFMA, narrowest load {e['narrowest_load']} B")
+    return bad
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path)
@@ -339,12 +354,15 @@ def main() -> int:
     if child.returncode:
         raise RuntimeError(child.stderr[-3000:])
     access = json.loads(child.stdout)
+    sage = [e for cc in ARCHS for single in (False, True) for e in compile_sage_report(single, cc)]
     report = {
         "static": static,
         "bytes": bytes_model(static[0]["block_s"]),
         "access": access,
+        "sage_static": sage,
+        "sage_bytes": sage_bytes(),
     }
-    report["gates_failed"] = gate_failures(static, access)
+    report["gates_failed"] = gate_failures(static, access) + sage_gate_failures(sage)
     text = json.dumps(report, indent=1)
     if args.json:
         args.json.write_text(text)
