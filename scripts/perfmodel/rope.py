@@ -150,21 +150,24 @@ def compile_sage_report(single: bool, cc: int) -> list[dict]:
     return out
 
 
-def sage_bytes(s: int = S_TXT + S_IMG, heads: int = HEADS, dim: int = DIM, batch: int = B) -> dict:
+def sage_bytes(
+    s: int = S_TXT + S_IMG, heads: int = HEADS, dim: int = DIM, batch: int = B, elt: int = 2
+) -> dict:
     """DRAM bytes of one attention's preparation: qk_norm_rope_sage's two launches against
     qk_norm_rope followed by sageattn's passes (engine.flux.attention.sage_attention). Minimum
     traffic of each launch (every tensor read or written once; the per-block sums and scales
-    included), 16-bit q|k|v in."""
+    included), ``elt``-byte q|k|v in (the image model prices its traced ops with this)."""
     t = batch * s * heads * dim  # elements of one of q, k, v
     nbq, nbk = -(-s // 128), -(-s // 64)
     tables = 2 * s * dim * 4
     sums = batch * heads * nbq * dim * 4
-    fused_rope = 3 * 2 * t + tables + t * 1 + batch * heads * nbq * 4 + t * 2 + sums + t * 2  # q8, k, sums, v16
-    fused_k = t * 2 + sums + t * 1 + batch * heads * nbk * 4  # k in, sums, k8 out, scales
-    plain_rope = 3 * 2 * t + tables + 3 * 2 * t
-    # sageattn's passes: k.mean (read k), k - mean (read, write), v to fp16 (read, write), Q and K
-    # to int8 (read 2 B, write 1 B each)
-    sage_passes = 2 * t + 2 * (2 * t) + 2 * (2 * t) + 2 * (2 * t + t)
+    # q|k|v and the tables in; q8, its scales, k (elt), the sums, v fp16 out
+    fused_rope = 3 * elt * t + tables + t + batch * heads * nbq * 4 + elt * t + sums + 2 * t
+    fused_k = elt * t + sums + t + batch * heads * nbk * 4  # k and the sums in, k8 and its scales out
+    plain_rope = 3 * elt * t + tables + 3 * elt * t
+    # sageattn's passes: k.mean (read k), k - mean (read, write), v to fp16 (read, write 2 B), Q and
+    # K to int8 (read, write 1 B each)
+    sage_passes = elt * t + 2 * elt * t + (elt + 2) * t + 2 * (elt * t + t)
     return {
         "fused_rope_sage": fused_rope,
         "fused_k_quant": fused_k,
