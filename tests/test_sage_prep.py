@@ -194,3 +194,31 @@ def test_backends_take_the_contracts_arguments():
         assert [(p.name, p.kind) for p in got] == [(p.name, p.kind) for p in want], fn.__module__
     schema = torch.ops.svdq.qk_norm_rope_sage.default._schema
     assert [a.name for a in schema.arguments] == [p.name for p in want]
+
+
+# --- GPU: FLUX's double-block shape ---------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_fused_preparation_at_flux_shape():
+    """Compiled kernels at FLUX's double-block shape (512 text + 4096 image tokens, 24 heads,
+    D = 128, bf16) against the package's per_block_int8 on the plain kernel's q, k, v: q8, q_scale
+    and v bit for bit (the same rope arithmetic, the same div.full.f32 as the package's kernel);
+    k8 and k_scale too wherever the mean (our fixed-order sum against torch's CUDA reduction)
+    rounds alike, which every column but a rare rounding tie does; the attention within the
+    package's own quantization of the unfused path."""
+    heads, d = 24, 128
+    parts, cos, sin = random_parts(1, 512, 4096, heads, d, torch.bfloat16, scale=3.0)
+    args = tuple(t.cuda() if t is not None else None for t in (*flat(parts), cos, sin))
+    got = tr.qk_norm_rope_sage(*args, heads=heads, eps=EPS)
+    q, k, v = tr.qk_norm_rope(*args, heads=heads, eps=EPS)
+    want = definer(q, k, v)
+    for i in (0, 1, 4):
+        assert torch.equal(got[i], want[i]), i
+    diff = (got[2].int() - want[2].int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+    torch.testing.assert_close(got[3], want[3], rtol=2**-7, atol=0)
+    out = attention.sage_attention_int8(*got, torch.bfloat16)
+    ref = attention.sage_attention(q, k, v)
+    cos_sim = torch.nn.functional.cosine_similarity(out.double().flatten(), ref.double().flatten(), dim=0)
+    assert cos_sim > 0.9999
