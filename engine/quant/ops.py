@@ -225,7 +225,7 @@ def sage_per_block_int8(
     codes = y / scale
     codes = codes + 0.5 * torch.where(codes >= 0, 1.0, -1.0)
     codes = codes.to(torch.int8).permute(0, 2, 3, 1, 4).reshape(b, nb * block, h, d)[:, :s]
-    return codes.contiguous(), scale.view(b, h, nb, 1)
+    return codes.contiguous(), scale.reshape(b, h, nb, 1).contiguous()
 
 
 def qk_norm_rope_sage(
