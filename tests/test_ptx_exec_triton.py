@@ -370,7 +370,11 @@ def _beyond_warp_reduction_tails(findings, ptx: str) -> list:
 @pytest.fixture(scope="module")
 def compiled_sage() -> dict:
     args, kw = _sage_inputs()
-    ref_q, ref_k, ref_v = reference.qk_norm_rope(*args, **kw)
+    ref_q, k_plain, ref_v = reference.qk_norm_rope(*args, **kw)
+    # the K launch's input: K with a large shared offset (what sage's smoothing removes), so the
+    # mean is as large as K and the last block's tokens past S must count as 0, not -mean
+    g = torch.Generator().manual_seed(6)
+    ref_k = (k_plain.float() + 6 * torch.randn(k_plain.shape[-1], generator=g)).to(k_plain.dtype)
     nbq = -(-ref_k.shape[1] // 128)
     k_sum = torch.nn.functional.pad(ref_k.float(), (0, 0, 0, 0, 0, 128 * nbq - ref_k.shape[1]))
     k_sum = k_sum.view(1, nbq, 128, *ref_k.shape[2:]).sum(dim=2).permute(0, 2, 1, 3).contiguous()  # [B, H, nbq, D]

@@ -65,6 +65,27 @@ def test_triton_is_sages_per_block_int8_on_the_plain_ops_output(shape, dtype):
         assert torch.equal(g, w)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("shape", [(1, 37, 150, 2, 64), (1, 70, 0, 1, 128)])
+def test_triton_with_a_large_k_offset(shape):
+    """K mostly one shared vector (what sage's smoothing is for; RoPE the identity so it stays
+    shared): the mean is then as large as K itself, and the last key block's tokens past S must
+    count as 0 (not as minus the mean) in its scale, as in per_block_int8's masked load."""
+    b, s0, s1, h, d = shape
+    parts, args = _args(b, s0, s1, h, d, torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    offset = torch.randn(h * d, generator=g) * 8
+    parts = [(qkv.clone(), nq, nk) for qkv, nq, nk in parts]
+    for qkv, _, _ in parts:
+        qkv[..., h * d : 2 * h * d] += offset.to(qkv.dtype)
+    cos, sin = torch.ones_like(args[-2]), torch.zeros_like(args[-1])
+    args = (*flat(parts), cos, sin)
+    got = tr.qk_norm_rope_sage(*args, heads=h, eps=EPS)
+    want = definer(*tr.qk_norm_rope(*args, heads=h, eps=EPS))
+    for g_, w in zip(got, want, strict=True):
+        assert torch.equal(g_, w)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reference_is_sages_preparation(dtype):
     """The reference (torch) against the package's kernel on the reference's own q, k, v."""
