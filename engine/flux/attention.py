@@ -16,6 +16,11 @@ The backend is the one :func:`configure` chose (SDPA until it is called):
   ``svdq::sage_attention`` with a fake implementation, so torch.compile (go_fast) traces it
   without a graph break. Measured error against fp32 SDPA: docs/benchmarks.md, tests/test_attention.py.
 
+Our fused blocks enter through :func:`norm_rope_attend` (q/k norm + RoPE, then attention): with
+sage, for head dims 64 and 128, SageAttention's preparation runs inside the rope op
+(``kernels.qk_norm_rope_sage``: int8 Q/K with their block scales, V in fp16) and only its int8
+kernel after it (``svdq::sage_attention_int8``), bit for bit what :func:`sage_attention` gives.
+
 diffusers 0.42.1's own "sage" dispatch backend needs ``sageattention>=2.1.1`` (its
 ``_REQUIRED_SAGE_VERSION``), whose CUDA kernels are not on PyPI (1.0.6 is the newest there), so
 the 1.0.6 kernels are called here, not through diffusers' dispatcher.
