@@ -89,6 +89,8 @@ KERNELS = {
     "act": ("engine.kernels.triton_backend", "quantize_act_kernel", "engine.kernels.triton.act"),
     "gemv": ("engine.kernels.triton_backend", "w4a16_gemv_kernel", "engine.kernels.triton.gemv"),
     "rope": ("engine.kernels.triton.rope", "qk_norm_rope_kernel", "engine.kernels.triton.rope"),
+    "rope_sage": ("engine.kernels.triton.rope", "qk_norm_rope_sage_kernel", "engine.kernels.triton.rope"),
+    "sage_k": ("engine.kernels.triton.rope", "sage_k_quant_kernel", "engine.kernels.triton.rope"),
 }
 
 
@@ -218,6 +220,8 @@ OUTPUTS = {
     "quantize_act_kernel": {"qx_ptr", "ascales_ptr", "lora_ptr"},
     "w4a16_gemv_kernel": {"y_ptr"},
     "qk_norm_rope_kernel": {"q_ptr", "k_ptr", "v_ptr"},
+    "qk_norm_rope_sage_kernel": {"q8_ptr", "q_scale_ptr", "k_ptr", "k_sum_ptr", "v_ptr"},
+    "sage_k_quant_kernel": {"k8_ptr", "k_scale_ptr"},
     "old_bias_tile_kernel": {"out_ptr"},
 }
 

@@ -54,6 +54,37 @@ def test_sage_preparation_bytes_follow_the_tensor_size():
     assert image_price.sage_prep_bytes(op) == t + 2 * t + 2 * t + 2 * (t + t // 2)
 
 
+def test_under_sage_the_trace_has_the_fused_preparation_and_prices_its_bytes():
+    """go_fast's trace (sage): per block one qk_norm_rope_sage and one sage int8 attention in place
+    of qk_norm_rope and the flash stand-in (same op counts per block), priced by the two launches'
+    bytes, which are fewer than those of qk_norm_rope plus sageattn's passes."""
+    from perfmodel.rope import sage_bytes
+
+    ops = image_trace.trace_transformer(True, batch=1, size=256, text_tokens=64, sage=True)
+    per_kind = {
+        kind: sum(op.where == kind for op in ops) / n for kind, n in image_trace.cl.FLUX_SCHNELL_BLOCKS.items()
+    }
+    assert per_kind == {"transformer_blocks": 30, "single_transformer_blocks": 14}
+    names = {op.name for op in ops}
+    assert {"svdq.qk_norm_rope_sage", "svdq.sage_attention_int8"} <= names
+    assert not {"svdq.qk_norm_rope", "count_launches.flash_attention"} & names
+    fused = [op for op in ops if op.name == "svdq.qk_norm_rope_sage"]
+    assert len(fused) == 57
+    b = image_price.qk_norm_rope_sage_bytes(fused[0])
+    assert b == sage_bytes(320, 24, 128, 1, 2)
+    t = 320 * 24 * 128  # elements of q (and k, v)
+    sums = 24 * 3 * 128 * 4  # [B, H, ceil(320 / 128), D] fp32
+    rope_in = 3 * 2 * t + 2 * 320 * 128 * 4  # q|k|v bf16 and the cos/sin tables
+    assert b["fused_total"] == rope_in + t + 24 * 3 * 4 + 2 * t + sums + 2 * t + (2 * t + sums + t + 24 * 5 * 4)
+    assert b["unfused_total"] == rope_in + 3 * 2 * t + (2 * t + 4 * t + 4 * t + 2 * 3 * t)
+    assert image_price.price(fused[0], "A40", None, compiled=True, sage=True) == image_price.dram_s(
+        b["fused_total"], "A40"
+    )
+    attn = next(op for op in ops if op.name == "svdq.sage_attention_int8")
+    qk, pv = image_price.attention_flops(tuple(attn.args[0].shape), tuple(attn.args[2].shape))
+    assert qk == pv == 2 * 24 * 320 * 320 * 128
+
+
 @pytest.mark.slow
 def test_calibration_against_the_published_h100_measurement():
     cal = image_model.calibration()

@@ -333,3 +333,106 @@ def test_old_bias_tile_constant_is_caught(compiled):
         assert (out == 16 * (16384 + 3 * 128)).all(), out
     else:  # a triton that materializes four 0x80 bytes
         assert (out == 64 * (1 << 14)).all(), out
+
+
+# --- qk_norm_rope_sage: both launches, against the plain kernel's compiled output and the package ----
+
+
+def _sage_inputs():
+    g = torch.Generator().manual_seed(4)
+    h, d, s0, s1 = 1, 64, 37, 100  # two query blocks; the part boundary inside the first
+    qkv0 = (torch.randn(1, s0, 3 * h * d, generator=g) * 2).bfloat16()
+    qkv1 = (torch.randn(1, s1, 3 * h * d, generator=g) * 2).bfloat16()
+    w = [(torch.rand(d, generator=g) * 2).bfloat16() for _ in range(4)]
+    ang = torch.randn(s0 + s1, d // 2, generator=g).repeat_interleave(2, dim=1)
+    return (qkv0, w[0], w[1], qkv1, w[2], w[3], ang.cos(), ang.sin()), {"heads": h, "eps": 1e-6}
+
+
+def _beyond_warp_reduction_tails(findings, ptx: str) -> list:
+    """The findings other than Triton's cross-warp reduction tail, which these kernels' whole-tile
+    max and column sums compile to: after the shared-memory exchange only lanes < num_warps load
+    a partial (``@%p ld.shared.b32 %rN``), the others shuffle the unwritten %rN within their own
+    16-lane (or smaller) butterfly and their store back is predicated off by the same %p, so no
+    lane that is stored ever reads it. Every other finding (and any uninitialized register not
+    loaded that way) is kept."""
+    import re as _re
+
+    tails = set(_re.findall(r"@%p\d+ ld\.shared\.b32 (%r\d+),", ptx))
+    kept = []
+    for f in findings.items:
+        reg = _re.match(r"(%r\d+) read before any write", f.detail)
+        benign = f.kind == "uninit-register" and reg and reg.group(1) in tails
+        if not (benign and _re.match(r"\s*(\$L__\w+:\s*)?(shfl\.sync\.bfly\.b32|max\.f32|add\.f32)", f.line)):
+            kept.append(f)
+    return kept
+
+
+@pytest.fixture(scope="module")
+def compiled_sage() -> dict:
+    args, kw = _sage_inputs()
+    ref_q, k_plain, ref_v = reference.qk_norm_rope(*args, **kw)
+    # the K launch's input: K with a large shared offset (what sage's smoothing removes), so the
+    # mean is as large as K and the last block's tokens past S must count as 0, not -mean
+    g = torch.Generator().manual_seed(6)
+    ref_k = (k_plain.float() + 6 * torch.randn(k_plain.shape[-1], generator=g)).to(k_plain.dtype)
+    nbq = -(-ref_k.shape[1] // 128)
+    k_sum = torch.nn.functional.pad(ref_k.float(), (0, 0, 0, 0, 0, 128 * nbq - ref_k.shape[1]))
+    k_sum = k_sum.view(1, nbq, 128, *ref_k.shape[2:]).sum(dim=2).permute(0, 2, 1, 3).contiguous()  # [B, H, nbq, D]
+    launches = {
+        "plain": PC.record("rope", lambda: RP.qk_norm_rope(*args, **kw)),
+        "rope_sage": PC.record("rope_sage", lambda: RP.launch_norm_rope_sage(*args, **kw)),
+        "sage_k": PC.record("sage_k", lambda: RP.launch_sage_k_quant(ref_k, k_sum)),
+    }
+    results = PC.compile_ptx([launch.request(CC) for launch in launches.values()])
+    return {n: (launch, res) for (n, launch), res in zip(launches.items(), results, strict=True)} | {
+        "ref": (ref_q, ref_k, ref_v, k_sum)
+    }
+
+
+def test_compiled_sage_preparation_is_the_packages_arithmetic(compiled_sage):
+    """The first launch's PTX (sm_86, 16 warps) next to the plain kernel's on the same inputs: k
+    the same bytes; q8 and q_scale per_block_int8's of the plain kernel's q (the reference's
+    arithmetic, torch); v the plain v in fp16; the per-block sums of k to fp32 rounding."""
+    from engine.quant.ops import SAGE_BLOCK_Q, sage_per_block_int8, sage_q_multiplier
+
+    plain, res = compiled_sage["plain"]
+    findings, _ = _run(plain, res)
+    assert not findings, findings.report()
+    q, k, v = (_outputs(plain)[n] for n in ("q_ptr", "k_ptr", "v_ptr"))
+    launch, res = compiled_sage["rope_sage"]
+    findings, written = _run(launch, res)
+    assert not _beyond_warp_reduction_tails(findings, res["ptx"]), findings.report()
+    assert all(w.all() for w in written.values()), {n: int((~w).sum()) for n, w in written.items()}
+    out = _outputs(launch)
+    assert torch.equal(out["k_ptr"], k)
+    q8, q_scale = sage_per_block_int8(q, SAGE_BLOCK_Q, sage_q_multiplier(q.shape[-1]))
+    assert torch.equal(out["q8_ptr"], q8) and torch.equal(out["q_scale_ptr"], q_scale)
+    assert torch.equal(out["v_ptr"], v.half())
+    k_sum = torch.nn.functional.pad(k.float(), (0, 0, 0, 0, 0, 128 * q_scale.shape[2] - k.shape[1]))
+    k_sum = k_sum.view(1, -1, 128, *k.shape[2:]).sum(dim=2).permute(0, 2, 1, 3)
+    torch.testing.assert_close(out["k_sum_ptr"], k_sum, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("approx", ["exact", "perturb"])
+def test_compiled_sage_k_quantization_is_the_packages(compiled_sage, approx):
+    """The second launch's PTX (sm_86): the mean from the block sums (IEEE division, rounded to
+    bf16) and per_block_int8's codes and scales of T(k - mean), against the reference on the
+    same k; with every approximate instruction one ulp off too (its divisions, ``max / 127.`` and
+    ``x / scale``, are the package's div.full.f32, as sage's own kernel compiles them: a scale may
+    then move by an ulp and a code on a rounding boundary by one; the mean's division is IEEE)."""
+    from engine.quant.ops import SAGE_BLOCK_K, sage_per_block_int8
+
+    _, ref_k, _, k_sum = compiled_sage["ref"]
+    launch, res = compiled_sage["sage_k"]
+    findings, written = _run(launch, res, approx=approx)
+    assert not _beyond_warp_reduction_tails(findings, res["ptx"]), findings.report()
+    assert all(w.all() for w in written.values())
+    mean = (k_sum.sum(dim=2) / ref_k.shape[1]).to(torch.bfloat16)[:, None]  # [B, 1, H, D]
+    k8, k_scale = sage_per_block_int8(ref_k - mean, SAGE_BLOCK_K, 1.0)
+    out = _outputs(launch)
+    if approx == "exact":
+        assert torch.equal(out["k_scale_ptr"], k_scale) and torch.equal(out["k8_ptr"], k8)
+    else:
+        torch.testing.assert_close(out["k_scale_ptr"], k_scale, rtol=2**-22, atol=0)
+        diff = (out["k8_ptr"].int() - k8.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01

@@ -294,7 +294,7 @@ def test_backends_and_custom_op_take_the_contracts_arguments():
         assert [(p.name, p.kind) for p in got] == [(p.name, p.kind) for p in want], fn.__module__
     schema = torch.ops.svdq.qk_norm_rope.default._schema
     assert [a.name for a in schema.arguments] == [p.name for p in want]
-    assert contract.OPS[contract.NormRopeBackend] == ("qk_norm_rope",)
+    assert contract.OPS[contract.NormRopeBackend] == ("qk_norm_rope", "qk_norm_rope_sage")
 
 
 @pytest.mark.parametrize("dtype,launches", [(torch.float32, 37), (torch.bfloat16, 51)])
@@ -374,6 +374,14 @@ def test_static_figures_at_flux_shape(tmp_path):
     for e in report["static"]:
         assert e["spill_instrs"] == 0 and e["ffma"] == 0 and e["narrowest_load"] == e["narrowest_store"] == 16
     assert report["bytes"]["minimum_bytes"] == 2 * 3 * 4608 * 3072 * 2 + 2 * 4608 * 128 * 4 + 4 * 128 * 2
+    # qk_norm_rope_sage's two kernels (16 warps for the rope launch: 128 registers, none spilled)
+    assert {(e["cc"], e["kernel"]) for e in report["sage_static"]} == {
+        (cc, k) for cc in (90, 86) for k in ("qk_norm_rope_sage_kernel", "sage_k_quant_kernel")
+    }
+    for e in report["sage_static"]:
+        assert e["spill_instrs"] == e["stack_bytes"] == 0 and e["regs"] <= 128, e
+    sage = report["sage_bytes"]
+    assert sage["fused_total"] < 0.55 * sage["unfused_total"], sage
 
 
 @pytest.mark.gpu

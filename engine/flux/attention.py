@@ -16,6 +16,11 @@ The backend is the one :func:`configure` chose (SDPA until it is called):
   ``svdq::sage_attention`` with a fake implementation, so torch.compile (go_fast) traces it
   without a graph break. Measured error against fp32 SDPA: docs/benchmarks.md, tests/test_attention.py.
 
+Our fused blocks enter through :func:`norm_rope_attend` (q/k norm + RoPE, then attention): with
+sage, for head dims 64 and 128, SageAttention's preparation runs inside the rope op
+(``kernels.qk_norm_rope_sage``: int8 Q/K with their block scales, V in fp16) and only its int8
+kernel after it (``svdq::sage_attention_int8``), bit for bit what :func:`sage_attention` gives.
+
 diffusers 0.42.1's own "sage" dispatch backend needs ``sageattention>=2.1.1`` (its
 ``_REQUIRED_SAGE_VERSION``), whose CUDA kernels are not on PyPI (1.0.6 is the newest there), so
 the 1.0.6 kernels are called here, not through diffusers' dispatcher.
@@ -31,6 +36,8 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from engine import kernels
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +182,56 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 @sage_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, S, H, D] contiguous
+
+
+@torch.library.custom_op("svdq::sage_attention_int8", mutates_args=())
+def sage_attention_int8(
+    q8: torch.Tensor,
+    q_scale: torch.Tensor,
+    k8: torch.Tensor,
+    k_scale: torch.Tensor,
+    v: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """SageAttention 1.0.6's int8 kernel alone (``attn_qk_int8_per_block.forward``, "NHD"), on what
+    ``kernels.qk_norm_rope_sage`` emits: q8/k8 int8 [B, S, H, D], their per-block scales, v fp16.
+    Returns [B, S, H, D] contiguous in ``out_dtype``: :func:`sage_attention`'s result, bit for bit,
+    when the inputs are its own preparation's (tests/test_sage_prep.py)."""
+    from sageattention.attn_qk_int8_per_block import forward as attn_fwd
+
+    return attn_fwd(q8, k8, v, q_scale, k_scale, tensor_layout="NHD", output_dtype=out_dtype)
+
+
+@sage_attention_int8.register_fake
+def _(q8, q_scale, k8, k_scale, v, out_dtype):
+    return torch.empty(q8.shape, dtype=out_dtype, device=q8.device)  # [B, S, H, D] contiguous
+
+
+# Head dims whose preparation folds into qk_norm_rope (its Triton kernel takes powers of two):
+# FLUX's 128, and 64. A 96 head keeps the separate passes.
+FUSED_PREP_HEAD_DIMS = (64, 128)
+
+
+def norm_rope_attend(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    heads: int,
+    eps: float,
+) -> torch.Tensor:
+    """``attend(*kernels.qk_norm_rope(parts, cos, sin, ...))`` -> [B, S, H, D] contiguous.
+
+    With sage, for head dims in FUSED_PREP_HEAD_DIMS, the rope op emits sage's int8 inputs
+    directly (``kernels.qk_norm_rope_sage``) and only sage's attention kernel runs after it; the
+    SDPA path is unchanged. The fused blocks (engine/flux/blocks.py) call this.
+    """
+    qkv, norm_q = parts[0][0], parts[0][1]
+    if _state["kind"] == "sage" and norm_q.shape[-1] in FUSED_PREP_HEAD_DIMS and qkv.dtype in SAGE_DTYPES:
+        q8, q_scale, k8, k_scale, v = kernels.qk_norm_rope_sage(parts, cos, sin, heads=heads, eps=eps)
+        return sage_attention_int8(q8, q_scale, k8, k_scale, v, qkv.dtype)
+    q, k, v = kernels.qk_norm_rope(parts, cos, sin, heads=heads, eps=eps)
+    return attend(q, k, v)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ between the quantized linears folded into as few launches as possible:
   next layer's (``gelu=True``, ``_gelu_project``): no 16-bit normalized or GELU'd copy is written;
 * q/k RMSNorm + RoPE + the joint (text, image) concatenation are one op,
   ``engine.kernels.qk_norm_rope``; the attention is ``engine.flux.attention.attend`` (SDPA, or
-  SageAttention where setup chose it).
+  SageAttention where setup chose it), both through ``attention.norm_rope_attend`` (with sage, the
+  op emits sage's int8 inputs itself: ``kernels.qk_norm_rope_sage``).
 
 A float layer (the quantizer's fused float model) takes the same steps unfused. diffusers'
 ``FluxTransformer2DModel.forward`` drives the blocks unchanged.
@@ -35,8 +36,7 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from torch import nn
 
-from engine import kernels
-from engine.flux.attention import attend
+from engine.flux.attention import norm_rope_attend
 from engine.flux.layers import SplitInputLinear, set_module, split_linear
 from engine.modules.svdq_linear import SVDQLinear
 
@@ -104,7 +104,7 @@ class FusedFluxTransformerBlock(FluxTransformerBlock):
         )
         # q/k RMSNorm + RoPE + joint (text, image) sequence -> attention.
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
-        q, k, v = kernels.qk_norm_rope(
+        out = norm_rope_attend(
             [
                 (c_qkv, attn.norm_added_q.weight, attn.norm_added_k.weight),
                 (qkv, attn.norm_q.weight, attn.norm_k.weight),
@@ -113,8 +113,7 @@ class FusedFluxTransformerBlock(FluxTransformerBlock):
             sin,
             heads=attn.heads,
             eps=attn.norm_q.eps,
-        )
-        out = attend(q, k, v).flatten(2, 3)
+        ).flatten(2, 3)
         context_out, out = out.split_with_sizes(
             [encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1
         )
@@ -166,10 +165,9 @@ class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
         proj = _project(self.to_qkv_mlp, self.norm.norm, hidden_states, scale_msa, shift_msa)
         # q/k RMSNorm + RoPE (the q | k | v channels of proj, read in place) -> attention.
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
-        q, k, v = kernels.qk_norm_rope(
+        attn_output = norm_rope_attend(
             [(proj, attn.norm_q.weight, attn.norm_k.weight)], cos, sin, heads=attn.heads, eps=attn.norm_q.eps
-        )
-        attn_output = attend(q, k, v).flatten(2, 3)
+        ).flatten(2, 3)
 
         # proj_out over (attention, MLP) as its two parts, added: no concatenation.
         attn_part, mlp_part = self.proj_out.parts

@@ -32,7 +32,7 @@ from types import ModuleType
 
 import torch
 
-from engine.kernels.rope import qk_norm_rope  # its own module: q/k RMSNorm + RoPE + joint cat
+from engine.kernels.rope import qk_norm_rope, qk_norm_rope_sage  # q/k norm + RoPE (+ sage prep)
 from engine.quant.ops import empty_ascales  # the one ascales layout: [M, G] group-major
 
 logger = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ def gemm_backend_for(device: torch.device | str, group_size: int) -> ModuleType:
 def op_backend_for(device: torch.device | str, op: str) -> ModuleType:
     """The backend that serves ``op`` on ``device``: the configured one when it has the op, else
     the first of triton, reference that runs there (the CUDA extension has no w4a16_gemv,
-    quantize_act_prologue or qk_norm_rope; its w4a4_gemm takes the contract's qx/ascales/lora_act,
+    quantize_act_prologue or qk_norm_rope(_sage); its w4a4_gemm takes the contract's qx/ascales/lora_act,
     whatever their producer)."""
     module = backend_for(device)
     return module if hasattr(module, op) else _fallback(device)
@@ -435,6 +435,7 @@ __all__ = [
     "get_backend",
     "op_backend_for",
     "qk_norm_rope",
+    "qk_norm_rope_sage",
     "quantize_act",
     "unavailable_reason",
     "w4a4_gemm",

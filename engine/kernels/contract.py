@@ -50,6 +50,14 @@ Op contract (every backend implements exactly this; ``reference`` is the ground 
         q and k rotated (apply_rotary_emb, use_real_unbind_dim=-1); see engine.kernels.rope.
         The reference and triton backends serve it; elsewhere it runs on triton.
 
+    qk_norm_rope_sage(the same arguments)          (public form: kernels.qk_norm_rope_sage)
+        -> q8 int8 [B, S, H, D], q_scale fp32 [B, H, ceil(S/128), 1], k8 int8 [B, S, H, D],
+           k_scale fp32 [B, H, ceil(S/64), 1], v fp16 [B, S, H, D]     (S = S0+S1, all contiguous)
+        What SageAttention 1.0.6's int8 kernel reads, from qk_norm_rope's q, k, v: sageattn's
+        steps (K minus T(mean over S) in T, per_block_int8's codes and scales, V in fp16;
+        reference: engine.quant.ops.qk_norm_rope_sage). D in (64, 128) and T 16-bit on triton.
+        The mean's fp32 sum is in the backend's own fixed order (deterministic run to run).
+
 Rounding is round-half-to-even and division is IEEE-exact, so a backend reproduces the
 reference's codes bit for bit; only the order of the fp32 sums may differ (and the Triton GEMM
 applies each ascale rounded to 22 significant bits, a relative change <= 2^-22, which lets one
@@ -141,6 +149,22 @@ class NormRopeBackend(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # q, k, v [B, S0 + S1, H, D]
         ...
 
+    def qk_norm_rope_sage(
+        self,
+        qkv0: torch.Tensor,  # [B, S0, >= 3*H*D]
+        norm_q0: torch.Tensor,  # [D]
+        norm_k0: torch.Tensor,  # [D]
+        qkv1: torch.Tensor | None,  # [B, S1, >= 3*H*D]
+        norm_q1: torch.Tensor | None,
+        norm_k1: torch.Tensor | None,
+        cos: torch.Tensor,  # [S0 + S1, D]
+        sin: torch.Tensor,
+        *,
+        heads: int,
+        eps: float,
+    ) -> tuple[torch.Tensor, ...]:  # q8, q_scale, k8, k_scale, v
+        ...
+
 
 class PrologueBackend(Protocol):
     """A backend of quantize_act with the block's LayerNorm/modulation or GELU folded in (reference, triton)."""
@@ -164,6 +188,6 @@ class PrologueBackend(Protocol):
 OPS = {
     GemmBackend: ("quantize_act", "w4a4_gemm"),
     GemvBackend: ("w4a16_gemv",),
-    NormRopeBackend: ("qk_norm_rope",),
+    NormRopeBackend: ("qk_norm_rope", "qk_norm_rope_sage"),
     PrologueBackend: ("quantize_act_prologue",),
 }

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from engine.quant.ops import qk_norm_rope, quantize_act, quantize_act_prologue, w4a4_gemm, w4a16_gemv
+from engine.quant.ops import (
+    qk_norm_rope,
+    qk_norm_rope_sage,
+    quantize_act,
+    quantize_act_prologue,
+    w4a4_gemm,
+    w4a16_gemv,
+)
 
 NAME = "reference"
 
@@ -13,4 +20,13 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-__all__ = ["NAME", "qk_norm_rope", "quantize_act", "quantize_act_prologue", "unavailable_reason", "w4a4_gemm", "w4a16_gemv"]
+__all__ = [
+    "NAME",
+    "qk_norm_rope",
+    "qk_norm_rope_sage",
+    "quantize_act",
+    "quantize_act_prologue",
+    "unavailable_reason",
+    "w4a4_gemm",
+    "w4a16_gemv",
+]

@@ -18,6 +18,11 @@ apply_rotary_emb(use_real=True, use_real_unbind_dim=-1, sequence_dim=1)::
 Backends: ``reference`` (engine.quant.ops.qk_norm_rope: the very torch ops, in FluxAttnProcessor's order) and
 ``triton`` (one launch, engine/kernels/triton/rope.py). The CUDA extension has no such kernel:
 where it serves the W4A4 ops this op runs on Triton (``kernels.op_backend_for``).
+
+``qk_norm_rope_sage`` (``torch.ops.svdq.qk_norm_rope_sage``) is the same op for SageAttention: it
+emits the int8 Q and K with their per-block scales and the fp16 V that sage's kernel reads, so the
+16-bit q and v are never written and K's mean is taken from per-block sums the rope kernel already
+has (one small pass over K remains: its quantization needs the mean over the whole sequence).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from engine import kernels as _kernels
+from engine.quant.ops import SAGE_BLOCK_K, SAGE_BLOCK_Q
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -42,23 +48,10 @@ def _check_tensor(name: str, t: object, dtype: torch.dtype | None = None) -> tor
     return t
 
 
-def qk_norm_rope(
-    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    *,
-    heads: int,
-    eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q and k RMSNorm-ed (each part with its own weights) and rotated, v re-laid out; the parts
-    joined along the sequence in list order (FLUX: text, then image).
-
-    parts: 1 or 2 tuples ``(qkv [B, S_i, >= 3*H*D], norm_q weight [D], norm_k weight [D])``;
-        q | k | v are the first 3*H*D channels of qkv's last dim (which must have stride 1:
-        a column slice of a wider projection output is read in place). All in one dtype.
-    cos, sin: [S_total, D], as diffusers' FluxPosEmbed returns them (fp32).
-    Returns q, k, v: [B, S_total, H, D] contiguous, in qkv's dtype.
-    """
+def _flatten(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cos: torch.Tensor, sin: torch.Tensor, heads: int
+) -> list[torch.Tensor | None]:
+    """The op's first six arguments from ``parts``, every input checked (errors name the field)."""
     if not isinstance(parts, (list, tuple)) or len(parts) not in (1, 2):
         raise ValueError(f"parts must be a list of 1 or 2 (qkv, norm_q, norm_k) tuples, got {parts!r:.80}")
     if not isinstance(heads, int) or heads <= 0:
@@ -105,7 +98,54 @@ def qk_norm_rope(
         if tuple(t.shape) != (s_total, d):
             raise ValueError(f"{name} must have shape [S_total, D] = [{s_total}, {d}], got {list(t.shape)}")
     flat += [None] * (6 - len(flat))
+    return flat
+
+
+def qk_norm_rope(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q and k RMSNorm-ed (each part with its own weights) and rotated, v re-laid out; the parts
+    joined along the sequence in list order (FLUX: text, then image).
+
+    parts: 1 or 2 tuples ``(qkv [B, S_i, >= 3*H*D], norm_q weight [D], norm_k weight [D])``;
+        q | k | v are the first 3*H*D channels of qkv's last dim (which must have stride 1:
+        a column slice of a wider projection output is read in place). All in one dtype.
+    cos, sin: [S_total, D], as diffusers' FluxPosEmbed returns them (fp32).
+    Returns q, k, v: [B, S_total, H, D] contiguous, in qkv's dtype.
+    """
+    flat = _flatten(parts, cos, sin, heads)
     return torch.ops.svdq.qk_norm_rope(*flat, cos, sin, heads, float(eps))
+
+
+def qk_norm_rope_sage(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    heads: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`qk_norm_rope` with SageAttention 1.0.6's preparation folded in: what its int8
+    kernel reads, without the 16-bit q and v round trips, K's separate mean and subtraction
+    passes and the two quantize launches (engine.flux.attention.sage_attention_int8 takes it).
+
+    Same arguments as :func:`qk_norm_rope`; qkv in bfloat16 or float16. With q, k, v the plain
+    op's outputs and ``k' = k - k.mean(dim=1)`` in their dtype (sageattn's smoothing), returns
+    ``per_block_int8(q, k')``'s q8 [B, S, H, D] int8, q_scale [B, H, ceil(S/128), 1] fp32, k8,
+    k_scale [B, H, ceil(S/64), 1], and v in fp16 [B, S, H, D]. The triton backend takes D = 64
+    or 128 (a power of two that SageAttention serves); its mean sums fp32 per-block column sums
+    in block order (deterministic), so a column's mean can differ from torch's by one 16-bit
+    rounding where its fp32 sum lands on a rounding boundary.
+    """
+    flat = _flatten(parts, cos, sin, heads)
+    if flat[0].dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"parts[0] qkv must be float16 or bfloat16 for SageAttention, got {flat[0].dtype}")
+    return torch.ops.svdq.qk_norm_rope_sage(*flat, cos, sin, heads, float(eps))
 
 
 # --- the custom op: the backend is resolved inside, out of sight of the tracer ----------------
@@ -133,3 +173,36 @@ def _(qkv0, norm_q0, norm_k0, qkv1, norm_q1, norm_k1, cos, sin, heads, eps):
     s_total = qkv0.shape[1] + (qkv1.shape[1] if qkv1 is not None else 0)
     shape = (qkv0.shape[0], s_total, heads, norm_q0.shape[0])  # [B, S_total, H, D]
     return qkv0.new_empty(shape), qkv0.new_empty(shape), qkv0.new_empty(shape)
+
+
+@torch.library.custom_op("svdq::qk_norm_rope_sage", mutates_args=())
+def _qk_norm_rope_sage_op(
+    qkv0: torch.Tensor,
+    norm_q0: torch.Tensor,
+    norm_k0: torch.Tensor,
+    qkv1: torch.Tensor | None,
+    norm_q1: torch.Tensor | None,
+    norm_k1: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _kernels.op_backend_for(qkv0.device, "qk_norm_rope_sage")
+    return backend.qk_norm_rope_sage(
+        qkv0, norm_q0, norm_k0, qkv1, norm_q1, norm_k1, cos, sin, heads=heads, eps=eps
+    )
+
+
+@_qk_norm_rope_sage_op.register_fake
+def _(qkv0, norm_q0, norm_k0, qkv1, norm_q1, norm_k1, cos, sin, heads, eps):
+    b, d = qkv0.shape[0], norm_q0.shape[0]
+    s = qkv0.shape[1] + (qkv1.shape[1] if qkv1 is not None else 0)
+    nbq, nbk = -(-s // SAGE_BLOCK_Q), -(-s // SAGE_BLOCK_K)
+    return (
+        qkv0.new_empty(b, s, heads, d, dtype=torch.int8),  # q8
+        qkv0.new_empty(b, heads, nbq, 1, dtype=torch.float32),  # q_scale
+        qkv0.new_empty(b, s, heads, d, dtype=torch.int8),  # k8
+        qkv0.new_empty(b, heads, nbk, 1, dtype=torch.float32),  # k_scale
+        qkv0.new_empty(b, s, heads, d, dtype=torch.float16),  # v
+    )

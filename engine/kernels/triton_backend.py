@@ -35,7 +35,7 @@ from engine.kernels.triton.common import row_major as _row_major
 from engine.kernels.triton.gemm import GROUP_M, bias_mma_channels, gemm_config, grid_size, w4a4_gemm_kernel
 from engine.kernels.triton.gemm import LORA_CHUNK as GEMM_LORA_CHUNK
 from engine.kernels.triton.gemv import GEMV_BLOCK_K, MAX_ROWS, gemv_config, w4a16_gemv_kernel
-from engine.kernels.triton.rope import qk_norm_rope  # noqa: F401 (the backend's qk_norm_rope)
+from engine.kernels.triton.rope import qk_norm_rope, qk_norm_rope_sage  # noqa: F401 (the backend's)
 from engine.quant.ops import LAYER_NORM_EPS, empty_ascales
 
 NAME = "triton"

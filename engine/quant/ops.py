@@ -190,3 +190,64 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # [B, S, H, D/2]
     x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
     return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+# --- the same, with SageAttention 1.0.6's preparation (its int8 Q/K format, V in fp16) ------------
+
+# sageattention 1.0.6 (quant_per_block.per_block_int8 and attn_qk_int8_per_block.forward, which
+# hard-codes the same blocks): one int8 scale per 128 query tokens and per 64 key tokens of a head.
+SAGE_BLOCK_Q = 128
+SAGE_BLOCK_K = 64
+_LOG2E = 1.44269504  # the package's constant, as written there
+
+
+def sage_q_multiplier(head_dim: int) -> float:
+    """What per_block_int8 multiplies Q by before quantizing (softmax scale and log2(e), for the
+    kernel's exp2), as the Python float it passes: kernels convert it to fp32 once."""
+    return head_dim**-0.5 * _LOG2E
+
+
+def sage_per_block_int8(
+    x: torch.Tensor, block: int, multiplier: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sageattention 1.0.6's quant_per_block_int8_kernel on x [B, S, H, D] ("NHD"), in torch.
+
+    Per (b, h, block of ``block`` tokens): y = fp32(x) * fp32(multiplier); scale = max|y| / 127;
+    code = trunc(y / scale + 0.5 * (1 if y / scale >= 0 else -1)). Tokens past S count as 0.
+    Returns the codes int8 [B, S, H, D] and the scales fp32 [B, H, ceil(S / block), 1].
+    """
+    b, s, h, d = x.shape
+    nb = -(-s // block)
+    y = F.pad(x.float(), (0, 0, 0, 0, 0, nb * block - s))  # [B, nb * block, H, D], zeros past S
+    y = y * torch.tensor(multiplier, dtype=torch.float32)
+    y = y.view(b, nb, block, h, d).permute(0, 3, 1, 2, 4)  # [B, H, nb, block, D]
+    scale = y.abs().amax(dim=(3, 4), keepdim=True) / 127.0  # [B, H, nb, 1, 1]
+    codes = y / scale
+    codes = codes + 0.5 * torch.where(codes >= 0, 1.0, -1.0)
+    codes = codes.to(torch.int8).permute(0, 2, 3, 1, 4).reshape(b, nb * block, h, d)[:, :s]
+    return codes.contiguous(), scale.reshape(b, h, nb, 1).contiguous()
+
+
+def qk_norm_rope_sage(
+    qkv0: torch.Tensor,
+    norm_q0: torch.Tensor,
+    norm_k0: torch.Tensor,
+    qkv1: torch.Tensor | None,
+    norm_q1: torch.Tensor | None,
+    norm_k1: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    heads: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ground truth of kernels.qk_norm_rope_sage: qk_norm_rope, then sageattn's own steps
+    (engine.flux.attention.sage_attention): K minus its mean over the sequence (in K's dtype, as
+    ``k -= k.mean(dim=1)``), Q and K to int8 per block, V to fp16.
+    Returns q8 [B, S, H, D] int8, q_scale [B, H, ceil(S/128), 1] fp32, k8, k_scale
+    [B, H, ceil(S/64), 1], v [B, S, H, D] fp16."""
+    q, k, v = qk_norm_rope(qkv0, norm_q0, norm_k0, qkv1, norm_q1, norm_k1, cos, sin, heads=heads, eps=eps)
+    k = k - k.mean(dim=1, keepdim=True)
+    q8, q_scale = sage_per_block_int8(q, SAGE_BLOCK_Q, sage_q_multiplier(q.shape[-1]))
+    k8, k_scale = sage_per_block_int8(k, SAGE_BLOCK_K, 1.0)
+    return q8, q_scale, k8, k_scale, v.to(torch.float16)

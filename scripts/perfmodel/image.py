@@ -52,10 +52,11 @@ from perfmodel.image_price import (
     post_bytes,
     postprocess_stage,
     price,
-    sage_prep_bytes,
+    qk_norm_rope_sage_bytes,
     stage,
 )
 from perfmodel.image_trace import Op, trace_text_encoders, trace_transformer, trace_vae
+from perfmodel.rope import sage_bytes
 from perfmodel.tables import table_head, write_markdown
 
 MARK_BEGIN = "<!-- image_model.py: begin (generated, do not edit by hand) -->"
@@ -80,7 +81,7 @@ def image_model(kt: KernelTimes, batch: int = 1, steps: int = 4, size: int = 102
         ),
         stage(
             f"transformer x {steps} steps (go_fast)",
-            trace_transformer(True, batch, size),
+            trace_transformer(True, batch, size, sage=True),
             kt,
             compiled=True,
             sage=True,
@@ -112,7 +113,7 @@ def calibration() -> dict:
 def levers(kt: KernelTimes) -> list[dict]:
     """Each lever's modelled saving per image on the A40 (what it removes, priced by the model)."""
     dev, steps = "A40", 4
-    step_ops = trace_transformer(True, 1, 1024)
+    step_ops = trace_transformer(True, 1, 1024, sage=True)
     rows = []
 
     def add(name: str, seconds: float, how: str, applied: bool = False, listed: bool = True) -> None:
@@ -161,17 +162,29 @@ def levers(kt: KernelTimes) -> list[dict]:
         * (sum(price(op, dev, kt, compiled=True, sage=True) for op in glue) - dram_s(residual_reads, dev)),
         f"{len(glue)} glue ops per step in the blocks (compiled), less one read of the residual per fused GEMM",
     )
-    # (e) SageAttention's preparation folded into qk_norm_rope
-    attn = [op for op in step_ops if op.name == "count_launches.flash_attention"]
+    # (e) SageAttention's preparation folded into qk_norm_rope: in the code when the blocks issue
+    # svdq.qk_norm_rope_sage under sage. Priced either way as the bytes of qk_norm_rope + sageattn's
+    # passes less those of the fused op's two launches (K's quantize pass is left: the mean is global)
+    fused = [op for op in step_ops if op.name == "svdq.qk_norm_rope_sage"]
+    attn = [op for op in step_ops if op.name in ("count_launches.flash_attention", "svdq.sage_attention_int8")]
+    if fused:
+        b = [qk_norm_rope_sage_bytes(op) for op in fused]
+    else:  # the unfused path: the same figures at each attention's q shape ([B, H, S, D] from SDPA)
+        b = [sage_bytes(op.args[0].shape[2], op.args[0].shape[1], op.args[0].shape[3], op.args[0].shape[0])
+             for op in attn]  # fmt: skip
+    before, after = sum(x["unfused_total"] for x in b), sum(x["fused_total"] for x in b)
     add(
         "SageAttention preparation folded into qk_norm_rope",
-        steps * sum(dram_s(sage_prep_bytes(op), dev) for op in attn),
-        "k mean, k - mean, v to fp16, int8 Q/K",
+        steps * (dram_s(before, dev) - dram_s(after, dev)),
+        f"k mean, k - mean, v to fp16, int8 Q/K as separate passes: {before / 1e9:.1f} -> "
+        f"{after / 1e9:.1f} GB per step (one pass over K left for its quantization)",
+        bool(fused),
     )
     # beyond the issue's list: P.V in int8 as well (SageAttention 1.0.6 has it in fp16; the A40 runs fp16 at
     # the bf16 rate whatever the accumulator, so only int8 is faster there). Quality not measured.
     eff = EFF["attention"][dev]
-    pv = sum(attention_flops(tuple(op.args[0].shape), tuple(op.args[1].shape))[1] for op in attn)
+    keys = {"count_launches.flash_attention": 1, "svdq.sage_attention_int8": 2}  # k's argument
+    pv = sum(attention_flops(tuple(op.args[0].shape), tuple(op.args[keys[op.name]].shape))[1] for op in attn)
     add(
         "attention P.V in int8 too (quality unmeasured)",
         steps * pv * (1 / (eff * DEVICES[dev]["bf16"]) - 1 / (eff * DEVICES[dev]["int8"])),

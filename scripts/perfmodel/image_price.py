@@ -104,9 +104,9 @@ def classify(op: Op) -> str:
         return "quantize_act (+prologue)"
     if n == "svdq.w4a16_gemv":
         return "AdaLN GEMV (W4A16)"
-    if n == "svdq.qk_norm_rope":
+    if n in ("svdq.qk_norm_rope", "svdq.qk_norm_rope_sage"):
         return "qk_norm_rope"
-    if n == "count_launches.flash_attention":
+    if n in ("count_launches.flash_attention", "svdq.sage_attention_int8"):
         return "attention"
     if op.flops:
         return "16-bit matmul / conv"
@@ -135,6 +135,15 @@ def price(op: Op, device: str, kt: KernelTimes | None, *, compiled: bool, sage: 
         # q, k, v: kernel_model_rope.py's minimum, which its access check shows the kernel moves
         tables = sum(t.numel() * t.element_size() for t in op.args[6:8] if isinstance(t, torch.Tensor))
         return dram_s(2 * op.out_bytes + tables, device)
+    if n == "svdq.qk_norm_rope_sage":
+        # the rope launch (q|k|v in; q8, k, its block sums, v fp16 out) and K's quantize pass
+        # (k and the sums in, k8 out): kernel_model_rope.py's sage_bytes
+        return dram_s(qk_norm_rope_sage_bytes(op)["fused_total"], device)
+    if n == "svdq.sage_attention_int8":
+        # SageAttention's kernel alone on the prepared int8 Q/K and fp16 V (as below, no passes)
+        qk, pv = attention_flops(tuple(op.args[0].shape), tuple(op.args[2].shape))
+        eff = EFF["attention"][device]
+        return qk / (eff * hw["int8"]) + pv / (eff * hw["bf16"])
     if n == "count_launches.flash_attention":
         q, k = op.args[0], op.args[1]
         qk, pv = attention_flops(tuple(q.shape), tuple(k.shape))
@@ -160,6 +169,16 @@ def sage_prep_bytes(op: Op) -> int:
     q = op.args[0]
     t = q.numel() * q.element_size()
     return t + 2 * t + 2 * t + 2 * (t + t // 2)
+
+
+def qk_norm_rope_sage_bytes(op: Op) -> dict:
+    """perfmodel.rope.sage_bytes at a traced svdq.qk_norm_rope_sage call's shape: its two launches'
+    bytes (``fused_total``) and those of qk_norm_rope + sageattn's passes it replaced."""
+    from perfmodel.rope import sage_bytes
+
+    qkv0, norm_q0, qkv1, heads = op.args[0], op.args[1], op.args[3], op.args[8]
+    s = qkv0.shape[1] + (qkv1.shape[1] if qkv1 is not None else 0)
+    return sage_bytes(s, heads, norm_q0.shape[0], qkv0.shape[0], qkv0.element_size())
 
 
 # --- stages --------------------------------------------------------------------------------------------

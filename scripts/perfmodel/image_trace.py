@@ -90,8 +90,17 @@ def transformer_inputs(batch: int, width: int, height: int, text_tokens: int, gu
     return inputs
 
 
-def trace_transformer(quantized: bool, batch: int = 1, size: int = 1024, text_tokens: int = 256) -> list[Op]:
-    """One denoising step, ops per block kind scaled to FLUX's 19 double + 38 single blocks."""
+def trace_transformer(
+    quantized: bool, batch: int = 1, size: int = 1024, text_tokens: int = 256, *, sage: bool = False
+) -> list[Op]:
+    """One denoising step, ops per block kind scaled to FLUX's 19 double + 38 single blocks.
+    ``sage``: with the attention backend go_fast serves (engine.flux.attention.using("sage")), so
+    the blocks issue what they issue there (qk_norm_rope_sage and sage's int8 kernel)."""
+    if sage:
+        from engine.flux import attention
+
+        with attention.using("sage"):
+            return trace_transformer(quantized, batch, size, text_tokens)
     if quantized:
         model, guidance = cl.full_size_transformer(2), False
     else:

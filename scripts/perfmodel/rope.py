@@ -14,6 +14,8 @@
 3. Checked from the kernel's own accesses (interpreter, GPU launch config, a reduced shape):
    every q/k/v byte of the projection output is loaded exactly once, the columns after them
    never, every output byte stored exactly once.
+4. ``qk_norm_rope_sage`` (SageAttention's preparation folded in): both launches compiled the same
+   way (registers, spills, widths), and its bytes against qk_norm_rope + sageattn's own passes.
 
 Exit status 1 when a gate fails (spills, FFMA, loads or stores narrower than 16 bytes, a byte
 not read or written exactly once).
@@ -81,25 +83,108 @@ def capture(single: bool, major: int) -> tuple:
     return launch
 
 
-def compile_report(single: bool, cc: int) -> dict:
-    """Compile one variant for sm_<cc> and read its SASS."""
+def capture_sage(single: bool, major: int) -> dict:
+    """{kernel name: (grid, args, kwargs)} of qk_norm_rope_sage's two launches at FLUX's shape."""
+    import engine.kernels.triton.rope as tr
+    from perfmodel.launches import _Recorder
+
+    names = ("qk_norm_rope_sage_kernel", "sage_k_quant_kernel")
+    recs = {n: _Recorder() for n in names}
+    saved = {n: getattr(tr, n) for n in names}, tr._major
+    for n in names:
+        setattr(tr, n, recs[n])
+    tr._major = lambda device: major
+    try:
+        parts, (cos, sin) = _inputs(single)
+        tr.qk_norm_rope_sage(*parts, cos, sin, heads=HEADS, eps=1e-6)
+    finally:
+        for n in names:
+            setattr(tr, n, saved[0][n])
+        tr._major = saved[1]
+    return {n: recs[n].calls[0] for n in names}
+
+
+def _compiled_counts(fn, args: tuple, kwargs: dict, cc: int) -> dict:
+    """Compile ``fn`` for sm_<cc> with the launch's arguments; registers, spills, access widths."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import engine.kernels.triton.rope as tr
-
-    grid, args, kwargs = capture(single, cc // 10)
     kwargs = dict(kwargs)
-    fusion = kwargs.pop("enable_fp_fusion")
-    sig, const, attrs, options = specialize(tr.qk_norm_rope_kernel, args, kwargs)
+    fusion = kwargs.pop("enable_fp_fusion", True)
+    sig, const, attrs, options = specialize(fn, args, kwargs)
     kernel = triton.compile(
-        ASTSource(fn=tr.qk_norm_rope_kernel, signature=sig, constexprs=const, attrs=attrs),
+        ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
         target=GPUTarget("cuda", cc, 32),
         options={**options, "enable_fp_fusion": fusion},
     )
     info = analyse(kernel.asm["cubin"])
     ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in disassemble(kernel.asm["cubin"])[1]]
+    return {"info": info, "ops": ops, "options": options}
+
+
+def compile_sage_report(single: bool, cc: int) -> list[dict]:
+    """qk_norm_rope_sage's two kernels compiled for sm_<cc>: registers, spills, SASS, widths."""
+    import engine.kernels.triton.rope as tr
+
+    out = []
+    for name, (grid, args, kwargs) in capture_sage(single, cc // 10).items():
+        c = _compiled_counts(getattr(tr, name), args, kwargs, cc)
+        ops, info = c["ops"], c["info"]
+        out.append(
+            {
+                "kernel": name,
+                "variant": "single block (1 part, strided)" if single else "double block (2 parts)",
+                "cc": cc,
+                "grid": list(grid),
+                "num_warps": c["options"]["num_warps"],
+                "regs": info["regs"],
+                "stack_bytes": info["stack_bytes"],
+                "spill_instrs": info["spill_instrs"],
+                "sass": len(ops),
+                "narrowest_load": min(load_bytes(op) for op in ops if re.match(r"LDG(\.|$)", op)),
+                "narrowest_store": min(load_bytes(op) for op in ops if re.match(r"STG(\.|$)", op)),
+                "ffma": sum(op.startswith("FFMA") for op in ops),
+            }
+        )
+    return out
+
+
+def sage_bytes(
+    s: int = S_TXT + S_IMG, heads: int = HEADS, dim: int = DIM, batch: int = B, elt: int = 2
+) -> dict:
+    """DRAM bytes of one attention's preparation: qk_norm_rope_sage's two launches against
+    qk_norm_rope followed by sageattn's passes (engine.flux.attention.sage_attention). Minimum
+    traffic of each launch (every tensor read or written once; the per-block sums and scales
+    included), ``elt``-byte q|k|v in (the image model prices its traced ops with this)."""
+    t = batch * s * heads * dim  # elements of one of q, k, v
+    nbq, nbk = -(-s // 128), -(-s // 64)
+    tables = 2 * s * dim * 4
+    sums = batch * heads * nbq * dim * 4
+    # q|k|v and the tables in; q8, its scales, k (elt), the sums, v fp16 out
+    fused_rope = 3 * elt * t + tables + t + batch * heads * nbq * 4 + elt * t + sums + 2 * t
+    fused_k = elt * t + sums + t + batch * heads * nbk * 4  # k and the sums in, k8 and its scales out
+    plain_rope = 3 * elt * t + tables + 3 * elt * t
+    # sageattn's passes: k.mean (read k), k - mean (read, write), v to fp16 (read, write 2 B), Q and
+    # K to int8 (read, write 1 B each)
+    sage_passes = elt * t + 2 * elt * t + (elt + 2) * t + 2 * (elt * t + t)
+    return {
+        "fused_rope_sage": fused_rope,
+        "fused_k_quant": fused_k,
+        "fused_total": fused_rope + fused_k,
+        "unfused_total": plain_rope + sage_passes,
+        "unfused_rope": plain_rope,
+        "unfused_sage_passes": sage_passes,
+    }
+
+
+def compile_report(single: bool, cc: int) -> dict:
+    """Compile one variant for sm_<cc> and read its SASS."""
+    import engine.kernels.triton.rope as tr
+
+    grid, args, kwargs = capture(single, cc // 10)
+    c = _compiled_counts(tr.qk_norm_rope_kernel, args, kwargs, cc)
+    info, ops, options = c["info"], c["ops"], c["options"]
     loads = [load_bytes(op) for op in ops if re.match(r"LDG(\.|$)", op)]
     stores = [load_bytes(op) for op in ops if re.match(r"STG(\.|$)", op)]
     return {
@@ -241,6 +326,19 @@ def gate_failures(static: list[dict], access: dict) -> list[str]:
     return bad
 
 
+def sage_gate_failures(static: list[dict]) -> list[str]:
+    """qk_norm_rope_sage's kernels: no spills; the rope launch without FFMA (its products round
+    like the plain op's) and with 16-byte loads (its scalar scale and sum stores are 4 bytes)."""
+    bad = []
+    for e in static:
+        tag = f"{e['kernel']} {e['variant']} sm_{e['cc']}"
+        if e["stack_bytes"] or e["spill_instrs"]:
+            bad.append(f"{tag}: spills")
+        if e["kernel"] == "qk_norm_rope_sage_kernel" and (e["ffma"] or e["narrowest_load"] < 16):
+            bad.append(f"{tag}: {e['ffma']} FFMA, narrowest load {e['narrowest_load']} B")
+    return bad
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path)
@@ -259,12 +357,15 @@ def main() -> int:
     if child.returncode:
         raise RuntimeError(child.stderr[-3000:])
     access = json.loads(child.stdout)
+    sage = [e for cc in ARCHS for single in (False, True) for e in compile_sage_report(single, cc)]
     report = {
         "static": static,
         "bytes": bytes_model(static[0]["block_s"]),
         "access": access,
+        "sage_static": sage,
+        "sage_bytes": sage_bytes(),
     }
-    report["gates_failed"] = gate_failures(static, access)
+    report["gates_failed"] = gate_failures(static, access) + sage_gate_failures(sage)
     text = json.dumps(report, indent=1)
     if args.json:
         args.json.write_text(text)

@@ -28,7 +28,7 @@ CSRC = ROOT / "engine" / "kernels" / "cuda" / "csrc"
 KERNEL_SOURCES = tuple(sorted(CSRC.glob("*.cu")))  # one translation unit per kernel family
 TILE_SOURCES = (CSRC / "fragments.cuh", *KERNEL_SOURCES)  # where the tile constants live
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-_TYPES = {torch.uint8: "u8", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_TYPES = {torch.uint8: "u8", torch.int8: "i8", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 # --- the CUDA file: nvcc, ptxas -v, cuobjdump ---------------------------------------------------
