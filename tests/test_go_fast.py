@@ -165,3 +165,29 @@ def test_service_past_the_limit_warns_and_runs_eagerly(fresh_dynamo, tiny_model_
     assert "this request runs without go_fast" in caplog.text
     (slow,) = service.predict(**kw, go_fast=False)
     assert fast == slow.read_bytes()
+
+
+def test_the_compile_cache_digest_covers_every_file_that_registers_a_fake(tmp_path, monkeypatch):
+    """A fake edited anywhere in engine/ (attention.py's sage ops, not only kernels/) moves the
+    compile cache folder: inductor's FX-graph cache would otherwise replay a graph traced
+    against the old fake."""
+    import shutil
+    from pathlib import Path
+
+    import engine
+    from engine import kernels
+    from engine.service import setup_phases
+
+    src = Path(engine.__file__).resolve().parent
+    copy = tmp_path / "engine"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(kernels, "__file__", str(copy / "kernels" / "__init__.py"))
+    before = setup_phases.ops_source_digest()
+    attention = copy / "flux" / "attention.py"
+    assert "register_fake" in attention.read_text()
+    attention.write_text(attention.read_text() + "\n# edited\n")
+    edited = setup_phases.ops_source_digest()
+    assert edited != before
+    unrelated = copy / "safety.py"  # no op of ours: the cache stays
+    unrelated.write_text(unrelated.read_text() + "\n# edited\n")
+    assert setup_phases.ops_source_digest() == edited

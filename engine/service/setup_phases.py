@@ -44,10 +44,17 @@ def configure_runtime(weights_dir: Path, kernel_backend: str = "auto", compile_c
 
 
 def ops_source_digest() -> str:
-    """12 hex digits of sha256 over the Python sources that define our ops and their fakes."""
-    root = Path(kernels.__file__).resolve().parent
+    """12 hex digits of sha256 over the Python sources that define our ops and their fakes.
+
+    Inductor's FX-graph cache does not key on a custom op's fake, so a changed fake must change
+    the cache folder: every engine file that registers a fake is hashed, with the kernels'
+    package (the ops' wrappers and launch code) and the reference ops.
+    """
+    engine = Path(kernels.__file__).resolve().parent.parent
+    paths = {*(engine / "kernels").rglob("*.py"), engine / "quant" / "ops.py"}
+    paths |= {p for p in engine.rglob("*.py") if "register_fake" in p.read_text()}
     h = hashlib.sha256()
-    for path in sorted([*root.rglob("*.py"), root.parent / "quant" / "ops.py"]):
+    for path in sorted(paths):
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
