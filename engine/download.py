@@ -470,4 +470,8 @@ def _run(
 def _describe(e: BaseException) -> str:
     """An exception's message without any URL in it (requests repeats the URL, credentials included)."""
     text = re.sub(r"https?://\S+", lambda m: redact(m.group(0).rstrip("')\"")), str(e))
+    # urllib3 names the request target alone: "Max retries exceeded with url: /path?token=..."
+    text = re.sub(
+        r"(url: )(/\S*)", lambda m: m.group(1) + redact("http://h" + m.group(2))[len("http://h") :], text
+    )
     return f"{type(e).__name__}: {text}"[:400]
