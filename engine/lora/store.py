@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import tarfile
 import time
 import urllib.parse
@@ -467,22 +468,32 @@ class LoraStore:
 
     def _evict(self, keep: Path | None = None, reserve: int = 0) -> None:
         """Delete least recently used files (with their records) until the folder, ``.part``
-        files and records included, fits with ``reserve`` bytes to spare."""
-        files = sorted((p for p in self.root.iterdir() if p.is_file()), key=lambda p: p.stat().st_atime)
-        total = sum(p.stat().st_size for p in files)
-        for p in files:
+        files and records included, fits with ``reserve`` bytes to spare. A file that vanishes
+        meanwhile (a cancelled download's worker may still be cleaning up) counts as gone."""
+        stats = {p: st for p in self.root.iterdir() if (st := _stat(p)) is not None}
+        total = sum(st.st_size for st in stats.values())
+        for p in sorted(stats, key=lambda p: stats[p].st_atime):
             if total + reserve <= self.config.cache_bytes:
                 break
             # <key>.part and <key>.part.tarmember are in use; a record goes with its file
             if p != keep and ".part" not in p.name and p.suffix == ".safetensors":
-                record = p.with_suffix(".json")
-                total -= p.stat().st_size + (record.stat().st_size if record.exists() else 0)
+                record = stats.get(p.with_suffix(".json"))
+                total -= stats[p].st_size + (record.st_size if record is not None else 0)
                 self._forget(p.stem)
                 logger.info("LoRA cache: evicted %s", p.name)
 
     @property
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
+        return sum(st.st_size for p in self.root.iterdir() if (st := _stat(p)) is not None)
+
+
+def _stat(p: Path) -> os.stat_result | None:
+    """A regular file's stat; None for anything else or a file gone since it was listed."""
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
 
 
 def _civitai_download_url(info: object, model: str) -> str:
