@@ -18,7 +18,8 @@ from cog import BasePredictor, Input, Path
 # The API's choices and descriptions, as literals. `cog build` (Cog 0.23) never imports this file:
 # it parses it with tree-sitter and keeps only what it can read statically: choices as a list
 # literal or a module-level name bound to one, bounds (ge/le/max_length) as number literals
-# written in the Input() call, defaults and descriptions as plain literals or such names. Any
+# written in the Input() call (no max_length here: coglet's 422 would echo the whole value; the
+# engine checks lengths and says field, length and limit), defaults and descriptions as plain literals or such names. Any
 # other form stops the build (choices) or is dropped without a word. engine/inputs.py owns every
 # value; tests/test_cog_static_schema.py parses this file by Cog's rules and checks each literal
 # against it and the resulting schema against .cog/openapi_schema.json.
@@ -28,7 +29,7 @@ OUTPUT_FORMATS = ["webp", "jpg", "png"]
 PROMPT = "Prompt for the generated image (at most 10,000 characters)"
 SEED = "Random seed for reproducible generation; leave blank for a random one (it is logged). Any integer; it is taken mod 2^32."
 GO_FAST = "Run the compiled transformer (torch.compile) on a GPU; results stay deterministic for a given seed. No effect on CPU."
-LORA_WEIGHTS = "LoRA to apply: a .safetensors or .tar URL, a Hugging Face URL or 'owner/repo[/file]', a civitai model or download URL, or a data: URL; diffusers, kohya, ComfyUI or XLabs format. Empty: none."
+LORA_WEIGHTS = "LoRA to apply: a .safetensors or .tar URL, a Hugging Face URL or 'owner/repo[/file]', a civitai model or download URL, or a data: URL; diffusers, kohya, ComfyUI or XLabs format. At most 8,192 characters (a data: URL: up to the download cap). Empty: none."
 
 
 class Predictor(BasePredictor):
@@ -60,7 +61,7 @@ class Predictor(BasePredictor):
 
     async def predict(
         self,
-        prompt: str = Input(description=PROMPT, max_length=10000),
+        prompt: str = Input(description=PROMPT),
         aspect_ratio: str = Input(
             description="Aspect ratio of the output image", choices=ASPECT_RATIOS, default="1:1"
         ),
@@ -88,7 +89,7 @@ class Predictor(BasePredictor):
         lora_weights: str | None = Input(description=LORA_WEIGHTS, default=None),
         lora_scale: float = Input(description="How strongly the LoRA applies", ge=-1, le=3, default=1.0),
         extra_lora: str | None = Input(
-            description="A second LoRA, applied together with lora_weights (same forms). Empty: none.",
+            description="A second LoRA, applied together with lora_weights (same forms and limits). Empty: none.",
             default=None,
         ),
         extra_lora_scale: float = Input(

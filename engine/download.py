@@ -29,7 +29,12 @@ without a recorded ETag, or a 206 that does not start where the partial ends, st
 zero: bytes of two versions are never spliced. ``byte_range`` fetches one range of a file into
 its place in a preallocated ``part`` (the manifest's parallel chunks, engine.weights), and a
 remote whose ETag no longer matches is :class:`RemoteChanged`. :func:`probe` asks a file's size
-and ETag with ``HEAD``.
+and ETag with ``HEAD``. :func:`download_if_changed` is the conditional GET of a cached file
+(``If-None-Match``, else ``If-Modified-Since``): nothing is written when the server answers 304,
+or 200 with the same strong ETag (a server that ignores the condition but names the version).
+A :class:`DownloadError` says whether it is ``transient`` (the server was not reached in time,
+its address was refused, the connection broke, or it answered 500/502/503/504: the failures
+after which RFC 5861's stale-if-error lets a cache serve what it has).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 from engine.egress import AddressRefused, EgressPolicy
@@ -58,11 +64,17 @@ class DownloadError(RuntimeError):
     """A download that failed or was refused; the message names the (redacted) URL and why.
 
     ``status``: the HTTP status that refused it, where one did (401/403: a token is needed).
+    ``transient``: the failure says nothing about the file (no answer in time, a refused
+    address, a broken connection, or 500/502/503/504).
     """
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, transient: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.transient = transient or status in _TRANSIENT_STATUS
+
+
+_TRANSIENT_STATUS = (500, 502, 503, 504)  # RFC 5861, stale-if-error's "error"
 
 
 class RemoteChanged(DownloadError):
@@ -76,6 +88,25 @@ class Remote:
     size: int | None
     etag: str | None
     ranges: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Validators:
+    """What names one version of a remote file (RFC 9110, 8.8): its strong ETag and its
+    Last-Modified date, as the server sent them; either may be None."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.etag or self.last_modified)
+
+    def conditions(self) -> dict[str, str]:
+        """The request headers that ask for the file only if it changed: ``If-None-Match``, or
+        ``If-Modified-Since`` when there is no ETag (a server ignores the date when both come)."""
+        if self.etag:
+            return {"If-None-Match": self.etag}
+        return {"If-Modified-Since": self.last_modified} if self.last_modified else {}
 
 
 def etag_path(part: Path) -> Path:
@@ -135,6 +166,8 @@ class _State:
     sock: socket.socket | None = None
     error: BaseException | None = None
     written: int = 0
+    not_modified: bool = False  # a conditional request answered "unchanged"
+    validators: Validators = dataclasses.field(default_factory=Validators)  # of what was written
 
 
 def _socket_of(response) -> socket.socket | None:
@@ -162,6 +195,8 @@ def _stream(
     byte_range: tuple[int, int] | None = None,
     if_range: str | None = None,
     policy: EgressPolicy | None = None,
+    since: Validators | None = None,
+    on_body: Callable[[], None] | None = None,
 ):
     import requests
 
@@ -182,9 +217,14 @@ def _stream(
     elif have:
         req_headers["Range"] = f"bytes={have}-"
         req_headers["If-Range"] = etag
+    elif since:
+        req_headers.update(since.conditions())
     with get(url, headers=req_headers, stream=True, timeout=(limits.connect_s, limits.idle_s)) as r:
         st.sock = _socket_of(r)
         if st.stop.is_set():
+            return
+        if since and r.status_code == 304:
+            st.not_modified = True
             return
         total = _content_range(r.headers.get("Content-Range"))
         if byte_range is None and r.status_code == 416 and have and total == (None, None, have):
@@ -198,6 +238,10 @@ def _stream(
             raise DownloadError(
                 f"{shown} answered with Content-Encoding {encoding!r} although identity was asked; refused"
             )
+        st.validators = Validators(strong_etag(r.headers.get("ETag")), r.headers.get("Last-Modified"))
+        if since and since.etag and st.validators.etag == since.etag and r.status_code == 200:
+            st.not_modified = True  # the condition ignored, but the same version named: body unread
+            return
         if byte_range is not None:
             if r.status_code != 206 or total[:2] != byte_range:
                 raise RemoteChanged(
@@ -223,6 +267,8 @@ def _stream(
                 f"{shown} is {human(base + expected)}, over the download cap of {human(limits.max_bytes)}"
             )
         written = start
+        if on_body is not None:
+            on_body()
         with open(part, mode) as f:
             if byte_range is not None:
                 f.seek(start)
@@ -234,7 +280,8 @@ def _stream(
                         return
                     raise DownloadError(
                         f"truncated download from {shown}: the connection ended after {human(written)} "
-                        f"({type(e).__name__})"
+                        f"({type(e).__name__})",
+                        transient=True,
                     ) from None
                 if not chunk:
                     break
@@ -250,7 +297,8 @@ def _stream(
         st.written = written
         if not st.stop.is_set() and expected is not None and written - start != expected:
             raise DownloadError(
-                f"truncated download from {shown} ({human(written - start)} of {human(expected)})"
+                f"truncated download from {shown} ({human(written - start)} of {human(expected)})",
+                transient=True,
             )
 
 
@@ -330,6 +378,45 @@ def download(
     ``policy``: which addresses may be connected to (engine.egress); None for the operator's own
     URLs (the manifest).
     """
+    st = _run(url, part, limits, headers, resume, cancel, byte_range, if_range, policy)
+    return st.written
+
+
+def download_if_changed(
+    url: str,
+    part: Path,
+    *,
+    since: Validators,
+    limits: DownloadLimits,
+    headers: dict[str, str] | None = None,
+    cancel: threading.Event | None = None,
+    policy: EgressPolicy | None = None,
+    on_body: Callable[[], None] | None = None,
+) -> Validators | None:
+    """The conditional GET of a cached file: None when the remote is still the version ``since``
+    names (304, or 200 with the same strong ETag; nothing written), else the file is written to
+    ``part`` as :func:`download` does and its validators are returned (empty if the server sent
+    none). An empty ``since`` asks unconditionally. ``on_body`` is called once the answer is known
+    to be a new body, just before its first byte is written (the caller makes room for it).
+    """
+    st = _run(url, part, limits, headers, False, cancel, None, None, policy, since or None, on_body)
+    return None if st.not_modified else st.validators
+
+
+def _run(
+    url: str,
+    part: Path,
+    limits: DownloadLimits,
+    headers: dict[str, str] | None,
+    resume: bool,
+    cancel: threading.Event | None,
+    byte_range: tuple[int, int] | None,
+    if_range: str | None,
+    policy: EgressPolicy | None,
+    since: Validators | None = None,
+    on_body: Callable[[], None] | None = None,
+) -> _State:
+    """:func:`download`'s body: the worker thread, the waiting in slices, the cleanup."""
     if not url.startswith(("http://", "https://")):
         raise DownloadError(f"not an http(s) URL: {redact(url)}")
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -337,7 +424,9 @@ def download(
 
     def worker() -> None:
         try:
-            _stream(url, part, headers or {}, limits, resume, st, byte_range, if_range, policy)
+            _stream(
+                url, part, headers or {}, limits, resume, st, byte_range, if_range, policy, since, on_body
+            )
         except BaseException as e:  # handed to the waiting caller
             st.error = e
         finally:
@@ -354,18 +443,21 @@ def download(
             if time.monotonic() > deadline:
                 raise DownloadError(
                     f"download of {redact(url)} did not finish within {limits.deadline_s:g} s "
-                    f"({human(part.stat().st_size if part.exists() else 0)} received); stopped"
+                    f"({human(part.stat().st_size if part.exists() else 0)} received); stopped",
+                    transient=True,
                 )
         if st.error is not None:
             if isinstance(st.error, DownloadError):
                 raise st.error
             if isinstance(st.error, AddressRefused):  # the host only: no port, no path
-                raise DownloadError(f"refused: {st.error}") from None
-            raise DownloadError(f"download from {redact(url)} failed: {_describe(st.error)}") from None
+                raise DownloadError(f"refused: {st.error}", transient=True) from None
+            raise DownloadError(
+                f"download from {redact(url)} failed: {_describe(st.error)}", transient=True
+            ) from None
         ok = True
         if byte_range is None:
             etag_path(part).unlink(missing_ok=True)  # complete: nothing left to resume
-        return st.written
+        return st
     finally:
         if not ok:
             _shutdown(st)
@@ -378,4 +470,8 @@ def download(
 def _describe(e: BaseException) -> str:
     """An exception's message without any URL in it (requests repeats the URL, credentials included)."""
     text = re.sub(r"https?://\S+", lambda m: redact(m.group(0).rstrip("')\"")), str(e))
+    # urllib3 names the request target alone: "Max retries exceeded with url: /path?token=..."
+    text = re.sub(
+        r"(url: )(/\S*)", lambda m: m.group(1) + redact("http://h" + m.group(2))[len("http://h") :], text
+    )
     return f"{type(e).__name__}: {text}"[:400]

@@ -55,6 +55,13 @@ LORA_SCALE = (-1.0, 3.0)  # lora_scale and extra_lora_scale, as on Replicate's f
 # of English); 10,000 characters leave room for any real prompt while a 1 MB one is refused
 # before any work (tokenizing it took 16-35 s and about 400 MB).
 MAX_PROMPT_CHARS = 10_000
+# A LoRA source other than a data: URL (a URL, a hub reference): real ones are a few hundred
+# characters (a presigned URL about 2,000); 8,192 is the request-line bound most servers keep.
+# data: URLs are bounded by the LoRA download cap instead (engine.lora.store, in bytes).
+MAX_LORA_SOURCE_CHARS = 8192
+# Both bounds are checked here, not by Cog's schema (no ``max_length`` in predict.py): coglet
+# 0.23.1's 422 for a schema violation echoes the whole value (docs/architecture.md, "coglet
+# 0.23.1 bugs"), while these errors give the field, the length and the limit only.
 # Seeds: any integer is accepted, as on Replicate, and mapped onto 32 bits by ``seed mod 2^32``
 # (0..2^32-1 unchanged, -1 -> 2^32-1). Image i of a batch uses the mapped seed + i.
 SEED_MODULUS = 2**32
@@ -88,15 +95,32 @@ def one_of(name: str, value: object, choices: tuple[str, ...] | list[str]) -> st
     return value
 
 
+def check_length(name: str, value: object, limit: int, why: str = "") -> str:
+    """A string of at most ``limit`` characters; the error names the field, the length and the
+    limit, never the value (which may be megabytes long, or hold what should not be echoed)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    if len(value) > limit:
+        raise ValueError(f"{name} is {len(value):,} characters; the limit is {limit:,}{why}")
+    return value
+
+
 def check_prompt(prompt: object) -> str:
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(
-            f"prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,} "
-            "(the text encoders read only the first few hundred tokens)"
-        )
-    return prompt
+    return check_length(
+        "prompt", prompt, MAX_PROMPT_CHARS, " (the text encoders read only the first few hundred tokens)"
+    )
+
+
+def check_lora_source(name: str, value: object) -> str | None:
+    """A ``lora_weights``/``extra_lora`` value: None, a data: URL (bounded in bytes by the LoRA
+    store's download cap), or anything else of at most MAX_LORA_SOURCE_CHARS characters."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.lstrip().startswith("data:"):
+        return value
+    return check_length(
+        name, value, MAX_LORA_SOURCE_CHARS, " (a data: URL is bounded by the download cap instead)"
+    )
 
 
 def seed_from(value: object) -> int:

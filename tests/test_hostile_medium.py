@@ -109,6 +109,7 @@ def test_a_file_larger_than_the_cache_bound_is_refused_saying_so(web, tmp_path, 
 
 
 def test_mutable_sources_are_fetched_again_after_the_ttl_immutable_ones_never(web, tmp_path, transformer):
+    # body() sends no ETag or Last-Modified: the TTL applies (with them: tests/test_lora_revalidate.py)
     web.routes["/a.safetensors"] = body(lora_bytes(seed=1))
     commit = "0123456789abcdef0123456789abcdef01234567"
     web.routes[f"/o/r/resolve/{commit}/l.safetensors"] = body(lora_bytes(seed=2))

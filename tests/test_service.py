@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from engine.inputs import MAX_PROMPT_CHARS, seed_from
+from engine.inputs import MAX_LORA_SOURCE_CHARS, MAX_PROMPT_CHARS, check_lora_source, seed_from
 from engine.lora import StoreConfig
 from engine.pipeline import FluxGenerator
 from engine.safety import SafetyChecker
@@ -138,6 +138,26 @@ def test_prompt_cap_is_checked_before_any_work(generator, tmp_path):
     with pytest.raises(ValueError, match=r"prompt is 1,000,000 characters; the limit is 10,000"):
         service.predict(prompt="a" * 1_000_000, out_dir=tmp_path)
     assert time.perf_counter() - t0 < 0.5 and not list(tmp_path.iterdir())
+
+
+def test_lora_source_cap_names_the_field_never_the_value(generator, tmp_path):
+    """URLs and hub references are capped in characters before any fetch; data: URLs are not
+    (the store bounds them in bytes); the error gives the length and the limit only."""
+    service = FluxService(generator, None, "tiny")
+    long_url = "https://example.com/" + "q" * MAX_LORA_SOURCE_CHARS
+    for field in ("lora_weights", "extra_lora"):
+        with pytest.raises(ValueError) as e:
+            service.predict(prompt="x", out_dir=tmp_path, **{field: long_url})
+        assert str(e.value).startswith(
+            f"{field} is {len(long_url):,} characters; the limit is {MAX_LORA_SOURCE_CHARS:,}"
+        )
+        assert "qqqq" not in str(e.value)
+    assert check_lora_source("lora_weights", None) is None
+    data = "data:application/octet-stream;base64," + "A" * (2 * MAX_LORA_SOURCE_CHARS)
+    assert check_lora_source("lora_weights", data) == data  # bounded by the store's cap instead
+    with pytest.raises(TypeError, match="extra_lora must be a string, got int"):
+        check_lora_source("extra_lora", 7)
+    assert not list(tmp_path.iterdir())
 
 
 def test_longest_allowed_prompt_costs_about_what_a_short_one_does(generator):

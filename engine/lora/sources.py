@@ -49,8 +49,8 @@ class Source:
     revision: str = "main"  # hub_repo only
     # Whether the same source always names the same bytes: a hub commit revision, a civitai
     # version id, a data: URL. Others (any other URL, resolve/main, owner/repo, a civitai model's
-    # latest version) may change, and are fetched again once their cached copy is older than
-    # StoreConfig.mutable_ttl_s.
+    # latest version) may change, and are revalidated on every use (engine.lora.store: ETag or
+    # Last-Modified; without either, fetched again once older than StoreConfig.mutable_ttl_s).
     immutable: bool = False
 
     @property

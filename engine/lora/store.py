@@ -10,6 +10,22 @@ A file reaches the cache only after it parsed: it is written as ``<key>.part``, 
 read and mapped onto the model, and only then renamed. ``.part`` files count towards the
 cache bound and are removed on failure. Tokens (HF_TOKEN, CIVITAI_API_TOKEN) are sent as
 headers only to their own hosts, and sources are redacted in every log line and error.
+
+Sources whose bytes can change (any URL without a pinned revision, hub ``resolve/main``,
+``owner/repo``, a civitai model's latest version: ``Source.immutable`` False) are revalidated on
+every use: the file URL the source names now (the hub or civitai API asked again where there is
+one) is requested with the recorded validator (``If-None-Match: <strong ETag>``, else
+``If-Modified-Since``), kept beside the file as ``<key>.json``. 304 (or 200 with the same strong
+ETag): the cached copy is used. 200: the server says the copy is stale, so it is deleted as the
+new body starts (the bound never has to hold two versions; the ``.part`` counts in it) and the
+new file is renamed into place once it parsed; a file name never holds a half-written file. A
+revalidation that fails without saying anything about the file (no answer in time, a refused
+address, a broken connection, 500/502/503/504: RFC 5861's stale-if-error) serves the cached copy
+with one warning line: that copy was verified when fetched, and a hub outage should not fail
+requests the cache can answer. Any other answer (404, 401, 403, ...) fails the request, as a
+first fetch would. A file recorded without any validator (the server sent none) is kept for
+``StoreConfig.mutable_ttl_s`` and then fetched again. Immutable sources (a hub commit, a civitai
+version id, data: URLs) are never revalidated.
 """
 
 from __future__ import annotations
@@ -22,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import tarfile
 import time
 import urllib.parse
@@ -30,7 +47,14 @@ from pathlib import Path
 
 import torch
 
-from engine.download import DownloadError, DownloadLimits, download, human, redact
+from engine.download import (
+    DownloadError,
+    DownloadLimits,
+    Validators,
+    download_if_changed,
+    human,
+    redact,
+)
 from engine.egress import EgressPolicy
 from engine.lora.formats import LoraError, ParsedLora, read_lora
 from engine.lora.sources import CIVITAI, HUB, Source, resolve_source, resolve_url
@@ -44,7 +68,7 @@ CACHE_BYTES = 10 * 2**30
 PREFERRED_NAMES = ("lora.safetensors", "pytorch_lora_weights.safetensors")
 _API_BYTES = 16 * 2**20  # cap on a hub or civitai API answer
 MAX_TAR_MEMBERS = 1000  # Replicate's trainer writes a handful; 200k empty members cost 15 s to list
-MUTABLE_TTL_S = 3600.0  # how long a LoRA from a mutable source is served from the cache
+MUTABLE_TTL_S = 3600.0  # cache life of a LoRA from a mutable source whose server sends no validator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +86,29 @@ class StoreConfig:
     hf_token: str | None = dataclasses.field(default=None, repr=False)
     civitai_token: str | None = dataclasses.field(default=None, repr=False)
     parsed_kept: int = 4  # parsed LoRAs kept in memory
-    mutable_ttl_s: float = MUTABLE_TTL_S  # cache life of a LoRA whose source can change (Source.immutable)
+    # cache life of a LoRA whose source can change (Source.immutable) and whose server sent no
+    # ETag or Last-Modified to revalidate it with
+    mutable_ttl_s: float = MUTABLE_TTL_S
     # outbound requests: public addresses only, unless allow-listed (dev/tests; engine.egress)
     egress: EgressPolicy = dataclasses.field(default_factory=EgressPolicy)
 
+
+class Unavailable(LoraError):
+    """A fetch that failed without saying anything about the file (DownloadError.transient)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Version:
+    """What the cache knows of a cached file from a mutable source (``<key>.json``): the file URL
+    it came from, whether that URL's bytes are fixed (a civitai version's download), its
+    validators, and the size and mtime of the file it describes (a record that does not match its
+    file is ignored)."""
+
+    url: str
+    fixed: bool
+    validators: Validators
+    size: int
+    mtime_ns: int
 
 
 def choose_file(names: list[str], what: str) -> str:
@@ -96,10 +139,14 @@ class LoraStore:
         self.config, self.parse = config, parse
         self.root = Path(config.root)
         self.root.mkdir(parents=True, exist_ok=True)
-        # Left by a process that died mid-download or mid-unpack: <key>.part, <key>.part.tarmember.
+        # Left by a process that died mid-download or mid-unpack: <key>.part, <key>.part.tarmember,
+        # <key>.part.json; and records whose file is gone.
         for stale in self.root.glob("*.part*"):
             stale.unlink(missing_ok=True)
-        self._parsed: collections.OrderedDict[str, tuple[ParsedLora, float]] = collections.OrderedDict()
+        for record in self.root.glob("*.json"):
+            if not record.with_suffix(".safetensors").exists():
+                record.unlink(missing_ok=True)
+        self._parsed: collections.OrderedDict[str, ParsedLora] = collections.OrderedDict()
         if config.cache_bytes < config.max_download_bytes:
             logger.warning(
                 "LoRA cache bound %s is below the download cap %s: LoRAs larger than the bound are refused",
@@ -114,20 +161,21 @@ class LoraStore:
         c = self.config
         src = resolve_source(text, hub=c.hub, civitai=c.civitai, local_dir=c.local_dir)
         key = self._key(src)
-        if (hit := self._parsed.get(key)) is not None:
-            parsed, loaded = hit
-            if src.immutable or time.monotonic() - loaded <= c.mutable_ttl_s:
-                self._parsed.move_to_end(key)
-                logger.info("LoRA cache hit: %s already parsed", src.shown)
-                return src.shown, parsed
-            del self._parsed[key]  # a source that may have changed: its file's age decides below
+        hit = self._parsed.pop(key, None)  # put back below once it is known to be current
+        if hit is not None and (src.immutable or src.kind == "local"):  # a local key holds the mtime
+            self._parsed[key] = hit
+            logger.info("LoRA cache hit: %s already parsed", src.shown)
+            return src.shown, hit
         t0 = time.perf_counter()
         if src.kind == "local":
             parsed = self._parse_file(Path(src.location), src.shown)
         else:
-            parsed = self._cached_or_fetched(src, key)
-        logger.info("LoRA loaded from %s in %.2f s", src.shown, time.perf_counter() - t0)
-        self._parsed[key] = (parsed, time.monotonic())
+            parsed = self._cached_or_fetched(src, key, hit)
+        if parsed is hit:
+            logger.info("LoRA cache hit: %s already parsed (revalidated)", src.shown)
+        else:
+            logger.info("LoRA loaded from %s in %.2f s", src.shown, time.perf_counter() - t0)
+        self._parsed[key] = parsed
         while len(self._parsed) > c.parsed_kept:
             self._parsed.popitem(last=False)
         return src.shown, parsed
@@ -157,39 +205,119 @@ class LoraStore:
         """Largest LoRA file: the download cap, or the cache bound where that is smaller."""
         return min(self.config.max_download_bytes, self.config.cache_bytes)
 
-    def _cached_or_fetched(self, src: Source, key: str) -> ParsedLora:
+    def _cached_or_fetched(self, src: Source, key: str, hit: ParsedLora | None) -> ParsedLora:
+        """The LoRA from the file cache (revalidated if its source is mutable) or fetched."""
+        c = self.config
         final = self.root / f"{key}.safetensors"
-        if final.exists() and not src.immutable:
-            age = time.time() - final.stat().st_mtime  # mtime: when it was fetched
-            if age > self.config.mutable_ttl_s:
-                logger.info(
-                    "LoRA cache: %s is %.0f s old and its source may change; fetching again", src.shown, age
-                )
-                final.unlink(missing_ok=True)
+        version = None
         if final.exists():
-            os.utime(final, (time.time(), final.stat().st_mtime))  # atime: last use (LRU)
-            logger.info("LoRA file cache hit: %s (%s)", src.shown, final.name)
-            try:
-                return self._parse_file(final, src.shown)
-            except LoraError:
-                final.unlink(missing_ok=True)  # nothing stays cached that does not parse
-                raise
+            if src.immutable:
+                return self._use_cached(key, src, hit)
+            version = self._version(key)
+            if version is None or not (version.validators or version.fixed):
+                age = time.time() - final.stat().st_mtime  # mtime: when it was fetched
+                if age <= c.mutable_ttl_s:
+                    return self._use_cached(key, src, hit)
+                logger.info(
+                    "LoRA cache: %s is %.0f s old, may have changed and has no validator; fetching again",
+                    src.shown,
+                    age,
+                )
+                self._forget(key)
+                version = None
         part = self.root / f"{key}.part"
+        deadline = time.monotonic() + c.deadline_s
         try:
-            self._evict(reserve=self._cap)
-            self._fetch(src, part, time.monotonic() + self.config.deadline_s)
+            if src.kind == "data":
+                self._evict(reserve=self._cap)
+                self._decode_data(src.location, part)
+                url, fixed, new = "", True, Validators()
+            else:
+                try:
+                    url, fixed = self._locate(src, part, deadline)
+                    if version is not None and version.url == url and fixed:
+                        return self._use_cached(key, src, hit)
+                    since = version.validators if version is not None and version.url == url else None
+                    new = self._get(url, part, deadline, since=since or Validators(), replacing=key)
+                except Unavailable as e:
+                    if version is None or not final.exists():
+                        raise
+                    logger.warning(
+                        "LoRA cache: could not revalidate %s (%s); serving the copy fetched %.0f s ago",
+                        src.shown,
+                        e,
+                        time.time() - final.stat().st_mtime,
+                    )
+                    return self._use_cached(key, src, hit)
+                if new is None:  # 304: the cached copy is current
+                    logger.info("LoRA cache: %s unchanged (revalidated)", src.shown)
+                    return self._use_cached(key, src, hit)
             self._unpack_tar(part, src.shown)
             parsed = self._parse_file(part, src.shown)
             part.replace(final)
+            if not src.immutable:
+                self._record(key, url, fixed, new)
         finally:
             part.unlink(missing_ok=True)
             self._evict(keep=final)
         return parsed
 
+    def _use_cached(self, key: str, src: Source, hit: ParsedLora | None) -> ParsedLora:
+        """The cached file's LoRA: ``hit`` if it was already parsed, else read from the file."""
+        final = self.root / f"{key}.safetensors"
+        st = final.stat()
+        os.utime(final, ns=(time.time_ns(), st.st_mtime_ns))  # atime: last use (LRU); mtime kept
+        if hit is not None:
+            return hit
+        logger.info("LoRA file cache hit: %s (%s)", src.shown, final.name)
+        try:
+            return self._parse_file(final, src.shown)
+        except LoraError:
+            self._forget(key)  # nothing stays cached that does not parse
+            raise
+
+    def _version(self, key: str) -> _Version | None:
+        """The record of ``<key>.safetensors``, if there is one and it describes that file."""
+        final, record = self.root / f"{key}.safetensors", self.root / f"{key}.json"
+        try:
+            d = json.loads(record.read_text())
+            st = final.stat()
+            v = _Version(
+                str(d["url"]),
+                bool(d["fixed"]),
+                Validators(d.get("etag"), d.get("last_modified")),
+                int(d["size"]),
+                int(d["mtime_ns"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return v if (v.size, v.mtime_ns) == (st.st_size, st.st_mtime_ns) else None
+
+    def _record(self, key: str, url: str, fixed: bool, validators: Validators) -> None:
+        """Write ``<key>.json`` for the file just renamed into place (atomically, after the file:
+        a crash between the two leaves the file unrecorded, so it is fetched again, never trusted)."""
+        st = (self.root / f"{key}.safetensors").stat()
+        record = {
+            "url": url,
+            "fixed": fixed,
+            "etag": validators.etag,
+            "last_modified": validators.last_modified,
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+        }
+        tmp = self.root / f"{key}.part.json"
+        tmp.write_text(json.dumps(record))
+        tmp.replace(self.root / f"{key}.json")
+
+    def _forget(self, key: str) -> None:
+        """Delete a cached file and its record (the parsed copy, if any, is the caller's)."""
+        (self.root / f"{key}.safetensors").unlink(missing_ok=True)
+        (self.root / f"{key}.json").unlink(missing_ok=True)
+
     def _limits(self, deadline: float, max_bytes: int | None = None) -> DownloadLimits:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise LoraError(f"not fetched within {self.config.deadline_s:g} s")
+            raise Unavailable(f"not fetched within {self.config.deadline_s:g} s")
         return DownloadLimits(max_bytes=max_bytes or self._cap, deadline_s=left, idle_s=self.config.idle_s)
 
     def _headers(self, url: str) -> dict[str, str]:
@@ -202,14 +330,35 @@ class LoraStore:
             return {"Authorization": f"Bearer {c.civitai_token}"}
         return {}
 
-    def _get(self, url: str, part: Path, deadline: float, max_bytes: int | None = None) -> None:
+    def _get(
+        self,
+        url: str,
+        part: Path,
+        deadline: float,
+        max_bytes: int | None = None,
+        *,
+        since: Validators | None = None,
+        replacing: str | None = None,
+    ) -> Validators | None:
+        """``url`` into ``part`` (if it changed from ``since``: None when it did not), room made
+        for it when its body starts (the stale ``replacing`` file first). Unavailable when the
+        failure is transient (:attr:`DownloadError.transient`), else LoraError."""
+        limit = max_bytes or self._cap
+
+        def make_room() -> None:  # in the download's worker thread, while the caller waits
+            if replacing is not None:
+                self._forget(replacing)
+            self._evict(reserve=limit)
+
         try:
-            download(
+            return download_if_changed(
                 url,
                 part,
+                since=since or Validators(),
                 limits=self._limits(deadline, max_bytes),
                 headers=self._headers(url),
                 policy=self.config.egress,
+                on_body=make_room,
             )
         except DownloadError as e:
             note = ""
@@ -217,7 +366,7 @@ class LoraStore:
                 note = (
                     " (the cap is the LoRA cache bound, SVDQ_LORA_CACHE_BYTES: a LoRA must fit in the cache)"
                 )
-            raise LoraError(f"{e}{note}") from None
+            raise (Unavailable if e.transient else LoraError)(f"{e}{note}") from None
 
     def _get_json(self, url: str, part: Path, deadline: float) -> object:
         try:
@@ -228,13 +377,13 @@ class LoraStore:
         finally:
             part.unlink(missing_ok=True)
 
-    def _fetch(self, src: Source, part: Path, deadline: float) -> None:
+    def _locate(self, src: Source, part: Path, deadline: float) -> tuple[str, bool]:
+        """The file URL ``src`` names now, and whether that URL's bytes are fixed; asks the hub or
+        civitai API where the source is a repository or a model (``part`` holds their answer)."""
         c = self.config
-        if src.kind == "data":
-            self._decode_data(src.location, part)
-        elif src.kind == "url":
-            self._get(src.location, part, deadline)
-        elif src.kind == "hub_repo":
+        if src.kind == "url":
+            return src.location, src.immutable
+        if src.kind == "hub_repo":
             api = f"{c.hub.rstrip('/')}/api/models/{src.location}"
             if src.revision != "main":
                 api += f"/revision/{urllib.parse.quote(src.revision, safe='')}"
@@ -243,18 +392,17 @@ class LoraStore:
                 [s.get("rfilename", "") for s in info.get("siblings", [])] if isinstance(info, dict) else []
             )
             file = choose_file(names, f"hub repository {src.location}")
-            url = f"{c.hub.rstrip('/')}/{src.location}/resolve/{src.revision}/{urllib.parse.quote(file)}"
             logger.info("LoRA: %s -> %s", src.shown, file)
-            self._get(url, part, deadline)
-        elif src.kind == "civitai_model":
+            url = f"{c.hub.rstrip('/')}/{src.location}/resolve/{src.revision}/{urllib.parse.quote(file)}"
+            return url, src.immutable
+        if src.kind == "civitai_model":
             info = self._get_json(f"{c.civitai.rstrip('/')}/api/v1/models/{src.location}", part, deadline)
             url = _civitai_download_url(info, src.location)
             resolved = resolve_url(url, c.hub, c.civitai) if url.startswith("http") else None
             if resolved is None or resolved.kind != "url":
                 raise LoraError(f"civitai model {src.location}: unexpected download URL {redact(url)}")
-            self._get(resolved.location, part, deadline)
-        else:
-            raise LoraError(f"cannot fetch a source of kind {src.kind}")
+            return resolved.location, resolved.immutable
+        raise LoraError(f"cannot fetch a source of kind {src.kind}")
 
     def _decode_data(self, url: str, part: Path) -> None:
         header, sep, payload = url.partition(",")
@@ -319,20 +467,33 @@ class LoraStore:
         logger.info("LoRA: %s is a .tar archive; using its %s", shown, name)
 
     def _evict(self, keep: Path | None = None, reserve: int = 0) -> None:
-        """Delete least recently used files until the folder (``.part`` files included) fits."""
-        files = sorted((p for p in self.root.iterdir() if p.is_file()), key=lambda p: p.stat().st_atime)
-        total = sum(p.stat().st_size for p in files)
-        for p in files:
+        """Delete least recently used files (with their records) until the folder, ``.part``
+        files and records included, fits with ``reserve`` bytes to spare. A file that vanishes
+        meanwhile (a cancelled download's worker may still be cleaning up) counts as gone."""
+        stats = {p: st for p in self.root.iterdir() if (st := _stat(p)) is not None}
+        total = sum(st.st_size for st in stats.values())
+        for p in sorted(stats, key=lambda p: stats[p].st_atime):
             if total + reserve <= self.config.cache_bytes:
                 break
-            if p != keep and ".part" not in p.name:  # <key>.part and <key>.part.tarmember are in use
-                total -= p.stat().st_size
-                p.unlink(missing_ok=True)
+            # <key>.part and <key>.part.tarmember are in use; a record goes with its file
+            if p != keep and ".part" not in p.name and p.suffix == ".safetensors":
+                record = stats.get(p.with_suffix(".json"))
+                total -= stats[p].st_size + (record.st_size if record is not None else 0)
+                self._forget(p.stem)
                 logger.info("LoRA cache: evicted %s", p.name)
 
     @property
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
+        return sum(st.st_size for p in self.root.iterdir() if (st := _stat(p)) is not None)
+
+
+def _stat(p: Path) -> os.stat_result | None:
+    """A regular file's stat; None for anything else or a file gone since it was listed."""
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
 
 
 def _civitai_download_url(info: object, model: str) -> str:

@@ -195,6 +195,8 @@ class FluxService:
             output_format=output_format,
             output_quality=output_quality,
             go_fast=go_fast,
+            lora_weights=lora_weights,
+            extra_lora=extra_lora,
         )
         prompt, width, height, num_outputs, num_inference_steps, seed, output_format, output_quality = request
         if go_fast and self.go_fast is None:

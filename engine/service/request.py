@@ -49,9 +49,13 @@ def check_request(
     output_format: str,
     output_quality: int,
     go_fast: bool,
+    lora_weights: str | None = None,
+    extra_lora: str | None = None,
 ) -> Request:
     """Every input checked before any work is done (engine.inputs owns the bounds); seed and size logged."""
     prompt = inputs.check_prompt(prompt)
+    for field, source in zip(LORA_FIELDS, (lora_weights, extra_lora), strict=True):
+        inputs.check_lora_source(field, source)
     num_outputs = inputs.int_in_range("num_outputs", num_outputs, inputs.NUM_OUTPUTS)
     num_inference_steps = inputs.int_in_range(
         "num_inference_steps", num_inference_steps, inputs.NUM_INFERENCE_STEPS
