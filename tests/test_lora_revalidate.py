@@ -104,7 +104,7 @@ def cdn():
     srv.daemon_threads = True
     srv.routes, srv.seen = {}, []
     srv.base = f"http://127.0.0.1:{srv.server_port}"
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     yield srv
     srv.shutdown()
     srv.server_close()
