@@ -1,0 +1,439 @@
+"""The W4A4 GEMM for Hopper (sm_90), warp-specialized and fed by TMA, written in Gluon.
+
+Same numerics as engine/kernels/triton/gemm_sm90.py (FP8 e4m3 tensor cores on the exact 4-bit
+codes: weights expanded once to e4m3 bytes by ``gemm_sm90.prepare_weight``, activation nibbles
+expanded in registers as e4m3 bytes u * 2^-9), a different schedule. Why: compiled by Triton's
+own pipeliner that kernel's loop is one serial chain per CTA (each MMA waited on where it is
+issued, cp.async waits and CTA barriers per group); here the roles are split so that nothing in
+the main loop waits on the whole CTA:
+
+- one producer warp (``_producer``) issues, per 64-channel group, the TMA loads of the packed
+  activation tile [BM, 32] u8, the group's two e4m3 weight tiles [BN, 32] (even and odd
+  channels), and the group's scale vectors (activation scales [BM] from the group-major
+  ascales, weight scales [BN], and for signed activations the offset correction [BN]) into a
+  STAGES-deep ring of shared-memory slots, each guarded by a ``ready`` mbarrier (armed with the
+  slot's byte count, completed by the TMA unit) and an ``empty`` one (released by the
+  consumers);
+- the consumer warpgroups (the default partition, ``_consumer``; two, each 64 rows) wait on
+  ``ready``, expand the activation codes in registers, issue two K = 32 FP8 wgmmas with the
+  weight tiles straight from shared memory into a partial (accumulate off: no reset), and scale
+  the partial into the fp32 accumulator with two FMAs per element:
+  ``acc += sa * (part * sw + wc)``, where wc = -8 * colsum * sw is the offset of signed codes
+  (taken as c + 8), folded into the FMA that applies sw (the Triton kernel runs a separate
+  correction GEMM before its loop);
+- DOUBLE (two partials): group g+1's wgmmas are issued before group g's scaling, which then
+  waits with ``warpgroup_mma_wait(1)`` (group g's MMAs done, g+1's in flight), so a warpgroup's
+  scaling runs under its own next MMA; single: ``wait(0)`` and the overlap comes from the other
+  warpgroup. The slot is released (one mbarrier arrive) after the wait that covers its MMAs.
+
+The low-rank branch (lora_act [M, R] fp32 x proj_up [N, R]) is two bf16 wgmmas (lora_act split
+into bf16 hi + lo, proj_up in bf16: exact for bf16 proj_up, ~2^-16 relative otherwise) into the
+accumulator before the main loop, while the producer fills the ring. Bias and store after it.
+
+Launch requirements (``supports``): M % 4 == 0 (the group-major ascales rows are TMA rows,
+16-byte aligned), K % 64 == 0, N % 4 == 0, group 64, rank <= MAX_RANK. Modelled in
+scripts/perfmodel/hopper_ws.py; compiled, gated and executed (through the PTX interpreter's
+sm_90 instructions) in tests/test_hopper_ws*.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from engine.kernels.triton.gemm_sm90 import A_UNIT, SIGNED_OFFSET, Sm90Weight
+
+GROUP = gl.constexpr(64)  # channels per scale group (the kernels read it; ``.value`` is the int)
+MAX_RANK = 64
+
+
+@dataclass(frozen=True)
+class WsConfig:
+    """Tile sizes (BM rows over two consumer warpgroups), ring depth, and the overlap scheme."""
+
+    block_m: int = 128
+    block_n: int = 128
+    stages: int = 4
+    double: bool = False  # two partials, warpgroup_mma_wait(1)
+
+    num_warps = 4  # the first consumer warpgroup (the default partition); +4 +1 in the workers
+
+    def __post_init__(self):
+        if self.block_m != 128:
+            raise ValueError(f"block_m must be 128 (two consumer warpgroups of 64 rows), got {self.block_m}")
+
+
+CONFIG = WsConfig()
+
+
+@dataclass(frozen=True)
+class WsWeight:
+    """The e4m3 weight of ``gemm_sm90.prepare_weight`` plus this kernel's fp32 offset term.
+
+    w8      float8_e4m3fn [N, K]  per group the 32 even channels then the 32 odd
+    wscales fp32 [G, N]           the group scales times 2^9
+    wcorr   fp32 [G, N]           -8 * sum_k code[n, k] * wscale[n, g] over each group
+    """
+
+    w8: torch.Tensor
+    wscales: torch.Tensor
+    wcorr: torch.Tensor
+
+
+def prepare_weight(base: Sm90Weight) -> WsWeight:
+    """This kernel's weight from the FP8 kernel's (shares w8 and wscales; adds wcorr in fp32,
+    exact products of an integer <= 4096 and a scale, rounded once)."""
+    n, k = base.w8.shape
+    g = k // GROUP.value
+    colsum = base.w8.view(n, g, GROUP.value).float().sum(dim=2)  # integers, exact
+    ws = base.wscales.t() * A_UNIT  # [N, G] the plain scales (2^9 undone, exact)
+    wcorr = (-SIGNED_OFFSET * colsum * ws).t().contiguous()
+    return WsWeight(base.w8, base.wscales, wcorr)
+
+
+def supports(m: int, n: int, k: int, r: int, group: int) -> bool:
+    """Whether a problem meets the TMA alignment and tile rules of this kernel."""
+    return m % 4 == 0 and n % 4 == 0 and k % GROUP.value == 0 and group == GROUP.value and r <= MAX_RANK
+
+
+@gluon.jit
+def _expand(p, UNSIGNED: gl.constexpr):
+    """Packed bytes -> (even, odd) channels as e4m3 bytes u * 2^-9 (u = code, or code + 8 for
+    signed codes: bit 3 flipped), four bytes per instruction."""
+    if UNSIGNED:
+        lo, hi = gl.inline_asm_elementwise(
+            "{ and.b32 $0, $2, 0x0F0F0F0F; shr.b32 $1, $2, 4; and.b32 $1, $1, 0x0F0F0F0F; }",
+            "=r,=r,r",
+            [p],
+            dtype=(gl.uint8, gl.uint8),
+            is_pure=True,
+            pack=4,
+        )
+    else:  # lop3 0x6a: (a & b) ^ c
+        lo, hi = gl.inline_asm_elementwise(
+            "{ lop3.b32 $0, $2, 0x0F0F0F0F, 0x08080808, 0x6a; shr.b32 $1, $2, 4; "
+            "lop3.b32 $1, $1, 0x0F0F0F0F, 0x08080808, 0x6a; }",
+            "=r,=r,r",
+            [p],
+            dtype=(gl.uint8, gl.uint8),
+            is_pure=True,
+            pack=4,
+        )
+    return lo.to(gl.float8e4nv, bitcast=True), hi.to(gl.float8e4nv, bitcast=True)
+
+
+@gluon.jit
+def _producer(x_desc, w_desc, sa_desc, sw_desc, wc_desc, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty,
+              off_m, off_n, M, N, G, STAGES: gl.constexpr, UNSIGNED: gl.constexpr):
+    """One warp: per group, wait for the slot to be free, arm its ready barrier with the bytes,
+    issue the TMA loads."""
+    BM: gl.constexpr = x_desc.block_type.shape[0]
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    HALF: gl.constexpr = GROUP // 2
+    nbytes: gl.constexpr = BM * HALF + 2 * BN * HALF + 4 * BM + 4 * BN * (1 if UNSIGNED else 2)
+    for g in range(G):
+        s = g % STAGES
+        mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+        bar = ready.index(s)
+        mbarrier.expect(bar, nbytes)
+        tma.async_copy_global_to_shared(x_desc, [off_m, g * HALF], bar, x_s.index(s))
+        tma.async_copy_global_to_shared(w_desc, [off_n, g * GROUP], bar, wlo_s.index(s))
+        tma.async_copy_global_to_shared(w_desc, [off_n, g * GROUP + HALF], bar, whi_s.index(s))
+        tma.async_copy_global_to_shared(sa_desc, [g * M + off_m], bar, sa_s.index(s))
+        tma.async_copy_global_to_shared(sw_desc, [g * N + off_n], bar, sw_s.index(s))
+        if not UNSIGNED:
+            tma.async_copy_global_to_shared(wc_desc, [g * N + off_n], bar, wc_s.index(s))
+
+
+@gluon.jit
+def _scale(wg, acc, part, sa_s, sw_s, wc_s, s, ACC: gl.constexpr, UNSIGNED: gl.constexpr):
+    """acc + sa * (part * sw + wc): the group's scales straight from its ring slot."""
+    sa = sa_s.index(s).slice(wg * 64, 64).load(gl.SliceLayout(1, ACC))
+    sw = sw_s.index(s).load(gl.SliceLayout(0, ACC))
+    if UNSIGNED:
+        t = part * sw[None, :]
+    else:
+        wc = wc_s.index(s).load(gl.SliceLayout(0, ACC))
+        t = gl.fma(part, sw[None, :], wc[None, :])
+    return gl.fma(t, sa[:, None], acc)
+
+
+@gluon.jit
+def _mma_group(wg, x_s, wlo_s, whi_s, s, part, A_OP: gl.constexpr, UNSIGNED: gl.constexpr):
+    """Issue group s's two K = 32 FP8 wgmmas into ``part`` (accumulate off), asynchronously."""
+    a_lo, a_hi = _expand(x_s.index(s).slice(wg * 64, 64).load(A_OP), UNSIGNED)
+    part = warpgroup_mma(a_lo, wlo_s.index(s).permute((1, 0)), part, use_acc=False, is_async=True)
+    return warpgroup_mma(a_hi, whi_s.index(s).permute((1, 0)), part, is_async=True)
+
+
+@gluon.jit
+def _issue(wg, x_s, wlo_s, whi_s, ready, g, part, STAGES: gl.constexpr, A_OP: gl.constexpr,
+           UNSIGNED: gl.constexpr):
+    """Wait for group g's slot to be filled, then issue its MMAs into ``part``."""
+    s = g % STAGES
+    mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+    return _mma_group(wg, x_s, wlo_s, whi_s, s, part, A_OP, UNSIGNED)
+
+
+@gluon.jit
+def _retire(wg, acc, part, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, empty, g, PENDING: gl.constexpr,
+            STAGES: gl.constexpr, ACC: gl.constexpr, UNSIGNED: gl.constexpr):
+    """Wait until group g's MMAs are done (PENDING later groups' still in flight), free its slot."""
+    s = g % STAGES
+    part = warpgroup_mma_wait(PENDING, deps=(part, wlo_s.index(s), whi_s.index(s)))[0]
+    mbarrier.arrive(empty.index(s))
+    return part
+
+
+@gluon.jit
+def _consumer(wg, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty, lora_ptr, up_ptr, bias_ptr, out_ptr,
+              off_m, off_n, M, N, R, G, stride_lm, stride_un, stride_om,
+              BN: gl.constexpr, BR: gl.constexpr, STAGES: gl.constexpr,
+              UNSIGNED: gl.constexpr, DOUBLE: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """One consumer warpgroup (rows wg * 64 of the tile): low-rank branch, main loop over the
+    groups, bias, store."""
+    NW: gl.constexpr = 4
+    BM: gl.constexpr = 64
+    off_m = off_m + wg * BM
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 32])
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=4)
+    LOAD: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [NW, 1], [1, 0])
+    rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, LOAD))
+    acc = gl.zeros([BM, BN], gl.float32, ACC)
+    if HAS_LORA:
+        LR: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 16])
+        L_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LR, k_width=2)
+        rr = gl.arange(0, BR, layout=gl.SliceLayout(0, LOAD))
+        cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, LOAD))
+        r_ok = rr[None, :] < R
+        la = gl.load(lora_ptr + gl.minimum(rows, M - 1).to(gl.int64)[:, None] * stride_lm + rr[None, :],
+                     mask=r_ok, other=0.0)
+        up = gl.load(up_ptr + gl.minimum(cols, N - 1).to(gl.int64)[:, None] * stride_un + rr[None, :],
+                     mask=r_ok, other=0.0)
+        up_s = gl.allocate_shared_memory(gl.bfloat16, [BN, BR],
+                                         gl.NVMMASharedLayout.get_default_for([BN, BR], gl.bfloat16), up.to(gl.bfloat16))
+        fence_async_shared()
+        la_hi = la.to(gl.bfloat16)
+        la_lo = (la - la_hi.to(gl.float32)).to(gl.bfloat16)
+        lr = gl.zeros([BM, BN], gl.float32, LR)
+        lr = warpgroup_mma(gl.convert_layout(la_hi, L_OP), up_s.permute((1, 0)), lr, use_acc=False, is_async=True)
+        lr = warpgroup_mma(gl.convert_layout(la_lo, L_OP), up_s.permute((1, 0)), lr, is_async=True)
+        lr = warpgroup_mma_wait(0, deps=(lr, up_s))[0]
+        acc = gl.convert_layout(lr, ACC)
+
+    part = gl.zeros([BM, BN], gl.float32, ACC)  # its values are never read (accumulate off)
+    if DOUBLE:  # two partials with fixed roles (a loop of two groups: no register copies)
+        pb = gl.zeros([BM, BN], gl.float32, ACC)
+        mbarrier.wait(ready.index(0), 0)
+        part = _mma_group(wg, x_s, wlo_s, whi_s, 0, part, A_OP, UNSIGNED)
+        for g in range(1, G - 1, 2):
+            pb = _issue(wg, x_s, wlo_s, whi_s, ready, g, pb, STAGES, A_OP, UNSIGNED)
+            part = _retire(wg, acc, part, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, empty, g - 1, 1, STAGES, ACC, UNSIGNED)
+            acc = _scale(wg, acc, part, sa_s, sw_s, wc_s, (g - 1) % STAGES, ACC, UNSIGNED)
+            part = _issue(wg, x_s, wlo_s, whi_s, ready, g + 1, part, STAGES, A_OP, UNSIGNED)
+            pb = _retire(wg, acc, pb, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, empty, g, 1, STAGES, ACC, UNSIGNED)
+            acc = _scale(wg, acc, pb, sa_s, sw_s, wc_s, g % STAGES, ACC, UNSIGNED)
+        if G % 2 == 0:  # group G - 1 is left, into the second partial
+            last = _issue(wg, x_s, wlo_s, whi_s, ready, G - 1, pb, STAGES, A_OP, UNSIGNED)
+            done = _retire(wg, acc, part, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, empty, G - 2, 1, STAGES, ACC, UNSIGNED)
+            acc = _scale(wg, acc, done, sa_s, sw_s, wc_s, (G - 2) % STAGES, ACC, UNSIGNED)
+            done = _retire(wg, acc, last, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, empty, G - 1, 0, STAGES, ACC, UNSIGNED)
+            acc = _scale(wg, acc, done, sa_s, sw_s, wc_s, (G - 1) % STAGES, ACC, UNSIGNED)
+        else:
+            done = _retire(wg, acc, part, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, empty, G - 1, 0, STAGES, ACC, UNSIGNED)
+            acc = _scale(wg, acc, done, sa_s, sw_s, wc_s, (G - 1) % STAGES, ACC, UNSIGNED)
+    else:
+        for g in range(G):
+            s = g % STAGES
+            mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+            part = _mma_group(wg, x_s, wlo_s, whi_s, s, part, A_OP, UNSIGNED)
+            part = warpgroup_mma_wait(0, deps=(part, wlo_s.index(s), whi_s.index(s)))[0]
+            mbarrier.arrive(empty.index(s))
+            acc = _scale(wg, acc, part, sa_s, sw_s, wc_s, s, ACC, UNSIGNED)
+
+    om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ACC))
+    on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, ACC))
+    if HAS_BIAS:
+        acc += gl.load(bias_ptr + on, mask=on < N, other=0.0).to(gl.float32)[None, :]
+    mask = (om < M)[:, None] & (on < N)[None, :]
+    gl.store(out_ptr + om.to(gl.int64)[:, None] * stride_om + on[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@gluon.jit
+def w4a4_gemm_sm90_ws_kernel(
+    x_desc,  # TMA: qx u8 [M, K/2], box [BM, 32]
+    w_desc,  # TMA: w8 e4m3 [N, K], box [BN, 32]
+    sa_desc,  # TMA: ascales as one vector [G * M] (group-major), box [BM]
+    sw_desc,  # TMA: wscales (times 2^9) as [G * N], box [BN]
+    wc_desc,  # TMA: wcorr as [G * N], box [BN] (read for signed activations)
+    lora_ptr,  # f32 [M, R]
+    up_ptr,  # [N, R]
+    bias_ptr,  # [N]
+    out_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    R,
+    stride_lm,
+    stride_un,
+    stride_om,
+    BR: gl.constexpr,
+    STAGES: gl.constexpr,
+    GROUP_M: gl.constexpr,
+    UNSIGNED: gl.constexpr,
+    DOUBLE: gl.constexpr,
+    HAS_LORA: gl.constexpr,
+    HAS_BIAS: gl.constexpr,
+):
+    BM: gl.constexpr = x_desc.block_type.shape[0]
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    HALF: gl.constexpr = GROUP // 2
+    G = K // GROUP
+    # grouped order: GROUP_M row blocks sweep the columns together (weight tiles shared in L2)
+    pid = gl.program_id(0)
+    num_m = gl.cdiv(M, BM)
+    width = GROUP_M * gl.cdiv(N, BN)
+    first_m = (pid // width) * GROUP_M
+    size_m = gl.minimum(num_m - first_m, GROUP_M)
+    off_m = (first_m + (pid % width) % size_m) * BM
+    off_n = ((pid % width) // size_m) * BN
+
+    x_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BM, HALF], x_desc.layout)
+    wlo_s = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, HALF], w_desc.layout)
+    whi_s = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, HALF], w_desc.layout)
+    sa_s = gl.allocate_shared_memory(gl.float32, [STAGES, BM], sa_desc.layout)
+    sw_s = gl.allocate_shared_memory(gl.float32, [STAGES, BN], sw_desc.layout)
+    wc_s = gl.allocate_shared_memory(gl.float32, [STAGES, BN], wc_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
+
+    # each consumer warpgroup is its own partition (64 rows): the barrier Triton puts around an
+    # mbarrier arrive then spans one warpgroup, and the two warpgroups run out of step
+    gl.warp_specialize(
+        [
+            (_consumer, (0, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty, lora_ptr, up_ptr, bias_ptr, out_ptr,
+                          off_m, off_n, M, N, R, G, stride_lm, stride_un, stride_om,
+                          BN, BR, STAGES, UNSIGNED, DOUBLE, HAS_LORA, HAS_BIAS)),
+            (_consumer, (1, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty, lora_ptr, up_ptr, bias_ptr, out_ptr,
+                          off_m, off_n, M, N, R, G, stride_lm, stride_un, stride_om,
+                          BN, BR, STAGES, UNSIGNED, DOUBLE, HAS_LORA, HAS_BIAS)),
+            (
+                _producer,
+                (x_desc, w_desc, sa_desc, sw_desc, wc_desc, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty,
+                 off_m, off_n, M, N, G, STAGES, UNSIGNED),
+            ),
+        ],
+        [4, 1],
+        [232, 40],
+    )
+
+
+def descriptors(qx: torch.Tensor, ascales: torch.Tensor, weight: WsWeight, cfg: WsConfig) -> tuple:
+    """The five TMA descriptors of a launch (ascales must be group-major: strides (1, M))."""
+    m = qx.shape[0]
+    n, k = weight.w8.shape
+    bm, bn, half = cfg.block_m, cfg.block_n, GROUP.value // 2
+    sa = ascales.t()  # [G, M] contiguous
+    if sa.stride(1) != 1 or sa.stride(0) != m:
+        raise ValueError(f"ascales must be group-major [M, G] with strides (1, M), got {tuple(ascales.stride())}")
+
+    def vec(t: torch.Tensor, box: int) -> TensorDescriptor:
+        flat = t.reshape(-1) if t.is_contiguous() else None
+        if flat is None:
+            raise ValueError("scale vectors must be contiguous")
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+        return TensorDescriptor(flat, [flat.numel()], [1], [box], layout)
+
+    x_layout = gl.NVMMASharedLayout.get_default_for([bm, half], gl.uint8)
+    w_layout = gl.NVMMASharedLayout.get_default_for([bn, half], gl.float8e4nv)
+    return (
+        TensorDescriptor(qx, [m, k // 2], [qx.stride(0), 1], [bm, half], x_layout),
+        TensorDescriptor(weight.w8, [n, k], [k, 1], [bn, half], w_layout),
+        vec(sa, bm),
+        vec(weight.wscales, bn),
+        vec(weight.wcorr, bn),
+    )
+
+
+def launch_args(
+    qx: torch.Tensor,
+    ascales: torch.Tensor,
+    weight: WsWeight,
+    lora_act: torch.Tensor,
+    proj_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    unsigned: bool,
+    cfg: WsConfig = CONFIG,
+) -> tuple[tuple, dict, tuple]:
+    """(args, kwargs, grid) of the kernel for contract tensors (also what the static model and
+    the PTX-execution test compile)."""
+    m = qx.shape[0]
+    n, k = weight.w8.shape
+    r = lora_act.shape[1]
+    args = (
+        *descriptors(qx, ascales, weight, cfg),
+        lora_act,
+        proj_up,
+        bias if bias is not None else out,
+        out,
+        m,
+        n,
+        k,
+        r,
+        lora_act.stride(0),
+        proj_up.stride(0),
+        out.stride(0),
+    )
+    kwargs = {
+        "BR": max(16, triton.next_power_of_2(r)),
+        "STAGES": cfg.stages,
+        "GROUP_M": 8,
+        "UNSIGNED": unsigned,
+        "DOUBLE": cfg.double,
+        "HAS_LORA": r > 0,
+        "HAS_BIAS": bias is not None,
+        "num_warps": cfg.num_warps,
+    }
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    return args, kwargs, grid
+
+
+def launch(
+    qx: torch.Tensor,
+    ascales: torch.Tensor,
+    weight: WsWeight,
+    lora_act: torch.Tensor,
+    proj_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    unsigned: bool,
+    out_dtype: torch.dtype,
+    cfg: WsConfig = CONFIG,
+) -> torch.Tensor:
+    """Run the kernel on a Hopper GPU (contract tensors; ``supports`` must hold)."""
+    m = qx.shape[0]
+    n, k = weight.w8.shape
+    if not supports(m, n, k, lora_act.shape[1], k // ascales.shape[1]):
+        raise ValueError(f"w4a4 ws kernel: unsupported shape M={m} N={n} K={k} rank={lora_act.shape[1]}")
+    out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
+    args, kwargs, grid = launch_args(qx, ascales, weight, lora_act, proj_up, bias, out, unsigned=unsigned, cfg=cfg)
+    w4a4_gemm_sm90_ws_kernel[grid](*args, **kwargs)
+    return out
