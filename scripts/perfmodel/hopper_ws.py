@@ -124,7 +124,7 @@ def ws_static(m: int, k: int, n: int, unsigned: bool, cfg: gemm_sm90_ws.WsConfig
             "k": k,
             "n": n,
             "unsigned": unsigned,
-            "config": {"block_m": cfg.block_m, "block_n": cfg.block_n, "stages": cfg.stages, "double": cfg.double},
+            "config": {"block_m": cfg.block_m, "block_n": cfg.block_n, "stages": cfg.stages},
             "regs": regs,
             "stack_bytes": stack,
             "spill_instrs": sum(1 for t in instrs if re.search(r"\b(STL|LDL)\b", t)),

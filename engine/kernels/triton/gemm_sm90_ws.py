@@ -14,21 +14,26 @@ the main loop waits on the whole CTA:
   STAGES-deep ring of shared-memory slots, each guarded by a ``ready`` mbarrier (armed with the
   slot's byte count, completed by the TMA unit) and an ``empty`` one (released by the
   consumers);
-- the consumer warpgroups (the default partition, ``_consumer``; two, each 64 rows) wait on
-  ``ready``, expand the activation codes in registers, issue two K = 32 FP8 wgmmas with the
-  weight tiles straight from shared memory into a partial (accumulate off: no reset), and scale
-  the partial into the fp32 accumulator with two FMAs per element:
-  ``acc += sa * (part * sw + wc)``, where wc = -8 * colsum * sw is the offset of signed codes
-  (taken as c + 8), folded into the FMA that applies sw (the Triton kernel runs a separate
-  correction GEMM before its loop);
-- DOUBLE (two partials): group g+1's wgmmas are issued before group g's scaling, which then
-  waits with ``warpgroup_mma_wait(1)`` (group g's MMAs done, g+1's in flight), so a warpgroup's
-  scaling runs under its own next MMA; single: ``wait(0)`` and the overlap comes from the other
-  warpgroup. The slot is released (one mbarrier arrive) after the wait that covers its MMAs.
+- two consumer warpgroups, each its own partition (64 rows; the barrier Triton puts around an
+  mbarrier arrive then spans one warpgroup, and the two run out of step), wait on ``ready``,
+  expand the activation codes in registers, issue two K = 32 FP8 wgmmas with the weight tiles
+  straight from shared memory into a partial (accumulate off: no reset), read the group's scales
+  from the slot while the MMAs run, wait for the MMAs (``warpgroup_mma_wait(0)``), release the
+  slot (one arrive per warpgroup), and scale the partial into the fp32 accumulator with two FMAs
+  per element: ``acc += sa * (part * sw + wc)``, where wc = -8 * colsum * sw is the offset of
+  signed codes (taken as c + 8), folded into the FMA that applies sw (the Triton kernel runs a
+  separate correction GEMM before its loop). One warpgroup's scaling runs under the other's MMAs.
 
-The low-rank branch (lora_act [M, R] fp32 x proj_up [N, R]) is two bf16 wgmmas (lora_act split
-into bf16 hi + lo, proj_up in bf16: exact for bf16 proj_up, ~2^-16 relative otherwise) into the
-accumulator before the main loop, while the producer fills the ring. Bias and store after it.
+Not built: the same warpgroup's scaling under its own next MMA (two partials and
+``warpgroup_mma_wait(1)``). Written in Gluon it compiles, but at 128 columns per warpgroup the
+three 64-register sets do not fit the 232 registers a consumer gets, and ptxas serializes every
+wgmma (its C7512 "insufficient register resources"); at 64 columns it fits, but a 128 x 64 tile
+per SM is bound by the L2 (perfmodel.hopper_ws).
+
+The low-rank branch (lora_act [M, R] fp32 x proj_up [N, R]) is three bf16 wgmmas (both factors
+split into bf16 hi + lo: hi*hi + lo*hi + hi*lo, ~2^-16 relative, as the Triton kernel's offset
+correction) into the accumulator before the main loop, while the producer fills the ring. Bias
+and store after it.
 
 Launch requirements (``supports``): M % 4 == 0 (the group-major ascales rows are TMA rows,
 16-byte aligned), K % 64 == 0, N % 4 == 0, group 64, rank <= MAX_RANK. Modelled in
@@ -66,7 +71,6 @@ class WsConfig:
     block_m: int = 128
     block_n: int = 128
     stages: int = 4
-    double: bool = False  # two partials, warpgroup_mma_wait(1)
 
     num_warps = 4  # the first consumer warpgroup (the default partition); +4 +1 in the workers
 
@@ -158,15 +162,18 @@ def _producer(x_desc, w_desc, sa_desc, sw_desc, wc_desc, x_s, wlo_s, whi_s, sa_s
 
 
 @gluon.jit
-def _scale(wg, acc, part, sa_s, sw_s, wc_s, s, ACC: gl.constexpr, UNSIGNED: gl.constexpr):
-    """acc + sa * (part * sw + wc): the group's scales straight from its ring slot."""
+def _scales(wg, sa_s, sw_s, wc_s, s, ACC: gl.constexpr, UNSIGNED: gl.constexpr):
+    """The group's scale vectors from its ring slot (wc: the offset term; sw again if unsigned)."""
     sa = sa_s.index(s).slice(wg * 64, 64).load(gl.SliceLayout(1, ACC))
     sw = sw_s.index(s).load(gl.SliceLayout(0, ACC))
-    if UNSIGNED:
-        t = part * sw[None, :]
-    else:
-        wc = wc_s.index(s).load(gl.SliceLayout(0, ACC))
-        t = gl.fma(part, sw[None, :], wc[None, :])
+    wc = sw if UNSIGNED else wc_s.index(s).load(gl.SliceLayout(0, ACC))
+    return sa, sw, wc
+
+
+@gluon.jit
+def _apply(acc, part, sa, sw, wc, UNSIGNED: gl.constexpr):
+    """acc + sa * (part * sw + wc): two FMAs (FMUL + FFMA unsigned) per element."""
+    t = part * sw[None, :] if UNSIGNED else gl.fma(part, sw[None, :], wc[None, :])
     return gl.fma(t, sa[:, None], acc)
 
 
@@ -179,29 +186,10 @@ def _mma_group(wg, x_s, wlo_s, whi_s, s, part, A_OP: gl.constexpr, UNSIGNED: gl.
 
 
 @gluon.jit
-def _issue(wg, x_s, wlo_s, whi_s, ready, g, part, STAGES: gl.constexpr, A_OP: gl.constexpr,
-           UNSIGNED: gl.constexpr):
-    """Wait for group g's slot to be filled, then issue its MMAs into ``part``."""
-    s = g % STAGES
-    mbarrier.wait(ready.index(s), (g // STAGES) & 1)
-    return _mma_group(wg, x_s, wlo_s, whi_s, s, part, A_OP, UNSIGNED)
-
-
-@gluon.jit
-def _retire(wg, acc, part, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, empty, g, PENDING: gl.constexpr,
-            STAGES: gl.constexpr, ACC: gl.constexpr, UNSIGNED: gl.constexpr):
-    """Wait until group g's MMAs are done (PENDING later groups' still in flight), free its slot."""
-    s = g % STAGES
-    part = warpgroup_mma_wait(PENDING, deps=(part, wlo_s.index(s), whi_s.index(s)))[0]
-    mbarrier.arrive(empty.index(s))
-    return part
-
-
-@gluon.jit
 def _consumer(wg, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty, lora_ptr, up_ptr, bias_ptr, out_ptr,
               off_m, off_n, M, N, R, G, stride_lm, stride_un, stride_om,
               BN: gl.constexpr, BR: gl.constexpr, STAGES: gl.constexpr,
-              UNSIGNED: gl.constexpr, DOUBLE: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr):
+              UNSIGNED: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr):
     """One consumer warpgroup (rows wg * 64 of the tile): low-rank branch, main loop over the
     groups, bias, store."""
     NW: gl.constexpr = 4
@@ -222,46 +210,32 @@ def _consumer(wg, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty, lora_ptr, u
                      mask=r_ok, other=0.0)
         up = gl.load(up_ptr + gl.minimum(cols, N - 1).to(gl.int64)[:, None] * stride_un + rr[None, :],
                      mask=r_ok, other=0.0)
-        up_s = gl.allocate_shared_memory(gl.bfloat16, [BN, BR],
-                                         gl.NVMMASharedLayout.get_default_for([BN, BR], gl.bfloat16), up.to(gl.bfloat16))
+        UP_L: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, BR], gl.bfloat16)
+        up = up.to(gl.float32)
+        up_hi = up.to(gl.bfloat16)
+        hi_s = gl.allocate_shared_memory(gl.bfloat16, [BN, BR], UP_L, up_hi)
+        lo_s = gl.allocate_shared_memory(gl.bfloat16, [BN, BR], UP_L, (up - up_hi.to(gl.float32)).to(gl.bfloat16))
         fence_async_shared()
         la_hi = la.to(gl.bfloat16)
-        la_lo = (la - la_hi.to(gl.float32)).to(gl.bfloat16)
+        a_hi = gl.convert_layout(la_hi, L_OP)
+        a_lo = gl.convert_layout((la - la_hi.to(gl.float32)).to(gl.bfloat16), L_OP)
+        # hi*hi + lo*hi + hi*lo: both factors to ~2^-16 (the lo*lo term is below that)
         lr = gl.zeros([BM, BN], gl.float32, LR)
-        lr = warpgroup_mma(gl.convert_layout(la_hi, L_OP), up_s.permute((1, 0)), lr, use_acc=False, is_async=True)
-        lr = warpgroup_mma(gl.convert_layout(la_lo, L_OP), up_s.permute((1, 0)), lr, is_async=True)
-        lr = warpgroup_mma_wait(0, deps=(lr, up_s))[0]
+        lr = warpgroup_mma(a_hi, hi_s.permute((1, 0)), lr, use_acc=False, is_async=True)
+        lr = warpgroup_mma(a_lo, hi_s.permute((1, 0)), lr, is_async=True)
+        lr = warpgroup_mma(a_hi, lo_s.permute((1, 0)), lr, is_async=True)
+        lr = warpgroup_mma_wait(0, deps=(lr, hi_s, lo_s))[0]
         acc = gl.convert_layout(lr, ACC)
 
     part = gl.zeros([BM, BN], gl.float32, ACC)  # its values are never read (accumulate off)
-    if DOUBLE:  # two partials with fixed roles (a loop of two groups: no register copies)
-        pb = gl.zeros([BM, BN], gl.float32, ACC)
-        mbarrier.wait(ready.index(0), 0)
-        part = _mma_group(wg, x_s, wlo_s, whi_s, 0, part, A_OP, UNSIGNED)
-        for g in range(1, G - 1, 2):
-            pb = _issue(wg, x_s, wlo_s, whi_s, ready, g, pb, STAGES, A_OP, UNSIGNED)
-            part = _retire(wg, acc, part, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, empty, g - 1, 1, STAGES, ACC, UNSIGNED)
-            acc = _scale(wg, acc, part, sa_s, sw_s, wc_s, (g - 1) % STAGES, ACC, UNSIGNED)
-            part = _issue(wg, x_s, wlo_s, whi_s, ready, g + 1, part, STAGES, A_OP, UNSIGNED)
-            pb = _retire(wg, acc, pb, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, empty, g, 1, STAGES, ACC, UNSIGNED)
-            acc = _scale(wg, acc, pb, sa_s, sw_s, wc_s, g % STAGES, ACC, UNSIGNED)
-        if G % 2 == 0:  # group G - 1 is left, into the second partial
-            last = _issue(wg, x_s, wlo_s, whi_s, ready, G - 1, pb, STAGES, A_OP, UNSIGNED)
-            done = _retire(wg, acc, part, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, empty, G - 2, 1, STAGES, ACC, UNSIGNED)
-            acc = _scale(wg, acc, done, sa_s, sw_s, wc_s, (G - 2) % STAGES, ACC, UNSIGNED)
-            done = _retire(wg, acc, last, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, empty, G - 1, 0, STAGES, ACC, UNSIGNED)
-            acc = _scale(wg, acc, done, sa_s, sw_s, wc_s, (G - 1) % STAGES, ACC, UNSIGNED)
-        else:
-            done = _retire(wg, acc, part, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, empty, G - 1, 0, STAGES, ACC, UNSIGNED)
-            acc = _scale(wg, acc, done, sa_s, sw_s, wc_s, (G - 1) % STAGES, ACC, UNSIGNED)
-    else:
-        for g in range(G):
-            s = g % STAGES
-            mbarrier.wait(ready.index(s), (g // STAGES) & 1)
-            part = _mma_group(wg, x_s, wlo_s, whi_s, s, part, A_OP, UNSIGNED)
-            part = warpgroup_mma_wait(0, deps=(part, wlo_s.index(s), whi_s.index(s)))[0]
-            mbarrier.arrive(empty.index(s))
-            acc = _scale(wg, acc, part, sa_s, sw_s, wc_s, s, ACC, UNSIGNED)
+    for g in range(G):
+        s = g % STAGES
+        mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+        part = _mma_group(wg, x_s, wlo_s, whi_s, s, part, A_OP, UNSIGNED)
+        sa, sw, wc = _scales(wg, sa_s, sw_s, wc_s, s, ACC, UNSIGNED)  # read while the MMAs run
+        part = warpgroup_mma_wait(0, deps=(part, wlo_s.index(s), whi_s.index(s)))[0]
+        mbarrier.arrive(empty.index(s))  # the slot is free: MMAs done, codes and scales in registers
+        acc = _apply(acc, part, sa, sw, wc, UNSIGNED)
 
     om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ACC))
     on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, ACC))
@@ -294,7 +268,6 @@ def w4a4_gemm_sm90_ws_kernel(
     STAGES: gl.constexpr,
     GROUP_M: gl.constexpr,
     UNSIGNED: gl.constexpr,
-    DOUBLE: gl.constexpr,
     HAS_LORA: gl.constexpr,
     HAS_BIAS: gl.constexpr,
 ):
@@ -329,10 +302,10 @@ def w4a4_gemm_sm90_ws_kernel(
         [
             (_consumer, (0, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty, lora_ptr, up_ptr, bias_ptr, out_ptr,
                           off_m, off_n, M, N, R, G, stride_lm, stride_un, stride_om,
-                          BN, BR, STAGES, UNSIGNED, DOUBLE, HAS_LORA, HAS_BIAS)),
+                          BN, BR, STAGES, UNSIGNED, HAS_LORA, HAS_BIAS)),
             (_consumer, (1, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty, lora_ptr, up_ptr, bias_ptr, out_ptr,
                           off_m, off_n, M, N, R, G, stride_lm, stride_un, stride_om,
-                          BN, BR, STAGES, UNSIGNED, DOUBLE, HAS_LORA, HAS_BIAS)),
+                          BN, BR, STAGES, UNSIGNED, HAS_LORA, HAS_BIAS)),
             (
                 _producer,
                 (x_desc, w_desc, sa_desc, sw_desc, wc_desc, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty,
@@ -407,7 +380,6 @@ def launch_args(
         "STAGES": cfg.stages,
         "GROUP_M": 8,
         "UNSIGNED": unsigned,
-        "DOUBLE": cfg.double,
         "HAS_LORA": r > 0,
         "HAS_BIAS": bias is not None,
         "num_warps": cfg.num_warps,
