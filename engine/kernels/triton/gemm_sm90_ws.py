@@ -43,6 +43,8 @@ sm_90 instructions) in tests/test_hopper_ws*.py.
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -58,10 +60,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from engine.kernels.triton import gemm_sm90
 from engine.kernels.triton.gemm_sm90 import A_UNIT, SIGNED_OFFSET, Sm90Weight
+
+logger = logging.getLogger(__name__)
 
 GROUP = gl.constexpr(64)  # channels per scale group (the kernels read it; ``.value`` is the int)
 MAX_RANK = 64
+MIN_M = 1025  # below, the FP8 kernel's small tiles fill the chip better (and nothing is modelled here)
 
 
 @dataclass(frozen=True)
@@ -99,9 +105,11 @@ class WsWeight:
 def prepare_weight(base: Sm90Weight) -> WsWeight:
     """This kernel's weight from the FP8 kernel's (shares w8 and wscales; adds wcorr in fp32,
     exact products of an integer <= 4096 and a scale, rounded once)."""
-    n, k = base.w8.shape
+    k = base.w8.shape[1]
     g = k // GROUP.value
-    colsum = base.w8.view(n, g, GROUP.value).float().sum(dim=2)  # integers, exact
+    colsum = torch.cat(  # integers, exact; 4096 rows at a time (no [N, K] fp32 copy)
+        [rows.view(-1, g, GROUP.value).float().sum(dim=2) for rows in base.w8.split(4096)]
+    )
     ws = base.wscales.t() * A_UNIT  # [N, G] the plain scales (2^9 undone, exact)
     wcorr = (-SIGNED_OFFSET * colsum * ws).t().contiguous()
     return WsWeight(base.w8, base.wscales, wcorr)
@@ -110,6 +118,18 @@ def prepare_weight(base: Sm90Weight) -> WsWeight:
 def supports(m: int, n: int, k: int, r: int, group: int) -> bool:
     """Whether a problem meets the TMA alignment and tile rules of this kernel."""
     return m % 4 == 0 and n % 4 == 0 and k % GROUP.value == 0 and group == GROUP.value and r <= MAX_RANK
+
+
+def serves_problem(ascales: torch.Tensor, n: int, k: int, r: int) -> bool:
+    """Whether the dispatch sends this problem here (group-major fp32 ascales, as quantize_act
+    returns them, M large enough for 128 x 128 tiles, the TMA rules)."""
+    m, g = ascales.shape
+    return (
+        m >= MIN_M
+        and ascales.dtype == torch.float32
+        and ascales.stride() == (1, m)
+        and supports(m, n, k, r, k // g if g else 0)
+    )
 
 
 @gluon.jit
@@ -409,3 +429,60 @@ def launch(
     args, kwargs, grid = launch_args(qx, ascales, weight, lora_act, proj_up, bias, out, unsigned=unsigned, cfg=cfg)
     w4a4_gemm_sm90_ws_kernel[grid](*args, **kwargs)
     return out
+
+
+def self_check(device: torch.device) -> bool:
+    """Whether the kernel is right on ``device``: every group's dot at its extreme codes exact
+    (as gemm_sm90.extreme_codes_exact), and a random problem with a low-rank branch and bias
+    against the FP8 kernel (its offset correction and low-rank product are ~2^-16 relative)."""
+    from engine.quant import pack_int4
+
+    g = torch.Generator().manual_seed(0)
+    m, n, k, r = 256, 256, 512, 32
+    ok = True
+    for unsigned in (False, True):
+        lo, hi = (0, 15) if unsigned else (-8, 7)
+        x = torch.randint(lo, hi + 1, (m, k), generator=g, dtype=torch.int8)
+        x[: m // 4] = hi
+        x[m // 4 : m // 2] = lo
+        w = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+        w[: n // 4] = -8
+        w[n // 4 : n // 2] = 7
+        ascales = torch.ones(k // 64, m, device=device).t()
+        base = gemm_sm90.prepare_weight(pack_int4(w).to(device), torch.ones(n, k // 64, device=device))
+        args = (pack_int4(x).to(device), ascales)
+        none = (torch.zeros(m, 0, device=device), torch.zeros(n, 0, device=device), None)
+        y = launch(*args, prepare_weight(base), *none, unsigned=unsigned, out_dtype=torch.float32)
+        ok &= torch.equal(y.cpu().double(), x.double() @ w.double().T)
+        sa = (torch.rand(k // 64, m, generator=g) + 0.5).to(device).t()
+        ws = (torch.rand(n, k // 64, generator=g) / 64 + 1e-3).to(device, torch.bfloat16)
+        base = gemm_sm90.prepare_weight(pack_int4(w).to(device), ws)
+        la = torch.randn(m, r, generator=g).to(device)
+        up = (torch.randn(n, r, generator=g) / 8).to(device, torch.bfloat16)
+        bias = torch.randn(n, generator=g).to(device, torch.bfloat16)
+        kw = {"unsigned": unsigned, "out_dtype": torch.float32}
+        y = launch(args[0], sa, prepare_weight(base), la, up, bias, **kw)
+        y_fp8 = gemm_sm90.launch(args[0], sa, base, la, up, bias, **kw)
+        ok &= bool(((y - y_fp8).abs().max() <= 1e-4 * y_fp8.abs().max()).item())
+    return ok
+
+
+@functools.cache
+def _serves(device: torch.device) -> bool:
+    try:
+        ok = self_check(device)
+    except Exception as exc:  # a first GPU run of a Gluon kernel: any failure means "do not use"
+        logger.warning("w4a4_gemm on %s: the warp-specialized kernel failed its self-check (%s: %s); "
+                       "using the FP8 kernel (gemm_sm90.py)", device, type(exc).__name__, exc)  # fmt: skip
+        return False
+    if not ok:
+        logger.warning("w4a4_gemm on %s: the warp-specialized kernel's results differ from the FP8 kernel's; "
+                       "using the FP8 kernel (gemm_sm90.py)", device)  # fmt: skip
+    return ok
+
+
+def serves(device: torch.device) -> bool:
+    """Whether this kernel serves ``device``: checked once per device (``self_check``, a few small
+    launches at the first call, i.e. setup's warm-up); a failure is logged and the FP8 kernel
+    serves instead."""
+    return _serves(device)
