@@ -29,8 +29,10 @@ def test_offset_term_is_minus_eight_times_the_group_column_sums():
     codes = unpack_int4(a["qweight"]).double().view(40, 4, 64)
     want = (-8 * codes.sum(dim=2) * a["wscales"].double()).t()
     assert w.w8 is base.w8 and w.wscales is base.wscales
-    assert w.wcorr.dtype == torch.float32 and w.wcorr.is_contiguous()
+    assert w.swc.dtype == torch.float32 and w.swc.is_contiguous() and w.swc.shape == (4, 20, 2, 2)
     torch.testing.assert_close(w.wcorr.double(), want, rtol=2**-24, atol=0)
+    # the interleaved scales are the FP8 kernel's (times 2^9), column pair by column pair
+    assert torch.equal(w.swc[:, :, 0].reshape(4, 40), base.wscales)
 
 
 def _route(monkeypatch, serves: bool = True) -> list:

@@ -44,7 +44,7 @@ from perfmodel.hopper_ws import compile_gluon
 from perfmodel.launches import _meta
 m, k, n, r, unsigned = json.loads(sys.argv[1])
 g = k // 64
-w = ws.WsWeight(_meta(n, k, dtype=torch.float8_e4m3fn), _meta(g, n, dtype=torch.float32), _meta(g, n, dtype=torch.float32))
+w = ws.WsWeight(_meta(n, k, dtype=torch.float8_e4m3fn), _meta(g, n, dtype=torch.float32), _meta(g, n // 2, 2, 2, dtype=torch.float32))
 args, kwargs, grid = ws.launch_args(_meta(m, k // 2, dtype=torch.uint8), _meta(g, m, dtype=torch.float32).t(), w,
     _meta(m, r, dtype=torch.float32), _meta(n, r), _meta(n), _meta(m, n, dtype=torch.float32), unsigned=unsigned)
 kernel = compile_gluon(ws.w4a4_gemm_sm90_ws_kernel, args, kwargs)
@@ -85,7 +85,7 @@ def run_ws(info: dict, inputs: dict, unsigned: bool, ptx: str | None = None, sch
     g = K // 64
     sa = inputs["ascales"].t().contiguous()  # [G, M] (group-major storage)
     x_addr, w_addr = put("qx", inputs["qx"]), put("w8", weight.w8)
-    sa_addr, sw_addr, wc_addr = put("ascales", sa), put("wscales", weight.wscales), put("wcorr", weight.wcorr)
+    sa_addr, sw_addr, wc_addr = put("ascales", sa), put("wscales", weight.wscales), put("swc", weight.swc)
     la_addr, up_addr = put("lora_act", inputs["lora_act"]), put("proj_up", inputs["proj_up"])
     b_addr = put("bias", inputs["bias"])
     out_addr = mem.alloc("out", M * N * 4)
@@ -95,7 +95,7 @@ def run_ws(info: dict, inputs: dict, unsigned: bool, ptx: str | None = None, sch
         "w": TensorMap(w_addr, 1, (K, N), (1, K), (32, cfg.block_n), 32),
         "sa": TensorMap(sa_addr, 4, (g * M,), (4,), (cfg.block_m,)),
         "sw": TensorMap(sw_addr, 4, (g * N,), (4,), (cfg.block_n,)),
-        "wc": TensorMap(wc_addr, 4, (g * N,), (4,), (cfg.block_n,)),
+        "wc": TensorMap(wc_addr, 4, (2 * g * N,), (4,), (2 * cfg.block_n,)),
     }
     handles = {name: (1 << 60) + 128 * i for i, name in enumerate(maps)}
     args = [
@@ -103,7 +103,7 @@ def run_ws(info: dict, inputs: dict, unsigned: bool, ptx: str | None = None, sch
         handles["w"], N, K, K, 1,
         handles["sa"], g * M, 1,
         handles["sw"], g * N, 1,
-        handles["wc"], g * N, 1,
+        handles["wc"], 2 * g * N, 1,
         la_addr, up_addr, b_addr, out_addr,
         M, N, K, R, R, R, N,
     ]  # fmt: skip

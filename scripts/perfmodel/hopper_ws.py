@@ -55,7 +55,7 @@ def ws_launch(m: int, k: int, n: int, unsigned: bool, cfg: gemm_sm90_ws.WsConfig
     """(args, kwargs) of the Gluon kernel as its launcher builds them, on meta tensors."""
     g = k // 64
     weight = gemm_sm90_ws.WsWeight(
-        _meta(n, k, dtype=torch.float8_e4m3fn), _meta(g, n, dtype=torch.float32), _meta(g, n, dtype=torch.float32)
+        _meta(n, k, dtype=torch.float8_e4m3fn), _meta(g, n, dtype=torch.float32), _meta(g, n // 2, 2, 2, dtype=torch.float32)
     )
     args, kwargs, _ = gemm_sm90_ws.launch_args(
         _meta(m, k // 2, dtype=torch.uint8),
@@ -154,7 +154,7 @@ def ws_static(m: int, k: int, n: int, unsigned: bool, cfg: gemm_sm90_ws.WsConfig
 def group_bytes(e: dict) -> int:
     """TMA bytes per group and CTA: codes, both e4m3 weight halves, the scale vectors."""
     bm, bn = e["config"]["block_m"], e["config"]["block_n"]
-    return bm * 32 + bn * 64 + 4 * bm + 4 * bn * (1 if e["unsigned"] else 2)
+    return bm * 32 + bn * 64 + 4 * bm + 4 * bn * (1 if e["unsigned"] else 2)  # + the offsets if signed
 
 
 def ws_model(e: dict, l2: float, act_us: float) -> dict:
@@ -219,15 +219,14 @@ def gate_failures(static: list[dict]) -> list[str]:
             bad.append(f"{tag}: barriers per group {e['loop_bar_sync']} over {e['loop_bar_threads']} (not one warpgroup)")
         if e["loop_shared_stores"]:
             bad.append(f"{tag}: shared stores in the main loop")
-        want_tma = 5 if e["unsigned"] else 6
-        if e["producer_tma"] != want_tma:
-            bad.append(f"{tag}: {e['producer_tma']} TMA loads per group, not {want_tma}")
+        if e["producer_tma"] != 5:  # codes, two weight halves, ascales, weight scales (+ offsets)
+            bad.append(f"{tag}: {e['producer_tma']} TMA loads per group, not 5")
         if e["consumer_sass"] > MAX_CONSUMER_SASS:
             bad.append(f"{tag}: {e['consumer_sass']} consumer SASS per group > {MAX_CONSUMER_SASS}")
     return bad
 
 
-MAX_CONSUMER_SASS = 215
+MAX_CONSUMER_SASS = 200
 
 
 def markdown(static: list[dict], rows: list[dict], base: list[dict], l2: float) -> str:

@@ -90,29 +90,39 @@ CONFIG = WsConfig()
 
 @dataclass(frozen=True)
 class WsWeight:
-    """The e4m3 weight of ``gemm_sm90.prepare_weight`` plus this kernel's fp32 offset term.
+    """The e4m3 weight of ``gemm_sm90.prepare_weight`` plus this kernel's scale layout.
 
-    w8      float8_e4m3fn [N, K]  per group the 32 even channels then the 32 odd
-    wscales fp32 [G, N]           the group scales times 2^9
-    wcorr   fp32 [G, N]           -8 * sum_k code[n, k] * wscale[n, g] over each group
+    w8      float8_e4m3fn [N, K]     per group the 32 even channels then the 32 odd
+    wscales fp32 [G, N]              the group scales times 2^9 (read for unsigned activations)
+    swc     fp32 [G, N / 2, 2, 2]    per group and column pair (2p, 2p + 1): the two scales (times
+                                     2^9), then the two offset terms -8 * sum_k code[n, k] *
+                                     wscale[n, g] (read for signed activations: one 16-byte load
+                                     gives a thread both columns' scale and offset)
     """
 
     w8: torch.Tensor
     wscales: torch.Tensor
-    wcorr: torch.Tensor
+    swc: torch.Tensor
+
+    @property
+    def wcorr(self) -> torch.Tensor:
+        """The offset terms as [G, N]."""
+        g, half = self.swc.shape[:2]
+        return self.swc[:, :, 1].reshape(g, 2 * half)
 
 
 def prepare_weight(base: Sm90Weight) -> WsWeight:
-    """This kernel's weight from the FP8 kernel's (shares w8 and wscales; adds wcorr in fp32,
+    """This kernel's weight from the FP8 kernel's (shares w8 and wscales; the offset terms in fp32,
     exact products of an integer <= 4096 and a scale, rounded once)."""
-    k = base.w8.shape[1]
+    n, k = base.w8.shape
     g = k // GROUP.value
     colsum = torch.cat(  # integers, exact; 4096 rows at a time (no [N, K] fp32 copy)
         [rows.view(-1, g, GROUP.value).float().sum(dim=2) for rows in base.w8.split(4096)]
     )
     ws = base.wscales.t() * A_UNIT  # [N, G] the plain scales (2^9 undone, exact)
-    wcorr = (-SIGNED_OFFSET * colsum * ws).t().contiguous()
-    return WsWeight(base.w8, base.wscales, wcorr)
+    wcorr = (-SIGNED_OFFSET * colsum * ws).t()  # [G, N]
+    swc = torch.stack([base.wscales.view(g, n // 2, 2), wcorr.reshape(g, n // 2, 2)], dim=2)
+    return WsWeight(base.w8, base.wscales, swc.contiguous())
 
 
 def supports(m: int, n: int, k: int, r: int, group: int) -> bool:
@@ -176,17 +186,28 @@ def _producer(x_desc, w_desc, sa_desc, sw_desc, wc_desc, x_s, wlo_s, whi_s, sa_s
         tma.async_copy_global_to_shared(w_desc, [off_n, g * GROUP], bar, wlo_s.index(s))
         tma.async_copy_global_to_shared(w_desc, [off_n, g * GROUP + HALF], bar, whi_s.index(s))
         tma.async_copy_global_to_shared(sa_desc, [g * M + off_m], bar, sa_s.index(s))
-        tma.async_copy_global_to_shared(sw_desc, [g * N + off_n], bar, sw_s.index(s))
-        if not UNSIGNED:
-            tma.async_copy_global_to_shared(wc_desc, [g * N + off_n], bar, wc_s.index(s))
+        if UNSIGNED:
+            tma.async_copy_global_to_shared(sw_desc, [g * N + off_n], bar, sw_s.index(s))
+        else:  # the weight scales and offsets interleaved: one box of 2 * BN
+            tma.async_copy_global_to_shared(wc_desc, [2 * (g * N + off_n)], bar, wc_s.index(s))
 
 
 @gluon.jit
 def _scales(wg, sa_s, sw_s, wc_s, s, ACC: gl.constexpr, UNSIGNED: gl.constexpr):
     """The group's scale vectors from its ring slot (wc: the offset term; sw again if unsigned)."""
     sa = sa_s.index(s).slice(wg * 64, 64).load(gl.SliceLayout(1, ACC))
-    sw = sw_s.index(s).load(gl.SliceLayout(0, ACC))
-    wc = sw if UNSIGNED else wc_s.index(s).load(gl.SliceLayout(0, ACC))
+    if UNSIGNED:
+        sw = sw_s.index(s).load(gl.SliceLayout(0, ACC))
+        wc = sw
+    else:
+        # (sw[2p], sw[2p+1], wc[2p], wc[2p+1]) for the column pair p a thread holds: one 16-byte load
+        BN: gl.constexpr = sw_s.shape[1]
+        QUAD: gl.constexpr = gl.BlockedLayout([1, 2, 2], [4, 8, 1], [1, 4, 1], [0, 2, 1])
+        q = wc_s.index(s).reshape([BN // 2, 2, 2]).load(QUAD)  # [pair, (sw, wc), column in pair]
+        q = gl.reshape(gl.permute(q, (0, 2, 1)), [BN, 2])
+        sw, wc = gl.split(q)
+        sw = gl.convert_layout(sw, gl.SliceLayout(0, ACC))
+        wc = gl.convert_layout(wc, gl.SliceLayout(0, ACC))
     return sa, sw, wc
 
 
@@ -272,7 +293,7 @@ def w4a4_gemm_sm90_ws_kernel(
     w_desc,  # TMA: w8 e4m3 [N, K], box [BN, 32]
     sa_desc,  # TMA: ascales as one vector [G * M] (group-major), box [BM]
     sw_desc,  # TMA: wscales (times 2^9) as [G * N], box [BN]
-    wc_desc,  # TMA: wcorr as [G * N], box [BN] (read for signed activations)
+    wc_desc,  # TMA: swc as [G * N * 2], box [2 * BN] (read for signed activations)
     lora_ptr,  # f32 [M, R]
     up_ptr,  # [N, R]
     bias_ptr,  # [N]
@@ -309,7 +330,7 @@ def w4a4_gemm_sm90_ws_kernel(
     whi_s = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BN, HALF], w_desc.layout)
     sa_s = gl.allocate_shared_memory(gl.float32, [STAGES, BM], sa_desc.layout)
     sw_s = gl.allocate_shared_memory(gl.float32, [STAGES, BN], sw_desc.layout)
-    wc_s = gl.allocate_shared_memory(gl.float32, [STAGES, BN], wc_desc.layout)
+    wc_s = gl.allocate_shared_memory(gl.float32, [STAGES, 2 * BN], wc_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -360,7 +381,7 @@ def descriptors(qx: torch.Tensor, ascales: torch.Tensor, weight: WsWeight, cfg: 
         TensorDescriptor(weight.w8, [n, k], [k, 1], [bn, half], w_layout),
         vec(sa, bm),
         vec(weight.wscales, bn),
-        vec(weight.wcorr, bn),
+        vec(weight.swc, 2 * bn),
     )
 
 
