@@ -23,16 +23,20 @@ TOL = {"rtol": 2e-3, "atol": 2e-3}
 def test_offset_term_is_minus_eight_times_the_group_column_sums():
     """wcorr[g, n] = -8 * sum over group g of weight codes * wscale[n, g] (from the plain codes),
     and the shared e4m3 weight and scales are the FP8 kernel's own."""
-    a = gemm_inputs(3, 256, 40, 0, device="cpu")
+    a = gemm_inputs(3, 256, 48, 0, device="cpu")
     base = gemm_sm90.prepare_weight(a["qweight"], a["wscales"])
     w = gemm_sm90_ws.prepare_weight(base)
-    codes = unpack_int4(a["qweight"]).double().view(40, 4, 64)
+    codes = unpack_int4(a["qweight"]).double().view(48, 4, 64)
     want = (-8 * codes.sum(dim=2) * a["wscales"].double()).t()
-    assert w.w8 is base.w8 and w.wscales is base.wscales
-    assert w.swc.dtype == torch.float32 and w.swc.is_contiguous() and w.swc.shape == (4, 20, 2, 2)
+    assert w.w8 is base.w8
+    assert w.swc.dtype == torch.float32 and w.swc.is_contiguous() and w.swc.shape == (4, 24, 2, 2)
     torch.testing.assert_close(w.wcorr.double(), want, rtol=2**-24, atol=0)
     # the interleaved scales are the FP8 kernel's (times 2^9), column pair by column pair
-    assert torch.equal(w.swc[:, :, 0].reshape(4, 40), base.wscales)
+    assert torch.equal(w.swc[:, :, 0].reshape(4, 48), base.wscales)
+    # the unsigned path's: column 16 jj + 8 j2 + 2 q + c at [g, jj, q, j2, c]
+    g, jj, q, j2, c = 3, 2, 1, 1, 0
+    assert w.wscales[g, jj, q, j2, c] == base.wscales[g, 16 * jj + 8 * j2 + 2 * q + c]
+    assert torch.equal(w.wscales.transpose(2, 3).reshape(4, 48), base.wscales)
 
 
 def _route(monkeypatch, serves: bool = True) -> list:
@@ -59,7 +63,7 @@ def _route(monkeypatch, serves: bool = True) -> list:
 
 def _inputs(m: int) -> dict:
     """GEMM inputs with group-major ascales (strides (1, M)), as quantize_act returns them."""
-    a = gemm_inputs(m, 128, 24, 4, device=DEVICE)
+    a = gemm_inputs(m, 128, 32, 4, device=DEVICE)
     a["ascales"] = a["ascales"].t().contiguous().t()
     return a
 
@@ -115,3 +119,4 @@ def test_supports_the_flux_shapes():
     assert not gemm_sm90_ws.supports(4353, 3072, 3072, 32, 64)  # ascales rows 16-byte aligned
     assert not gemm_sm90_ws.supports(4352, 3072, 3072, 96, 64)  # the low-rank tile
     assert not gemm_sm90_ws.supports(4352, 3072, 3072, 32, 128)  # one group per ring slot
+    assert not gemm_sm90_ws.supports(4352, 3080, 3072, 32, 64)  # the scale layouts: N % 16

@@ -10,7 +10,7 @@ broken variant (the slot released before the MMA wait) shows that this is caught
 
 Inputs are exact (power-of-two scales, small integer codes and low-rank factors), so every
 product and sum is exact in fp32 in both the kernel and the reference: the comparison is exact.
-Shapes: M = 100 (one tile of 128 rows, partly empty), N = 136 (two column tiles, the second
+Shapes: M = 100 (one tile of 128 rows, partly empty), N = 144 (two column tiles, the second
 mostly past N), K = 384 (six groups through a four-slot ring, so slots are reused), rank 20
 (masked to 32), signed and unsigned activations.
 """
@@ -33,7 +33,7 @@ from .ptx_sm90 import TensorMap
 from .test_ptx_exec_triton import exact_gemm_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
-M, N, K, R = 100, 136, 384, 20
+M, N, K, R = 100, 144, 384, 20
 
 _COMPILE = """
 import json, sys
@@ -44,7 +44,8 @@ from perfmodel.hopper_ws import compile_gluon
 from perfmodel.launches import _meta
 m, k, n, r, unsigned = json.loads(sys.argv[1])
 g = k // 64
-w = ws.WsWeight(_meta(n, k, dtype=torch.float8_e4m3fn), _meta(g, n, dtype=torch.float32), _meta(g, n // 2, 2, 2, dtype=torch.float32))
+w = ws.WsWeight(_meta(n, k, dtype=torch.float8_e4m3fn), _meta(g, n // 16, 4, 2, 2, dtype=torch.float32),
+                _meta(g, n // 2, 2, 2, dtype=torch.float32))
 args, kwargs, grid = ws.launch_args(_meta(m, k // 2, dtype=torch.uint8), _meta(g, m, dtype=torch.float32).t(), w,
     _meta(m, r, dtype=torch.float32), _meta(n, r), _meta(n), _meta(m, n, dtype=torch.float32), unsigned=unsigned)
 kernel = compile_gluon(ws.w4a4_gemm_sm90_ws_kernel, args, kwargs)

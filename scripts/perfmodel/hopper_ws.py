@@ -55,7 +55,9 @@ def ws_launch(m: int, k: int, n: int, unsigned: bool, cfg: gemm_sm90_ws.WsConfig
     """(args, kwargs) of the Gluon kernel as its launcher builds them, on meta tensors."""
     g = k // 64
     weight = gemm_sm90_ws.WsWeight(
-        _meta(n, k, dtype=torch.float8_e4m3fn), _meta(g, n, dtype=torch.float32), _meta(g, n // 2, 2, 2, dtype=torch.float32)
+        _meta(n, k, dtype=torch.float8_e4m3fn),
+        _meta(g, n // 16, 4, 2, 2, dtype=torch.float32),
+        _meta(g, n // 2, 2, 2, dtype=torch.float32),
     )
     args, kwargs, _ = gemm_sm90_ws.launch_args(
         _meta(m, k // 2, dtype=torch.uint8),

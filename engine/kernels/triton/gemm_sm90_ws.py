@@ -36,7 +36,7 @@ correction) into the accumulator before the main loop, while the producer fills 
 and store after it.
 
 Launch requirements (``supports``): M % 4 == 0 (the group-major ascales rows are TMA rows,
-16-byte aligned), K % 64 == 0, N % 4 == 0, group 64, rank <= MAX_RANK. Modelled in
+16-byte aligned), K % 64 == 0, N % 16 == 0 (the scale layouts), group 64, rank <= MAX_RANK. Modelled in
 scripts/perfmodel/hopper_ws.py; compiled, gated and executed (through the PTX interpreter's
 sm_90 instructions) in tests/test_hopper_ws*.py.
 """
@@ -93,7 +93,9 @@ class WsWeight:
     """The e4m3 weight of ``gemm_sm90.prepare_weight`` plus this kernel's scale layout.
 
     w8      float8_e4m3fn [N, K]     per group the 32 even channels then the 32 odd
-    wscales fp32 [G, N]              the group scales times 2^9 (read for unsigned activations)
+    wscales fp32 [G, N / 16, 4, 2, 2] the group scales times 2^9, column 16 jj + 8 j2 + 2 q + c at
+                                     [g, jj, q, j2, c] (read for unsigned activations: a thread's
+                                     four columns of each 16 in one 16-byte load)
     swc     fp32 [G, N / 2, 2, 2]    per group and column pair (2p, 2p + 1): the two scales (times
                                      2^9), then the two offset terms -8 * sum_k code[n, k] *
                                      wscale[n, g] (read for signed activations: one 16-byte load
@@ -112,8 +114,8 @@ class WsWeight:
 
 
 def prepare_weight(base: Sm90Weight) -> WsWeight:
-    """This kernel's weight from the FP8 kernel's (shares w8 and wscales; the offset terms in fp32,
-    exact products of an integer <= 4096 and a scale, rounded once)."""
+    """This kernel's weight from the FP8 kernel's (shares w8; the scales rearranged; the offset
+    terms in fp32, exact products of an integer <= 4096 and a scale, rounded once)."""
     n, k = base.w8.shape
     g = k // GROUP.value
     colsum = torch.cat(  # integers, exact; 4096 rows at a time (no [N, K] fp32 copy)
@@ -122,12 +124,13 @@ def prepare_weight(base: Sm90Weight) -> WsWeight:
     ws = base.wscales.t() * A_UNIT  # [N, G] the plain scales (2^9 undone, exact)
     wcorr = (-SIGNED_OFFSET * colsum * ws).t()  # [G, N]
     swc = torch.stack([base.wscales.view(g, n // 2, 2), wcorr.reshape(g, n // 2, 2)], dim=2)
-    return WsWeight(base.w8, base.wscales, swc.contiguous())
+    sw4 = base.wscales.view(g, n // 16, 2, 4, 2).transpose(2, 3)
+    return WsWeight(base.w8, sw4.contiguous(), swc.contiguous())
 
 
 def supports(m: int, n: int, k: int, r: int, group: int) -> bool:
     """Whether a problem meets the TMA alignment and tile rules of this kernel."""
-    return m % 4 == 0 and n % 4 == 0 and k % GROUP.value == 0 and group == GROUP.value and r <= MAX_RANK
+    return m % 4 == 0 and n % 16 == 0 and k % GROUP.value == 0 and group == GROUP.value and r <= MAX_RANK
 
 
 def serves_problem(ascales: torch.Tensor, n: int, k: int, r: int) -> bool:
@@ -197,7 +200,11 @@ def _scales(wg, sa_s, sw_s, wc_s, s, ACC: gl.constexpr, UNSIGNED: gl.constexpr):
     """The group's scale vectors from its ring slot (wc: the offset term; sw again if unsigned)."""
     sa = sa_s.index(s).slice(wg * 64, 64).load(gl.SliceLayout(1, ACC))
     if UNSIGNED:
-        sw = sw_s.index(s).load(gl.SliceLayout(0, ACC))
+        # columns 16 jj + 8 j2 + 2 q + c, stored [jj][q][j2][c]: a thread's four in 16 bytes
+        BN: gl.constexpr = sw_s.shape[1]
+        QUAD4: gl.constexpr = gl.BlockedLayout([1, 1, 2, 2], [1, 4, 8, 1], [1, 1, 4, 1], [1, 3, 2, 0])
+        sw = sw_s.index(s).reshape([BN // 16, 4, 2, 2]).load(QUAD4)
+        sw = gl.convert_layout(gl.reshape(gl.permute(sw, (0, 2, 1, 3)), [BN]), gl.SliceLayout(0, ACC))
         wc = sw
     else:
         # (sw[2p], sw[2p+1], wc[2p], wc[2p+1]) for the column pair p a thread holds: one 16-byte load
