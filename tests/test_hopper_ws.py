@@ -120,3 +120,34 @@ def test_supports_the_flux_shapes():
     assert not gemm_sm90_ws.supports(4352, 3072, 3072, 96, 64)  # the low-rank tile
     assert not gemm_sm90_ws.supports(4352, 3072, 3072, 32, 128)  # one group per ring slot
     assert not gemm_sm90_ws.supports(4352, 3080, 3072, 32, 64)  # the scale layouts: N % 16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broken", [False, True])
+def test_self_check_passes_a_right_kernel_and_fails_a_wrong_one(monkeypatch, broken):
+    """self_check with the ws launch standing in as the FP8 kernel (right) or as the FP8 kernel
+    with one weight code changed (wrong: the extreme-codes product then differs)."""
+    real = gemm_sm90.launch
+
+    def stand_in(qx, ascales, weight, *rest, **kw):
+        w8 = weight.w8.clone()
+        if broken:
+            w8[0, 0] = torch.tensor(float(w8[0, 0].float()) + 1).to(w8.dtype)
+        n, k = w8.shape
+        base = gemm_sm90.Sm90Weight(w8, weight.swc[:, :, 0].reshape(k // 64, n), torch.zeros(2, k // 64, n))
+        if kw["unsigned"]:
+            return real(qx, ascales, base, *rest, **kw)
+        # the FP8 kernel's own offset correction needs its bf16 halves: recompute them from the codes
+        return real(qx, ascales, gemm_sm90.prepare_weight(*_plain(w8, base.wscales)), *rest, **kw)
+
+    monkeypatch.setattr(gemm_sm90_ws, "launch", stand_in)
+    assert gemm_sm90_ws.self_check(torch.device(DEVICE)) is not broken
+
+
+def _plain(w8: torch.Tensor, wscales: torch.Tensor) -> tuple:
+    """e4m3 codes (even channels then odd, per group) and scales x 2^9 -> packed codes, scales."""
+    from engine.quant import pack_int4
+
+    n, k = w8.shape
+    codes = w8.float().view(n, k // 64, 2, 32).transpose(2, 3).reshape(n, k).to(torch.int8)
+    return pack_int4(codes), (wscales.t() * gemm_sm90.A_UNIT)

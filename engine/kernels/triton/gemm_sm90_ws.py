@@ -466,7 +466,7 @@ def self_check(device: torch.device) -> bool:
     from engine.quant import pack_int4
 
     g = torch.Generator().manual_seed(0)
-    m, n, k, r = 256, 256, 512, 32
+    m, n, k, r = 128, 144, 256, 32  # two column tiles, the second partial; four groups
     ok = True
     for unsigned in (False, True):
         lo, hi = (0, 15) if unsigned else (-8, 7)
