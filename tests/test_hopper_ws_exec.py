@@ -33,7 +33,8 @@ from .ptx_sm90 import TensorMap
 from .test_ptx_exec_triton import exact_gemm_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
-M, N, K, R = 100, 144, 384, 20
+SHAPE = (100, 144, 384, 20)  # M, N, K, R
+SMALL = (128, 128, 128, 0)  # whole tiles, two groups (fewer than the ring's slots), no low-rank branch
 
 _COMPILE = """
 import json, sys
@@ -42,26 +43,30 @@ import torch
 from engine.kernels.triton import gemm_sm90_ws as ws
 from perfmodel.hopper_ws import compile_gluon
 from perfmodel.launches import _meta
-m, k, n, r, unsigned = json.loads(sys.argv[1])
+m, k, n, r, unsigned, bias = json.loads(sys.argv[1])
 g = k // 64
 w = ws.WsWeight(_meta(n, k, dtype=torch.float8_e4m3fn), _meta(g, n // 16, 4, 2, 2, dtype=torch.float32),
                 _meta(g, n // 2, 2, 2, dtype=torch.float32))
 args, kwargs, grid = ws.launch_args(_meta(m, k // 2, dtype=torch.uint8), _meta(g, m, dtype=torch.float32).t(), w,
-    _meta(m, r, dtype=torch.float32), _meta(n, r), _meta(n), _meta(m, n, dtype=torch.float32), unsigned=unsigned)
+    _meta(m, r, dtype=torch.float32), _meta(n, r), _meta(n) if bias else None, _meta(m, n, dtype=torch.float32),
+    unsigned=unsigned)
 kernel = compile_gluon(ws.w4a4_gemm_sm90_ws_kernel, args, kwargs)
 fn = ws.w4a4_gemm_sm90_ws_kernel
-const = [name for name, p in zip(fn.arg_names, fn.params) if p.is_constexpr]
+runtime = [name for name, p, a in zip(fn.arg_names, fn.params, args)
+           if not p.is_constexpr and not (isinstance(a, int) and a == 1)]
 print(json.dumps({"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared, "grid": grid,
-                  "threads": kernel.metadata.num_warps * 32, "constexprs": const}))
+                  "threads": kernel.metadata.num_warps * 32, "runtime_args": runtime}))
 """
 
 
-def compile_ws(unsigned: bool) -> dict:
-    """The kernel's PTX for sm_90 at the test shape (a child process: no TRITON_INTERPRET)."""
+def compile_ws(shape: tuple, unsigned: bool, bias: bool = True) -> dict:
+    """The kernel's PTX for sm_90 at ``shape`` (a child process: no TRITON_INTERPRET), and the
+    kernel arguments that stay runtime parameters (Triton makes integers equal to 1 constants)."""
+    m, n, k, r = shape
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     res = subprocess.run(
-        [sys.executable, "-c", _COMPILE, json.dumps([M, K, N, R, unsigned])],
+        [sys.executable, "-c", _COMPILE, json.dumps([m, k, n, r, unsigned, bias])],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
@@ -70,11 +75,11 @@ def compile_ws(unsigned: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def compiled() -> dict:
-    return {u: compile_ws(u) for u in (False, True)}
+    return {u: compile_ws(SHAPE, u) for u in (False, True)}
 
 
 def run_ws(info: dict, inputs: dict, unsigned: bool, ptx: str | None = None, schedule: str = "lowest_pc"):
-    """Execute the compiled kernel on ``inputs``: (findings, output)."""
+    """Execute the compiled kernel on ``inputs``: (findings, output, bytes of it written)."""
     from engine.kernels.triton import gemm_sm90, gemm_sm90_ws
 
     weight = gemm_sm90_ws.prepare_weight(gemm_sm90.prepare_weight(inputs["qweight"], inputs["wscales"]))
@@ -83,13 +88,15 @@ def run_ws(info: dict, inputs: dict, unsigned: bool, ptx: str | None = None, sch
     def put(name: str, t: torch.Tensor) -> int:
         return mem.alloc(name, t.contiguous().view(-1).view(torch.uint8).numpy(), readonly=True)
 
+    M, K = inputs["qx"].shape[0], 2 * inputs["qx"].shape[1]
+    N, R = inputs["qweight"].shape[0], inputs["lora_act"].shape[1]
     g = K // 64
     sa = inputs["ascales"].t().contiguous()  # [G, M] (group-major storage)
     x_addr, w_addr = put("qx", inputs["qx"]), put("w8", weight.w8)
     sa_addr, sw_addr, wc_addr = put("ascales", sa), put("wscales", weight.wscales), put("swc", weight.swc)
     la_addr, up_addr = put("lora_act", inputs["lora_act"]), put("proj_up", inputs["proj_up"])
-    b_addr = put("bias", inputs["bias"])
     out_addr = mem.alloc("out", M * N * 4)
+    b_addr = put("bias", inputs["bias"]) if inputs["bias"] is not None else out_addr
     cfg = gemm_sm90_ws.CONFIG
     maps = {
         "x": TensorMap(x_addr, 1, (K // 2, M), (1, K // 2), (32, cfg.block_m), 32),
@@ -99,15 +106,17 @@ def run_ws(info: dict, inputs: dict, unsigned: bool, ptx: str | None = None, sch
         "wc": TensorMap(wc_addr, 4, (2 * g * N,), (4,), (2 * cfg.block_n,)),
     }
     handles = {name: (1 << 60) + 128 * i for i, name in enumerate(maps)}
-    args = [
-        handles["x"], M, K // 2, K // 2, 1,
-        handles["w"], N, K, K, 1,
-        handles["sa"], g * M, 1,
-        handles["sw"], g * N, 1,
-        handles["wc"], 2 * g * N, 1,
-        la_addr, up_addr, b_addr, out_addr,
-        M, N, K, R, R, R, N,
-    ]  # fmt: skip
+    # a tensor descriptor is its map, its sizes and its strides (outermost first)
+    desc = {
+        "x_desc": [handles["x"], M, K // 2, K // 2, 1],
+        "w_desc": [handles["w"], N, K, K, 1],
+        "sa_desc": [handles["sa"], g * M, 1],
+        "sw_desc": [handles["sw"], g * N, 1],
+        "wc_desc": [handles["wc"], 2 * g * N, 1],
+    }
+    value = {"lora_ptr": la_addr, "up_ptr": up_addr, "bias_ptr": b_addr, "out_ptr": out_addr, "M": M, "N": N,
+             "K": K, "R": R, "stride_lm": R, "stride_un": R, "stride_om": N}  # fmt: skip
+    args = [x for name in info["runtime_args"] for x in desc.get(name, [value.get(name)])]
     kernel = parse(ptx or info["ptx"])
     args += [0] * (len(kernel.params) - len(args))  # Triton's scratch pointers (unused here)
     findings = launch(kernel, mem, args, (info["grid"][0], 1, 1), info["threads"], info["shared"],
@@ -130,7 +139,8 @@ def _want(inputs: dict, unsigned: bool) -> torch.Tensor:
 def test_compiled_ws_kernel_matches_reference(compiled, unsigned, schedule):
     """Exact against the reference, with the consumers first (the producer one slot ahead) and
     with the producer first (the ring full, every slot refilled as soon as it is freed)."""
-    inputs = exact_gemm_inputs(M, K, N, R, unsigned)
+    m, n, k, r = SHAPE
+    inputs = exact_gemm_inputs(m, k, n, r, unsigned)
     findings, out, written = run_ws(compiled[unsigned], inputs, unsigned, schedule=schedule)
     assert not findings, findings.report()
     assert written.all(), f"{int((~written).sum())} output bytes never written"
@@ -150,6 +160,21 @@ def test_slot_released_before_the_mma_wait_is_caught(compiled):
     for a in arrives:  # move each release just before the wgmma wait that precedes it
         w = max(i for i in waits if i < a)
         lines.insert(w, lines.pop(a))
-    inputs = exact_gemm_inputs(M, K, N, R, False)
+    m, n, k, r = SHAPE
+    inputs = exact_gemm_inputs(m, k, n, r, False)
     _, out, _ = run_ws(compiled[False], inputs, False, ptx="\n".join(lines), schedule="high_warpgroup_first")
     assert not torch.equal(out, _want(inputs, False))
+
+
+@pytest.mark.slow
+def test_compiled_ws_kernel_without_low_rank_or_bias():
+    """Rank 0 and no bias (their branches compiled out), whole tiles, two groups through the
+    four-slot ring (the producer stops early)."""
+    m, n, k, r = SMALL
+    inputs = exact_gemm_inputs(m, k, n, r, False)
+    inputs["bias"] = None
+    info = compile_ws(SMALL, False, bias=False)
+    findings, out, written = run_ws(info, inputs, False, schedule="high_warpgroup_first")
+    assert not findings, findings.report()
+    assert written.all()
+    assert torch.equal(out, _want(inputs, False))
