@@ -65,3 +65,4 @@ def test_ws_model_beats_the_fp8_kernel_on_every_flux_shape(tmp_path):
         ws = rows[(r["k"], r["n"], r["unsigned"])]
         assert ws["gemm_us"] < r["gemm_us"], (ws, r)
         assert ws["bound"] in ("chain", "issue", "tensor", "L2")
+        assert ws["ring_covers_latency"], ws  # the chain's satisfied mbarrier wait holds

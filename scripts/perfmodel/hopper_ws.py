@@ -10,6 +10,9 @@ holds one warp of each consumer warpgroup, one of them also the producer warp, s
 - issue: 2 x consumer SASS + producer SASS on the busiest scheduler;
 - tensor: both warpgroups' MMAs (the tensor cores are the SM's);
 - L2: the group's TMA bytes (codes, e4m3 weights, scale vectors) at the calibrated L2 -> SM rate;
+  the consumer's mbarrier wait is taken as satisfied (a shared-memory read), which holds while
+  the ring's other slots cover a load's latency ((stages - 1) x the group's time >= MEM_LAT,
+  reported per shape as ``ring_covers_latency``);
 
 and the group costs the largest of them, as in perfmodel.hopper (the two warpgroups run out of
 step, so one's scaling hides the other's MMA: the chain binds only if longer than both).
@@ -36,7 +39,7 @@ from triton.backends.nvidia.compiler import CUDABackend
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from engine.kernels.triton import gemm_sm90, gemm_sm90_ws
-from perfmodel.chain import MACS_PER_CLK, simulate
+from perfmodel.chain import MACS_PER_CLK, MEM_LAT, simulate
 from perfmodel.devices import H100
 from perfmodel.hopper import FLUX_SHAPES, TARGET_VS_BF16, act_times, sm90_model, sm90_report
 from perfmodel.hopper_calibration import DEFAULT_L2, calibrate
@@ -205,6 +208,8 @@ def ws_model(e: dict, l2: float, act_us: float) -> dict:
         "act_floor_us": act_floor_us,
         "linear_vs_bf16_act_floor": bf16_us / (act_floor_us + gemm_us),
         "l2_bytes_per_group_cta": group_bytes(e),
+        # the chain takes the mbarrier wait as satisfied: the producer must stay a load ahead
+        "ring_covers_latency": (e["config"]["stages"] - 1) * per_group >= MEM_LAT,
     }
 
 

@@ -7,13 +7,13 @@ own pipeliner that kernel's loop is one serial chain per CTA (each MMA waited on
 issued, cp.async waits and CTA barriers per group); here the roles are split so that nothing in
 the main loop waits on the whole CTA:
 
-- one producer warp (``_producer``) issues, per 64-channel group, the TMA loads of the packed
+- one producer warp (``_producer``) issues, per 64-channel group, five TMA loads: the packed
   activation tile [BM, 32] u8, the group's two e4m3 weight tiles [BN, 32] (even and odd
-  channels), and the group's scale vectors (activation scales [BM] from the group-major
-  ascales, weight scales [BN], and for signed activations the offset correction [BN]) into a
-  STAGES-deep ring of shared-memory slots, each guarded by a ``ready`` mbarrier (armed with the
-  slot's byte count, completed by the TMA unit) and an ``empty`` one (released by the
-  consumers);
+  channels), the activation scales [BM] (a row of the group-major ascales) and the weight
+  scales [BN] (for signed activations interleaved with the offset terms, [2 BN]; both laid out
+  so that a thread's columns are one 16-byte load), into a STAGES-deep ring of shared-memory
+  slots, each guarded by a ``ready`` mbarrier (armed with the slot's byte count, completed by
+  the TMA unit) and an ``empty`` one (released by the consumers);
 - two consumer warpgroups, each its own partition (64 rows; the barrier Triton puts around an
   mbarrier arrive then spans one warpgroup, and the two run out of step), wait on ``ready``,
   expand the activation codes in registers, issue two K = 32 FP8 wgmmas with the weight tiles
