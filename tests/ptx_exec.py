@@ -32,8 +32,17 @@ their group (the data lands then), so reading them earlier is a race that also s
 reads of shared memory never written; registers read by threads that never wrote them; barriers and
 warp-synchronous instructions reached by part of a CTA or warp; integer division by zero.
 
+Warp-specialized sm_90 kernels (tests/ptx_sm90.py adds their instructions: TMA, mbarriers,
+named barriers, wgmma): threads that wait (a failed mbarrier try-wait, a named barrier not yet
+full) block and the others run; the threads a barrier or an mbarrier phase releases run first;
+``launch(..., schedule="high_warpgroup_first")`` runs the highest warpgroup that can run first
+(a producer warp fills its ring before the consumers start). A completed barrier or mbarrier
+phase opens a new shared-memory epoch for the race checks (lenient: it orders everyone, not only
+the threads it synchronizes); the results are compared exactly, under both schedules.
+
 Layout: tests/ptx_parse.py reads the PTX text, tests/ptx_ops.py holds the instructions (one
-handler per opcode), this module the memory, the checks, the SIMT machine and ``launch``.
+handler per opcode), tests/ptx_sm90.py the sm_90 ones, this module the memory, the checks, the
+SIMT machine and ``launch``.
 
 Not modelled: ptxas contracting an unrounded ``mul`` + ``add`` into an FMA (the interpreter rounds
 each), memory ordering across CTAs (they run one after another), ``.local`` memory, calls, and
