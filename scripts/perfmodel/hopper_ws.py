@@ -33,9 +33,7 @@ from pathlib import Path
 
 import torch
 import triton
-from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import CUDABackend
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from engine.kernels.triton import gemm_sm90, gemm_sm90_ws
@@ -44,7 +42,7 @@ from perfmodel.devices import H100
 from perfmodel.hopper import FLUX_SHAPES, TARGET_VS_BF16, act_times, sm90_model, sm90_report
 from perfmodel.hopper_calibration import DEFAULT_L2, calibrate
 from perfmodel.launches import _meta
-from perfmodel.sass import _TYPES, disassemble
+from perfmodel.sass import _TYPES, disassemble, specialize
 from perfmodel.shapes import FLUX_M, RANK
 from perfmodel.tables import table_head
 from perfmodel.triton_model import CUBLAS_BF16_EFFICIENCY
@@ -78,26 +76,8 @@ def ws_launch(m: int, k: int, n: int, unsigned: bool, cfg: gemm_sm90_ws.WsConfig
 
 def compile_gluon(fn, args: tuple, kwargs: dict, cc: int = 90):
     """``triton.compile`` of a Gluon kernel for sm_<cc> with the JIT's specialization (tensor
-    descriptors typed as the JIT types them)."""
-    kwargs = dict(kwargs)
-    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages", "maxnreg") if key in kwargs}
-    values = dict(zip(fn.arg_names, args, strict=False)) | kwargs
-    sig, const, attrs = {}, {}, {}
-    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params, strict=True)):
-        v = values[name]
-        if param.is_constexpr:
-            sig[name], const[name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[name] = "*" + _TYPES[v.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            kind, spec = native_specialize_impl(CUDABackend, v, False, True, True)
-            if kind == "constexpr":
-                sig[name], const[name] = "constexpr", spec
-            else:
-                sig[name] = kind
-                if spec == "D":
-                    attrs[(i,)] = [["tt.divisibility", 16]]
+    descriptors typed as the JIT types them: perfmodel.sass.specialize)."""
+    sig, const, attrs, options = specialize(fn, args, kwargs)
     return triton.compile(
         GluonASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", cc, 32), options=options
     )
