@@ -2,10 +2,12 @@
 
 For each K -> N: the whole linear as served (quantize_act + w4a4_gemm with the rank-32 branch
 and bias) on the Triton backend, the FP8 kernel alone (engine/kernels/triton/gemm_sm90.py),
-the int8 kernel it replaces on Hopper (gemm.py), and torch's bf16 matmul (cuBLAS) of the same
-[M, K] x [K, N]; plus two correctness checks: the output against the reference backend, and
-the integer part exact with every group at its extreme codes (Hopper's FP8 accumulation, and
-e4m3 subnormals in the tensor cores, are assumptions of the kernel that only a GPU can test).
+the warp-specialized Gluon kernel alone (gemm_sm90_ws.py; Hopper only: it does not run in the
+interpreter), the int8 kernel they replace on Hopper (gemm.py), and torch's bf16 matmul (cuBLAS)
+of the same [M, K] x [K, N]; plus the correctness checks: each kernel's output against the
+reference backend, the integer part exact with every group at its extreme codes (Hopper's FP8
+accumulation, and e4m3 subnormals in the tensor cores, are assumptions of the kernels that only
+a GPU can test), and the ws kernel's own device self-check (the dispatch's condition).
 
     python scripts/gpu_hopper_gemm.py --out $OUT/hopper-gemm.json            # on an H100/H200
     TRITON_INTERPRET=1 python scripts/gpu_hopper_gemm.py --tiny --out x.json  # CPU smoke run
@@ -26,7 +28,7 @@ import torch
 
 from engine.kernels import reference
 from engine.kernels import triton_backend as tb
-from engine.kernels.triton import gemm_sm90
+from engine.kernels.triton import gemm_sm90, gemm_sm90_ws
 from engine.quant import pack_int4
 
 FLUX_M = 4352
@@ -96,17 +98,54 @@ def measure_shape(m: int, k: int, n: int, device: torch.device) -> dict:
     }
     row["linear_vs_bf16"] = row["cublas_bf16_us"] / row["linear_us"]
     row["sm90_tops"] = 2 * m * n * k / row["sm90_gemm_us"] / 1e6
+    row.update(_measure_ws(m, n, k, qx, ascales, weight, lora, a, y_ref, kw, device))
+    row["linear_with_ws_vs_bf16"] = (
+        row["cublas_bf16_us"] / (row["quantize_act_us"] + row["ws_gemm_us"]) if row["ws_gemm_us"] else None
+    )
     return row
 
 
-def measure(m: int, shapes: list[tuple[int, int]], device: torch.device) -> dict:
-    """The report: device, the exactness check, one row per shape."""
-    return {
+def _measure_ws(m, n, k, qx, ascales, weight, lora, a, y_ref, kw, device) -> dict:
+    """The warp-specialized kernel at one shape: error against the reference and its time (None,
+    with the reason, off Hopper or where the kernel does not take the shape)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return {"ws_gemm_us": None, "ws_note": "Hopper only (a Gluon kernel: no interpreter run)"}
+    if not gemm_sm90_ws.supports(m, n, k, lora.shape[1], k // ascales.shape[1]):
+        return {"ws_gemm_us": None, "ws_note": "shape outside the kernel's TMA/tile rules"}
+    ws = gemm_sm90_ws.prepare_weight(weight)
+
+    def run():
+        return gemm_sm90_ws.launch(qx, ascales, ws, lora, a["proj_up"], a["bias"], **kw)
+
+    y = run()
+    err = (y.float() - y_ref.float()).abs().max().item() / max(y_ref.float().abs().max().item(), 1e-30)
+    us = _time_us(run, device)
+    return {"ws_max_rel_err_vs_reference": err, "ws_gemm_us": us, "ws_tops": 2 * m * n * k / us / 1e6}
+
+
+def measure(m: int, shapes: list[tuple[int, int]], device: torch.device, out: Path | None = None) -> dict:
+    """The report: device, the exactness checks, one row per shape (written to ``out`` after each
+    step, so a part cut off by its time limit keeps what it finished)."""
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)",
         "m": m,
         "extreme_codes_exact": gemm_sm90.extreme_codes_exact(device),
-        "shapes": [measure_shape(m, k, n, device) for k, n in shapes],
+        "ws_self_check": None,
+        "shapes": [],
     }
+
+    def save():
+        if out is not None:
+            out.write_text(json.dumps(report, indent=1))
+
+    save()
+    report["ws_self_check"] = gemm_sm90_ws.self_check(device) if hopper else None
+    save()
+    for k, n in shapes:
+        report["shapes"].append(measure_shape(m, k, n, device))
+        save()
+    return report
 
 
 def main() -> int:
@@ -118,11 +157,13 @@ def main() -> int:
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] != 9:
         print("not a Hopper GPU: the sm_90 kernel is only routed on compute capability 9.x", file=sys.stderr)
     m, shapes = TINY if args.tiny or device.type == "cpu" else (FLUX_M, FLUX_SHAPES)
-    report = measure(m, shapes, device)
-    args.out.write_text(json.dumps(report, indent=1))
+    report = measure(m, shapes, device, args.out)
     print(json.dumps(report, indent=1))
-    bad = not report["extreme_codes_exact"] or any(
-        r["max_rel_err_vs_reference"] > 2e-2 for r in report["shapes"]
+    bad = (
+        not report["extreme_codes_exact"]
+        or report["ws_self_check"] is False
+        or any(r["max_rel_err_vs_reference"] > 2e-2 for r in report["shapes"])
+        or any(r.get("ws_max_rel_err_vs_reference", 0) > 2e-2 for r in report["shapes"])
     )
     return 1 if bad else 0
 

@@ -32,8 +32,17 @@ their group (the data lands then), so reading them earlier is a race that also s
 reads of shared memory never written; registers read by threads that never wrote them; barriers and
 warp-synchronous instructions reached by part of a CTA or warp; integer division by zero.
 
+Warp-specialized sm_90 kernels (tests/ptx_sm90.py adds their instructions: TMA, mbarriers,
+named barriers, wgmma): threads that wait (a failed mbarrier try-wait, a named barrier not yet
+full) block and the others run; the threads a barrier or an mbarrier phase releases run first;
+``launch(..., schedule="high_warpgroup_first")`` runs the highest warpgroup that can run first
+(a producer warp fills its ring before the consumers start). A completed barrier or mbarrier
+phase opens a new shared-memory epoch for the race checks (lenient: it orders everyone, not only
+the threads it synchronizes); the results are compared exactly, under both schedules.
+
 Layout: tests/ptx_parse.py reads the PTX text, tests/ptx_ops.py holds the instructions (one
-handler per opcode), this module the memory, the checks, the SIMT machine and ``launch``.
+handler per opcode), tests/ptx_sm90.py the sm_90 ones, this module the memory, the checks, the
+SIMT machine and ``launch``.
 
 Not modelled: ptxas contracting an unrounded ``mul`` + ``add`` into an FMA (the interpreter rounds
 each), memory ordering across CTAs (they run one after another), ``.local`` memory, calls, and
@@ -47,6 +56,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import ptx_sm90  # noqa: F401  (registers the sm_90 handlers)
 from .ptx_ops import HANDLERS, SHARED_WINDOW, U64, WARP, _Copy, _mask, from_f32
 from .ptx_parse import _TYPE_BITS, Instr, Kernel, PtxError, parse
 
@@ -210,6 +220,9 @@ class CTA:
         self.groups = np.zeros(nthreads, dtype=np.int64)  # committed cp.async groups per thread
         self.copies: list[_Copy] = []
         self.uncommitted = np.zeros(nthreads, dtype=bool)
+        self.tmaps: dict[int, object] = {}  # sm_90: tensor maps by handle (tests/ptx_sm90.py)
+        self.sm90: dict = {}  # sm_90 state: mbarriers, named barriers, wgmma queues
+        self.schedule = "lowest_pc"
 
     # --- registers and operands ----------------------------------------------------------------
 
@@ -264,6 +277,8 @@ class CTA:
         if kind == "sym":
             if op[1] in self.sym_addr:
                 return U64(self.sym_addr[op[1]])
+            if op[1] in self.params:  # the address of a .param (a tensor map): its handle
+                return U64(self.params[op[1]])
             raise PtxError(f"unknown symbol {op[1]}")
         if kind == "not":
             return ~self.read(op[1], bits).astype(bool)
@@ -502,12 +517,27 @@ class CTA:
     # --- execution --------------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Lowest pending PC first among the threads not waiting; threads a barrier or an
+        mbarrier just released run before the others (so a producer waiting for a free slot
+        refills it as soon as it is freed: a consumer that frees a slot too early then reads the
+        next group's data). ``schedule`` "high_warpgroup_first" (warp-specialized kernels) runs
+        the highest warpgroup that can run first: the producer fills the ring before the consumers
+        start and then waits on every slot's release."""
         pc = np.zeros(self.T, dtype=np.int64)
         done = np.zeros(self.T, dtype=bool)
+        self.blocked = np.zeros(self.T, dtype=bool)
+        self.prio = np.zeros(self.T, dtype=np.int64)
         steps = 0
         n = len(self.k.instrs)
         while not done.all():
-            live_pc = np.where(done, n + 1, pc)
+            ready = ~done & ~self.blocked
+            if not ready.any():
+                raise PtxError("deadlock: every live thread waits on a barrier or an mbarrier")
+            ready &= self.prio == self.prio[ready].max()
+            if self.schedule == "high_warpgroup_first":  # e.g. a producer warp before its consumers
+                wg = self.tid // 128
+                ready &= wg == wg[ready].max()
+            live_pc = np.where(ready, pc, n + 1)
             p = int(live_pc.min())
             mask = live_pc == p
             ins = self.k.instrs[p]
@@ -525,6 +555,10 @@ class CTA:
             nxt = h(self, ins, active, p, mask)
             if nxt is None:
                 pc[mask] = p + 1
+            elif nxt[0] == "stay":  # these threads wait here and run the instruction again
+                pc[mask & ~nxt[1]] = p + 1
+            elif nxt[0] == "multi":  # a per-thread branch target (brx.idx)
+                pc[mask] = np.where(nxt[1][mask] >= 0, nxt[1][mask], p + 1)
             else:
                 target, taken = nxt
                 if target == -1:  # exit/ret
@@ -534,6 +568,17 @@ class CTA:
                     pc[mask & taken] = target
                     pc[mask & ~taken] = p + 1
         self._drain_copies()
+
+    def block(self, m: np.ndarray) -> None:
+        """Threads ``m`` wait until ``wake``."""
+        self.blocked |= m
+
+    def wake(self, m: np.ndarray) -> None:
+        """Release waiting threads ``m``; they run before the threads that did not wait."""
+        if m.any():
+            self.blocked &= ~m
+            self.prio[m] = self.prio.max() + 1
+            self.smem.epoch += 1  # a barrier or a completed mbarrier phase orders shared memory
 
     def _drain_copies(self) -> None:
         """At exit, in-flight copies land (no reader can see them any more)."""
@@ -560,14 +605,16 @@ def param_bits(ptype: str, value) -> int:
 
 
 def launch(kernel: Kernel, mem: GlobalMemory, args: list, grid: tuple[int, int, int], nthreads: int,
-           shared_bytes: int, ctas: list[tuple[int, int, int]] | None = None, approx: str = "exact") -> Findings:  # fmt: skip
+           shared_bytes: int, ctas: list[tuple[int, int, int]] | None = None, approx: str = "exact",
+           tmaps: dict | None = None, schedule: str = "lowest_pc") -> Findings:  # fmt: skip
     """Run ``kernel`` over ``grid`` (or only the CTAs in ``ctas``) with ``args`` (ints/floats in PTX
     parameter order; pointers are GlobalMemory addresses). Returns what the checks found.
 
     ``approx``: "exact" gives approximate instructions (``.approx``, ``div.full``) their correctly
     rounded result; "perturb" moves each such result one ulp away from zero (inside every bound
     the ISA gives them), so that a result that must be exact cannot lean on an approximation
-    being better on the CPU than on the GPU."""
+    being better on the CPU than on the GPU. ``tmaps``: TMA tensor maps (tests/ptx_sm90.TensorMap)
+    by the handle passed as their kernel parameter; ``schedule``: see ``CTA.run``."""
     if approx not in ("exact", "perturb"):
         raise ValueError(f"approx must be 'exact' or 'perturb', got {approx!r}")
     if len(args) != len(kernel.params):
@@ -576,5 +623,10 @@ def launch(kernel: Kernel, mem: GlobalMemory, args: list, grid: tuple[int, int, 
     findings = Findings()
     order = ctas or [(x, y, z) for z in range(grid[2]) for y in range(grid[1]) for x in range(grid[0])]
     for cta in order:
-        CTA(kernel, mem, params, cta, grid, nthreads, shared_bytes, findings, approx).run()
+        c = CTA(kernel, mem, params, cta, grid, nthreads, shared_bytes, findings, approx)
+        c.tmaps = dict(tmaps or {})
+        if schedule not in ("lowest_pc", "high_warpgroup_first"):
+            raise ValueError(f"schedule must be 'lowest_pc' or 'high_warpgroup_first', got {schedule!r}")
+        c.schedule = schedule
+        c.run()
     return findings

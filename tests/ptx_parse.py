@@ -35,6 +35,7 @@ class Kernel:
     labels: dict[str, int]
     widths: dict[str, int]  # register name or prefix -> bits (1 = predicate)
     shared_symbols: dict[str, tuple[int, int]]  # name -> (size, align); size 0 = extern
+    branch_targets: dict[str, list[str]] | None = None  # ``L: .branchtargets a, b;`` lists (brx.idx)
 
 
 _TYPE_BITS = {"pred": 1, "b8": 8, "s8": 8, "u8": 8, "b16": 16, "s16": 16, "u16": 16, "f16": 16, "bf16": 16,
@@ -69,6 +70,9 @@ def _parse_operand(s: str, rename):
     s = s.strip()
     if s.startswith("{"):
         return ("vec", [_parse_operand(x, rename) for x in _split_args(s[1:-1])])
+    if s.startswith("[") and "{" in s:  # a tensor operand: [tensor-map, {coordinates}]
+        tmap, coords = _split_args(s[1:-1])
+        return ("tensor", _parse_operand(tmap, rename), _parse_operand(coords, rename)[1])
     if s.startswith("["):
         inner = s[1:-1].replace(" ", "")
         m = re.fullmatch(r"([%\w$.]+)?(?:\+(-?(?:0x[0-9a-fA-F]+|\d+)))?", inner)
@@ -121,7 +125,9 @@ def parse(ptx: str, name: str | None = None) -> Kernel:
     for decl in text[em.end() : close].split(","):
         if decl.strip():
             words = decl.split()
-            params.append((words[-1], next(w[1:] for w in words[1:] if w[1:] in _TYPE_BITS)))
+            name, array = re.subn(r"\[\d+\]$", "", words[-1])
+            # an array parameter (a TMA tensor map: .param .align 64 .b8 name[128]) takes a handle
+            params.append((name, "u64" if array else next(w[1:] for w in words[1:] if w[1:] in _TYPE_BITS)))
     start = text.index("{", close)
     depth, i = 0, start
     while True:
@@ -140,6 +146,8 @@ def parse(ptx: str, name: str | None = None) -> Kernel:
     widths: dict[str, int] = {}
     scopes: list[dict[str, str]] = [{}]
     counter = [0]
+    branch_targets: dict[str, list[str]] = {}
+    last_label = None
 
     def rename(reg: str) -> str:
         for sc in reversed(scopes):
@@ -157,11 +165,20 @@ def parse(ptx: str, name: str | None = None) -> Kernel:
                 scopes.pop()
                 s = s[1:].strip()
             elif m := re.match(r"^([\w$]+):", s):
-                labels[m.group(1)] = len(instrs)
+                name = m.group(1)
+                if len(scopes) > 1:  # an inline-asm block's own label (several blocks reuse names)
+                    counter[0] += 1
+                    scopes[-1][name] = f"{name}@{counter[0]}"
+                    name = scopes[-1][name]
+                labels[name] = len(instrs)
+                last_label = name
                 s = s[m.end() :].strip()
             else:
                 break
         if not s:
+            continue
+        if s.startswith(".branchtargets"):
+            branch_targets[last_label] = [x.strip() for x in s[len(".branchtargets") :].split(",")]
             continue
         if s.startswith(".reg"):
             m = re.match(r"\.reg\s+\.(\w+)\s+(.*)", s, re.S)
@@ -195,4 +212,4 @@ def parse(ptx: str, name: str | None = None) -> Kernel:
         line = " ".join(stmt.split())
         instrs.append(Instr(op, parts[0], parts[1:], args, pred, line))
     instrs.append(Instr("exit", "exit", [], [], None, "<end of kernel>"))
-    return Kernel(em.group(1), params, instrs, labels, widths, shared_symbols)
+    return Kernel(em.group(1), params, instrs, labels, widths, shared_symbols, branch_targets)

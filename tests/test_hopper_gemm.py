@@ -228,6 +228,7 @@ def test_gpu_measurement_script_runs_tiny(tmp_path):
     assert row["max_rel_err_vs_reference"] < 1e-2
     for key in ("linear_us", "quantize_act_us", "sm90_gemm_us", "int8_gemm_us", "cublas_bf16_us"):
         assert row[key] > 0
+    assert row["ws_gemm_us"] is None and "Hopper only" in row["ws_note"]  # a Gluon kernel: GPU only
 
 
 @pytest.mark.gpu

@@ -26,7 +26,7 @@ import torch
 import triton
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from engine.kernels.triton import gemm_sm90
+from engine.kernels.triton import gemm_sm90, gemm_sm90_ws
 from engine.kernels.triton.act import LORA_CHUNK as ACT_LORA_CHUNK
 from engine.kernels.triton.act import act_config, quantize_act_kernel
 from engine.kernels.triton.common import INTERPRET, MAX_GEMM_GROUP, LaunchConfig, block_r, check_group_size
@@ -163,19 +163,20 @@ def w4a4_gemm(
     """See engine.kernels.contract. Scales are read through their strides (group-major is fastest).
     Hopper (sm_90) takes the FP8 kernel of engine/kernels/triton/gemm_sm90.py where its
     integer sums check exact on the device (once; gemm_sm90.serves) and its whole-rank low-rank
-    tile fits (rank <= gemm_sm90.MAX_RANK), else the int8 one, whose low-rank loop is chunked."""
+    tile fits (rank <= gemm_sm90.MAX_RANK), else the int8 one, whose low-rank loop is chunked.
+    Within the FP8 route, problems the warp-specialized Gluon kernel takes (gemm_sm90_ws:
+    M > 1024, group-major ascales, TMA alignment) run there once it passed its self-check on
+    the device (gemm_sm90_ws.serves)."""
     if _major(qx.device) == 9 and lora_act.shape[1] <= gemm_sm90.MAX_RANK and gemm_sm90.serves(qx.device):
         check_group_size(2 * qx.shape[1] // ascales.shape[1], MAX_GEMM_GROUP)
-        return gemm_sm90.launch(
-            _row_major(qx),
-            ascales if ascales.dtype == torch.float32 else ascales.float(),
-            sm90_weight(qweight, wscales),
-            _row_major(lora_act.float()),
-            _row_major(proj_up),
-            bias,
-            unsigned=unsigned,
-            out_dtype=out_dtype,
-        )
+        weight = sm90_weight(qweight, wscales)
+        args = (_row_major(qx), ascales if ascales.dtype == torch.float32 else ascales.float())
+        low_rank = (_row_major(lora_act.float()), _row_major(proj_up), bias)
+        n, k = weight.w8.shape
+        if gemm_sm90_ws.serves_problem(args[1], n, k, lora_act.shape[1]) and gemm_sm90_ws.serves(qx.device):
+            ws = sm90_ws_weight(qweight, weight)
+            return gemm_sm90_ws.launch(*args, ws, *low_rank, unsigned=unsigned, out_dtype=out_dtype)
+        return gemm_sm90.launch(*args, weight, *low_rank, unsigned=unsigned, out_dtype=out_dtype)
     return launch_w4a4_gemm(
         qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned=unsigned, out_dtype=out_dtype
     )
@@ -202,6 +203,19 @@ def sm90_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> gemm_sm90.Sm90W
     if hit is None or hit[0] != key:
         hit = (key, gemm_sm90.prepare_weight(qweight, wscales))
         _SM90_WEIGHTS[qweight] = hit
+    return hit[1]
+
+
+# The warp-specialized kernel's offset term (gemm_sm90_ws.prepare_weight), kept beside the FP8 one.
+_SM90_WS_WEIGHTS = WeakTensorKeyDictionary()
+
+
+def sm90_ws_weight(qweight: torch.Tensor, base: gemm_sm90.Sm90Weight) -> gemm_sm90_ws.WsWeight:
+    """gemm_sm90_ws's weight for a W4A4 weight whose FP8 form is ``base``, cached per tensor."""
+    hit = _SM90_WS_WEIGHTS.get(qweight)
+    if hit is None or hit[0] is not base:
+        hit = (base, gemm_sm90_ws.prepare_weight(base))
+        _SM90_WS_WEIGHTS[qweight] = hit
     return hit[1]
 
 

@@ -94,7 +94,7 @@ def parse(text: str) -> Instr:
 
 
 def _latency(op: str) -> int:
-    if op.startswith(("LDS", "LDSM")):
+    if op.startswith(("LDS", "LDSM", "SYNCS.PHASECHK")):  # an mbarrier try-wait reads shared memory
         return LDS_LAT
     if op.startswith("LDG") and not op.startswith("LDGSTS"):
         return LDG_LAT
