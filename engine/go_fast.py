@@ -150,6 +150,14 @@ def compile_vae_decoder(vae: nn.Module, settings: CompileSettings) -> nn.Module:
     return vae.decoder
 
 
+def compiled_vae(vae: nn.Module | None, settings: CompileSettings) -> nn.Module | None:
+    """``vae`` with its decoder compiled in place where ``settings.vae`` asks for it, else None."""
+    if vae is None or not settings.vae:
+        return None
+    compile_vae_decoder(vae, settings)
+    return vae
+
+
 def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
     """The transformer's repeated blocks: modules of a class named in its ``_repeated_blocks``
     (diffusers' declaration; FLUX: FluxTransformerBlock, FluxSingleTransformerBlock), matched
@@ -186,9 +194,7 @@ class GoFast:
         self.settings = settings or CompileSettings()
         self.eager = transformer
         self.blocks = compile_repeated_blocks(transformer, self.settings)
-        self.vae = vae if vae is not None and self.settings.vae else None
-        if self.vae is not None:
-            compile_vae_decoder(self.vae, self.settings)
+        self.vae = compiled_vae(vae, self.settings)
         self.compiled = transformer
         self.records: list[CompileRecord] = []
 
@@ -218,8 +224,11 @@ class GoFast:
                     device=p.device,
                     dtype=p.dtype,
                 )
-                with self.track(f"VAE decode {width}x{height}", at_setup=True):
-                    self.vae.decode(z, return_dict=False)
+                try:
+                    with self.track(f"VAE decode {width}x{height}", at_setup=True):
+                        self.vae.decode(z, return_dict=False)
+                except GoFastError as e:  # such a request falls back to eager (FluxService)
+                    logger.warning("%s; go_fast requests of this size will run eagerly", e)
 
     @property
     def graphs(self) -> int:

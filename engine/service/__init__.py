@@ -122,8 +122,13 @@ class FluxService:
         )
         return service
 
-    def warm_up(self, shapes: tuple[tuple[int, int, int], ...] = WARM_UP_SHAPES) -> None:
-        """Compile go_fast's graphs now (setup), one denoising step per shape, so requests do not."""
+    def warm_up(
+        self,
+        shapes: tuple[tuple[int, int, int], ...] = WARM_UP_SHAPES,
+        vae_sizes: list[tuple[int, int]] | None = None,
+    ) -> None:
+        """Compile go_fast's graphs now (setup), one denoising step per shape, then one VAE decode
+        per size (``vae_sizes``, default: every served size), so requests do not."""
         if self.go_fast is None:
             return
         configure_compiler(self.go_fast.settings)
@@ -135,7 +140,7 @@ class FluxService:
                     self.generator.generate("warm-up", width=width, height=height, steps=1, num_outputs=batch)
         finally:
             self.generator.pipe.transformer = self._eager
-        self.go_fast.warm_up_vae(served_sizes())  # one dynamic graph; any split compiled now
+        self.go_fast.warm_up_vae(served_sizes() if vae_sizes is None else vae_sizes)
         logger.info(
             "setup: go_fast compiled %d graph(s) in %.1f s (%s backend, dynamic=%s)",
             self.go_fast.graphs,
