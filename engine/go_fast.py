@@ -41,7 +41,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -67,6 +67,11 @@ class CompileSettings:
     dynamic: bool = True
     recompile_limit: int = RECOMPILE_LIMIT
     attention: str = "auto"  # go_fast's attention (engine.flux.attention.KINDS): auto, sage, sdpa
+    # The VAE decoder (compile_vae_decoder): compiled, dynamic over sizes, in inductor's default
+    # mode: its gain is the fused GroupNorm/SiLU/add glue, its convolutions stay cuDNN's, so
+    # autotuning would lengthen the cold start for little.
+    vae: bool = True
+    vae_mode: str | None = None
 
 
 @dataclasses.dataclass
@@ -125,6 +130,34 @@ def _compile_kwargs(settings: CompileSettings) -> dict:
     return kwargs
 
 
+def compile_vae_decoder(vae: nn.Module, settings: CompileSettings) -> nn.Module:
+    """Compile the VAE's decoder in place (``nn.Module.compile``), the whole of it as one graph,
+    dynamic over its spatial sizes; returns the decoder.
+
+    ``vae.decode`` (one image at a time: diffusers' sliced decode, engine.pipeline) calls
+    ``vae.decoder`` on a ``[1, 16, H/8, W/8]`` latent, so the batch is always 1 and the height
+    and width are the only varying dimensions: one dynamic graph serves every served size,
+    where a static compile would take one graph per size (22). The decoder already runs in
+    channels_last on CUDA (engine.pipeline), which the compiled graph keeps. Counted on CPU with
+    inductor (tests/test_go_fast_vae.py): 2 graphs over the 22 served sizes, split by a CPU-only
+    guard (the CPU convolution backend is chosen by input size); on the meta device, without
+    backend guards, 1.
+    """
+    kwargs: dict = {"backend": settings.backend, "dynamic": True, "fullgraph": True}
+    if settings.backend == "inductor" and settings.vae_mode:
+        kwargs["mode"] = settings.vae_mode
+    vae.decoder.compile(**kwargs)
+    return vae.decoder
+
+
+def compiled_vae(vae: nn.Module | None, settings: CompileSettings) -> nn.Module | None:
+    """``vae`` with its decoder compiled in place where ``settings.vae`` asks for it, else None."""
+    if vae is None or not settings.vae:
+        return None
+    compile_vae_decoder(vae, settings)
+    return vae
+
+
 def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
     """The transformer's repeated blocks: modules of a class named in its ``_repeated_blocks``
     (diffusers' declaration; FLUX: FluxTransformerBlock, FluxSingleTransformerBlock), matched
@@ -148,25 +181,54 @@ def compile_repeated_blocks(transformer: nn.Module, settings: CompileSettings) -
 
 
 class GoFast:
-    """One transformer with its repeated blocks compiled in place, and a log of every compile.
+    """One transformer with its repeated blocks compiled in place (and, given ``vae``, the VAE's
+    decoder), and a log of every compile.
 
     ``compiled`` and ``eager`` are the same module; a request without go_fast runs inside
-    :meth:`disabled`, where every compiled block runs its eager forward.
+    :meth:`disabled`, where every compiled block, and the compiled decoder, runs its eager forward.
     """
 
-    def __init__(self, transformer: nn.Module, settings: CompileSettings | None = None) -> None:
+    def __init__(
+        self, transformer: nn.Module, settings: CompileSettings | None = None, *, vae: nn.Module | None = None
+    ) -> None:
         self.settings = settings or CompileSettings()
         self.eager = transformer
         self.blocks = compile_repeated_blocks(transformer, self.settings)
+        self.vae = compiled_vae(vae, self.settings)
         self.compiled = transformer
         self.records: list[CompileRecord] = []
 
     @staticmethod
     @contextlib.contextmanager
     def disabled() -> Iterator[None]:
-        """Run the compiled blocks' eager forwards (go_fast off) without undoing the compile."""
+        """Run the compiled blocks' (and decoder's) eager forwards (go_fast off) without undoing
+        the compile: the stance holds for every compiled code object of the process."""
         with torch.compiler.set_stance("force_eager"):
             yield
+
+    def warm_up_vae(self, sizes: Iterable[tuple[int, int]]) -> None:
+        """Decode one random latent at each ``(width, height)`` at setup, so that no request
+        compiles the decoder: where one dynamic graph covers them all this costs one decode per
+        size; a graph that a backend guard splits off is compiled here, counted and logged."""
+        if self.vae is None:
+            return
+        p = next(self.vae.parameters())
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # diffusers' vae_scale_factor
+        with torch.inference_mode():
+            for width, height in sizes:
+                z = torch.randn(
+                    1,
+                    self.vae.config.latent_channels,
+                    height // factor,
+                    width // factor,
+                    device=p.device,
+                    dtype=p.dtype,
+                )
+                try:
+                    with self.track(f"VAE decode {width}x{height}", at_setup=True):
+                        self.vae.decode(z, return_dict=False)
+                except GoFastError as e:  # such a request falls back to eager (FluxService)
+                    logger.warning("%s; go_fast requests of this size will run eagerly", e)
 
     @property
     def graphs(self) -> int:

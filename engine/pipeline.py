@@ -87,7 +87,12 @@ class FluxGenerator:
         return cls(pipe, device)
 
     @torch.inference_mode()
-    def generate(
+    def generate(self, prompt: str, **kwargs) -> list[Image.Image]:
+        """:meth:`generate_pixels`' images as PIL images (same arguments)."""
+        return pil_images(self.generate_pixels(prompt, **kwargs))
+
+    @torch.inference_mode()
+    def generate_pixels(
         self,
         prompt: str,
         *,
@@ -98,9 +103,11 @@ class FluxGenerator:
         num_outputs: int = 1,
         on_step: Callable[[int, int], None] | None = None,
         max_sequence_length: int | None = None,
-    ) -> list[Image.Image]:
-        """Images ``i = 0..num_outputs-1`` use seed ``seed + i``, all denoised in one batch.
+    ) -> torch.Tensor:
+        """``[num_outputs, height, width, 3]`` uint8 RGB images, still on the device (the safety
+        checker's input is prepared there; :func:`pil_images` copies them to the host).
 
+        Images ``i = 0..num_outputs-1`` use seed ``seed + i``, all denoised in one batch.
         The noise is drawn on the CPU from a per-image generator, so a seed gives the same
         image whatever the batch size and device. ``on_step(step, steps)`` is called after each
         denoising step (raise from it to cancel). ``max_sequence_length`` (T5 tokens) defaults
@@ -136,9 +143,9 @@ class FluxGenerator:
             generator=generators,
             max_sequence_length=max_sequence_length,
             callback_on_step_end=step_end,
-            output_type="pt",  # [B, 3, H, W] in [0, 1], still on the device: to_pil converts it there
+            output_type="pt",  # [B, 3, H, W] in [0, 1], still on the device: to_uint8 converts it there
         ).images
-        return to_pil(images)
+        return to_uint8(images)
 
     def _log_truncation(self, prompt: str, max_sequence_length: int) -> None:
         """Say how much of a long prompt each text encoder reads (the pipeline drops the rest)."""
@@ -170,13 +177,23 @@ def configure_memory(pipe, memory: Mode, device: torch.device) -> None:
         quantize_t5(pipe.text_encoder_2, device)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` images in [0, 1] (diffusers' ``output_type="pt"``) as ``[B, H, W, 3]`` uint8,
+    on their device. Bit for bit diffusers' ``pt_to_numpy`` then ``numpy_to_pil``: the same float32
+    ``x * 255`` rounded half to even."""
+    return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def pil_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """``[B, H, W, 3]`` uint8 images (any device) as PIL images: one 1-byte copy per value to the host
+    instead of diffusers' float32 copy and numpy passes."""
+    return [Image.fromarray(a) for a in pixels.cpu().numpy()]
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """``[B, 3, H, W]`` images in [0, 1] (diffusers' ``output_type="pt"``) as PIL images, converted to
-    uint8 on their device: one 1-byte copy per pixel to the host instead of diffusers' float32 copy
-    and numpy passes. Bit for bit ``numpy_to_pil(pt_to_numpy(images))``: the same float32 ``x * 255``
-    rounded half to even."""
-    u8 = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, 3]
-    return [Image.fromarray(a) for a in u8]
+    """``[B, 3, H, W]`` images in [0, 1] as PIL images (:func:`to_uint8` on their device, then
+    :func:`pil_images`)."""
+    return pil_images(to_uint8(images))
 
 
 def text_tokens_for(transformer: torch.nn.Module) -> int:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine.safety_input import check_processor, pixel_values
+
 logger = logging.getLogger(__name__)
 
 CLASSIFIER_DIR = "nsfw_classifier"  # Falconsai/nsfw_image_detection, under the model folder
@@ -49,6 +51,7 @@ class NSFWClassifier:
         if SAFE_LABEL not in labels:
             raise ValueError(f"{path}: the NSFW classifier's labels {sorted(labels)} have no {SAFE_LABEL!r}")
         processor = ViTImageProcessor.from_pretrained(path)
+        check_processor(processor, str(path / "preprocessor_config.json"))
         logger.info("NSFW classifier loaded from %s (%s)", path, dtype)
         return cls(model, processor, device)
 
@@ -58,9 +61,11 @@ class NSFWClassifier:
         return NSFWClassifier(self.model.to(device, dtype), self.processor, torch.device(device))
 
     @torch.inference_mode()
-    def safe(self, images: list[Image.Image]) -> list[bool]:
-        """One verdict per image: True when the top label is "normal"."""
-        pixels = self.processor(images=images, return_tensors="pt").pixel_values
+    def safe(self, images: torch.Tensor | list[Image.Image]) -> list[bool]:
+        """One verdict per image (``[B, H, W, 3]`` uint8, any device, or PIL images): True when the
+        top label is "normal". The input is prepared where the images are (engine.safety_input);
+        only the 224x224 result moves to the classifier (the CPU, in the small memory mode)."""
+        pixels = pixel_values(as_pixels(images, self.device), self.processor)
         logits = self.model(pixel_values=pixels.to(self.device, self.model.dtype)).logits
         labels = self.model.config.id2label
         return [str(labels[int(i)]).lower() == SAFE_LABEL for i in logits.argmax(-1).tolist()]
@@ -100,6 +105,7 @@ class SafetyChecker:
         checker = StableDiffusionSafetyChecker.from_pretrained(model_dir / "safety_checker", dtype=dtype)
         checker = checker.to(device).eval()
         processor = CLIPImageProcessor.from_pretrained(model_dir / "feature_extractor")
+        check_processor(processor, str(model_dir / "feature_extractor" / "preprocessor_config.json"))
         logger.info("safety checker loaded from %s (%s)", model_dir / "safety_checker", dtype)
         classifier = NSFWClassifier.load(model_dir / CLASSIFIER_DIR, device, dtype)
         if classifier is None:
@@ -112,28 +118,43 @@ class SafetyChecker:
         return cls(checker, processor, device, classifier)
 
     @torch.inference_mode()
-    def flags(self, images: list[Image.Image]) -> list[bool]:
+    def flags(self, images: torch.Tensor | list[Image.Image]) -> list[bool]:
         """One verdict per image: True when it is to be dropped as possibly NSFW.
 
+        ``images``: ``[B, H, W, 3]`` uint8 (as ``FluxGenerator.generate_pixels`` leaves them on the
+        GPU), or PIL images; the checker's input is prepared on the device (engine.safety_input).
         As Replicate's flux models: the safety checker flags; each flagged image goes to the
         classifier, and stays flagged unless the classifier calls it "normal"; if the classifier
         fails, it stays flagged.
         """
-        clip_input = self.processor(images=images, return_tensors="pt").pixel_values
-        arrays = [np.asarray(im, dtype=np.float32) / 255.0 for im in images]
-        _, nsfw = self.checker(images=arrays, clip_input=clip_input.to(self.device, self.checker.dtype))
+        images = as_pixels(images, self.device)
+        clip_input = pixel_values(images, self.processor).to(self.device, self.checker.dtype)
+        # The checker blacks out flagged entries of ``images`` and returns them; only its flags
+        # are read here, so it gets placeholders (it used to get a float32 host copy per image).
+        placeholders = [np.zeros(0, dtype=np.float32) for _ in range(len(images))]
+        _, nsfw = self.checker(images=placeholders, clip_input=clip_input)
         flags = [bool(x) for x in nsfw]
         flagged = [i for i, f in enumerate(flags) if f]
         if self.classifier is None or not flagged:
             return flags
         try:
-            safe = self.classifier.safe([images[i] for i in flagged])
+            safe = self.classifier.safe(images[flagged])  # [F, H, W, 3], where the images are
         except Exception:  # a failing second opinion confirms the first, as Replicate's does
             logger.exception("the NSFW classifier failed; the safety checker's flags stand")
             return flags
         for i, ok in zip(flagged, safe, strict=True):
             flags[i] = not ok
         return flags
+
+
+def as_pixels(images: torch.Tensor | list[Image.Image], device: torch.device) -> torch.Tensor:
+    """``[B, H, W, 3]`` uint8: a tensor as it is (wherever it is), PIL images stacked onto ``device``."""
+    if isinstance(images, torch.Tensor):
+        return images
+    arrays = [np.asarray(im.convert("RGB")) for im in images]
+    if len({a.shape for a in arrays}) > 1:
+        raise ValueError(f"images: one size per call, got {sorted({a.shape[1::-1] for a in arrays})}")
+    return torch.from_numpy(np.stack(arrays)).to(device)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -16,6 +16,10 @@ step     one full-size transformer step, random int4 weights built directly (no 
          its time and torch.cuda.max_memory_allocated, beside the meta trace's figure
 memory   max_memory_allocated of scripts/memory_report.py's cases (1 and 4 images, 1024x1024
          and 21:9, fast and small modes) beside the traced peaks
+post     the stages after the denoising that issue 26 changed: the safety checker's input
+         prepared on the device (engine.safety_input) against the host processor, and FLUX's VAE
+         decoder (random weights) eager, then compiled as go_fast compiles it: compile time,
+         decode time, difference, and the graphs over every served size
 """
 
 from __future__ import annotations
@@ -481,12 +485,136 @@ def _memory_mode(rec: Record, device: torch.device, mode: str, cases, size: str)
         rec.case({"mode": mode, "width": w, "height": h, "num_outputs": n}, run)
 
 
+# --- post -------------------------------------------------------------------------------------
+
+
+def _timed_s(device: torch.device, fn: Callable[[], object], repeats: int = 3) -> tuple[object, float]:
+    """``fn()``'s result and its best time of ``repeats`` (seconds), the device synchronized."""
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def part_post(rec: Record, device: torch.device, size: str) -> None:
+    """Safety input on the device vs the host processor; the VAE decoder eager vs compiled."""
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from engine.go_fast import CompileSettings, compile_vae_decoder, configure_compiler, graphs_compiled
+    from engine.safety_input import pixel_values
+    from engine.service import served_sizes
+
+    # CompVis/stable-diffusion-safety-checker's preprocessor_config.json (tests/test_safety_input.py)
+    clip = CLIPImageProcessor(
+        crop_size=224,
+        size=224,
+        resample=3,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    sides = [(1024, 1024), (1344, 768)] if size == "full" else [(96, 64)]
+    for w, h in sides:
+
+        def safety(w=w, h=h) -> dict:
+            pixels = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8, device=device)
+            host = [Image.fromarray(pixels[0].cpu().numpy())]
+
+            def on_host():  # what engine.safety did before: the processor and float32 copies
+                [np.asarray(im, dtype=np.float32) / 255.0 for im in host]
+                return clip(images=host, return_tensors="pt").pixel_values
+
+            ref, t_host = _timed_s(device, on_host)
+            got, t_dev = _timed_s(device, lambda: pixel_values(pixels, clip))
+            d = (got.cpu() - ref).abs() * torch.tensor(clip.image_std).view(1, -1, 1, 1) * 255
+            return {
+                "host_ms": 1e3 * t_host,
+                "device_ms": 1e3 * t_dev,
+                "max_levels": d.max().item(),
+                "ok": d.max().item() <= 1.001,
+            }
+
+        rec.case({"op": "safety input", "width": w, "height": h}, safety)
+
+    from diffusers import AutoencoderKL
+
+    if size == "full":
+        from perfmodel.image_trace import FLUX_VAE_CONFIG as cfg
+    else:  # the tiny model's VAE widths (no mid-block attention)
+        cfg = {
+            "latent_channels": 16,
+            "block_out_channels": (16,) * 4,
+            "layers_per_block": 1,
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "norm_num_groups": 8,
+            "mid_block_add_attention": False,
+        }
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vae = random_fill(AutoencoderKL.from_config(cfg)).to(device, dtype).eval()
+    if device.type == "cuda":
+        vae.to(memory_format=torch.channels_last)  # as engine.pipeline serves it
+    side = 1024 if size == "full" else 128
+    z = torch.randn(1, 16, side // 8, side // 8, device=device, dtype=dtype)
+    state: dict = {}
+
+    def eager() -> dict:
+        with torch.inference_mode():
+            state["eager"], t = _timed_s(device, lambda: vae.decode(z, return_dict=False)[0])
+        return {"decode_ms": 1e3 * t}
+
+    rec.case({"op": "VAE decode eager", "side": side}, eager)
+
+    def compiled() -> dict:
+        settings = CompileSettings(backend="inductor" if device.type == "cuda" else "aot_eager")
+        configure_compiler(settings)
+        compile_vae_decoder(vae, settings)
+        before, t0 = graphs_compiled(), time.perf_counter()
+        with torch.inference_mode():
+            vae.decode(z, return_dict=False)
+            _sync(device)
+            first = time.perf_counter() - t0
+            got, t = _timed_s(device, lambda: vae.decode(z, return_dict=False)[0])
+        rel = _rel(got, state["eager"])
+        return {
+            "backend": settings.backend,
+            "compile_and_run_s": round(first, 2),
+            "decode_ms": 1e3 * t,
+            "graphs": graphs_compiled() - before,
+            "rel": rel,
+            "ok": rel <= BF16_REL,
+        }
+
+    rec.case({"op": "VAE decode compiled", "side": side}, compiled)
+
+    def sizes() -> dict:
+        before, t0 = graphs_compiled(), time.perf_counter()
+        sizes = served_sizes() if size == "full" else [(128, 128), (96, 160), (160, 96)]
+        with torch.inference_mode():
+            for w, h in sizes:
+                vae.decode(torch.randn(1, 16, h // 8, w // 8, device=device, dtype=dtype), return_dict=False)
+        _sync(device)
+        return {
+            "sizes": len(sizes),
+            "new_graphs": graphs_compiled() - before,
+            "seconds_all": round(time.perf_counter() - t0, 2),
+        }
+
+    rec.case({"op": "VAE decode compiled, served sizes"}, sizes)
+
+
 PARTS = {
     "kernels": part_kernels,
     "compile": part_compile,
     "bench": part_bench,
     "step": part_step,
     "memory": part_memory,
+    "post": part_post,
 }
 
 

@@ -36,7 +36,8 @@ PARTS=(
   'compile 75 $PY scripts/gpu_session.py compile --out $OUT --size $SIZE'
   'bench 60 $PY scripts/gpu_session.py bench --out $OUT --size $SIZE'
   'step 45 $PY scripts/gpu_session.py step --out $OUT --size $SIZE'
-  'memory 75 $PY scripts/gpu_session.py memory --out $OUT --size $SIZE'
+  'memory 70 $PY scripts/gpu_session.py memory --out $OUT --size $SIZE'
+  'post 35 $PY scripts/gpu_session.py post --out $OUT --size $SIZE'
   'hopper_gemm 45 $PY scripts/gpu_hopper_gemm.py $TINY --out $OUT/hopper_gemm.json'
   # Not run on the lent machine: scripts/gpu_stages.py times one image stage by stage and needs the
   # real model folder (about 18 GB: neither carried nor downloadable there). On a GPU host with

@@ -12,7 +12,8 @@ model's efficiencies corrected. Stages, as engine.pipeline.FluxGenerator.generat
 * ``transformer x steps``: the denoising loop, ``pipe(..., output_type="latent")`` with the
   prompt embeddings given (the transformer, the scheduler and the latents' preparation);
 * ``VAE decode``: unpack, scale and ``vae.decode`` as FluxPipeline does after the loop;
-* ``post-processing``: diffusers' post-processing to [0, 1] and ``engine.pipeline.to_pil``;
+* ``post-processing``: diffusers' post-processing to [0, 1], ``engine.pipeline.to_uint8`` and
+  ``pil_images`` (the copy to the host);
 * ``safety checker`` (when the model folder has one): ``engine.safety.SafetyChecker.flags``.
 
 Each stage is timed with the device synchronized before and after it (``torch.cuda.synchronize``
@@ -60,7 +61,7 @@ def run_once(
 ) -> tuple[dict[str, float], list]:
     """One image (or batch) through the pipeline's stages, each timed on its own (seconds); and the
     images (the ones ``gen.generate`` gives for this prompt, size, steps and seed)."""
-    from engine.pipeline import to_pil
+    from engine.pipeline import pil_images, to_uint8
 
     pipe, device = gen.pipe, gen.device
     times: dict[str, float] = {}
@@ -96,11 +97,13 @@ def run_once(
         return pipe.vae.decode(z, return_dict=False)[0]
 
     image, times["VAE decode"] = _timed(device, decode)
-    images, times["post-processing"] = _timed(
-        device, lambda: to_pil(pipe.image_processor.postprocess(image, output_type="pt"))
+    pixels, t_uint8 = _timed(
+        device, lambda: to_uint8(pipe.image_processor.postprocess(image, output_type="pt"))
     )
-    if checker is not None:
-        _, times["safety checker"] = _timed(device, lambda: checker.flags(images))
+    images, t_host = _timed(device, lambda: pil_images(pixels))
+    times["post-processing"] = t_uint8 + t_host
+    if checker is not None:  # as the service runs it: on the device pixels (engine.safety_input)
+        _, times["safety checker"] = _timed(device, lambda: checker.flags(pixels))
     return times, images
 
 

@@ -33,7 +33,6 @@ A40's DRAM bandwidth for the 4-bit T5's dequantization, per-image VAE decode as 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -310,24 +309,17 @@ def component_bytes(gen, safety) -> dict[str, int]:
     }
 
 
-@contextlib.contextmanager
-def _images_stay_on_device():
-    """The pipeline's last step (engine.pipeline.to_pil) makes uint8 images on the device and
-    copies them to the host as PIL images; on meta it cannot copy, so the device half runs and
-    the device tensors are handed back (the host copies are not GPU memory)."""
-    import engine.pipeline
+def _clip_processor():
+    """CompVis/stable-diffusion-safety-checker's preprocessor (tests/test_safety_input.py's config)."""
+    from transformers import CLIPImageProcessor
 
-    original = engine.pipeline.to_pil
-
-    def device_half(images: torch.Tensor) -> list[torch.Tensor]:
-        u8 = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # as to_pil, on the device
-        return list(u8)
-
-    engine.pipeline.to_pil = device_half
-    try:
-        yield
-    finally:
-        engine.pipeline.to_pil = original
+    return CLIPImageProcessor(
+        crop_size=224,
+        size=224,
+        resample=3,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
 
 
 def _staged(tracer: LiveBytes, module: torch.nn.Module, name: str):
@@ -344,6 +336,7 @@ def trace_prediction(
     the stage it falls in: encode, denoise, decode or safety. ``safety_resident=False``: the
     checker's weights are copied to the device for its check only (engine.memory.OnDemand)."""
     from engine.memory import device_copies
+    from engine.safety_input import pixel_values
 
     pipe = gen.pipe
     tracer = LiveBytes("meta")
@@ -359,14 +352,16 @@ def trace_prediction(
         _staged(tracer, pipe.vae.decoder, "decode"),
     ]
     try:
-        with torch.inference_mode(), _attention_as_one_launch(), _images_stay_on_device(), tracer:
-            images = gen.generate(
+        with torch.inference_mode(), _attention_as_one_launch(), tracer:
+            # the serving path's images: uint8 on the device (their host copies are not GPU memory)
+            images = gen.generate_pixels(
                 "a red fox in fresh snow", width=width, height=height, steps=1, num_outputs=num_outputs
             )
             tracer.stage = "safety"
-            # engine.safety.SafetyChecker.flags: CLIP's 224x224 crops of the images, on the device
+            # engine.safety.SafetyChecker.flags: CLIP's 224x224 crops prepared on the device
+            # (engine.safety_input, with the published CLIP processor's settings)
             visiting = None if safety_resident else device_copies(_state(safety), torch.device("meta"))
-            clip_input = torch.empty(num_outputs, 3, 224, 224, device="meta", dtype=torch.float16)
+            clip_input = pixel_values(images, _clip_processor()).to(torch.float16)
             pooled = safety.vision_model(clip_input)[1]
             safety.visual_projection(pooled)
             del images, clip_input, pooled, visiting

@@ -233,18 +233,16 @@ def test_select_attention_is_sdpa_without_go_fast_and_sage_where_asked(caplog):
 
 def test_service_runs_go_fast_off_requests_with_sdpa(tmp_path):
     """A process configured for sage still gives a go_fast=False request the exact attention."""
-    from PIL import Image
-
     from engine.service import FluxService
 
     seen = []
 
-    def generate(*args, **kwargs):
+    def generate_pixels(*args, **kwargs):
         seen.append(attention.current())
-        return [Image.new("RGB", (16, 16))]
+        return torch.zeros(1, 16, 16, 3, dtype=torch.uint8)
 
     generator = types.SimpleNamespace(
-        pipe=types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), generate=generate
+        pipe=types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)), generate_pixels=generate_pixels
     )
     service = FluxService(generator, None, "stub", output_base=tmp_path)
     attention._state["kind"] = "sage"

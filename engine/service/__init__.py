@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from engine import memory
+from engine import inputs, memory
 from engine.flux import attention
 from engine.flux.converted import converted_checkpoint
 from engine.go_fast import (
@@ -33,7 +32,7 @@ from engine.go_fast import (
     shape_label,
 )
 from engine.lora import LoraManager, LoraStore, StoreConfig, parse_lora
-from engine.pipeline import FluxGenerator, default_device
+from engine.pipeline import FluxGenerator, default_device, pil_images
 from engine.safety import SafetyChecker
 from engine.service.config import ServiceConfig
 from engine.service.models import choose_model, model_files
@@ -48,6 +47,11 @@ logger = logging.getLogger(__name__)
 # request), then batch 2, which gives the graph batches 2-4 share. Every other size shares
 # these graphs (dynamic sequence length), so setup covers all 88 size x batch combinations.
 WARM_UP_SHAPES = ((1024, 1024, 1), (1024, 1024, 2))
+
+
+def served_sizes() -> list[tuple[int, int]]:
+    """Every ``(width, height)`` a request can ask for (aspect ratio x megapixels: 22)."""
+    return sorted({inputs.size_for(ar, mp) for mp in inputs.MEGAPIXELS for ar in inputs.ASPECT_RATIOS})
 
 
 class FluxService:
@@ -67,7 +71,8 @@ class FluxService:
         go_fast's torch.compile (None: go_fast has no effect, as on a CPU)."""
         self.generator, self.safety, self.model = generator, safety, model
         self._eager = generator.pipe.transformer
-        self.go_fast = GoFast(self._eager, compile_settings) if compile_settings else None
+        vae = generator.pipe.vae if compile_settings else None
+        self.go_fast = GoFast(self._eager, compile_settings, vae=vae) if compile_settings else None
         self.loras = LoraManager(self._eager)
         lora = lora or StoreConfig(root=Path(tempfile.mkdtemp(prefix="svdq-loras-")))
         self.lora_store = LoraStore(lora, lambda state: parse_lora(state, self._eager))
@@ -117,8 +122,13 @@ class FluxService:
         )
         return service
 
-    def warm_up(self, shapes: tuple[tuple[int, int, int], ...] = WARM_UP_SHAPES) -> None:
-        """Compile go_fast's graphs now (setup), one denoising step per shape, so requests do not."""
+    def warm_up(
+        self,
+        shapes: tuple[tuple[int, int, int], ...] = WARM_UP_SHAPES,
+        vae_sizes: list[tuple[int, int]] | None = None,
+    ) -> None:
+        """Compile go_fast's graphs now (setup), one denoising step per shape, then one VAE decode
+        per size (``vae_sizes``, default: every served size), so requests do not."""
         if self.go_fast is None:
             return
         configure_compiler(self.go_fast.settings)
@@ -130,6 +140,7 @@ class FluxService:
                     self.generator.generate("warm-up", width=width, height=height, steps=1, num_outputs=batch)
         finally:
             self.generator.pipe.transformer = self._eager
+        self.go_fast.warm_up_vae(served_sizes() if vae_sizes is None else vae_sizes)
         logger.info(
             "setup: go_fast compiled %d graph(s) in %.1f s (%s backend, dynamic=%s)",
             self.go_fast.graphs,
@@ -144,7 +155,7 @@ class FluxService:
             return self.go_fast.compiled
         return self._eager
 
-    def _run_fast(self, run, shape: str) -> list[Image.Image]:
+    def _run_fast(self, run, shape: str) -> torch.Tensor:
         """``run()`` on the compiled transformer; past the recompile limit, eagerly, with a warning."""
         try:
             with self.go_fast.track(shape):
@@ -207,8 +218,8 @@ class FluxService:
         self.generator.pipe.transformer = self._transformer(go_fast)
         t0 = time.perf_counter()
 
-        def run() -> list[Image.Image]:
-            return self.generator.generate(
+        def run() -> torch.Tensor:  # [B, H, W, 3] uint8 on the device
+            return self.generator.generate_pixels(
                 prompt,
                 width=width,
                 height=height,
@@ -220,10 +231,10 @@ class FluxService:
 
         try:
             if go_fast and self.go_fast is not None:
-                images = self._run_fast(run, shape_label(width, height, num_outputs, self._eager))
+                pixels = self._run_fast(run, shape_label(width, height, num_outputs, self._eager))
             else:
                 with attention.using("sdpa"), self._eager_only():  # go_fast off: SDPA, eager blocks
-                    images = run()
+                    pixels = run()
         except torch.OutOfMemoryError as e:
             torch.cuda.empty_cache()
             raise RuntimeError(
@@ -232,9 +243,10 @@ class FluxService:
             ) from e
         t1 = time.perf_counter()
         logger.info("denoise + decode: %.2f s", t1 - t0)
-        seeds = [seed + i for i in range(len(images))]
-        if self.safety is not None and not disable_safety_checker:
-            images, seeds = drop_flagged(self.safety, images, seeds)
+        seeds = [seed + i for i in range(len(pixels))]
+        if self.safety is not None and not disable_safety_checker:  # its input prepared on the device
+            pixels, seeds = drop_flagged(self.safety, pixels, seeds)
+        images = pil_images(pixels)  # the kept images' bytes to the host
         out_dir = out_dir or self.outputs.next()
         paths = save_images(
             images, out_dir, output_format=output_format, quality=output_quality, seeds=seeds, prompt=prompt

@@ -8,6 +8,7 @@ import secrets
 import time
 from typing import NamedTuple
 
+import torch
 from PIL import Image
 
 from engine import inputs
@@ -121,9 +122,10 @@ def use_loras(store: LoraStore, manager: LoraManager, requested: list[tuple[str,
 
 
 def drop_flagged(
-    safety: SafetyChecker, images: list[Image.Image], seeds: list[int]
-) -> tuple[list[Image.Image], list[int]]:
-    """The images (and their seeds) the safety checker does not flag; NSFWError when it flags all."""
+    safety: SafetyChecker, images: torch.Tensor | list[Image.Image], seeds: list[int]
+) -> tuple[torch.Tensor | list[Image.Image], list[int]]:
+    """The images (``[B, H, W, 3]`` uint8 on the device, or PIL images) and their seeds that the
+    safety checker does not flag; NSFWError when it flags all."""
     flags = safety.flags(images)  # the checker, confirmed by the classifier (engine.safety)
     for i, flagged in enumerate(flags):
         if flagged:
@@ -131,4 +133,6 @@ def drop_flagged(
     kept = [i for i, flagged in enumerate(flags) if not flagged]
     if not kept:
         raise NSFWError(ALL_FLAGGED)  # Replicate's flux models' words
+    if isinstance(images, torch.Tensor):
+        return images[kept], [seeds[i] for i in kept]
     return [images[i] for i in kept], [seeds[i] for i in kept]

@@ -39,6 +39,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from perfmodel.devices import IMAGE_PEAKS as DEVICES
 from perfmodel.image_price import (
     CPU_BPS,
@@ -87,9 +89,63 @@ def image_model(kt: KernelTimes, batch: int = 1, steps: int = 4, size: int = 102
             sage=True,
             repeat=steps,
         ),
-        stage("VAE decode (bf16, eager)", trace_vae(batch, size), kt, compiled=False, sage=False),
-        postprocess_stage(batch, size),
+        stage(
+            f"VAE decode (bf16, {'compiled' if vae_compiled() else 'eager'})",
+            trace_vae(batch, size),
+            kt,
+            compiled=vae_compiled(),
+            sage=False,
+        ),
+        postprocess_stage(batch, size, safety_on_gpu=safety_input_on_gpu()),
     ]
+
+
+def vae_compiled() -> bool:
+    """Whether go_fast compiles the VAE decoder, from the code: the service hands its VAE to GoFast,
+    and GoFast with the serving settings compiles that VAE's decoder in place (on a meta-device VAE;
+    nothing runs)."""
+    import inspect
+
+    from diffusers import AutoencoderKL
+
+    from engine import go_fast
+    from engine.service import FluxService
+
+    if "vae=" not in inspect.getsource(FluxService.__init__) or not hasattr(go_fast, "compiled_vae"):
+        return False
+    with torch.device("meta"):
+        vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4)
+    go_fast.compiled_vae(vae, go_fast.CompileSettings())  # what GoFast.__init__ does with it
+    return vae.decoder._compiled_call_impl is not None
+
+
+def safety_input_on_gpu() -> bool:
+    """Whether the safety checker's input is prepared where the images are, from the code: the
+    service hands the generator's device pixels to the checker, and SafetyChecker.flags prepares
+    meta-device pixels without leaving the device (a host path would need their values)."""
+    import inspect
+
+    from transformers import CLIPImageProcessor
+
+    from engine import safety
+    from engine.service import FluxService
+
+    if "generate_pixels" not in inspect.getsource(FluxService.predict):
+        return False
+    seen = []
+
+    def checker(images, clip_input):
+        seen.append(clip_input.device.type)
+        return images, [False] * clip_input.shape[0]
+
+    checker.dtype = torch.float32
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    pixels = torch.empty(2, 768, 1344, 3, dtype=torch.uint8, device="meta")
+    try:
+        safety.SafetyChecker(checker, processor, torch.device("meta")).flags(pixels)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError):  # needs the values: a host path
+        return False
+    return seen == ["meta"]
 
 
 def calibration() -> dict:
@@ -201,7 +257,7 @@ def levers(kt: KernelTimes) -> list[dict]:
         f"not priced: the convolutions' efficiency is held at {EFF['conv']} either way",
         True,
     )
-    add("VAE decoder compiled", eager - fused, "inductor fuses GroupNorm/SiLU/adds")
+    add("VAE decoder compiled", eager - fused, "inductor fuses GroupNorm/SiLU/adds", vae_compiled())
     # (g) post-processing on the GPU (in the code), the safety checker's input preparation (not yet)
     b = post_bytes(1, 1024)
     before = b["before_to_host"] / DEVICES[dev]["pcie"] + b["before_host"] / CPU_BPS
@@ -213,9 +269,10 @@ def levers(kt: KernelTimes) -> list[dict]:
         True,
     )
     add(
-        "safety checker input prepared on the GPU",
-        b["host_safety"] / CPU_BPS - dram_s(b["host_safety"], dev),
+        "safety checker input prepared on the GPU (engine.safety_input)",
+        b["host_safety"] / CPU_BPS - dram_s(b["gpu_safety"], dev),
         "np.asarray(float32) / 255 per image and CLIPImageProcessor on the host",
+        safety_input_on_gpu(),
     )
     return rows
 

@@ -210,24 +210,30 @@ def post_bytes(batch: int, size: int) -> dict[str, float]:
     value); one byte per value to the host; PIL's copy. The safety checker's input (engine/safety.py,
     on the host): np.asarray(float32) / 255 per image (13 B per value) and CLIPImageProcessor's pass
     over the uint8 image (read it, write float32: 5 B per value; its 224-pixel output is negligible).
-    Before: the float32 image to the host (4 B per value), then permute, x 255, round, astype (29 B)."""
+    Before: the float32 image to the host (4 B per value), then permute, x 255, round, astype (29 B).
+    The safety checker's input prepared on the GPU instead (engine.safety_input): read the uint8 image,
+    write it as float32, the first resize pass reads that (1 + 4 + 4 B per value); the rest works on
+    images a fifth the size or less (the first pass shrinks one side to 224 of >= 512), about 1 B more."""
     px = batch * 3 * size * size
     return {
         "gpu": 27 * px,
         "to_host": px,
         "host_pil": px,
         "host_safety": 13 * px + 5 * px,
+        "gpu_safety": 10 * px,
         "before_to_host": 4 * px,
         "before_host": (8 + 8 + 8 + 5) * px,
     }
 
 
-def postprocess_stage(batch: int, size: int) -> Stage:
-    """To uint8 on the GPU (engine.pipeline.to_pil), then the safety checker's input prepared on the host."""
+def postprocess_stage(batch: int, size: int, *, safety_on_gpu: bool = False) -> Stage:
+    """To uint8 on the GPU (engine.pipeline.to_uint8), then the safety checker's input prepared on the
+    host, or (``safety_on_gpu``) on the GPU (engine.safety_input)."""
     b = post_bytes(batch, size)
     seconds, detail = {}, {}
     for d, hw in DEVICES.items():
-        gpu = dram_s(b["gpu"], d) + b["to_host"] / hw["pcie"]
-        host = (b["host_pil"] + b["host_safety"]) / CPU_BPS
+        gpu = dram_s(b["gpu"] + (b["gpu_safety"] if safety_on_gpu else 0), d) + b["to_host"] / hw["pcie"]
+        host = (b["host_pil"] + (0 if safety_on_gpu else b["host_safety"])) / CPU_BPS
         seconds[d], detail[d] = gpu + host, {"GPU + copy": gpu, "CPU": host}
-    return Stage("post-processing (GPU) + safety input (CPU)", seconds, detail)
+    where = "GPU" if safety_on_gpu else "CPU"
+    return Stage(f"post-processing (GPU) + safety input ({where})", seconds, detail)
