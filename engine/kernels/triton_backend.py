@@ -156,6 +156,8 @@ def w4a4_gemm(
     lora_act: torch.Tensor,
     proj_up: torch.Tensor,
     bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
     *,
     unsigned: bool,
     out_dtype: torch.dtype,
@@ -163,8 +165,14 @@ def w4a4_gemm(
     """See engine.kernels.contract. Scales are read through their strides (group-major is fastest).
     Hopper (sm_90) takes the FP8 kernel of engine/kernels/triton/gemm_sm90.py where its
     integer sums check exact on the device (once; gemm_sm90.serves) and its whole-rank low-rank
-    tile fits (rank <= gemm_sm90.MAX_RANK), else the int8 one, whose low-rank loop is chunked."""
-    if _major(qx.device) == 9 and lora_act.shape[1] <= gemm_sm90.MAX_RANK and gemm_sm90.serves(qx.device):
+    tile fits (rank <= gemm_sm90.MAX_RANK), else the int8 one, whose low-rank loop is chunked.
+    The gate/residual epilogue is the int8 kernel's only: on Hopper such calls take it."""
+    if (
+        residual is None
+        and _major(qx.device) == 9
+        and lora_act.shape[1] <= gemm_sm90.MAX_RANK
+        and gemm_sm90.serves(qx.device)
+    ):
         check_group_size(2 * qx.shape[1] // ascales.shape[1], MAX_GEMM_GROUP)
         return gemm_sm90.launch(
             _row_major(qx),
@@ -177,7 +185,17 @@ def w4a4_gemm(
             out_dtype=out_dtype,
         )
     return launch_w4a4_gemm(
-        qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned=unsigned, out_dtype=out_dtype
+        qx,
+        ascales,
+        qweight,
+        wscales,
+        lora_act,
+        proj_up,
+        bias,
+        residual,
+        gate,
+        unsigned=unsigned,
+        out_dtype=out_dtype,
     )
 
 
@@ -213,6 +231,8 @@ def launch_w4a4_gemm(
     lora_act: torch.Tensor,
     proj_up: torch.Tensor,
     bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
     *,
     unsigned: bool,
     out_dtype: torch.dtype,
@@ -230,6 +250,9 @@ def launch_w4a4_gemm(
     qx, qweight = _row_major(qx), _row_major(qweight)
     lora_act, proj_up = _row_major(lora_act.float()), _row_major(proj_up)
     ascales = ascales if ascales.dtype == torch.float32 else ascales.float()
+    gated = residual is not None
+    if gated:
+        residual, gate = _row_major(residual), _row_major(gate)
     w4a4_gemm_kernel[(grid_size(m, n, cfg),)](
         qx,
         ascales,
@@ -239,6 +262,8 @@ def launch_w4a4_gemm(
         proj_up,
         bias if bias is not None else out,
         out,
+        residual if gated else out,
+        gate if gated else out,
         m,
         n,
         k,
@@ -252,6 +277,9 @@ def launch_w4a4_gemm(
         lora_act.stride(0),
         proj_up.stride(0),
         out.stride(0),
+        residual.stride(0) if gated else 0,
+        gate.stride(0) if gated else 0,
+        m // gate.shape[0] if gated else 1,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_R=block_r(r, GEMM_LORA_CHUNK),
@@ -264,6 +292,7 @@ def launch_w4a4_gemm(
         COMPILED=not _INTERPRET,
         BIAS_MMA=cfg.bias_mma,
         K_BIAS=bias_mma_channels(group, unsigned),
+        GATED=gated,
         **cfg.launch_options(),
     )
     return out

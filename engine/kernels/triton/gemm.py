@@ -36,6 +36,7 @@ from engine.kernels.triton.common import (
     SUB_OUT_EXP,
     LaunchConfig,
     grouped_tile,
+    round_to,
     round_to_22_bits,
     scale_biased,
     scale_lowest_binade,
@@ -107,6 +108,8 @@ def w4a4_gemm_kernel(
     up_ptr,  # [N, R]
     bias_ptr,  # [N]
     out_ptr,  # [M, N]
+    res_ptr,  # [M, N] out dtype (GATED)
+    gate_ptr,  # [B, N] out dtype (GATED)
     M,
     N,
     K,
@@ -120,6 +123,9 @@ def w4a4_gemm_kernel(
     stride_lm,
     stride_un,
     stride_om,
+    stride_rm,
+    stride_gb,
+    rows_per_gate,  # M / B: row r takes gate row r // rows_per_gate
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -132,6 +138,7 @@ def w4a4_gemm_kernel(
     COMPILED: tl.constexpr,  # for a GPU: inline-PTX unpacking (not interpreted)
     BIAS_MMA: tl.constexpr = False,  # Hopper: bias MMA + lowest-binade conversion (module docstring)
     K_BIAS: tl.constexpr = 32,  # the bias MMA's channels (bias_mma_channels)
+    GATED: tl.constexpr = False,  # out = residual + gate * y (contract: w4a4_gemm), after the loop
 ):
     HALF: tl.constexpr = GROUP // 2
     MAGIC: tl.constexpr = 0x4B400000  # the bits of 1.5 * 2^23 (common.I2F_MAGIC_BITS)
@@ -229,6 +236,17 @@ def w4a4_gemm_kernel(
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     out_rows = offs_m.to(tl.int64)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if GATED:
+        # diffusers' eager roundings: y, gate * y and the sum each rounded to the output dtype
+        # (no-ops for fp32, where the product and the sum may contract into one FMA)
+        out_ty = out_ptr.dtype.element_ty
+        img = (rows // rows_per_gate).to(tl.int64)  # [BM] image of each (clamped) row
+        gate = tl.load(gate_ptr + img[:, None] * stride_gb + cols[None, :]).to(tl.float32)
+        res = tl.load(res_ptr + out_rows[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+        prod = round_to(gate * round_to(acc, out_ty, COMPILED), out_ty, COMPILED)
+        acc = res.to(tl.float32) + prod
+        if not COMPILED:  # the interpreter's store truncates to bf16: round here, half to even
+            acc = round_to(acc, out_ty, COMPILED)
     tl.store(
         out_ptr + out_rows[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask
     )
