@@ -1,5 +1,5 @@
 // SVDQuant W4A4 GEMM (svdq::w4a4_gemm, see kernels.h): int4 tensor-core MMA over the packed codes, the low-rank
-// up-projection and bias fused into the epilogue. Deterministic: every output is owned by one thread and summed
+// up-projection, bias and (optionally) the block's gate multiply and residual add fused into the epilogue. Deterministic: every output is owned by one thread and summed
 // in a fixed order; no atomics.
 //
 // The tile parameters below are read by scripts/kernel_model.py (keep them `constexpr int kName = value;`).
@@ -42,6 +42,41 @@ static_assert(kNT % 2 == 0 && kBM <= kThreads && kBN <= kThreads, "tile shape");
 // ---------------------------------------------------------------------------------------------------------
 __device__ __forceinline__ int swz(int row, int half) { return row * kGroupBytes + 16 * (half ^ ((row >> 2) & 1)); }
 
+// fp32 v rounded to T and back (round to nearest even), as torch stores a 16-bit op's result.
+__device__ __forceinline__ float round_to(float v, float) { return v; }
+__device__ __forceinline__ float round_to(float v, __half) { return __half2float(__float2half_rn(v)); }
+__device__ __forceinline__ float round_to(float v, __nv_bfloat16) { return __bfloat162float(__float2bfloat16_rn(v)); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// The gate/residual epilogue on this thread's accumulators (bias included), before the store's rounding to T:
+// residual + rnd(gate[m / rows_per_gate] * rnd(y)) (w4a4_gemm's contract: diffusers' roundings; for fp32 outputs
+// one FFMA may take the product and the sum, as the contract allows). Row wm0 + 16 mt + 8 h, column wn0 + 8 nt.
+template <typename T>
+__device__ __forceinline__ void gate_residual(float (&acc)[kMT][kNT][4], int wm0, int wn0, const void* residual,
+                                              const void* gate, int rows_per_gate, int M, int N) {
+  const T* res = static_cast<const T*>(residual);
+  const T* gt = static_cast<const T*>(gate);
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = wm0 + mt * 16 + 8 * h;
+      if (m >= M) continue;
+      const int64_t row = static_cast<int64_t>(m) * N, grow = static_cast<int64_t>(m / rows_per_gate) * N;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int n = wn0 + nt * 8 + j;
+          if (n >= N) continue;
+          float& y = acc[mt][nt][2 * h + j];
+          y = to_float(res[row + n]) + round_to(to_float(gt[grow + n]) * round_to(y, T{}), T{});
+        }
+    }
+}
+
 // Low-rank branch on bf16 tensor cores into the same fp32 accumulators: lora_act (fp32) as hi + lo bf16,
 // proj_up as bf16 (plus its residual when the host split a wider dtype); k runs over R in steps of 16.
 // One m16 tile at a time keeps the live fragments small next to the 128 accumulators.
@@ -49,7 +84,8 @@ __device__ __forceinline__ int swz(int row, int half) { return row * kGroupBytes
 __device__ __forceinline__ void epilogue(float (&acc)[kMT][kNT][4], int m0, int n0, int wm, int wn, int grp, int t,
                                          const float* __restrict__ lora_act, const __nv_bfloat16* __restrict__ up_hi,
                                          const __nv_bfloat16* __restrict__ up_lo, const void* __restrict__ bias,
-                                         DType bt, void* __restrict__ out, DType ot, int M, int N, int R) {
+                                         DType bt, void* __restrict__ out, DType ot, const void* __restrict__ residual,
+                                         const void* __restrict__ gate, int rows_per_gate, int M, int N, int R) {
   for (int k0 = 0; k0 < R; k0 += 16) {
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
@@ -81,23 +117,38 @@ __device__ __forceinline__ void epilogue(float (&acc)[kMT][kNT][4], int m0, int 
     }
   }
 
-  // Bias, then packed stores: each thread writes (c0, c1) and (c2, c3) as one bf16x2 / half2 / float2.
+  // Bias into the accumulators; then the gate/residual epilogue (one loop per output dtype, chosen once); then
+  // packed stores: each thread writes (c0, c1) and (c2, c3) as one bf16x2 / half2 / float2.
+  if (bias != nullptr) {
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+      const int n = n0 + wn + nt * 8 + 2 * t;
+      const float b0 = n < N ? load_float(bias, bt, n) : 0.f, b1 = n + 1 < N ? load_float(bias, bt, n + 1) : 0.f;
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mt][nt][e] += e % 2 ? b1 : b0;
+    }
+  }
+  if (residual != nullptr) {
+    const int wm0 = m0 + wm + grp, wn0 = n0 + wn + 2 * t;
+    switch (ot) {
+      case DType::F32: gate_residual<float>(acc, wm0, wn0, residual, gate, rows_per_gate, M, N); break;
+      case DType::F16: gate_residual<__half>(acc, wm0, wn0, residual, gate, rows_per_gate, M, N); break;
+      default: gate_residual<__nv_bfloat16>(acc, wm0, wn0, residual, gate, rows_per_gate, M, N);
+    }
+  }
   const bool pairs = (N % 2) == 0;  // 4- or 8-byte aligned pairs
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
     const int n = n0 + wn + nt * 8 + 2 * t;
-    float b0 = 0.f, b1 = 0.f;
-    if (bias != nullptr) {
-      if (n < N) b0 = load_float(bias, bt, n);
-      if (n + 1 < N) b1 = load_float(bias, bt, n + 1);
-    }
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int m = m0 + wm + mt * 16 + grp + 8 * h;
         if (m >= M || n >= N) continue;
-        const float y0 = acc[mt][nt][2 * h] + b0, y1 = acc[mt][nt][2 * h + 1] + b1;
+        const float y0 = acc[mt][nt][2 * h], y1 = acc[mt][nt][2 * h + 1];
         const int64_t o = static_cast<int64_t>(m) * N + n;
         if (pairs) {
           switch (ot) {
@@ -154,7 +205,8 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
     const uint8_t* __restrict__ qw, const float* __restrict__ wscales, int ws_n, int ws_g,
     const float* __restrict__ lora_act, const __nv_bfloat16* __restrict__ up_hi,
     const __nv_bfloat16* __restrict__ up_lo, const void* __restrict__ bias, DType bt, void* __restrict__ out,
-    DType ot, int M, int N, int K, int R) {
+    DType ot, const void* __restrict__ residual, const void* __restrict__ gate, int rows_per_gate, int M, int N, int K,
+    int R) {
   extern __shared__ __align__(16) uint8_t smem[];
   const uint32_t smem0 = smem_addr(smem);
   constexpr int kSaOff = (kBM + kBN) * kGroupBytes, kSwOff = kSaOff + kThreads * 8;
@@ -287,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
     const int tid2 = reread_tid(), lane2 = tid2 % 32;
     const TileCoords tc2 = tile_coords(reread_ctaid(), tid2 / 32, M, N);
     epilogue(acc, tc2.m0, tc2.n0, tc2.wm, tc2.wn, lane2 / 4, lane2 % 4, lora_act, up_hi, up_lo, bias, bt, out, ot,
-             M, N, R);
+             residual, gate, rows_per_gate, M, N, R);
   }
 }
 
@@ -296,9 +348,11 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
 cudaError_t w4a4_gemm(const uint8_t* qx, const float* ascales, int64_t as_m, int64_t as_g, const uint8_t* qweight,
                       const float* wscales, int64_t ws_n, int64_t ws_g, const float* lora_act,
                       const __nv_bfloat16* up_hi, const __nv_bfloat16* up_lo, const void* bias, DType bt, void* out,
-                      DType ot, int M, int N, int K, int R, bool is_unsigned, cudaStream_t stream) {
+                      DType ot, const void* residual, const void* gate, int rows_per_gate, int M, int N, int K, int R,
+                      bool is_unsigned, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   if (K % kGroup != 0) return cudaErrorInvalidValue;
+  if (residual != nullptr && (gate == nullptr || rows_per_gate <= 0 || M % rows_per_gate != 0)) return cudaErrorInvalidValue;
   // 32-bit offsets inside the kernel (ops.cpp reports these limits with a clear message)
   const int64_t lim = int64_t{1} << 31;
   if (int64_t{M} * K / 2 >= lim || int64_t{N} * K / 2 >= lim) return cudaErrorInvalidValue;
@@ -319,7 +373,8 @@ cudaError_t w4a4_gemm(const uint8_t* qx, const float* ascales, int64_t as_m, int
     opted_in[is_unsigned].fetch_or(bit);
   }
   kernel<<<tiles, kThreads, kSmemBytes, stream>>>(qx, ascales, static_cast<int>(as_m), static_cast<int>(as_g), qweight, wscales, static_cast<int>(ws_n),
-                                                  static_cast<int>(ws_g), lora_act, up_hi, up_lo, bias, bt, out, ot, M, N, K, R);
+                                                  static_cast<int>(ws_g), lora_act, up_hi, up_lo, bias, bt, out, ot, residual, gate,
+                                                  rows_per_gate, M, N, K, R);
   return cudaGetLastError();
 }
 
