@@ -357,8 +357,8 @@ def _half_arith(c: CTA, ins: Instr, m, name: str, t: str):
     with np.errstate(all="ignore"):
         for h in range(lanes):
             a, b = (half_to_f64(s >> U64(16 * h), kind) for s in srcs)
-            r = {"add": lambda: a + b, "sub": lambda: a - b, "mul": lambda: a * b,
-                 "min": lambda: np.fmin(a, b), "max": lambda: np.fmax(a, b)}[name]()  # fmt: skip
+            ops = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "min": np.fmin, "max": np.fmax}
+            r = ops[name](a, b)
             out |= to_half_bits(r, kind) << U64(16 * h)
     c.write(ins.args[0], out, m)
     return None

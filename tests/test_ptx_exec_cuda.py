@@ -130,7 +130,9 @@ def test_cuda_gemm_ptx_matches_reference(ptx, prm, r, unsigned):
     assert torch.equal(y, want), (y - want).abs().max()
 
 
-@pytest.mark.parametrize("r,unsigned,images,out_dtype", [(5, True, 1, torch.bfloat16), (0, False, 2, torch.float16)])
+@pytest.mark.parametrize(
+    "r,unsigned,images,out_dtype", [(5, True, 1, torch.bfloat16), (0, False, 2, torch.float16)]
+)
 def test_cuda_gemm_gate_residual_epilogue_ptx_matches_reference(ptx, prm, r, unsigned, images, out_dtype):
     """The gate/residual epilogue compiled: residual + gate * y with the contract's three roundings
     to a 16-bit output, bit for bit (y exact, so every rounding is the reference's); two images
@@ -139,7 +141,9 @@ def test_cuda_gemm_gate_residual_epilogue_ptx_matches_reference(ptx, prm, r, uns
     assert not findings, findings.report()
     assert written.all()
     assert torch.equal(y, want), (y.float() - want.float()).abs().max()
-    plain = reference.w4a4_gemm(**exact_gemm_inputs(20, K, N, r, unsigned), unsigned=unsigned, out_dtype=out_dtype)
+    plain = reference.w4a4_gemm(
+        **exact_gemm_inputs(20, K, N, r, unsigned), unsigned=unsigned, out_dtype=out_dtype
+    )
     assert not torch.equal(y, plain)  # the epilogue really ran
 
 

@@ -220,7 +220,11 @@ def test_half_precision_arithmetic_rounds_once_per_lane():
     these fell through to the integer handler and added bit patterns."""
     a = RNG.standard_normal(2 * T).astype(np.float16)
     b = (RNG.standard_normal(2 * T) * 8).astype(np.float16)
-    pack = lambda v: (v.view(np.uint16)[0::2].astype(np.uint32) | (v.view(np.uint16)[1::2].astype(np.uint32) << 16))  # noqa: E731
+
+    def pack(v: np.ndarray) -> np.ndarray:  # pairs of 16-bit values as x2 registers, element 0 low
+        u = v.view(np.uint16).astype(np.uint32)
+        return u[0::2] | (u[1::2] << 16)
+
     got, findings = run("mul.rn.f16x2 %r20, %r10, %r11;\nst.global.b32 [%rd4], %r20;", pack(a), pack(b))
     assert not findings
     want = (a.astype(np.float64) * b.astype(np.float64)).astype(np.float16)  # exact product, one rounding

@@ -132,8 +132,7 @@ def gate_residual(
     16-bit values is exact in fp32, so this is bit for bit what torch's eager
     ``residual + gate.unsqueeze(1) * y.to(out_dtype)`` gives; for fp32 the three roundings are
     no-ops and a kernel may fuse product and sum into one FMA (one fp32 rounding fewer)."""
-    m, n = y.shape
-    rows = m // gate.shape[0]
+    rows = y.shape[0] // gate.shape[0]
     y16 = y.to(out_dtype).float()  # the linear's output
     g = gate.float().repeat_interleave(rows, dim=0)  # [M, N]
     prod = (g * y16).to(out_dtype).float()  # gate * y, rounded

@@ -240,7 +240,7 @@ def w4a4_gemm_kernel(
         # diffusers' eager roundings: y, gate * y and the sum each rounded to the output dtype
         # (no-ops for fp32, where the product and the sum may contract into one FMA)
         out_ty = out_ptr.dtype.element_ty
-        img = (tl.minimum(offs_m, M - 1) // rows_per_gate).to(tl.int64)  # [BM] image of each row (int32 division)
+        img = (tl.minimum(offs_m, M - 1) // rows_per_gate).to(tl.int64)  # [BM] image per row (int32 div)
         gate = tl.load(gate_ptr + img[:, None] * stride_gb + cols[None, :]).to(tl.float32)
         res = tl.load(res_ptr + out_rows[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
         prod = round_to(gate * round_to(acc, out_ty, COMPILED), out_ty, COMPILED)
