@@ -136,7 +136,7 @@ def gate_residual(
     y16 = y.to(out_dtype).float()  # the linear's output
     g = gate.float().repeat_interleave(rows, dim=0)  # [M, N]
     prod = (g * y16).to(out_dtype).float()  # gate * y, rounded
-    return (residual.float() + prod).to(out_dtype)
+    return (residual.float() + prod).to(out_dtype).contiguous()  # [M, N] row-major, as the fake
 
 
 def w4a16_gemv(
