@@ -129,7 +129,7 @@ def test_op_schema_argument_order_matches_the_python_contract():
     )
     assert (
         "w4a4_gemm(Tensor qx, Tensor ascales, Tensor qweight, Tensor wscales, Tensor lora_act, Tensor proj_up, "
-        '"\n        "Tensor? bias, Tensor? residual, Tensor? gate, bool unsigned, ScalarType out_dtype)' in ops
+        '"\n        "Tensor? bias, Tensor? partial, Tensor? residual, Tensor? gate, bool unsigned, ScalarType out_dtype)' in ops
     )
 
 

@@ -65,6 +65,7 @@ def test_quantized_layer_compiles_with_inductor_on_triton(fresh_inductor, use_ke
             layer(x, modulation=(scale, shift)),
             layer(x, gelu=True),
             layer(x, gelu=True, residual=residual, gate=gate),
+            layer(x, partial=residual, residual=residual, gate=gate),
         )
 
     configure_compiler(SETUP)
@@ -136,6 +137,7 @@ def _cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
                 lora_act.to(device),
                 rnd(n, r),
                 bias,
+                rnd(m, n, dtype=out_dtype) if gated else None,  # partial
                 residual,
                 rnd(1, n, dtype=out_dtype) if gated else None,
                 unsigned,

@@ -39,7 +39,8 @@ def test_gemm_gate_residual_epilogue_matches_reference(m, n, r, images, unsigned
     a = gemm_inputs(m, 128, n, r, unsigned=unsigned, device=DEVICE)
     g = torch.Generator().manual_seed(7)
     for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
-        e = {"residual": (torch.randn(m, n, generator=g) * 16).to(DEVICE, out_dtype),
+        e = {"partial": torch.randn(m, n, generator=g).to(DEVICE, out_dtype),
+             "residual": (torch.randn(m, n, generator=g) * 16).to(DEVICE, out_dtype),
              "gate": torch.randn(images, n, generator=g).to(DEVICE, out_dtype)}  # fmt: skip
         h = tb.w4a4_gemm(**a, **e, unsigned=unsigned, out_dtype=out_dtype)
         h_r = reference.w4a4_gemm(**a, **e, unsigned=unsigned, out_dtype=out_dtype)
@@ -48,6 +49,7 @@ def test_gemm_gate_residual_epilogue_matches_reference(m, n, r, images, unsigned
             torch.testing.assert_close(h, h_r, **OUT_TOL[out_dtype])
             continue
         y32 = tb.w4a4_gemm(**a, unsigned=unsigned, out_dtype=torch.float32)  # the kernel's fp32 y
+        y32 = y32 + e["partial"].float()  # the contract's y + partial, in fp32 (one rounding, exact order)
         assert torch.equal(h, gate_residual(y32, e["residual"], e["gate"], out_dtype))
         # y's order of sums may move rnd(y) by one ulp: one bf16 ulp of the sum (|residual| ~ 16)
         torch.testing.assert_close(h, h_r, rtol=2**-7, atol=2**-3)

@@ -90,9 +90,11 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
 
 
 def gate_inputs(m: int, n: int, images: int, dtype: torch.dtype, seed: int = 4) -> dict:
-    """The gate/residual epilogue's operands (w4a4_gemm's contract): residual [M, N], gate [B, N]."""
+    """The epilogue's operands (w4a4_gemm's contract): partial [M, N] (another part's output, exact
+    in 16 bits: multiples of 1/4 below 8), residual [M, N], gate [B, N]."""
     g = torch.Generator().manual_seed(seed)
-    return {"residual": (torch.randn(m, n, generator=g) * 8).to(dtype),
+    return {"partial": (torch.randint(-32, 32, (m, n), generator=g) / 4).to(dtype),
+            "residual": (torch.randn(m, n, generator=g) * 8).to(dtype),
             "gate": torch.randn(images, n, generator=g).to(dtype)}  # fmt: skip
 
 
@@ -110,7 +112,7 @@ def run_gemm(ptx: str, prm: dict, r: int, unsigned: bool, src: str | None = None
             put("wscales", a["wscales"]), a["wscales"].stride(0), a["wscales"].stride(1),
             put("lora_act", a["lora_act"]) if r else 0, put("up_hi", a["proj_up"]) if r else 0, 0,
             put("bias", a["bias"]), DTYPE[torch.bfloat16], mem.alloc("out", m * N * size), DTYPE[out_dtype],
-            put("residual", e["residual"]) if gated else 0, put("gate", e["gate"]) if gated else 0,
+            put("partial", e["partial"]) if gated else 0, put("residual", e["residual"]) if gated else 0, put("gate", e["gate"]) if gated else 0,
             m // gated if gated else 1, m, N, K, r]  # fmt: skip
     kernel = X.parse(src or ptx, entry(ptx, rf"w4a4_gemm_kernelILb{int(unsigned)}E"))
     tiles = -(-m // prm["kBM"]) * -(-N // prm["kBN"])
@@ -134,9 +136,9 @@ def test_cuda_gemm_ptx_matches_reference(ptx, prm, r, unsigned):
     "r,unsigned,images,out_dtype", [(5, True, 1, torch.bfloat16), (0, False, 2, torch.float16)]
 )
 def test_cuda_gemm_gate_residual_epilogue_ptx_matches_reference(ptx, prm, r, unsigned, images, out_dtype):
-    """The gate/residual epilogue compiled: residual + gate * y with the contract's three roundings
-    to a 16-bit output, bit for bit (y exact, so every rounding is the reference's); two images
-    take their own gate rows (M = 20, rows 0..9 and 10..19)."""
+    """The partial/gate/residual epilogue compiled: residual + gate * (y + partial) with the
+    contract's three roundings to a 16-bit output, bit for bit (y + partial exact, so every
+    rounding is the reference's); two images take their own gate rows (M = 20, rows 0..9, 10..19)."""
     findings, y, want, written = run_gemm(ptx, prm, r, unsigned, gated=images, out_dtype=out_dtype, m=20)
     assert not findings, findings.report()
     assert written.all()

@@ -74,10 +74,11 @@ def exact_gemm_inputs(m: int, k: int, n: int, r: int, unsigned: bool, seed: int 
 
 
 def _gemm(r: int, unsigned: bool, bias_mma: bool, m: int = M, out_dtype=torch.float32, images: int = 0):
-    """``images``: the gate/residual epilogue, gate [images, N] (M divisible by it)."""
+    """``images``: the partial/gate/residual epilogue, gate [images, N] (M divisible by it)."""
     a = exact_gemm_inputs(m, K, N, r, unsigned)
     if images:
         g = torch.Generator().manual_seed(4)
+        a["partial"] = (torch.randint(-32, 32, (m, N), generator=g) / 4).to(out_dtype)  # exact
         a["residual"] = (torch.randn(m, N, generator=g) * 8).to(out_dtype)
         a["gate"] = torch.randn(images, N, generator=g).to(out_dtype)
 

@@ -8,7 +8,7 @@ separate linears over the same input. Here they are one linear with concatenated
 * single block: ``to_qkv_mlp`` (q | k | v | proj_mlp), on the block;
 * the single block's ``proj_out`` is a :class:`SplitInputLinear` whose two parts the forward
   calls on the attention output and the GELU output directly (no concatenation, no slices);
-  quantized, the second part's GEMM accumulates onto the first's gated output.
+  quantized, the second part's GEMM adds the first's output, then the gate and the residual.
 
 The forwards are diffusers' arithmetic (FLUX.1 as diffusers 0.42.1 computes it) with the glue
 between the quantized linears folded into as few launches as possible:
@@ -187,14 +187,15 @@ class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
         )
         attn_output = attend(q, k, v).flatten(2, 3)
 
-        # proj_out over (attention, MLP) as its two parts, no concatenation: quantized, each part's
-        # GEMM adds its gated output onto the residual stream (the second onto the first's result);
-        # float, diffusers' arithmetic on the parts' sum.
+        # proj_out over (attention, MLP) as its two parts, no concatenation: quantized, the MLP
+        # part's GEMM adds the attention part's output to its own, then the gate and the residual
+        # in its epilogue (one output, one rounding of the stream, as diffusers); float, diffusers'
+        # arithmetic on the parts' sum.
         attn_part, mlp_part = self.proj_out.parts
         mlp_in = proj[..., 3 * attn.inner_dim :]
-        if isinstance(attn_part, SVDQLinear) and isinstance(mlp_part, SVDQLinear):
-            hidden_states = _gated(attn_part, attn_output, residual, gate_msa)
-            hidden_states = _gated(mlp_part, mlp_in, hidden_states, gate_msa, gelu=True)
+        if isinstance(mlp_part, SVDQLinear):
+            y_attn = attn_part(attn_output)  # [B, S, D]
+            hidden_states = mlp_part(mlp_in, gelu=True, partial=y_attn, residual=residual, gate=gate_msa)
         else:
             out = attn_part(attn_output) + _gelu_project(mlp_part, mlp_in)
             hidden_states = residual + gate_msa.unsqueeze(1) * out

@@ -223,6 +223,7 @@ def w4a4_gemm(
     lora_act: torch.Tensor,
     proj_up: torch.Tensor,
     bias: torch.Tensor | None = None,
+    partial: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     *,
@@ -230,7 +231,8 @@ def w4a4_gemm(
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """4-bit x 4-bit GEMM with per-group scales, fp32 accumulation, low-rank and bias epilogue;
-    with ``residual [M, N]`` and ``gate [B, N]`` (out_dtype) it returns the block's
+    ``partial [M, N]`` (out_dtype) is added to y (a split-input linear's other part); with
+    ``residual [M, N]`` and ``gate [B, N]`` (out_dtype) it returns the block's
     ``residual + gate * y`` instead of y, with diffusers' roundings (contract: w4a4_gemm)."""
     for name, t in (("qx", qx), ("qweight", qweight)):
         if t.dtype != torch.uint8 or t.dim() != 2:
@@ -264,9 +266,14 @@ def w4a4_gemm(
         _check_shape("bias", bias, (n,))
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if partial is not None:
+        _check_float("partial", partial)
+        if partial.dtype != out_dtype:
+            raise TypeError(f"partial must have out_dtype {out_dtype}, got {partial.dtype}")
+        _check_shape("partial", partial, (m, n))
     _check_epilogue(residual, gate, m, n, out_dtype)
     return torch.ops.svdq.w4a4_gemm(
-        qx, ascales, qweight, wscales, lora_act, proj_up, bias, residual, gate, unsigned, out_dtype
+        qx, ascales, qweight, wscales, lora_act, proj_up, bias, partial, residual, gate, unsigned, out_dtype
     )
 
 
@@ -416,6 +423,7 @@ def _w4a4_gemm_op(
     lora_act: torch.Tensor,
     proj_up: torch.Tensor,
     bias: torch.Tensor | None,
+    partial: torch.Tensor | None,
     residual: torch.Tensor | None,
     gate: torch.Tensor | None,
     unsigned: bool,
@@ -430,6 +438,7 @@ def _w4a4_gemm_op(
         lora_act,
         proj_up,
         bias,
+        partial,
         residual,
         gate,
         unsigned=unsigned,
@@ -438,7 +447,7 @@ def _w4a4_gemm_op(
 
 
 @_w4a4_gemm_op.register_fake
-def _(qx, ascales, qweight, wscales, lora_act, proj_up, bias, residual, gate, unsigned, out_dtype):
+def _(qx, ascales, qweight, wscales, lora_act, proj_up, bias, partial, residual, gate, unsigned, out_dtype):
     return qx.new_empty(qx.shape[0], qweight.shape[0], dtype=out_dtype)  # [M, N] contiguous
 
 

@@ -156,6 +156,7 @@ def w4a4_gemm(
     lora_act: torch.Tensor,
     proj_up: torch.Tensor,
     bias: torch.Tensor | None,
+    partial: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     *,
@@ -166,9 +167,10 @@ def w4a4_gemm(
     Hopper (sm_90) takes the FP8 kernel of engine/kernels/triton/gemm_sm90.py where its
     integer sums check exact on the device (once; gemm_sm90.serves) and its whole-rank low-rank
     tile fits (rank <= gemm_sm90.MAX_RANK), else the int8 one, whose low-rank loop is chunked.
-    The gate/residual epilogue is the int8 kernel's only: on Hopper such calls take it."""
+    The partial/gate/residual epilogue is the int8 kernel's only: on Hopper such calls take it."""
     if (
         residual is None
+        and partial is None
         and _major(qx.device) == 9
         and lora_act.shape[1] <= gemm_sm90.MAX_RANK
         and gemm_sm90.serves(qx.device)
@@ -192,6 +194,7 @@ def w4a4_gemm(
         lora_act,
         proj_up,
         bias,
+        partial,
         residual,
         gate,
         unsigned=unsigned,
@@ -231,6 +234,7 @@ def launch_w4a4_gemm(
     lora_act: torch.Tensor,
     proj_up: torch.Tensor,
     bias: torch.Tensor | None,
+    partial: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     *,
@@ -253,6 +257,8 @@ def launch_w4a4_gemm(
     gated = residual is not None
     if gated:
         residual, gate = _row_major(residual), _row_major(gate)
+    if partial is not None:
+        partial = _row_major(partial)
     w4a4_gemm_kernel[(grid_size(m, n, cfg),)](
         qx,
         ascales,
@@ -262,6 +268,7 @@ def launch_w4a4_gemm(
         proj_up,
         bias if bias is not None else out,
         out,
+        partial if partial is not None else out,
         residual if gated else out,
         gate if gated else out,
         m,
@@ -277,6 +284,7 @@ def launch_w4a4_gemm(
         lora_act.stride(0),
         proj_up.stride(0),
         out.stride(0),
+        partial.stride(0) if partial is not None else 0,
         residual.stride(0) if gated else 0,
         gate.stride(0) if gated else 0,
         m // gate.shape[0] if gated else 1,
@@ -293,6 +301,7 @@ def launch_w4a4_gemm(
         BIAS_MMA=cfg.bias_mma,
         K_BIAS=bias_mma_channels(group, unsigned),
         GATED=gated,
+        HAS_PARTIAL=partial is not None,
         **cfg.launch_options(),
     )
     return out

@@ -95,6 +95,7 @@ def w4a4_gemm(
     lora_act: torch.Tensor,  # fp32 [M, R]
     proj_up: torch.Tensor,  # [N, R]
     bias: torch.Tensor | None,  # [N]
+    partial: torch.Tensor | None = None,  # [M, N] out_dtype
     residual: torch.Tensor | None = None,  # [M, N] out_dtype
     gate: torch.Tensor | None = None,  # [B, N] out_dtype, B divides M
     *,
@@ -114,6 +115,8 @@ def w4a4_gemm(
     acc += lora_act.float() @ proj_up.float().T
     if bias is not None:
         acc += bias.float()
+    if partial is not None:
+        acc += partial.float()
     if residual is None:
         return acc.to(out_dtype)
     return gate_residual(acc, residual, gate, out_dtype)

@@ -108,6 +108,7 @@ def w4a4_gemm_kernel(
     up_ptr,  # [N, R]
     bias_ptr,  # [N]
     out_ptr,  # [M, N]
+    partial_ptr,  # [M, N] out dtype (HAS_PARTIAL)
     res_ptr,  # [M, N] out dtype (GATED)
     gate_ptr,  # [B, N] out dtype (GATED)
     M,
@@ -123,6 +124,7 @@ def w4a4_gemm_kernel(
     stride_lm,
     stride_un,
     stride_om,
+    stride_pm,
     stride_rm,
     stride_gb,
     rows_per_gate,  # M / B: row r takes gate row r // rows_per_gate
@@ -139,6 +141,7 @@ def w4a4_gemm_kernel(
     BIAS_MMA: tl.constexpr = False,  # Hopper: bias MMA + lowest-binade conversion (module docstring)
     K_BIAS: tl.constexpr = 32,  # the bias MMA's channels (bias_mma_channels)
     GATED: tl.constexpr = False,  # out = residual + gate * y (contract: w4a4_gemm), after the loop
+    HAS_PARTIAL: tl.constexpr = False,  # y += partial (another part of a split-input linear)
 ):
     HALF: tl.constexpr = GROUP // 2
     MAGIC: tl.constexpr = 0x4B400000  # the bits of 1.5 * 2^23 (common.I2F_MAGIC_BITS)
@@ -236,6 +239,9 @@ def w4a4_gemm_kernel(
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     out_rows = offs_m.to(tl.int64)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_PARTIAL:
+        p_ptrs = partial_ptr + out_rows[:, None] * stride_pm + offs_n[None, :]
+        acc += tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
     if GATED:
         # diffusers' eager roundings: y, gate * y and the sum each rounded to the output dtype
         # (no-ops for fp32, where the product and the sum may contract into one FMA)

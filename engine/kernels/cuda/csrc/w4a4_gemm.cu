@@ -50,12 +50,15 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// The gate/residual epilogue on this thread's accumulators (bias included), before the store's rounding to T:
-// residual + rnd(gate[m / rows_per_gate] * rnd(y)) (w4a4_gemm's contract: diffusers' roundings; for fp32 outputs
-// one FFMA may take the product and the sum, as the contract allows). Row wm0 + 16 mt + 8 h, column wn0 + 8 nt.
+// The partial/gate/residual epilogue on this thread's accumulators (bias included), before the store's rounding
+// to T: y += partial, then residual + rnd(gate[m / rows_per_gate] * rnd(y)) (w4a4_gemm's contract: diffusers'
+// roundings; for fp32 outputs one FFMA may take the product and the sum, as the contract allows). Either part
+// may be absent (null). Row wm0 + 16 mt + 8 h, column wn0 + 8 nt.
 template <typename T>
-__device__ __forceinline__ void gate_residual(float (&acc)[kMT][kNT][4], int wm0, int wn0, const void* residual,
-                                              const void* gate, int rows_per_gate, int M, int N) {
+__device__ __forceinline__ void partial_gate_residual(float (&acc)[kMT][kNT][4], int wm0, int wn0,
+                                                      const void* partial, const void* residual, const void* gate,
+                                                      int rows_per_gate, int M, int N) {
+  const T* part = static_cast<const T*>(partial);
   const T* res = static_cast<const T*>(residual);
   const T* gt = static_cast<const T*>(gate);
 #pragma unroll
@@ -72,7 +75,8 @@ __device__ __forceinline__ void gate_residual(float (&acc)[kMT][kNT][4], int wm0
           const int n = wn0 + nt * 8 + j;
           if (n >= N) continue;
           float& y = acc[mt][nt][2 * h + j];
-          y = to_float(res[row + n]) + round_to(to_float(gt[grow + n]) * round_to(y, T{}), T{});
+          if (part != nullptr) y += to_float(part[row + n]);
+          if (res != nullptr) y = to_float(res[row + n]) + round_to(to_float(gt[grow + n]) * round_to(y, T{}), T{});
         }
     }
 }
@@ -84,8 +88,9 @@ __device__ __forceinline__ void gate_residual(float (&acc)[kMT][kNT][4], int wm0
 __device__ __forceinline__ void epilogue(float (&acc)[kMT][kNT][4], int m0, int n0, int wm, int wn, int grp, int t,
                                          const float* __restrict__ lora_act, const __nv_bfloat16* __restrict__ up_hi,
                                          const __nv_bfloat16* __restrict__ up_lo, const void* __restrict__ bias,
-                                         DType bt, void* __restrict__ out, DType ot, const void* __restrict__ residual,
-                                         const void* __restrict__ gate, int rows_per_gate, int M, int N, int R) {
+                                         DType bt, void* __restrict__ out, DType ot, const void* __restrict__ partial,
+                                         const void* __restrict__ residual, const void* __restrict__ gate,
+                                         int rows_per_gate, int M, int N, int R) {
   for (int k0 = 0; k0 < R; k0 += 16) {
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
@@ -130,12 +135,12 @@ __device__ __forceinline__ void epilogue(float (&acc)[kMT][kNT][4], int m0, int 
         for (int e = 0; e < 4; ++e) acc[mt][nt][e] += e % 2 ? b1 : b0;
     }
   }
-  if (residual != nullptr) {
+  if (partial != nullptr || residual != nullptr) {
     const int wm0 = m0 + wm + grp, wn0 = n0 + wn + 2 * t;
     switch (ot) {
-      case DType::F32: gate_residual<float>(acc, wm0, wn0, residual, gate, rows_per_gate, M, N); break;
-      case DType::F16: gate_residual<__half>(acc, wm0, wn0, residual, gate, rows_per_gate, M, N); break;
-      default: gate_residual<__nv_bfloat16>(acc, wm0, wn0, residual, gate, rows_per_gate, M, N);
+      case DType::F32: partial_gate_residual<float>(acc, wm0, wn0, partial, residual, gate, rows_per_gate, M, N); break;
+      case DType::F16: partial_gate_residual<__half>(acc, wm0, wn0, partial, residual, gate, rows_per_gate, M, N); break;
+      default: partial_gate_residual<__nv_bfloat16>(acc, wm0, wn0, partial, residual, gate, rows_per_gate, M, N);
     }
   }
   const bool pairs = (N % 2) == 0;  // 4- or 8-byte aligned pairs
@@ -205,8 +210,8 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
     const uint8_t* __restrict__ qw, const float* __restrict__ wscales, int ws_n, int ws_g,
     const float* __restrict__ lora_act, const __nv_bfloat16* __restrict__ up_hi,
     const __nv_bfloat16* __restrict__ up_lo, const void* __restrict__ bias, DType bt, void* __restrict__ out,
-    DType ot, const void* __restrict__ residual, const void* __restrict__ gate, int rows_per_gate, int M, int N, int K,
-    int R) {
+    DType ot, const void* __restrict__ partial, const void* __restrict__ residual, const void* __restrict__ gate,
+    int rows_per_gate, int M, int N, int K, int R) {
   extern __shared__ __align__(16) uint8_t smem[];
   const uint32_t smem0 = smem_addr(smem);
   constexpr int kSaOff = (kBM + kBN) * kGroupBytes, kSwOff = kSaOff + kThreads * 8;
@@ -339,7 +344,7 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
     const int tid2 = reread_tid(), lane2 = tid2 % 32;
     const TileCoords tc2 = tile_coords(reread_ctaid(), tid2 / 32, M, N);
     epilogue(acc, tc2.m0, tc2.n0, tc2.wm, tc2.wn, lane2 / 4, lane2 % 4, lora_act, up_hi, up_lo, bias, bt, out, ot,
-             residual, gate, rows_per_gate, M, N, R);
+             partial, residual, gate, rows_per_gate, M, N, R);
   }
 }
 
@@ -348,8 +353,8 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
 cudaError_t w4a4_gemm(const uint8_t* qx, const float* ascales, int64_t as_m, int64_t as_g, const uint8_t* qweight,
                       const float* wscales, int64_t ws_n, int64_t ws_g, const float* lora_act,
                       const __nv_bfloat16* up_hi, const __nv_bfloat16* up_lo, const void* bias, DType bt, void* out,
-                      DType ot, const void* residual, const void* gate, int rows_per_gate, int M, int N, int K, int R,
-                      bool is_unsigned, cudaStream_t stream) {
+                      DType ot, const void* partial, const void* residual, const void* gate, int rows_per_gate, int M,
+                      int N, int K, int R, bool is_unsigned, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   if (K % kGroup != 0) return cudaErrorInvalidValue;
   if (residual != nullptr && (gate == nullptr || rows_per_gate <= 0 || M % rows_per_gate != 0)) return cudaErrorInvalidValue;
@@ -373,7 +378,7 @@ cudaError_t w4a4_gemm(const uint8_t* qx, const float* ascales, int64_t as_m, int
     opted_in[is_unsigned].fetch_or(bit);
   }
   kernel<<<tiles, kThreads, kSmemBytes, stream>>>(qx, ascales, static_cast<int>(as_m), static_cast<int>(as_g), qweight, wscales, static_cast<int>(ws_n),
-                                                  static_cast<int>(ws_g), lora_act, up_hi, up_lo, bias, bt, out, ot, residual, gate,
+                                                  static_cast<int>(ws_g), lora_act, up_hi, up_lo, bias, bt, out, ot, partial, residual, gate,
                                                   rows_per_gate, M, N, K, R);
   return cudaGetLastError();
 }
