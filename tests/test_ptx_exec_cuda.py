@@ -114,7 +114,8 @@ def run_gemm(ptx: str, prm: dict, r: int, unsigned: bool, src: str | None = None
             put("bias", a["bias"]), DTYPE[torch.bfloat16], mem.alloc("out", m * N * size), DTYPE[out_dtype],
             put("partial", e["partial"]) if gated else 0, put("residual", e["residual"]) if gated else 0, put("gate", e["gate"]) if gated else 0,
             m // gated if gated else 1, m, N, K, r]  # fmt: skip
-    kernel = X.parse(src or ptx, entry(ptx, rf"w4a4_gemm_kernelILb{int(unsigned)}E"))
+    extras = {torch.float32: "f", torch.float16: "6__half", torch.bfloat16: "13__nv_bfloat16"}[out_dtype]
+    kernel = X.parse(src or ptx, entry(ptx, rf"w4a4_gemm_kernelILb{int(unsigned)}E{extras if gated else 'v'}E"))
     tiles = -(-m // prm["kBM"]) * -(-N // prm["kBN"])
     findings = X.launch(kernel, mem, args, (tiles, 1, 1), prm["kThreads"], prm["kSmemBytes"])
     np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[out_dtype]
@@ -177,7 +178,7 @@ def test_cuda_quantize_act_ptx_matches_reference(ptx, prm, r, unsigned):
 
 def test_cuda_gemm_without_its_barrier_races(ptx, prm):
     """The main loop's __syncthreads after cp_async_wait removed: the interpreter reports the race."""
-    name = entry(ptx, r"w4a4_gemm_kernelILb0E")
+    name = entry(ptx, r"w4a4_gemm_kernelILb0EvE")
     body = ptx[ptx.index(name) :]
     m = re.search(r"cp\.async\.wait_group\s+\d+;(?:\s|//[^\n]*)*(bar\.sync\s+0;)", body)
     assert m, "no cp.async wait + barrier in the GEMM's PTX"
@@ -190,7 +191,7 @@ def test_cuda_gemm_without_its_barrier_races(ptx, prm):
 def test_cuda_gemm_with_wait_count_one_too_high_reads_in_flight_data(ptx, prm):
     """cp_async_wait<kStages - 1> instead of <kStages - 2>: the stage about to be read may still be
     in flight; the interpreter reports it, and the result is wrong."""
-    name = entry(ptx, r"w4a4_gemm_kernelILb0E")
+    name = entry(ptx, r"w4a4_gemm_kernelILb0EvE")
     start = ptx.index(name)
     m = re.search(r"cp\.async\.wait_group\s+(\d+);(?=(?:\s|//[^\n]*)*bar\.sync\s+0;)", ptx[start:])
     assert m and int(m.group(1)) == prm["kStages"] - 2

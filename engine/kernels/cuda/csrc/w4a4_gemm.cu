@@ -4,6 +4,7 @@
 //
 // The tile parameters below are read by scripts/kernel_model.py (keep them `constexpr int kName = value;`).
 #include <atomic>
+#include <type_traits>
 
 #include "fragments.cuh"
 #include "kernels.h"
@@ -53,7 +54,8 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162f
 // The partial/gate/residual epilogue on this thread's accumulators (bias included), before the store's rounding
 // to T: y += partial, then residual + rnd(gate[m / rows_per_gate] * rnd(y)) (w4a4_gemm's contract: diffusers'
 // roundings; for fp32 outputs one FFMA may take the product and the sum, as the contract allows). Either part
-// may be absent (null). Row wm0 + 16 mt + 8 h, column wn0 + 8 nt.
+// may be absent (null). Row wm0 + 16 mt + 8 h, column wn0 + 8 nt. (Pair loads and pair conversions compiled
+// to more SASS than these scalar ones: 8080 against 6608 instructions outside the loop on sm_86.)
 template <typename T>
 __device__ __forceinline__ void partial_gate_residual(float (&acc)[kMT][kNT][4], int wm0, int wn0,
                                                       const void* partial, const void* residual, const void* gate,
@@ -85,6 +87,10 @@ __device__ __forceinline__ void partial_gate_residual(float (&acc)[kMT][kNT][4],
 // proj_up as bf16 (plus its residual when the host split a wider dtype); k runs over R in steps of 16.
 // One m16 tile at a time keeps the live fragments small next to the 128 accumulators.
 // Then bias, and packed stores: each thread writes (c0, c1) and (c2, c3) as one bf16x2 / half2 / float2.
+// TExtras (float, __half or __nv_bfloat16: the output's type) compiles the partial/gate/residual epilogue in for
+// that type alone; void leaves it out. One kernel instance each: the plain GEMM carries none of its code, and an
+// epilogue instance only its own dtype's.
+template <typename TExtras>
 __device__ __forceinline__ void epilogue(float (&acc)[kMT][kNT][4], int m0, int n0, int wm, int wn, int grp, int t,
                                          const float* __restrict__ lora_act, const __nv_bfloat16* __restrict__ up_hi,
                                          const __nv_bfloat16* __restrict__ up_lo, const void* __restrict__ bias,
@@ -135,14 +141,8 @@ __device__ __forceinline__ void epilogue(float (&acc)[kMT][kNT][4], int m0, int 
         for (int e = 0; e < 4; ++e) acc[mt][nt][e] += e % 2 ? b1 : b0;
     }
   }
-  if (partial != nullptr || residual != nullptr) {
-    const int wm0 = m0 + wm + grp, wn0 = n0 + wn + 2 * t;
-    switch (ot) {
-      case DType::F32: partial_gate_residual<float>(acc, wm0, wn0, partial, residual, gate, rows_per_gate, M, N); break;
-      case DType::F16: partial_gate_residual<__half>(acc, wm0, wn0, partial, residual, gate, rows_per_gate, M, N); break;
-      default: partial_gate_residual<__nv_bfloat16>(acc, wm0, wn0, partial, residual, gate, rows_per_gate, M, N);
-    }
-  }
+  if constexpr (!std::is_void_v<TExtras>)
+    partial_gate_residual<TExtras>(acc, m0 + wm + grp, n0 + wn + 2 * t, partial, residual, gate, rows_per_gate, M, N);
   const bool pairs = (N % 2) == 0;  // 4- or 8-byte aligned pairs
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
@@ -204,7 +204,7 @@ __device__ __forceinline__ int reread_ctaid() {
   return v;
 }
 
-template <bool kUnsigned>
+template <bool kUnsigned, typename TExtras>
 __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
     const uint8_t* __restrict__ qx, const float* __restrict__ ascales, int as_m, int as_g,
     const uint8_t* __restrict__ qw, const float* __restrict__ wscales, int ws_n, int ws_g,
@@ -343,8 +343,19 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
   {
     const int tid2 = reread_tid(), lane2 = tid2 % 32;
     const TileCoords tc2 = tile_coords(reread_ctaid(), tid2 / 32, M, N);
-    epilogue(acc, tc2.m0, tc2.n0, tc2.wm, tc2.wn, lane2 / 4, lane2 % 4, lora_act, up_hi, up_lo, bias, bt, out, ot,
+    epilogue<TExtras>(acc, tc2.m0, tc2.n0, tc2.wm, tc2.wn, lane2 / 4, lane2 % 4, lora_act, up_hi, up_lo, bias, bt, out, ot,
              partial, residual, gate, rows_per_gate, M, N, R);
+  }
+}
+
+// The kernel instance of a call: without the epilogue, or with it for the output's dtype.
+template <bool kUnsigned>
+auto gemm_instance(bool extras, DType ot) {
+  if (!extras) return w4a4_gemm_kernel<kUnsigned, void>;
+  switch (ot) {
+    case DType::F32: return w4a4_gemm_kernel<kUnsigned, float>;
+    case DType::F16: return w4a4_gemm_kernel<kUnsigned, __half>;
+    default: return w4a4_gemm_kernel<kUnsigned, __nv_bfloat16>;
   }
 }
 
@@ -364,18 +375,20 @@ cudaError_t w4a4_gemm(const uint8_t* qx, const float* ascales, int64_t as_m, int
   if ((M + kBM) * (as_m < 0 ? -as_m : as_m) + (K / kGroup) * (as_g < 0 ? -as_g : as_g) >= lim) return cudaErrorInvalidValue;
   if ((N + kBN) * (ws_n < 0 ? -ws_n : ws_n) + (K / kGroup) * (ws_g < 0 ? -ws_g : ws_g) >= lim) return cudaErrorInvalidValue;
   const int tiles = ((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN);
-  auto kernel = is_unsigned ? w4a4_gemm_kernel<true> : w4a4_gemm_kernel<false>;
+  const bool extras = partial != nullptr || residual != nullptr;
+  auto kernel = is_unsigned ? gemm_instance<true>(extras, ot) : gemm_instance<false>(extras, ot);
+  const int instance = 4 * is_unsigned + (extras ? 1 + static_cast<int>(ot) : 0);
   // More than 48 KB of dynamic shared memory needs an opt-in, once per kernel and device (not a stream
   // operation, but done once so that launches inside a CUDA-graph capture make no other API call).
-  static std::atomic<uint64_t> opted_in[2];
+  static std::atomic<uint64_t> opted_in[8];
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   const uint64_t bit = uint64_t{1} << (device % 64);
-  if ((opted_in[is_unsigned].load() & bit) == 0) {
+  if ((opted_in[instance].load() & bit) == 0) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (err != cudaSuccess) return err;
-    opted_in[is_unsigned].fetch_or(bit);
+    opted_in[instance].fetch_or(bit);
   }
   kernel<<<tiles, kThreads, kSmemBytes, stream>>>(qx, ascales, static_cast<int>(as_m), static_cast<int>(as_g), qweight, wscales, static_cast<int>(ws_n),
                                                   static_cast<int>(ws_g), lora_act, up_hi, up_lo, bias, bt, out, ot, partial, residual, gate,
