@@ -73,8 +73,10 @@ def exact_gemm_inputs(m: int, k: int, n: int, r: int, unsigned: bool, seed: int 
     }
 
 
-def _gemm(r: int, unsigned: bool, bias_mma: bool, m: int = M, out_dtype=torch.float32, images: int = 0):
-    """``images``: the partial/gate/residual epilogue, gate [images, N] (M divisible by it)."""
+def _gemm(r: int, unsigned: bool, bias_mma: bool, m: int = M, out_dtype=torch.float32, images: int = 0,
+          large: bool = False):  # fmt: skip
+    """``images``: the partial/gate/residual epilogue, gate [images, N] (M divisible by it);
+    ``large``: sm_86's 128 x 64 config whatever M (its partial-first and two-gate-row paths)."""
     a = exact_gemm_inputs(m, K, N, r, unsigned)
     if images:
         g = torch.Generator().manual_seed(4)
@@ -83,7 +85,7 @@ def _gemm(r: int, unsigned: bool, bias_mma: bool, m: int = M, out_dtype=torch.fl
         a["gate"] = torch.randn(images, N, generator=g).to(out_dtype)
 
     def launch():
-        cfg = G.gemm_config(8, m)  # the sm_86 config (the recorder turns the interpreter switch off)
+        cfg = G.GEMM_CONFIGS[8]["large"] if large else G.gemm_config(8, m)  # sm_86's (not the interpreter's)
         # sm_90's choice of conversion for 64-channel groups, forced onto the sm_86 tile
         cfg = replace(cfg, bias_mma=G.gemm_config(9, m, 64).bias_mma if bias_mma else False)
         tb.launch_w4a4_gemm(**a, unsigned=unsigned, out_dtype=out_dtype, config=cfg)
@@ -160,6 +162,8 @@ SLOW_CASES = {
     "gemm_u_r5_bf16": lambda: _gemm(5, True, False, out_dtype=torch.bfloat16),
     "gemm_s_r0_gated_f16_2cta": lambda: _gemm(0, False, False, m=70, out_dtype=torch.float16, images=1),
     "gemm_s_r5_gated_biasmma": lambda: _gemm(5, False, True, m=20, out_dtype=torch.bfloat16, images=4),
+    "gemm_s_r5_gated_large_2cta": lambda: _gemm(5, False, False, m=130, out_dtype=torch.bfloat16, images=1, large=True),
+    "gemm_u_r0_gated_large_2img": lambda: _gemm(0, True, False, m=40, out_dtype=torch.bfloat16, images=2, large=True),
     "gemv_m1": lambda: _gemv(1),
     "gemv_m4": lambda: _gemv(4),
     "rope_one_part": lambda: _rope(two_parts=False),

@@ -32,7 +32,15 @@ from engine.kernels.triton.act import act_config, quantize_act_kernel
 from engine.kernels.triton.common import INTERPRET, MAX_GEMM_GROUP, LaunchConfig, block_r, check_group_size
 from engine.kernels.triton.common import arch_major as _major  # a module global: the kernel models patch it
 from engine.kernels.triton.common import row_major as _row_major
-from engine.kernels.triton.gemm import GROUP_M, bias_mma_channels, gemm_config, grid_size, w4a4_gemm_kernel
+from engine.kernels.triton.gemm import (
+    GROUP_M,
+    bias_mma_channels,
+    gate_rows2,
+    gemm_config,
+    grid_size,
+    partial_first,
+    w4a4_gemm_kernel,
+)
 from engine.kernels.triton.gemm import LORA_CHUNK as GEMM_LORA_CHUNK
 from engine.kernels.triton.gemv import GEMV_BLOCK_K, MAX_ROWS, gemv_config, w4a16_gemv_kernel
 from engine.kernels.triton.rope import qk_norm_rope  # noqa: F401 (the backend's qk_norm_rope)
@@ -255,10 +263,11 @@ def launch_w4a4_gemm(
     lora_act, proj_up = _row_major(lora_act.float()), _row_major(proj_up)
     ascales = ascales if ascales.dtype == torch.float32 else ascales.float()
     gated = residual is not None
+    # partial and residual are read through out's strides (contiguous [M, N]); gate through its own
     if gated:
-        residual, gate = _row_major(residual), _row_major(gate)
+        residual, gate = residual.contiguous(), _row_major(gate)
     if partial is not None:
-        partial = _row_major(partial)
+        partial = partial.contiguous()
     w4a4_gemm_kernel[(grid_size(m, n, cfg),)](
         qx,
         ascales,
@@ -284,8 +293,6 @@ def launch_w4a4_gemm(
         lora_act.stride(0),
         proj_up.stride(0),
         out.stride(0),
-        partial.stride(0) if partial is not None else 0,
-        residual.stride(0) if gated else 0,
         gate.stride(0) if gated else 0,
         m // gate.shape[0] if gated else 1,
         BLOCK_M=cfg.block_m,
@@ -302,6 +309,8 @@ def launch_w4a4_gemm(
         K_BIAS=bias_mma_channels(group, unsigned),
         GATED=gated,
         HAS_PARTIAL=partial is not None,
+        GATE_ROWS2=gated and gate_rows2(cfg) and m // gate.shape[0] >= cfg.block_m,
+        PARTIAL_FIRST=partial_first(cfg),
         **cfg.launch_options(),
     )
     return out
