@@ -287,6 +287,8 @@ def _int_binop(name):
             r = {"and": a & b, "or": a | b, "xor": a ^ b}[name]
             c.write(ins.args[0], r, m)
             return None
+        if t in ("f16", "bf16", "f16x2", "bf16x2"):
+            return _half_arith(c, ins, m, name, t)
         bits = _TYPE_BITS[t]
         if t in ("f32", "f64"):
             return _float_arith(c, ins, m, name, t)
@@ -340,6 +342,26 @@ def _int_binop(name):
 
 for _n in ("add", "sub", "and", "or", "xor", "min", "max", "mul", "div", "rem", "shl", "shr"):
     HANDLERS[_n] = _int_binop(_n)
+
+
+def _half_arith(c: CTA, ins: Instr, m, name: str, t: str):
+    """add / sub / mul / min / max on f16, bf16 and their x2 pairs (lane h in bits 16h..16h+15), each
+    lane in float64 (exact for two 16-bit operands) rounded once to the type, as the ISA specifies
+    (``.rn`` default; LLVM emits these for a 16-bit op done in fp32 and rounded, an identical result)."""
+    kind = t[:-2] if t.endswith("x2") else t
+    lanes = 2 if t.endswith("x2") else 1
+    if name not in ("add", "sub", "mul", "min", "max") or (_rnd(ins) or "rn") != "rn":
+        raise PtxError(f"{name}.{t} with modifiers {ins.mods}")
+    srcs = [np.broadcast_to(c.read(a, 16 * lanes), (c.T,)).astype(U64) for a in ins.args[1:3]]
+    out = np.zeros(c.T, dtype=U64)
+    with np.errstate(all="ignore"):
+        for h in range(lanes):
+            a, b = (half_to_f64(s >> U64(16 * h), kind) for s in srcs)
+            ops = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "min": np.fmin, "max": np.fmax}
+            r = ops[name](a, b)
+            out |= to_half_bits(r, kind) << U64(16 * h)
+    c.write(ins.args[0], out, m)
+    return None
 
 
 def _float_arith(c: CTA, ins: Instr, m, name: str, t: str):

@@ -70,7 +70,8 @@ def test_resources_allow_the_designed_occupancy(report):
 def test_gemm_main_loop_is_mma_bound_code(report):
     p = report.params
     mmas = (p["kBM"] // p["kWarpsM"] // 16) * (p["kBN"] // p["kWarpsN"] // 8)
-    for variant, loop in report.gemm.items():
+    assert set(report.gemm) == {"s4", "u4", "s4+epilogue", "u4+epilogue"}
+    for variant, loop in report.gemm.items():  # the epilogue instances too: the same main loop
         c = loop.counts
         assert c["int4 MMA"] == mmas, (variant, c)
         assert c["int->float conversion"] == 0, "the magic-number conversion replaces cvt/I2F"
@@ -129,7 +130,7 @@ def test_op_schema_argument_order_matches_the_python_contract():
     )
     assert (
         "w4a4_gemm(Tensor qx, Tensor ascales, Tensor qweight, Tensor wscales, Tensor lora_act, Tensor proj_up, "
-        '"\n        "Tensor? bias, bool unsigned, ScalarType out_dtype)' in ops
+        '"\n        "Tensor? bias, Tensor? partial, Tensor? residual, Tensor? gate, bool unsigned, ScalarType out_dtype)' in ops
     )
 
 

@@ -249,3 +249,34 @@ def test_sm90_weight_cache_takes_inference_tensors():
         a = gemm_inputs(2, 128, 16, 0)
         first = tb.sm90_weight(a["qweight"], a["wscales"])
         assert tb.sm90_weight(a["qweight"], a["wscales"]) is first
+
+
+def test_hopper_epilogue_calls_keep_the_fp8_kernel_and_the_contracts_arithmetic(monkeypatch):
+    """Gate/residual/partial calls (the blocks' out-projections, fc2, proj_out) on Hopper: the FP8
+    kernel writes fp32 and the epilogue runs as the reference's, so the result is the contract's
+    (partial added in fp32, then diffusers' roundings) without the slower int8 kernel."""
+    calls = []
+    real_launch = gemm_sm90.launch
+    monkeypatch.setattr(tb, "_major", lambda device: 9)
+    monkeypatch.setattr(gemm_sm90, "serves", lambda device: True)
+
+    def launch(*a, **kw):
+        calls.append(kw["out_dtype"])
+        return real_launch(*a, **kw)
+
+    monkeypatch.setattr(gemm_sm90, "launch", launch)
+    a = gemm_inputs(6, 128, 24, 4, device=DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    bf = torch.bfloat16
+    a["partial"] = torch.randn(6, 24, generator=gen).to(bf).to(DEVICE)
+    a["residual"] = torch.randn(6, 24, generator=gen).to(bf).to(DEVICE)
+    a["gate"] = torch.randn(2, 24, generator=gen).to(bf).to(DEVICE)  # two images of 3 rows
+    kw = {"unsigned": False, "out_dtype": bf}
+    y = tb.w4a4_gemm(**a, **kw)
+    assert calls == [torch.float32] and y.dtype == bf
+    # the kernel's fp32 sum against the reference's: equal up to summation order, so the result
+    # matches the reference's to one bf16 rounding
+    torch.testing.assert_close(y.float(), reference.w4a4_gemm(**a, **kw).float(), rtol=1.6e-2, atol=1e-2)
+    del a["residual"], a["gate"]
+    y = tb.w4a4_gemm(**a, **kw)  # partial alone: the single block's proj_out without a gate
+    torch.testing.assert_close(y.float(), reference.w4a4_gemm(**a, **kw).float(), rtol=1.6e-2, atol=1e-2)

@@ -45,7 +45,8 @@ def _needs_interpreter() -> None:
 
 
 def test_quantized_layer_compiles_with_inductor_on_triton(fresh_inductor, use_kernels):
-    """A quantized linear, plain and with each prologue (LayerNorm + modulation, GELU), through
+    """A quantized linear, plain, with each prologue (LayerNorm + modulation, GELU) and with the
+    GEMM's gate/residual epilogue, through
     inductor with kernels=triton: compiles, and agrees with the eager layer bit for bit (the same
     kernels run; inductor only moves the reshapes around them)."""
     _needs_interpreter()
@@ -56,14 +57,21 @@ def test_quantized_layer_compiles_with_inductor_on_triton(fresh_inductor, use_ke
     )
     x = torch.randn(2, 9, 128)  # M = 18: odd and not a multiple of any tile
     scale, shift = torch.randn(2, 128) * 0.1, torch.randn(2, 128) * 0.1
+    residual, gate = torch.randn(2, 9, 48), torch.randn(2, 48)  # the gate/residual epilogue
 
-    def forward(x, scale, shift):
-        return layer(x), layer(x, modulation=(scale, shift)), layer(x, gelu=True)
+    def forward(x, scale, shift, residual, gate):
+        return (
+            layer(x),
+            layer(x, modulation=(scale, shift)),
+            layer(x, gelu=True),
+            layer(x, gelu=True, residual=residual, gate=gate),
+            layer(x, partial=residual, residual=residual, gate=gate),
+        )
 
     configure_compiler(SETUP)
     compiled = torch.compile(forward, **_compile_kwargs(SETUP))
     with torch.inference_mode():
-        got, want = compiled(x, scale, shift), forward(x, scale, shift)
+        got, want = compiled(x, scale, shift, residual, gate), forward(x, scale, shift, residual, gate)
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
 
@@ -117,7 +125,10 @@ def _cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
         n = 24
         qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g).to(device)
         ws = rnd(k // group, n).abs().t()  # group-major, as SVDQLinear holds it
-        for bias, out_dtype in ((None, torch.bfloat16), (rnd(n), torch.float32)):
+        for bias, out_dtype, gated in ((None, torch.bfloat16, False), (rnd(n), torch.float32, False),
+                                        (rnd(n), torch.bfloat16, True)):  # fmt: skip
+            # the gate/residual epilogue: a non-contiguous residual (a view), gate [1, N]
+            residual = rnd(n, m, dtype=out_dtype).t() if gated else None
             args = (
                 qx.to(device),
                 ascales.to(device),
@@ -126,6 +137,9 @@ def _cases(device: torch.device) -> list[tuple[str, tuple, dict]]:
                 lora_act.to(device),
                 rnd(n, r),
                 bias,
+                rnd(m, n, dtype=out_dtype) if gated else None,  # partial
+                residual,
+                rnd(1, n, dtype=out_dtype) if gated else None,
                 unsigned,
                 out_dtype,
             )

@@ -121,6 +121,31 @@ def test_cuda_matches_reference(k, n, unsigned):
 
 @pytest.mark.gpu
 @sm8x
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_partial_gate_residual_epilogue_matches_the_contract(out_dtype):
+    """The epilogue instances on the GPU, FLUX's shape (two images of 2176 rows): bit for bit the
+    contract's arithmetic (engine.quant.ops.gate_residual) on the kernel's own fp32 y + partial
+    for 16-bit outputs; fp32 to one rounding of the FMA the contract allows."""
+    from engine.kernels import cuda as cb
+    from engine.quant.ops import gate_residual
+
+    m, k, n = 4352, 3072, 3072
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    g = gemm_inputs(m, k, n, 32, device="cuda")
+    part = torch.randn(m, n, device="cuda", generator=gen).to(out_dtype)
+    res = (16 * torch.randn(m, n, device="cuda", generator=gen)).to(out_dtype)
+    gate = torch.randn(2, n, device="cuda", generator=gen).to(out_dtype)
+    h = cb.w4a4_gemm(**g, partial=part, residual=res, gate=gate, unsigned=False, out_dtype=out_dtype)
+    y = cb.w4a4_gemm(**g, unsigned=False, out_dtype=torch.float32) + part.float()
+    want = gate_residual(y, res, gate, out_dtype)
+    if out_dtype == torch.float32:
+        torch.testing.assert_close(h, want, rtol=1e-6, atol=1e-5)
+    else:
+        assert torch.equal(h, want)
+
+
+@pytest.mark.gpu
+@sm8x
 def test_cuda_scale_strides_nan_groups_and_alignment_errors():
     from engine.kernels import cuda as cb
 

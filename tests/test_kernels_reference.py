@@ -107,7 +107,67 @@ def test_custom_ops_pass_opcheck():
         torch.ops.svdq.quantize_act.default, (a["x"], a["smooth"], a["proj_down"], 64, False, 0.0)
     )
     g = gemm_inputs(6, 128, 16, 8)
-    torch.library.opcheck(torch.ops.svdq.w4a4_gemm.default, (*g.values(), False, torch.bfloat16))
+    torch.library.opcheck(
+        torch.ops.svdq.w4a4_gemm.default, (*g.values(), None, None, None, False, torch.bfloat16)
+    )
+    e = _epilogue(6, 16, 2, torch.bfloat16)
+    p = torch.randn(6, 16).bfloat16()
+    torch.library.opcheck(torch.ops.svdq.w4a4_gemm.default, (*g.values(), p, *e.values(), False, torch.bfloat16))
     meta = {k: v.to("meta") for k, v in g.items()}
-    y = torch.ops.svdq.w4a4_gemm(*meta.values(), False, torch.float16)
+    y = torch.ops.svdq.w4a4_gemm(*meta.values(), None, None, None, False, torch.float16)
     assert y.shape == (6, 16) and y.dtype == torch.float16 and y.device.type == "meta"
+
+
+def _epilogue(m: int, n: int, images: int, dtype: torch.dtype, seed: int = 5) -> dict:
+    """The gate/residual epilogue's operands: residual [M, N] (the block's stream, larger than y)
+    and gate [images, N] (AdaLN's per-image gates)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"residual": (torch.randn(m, n, generator=g) * 16).to(dtype),
+            "gate": torch.randn(images, n, generator=g).to(dtype)}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("images", [1, 3])
+def test_gate_residual_epilogue_is_diffusers_eager_arithmetic(dtype, images):
+    """The epilogue against the definer: diffusers' block computes ``h + gate.unsqueeze(1) * y``
+    on the linear's output y in the model's dtype (FluxTransformerBlock.forward); on y from the
+    same GEMM without the epilogue, the reference's result is that, bit for bit, for every dtype;
+    rows take their own image's gate row."""
+    m, n = 3 * 7, 24
+    g = gemm_inputs(m, 128, n, 5, dtype=dtype)
+    e = _epilogue(m, n, images, dtype)
+    y = reference.w4a4_gemm(**g, unsigned=False, out_dtype=dtype)  # [M, N] the linear's output
+    h = reference.w4a4_gemm(**g, **e, unsigned=False, out_dtype=dtype)
+    b, s = images, m // images
+    want = (e["residual"].view(b, s, n) + e["gate"].unsqueeze(1) * y.view(b, s, n)).view(m, n)
+    assert h.dtype == dtype and torch.equal(h, want)
+    # and through the public op on the reference backend
+    assert torch.equal(kernels.w4a4_gemm(**g, **e, out_dtype=dtype), want)
+    if images > 1:  # image 0's gate on every row would be another result
+        wrong = e["residual"] + e["gate"][:1] * y
+        assert not torch.equal(h, wrong)
+    # a split-input linear's two parts in one output (the single block's proj_out): the second
+    # GEMM adds the first's output before the gate, y = rnd(y1 + y0) (one rounding where
+    # SplitInputLinear's part0(x0) + part1(x1) rounds y1 first)
+    g1 = gemm_inputs(m, 64, n, 3, dtype=dtype, seed=1)
+    y1 = reference.w4a4_gemm(**g1, unsigned=True, out_dtype=torch.float32)
+    h2 = kernels.w4a4_gemm(**g1, partial=y, **e, unsigned=True, out_dtype=dtype)
+    y01 = (y1 + y.float()).to(dtype)
+    assert torch.equal(h2, (e["residual"].view(b, s, n) + e["gate"].unsqueeze(1) * y01.view(b, s, n)).view(m, n))
+
+
+def test_bad_epilogue_inputs_name_the_argument():
+    g = gemm_inputs(6, 128, 8, 2)
+    e = _epilogue(6, 8, 2, torch.bfloat16)
+    with pytest.raises(ValueError, match="residual and gate come together"):
+        kernels.w4a4_gemm(**g, residual=e["residual"])
+    with pytest.raises(TypeError, match="gate must have out_dtype"):
+        kernels.w4a4_gemm(**g, residual=e["residual"], gate=e["gate"].float())
+    with pytest.raises(ValueError, match=r"residual must have shape \[6, 8\]"):
+        kernels.w4a4_gemm(**g, residual=e["residual"][:4], gate=e["gate"])
+    with pytest.raises(TypeError, match="partial must have out_dtype"):
+        kernels.w4a4_gemm(**g, partial=torch.zeros(6, 8))
+    with pytest.raises(ValueError, match=r"partial must have shape \[6, 8\]"):
+        kernels.w4a4_gemm(**g, partial=torch.zeros(6, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"gate must have shape .* B dividing M=6"):
+        kernels.w4a4_gemm(**g, residual=e["residual"], gate=torch.zeros(4, 8, dtype=torch.bfloat16))

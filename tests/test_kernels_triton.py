@@ -15,6 +15,7 @@ import torch
 
 from engine.kernels import reference
 from engine.quant import pack_int4, unpack_int4
+from engine.quant.ops import gate_residual
 
 from .kernel_cases import act_inputs, gemm_inputs
 
@@ -27,6 +28,36 @@ OUT_TOL = {
     torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2},
     torch.float16: {"rtol": 2e-3, "atol": 2e-3},
 }
+
+
+@pytest.mark.parametrize("m,n,r,images,unsigned", [(1, 16, 0, 1, False), (20, 40, 5, 2, True), (33, 17, 16, 3, False)])
+def test_gemm_gate_residual_epilogue_matches_reference(m, n, r, images, unsigned):
+    """residual + gate * y in the kernel's epilogue (contract: three roundings to out_dtype): 16-bit
+    outputs bit for bit the contract's arithmetic (engine.quant.ops.gate_residual) on the kernel's
+    own fp32 y (its group sums' order differs from the reference's), and close to the reference;
+    fp32 to the plain GEMM's tolerance."""
+    a = gemm_inputs(m, 128, n, r, unsigned=unsigned, device=DEVICE)
+    g = torch.Generator().manual_seed(7)
+    for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        e = {"partial": torch.randn(m, n, generator=g).to(DEVICE, out_dtype),
+             "residual": (torch.randn(m, n, generator=g) * 16).to(DEVICE, out_dtype),
+             "gate": torch.randn(images, n, generator=g).to(DEVICE, out_dtype)}  # fmt: skip
+        h = tb.w4a4_gemm(**a, **e, unsigned=unsigned, out_dtype=out_dtype)
+        h_r = reference.w4a4_gemm(**a, **e, unsigned=unsigned, out_dtype=out_dtype)
+        assert h.dtype == out_dtype and h.shape == (m, n) and h.is_contiguous()
+        if out_dtype == torch.float32:
+            torch.testing.assert_close(h, h_r, **OUT_TOL[out_dtype])
+            continue
+        y32 = tb.w4a4_gemm(**a, unsigned=unsigned, out_dtype=torch.float32)  # the kernel's fp32 y
+        y32 = y32 + e["partial"].float()  # the contract's y + partial, in fp32
+        want = gate_residual(y32, e["residual"], e["gate"], out_dtype)
+        if DEVICE == "cpu":
+            assert torch.equal(h, want)
+        else:  # sm_90 adds the partial before the bias (fp32 order): a 16-bit rounding may move
+            assert (h != want).float().mean() < 0.01
+            torch.testing.assert_close(h, want, rtol=2**-7, atol=2**-3)
+        # y's order of sums may move rnd(y) by one ulp: one bf16 ulp of the sum (|residual| ~ 16)
+        torch.testing.assert_close(h, h_r, rtol=2**-7, atol=2**-3)
 
 
 def ref_act(a, **kw):

@@ -89,22 +89,39 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
     return np.frombuffer(bytes(t.untyped_storage()), dtype=np.uint8)[t.storage_offset() * t.element_size() :]
 
 
-def run_gemm(ptx: str, prm: dict, r: int, unsigned: bool, src: str | None = None):
-    a = exact_gemm_inputs(M, K, N, r, unsigned)
+def gate_inputs(m: int, n: int, images: int, dtype: torch.dtype, seed: int = 4) -> dict:
+    """The epilogue's operands (w4a4_gemm's contract): partial [M, N] (another part's output, exact
+    in 16 bits: multiples of 1/4 below 8), residual [M, N], gate [B, N]."""
+    g = torch.Generator().manual_seed(seed)
+    return {"partial": (torch.randint(-32, 32, (m, n), generator=g) / 4).to(dtype),
+            "residual": (torch.randn(m, n, generator=g) * 8).to(dtype),
+            "gate": torch.randn(images, n, generator=g).to(dtype)}  # fmt: skip
+
+
+def run_gemm(ptx: str, prm: dict, r: int, unsigned: bool, src: str | None = None, gated: int = 0,
+             out_dtype: torch.dtype = torch.float32, m: int = M):  # fmt: skip
+    """``gated``: the gate/residual epilogue with that many images (gate rows), M divisible by it."""
+    a = exact_gemm_inputs(m, K, N, r, unsigned)
     a["wscales"] = a["wscales"].float().contiguous()
+    e = gate_inputs(m, N, gated, out_dtype) if gated else {}
     mem = X.GlobalMemory()
     put = lambda name, t: mem.alloc(name, _bytes(t), readonly=True)  # noqa: E731
     asc = a["ascales"]  # group-major, strides (1, M)
+    size = torch.empty(0, dtype=out_dtype).element_size()
     args = [put("qx", a["qx"]), put("ascales", asc), asc.stride(0), asc.stride(1), put("qweight", a["qweight"]),
             put("wscales", a["wscales"]), a["wscales"].stride(0), a["wscales"].stride(1),
             put("lora_act", a["lora_act"]) if r else 0, put("up_hi", a["proj_up"]) if r else 0, 0,
-            put("bias", a["bias"]), DTYPE[torch.bfloat16], mem.alloc("out", M * N * 4), DTYPE[torch.float32],
-            M, N, K, r]  # fmt: skip
-    kernel = X.parse(src or ptx, entry(ptx, rf"w4a4_gemm_kernelILb{int(unsigned)}E"))
-    tiles = -(-M // prm["kBM"]) * -(-N // prm["kBN"])
+            put("bias", a["bias"]), DTYPE[torch.bfloat16], mem.alloc("out", m * N * size), DTYPE[out_dtype],
+            put("partial", e["partial"]) if gated else 0, put("residual", e["residual"]) if gated else 0, put("gate", e["gate"]) if gated else 0,
+            m // gated if gated else 1, m, N, K, r]  # fmt: skip
+    extras = {torch.float32: "f", torch.float16: "6__half", torch.bfloat16: "13__nv_bfloat16"}[out_dtype]
+    kernel = X.parse(src or ptx, entry(ptx, rf"w4a4_gemm_kernelILb{int(unsigned)}E{extras if gated else 'v'}E"))
+    tiles = -(-m // prm["kBM"]) * -(-N // prm["kBN"])
     findings = X.launch(kernel, mem, args, (tiles, 1, 1), prm["kThreads"], prm["kSmemBytes"])
-    y = torch.from_numpy(mem.get("out").view(np.float32).reshape(M, N).copy())
-    want = reference.w4a4_gemm(**a, unsigned=unsigned, out_dtype=torch.float32)
+    np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[out_dtype]
+    y = torch.from_numpy(mem.get("out").view(np_dtype).reshape(m, N).copy())
+    y = y.view(torch.bfloat16) if out_dtype == torch.bfloat16 else y
+    want = reference.w4a4_gemm(**a, **e, unsigned=unsigned, out_dtype=out_dtype)
     return findings, y, want, mem.written("out")
 
 
@@ -114,6 +131,23 @@ def test_cuda_gemm_ptx_matches_reference(ptx, prm, r, unsigned):
     assert not findings, findings.report()
     assert written.all()
     assert torch.equal(y, want), (y - want).abs().max()
+
+
+@pytest.mark.parametrize(
+    "r,unsigned,images,out_dtype", [(5, True, 1, torch.bfloat16), (0, False, 2, torch.float16)]
+)
+def test_cuda_gemm_gate_residual_epilogue_ptx_matches_reference(ptx, prm, r, unsigned, images, out_dtype):
+    """The partial/gate/residual epilogue compiled: residual + gate * (y + partial) with the
+    contract's three roundings to a 16-bit output, bit for bit (y + partial exact, so every
+    rounding is the reference's); two images take their own gate rows (M = 20, rows 0..9, 10..19)."""
+    findings, y, want, written = run_gemm(ptx, prm, r, unsigned, gated=images, out_dtype=out_dtype, m=20)
+    assert not findings, findings.report()
+    assert written.all()
+    assert torch.equal(y, want), (y.float() - want.float()).abs().max()
+    plain = reference.w4a4_gemm(
+        **exact_gemm_inputs(20, K, N, r, unsigned), unsigned=unsigned, out_dtype=out_dtype
+    )
+    assert not torch.equal(y, plain)  # the epilogue really ran
 
 
 @pytest.mark.parametrize("r,unsigned", [(0, False), (5, True), (48, False)])
@@ -144,7 +178,7 @@ def test_cuda_quantize_act_ptx_matches_reference(ptx, prm, r, unsigned):
 
 def test_cuda_gemm_without_its_barrier_races(ptx, prm):
     """The main loop's __syncthreads after cp_async_wait removed: the interpreter reports the race."""
-    name = entry(ptx, r"w4a4_gemm_kernelILb0E")
+    name = entry(ptx, r"w4a4_gemm_kernelILb0EvE")
     body = ptx[ptx.index(name) :]
     m = re.search(r"cp\.async\.wait_group\s+\d+;(?:\s|//[^\n]*)*(bar\.sync\s+0;)", body)
     assert m, "no cp.async wait + barrier in the GEMM's PTX"
@@ -157,7 +191,7 @@ def test_cuda_gemm_without_its_barrier_races(ptx, prm):
 def test_cuda_gemm_with_wait_count_one_too_high_reads_in_flight_data(ptx, prm):
     """cp_async_wait<kStages - 1> instead of <kStages - 2>: the stage about to be read may still be
     in flight; the interpreter reports it, and the result is wrong."""
-    name = entry(ptx, r"w4a4_gemm_kernelILb0E")
+    name = entry(ptx, r"w4a4_gemm_kernelILb0EvE")
     start = ptx.index(name)
     m = re.search(r"cp\.async\.wait_group\s+(\d+);(?=(?:\s|//[^\n]*)*bar\.sync\s+0;)", ptx[start:])
     assert m and int(m.group(1)) == prm["kStages"] - 2

@@ -6,7 +6,8 @@ of compute capability 8.x would get it: its sm_86 config, COMPILED=True (inline-
 unpacking, FMA conversions and division, libdevice tanh/rsqrt/rint), the host-side reciprocal of
 smooth. The GEMM also runs with the bias-MMA conversion that gemm_config picks on sm_90 for
 64-channel groups, forced into the sm_86 config (the same source, mma.sync instead of wgmma).
-Shapes are edge shapes: odd M and N inside the tile, three K groups, ranks 0, 5 and 48.
+Shapes are edge shapes: odd M and N inside the tile, three K groups, ranks 0, 5 and 48; the
+gate/residual epilogue (residual + gate * y, 16-bit roundings) with one, two and four images.
 
 Where the reference is exact, the comparison is exact: GEMM inputs with power-of-two scales and
 LoRA factors exact in tf32 (every product and sum is then exact in both), the quantizer's codes
@@ -72,11 +73,19 @@ def exact_gemm_inputs(m: int, k: int, n: int, r: int, unsigned: bool, seed: int 
     }
 
 
-def _gemm(r: int, unsigned: bool, bias_mma: bool, m: int = M, out_dtype=torch.float32):
+def _gemm(r: int, unsigned: bool, bias_mma: bool, m: int = M, out_dtype=torch.float32, images: int = 0,
+          large: bool = False):  # fmt: skip
+    """``images``: the partial/gate/residual epilogue, gate [images, N] (M divisible by it);
+    ``large``: sm_86's 128 x 64 config whatever M (its partial-first and two-gate-row paths)."""
     a = exact_gemm_inputs(m, K, N, r, unsigned)
+    if images:
+        g = torch.Generator().manual_seed(4)
+        a["partial"] = (torch.randint(-32, 32, (m, N), generator=g) / 4).to(out_dtype)  # exact
+        a["residual"] = (torch.randn(m, N, generator=g) * 8).to(out_dtype)
+        a["gate"] = torch.randn(images, N, generator=g).to(out_dtype)
 
     def launch():
-        cfg = G.gemm_config(8, m)  # the sm_86 config (the recorder turns the interpreter switch off)
+        cfg = G.GEMM_CONFIGS[8]["large"] if large else G.gemm_config(8, m)  # sm_86's (not the interpreter's)
         # sm_90's choice of conversion for 64-channel groups, forced onto the sm_86 tile
         cfg = replace(cfg, bias_mma=G.gemm_config(9, m, 64).bias_mma if bias_mma else False)
         tb.launch_w4a4_gemm(**a, unsigned=unsigned, out_dtype=out_dtype, config=cfg)
@@ -134,6 +143,8 @@ CASES = {
     "gemm_u_r48": lambda: _gemm(48, True, False),
     "gemm_s_r0_biasmma": lambda: _gemm(0, False, True),
     "gemm_u_r5_biasmma": lambda: _gemm(5, True, True),
+    # the gate/residual epilogue, bf16 (three roundings, exact: y is) and two images' gate rows
+    "gemm_u_r5_gated_bf16": lambda: _gemm(5, True, False, m=20, out_dtype=torch.bfloat16, images=2),
     "act_s_r5": lambda: _act(5, False, None),
     "act_s_r0_modulate": lambda: _act(0, False, "modulate"),
     "act_u_r48_gelu": lambda: _act(48, True, "gelu"),
@@ -149,6 +160,10 @@ SLOW_CASES = {
     "act_s_r48_modulate": lambda: _act(48, False, "modulate"),
     "act_s_r5_f32": lambda: _act(5, False, None, dtype=torch.float32),  # fp32 proj_down: tf32x3
     "gemm_u_r5_bf16": lambda: _gemm(5, True, False, out_dtype=torch.bfloat16),
+    "gemm_s_r0_gated_f16_2cta": lambda: _gemm(0, False, False, m=70, out_dtype=torch.float16, images=1),
+    "gemm_s_r5_gated_biasmma": lambda: _gemm(5, False, True, m=20, out_dtype=torch.bfloat16, images=4),
+    "gemm_s_r5_gated_large_2cta": lambda: _gemm(5, False, False, m=130, out_dtype=torch.bfloat16, images=1, large=True),
+    "gemm_u_r0_gated_large_2img": lambda: _gemm(0, True, False, m=40, out_dtype=torch.bfloat16, images=2, large=True),
     "gemv_m1": lambda: _gemv(1),
     "gemv_m4": lambda: _gemv(4),
     "rope_one_part": lambda: _rope(two_parts=False),

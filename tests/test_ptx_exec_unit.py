@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from . import ptx_exec as X
+from . import ptx_isa as P
 
 T = 64  # two warps
 RNG = np.random.default_rng(7)
@@ -211,6 +212,33 @@ def test_conversions():
     ]  # tf32 ulp 2^-10
     got, _ = run("cvt.rna.tf32.f32 %r20, %r10;\nst.global.b32 [%rd4], %r20;", t.view(np.uint32))
     assert [_f(int(g)) for g in got[:3]] == [1 + 2**-10, 1 + 2**-10, -(1 + 2**-10)]  # ties away from zero
+
+
+def test_half_precision_arithmetic_rounds_once_per_lane():
+    """add.f16 / mul.f16x2 / add.bf16x2 (LLVM's form of a 16-bit op computed in fp32 and rounded,
+    as the GEMM's gate/residual epilogue compiles): each lane rounded once to its type. Before,
+    these fell through to the integer handler and added bit patterns."""
+    a = RNG.standard_normal(2 * T).astype(np.float16)
+    b = (RNG.standard_normal(2 * T) * 8).astype(np.float16)
+
+    def pack(v: np.ndarray) -> np.ndarray:  # pairs of 16-bit values as x2 registers, element 0 low
+        u = v.view(np.uint16).astype(np.uint32)
+        return u[0::2] | (u[1::2] << 16)
+
+    got, findings = run("mul.rn.f16x2 %r20, %r10, %r11;\nst.global.b32 [%rd4], %r20;", pack(a), pack(b))
+    assert not findings
+    want = (a.astype(np.float64) * b.astype(np.float64)).astype(np.float16)  # exact product, one rounding
+    assert np.array_equal(got, pack(want))
+    got, _ = run("mov.b32 {%rs1, %rs2}, %r10;\nmov.b32 {%rs3, %rs4}, %r11;\nadd.f16 %rs5, %rs1, %rs3;\n"
+                 "cvt.u32.u16 %r20, %rs5;\nst.global.b32 [%rd4], %r20;", pack(a), pack(b))  # fmt: skip
+    assert np.array_equal(got, (a[0::2].astype(np.float64) + b[0::2]).astype(np.float16).view(np.uint16))
+    x, y = a.astype(np.float32), b.astype(np.float32) / 1000
+    bf = lambda v: P.bf16_to_bits(v.astype(np.float32)).astype(np.uint32)  # noqa: E731
+    got, _ = run("add.rn.bf16x2 %r20, %r10, %r11;\nst.global.b32 [%rd4], %r20;",
+                 bf(x[0::2]) | (bf(x[1::2]) << 16), bf(y[0::2]) | (bf(y[1::2]) << 16))  # fmt: skip
+    xs, ys = (P.bits_to_bf16(bf(v).astype(np.uint16)).astype(np.float64) for v in (x, y))
+    want = bf((xs + ys).astype(np.float32))  # f64 sum exact here, then one bf16 rounding
+    assert np.array_equal(got, want[0::2] | (want[1::2] << 16))
 
 
 def test_float_compare_and_minmax_nan():

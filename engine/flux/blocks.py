@@ -7,7 +7,8 @@ separate linears over the same input. Here they are one linear with concatenated
   (q | k | v of the text stream), diffusers' own names for fused projections;
 * single block: ``to_qkv_mlp`` (q | k | v | proj_mlp), on the block;
 * the single block's ``proj_out`` is a :class:`SplitInputLinear` whose two parts the forward
-  calls on the attention output and the GELU output directly (no concatenation, no slices).
+  calls on the attention output and the GELU output directly (no concatenation, no slices);
+  quantized, the second part's GEMM adds the first's output, then the gate and the residual.
 
 The forwards are diffusers' arithmetic (FLUX.1 as diffusers 0.42.1 computes it) with the glue
 between the quantized linears folded into as few launches as possible:
@@ -15,6 +16,8 @@ between the quantized linears folded into as few launches as possible:
 * LayerNorm + AdaLN modulation run inside the projection's activation quantization
   (``SVDQLinear(x, modulation=...)``, ``_project``), and the feed-forward's GELU inside the
   next layer's (``gelu=True``, ``_gelu_project``): no 16-bit normalized or GELU'd copy is written;
+* the gates and residual adds (``h + gate * linear(...)``) run in the out-projections' and fc2's
+  GEMM epilogues (``_gated``), with diffusers' roundings: no 16-bit y or product is written;
 * q/k RMSNorm + RoPE + the joint (text, image) concatenation are one op,
   ``engine.kernels.qk_norm_rope``; the attention is ``engine.flux.attention.attend`` (SDPA, or
   SageAttention where setup chose it), both through ``attention.norm_rope_attend`` (with sage, the
@@ -67,6 +70,18 @@ def _gelu_project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(F.gelu(x, approximate="tanh"))
 
 
+def _gated(
+    layer: nn.Module, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor, *, gelu: bool = False
+) -> torch.Tensor:
+    """``residual + gate[:, None] * layer(x)`` (``layer(gelu_tanh(x))`` with ``gelu``): a quantized
+    layer takes the gate multiply and the residual add into its GEMM's epilogue, with diffusers'
+    roundings (one read of the residual, one write, no 16-bit y round trip); a float layer takes
+    diffusers' arithmetic step by step."""
+    if isinstance(layer, SVDQLinear):
+        return layer(x, gelu=gelu, residual=residual, gate=gate)
+    return residual + gate.unsqueeze(1) * layer(F.gelu(x, approximate="tanh") if gelu else x)
+
+
 def _modulated(norm: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """AdaLN: ``LayerNorm(x) * (1 + scale) + shift`` (diffusers' AdaLayerNormZero arithmetic)."""
     return norm(x) * (1 + scale[:, None]) + shift[:, None]
@@ -117,30 +132,31 @@ class FusedFluxTransformerBlock(FluxTransformerBlock):
         context_out, out = out.split_with_sizes(
             [encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1
         )
-        attn_output = attn.to_out[1](attn.to_out[0](out.contiguous()))
-        context_attn_output = attn.to_add_out(context_out.contiguous())
-
-        # Gates and residuals; feed-forward of each stream.
-        hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
-        ff_output = _feed_forward(self.ff, self.norm2, hidden_states, scale_mlp, shift_mlp)
-        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
-
-        encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
-        context_ff_output = _feed_forward(
-            self.ff_context, self.norm2_context, encoder_hidden_states, c_scale_mlp, c_shift_mlp
+        # Out-projections with their gates and residuals (attn.to_out[1] is an eval-mode Dropout);
+        # the feed-forward of each stream, its gate and residual in fc2's epilogue.
+        hidden_states = _gated(attn.to_out[0], out.contiguous(), hidden_states, gate_msa)
+        hidden_states = _feed_forward(self.ff, self.norm2, hidden_states, scale_mlp, shift_mlp, gate_mlp)
+        encoder_hidden_states = _gated(attn.to_add_out, context_out.contiguous(), encoder_hidden_states, c_gate_msa)
+        encoder_hidden_states = _feed_forward(
+            self.ff_context, self.norm2_context, encoder_hidden_states, c_scale_mlp, c_shift_mlp, c_gate_mlp
         )
-        encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
         if encoder_hidden_states.dtype == torch.float16:
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
         return encoder_hidden_states, hidden_states
 
 
 def _feed_forward(
-    ff: nn.Module, norm: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+    ff: nn.Module,
+    norm: nn.Module,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    gate: torch.Tensor,
 ) -> torch.Tensor:
-    """diffusers' FeedForward (GELU-tanh) on the modulated ``x``: proj -> gelu -> (dropout) -> out,
-    with the norm folded into proj's and the GELU into out's activation quantization."""
-    return _gelu_project(ff.net[2], _project(ff.net[0].proj, norm, x, scale, shift))
+    """``x + gate * FeedForward(modulated x)`` (diffusers' GELU-tanh FeedForward: proj -> gelu ->
+    (eval-mode dropout) -> out), the norm folded into proj's and the GELU into out's activation
+    quantization, the gate and the residual into out's GEMM epilogue."""
+    return _gated(ff.net[2], _project(ff.net[0].proj, norm, x, scale, shift), x, gate, gelu=True)
 
 
 class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
@@ -169,10 +185,18 @@ class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
             [(proj, attn.norm_q.weight, attn.norm_k.weight)], cos, sin, heads=attn.heads, eps=attn.norm_q.eps
         ).flatten(2, 3)
 
-        # proj_out over (attention, MLP) as its two parts, added: no concatenation.
+        # proj_out over (attention, MLP) as its two parts, no concatenation: quantized, the MLP
+        # part's GEMM adds the attention part's output to its own, then the gate and the residual
+        # in its epilogue (one output, one rounding of the stream, as diffusers); float, diffusers'
+        # arithmetic on the parts' sum.
         attn_part, mlp_part = self.proj_out.parts
-        out = attn_part(attn_output) + _gelu_project(mlp_part, proj[..., 3 * attn.inner_dim :])
-        hidden_states = residual + gate_msa.unsqueeze(1) * out
+        mlp_in = proj[..., 3 * attn.inner_dim :]
+        if isinstance(mlp_part, SVDQLinear):
+            y_attn = attn_part(attn_output)  # [B, S, D]
+            hidden_states = mlp_part(mlp_in, gelu=True, partial=y_attn, residual=residual, gate=gate_msa)
+        else:
+            out = attn_part(attn_output) + _gelu_project(mlp_part, mlp_in)
+            hidden_states = residual + gate_msa.unsqueeze(1) * out
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
         return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]

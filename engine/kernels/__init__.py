@@ -223,11 +223,17 @@ def w4a4_gemm(
     lora_act: torch.Tensor,
     proj_up: torch.Tensor,
     bias: torch.Tensor | None = None,
+    partial: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
     *,
     unsigned: bool = False,
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """4-bit x 4-bit GEMM with per-group scales, fp32 accumulation, low-rank and bias epilogue."""
+    """4-bit x 4-bit GEMM with per-group scales, fp32 accumulation, low-rank and bias epilogue;
+    ``partial [M, N]`` (out_dtype) is added to y (a split-input linear's other part); with
+    ``residual [M, N]`` and ``gate [B, N]`` (out_dtype) it returns the block's
+    ``residual + gate * y`` instead of y, with diffusers' roundings (contract: w4a4_gemm)."""
     for name, t in (("qx", qx), ("qweight", qweight)):
         if t.dtype != torch.uint8 or t.dim() != 2:
             raise TypeError(
@@ -260,9 +266,33 @@ def w4a4_gemm(
         _check_shape("bias", bias, (n,))
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if partial is not None:
+        _check_float("partial", partial)
+        if partial.dtype != out_dtype:
+            raise TypeError(f"partial must have out_dtype {out_dtype}, got {partial.dtype}")
+        _check_shape("partial", partial, (m, n))
+    _check_epilogue(residual, gate, m, n, out_dtype)
     return torch.ops.svdq.w4a4_gemm(
-        qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned, out_dtype
+        qx, ascales, qweight, wscales, lora_act, proj_up, bias, partial, residual, gate, unsigned, out_dtype
     )
+
+
+def _check_epilogue(
+    residual: torch.Tensor | None, gate: torch.Tensor | None, m: int, n: int, out_dtype: torch.dtype
+) -> None:
+    """The gate/residual epilogue's operands: both or neither, in out_dtype, residual [M, N] and
+    gate [B, N] with B dividing M (row r is image r // (M / B))."""
+    if residual is None and gate is None:
+        return
+    if residual is None or gate is None:
+        raise ValueError("residual and gate come together (out = residual + gate * y): pass both or neither")
+    for name, t in (("residual", residual), ("gate", gate)):
+        _check_float(name, t)
+        if t.dtype != out_dtype:
+            raise TypeError(f"{name} must have out_dtype {out_dtype} (diffusers' arithmetic), got {t.dtype}")
+    _check_shape("residual", residual, (m, n))
+    if gate.dim() != 2 or gate.shape[1] != n or gate.shape[0] == 0 or m % gate.shape[0]:
+        raise ValueError(f"gate must have shape [B, {n}] with B dividing M={m}, got {list(gate.shape)}")
 
 
 def w4a16_gemv(
@@ -393,18 +423,32 @@ def _w4a4_gemm_op(
     lora_act: torch.Tensor,
     proj_up: torch.Tensor,
     bias: torch.Tensor | None,
+    partial: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    gate: torch.Tensor | None,
     unsigned: bool,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     group_size = 2 * qx.shape[1] // max(ascales.shape[1], 1)  # w4a4_gemm checked that G divides K
     return gemm_backend_for(qx.device, group_size).w4a4_gemm(
-        qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned=unsigned, out_dtype=out_dtype
+        qx,
+        ascales,
+        qweight,
+        wscales,
+        lora_act,
+        proj_up,
+        bias,
+        partial,
+        residual,
+        gate,
+        unsigned=unsigned,
+        out_dtype=out_dtype,
     )
 
 
 @_w4a4_gemm_op.register_fake
-def _(qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned, out_dtype):
-    return qx.new_empty(qx.shape[0], qweight.shape[0], dtype=out_dtype)
+def _(qx, ascales, qweight, wscales, lora_act, proj_up, bias, partial, residual, gate, unsigned, out_dtype):
+    return qx.new_empty(qx.shape[0], qweight.shape[0], dtype=out_dtype)  # [M, N] contiguous
 
 
 @torch.library.custom_op("svdq::w4a16_gemv", mutates_args=())

@@ -31,10 +31,20 @@ Op contract (every backend implements exactly this; ``reference`` is the ground 
         reference), like w4a16_gemv: kernels.op_backend_for.
 
     w4a4_gemm(qx, ascales, qweight [N, K/2], wscales [N, G], lora_act, proj_up [N, R],
-              bias [N] | None, *, unsigned, out_dtype)
+              bias [N] | None, partial [M, N] | None, residual [M, N] | None, gate [B, N] | None,
+              *, unsigned, out_dtype)
         y [M, N] = sum_g (qx_g . qweight_g^T) * ascales_g * wscales_g + lora_act @ proj_up^T + bias
+                   + partial                 (partial: another part's output of the same linear,
+                                              in out_dtype: a split-input layer's parts summed in
+                                              one output, as SplitInputLinear adds them)
         integer products within a group, exact; scales per group; the sum over groups and
         the epilogue in fp32; written in out_dtype. qweight is always signed.
+        Gate/residual epilogue (both or neither; in out_dtype; B divides M, row r takes gate row
+        r // (M / B)): out = rnd(residual + rnd(gate * rnd(y))), rnd = round to out_dtype
+        (nearest even), every op in fp32: diffusers' eager roundings of ``h + gate * linear(x)``,
+        bit for bit for 16-bit outputs (engine.quant.ops.gate_residual); for fp32 outputs a
+        backend may fuse the product and the sum into one FMA. The block's residual stream then
+        costs one read of residual and one write, no 16-bit y round trip.
 
     w4a16_gemv(x [M, K], qweight [N, K/2], wscales [N, G], wzeros [N, G], bias [N] | None)
         y [M, N] = x @ (code * wscales + wzeros)^T + bias        weight-only 4-bit, M small
@@ -109,6 +119,9 @@ class GemmBackend(Protocol):
         lora_act: torch.Tensor,  # fp32 [M, R]
         proj_up: torch.Tensor,  # [N, R]
         bias: torch.Tensor | None,  # [N]
+        partial: torch.Tensor | None = None,  # [M, N] out_dtype
+        residual: torch.Tensor | None = None,  # [M, N] out_dtype
+        gate: torch.Tensor | None = None,  # [B, N] out_dtype
         *,
         unsigned: bool,
         out_dtype: torch.dtype,

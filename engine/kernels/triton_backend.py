@@ -32,11 +32,19 @@ from engine.kernels.triton.act import act_config, quantize_act_kernel
 from engine.kernels.triton.common import INTERPRET, MAX_GEMM_GROUP, LaunchConfig, block_r, check_group_size
 from engine.kernels.triton.common import arch_major as _major  # a module global: the kernel models patch it
 from engine.kernels.triton.common import row_major as _row_major
-from engine.kernels.triton.gemm import GROUP_M, bias_mma_channels, gemm_config, grid_size, w4a4_gemm_kernel
+from engine.kernels.triton.gemm import (
+    GROUP_M,
+    bias_mma_channels,
+    gate_rows2,
+    gemm_config,
+    grid_size,
+    partial_first,
+    w4a4_gemm_kernel,
+)
 from engine.kernels.triton.gemm import LORA_CHUNK as GEMM_LORA_CHUNK
 from engine.kernels.triton.gemv import GEMV_BLOCK_K, MAX_ROWS, gemv_config, w4a16_gemv_kernel
 from engine.kernels.triton.rope import qk_norm_rope, qk_norm_rope_sage  # noqa: F401 (the backend's)
-from engine.quant.ops import LAYER_NORM_EPS, empty_ascales
+from engine.quant.ops import LAYER_NORM_EPS, empty_ascales, gate_residual
 
 NAME = "triton"
 _INTERPRET = INTERPRET
@@ -156,6 +164,9 @@ def w4a4_gemm(
     lora_act: torch.Tensor,
     proj_up: torch.Tensor,
     bias: torch.Tensor | None,
+    partial: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
     *,
     unsigned: bool,
     out_dtype: torch.dtype,
@@ -166,19 +177,40 @@ def w4a4_gemm(
     tile fits (rank <= gemm_sm90.MAX_RANK), else the int8 one, whose low-rank loop is chunked.
     Within the FP8 route, problems the warp-specialized Gluon kernel takes (gemm_sm90_ws:
     M > 1024, group-major ascales, TMA alignment) run there once it passed its self-check on
-    the device (gemm_sm90_ws.serves)."""
+    the device (gemm_sm90_ws.serves). The partial/gate/residual epilogue is the int8 kernel's
+    only: on Hopper's FP8 route the GEMM writes fp32 and the epilogue runs as the reference
+    (ops.gate_residual), which is the contract's arithmetic exactly (partial added in fp32, then
+    diffusers' roundings), so those calls keep the faster GEMM at the cost of one fp32 pass."""
     if _major(qx.device) == 9 and lora_act.shape[1] <= gemm_sm90.MAX_RANK and gemm_sm90.serves(qx.device):
         check_group_size(2 * qx.shape[1] // ascales.shape[1], MAX_GEMM_GROUP)
         weight = sm90_weight(qweight, wscales)
         args = (_row_major(qx), ascales if ascales.dtype == torch.float32 else ascales.float())
         low_rank = (_row_major(lora_act.float()), _row_major(proj_up), bias)
+        epilogue = residual is not None or partial is not None
+        kw = {"unsigned": unsigned, "out_dtype": torch.float32 if epilogue else out_dtype}
         n, k = weight.w8.shape
         if gemm_sm90_ws.serves_problem(args[1], n, k, lora_act.shape[1]) and gemm_sm90_ws.serves(qx.device):
-            ws = sm90_ws_weight(qweight, weight)
-            return gemm_sm90_ws.launch(*args, ws, *low_rank, unsigned=unsigned, out_dtype=out_dtype)
-        return gemm_sm90.launch(*args, weight, *low_rank, unsigned=unsigned, out_dtype=out_dtype)
+            y = gemm_sm90_ws.launch(*args, sm90_ws_weight(qweight, weight), *low_rank, **kw)
+        else:
+            y = gemm_sm90.launch(*args, weight, *low_rank, **kw)
+        if not epilogue:
+            return y
+        if partial is not None:
+            y += partial.float()
+        return y.to(out_dtype) if residual is None else gate_residual(y, residual, gate, out_dtype)
     return launch_w4a4_gemm(
-        qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned=unsigned, out_dtype=out_dtype
+        qx,
+        ascales,
+        qweight,
+        wscales,
+        lora_act,
+        proj_up,
+        bias,
+        partial,
+        residual,
+        gate,
+        unsigned=unsigned,
+        out_dtype=out_dtype,
     )
 
 
@@ -227,6 +259,9 @@ def launch_w4a4_gemm(
     lora_act: torch.Tensor,
     proj_up: torch.Tensor,
     bias: torch.Tensor | None,
+    partial: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
     *,
     unsigned: bool,
     out_dtype: torch.dtype,
@@ -244,6 +279,12 @@ def launch_w4a4_gemm(
     qx, qweight = _row_major(qx), _row_major(qweight)
     lora_act, proj_up = _row_major(lora_act.float()), _row_major(proj_up)
     ascales = ascales if ascales.dtype == torch.float32 else ascales.float()
+    gated = residual is not None
+    # partial and residual are read through out's strides (contiguous [M, N]); gate through its own
+    if gated:
+        residual, gate = residual.contiguous(), _row_major(gate)
+    if partial is not None:
+        partial = partial.contiguous()
     w4a4_gemm_kernel[(grid_size(m, n, cfg),)](
         qx,
         ascales,
@@ -253,6 +294,9 @@ def launch_w4a4_gemm(
         proj_up,
         bias if bias is not None else out,
         out,
+        partial if partial is not None else out,
+        residual if gated else out,
+        gate if gated else out,
         m,
         n,
         k,
@@ -266,6 +310,8 @@ def launch_w4a4_gemm(
         lora_act.stride(0),
         proj_up.stride(0),
         out.stride(0),
+        gate.stride(0) if gated else 0,
+        m // gate.shape[0] if gated else 1,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_R=block_r(r, GEMM_LORA_CHUNK),
@@ -278,6 +324,10 @@ def launch_w4a4_gemm(
         COMPILED=not _INTERPRET,
         BIAS_MMA=cfg.bias_mma,
         K_BIAS=bias_mma_channels(group, unsigned),
+        GATED=gated,
+        HAS_PARTIAL=partial is not None,
+        GATE_ROWS2=gated and gate_rows2(cfg) and m // gate.shape[0] >= cfg.block_m,
+        PARTIAL_FIRST=partial_first(cfg),
         **cfg.launch_options(),
     )
     return out

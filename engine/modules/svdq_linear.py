@@ -151,10 +151,17 @@ class SVDQLinear(LoraSlots, nn.Module):
         *,
         modulation: tuple[torch.Tensor, torch.Tensor] | None = None,
         gelu: bool = False,
+        partial: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+        gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x [..., K]``; ``modulation=(scale [B, K], shift [B, K])`` applies the block's
         ``LayerNorm(x) * (1 + scale) + shift`` and ``gelu`` its tanh GELU inside quantize_act
-        (x [B, S, K]), so the normalized 16-bit tensor is never written."""
+        (x [B, S, K]), so the normalized 16-bit tensor is never written. ``residual [..., N]``
+        with ``gate [B, N]`` returns the block's ``residual + gate[:, None] * y`` from the GEMM's
+        epilogue (diffusers' roundings; kernels.w4a4_gemm), so y is never written either;
+        ``partial [..., N]`` (another part of a split-input linear, in x's dtype) is added to y
+        before them."""
         lead = x.shape[:-1]
         down = self.proj_down if self._lora_down is None else self._lora_down  # [R, K]
         up = self.proj_up if self._lora_up is None else self._lora_up  # [N, R]
@@ -177,6 +184,9 @@ class SVDQLinear(LoraSlots, nn.Module):
             lora_act,
             up,
             bias,
+            None if partial is None else partial.reshape(-1, self.out_features),  # [M, N]
+            None if residual is None else residual.reshape(-1, self.out_features),  # [M, N]
+            gate,  # [B, N]
             unsigned=self.unsigned,
             out_dtype=x.dtype,
         )

@@ -95,6 +95,9 @@ def w4a4_gemm(
     lora_act: torch.Tensor,  # fp32 [M, R]
     proj_up: torch.Tensor,  # [N, R]
     bias: torch.Tensor | None,  # [N]
+    partial: torch.Tensor | None = None,  # [M, N] out_dtype
+    residual: torch.Tensor | None = None,  # [M, N] out_dtype
+    gate: torch.Tensor | None = None,  # [B, N] out_dtype, B divides M
     *,
     unsigned: bool,
     out_dtype: torch.dtype,
@@ -112,7 +115,31 @@ def w4a4_gemm(
     acc += lora_act.float() @ proj_up.float().T
     if bias is not None:
         acc += bias.float()
-    return acc.to(out_dtype)
+    if partial is not None:
+        acc += partial.float()
+    if residual is None:
+        return acc.to(out_dtype)
+    return gate_residual(acc, residual, gate, out_dtype)
+
+
+def gate_residual(
+    y: torch.Tensor,  # fp32 [M, N]: the GEMM's sum, low-rank branch and bias, unrounded
+    residual: torch.Tensor,  # [M, N] out_dtype
+    gate: torch.Tensor,  # [B, N] out_dtype, B divides M
+    out_dtype: torch.dtype,
+) -> torch.Tensor:  # [M, N] out_dtype
+    """The GEMM's gate/residual epilogue, ``residual + gate[b] * y`` (row r of image
+    b = r // (M / B)), with diffusers' eager roundings: y rounded to out_dtype (the linear's
+    output), the product rounded (``gate * attn_output``), the sum rounded (``h + ...``), each
+    computed in fp32 as torch computes a 16-bit op. For 16-bit outputs the product of two
+    16-bit values is exact in fp32, so this is bit for bit what torch's eager
+    ``residual + gate.unsqueeze(1) * y.to(out_dtype)`` gives; for fp32 the three roundings are
+    no-ops and a kernel may fuse product and sum into one FMA (one fp32 rounding fewer)."""
+    rows = y.shape[0] // gate.shape[0]
+    y16 = y.to(out_dtype).float()  # the linear's output
+    g = gate.float().repeat_interleave(rows, dim=0)  # [M, N]
+    prod = (g * y16).to(out_dtype).float()  # gate * y, rounded
+    return (residual.float() + prod).to(out_dtype).contiguous()  # [M, N] row-major, as the fake
 
 
 def w4a16_gemv(

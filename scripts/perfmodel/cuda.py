@@ -81,13 +81,19 @@ def analyse(arch: str = "86", work: Path | None = None) -> StaticReport:
         cubins, res, _ = nvcc_cubin(arch, work or Path(tmp))
         funcs = {name: code for cubin in cubins for name, code in cuobjdump_sass(cubin).items()}
     report = StaticReport(arch, tile_params(), {k: asdict(v) for k, v in res.items()})
+    # the plain instances (s4, u4) and those with the partial/gate/residual epilogue compiled in for bf16
+    # outputs, the served dtype (+epilogue)
     for unsigned in (False, True):
-        _, code = find_kernel(funcs, "w4a4_gemm_kernel", f"ILb{int(unsigned)}E")
-        body = main_loop(code, "IMMA")
-        smem = sum(ldsm_bytes(i) for i in body if i.opcode.startswith("LDSM"))
-        smem += sum(lds_bytes(i) for i in body if i.opcode.split(".")[0] == "LDS")
-        report.gemm["u4" if unsigned else "s4"] = GemmLoop(classify(body), smem, len(code) - len(body))
-        report.gemm_hmma_total = sum(i.opcode.startswith("HMMA") for i in code)
+        for extras in (False, True):
+            kind = "13__nv_bfloat16E" if extras else "vE"
+            _, code = find_kernel(funcs, "w4a4_gemm_kernel", f"ILb{int(unsigned)}E{kind}")
+            body = main_loop(code, "IMMA")
+            smem = sum(ldsm_bytes(i) for i in body if i.opcode.startswith("LDSM"))
+            smem += sum(lds_bytes(i) for i in body if i.opcode.split(".")[0] == "LDS")
+            name = ("u4" if unsigned else "s4") + ("+epilogue" if extras else "")
+            report.gemm[name] = GemmLoop(classify(body), smem, len(code) - len(body))
+            if not extras:
+                report.gemm_hmma_total = sum(i.opcode.startswith("HMMA") for i in code)
     _, qcode = find_kernel(funcs, "quantize_act_kernel", "nv_bfloat16Li4E")
     qloop = main_loop(qcode, "HMMA")
     report.quant = QuantLoop(classify(qloop), [i.opcode for i in qloop if i.opcode.startswith("LDG")])
@@ -113,8 +119,10 @@ def gemm_ctas_per_sm(report: StaticReport, hw: dict = A40) -> int:
     return max(0, min(by_regs, hw["smem_per_sm"] // smem, hw["max_threads_per_sm"] // threads))
 
 
-def model_gemm(report: StaticReport, m: int, k: int, n: int, hw: dict = A40) -> dict:
-    p, loop = report.params, report.gemm["s4"]
+def model_gemm(report: StaticReport, m: int, k: int, n: int, hw: dict = A40, variant: str = "s4") -> dict:
+    """``variant``: a GemmLoop of ``report.gemm`` (``s4+epilogue``: the instance with the partial/gate/
+    residual epilogue, whose extra reads the image model adds)."""
+    p, loop = report.params, report.gemm[variant]
     warps = p["kWarpsM"] * p["kWarpsN"]
     mac_per_clk = hw["int4_tops"] / 2 / hw["sms"] / hw["clock_hz"]
     ctas = gemm_ctas_per_sm(report, hw)

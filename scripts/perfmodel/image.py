@@ -209,14 +209,42 @@ def levers(kt: KernelTimes) -> list[dict]:
         steps * (t_now - t_ideal),
         f"{len(small)} GEMM calls per step",
     )
-    # (d) gate multiply + residual add in the GEMM epilogue; proj_out parts into one output
+    # (d) gate multiply + residual add in the GEMM epilogues, proj_out's two parts in one output
+    # (applied when the blocks' GEMMs carry a residual); the single block's concatenation (not yet)
+    gemms = [op for op in step_ops if op.name == "svdq.w4a4_gemm"]
+    gated = [op for op in gemms if isinstance(op.args[8], torch.Tensor)]
     glue = [op for op in step_ops if op.where != "outside" and classify(op).startswith("glue")]
-    residual_reads = sum(op.out_bytes for op in glue if op.name == "aten.add")  # the epilogue reads h
+    if gated:
+        replaced = [g for op in gated for g in _replaced_glue(op)]
+        # what the epilogue costs the GEMM: its reads, and the epilogue instance's longer code
+        cost = sum(
+            price(op, dev, kt, compiled=True, sage=True) - kt.gemm(dev, *_mkn(op), bool(op.args[10]))
+            for op in gated
+        )
+        saved = sum(price(g, dev, kt, compiled=True, sage=True) for g in replaced) - cost
+        how = (
+            f"{len(replaced)} glue ops per step (gate *, residual +, proj_out parts +; compiled) less what the "
+            f"{len(gated)} GEMM epilogues cost (reads of residual, gate, partial; {1e3 * steps * cost:.0f} ms)"
+        )
+    else:
+        residual_reads = sum(op.out_bytes for op in glue if op.name == "aten.add")  # the epilogue reads h
+        glue_now = [op for op in glue if op.name != "aten.cat"]
+        saved = sum(price(op, dev, kt, compiled=True, sage=True) for op in glue_now) - dram_s(
+            residual_reads, dev
+        )
+        how = f"{len(glue_now)} glue ops per step in the blocks (compiled), less one read of the residual per fused GEMM"
     add(
-        "gate + residual in the GEMM epilogues, no concatenation in the single block",
-        steps
-        * (sum(price(op, dev, kt, compiled=True, sage=True) for op in glue) - dram_s(residual_reads, dev)),
-        f"{len(glue)} glue ops per step in the blocks (compiled), less one read of the residual per fused GEMM",
+        "gate + residual in the GEMM epilogues, proj_out's parts in one output",
+        steps * saved,
+        how,
+        bool(gated),
+    )
+    cats = [op for op in glue if op.name == "aten.cat"]
+    add(
+        "no concatenation in the single block",
+        steps * sum(price(op, dev, kt, compiled=True, sage=True) for op in cats),
+        f"{len(cats)} torch.cat of (text, image) per step, about "
+        f"{sum(op.out_bytes for op in cats) / max(len(cats), 1) / 1e6:.0f} MB written each",
     )
     # (e) SageAttention's preparation folded into qk_norm_rope: in the code when the blocks issue
     # svdq.qk_norm_rope_sage under sage. Priced either way as the bytes of qk_norm_rope + sageattn's
@@ -275,6 +303,23 @@ def levers(kt: KernelTimes) -> list[dict]:
         safety_input_on_gpu(),
     )
     return rows
+
+
+def _mkn(op: Op) -> tuple[int, int, int]:
+    """A w4a4_gemm call's M, K, N."""
+    return op.args[0].shape[0], 2 * op.args[0].shape[1], op.args[2].shape[0]
+
+
+def _replaced_glue(op: Op) -> list[Op]:
+    """The elementwise ops one gated w4a4_gemm call replaces (what the blocks issued before):
+    ``gate * y`` and ``residual + ...``, and with a partial the parts' sum ``y_attn + y_mlp``."""
+    out = op.args[8]  # residual [M, N], the shape and dtype of y and of the result
+    y = out.numel() * out.element_size()
+    gate = op.args[9].numel() * op.args[9].element_size()
+    ops = [Op("aten.mul", op.where, [], y + gate, y, 0), Op("aten.add", op.where, [], 2 * y, y, 0)]
+    if isinstance(op.args[7], torch.Tensor):
+        ops.append(Op("aten.add", op.where, [], 2 * y, y, 0))
+    return ops
 
 
 def _gemm_with_loop_delta(kt: KernelTimes, step_ops: list[Op], delta: int) -> float:

@@ -37,7 +37,7 @@ class KernelTimes:
         self.devices = {d.name: d for d in TRITON_DEVICES}
         self._cache: dict = {}
 
-    def _triton_gemm(self, m: int, k: int, n: int, unsigned: bool) -> float:
+    def _triton_gemm(self, m: int, k: int, n: int, unsigned: bool, epilogue: bool = False) -> float:
         import engine.kernels.triton_backend as tb
         from perfmodel.launches import gemm_launch
         from perfmodel.loops import compile_sass
@@ -45,7 +45,7 @@ class KernelTimes:
 
         dev = self.devices["H100 SXM"]
         cfg = tb.gemm_config(9, m)
-        _, args, kwargs = gemm_launch(m, k, n, 9, cfg, unsigned)
+        _, args, kwargs = gemm_launch(m, k, n, 9, cfg, unsigned, gated=epilogue)
         info = compile_sass(tb.w4a4_gemm_kernel, args, kwargs, 90)
         return model_gemm(m, k, n, dev, info, cfg)["us"] * 1e-6
 
@@ -61,13 +61,16 @@ class KernelTimes:
         info = compile_sass(tb.quantize_act_kernel, args, kwargs, 90)
         return model_act(m, k, dev, info, ACT_CONFIGS[9])["us"] * 1e-6
 
-    def gemm(self, device: str, m: int, k: int, n: int, unsigned: bool) -> float:
-        key = ("gemm", device, m, k, n, unsigned)
+    def gemm(self, device: str, m: int, k: int, n: int, unsigned: bool, epilogue: bool = False) -> float:
+        """``epilogue``: the kernel with the partial/gate/residual epilogue compiled in (its extra
+        instructions; the image model adds its extra reads)."""
+        key = ("gemm", device, m, k, n, unsigned, epilogue)
         if key not in self._cache:
             if device == "A40":
-                t = self.cuda.model_gemm(self.cuda_report, m, k, n)["time_us"] * 1e-6
+                variant = "s4+epilogue" if epilogue else "s4"
+                t = self.cuda.model_gemm(self.cuda_report, m, k, n, variant=variant)["time_us"] * 1e-6
             else:
-                t = self._triton_gemm(m, k, n, unsigned)
+                t = self._triton_gemm(m, k, n, unsigned, epilogue)
             self._cache[key] = t
         return self._cache[key]
 
@@ -119,7 +122,10 @@ def price(op: Op, device: str, kt: KernelTimes | None, *, compiled: bool, sage: 
     if n == "svdq.w4a4_gemm":
         qx, qweight = op.args[0], op.args[2]
         m, k, nn = qx.shape[0], 2 * qx.shape[1], qweight.shape[0]
-        return kt.gemm(device, m, k, nn, bool(op.args[7]))
+        # (..., bias, partial, residual, gate, unsigned, out_dtype): the epilogue's reads of partial,
+        # residual and gate at DRAM speed on top of the kernel's modelled time (not overlapped)
+        epilogue = sum(t.numel() * t.element_size() for t in op.args[7:10] if isinstance(t, torch.Tensor))
+        return kt.gemm(device, m, k, nn, bool(op.args[10]), epilogue > 0) + dram_s(epilogue, device)
     if n == "svdq.quantize_act":
         x = op.args[0]
         return kt.quantize(device, x.shape[0], x.shape[1])

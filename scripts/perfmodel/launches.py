@@ -46,12 +46,17 @@ def _meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def gemm_launch(m: int, k: int, n: int, major: int, cfg, unsigned: bool = False, rank: int = RANK) -> tuple:
+def gemm_launch(
+    m: int, k: int, n: int, major: int, cfg, unsigned: bool = False, rank: int = RANK, gated: bool = False
+) -> tuple:
+    """``gated``: with the whole epilogue (partial [M, N], residual [M, N], gate [1, N])."""
     g = k // 64
     ascales = _meta(g, m, dtype=torch.float32).t()  # group-major, as quantize_act returns them
     wscales = _meta(g, n, dtype=torch.float32).t()  # group-major, as SVDQLinear stores them
     args = (_meta(m, k // 2, dtype=torch.uint8), ascales, _meta(n, k // 2, dtype=torch.uint8), wscales)
     rest = (_meta(m, rank, dtype=torch.float32), _meta(n, rank), _meta(n))
+    if gated:
+        rest = (*rest, _meta(m, n), _meta(m, n), _meta(1, n))
 
     def call():
         tb.launch_w4a4_gemm(*args, *rest, unsigned=unsigned, out_dtype=torch.bfloat16, config=cfg)

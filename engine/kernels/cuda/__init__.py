@@ -134,11 +134,14 @@ def w4a4_gemm(
     lora_act: torch.Tensor,
     proj_up: torch.Tensor,
     bias: torch.Tensor | None,
+    partial: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
     *,
     unsigned: bool,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     _check_group_size(2 * qx.shape[1] // max(ascales.shape[1], 1))
     return torch.ops.svdq_cuda.w4a4_gemm(
-        qx, ascales, qweight, wscales, lora_act, proj_up, bias, unsigned, out_dtype
+        qx, ascales, qweight, wscales, lora_act, proj_up, bias, partial, residual, gate, unsigned, out_dtype
     )

@@ -24,6 +24,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from engine.kernels.triton.common import INTERPRET, LaunchConfig, div_correct, dot_bf16, mul_rn, tanh_f32
+from engine.kernels.triton.common import round_to as _round_to
 
 # 16 rows per program: 272 programs at M = 4352, two or three per SM. block_n is unused here
 # (the low-rank width is BLOCK_R).
@@ -60,20 +61,6 @@ def _row_stats(x_ptrs, K, eps, GROUP: tl.constexpr, COMPILED: tl.constexpr):
     var = tl.div_rn(m2, tl.cast(K, tl.float32)) + eps
     rstd = libdevice.rsqrt(var) if COMPILED else tl.div_rn(1.0, tl.sqrt_rn(var))
     return mean, rstd
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr, COMPILED: tl.constexpr):
-    """fp32 ``x`` rounded to ``dtype`` (half to even) and back, as torch stores an op's result. The
-    interpreter truncates fp32 -> bf16 casts (triton 3.6): there the rounding is done on the bits."""
-    if dtype == tl.float32:
-        return x
-    elif dtype == tl.bfloat16 and not COMPILED:
-        b = x.to(tl.int32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-        return b.to(tl.float32, bitcast=True)
-    else:
-        return x.to(dtype).to(tl.float32)
 
 
 @triton.jit

@@ -231,3 +231,17 @@ def scale_lowest_binade(biased, s, neg_bias_s, bias_value, FUSED: tl.constexpr):
     if FUSED:
         return tl.fma(b, s, neg_bias_s)
     return (b - bias_value) * s
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, COMPILED: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (half to even) and back, as torch stores an op's result. The
+    interpreter truncates fp32 -> bf16 casts (triton 3.6): there the rounding is done on the bits."""
+    if dtype == tl.float32:
+        return x
+    elif dtype == tl.bfloat16 and not COMPILED:
+        b = x.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        return b.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)

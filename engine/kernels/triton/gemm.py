@@ -36,6 +36,7 @@ from engine.kernels.triton.common import (
     SUB_OUT_EXP,
     LaunchConfig,
     grouped_tile,
+    round_to,
     round_to_22_bits,
     scale_biased,
     scale_lowest_binade,
@@ -77,6 +78,23 @@ def gemm_config(major: int, m: int, group: int = 64) -> LaunchConfig:
     return replace(cfg, bias_mma=False) if group > 64 else cfg
 
 
+def partial_first(cfg: LaunchConfig) -> bool:
+    """Where a GEMM adds y's partial (the contract's ``partial``): as the accumulator's start on
+    Ampere's 128 x 64 tiles, whose registers are full at the epilogue (after the loop it spilled
+    10 instructions on sm_86), after the loop elsewhere (first, it took registers from the loop:
+    sm_86's 64 x 64 tile rematerialized 7 address instructions per group, sm_90's spilled).
+    tests/test_triton_static.py compiles both ways' choice for every config."""
+    return not cfg.bias_mma and cfg.block_m * cfg.block_n >= 128 * 64
+
+
+def gate_rows2(cfg: LaunchConfig) -> bool:
+    """Whether the gate epilogue reads two gate rows per tile (a select per element) rather than
+    a [BM, BN] gather: on the configs whose registers are full at the epilogue (the gather spilled
+    sm_90's 64 x 128 tile 2 instructions and sm_80's 128 x 64 tile 9); on Ampere's 64 x 64 tiles
+    the gather compiles to the shorter loop (204 SASS per group, 208 with the select)."""
+    return cfg.bias_mma or cfg.block_m * cfg.block_n >= 128 * 64
+
+
 def bias_mma_channels(group: int, unsigned: bool) -> int:
     """Channels of the bias MMA: its bias B = channels * 2^14 (-128 x -128 per channel) must
     cover the most negative dot and keep B + dot below 2^24. Signed activations (x16, like the
@@ -98,6 +116,16 @@ def interleave4(lo, hi, ROWS: tl.constexpr, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _load_partial(partial_ptr, pid_m, offs_m, cols, M, stride_om, BLOCK_M: tl.constexpr):
+    """The [BLOCK_M, BLOCK_N] tile of y's partial in fp32: out's strides, a 64-bit base per CTA
+    plus int32 offsets in the tile, rows and columns clamped like the codes' (no mask: rows past
+    the edge are never stored)."""
+    base = partial_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_om
+    offs = (tl.minimum(offs_m, M - 1) - pid_m * BLOCK_M)[:, None] * stride_om + cols.to(tl.int32)[None, :]
+    return tl.load(base + offs).to(tl.float32)
+
+
+@triton.jit
 def w4a4_gemm_kernel(
     qx_ptr,  # u8 [M, K/2]
     ascales_ptr,  # f32 [M, G] (any strides)
@@ -107,6 +135,9 @@ def w4a4_gemm_kernel(
     up_ptr,  # [N, R]
     bias_ptr,  # [N]
     out_ptr,  # [M, N]
+    partial_ptr,  # [M, N] out dtype, out's strides (HAS_PARTIAL)
+    res_ptr,  # [M, N] out dtype, out's strides (GATED)
+    gate_ptr,  # [B, N] out dtype (GATED)
     M,
     N,
     K,
@@ -120,6 +151,8 @@ def w4a4_gemm_kernel(
     stride_lm,
     stride_un,
     stride_om,
+    stride_gb,
+    rows_per_gate,  # M / B: row r takes gate row r // rows_per_gate
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -132,6 +165,10 @@ def w4a4_gemm_kernel(
     COMPILED: tl.constexpr,  # for a GPU: inline-PTX unpacking (not interpreted)
     BIAS_MMA: tl.constexpr = False,  # Hopper: bias MMA + lowest-binade conversion (module docstring)
     K_BIAS: tl.constexpr = 32,  # the bias MMA's channels (bias_mma_channels)
+    GATED: tl.constexpr = False,  # out = residual + gate * y (contract: w4a4_gemm), after the loop
+    HAS_PARTIAL: tl.constexpr = False,  # y += partial (another part of a split-input linear)
+    GATE_ROWS2: tl.constexpr = False,  # GATED with rows_per_gate >= BLOCK_M: two gate rows per tile
+    PARTIAL_FIRST: tl.constexpr = False,  # HAS_PARTIAL: the partial starts the accumulator (partial_first)
 ):
     HALF: tl.constexpr = GROUP // 2
     MAGIC: tl.constexpr = 0x4B400000  # the bits of 1.5 * 2^23 (common.I2F_MAGIC_BITS)
@@ -160,7 +197,12 @@ def w4a4_gemm_kernel(
     sa_offs = tl.arange(0, BLOCK_M) * stride_am
     sw_offs = tl.arange(0, BLOCK_N) * stride_sn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_PARTIAL and PARTIAL_FIRST:
+        # y's partial starts the accumulator (an fp32 sum order of its own, as the contract allows):
+        # added after the loop, its tile spilled the sm_86 128 x 64 config (10 STL/LDL)
+        acc = _load_partial(partial_ptr, pid_m, offs_m, cols, M, stride_om, BLOCK_M)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # The low-rank product first, so that its operands are dead before the main loop (taken
     # last, their registers pushed the Ampere configs into spilling). BLOCK_R ranks at a time
     # (at most LORA_CHUNK, not software-pipelined): registers and shared memory do not grow
@@ -225,10 +267,33 @@ def w4a4_gemm_kernel(
 
     if BIAS_MMA:
         acc = acc * 2.0**SUB_OUT_EXP
+    if HAS_PARTIAL and not PARTIAL_FIRST:  # after the loop (first, it adds to the loop's registers)
+        acc += _load_partial(partial_ptr, pid_m, offs_m, cols, M, stride_om, BLOCK_M)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     out_rows = offs_m.to(tl.int64)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if GATED:
+        # diffusers' eager roundings: y, gate * y and the sum each rounded to the output dtype
+        # (no-ops for fp32, where the product and the sum may contract into one FMA)
+        out_ty = out_ptr.dtype.element_ty
+        img = tl.minimum(offs_m, M - 1) // rows_per_gate  # [BM] image of each row (int32 division)
+        if GATE_ROWS2:
+            # rows_per_gate >= BLOCK_M: the tile's rows span at most two images; two gate rows of
+            # [BN] and a select per element (few registers) instead of a [BM, BN] gather, where
+            # the config's registers are full (gate_rows2)
+            img0 = (pid_m * BLOCK_M) // rows_per_gate
+            g0 = tl.load(gate_ptr + img0.to(tl.int64) * stride_gb + cols).to(tl.float32)
+            img1 = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, M - 1) // rows_per_gate
+            g1 = tl.load(gate_ptr + img1.to(tl.int64) * stride_gb + cols).to(tl.float32)
+            gate = tl.where((img == img0)[:, None], g0[None, :], g1[None, :])
+        else:
+            gate = tl.load(gate_ptr + img.to(tl.int64)[:, None] * stride_gb + cols[None, :]).to(tl.float32)
+        res = tl.load(res_ptr + out_rows[:, None] * stride_om + offs_n[None, :], mask=mask, other=0.0)
+        prod = round_to(gate * round_to(acc, out_ty, COMPILED), out_ty, COMPILED)
+        acc = res.to(tl.float32) + prod
+        if not COMPILED:  # the interpreter's store truncates to bf16: round here, half to even
+            acc = round_to(acc, out_ty, COMPILED)
     tl.store(
         out_ptr + out_rows[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask
     )

@@ -92,7 +92,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x,
 
 at::Tensor w4a4_gemm(const at::Tensor& qx, const at::Tensor& ascales, const at::Tensor& qweight,
                      const at::Tensor& wscales, const at::Tensor& lora_act, const at::Tensor& proj_up,
-                     const std::optional<at::Tensor>& bias, bool is_unsigned, at::ScalarType out_dtype) {
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& partial,
+                     const std::optional<at::Tensor>& residual,
+                     const std::optional<at::Tensor>& gate, bool is_unsigned, at::ScalarType out_dtype) {
   TORCH_CHECK(qx.is_cuda(), "qx must be a CUDA tensor, got one on ", qx.device());
   check_device(ascales, "ascales", qx, "qx");
   check_device(qweight, "qweight", qx, "qx");
@@ -100,6 +102,10 @@ at::Tensor w4a4_gemm(const at::Tensor& qx, const at::Tensor& ascales, const at::
   check_device(lora_act, "lora_act", qx, "qx");
   check_device(proj_up, "proj_up", qx, "qx");
   if (bias.has_value()) check_device(*bias, "bias", qx, "qx");
+  if (partial.has_value()) check_device(*partial, "partial", qx, "qx");
+  TORCH_CHECK(residual.has_value() == gate.has_value(), "residual and gate come together: pass both or neither");
+  if (residual.has_value()) check_device(*residual, "residual", qx, "qx");
+  if (gate.has_value()) check_device(*gate, "gate", qx, "qx");
   TORCH_CHECK(qx.scalar_type() == at::kByte && qweight.scalar_type() == at::kByte && qx.dim() == 2 &&
                   qweight.dim() == 2,
               "qx and qweight must be 2-D uint8 tensors of packed 4-bit codes");
@@ -135,12 +141,33 @@ at::Tensor w4a4_gemm(const at::Tensor& qx, const at::Tensor& ascales, const at::
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ", bias->sizes());
     bc = bias->contiguous();
   }
+  at::Tensor pc, rc, gc;  // the partial/gate/residual epilogue's operands, contiguous, in out_dtype
+  if (partial.has_value()) {
+    TORCH_CHECK(partial->scalar_type() == out_dtype, "partial must have out_dtype ", out_dtype, ", got ",
+                partial->scalar_type());
+    TORCH_CHECK(partial->dim() == 2 && partial->size(0) == M && partial->size(1) == N, "partial must be [", M, ", ",
+                N, "], got ", partial->sizes());
+    pc = partial->contiguous();
+  }
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->scalar_type() == out_dtype && gate->scalar_type() == out_dtype,
+                "residual and gate must have out_dtype ", out_dtype, ", got ", residual->scalar_type(), " and ",
+                gate->scalar_type());
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == M && residual->size(1) == N, "residual must be [", M,
+                ", ", N, "], got ", residual->sizes());
+    TORCH_CHECK(gate->dim() == 2 && gate->size(1) == N && gate->size(0) > 0 && M % gate->size(0) == 0,
+                "gate must be [B, ", N, "] with B dividing M = ", M, ", got ", gate->sizes());
+    rc = residual->contiguous();
+    gc = gate->contiguous();
+  }
   auto out = at::empty({M, N}, qxc.options().dtype(out_dtype));
   C10_CUDA_CHECK(svdq::w4a4_gemm(
       qxc.data_ptr<uint8_t>(), asf.data_ptr<float>(), asf.stride(0), asf.stride(1), qwc.data_ptr<uint8_t>(),
       wsf.data_ptr<float>(), wsf.stride(0), wsf.stride(1), lac.data_ptr<float>(), bf16_ptr(up_hi), bf16_ptr(up_lo),
       bc.defined() ? bc.data_ptr() : nullptr, bc.defined() ? dtype_of(bc, "bias") : svdq::DType::F32,
-      out.data_ptr(), dtype_of(out, "out"), M, N, K, R, is_unsigned, c10::cuda::getCurrentCUDAStream()));
+      out.data_ptr(), dtype_of(out, "out"), pc.defined() ? pc.data_ptr() : nullptr, rc.defined() ? rc.data_ptr() : nullptr,
+      gc.defined() ? gc.data_ptr() : nullptr, gc.defined() ? static_cast<int>(M / gc.size(0)) : 1, M, N, K, R,
+      is_unsigned, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -150,7 +177,7 @@ TORCH_LIBRARY(svdq_cuda, m) {
   m.def("quantize_act(Tensor x, Tensor smooth, Tensor proj_down, int group_size, bool unsigned, float shift) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("w4a4_gemm(Tensor qx, Tensor ascales, Tensor qweight, Tensor wscales, Tensor lora_act, Tensor proj_up, "
-        "Tensor? bias, bool unsigned, ScalarType out_dtype) -> Tensor");
+        "Tensor? bias, Tensor? partial, Tensor? residual, Tensor? gate, bool unsigned, ScalarType out_dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(svdq_cuda, CUDA, m) {

@@ -1,9 +1,10 @@
 // SVDQuant W4A4 GEMM (svdq::w4a4_gemm, see kernels.h): int4 tensor-core MMA over the packed codes, the low-rank
-// up-projection and bias fused into the epilogue. Deterministic: every output is owned by one thread and summed
+// up-projection, bias and (optionally) the block's gate multiply and residual add fused into the epilogue. Deterministic: every output is owned by one thread and summed
 // in a fixed order; no atomics.
 //
 // The tile parameters below are read by scripts/kernel_model.py (keep them `constexpr int kName = value;`).
 #include <atomic>
+#include <type_traits>
 
 #include "fragments.cuh"
 #include "kernels.h"
@@ -42,14 +43,60 @@ static_assert(kNT % 2 == 0 && kBM <= kThreads && kBN <= kThreads, "tile shape");
 // ---------------------------------------------------------------------------------------------------------
 __device__ __forceinline__ int swz(int row, int half) { return row * kGroupBytes + 16 * (half ^ ((row >> 2) & 1)); }
 
+// fp32 v rounded to T and back (round to nearest even), as torch stores a 16-bit op's result.
+__device__ __forceinline__ float round_to(float v, float) { return v; }
+__device__ __forceinline__ float round_to(float v, __half) { return __half2float(__float2half_rn(v)); }
+__device__ __forceinline__ float round_to(float v, __nv_bfloat16) { return __bfloat162float(__float2bfloat16_rn(v)); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// The partial/gate/residual epilogue on this thread's accumulators (bias included), before the store's rounding
+// to T: y += partial, then residual + rnd(gate[m / rows_per_gate] * rnd(y)) (w4a4_gemm's contract: diffusers'
+// roundings; for fp32 outputs one FFMA may take the product and the sum, as the contract allows). Either part
+// may be absent (null). Row wm0 + 16 mt + 8 h, column wn0 + 8 nt. (Pair loads and pair conversions compiled
+// to more SASS than these scalar ones: 8080 against 6608 instructions outside the loop on sm_86.)
+template <typename T>
+__device__ __forceinline__ void partial_gate_residual(float (&acc)[kMT][kNT][4], int wm0, int wn0,
+                                                      const void* partial, const void* residual, const void* gate,
+                                                      int rows_per_gate, int M, int N) {
+  const T* part = static_cast<const T*>(partial);
+  const T* res = static_cast<const T*>(residual);
+  const T* gt = static_cast<const T*>(gate);
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = wm0 + mt * 16 + 8 * h;
+      if (m >= M) continue;
+      const int64_t row = static_cast<int64_t>(m) * N, grow = static_cast<int64_t>(m / rows_per_gate) * N;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int n = wn0 + nt * 8 + j;
+          if (n >= N) continue;
+          float& y = acc[mt][nt][2 * h + j];
+          if (part != nullptr) y += to_float(part[row + n]);
+          if (res != nullptr) y = to_float(res[row + n]) + round_to(to_float(gt[grow + n]) * round_to(y, T{}), T{});
+        }
+    }
+}
+
 // Low-rank branch on bf16 tensor cores into the same fp32 accumulators: lora_act (fp32) as hi + lo bf16,
 // proj_up as bf16 (plus its residual when the host split a wider dtype); k runs over R in steps of 16.
 // One m16 tile at a time keeps the live fragments small next to the 128 accumulators.
 // Then bias, and packed stores: each thread writes (c0, c1) and (c2, c3) as one bf16x2 / half2 / float2.
+// TExtras (float, __half or __nv_bfloat16: the output's type) compiles the partial/gate/residual epilogue in for
+// that type alone; void leaves it out. One kernel instance each: the plain GEMM carries none of its code, and an
+// epilogue instance only its own dtype's.
+template <typename TExtras>
 __device__ __forceinline__ void epilogue(float (&acc)[kMT][kNT][4], int m0, int n0, int wm, int wn, int grp, int t,
                                          const float* __restrict__ lora_act, const __nv_bfloat16* __restrict__ up_hi,
                                          const __nv_bfloat16* __restrict__ up_lo, const void* __restrict__ bias,
-                                         DType bt, void* __restrict__ out, DType ot, int M, int N, int R) {
+                                         DType bt, void* __restrict__ out, DType ot, const void* __restrict__ partial,
+                                         const void* __restrict__ residual, const void* __restrict__ gate,
+                                         int rows_per_gate, int M, int N, int R) {
   for (int k0 = 0; k0 < R; k0 += 16) {
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
@@ -81,23 +128,32 @@ __device__ __forceinline__ void epilogue(float (&acc)[kMT][kNT][4], int m0, int 
     }
   }
 
-  // Bias, then packed stores: each thread writes (c0, c1) and (c2, c3) as one bf16x2 / half2 / float2.
+  // Bias into the accumulators; then the gate/residual epilogue (one loop per output dtype, chosen once); then
+  // packed stores: each thread writes (c0, c1) and (c2, c3) as one bf16x2 / half2 / float2.
+  if (bias != nullptr) {
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+      const int n = n0 + wn + nt * 8 + 2 * t;
+      const float b0 = n < N ? load_float(bias, bt, n) : 0.f, b1 = n + 1 < N ? load_float(bias, bt, n + 1) : 0.f;
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mt][nt][e] += e % 2 ? b1 : b0;
+    }
+  }
+  if constexpr (!std::is_void_v<TExtras>)
+    partial_gate_residual<TExtras>(acc, m0 + wm + grp, n0 + wn + 2 * t, partial, residual, gate, rows_per_gate, M, N);
   const bool pairs = (N % 2) == 0;  // 4- or 8-byte aligned pairs
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
     const int n = n0 + wn + nt * 8 + 2 * t;
-    float b0 = 0.f, b1 = 0.f;
-    if (bias != nullptr) {
-      if (n < N) b0 = load_float(bias, bt, n);
-      if (n + 1 < N) b1 = load_float(bias, bt, n + 1);
-    }
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int m = m0 + wm + mt * 16 + grp + 8 * h;
         if (m >= M || n >= N) continue;
-        const float y0 = acc[mt][nt][2 * h] + b0, y1 = acc[mt][nt][2 * h + 1] + b1;
+        const float y0 = acc[mt][nt][2 * h], y1 = acc[mt][nt][2 * h + 1];
         const int64_t o = static_cast<int64_t>(m) * N + n;
         if (pairs) {
           switch (ot) {
@@ -148,13 +204,14 @@ __device__ __forceinline__ int reread_ctaid() {
   return v;
 }
 
-template <bool kUnsigned>
+template <bool kUnsigned, typename TExtras>
 __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
     const uint8_t* __restrict__ qx, const float* __restrict__ ascales, int as_m, int as_g,
     const uint8_t* __restrict__ qw, const float* __restrict__ wscales, int ws_n, int ws_g,
     const float* __restrict__ lora_act, const __nv_bfloat16* __restrict__ up_hi,
     const __nv_bfloat16* __restrict__ up_lo, const void* __restrict__ bias, DType bt, void* __restrict__ out,
-    DType ot, int M, int N, int K, int R) {
+    DType ot, const void* __restrict__ partial, const void* __restrict__ residual, const void* __restrict__ gate,
+    int rows_per_gate, int M, int N, int K, int R) {
   extern __shared__ __align__(16) uint8_t smem[];
   const uint32_t smem0 = smem_addr(smem);
   constexpr int kSaOff = (kBM + kBN) * kGroupBytes, kSwOff = kSaOff + kThreads * 8;
@@ -286,8 +343,19 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
   {
     const int tid2 = reread_tid(), lane2 = tid2 % 32;
     const TileCoords tc2 = tile_coords(reread_ctaid(), tid2 / 32, M, N);
-    epilogue(acc, tc2.m0, tc2.n0, tc2.wm, tc2.wn, lane2 / 4, lane2 % 4, lora_act, up_hi, up_lo, bias, bt, out, ot,
-             M, N, R);
+    epilogue<TExtras>(acc, tc2.m0, tc2.n0, tc2.wm, tc2.wn, lane2 / 4, lane2 % 4, lora_act, up_hi, up_lo, bias, bt, out, ot,
+             partial, residual, gate, rows_per_gate, M, N, R);
+  }
+}
+
+// The kernel instance of a call: without the epilogue, or with it for the output's dtype.
+template <bool kUnsigned>
+auto gemm_instance(bool extras, DType ot) {
+  if (!extras) return w4a4_gemm_kernel<kUnsigned, void>;
+  switch (ot) {
+    case DType::F32: return w4a4_gemm_kernel<kUnsigned, float>;
+    case DType::F16: return w4a4_gemm_kernel<kUnsigned, __half>;
+    default: return w4a4_gemm_kernel<kUnsigned, __nv_bfloat16>;
   }
 }
 
@@ -296,30 +364,35 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
 cudaError_t w4a4_gemm(const uint8_t* qx, const float* ascales, int64_t as_m, int64_t as_g, const uint8_t* qweight,
                       const float* wscales, int64_t ws_n, int64_t ws_g, const float* lora_act,
                       const __nv_bfloat16* up_hi, const __nv_bfloat16* up_lo, const void* bias, DType bt, void* out,
-                      DType ot, int M, int N, int K, int R, bool is_unsigned, cudaStream_t stream) {
+                      DType ot, const void* partial, const void* residual, const void* gate, int rows_per_gate, int M,
+                      int N, int K, int R, bool is_unsigned, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   if (K % kGroup != 0) return cudaErrorInvalidValue;
+  if (residual != nullptr && (gate == nullptr || rows_per_gate <= 0 || M % rows_per_gate != 0)) return cudaErrorInvalidValue;
   // 32-bit offsets inside the kernel (ops.cpp reports these limits with a clear message)
   const int64_t lim = int64_t{1} << 31;
   if (int64_t{M} * K / 2 >= lim || int64_t{N} * K / 2 >= lim) return cudaErrorInvalidValue;
   if ((M + kBM) * (as_m < 0 ? -as_m : as_m) + (K / kGroup) * (as_g < 0 ? -as_g : as_g) >= lim) return cudaErrorInvalidValue;
   if ((N + kBN) * (ws_n < 0 ? -ws_n : ws_n) + (K / kGroup) * (ws_g < 0 ? -ws_g : ws_g) >= lim) return cudaErrorInvalidValue;
   const int tiles = ((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN);
-  auto kernel = is_unsigned ? w4a4_gemm_kernel<true> : w4a4_gemm_kernel<false>;
+  const bool extras = partial != nullptr || residual != nullptr;
+  auto kernel = is_unsigned ? gemm_instance<true>(extras, ot) : gemm_instance<false>(extras, ot);
+  const int instance = 4 * is_unsigned + (extras ? 1 + static_cast<int>(ot) : 0);
   // More than 48 KB of dynamic shared memory needs an opt-in, once per kernel and device (not a stream
   // operation, but done once so that launches inside a CUDA-graph capture make no other API call).
-  static std::atomic<uint64_t> opted_in[2];
+  static std::atomic<uint64_t> opted_in[8];
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   const uint64_t bit = uint64_t{1} << (device % 64);
-  if ((opted_in[is_unsigned].load() & bit) == 0) {
+  if ((opted_in[instance].load() & bit) == 0) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (err != cudaSuccess) return err;
-    opted_in[is_unsigned].fetch_or(bit);
+    opted_in[instance].fetch_or(bit);
   }
   kernel<<<tiles, kThreads, kSmemBytes, stream>>>(qx, ascales, static_cast<int>(as_m), static_cast<int>(as_g), qweight, wscales, static_cast<int>(ws_n),
-                                                  static_cast<int>(ws_g), lora_act, up_hi, up_lo, bias, bt, out, ot, M, N, K, R);
+                                                  static_cast<int>(ws_g), lora_act, up_hi, up_lo, bias, bt, out, ot, partial, residual, gate,
+                                                  rows_per_gate, M, N, K, R);
   return cudaGetLastError();
 }
 
