@@ -103,6 +103,8 @@ def _launch_act(x, smooth, proj_down, mod_scale, mod_shift, group_size, unsigned
     # RN(1 / smooth) by IEEE division (K values): the kernel divides by smooth in 3 FMA-class
     # instructions per element from it (engine/kernels/triton/common.py: div_correct).
     rsmooth = smooth if _INTERPRET else 1.0 / smooth.float()
+    if not _INTERPRET:  # fp32 smooth: no conversion per element, its negation folds into the FMA
+        smooth = smooth.float()
     modulate = mod_scale is not None
     if modulate:
         mod_scale, mod_shift = _row_major(mod_scale), _row_major(mod_shift)
