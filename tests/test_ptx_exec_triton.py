@@ -451,3 +451,18 @@ def test_compiled_sage_k_quantization_is_the_packages(compiled_sage, approx):
         torch.testing.assert_close(out["k_scale_ptr"], k_scale, rtol=2**-22, atol=0)
         diff = (out["k8_ptr"].int() - k8.int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+
+
+# --- quantize_act as an H100 gets it: sm_90 config, compiled for sm_90 ------------------------------
+
+
+@pytest.mark.parametrize("unsigned, r", [(False, 5), (True, 48)])
+def test_act_compiled_for_sm90_matches_reference(unsigned, r):
+    """The act kernel as the launcher runs it on sm_90 (its config, COMPILED, the fp32 smooth and
+    its reciprocal from the host), compiled for sm_90 (mma.sync, cp.async, ldmatrix: nothing
+    sm_90-only in it) and executed: codes and scales bit for bit, lora_act to hi + lo accuracy."""
+    kind, launch, want = _act(r, unsigned, None)
+    rec = PC.record(kind, launch, major=9)
+    (res,) = PC.compile_ptx([rec.request(90)])
+    assert ".target sm_90" in res["ptx"]
+    check(f"act_sm90_{r}", rec, want, res)

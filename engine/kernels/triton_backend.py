@@ -110,7 +110,11 @@ def _launch_act(x, smooth, proj_down, mod_scale, mod_shift, group_size, unsigned
     smooth = smooth.contiguous()
     # RN(1 / smooth) by IEEE division (K values): the kernel divides by smooth in 3 FMA-class
     # instructions per element from it (engine/kernels/triton/common.py: div_correct).
-    rsmooth = smooth if _INTERPRET else 1.0 / smooth.float()
+    # On the GPU smooth goes in fp32 too (the conversion the reciprocal needs anyway): no
+    # widening per element, and its negation folds into the division's FMA.
+    if not _INTERPRET:
+        smooth = smooth.float()
+    rsmooth = smooth if _INTERPRET else 1.0 / smooth
     modulate = mod_scale is not None
     if modulate:
         mod_scale, mod_shift = _row_major(mod_scale), _row_major(mod_shift)
