@@ -83,9 +83,17 @@ def test_cancel_running_job_interrupts_it_and_waits_for_it(runner):
 
 def test_cancel_queued_job_never_starts_it(runner):
     log: list = []
+    release = threading.Event()
+
+    def held(name: str) -> str:
+        """Runs until the test lets it go, so the cancel lands while it runs on any machine load."""
+        log.append(("start", name))
+        release.wait(TIMEOUT)
+        log.append(("end", name))
+        return name
 
     async def main():
-        first = asyncio.create_task(runner.run(spin, 0.3, log, "first"))
+        first = asyncio.create_task(runner.run(held, "first"))
         queued = asyncio.create_task(runner.run(spin, 0.01, log, "queued"))
         while not log:
             await asyncio.sleep(0.005)
@@ -93,6 +101,7 @@ def test_cancel_queued_job_never_starts_it(runner):
         queued.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(queued, TIMEOUT)
+        release.set()
         return await asyncio.wait_for(first, TIMEOUT)
 
     assert asyncio.run(main()) == "first"
