@@ -1,7 +1,17 @@
 import os
 
-import pytest
-import torch
+# Under pytest-xdist (scripts/test.sh runs one worker per core) each worker gets one OpenMP
+# thread: torch's default of one per core would put cores x cores threads on the machine, which
+# on a 2-core VM made the suite slower than running it serially. Set before torch loads.
+_XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if _XDIST_WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if _XDIST_WORKER:
+    torch.set_num_threads(1)
 
 # Tests pin the backend explicitly where it matters; everything else runs under auto.
 os.environ.pop("SVDQ_KERNELS", None)
