@@ -97,16 +97,16 @@ def test_the_prompt_steers_the_picture_at_16_bits(pipe):
     assert steering(images.mean(dim=(2, 3), keepdim=True).expand_as(images), HELD_OUT) < 0.9
 
 
-@pytest.mark.slow
 def test_the_prompt_steers_the_picture_at_4_bits_and_svdquant_beats_naive(pipe):
     ref = draw(pipe, HELD_OUT)
     ours = draw(quantized(pipe, VARIANTS[OURS]), HELD_OUT)
     naive = draw(quantized(pipe, VARIANTS[NAIVE]), HELD_OUT)
     assert steering(ours, HELD_OUT) >= 0.9
-    # bounds from docs/quantization.md's table (measured there on 24 prompts), with a margin
-    assert psnr(ours, ref) >= 25.0
-    assert ssim(ours, ref) >= 0.9
-    assert psnr(ours, ref) > psnr(naive, ref)
+    # bounds from docs/quantization.md's table (24 prompts: ours 39.2 dB / SSIM 0.987, naive
+    # 30.8 dB / 0.921), with a margin
+    assert psnr(ours, ref) >= 35.0
+    assert ssim(ours, ref) >= 0.97
+    assert psnr(ours, ref) >= psnr(naive, ref) + 4.0
 
 
 @pytest.mark.slow
@@ -116,6 +116,7 @@ def test_the_cog_server_draws_the_demo_prompt_at_4_bits(tmp_path):
     outside the vocabulary still gets an image and a log line saying what the model knows."""
     import io
 
+    import numpy as np
     from cog_client import CogServer, decode_output
     from PIL import Image
 
@@ -131,7 +132,7 @@ def test_the_cog_server_draws_the_demo_prompt_at_4_bits(tmp_path):
         data, _ = decode_output(resp["output"][0])
         image = Image.open(io.BytesIO(data)).convert("RGB")
         assert image.size == (1024, 1024)
-        pixels = torch.tensor(list(image.getdata()), dtype=torch.float32).T.reshape(3, 1024, 1024) / 127.5 - 1
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1  # [3, H, W]
         scene = parse(DEFAULT_PROMPT)
         assert check(pixels, scene) == {"shape": scene.colour, "background": scene.background}
         status, resp = server.predict({"prompt": "a photo of a red fox", "num_inference_steps": 1})
