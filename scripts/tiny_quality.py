@@ -47,7 +47,9 @@ def load_pipe():
     """The embedded model's float pipeline with the committed trained weights."""
     from safetensors.torch import load_file
 
-    return build_shapes_pipeline(transformer_state=load_file(SHAPES_WEIGHTS))
+    pipe = build_shapes_pipeline(transformer_state=load_file(SHAPES_WEIGHTS))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @torch.no_grad()

@@ -87,7 +87,7 @@ def pipe():
     return load_pipe()
 
 
-HELD_OUT = all_scenes(held_out=True)[::27]  # 8 prompts whose colour/shape pair no training image showed
+HELD_OUT = all_scenes(held_out=True)[::27]  # 14 prompts whose colour/shape pair no training image showed
 
 
 def test_the_prompt_steers_the_picture_at_16_bits(pipe):
