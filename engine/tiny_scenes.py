@@ -137,10 +137,13 @@ def render(scene: Scene, height: int, width: int) -> torch.Tensor:
 
 
 def vocabulary_note(prompt: str) -> str | None:
-    """The log line for a prompt with words the embedded model never saw (None when it has none)."""
+    """The log line for a prompt the embedded model was not trained on: words it never saw, or its
+    words in another form than its captions' (None for one of its captions)."""
     unknown = unknown_words(prompt)
     if not unknown:
-        return None
+        if parse(prompt) is not None:
+            return None
+        return f"the embedded tiny model knows these words only in its captions' form: it draws {describe()}"
     shown = ", ".join(repr(w) for w in unknown[:8]) + (", ..." if len(unknown) > 8 else "")
     return f"the embedded tiny model never saw {shown}: it draws {describe()}"
 

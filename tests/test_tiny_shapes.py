@@ -80,6 +80,7 @@ def test_an_unknown_prompt_gets_a_note_of_what_the_model_knows():
     note = vocabulary_note("a photo of a red fox")
     assert "'photo'" in note and "'fox'" in note and "circle" in note and "top left" in note
     assert vocabulary_note(DEFAULT_PROMPT) is None
+    assert "captions' form" in vocabulary_note("red circle top left")  # its words, not its grammar
 
 
 @pytest.fixture(scope="module")
