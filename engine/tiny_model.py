@@ -77,6 +77,11 @@ def _clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
+def clip_tokenizer():
+    """The character-level CLIP tokenizer (also the embedded shapes model's)."""
+    return _clip_tokenizer()
+
+
 def _t5_tokenizer():
     from transformers import T5Tokenizer
 

@@ -2,8 +2,9 @@
 
     python scripts/demo_predict.py [--prompt ...] [--out out/] [--seed 42] [input=value ...]
 
-Without a GPU the server serves the embedded tiny model (random weights: the images are
-noise, but every stage of the real path runs). Prints the paths of the written files.
+Without a GPU the server serves the embedded tiny model (docs/tiny-model.md): it draws one
+coloured shape on a plain background, so the default prompt is in its words; every stage of the
+real path runs. Prints the paths of the written files.
 """
 
 import argparse
@@ -14,10 +15,12 @@ from pathlib import Path
 
 from cog_client import CogServer, save_outputs
 
+from engine.tiny_scenes import DEFAULT_PROMPT
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", default="a photo of a red fox sitting in fresh snow, morning light")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", type=Path, default=Path("out"))
     p.add_argument("inputs", nargs="*", help="extra inputs as name=value (JSON values), e.g. num_outputs=2")

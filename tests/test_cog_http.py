@@ -47,7 +47,8 @@ def server(tmp_path_factory, tiny_model_dir):
     cache = tmp_path_factory.mktemp("weights")
     shutil.copytree(tiny_model_dir, cache / "tiny")  # the session's tiny model: built once per run
     loras = tmp_path_factory.mktemp("loras")
-    env = {"SVDQ_WEIGHTS_DIR": str(cache), "SVDQ_MODEL": "auto", "SVDQ_LORA_DIR": str(loras)}
+    # the random tiny model (sizes not multiples of 64, LoRA shapes): the trained one is tests/test_tiny_shapes.py's
+    env = {"SVDQ_WEIGHTS_DIR": str(cache), "SVDQ_MODEL": "tiny", "SVDQ_LORA_DIR": str(loras)}
     with CogServer(env=env) as srv:
         health = srv.wait_ready()
         assert health["status"] == "READY", health

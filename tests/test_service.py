@@ -75,7 +75,7 @@ def test_choose_model(tmp_path):
     assert (
         choose_model(ServiceConfig(weights_dir=tmp_path, model="flux-schnell"), gpu=False) == "flux-schnell"
     )
-    assert choose_model(cfg, gpu=False) == "tiny"
+    assert choose_model(cfg, gpu=False) == "tiny-shapes"  # the trained embedded model (docs/tiny-model.md)
     assert choose_model(cfg, gpu=True) == "flux-schnell"  # never the tiny model on a GPU unless named
     assert choose_model(ServiceConfig(weights_dir=tmp_path, model="tiny"), gpu=True) == "tiny"
 

@@ -35,10 +35,11 @@ from engine.lora import LoraManager, LoraStore, StoreConfig, parse_lora
 from engine.pipeline import FluxGenerator, default_device, pil_images
 from engine.safety import SafetyChecker
 from engine.service.config import ServiceConfig
-from engine.service.models import choose_model, model_files
+from engine.service.models import SHAPES, choose_model, model_files
 from engine.service.outputs import OutputFolders, save_images
 from engine.service.request import check_request, drop_flagged, use_loras
 from engine.service.setup_phases import SetupPhases, compile_cache_dir, configure_runtime, memory_mode
+from engine.tiny_scenes import vocabulary_note
 from engine.weights import WeightsError, recorded_sha256
 
 logger = logging.getLogger(__name__)
@@ -212,6 +213,8 @@ class FluxService:
         prompt, width, height, num_outputs, num_inference_steps, seed, output_format, output_quality = request
         if go_fast and self.go_fast is None:
             logger.info("go_fast: no GPU, so nothing to speed up; running the same path")
+        if self.model == SHAPES and (note := vocabulary_note(prompt)):
+            logger.info("%s", note)  # the image still comes: the model draws what it makes of the rest
         self._use_loras(
             [("lora_weights", lora_weights, lora_scale), ("extra_lora", extra_lora, extra_lora_scale)]
         )

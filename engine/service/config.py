@@ -15,7 +15,7 @@ from engine.lora.sources import CIVITAI, HUB
 from engine.lora.store import CACHE_BYTES, MAX_DOWNLOAD_BYTES
 from engine.weights import BAKED, Sources, cache_dir
 
-MODEL_ENV = "SVDQ_MODEL"  # auto | tiny | a model name of weights/manifest.json
+MODEL_ENV = "SVDQ_MODEL"  # auto | tiny | tiny-shapes | a model name of weights/manifest.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,7 @@ class ServiceConfig:
     ========================= ====================================================== =========
     variable                  meaning                                                default
     ========================= ====================================================== =========
-    SVDQ_MODEL                auto, tiny, or a model of weights/manifest.json         auto
+    SVDQ_MODEL                auto, tiny, tiny-shapes, or a model of manifest.json    auto
     SVDQ_WEIGHTS_DIR          the weights cache                                       weights/cache
     HF_HUB_OFFLINE=1          no downloads                                            off
     SVDQ_LORA_DIR             folder whose files lora_weights may name by path        none (no paths)

@@ -26,7 +26,8 @@ from engine.weights import (
 
 logger = logging.getLogger(__name__)
 
-TINY = "tiny"
+TINY = "tiny"  # random weights: every code path of the real model, noise images (the tests' model)
+SHAPES = "tiny-shapes"  # trained: draws one coloured shape (docs/tiny-model.md); the CPU default
 REAL = "flux-schnell"
 
 
@@ -44,31 +45,37 @@ def _online(endpoint: str = HUB, timeout: float = 3.0) -> bool:
 def choose_model(config: ServiceConfig, gpu: bool | None = None) -> str:
     """The model to serve: ``config.model`` when named; in auto mode the real model on a GPU.
 
-    The tiny model (random weights, noise images) is served only on a CPU or when named: a GPU
-    host without the real weights fails setup (see :func:`model_files`) rather than silently
-    serving noise.
+    The embedded models are served only on a CPU or when named: a GPU host without the real
+    weights fails setup (see :func:`model_files`) rather than silently serving a toy. On a CPU the
+    default is the trained tiny model that draws its prompt's shape (:data:`SHAPES`).
     """
     if config.model != "auto":
         return config.model
     gpu = torch.cuda.is_available() if gpu is None else gpu
     if not gpu:
-        logger.info("no GPU: serving the embedded tiny model (set %s to choose)", MODEL_ENV)
-        return TINY
+        logger.info(
+            "no GPU: serving the embedded tiny model %s, which draws one coloured shape (set %s to choose)",
+            SHAPES,
+            MODEL_ENV,
+        )
+        return SHAPES
     return REAL
 
 
-def tiny_model_dir(weights_dir: Path) -> Path:
-    """The embedded tiny model, made on first use (seconds) and renamed into place when complete."""
+def tiny_model_dir(weights_dir: Path, name: str = TINY) -> Path:
+    """An embedded model's folder (:data:`TINY` or :data:`SHAPES`), made on first use (seconds)
+    and renamed into place when complete."""
     from engine.tiny_model import CHECKPOINT_NAME, make_tiny_model
+    from engine.tiny_shapes import make_shapes_model
 
-    root = weights_dir / TINY
-    if (root / CHECKPOINT_NAME).exists():
+    root = weights_dir / name
+    if (root / CHECKPOINT_NAME).exists() and (name != SHAPES or _made_from_current_weights(root)):
         return root
-    logger.info("making the tiny model in %s", root)
+    logger.info("making the embedded model %s in %s", name, root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root.parent))
     try:
-        make_tiny_model(tmp)
+        (make_shapes_model if name == SHAPES else make_tiny_model)(tmp)
         shutil.rmtree(root, ignore_errors=True)
         tmp.rename(root)
     finally:
@@ -76,15 +83,28 @@ def tiny_model_dir(weights_dir: Path) -> Path:
     return root
 
 
+def _made_from_current_weights(root: Path) -> bool:
+    """Whether a made shapes model folder comes from the repository's trained weights."""
+    import json
+
+    from engine.tiny_shapes import shapes_weights_digest
+
+    try:
+        made = json.loads((root / "TINY_MODEL.json").read_text()).get("weights_sha256")
+    except (OSError, ValueError):
+        return False
+    return made == shapes_weights_digest()
+
+
 def model_files(name: str, config: ServiceConfig) -> tuple[Path, Path]:
     """``(model folder, transformer checkpoint)`` for a model, fetched and verified.
 
     Every .safetensors file's header is checked, so a damaged file fails setup naming it.
     """
-    if name == TINY:
+    if name in (TINY, SHAPES):
         from engine.tiny_model import CHECKPOINT_NAME
 
-        root = tiny_model_dir(config.weights_dir)
+        root = tiny_model_dir(config.weights_dir, name)
         check_model_folder(root)
         return root, root / CHECKPOINT_NAME
     entries = load_manifest(name)
