@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh --dev
 . .venv/bin/activate
 ruff check .
-python -m pytest -q "$@"
+python -m pytest -q -n auto "$@"
