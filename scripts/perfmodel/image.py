@@ -275,6 +275,28 @@ def levers(kt: KernelTimes) -> list[dict]:
         "half of the attention's tensor work at twice the rate",
         listed=False,
     )
+    # beyond the list: fc1's GEMM epilogue applies GELU and quantizes for fc2 (as nunchaku fuses it), so
+    # the 16-bit MLP hidden state is neither written by fc1 nor read back by fc2's quantize_act. What
+    # stays: the codes and scales written from the epilogue (priced in the quantize op's own time
+    # below, kept out of the saving), and fc2's low-rank down-projection, which needs a whole row
+    # of K: each of fc1's N-tiles writes an fp32 partial [M, R] that a fixed-order sum reads back.
+    # The epilogue's own instructions (GELU, group max, rounding, a rank-R MMA) are not priced.
+    gelu_q = [op for op in step_ops if op.name == "svdq.quantize_act_prologue" and op.args[8]]
+    saved = 0.0
+    for op in gelu_q:
+        m, k = op.args[0].shape
+        r = op.args[2].shape[0]
+        writes = m * k // 2 + m * (k // op.args[5]) * 4  # the codes and scales fc2 still needs
+        partials = 2 * m * r * 4 * (k // 128)  # written by fc1's N-tiles of 128, read by the sum
+        saved += price(op, dev, kt, compiled=True, sage=True) - dram_s(writes, dev)  # the quantize pass
+        saved += dram_s(m * k * 2, dev) - dram_s(writes + partials, dev)  # fc1 writes codes, not 16 bits
+    add(
+        "fc1's GEMM epilogue emits fc2's 4-bit activations (GELU + quantize fused)",
+        steps * saved,
+        f"{len(gelu_q)} GELU quantize_act passes per step and fc1's 16-bit output, less fp32 low-rank "
+        "partials per 128-column tile; the epilogue's instructions not priced (saving errs high)",
+        listed=False,
+    )
     # (f) VAE compiled + channels_last: the glue fused, convolutions unchanged
     vae = trace_vae(1, 1024)
     eager = sum(price(op, dev, kt, compiled=False, sage=False) for op in vae)
