@@ -44,6 +44,7 @@ def _needs_interpreter() -> None:
         pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1")
 
 
+@pytest.mark.slow  # 5-10 s: kept out of the one-minute working loop, run by CI
 def test_quantized_layer_compiles_with_inductor_on_triton(fresh_inductor, use_kernels):
     """A quantized linear, plain, with each prologue (LayerNorm + modulation, GELU) and with the
     GEMM's gate/residual epilogue, through

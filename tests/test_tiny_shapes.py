@@ -98,6 +98,7 @@ def test_the_prompt_steers_the_picture_at_16_bits(pipe):
     assert steering(images.mean(dim=(2, 3), keepdim=True).expand_as(images), HELD_OUT) < 0.9
 
 
+@pytest.mark.slow  # 5-10 s: kept out of the one-minute working loop, run by CI
 def test_the_prompt_steers_the_picture_at_4_bits_and_svdquant_beats_naive(pipe):
     ref = draw(pipe, HELD_OUT)
     ours = draw(quantized(pipe, VARIANTS[OURS]), HELD_OUT)

@@ -280,6 +280,7 @@ def _gate_env() -> dict:
     return env
 
 
+@pytest.mark.slow  # 5-10 s: kept out of the one-minute working loop, run by CI
 def test_compiled_bias_tile_division_and_nan_are_the_references():
     """Read from the PTX and SASS that Triton's ptxas builds for sm_90 and sm_86 (no GPU):
     the GEMM's bias-MMA tile is four 0x80 bytes per word, not the sign-extended 0xFFFFFF80 that
