@@ -44,7 +44,7 @@ from engine.kernels.triton.gemm import (
 from engine.kernels.triton.gemm import LORA_CHUNK as GEMM_LORA_CHUNK
 from engine.kernels.triton.gemv import GEMV_BLOCK_K, MAX_ROWS, gemv_config, w4a16_gemv_kernel
 from engine.kernels.triton.rope import qk_norm_rope, qk_norm_rope_sage  # noqa: F401 (the backend's)
-from engine.quant.ops import LAYER_NORM_EPS, empty_ascales, gate_residual
+from engine.quant.ops import LAYER_NORM_EPS, empty_ascales, gemm_epilogue
 
 NAME = "triton"
 _INTERPRET = INTERPRET
@@ -183,7 +183,7 @@ def w4a4_gemm(
     M > 1024, group-major ascales, TMA alignment) run there once it passed its self-check on
     the device (gemm_sm90_ws.serves). The partial/gate/residual epilogue is the int8 kernel's
     only: on Hopper's FP8 route the GEMM writes fp32 and the epilogue runs as the reference
-    (ops.gate_residual), which is the contract's arithmetic exactly (partial added in fp32, then
+    (ops.gemm_epilogue), which is the contract's arithmetic exactly (partial added in fp32, then
     diffusers' roundings), so those calls keep the faster GEMM at the cost of one fp32 pass."""
     if _major(qx.device) == 9 and lora_act.shape[1] <= gemm_sm90.MAX_RANK and gemm_sm90.serves(qx.device):
         check_group_size(2 * qx.shape[1] // ascales.shape[1], MAX_GEMM_GROUP)
@@ -197,11 +197,7 @@ def w4a4_gemm(
             y = gemm_sm90_ws.launch(*args, sm90_ws_weight(qweight, weight), *low_rank, **kw)
         else:
             y = gemm_sm90.launch(*args, weight, *low_rank, **kw)
-        if not epilogue:
-            return y
-        if partial is not None:
-            y += partial.float()
-        return y.to(out_dtype) if residual is None else gate_residual(y, residual, gate, out_dtype)
+        return gemm_epilogue(y, partial, residual, gate, out_dtype) if epilogue else y
     return launch_w4a4_gemm(
         qx,
         ascales,

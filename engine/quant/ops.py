@@ -115,6 +115,19 @@ def w4a4_gemm(
     acc += lora_act.float() @ proj_up.float().T
     if bias is not None:
         acc += bias.float()
+    return gemm_epilogue(acc, partial, residual, gate, out_dtype)
+
+
+def gemm_epilogue(
+    acc: torch.Tensor,  # fp32 [M, N]: integer part, low-rank branch and bias, unrounded (updated in place)
+    partial: torch.Tensor | None,  # [M, N] out_dtype
+    residual: torch.Tensor | None,  # [M, N] out_dtype
+    gate: torch.Tensor | None,  # [B, N] out_dtype
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The W4A4 GEMM's output from its fp32 sum: ``partial`` added in fp32, then one rounding to
+    ``out_dtype``, or :func:`gate_residual`'s. Also what a kernel without the epilogue runs after
+    writing fp32 (Hopper's FP8 route)."""
     if partial is not None:
         acc += partial.float()
     if residual is None:
