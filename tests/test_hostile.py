@@ -96,16 +96,25 @@ def trickle(interval: float):
     return route
 
 
-@pytest.fixture()
-def web():
+@contextlib.contextmanager
+def standin():
+    """A loopback server answering ``srv.routes`` (path -> reply), every request kept in ``srv.seen``."""
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
     srv.routes, srv.seen = {}, []
     srv.base = f"http://127.0.0.1:{srv.server_port}"
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture()
+def web():
+    with standin() as srv:
+        yield srv
 
 
 # --- LoRA files --------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import json
 import logging
 import threading
 import time
-from http.server import ThreadingHTTPServer
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ import torch
 from engine.egress import EgressPolicy
 from engine.lora import LoraError
 
-from .test_hostile import _Handler, body, cache_files, lora_bytes, store_for, transformer, web  # noqa: F401
+from .test_hostile import body, cache_files, lora_bytes, standin, store_for, transformer, web  # noqa: F401
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -100,14 +99,9 @@ def same_factors(a, b) -> bool:
 
 @pytest.fixture()
 def cdn():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    srv.routes, srv.seen = {}, []
-    srv.base = f"http://127.0.0.1:{srv.server_port}"
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    """A second stand-in beside ``web``: the hub's CDN, another host."""
+    with standin() as srv:
+        yield srv
 
 
 def test_every_use_asks_if_none_match_304_serves_the_cache_200_replaces_it(web, tmp_path, transformer):
