@@ -17,21 +17,29 @@ from .test_service import tiny_safety_checker
 FLAG_ALL, FLAG_NONE = -10.0, 10.0  # the SD checker's concept thresholds
 
 
+def tiny_vit_config(**overrides):
+    """A one-layer ViT with Falconsai/nsfw_image_detection's labels, 32 pixels; ``overrides`` win."""
+    from transformers import ViTConfig
+
+    kw = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 32,
+        "patch_size": 8,
+        "num_labels": 2,
+        "id2label": {0: "normal", 1: "nsfw"},  # Falconsai/nsfw_image_detection's config
+        "label2id": {"normal": 0, "nsfw": 1},
+    }
+    return ViTConfig(**{**kw, **overrides})
+
+
 def tiny_classifier(path, verdict: str) -> None:
     """A ViT classifier with Falconsai's labels whose top label is ``verdict`` for every image."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTForImageClassification, ViTImageProcessor
 
-    cfg = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_labels=2,
-        id2label={0: "normal", 1: "nsfw"},  # Falconsai/nsfw_image_detection's config
-        label2id={"normal": 0, "nsfw": 1},
-    )
+    cfg = tiny_vit_config()
     torch.manual_seed(0)
     model = ViTForImageClassification(cfg)
     with torch.no_grad():
@@ -109,18 +117,9 @@ def test_missing_classifier_is_said_at_setup(tmp_path, caplog):
 
 
 def test_classifier_without_a_normal_label_is_refused(tmp_path):
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTForImageClassification, ViTImageProcessor
 
-    cfg = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_labels=2,
-        id2label={0: "sfw", 1: "porn"},
-    )
+    cfg = tiny_vit_config(id2label={0: "sfw", 1: "porn"}, label2id={"sfw": 0, "porn": 1})
     ViTForImageClassification(cfg).save_pretrained(tmp_path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="have no 'normal'"):

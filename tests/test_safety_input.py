@@ -192,19 +192,11 @@ def test_classifier_logits_match_the_processor_path_and_run_on_the_cpu():
     """Falconsai's ViT (tiny, random, 224 pixels): the same logits from the device-prepared input as
     from the processor's; held on the CPU in float32 (the small memory mode) it takes the uint8
     batch wherever it is and moves only the 224x224 input."""
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
-    cfg = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=224,
-        patch_size=32,
-        num_labels=2,
-        id2label={0: "normal", 1: "nsfw"},
-        label2id={"normal": 0, "nsfw": 1},
-    )
+    from .test_safety import tiny_vit_config
+
+    cfg = tiny_vit_config(image_size=224, patch_size=32)
     torch.manual_seed(0)
     model = ViTForImageClassification(cfg).eval()
     classifier = NSFWClassifier(model, vit_processor(), torch.device("cpu")).to("cpu", torch.float32)
