@@ -148,3 +148,8 @@ def size_for(aspect_ratio: str, megapixels: str = "1") -> tuple[int, int]:
     if megapixels == "0.25":
         w, h = w // 2, h // 2
     return round_size(w, h)
+
+
+def served_sizes() -> list[tuple[int, int]]:
+    """Every ``(width, height)`` a request can ask for (aspect ratio x megapixels: 22)."""
+    return sorted({size_for(ar, mp) for mp in MEGAPIXELS for ar in ASPECT_RATIOS})

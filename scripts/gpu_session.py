@@ -507,8 +507,8 @@ def part_post(rec: Record, device: torch.device, size: str) -> None:
     from transformers import CLIPImageProcessor
 
     from engine.go_fast import CompileSettings, compile_vae_decoder, configure_compiler, graphs_compiled
+    from engine.inputs import served_sizes
     from engine.safety_input import pixel_values
-    from engine.service import served_sizes
 
     # CompVis/stable-diffusion-safety-checker's preprocessor_config.json (tests/test_safety_input.py)
     clip = CLIPImageProcessor(

@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL
 
 from engine.flux import load_transformer
 from engine.go_fast import CompileSettings, GoFast, compile_vae_decoder, configure_compiler, graphs_compiled
-from engine.service import served_sizes
+from engine.inputs import served_sizes
 from engine.tiny_model import CHECKPOINT_NAME
 
 from .flux_cases import params_to_float

@@ -50,11 +50,6 @@ logger = logging.getLogger(__name__)
 WARM_UP_SHAPES = ((1024, 1024, 1), (1024, 1024, 2))
 
 
-def served_sizes() -> list[tuple[int, int]]:
-    """Every ``(width, height)`` a request can ask for (aspect ratio x megapixels: 22)."""
-    return sorted({inputs.size_for(ar, mp) for mp in inputs.MEGAPIXELS for ar in inputs.ASPECT_RATIOS})
-
-
 class FluxService:
     """The loaded model (generator, safety checker, go_fast, LoRAs) and the steps of a request, composed."""
 
@@ -72,8 +67,7 @@ class FluxService:
         go_fast's torch.compile (None: go_fast has no effect, as on a CPU)."""
         self.generator, self.safety, self.model = generator, safety, model
         self._eager = generator.pipe.transformer
-        vae = generator.pipe.vae if compile_settings else None
-        self.go_fast = GoFast(self._eager, compile_settings, vae=vae) if compile_settings else None
+        self.go_fast = GoFast(self._eager, compile_settings, vae=generator.pipe.vae) if compile_settings else None
         self.loras = LoraManager(self._eager)
         lora = lora or StoreConfig(root=Path(tempfile.mkdtemp(prefix="svdq-loras-")))
         self.lora_store = LoraStore(lora, lambda state: parse_lora(state, self._eager))
@@ -141,7 +135,7 @@ class FluxService:
                     self.generator.generate("warm-up", width=width, height=height, steps=1, num_outputs=batch)
         finally:
             self.generator.pipe.transformer = self._eager
-        self.go_fast.warm_up_vae(served_sizes() if vae_sizes is None else vae_sizes)
+        self.go_fast.warm_up_vae(inputs.served_sizes() if vae_sizes is None else vae_sizes)
         logger.info(
             "setup: go_fast compiled %d graph(s) in %.1f s (%s backend, dynamic=%s)",
             self.go_fast.graphs,
