@@ -62,6 +62,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from engine.kernels.triton import gemm_sm90
 from engine.kernels.triton.gemm_sm90 import A_UNIT, SIGNED_OFFSET, Sm90Weight
+from engine.kernels.triton.gemm_sm90_ws_split import Split, plan_split, sum_slices, workspace_shape
 
 logger = logging.getLogger(__name__)
 
@@ -173,16 +174,17 @@ def _expand(p, UNSIGNED: gl.constexpr):
 
 @gluon.jit
 def _producer(x_desc, w_desc, sa_desc, sw_desc, wc_desc, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty,
-              off_m, off_n, M, N, G, STAGES: gl.constexpr, UNSIGNED: gl.constexpr):
-    """One warp: per group, wait for the slot to be free, arm its ready barrier with the bytes,
-    issue the TMA loads."""
+              off_m, off_n, M, N, g0, NG, STAGES: gl.constexpr, UNSIGNED: gl.constexpr):
+    """One warp: per group (groups g0 .. g0 + NG - 1), wait for the slot to be free, arm its
+    ready barrier with the bytes, issue the TMA loads."""
     BM: gl.constexpr = x_desc.block_type.shape[0]
     BN: gl.constexpr = w_desc.block_type.shape[0]
     HALF: gl.constexpr = GROUP // 2
     nbytes: gl.constexpr = BM * HALF + 2 * BN * HALF + 4 * BM + 4 * BN * (1 if UNSIGNED else 2)
-    for g in range(G):
-        s = g % STAGES
-        mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+    for i in range(NG):
+        g = g0 + i
+        s = i % STAGES
+        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
         bar = ready.index(s)
         mbarrier.expect(bar, nbytes)
         tma.async_copy_global_to_shared(x_desc, [off_m, g * HALF], bar, x_s.index(s))
@@ -235,13 +237,15 @@ def _mma_group(wg, x_s, wlo_s, whi_s, s, part, A_OP: gl.constexpr, UNSIGNED: gl.
 
 @gluon.jit
 def _consumer(wg, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty, lora_ptr, up_ptr, bias_ptr, out_ptr,
-              off_m, off_n, M, N, R, G, stride_lm, stride_un, stride_om,
+              ws_ptr, off_m, off_n, M, N, R, NG, slot, stride_lm, stride_un, stride_om,
               BN: gl.constexpr, BR: gl.constexpr, STAGES: gl.constexpr,
-              UNSIGNED: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr):
-    """One consumer warpgroup (rows wg * 64 of the tile): low-rank branch, main loop over the
-    groups, bias, store."""
+              UNSIGNED: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr):
+    """One consumer warpgroup (rows wg * 64 of the tile): low-rank branch (R = 0: none), main
+    loop over NG groups, then bias and store, or (a K-slice, slot >= 0) the fp32 partial into
+    the workspace at ``slot``."""
     NW: gl.constexpr = 4
     BM: gl.constexpr = 64
+    tile_m = off_m
     off_m = off_m + wg * BM
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 32])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=4)
@@ -276,15 +280,31 @@ def _consumer(wg, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty, lora_ptr, u
         acc = gl.convert_layout(lr, ACC)
 
     part = gl.zeros([BM, BN], gl.float32, ACC)  # its values are never read (accumulate off)
-    for g in range(G):
-        s = g % STAGES
-        mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+    for i in range(NG):
+        s = i % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
         part = _mma_group(wg, x_s, wlo_s, whi_s, s, part, A_OP, UNSIGNED)
         sa, sw, wc = _scales(wg, sa_s, sw_s, wc_s, s, ACC, UNSIGNED)  # read while the MMAs run
         part = warpgroup_mma_wait(0, deps=(part, wlo_s.index(s), whi_s.index(s)))[0]
         mbarrier.arrive(empty.index(s))  # the slot is free: MMAs done, codes and scales in registers
         acc = _apply(acc, part, sa, sw, wc, UNSIGNED)
 
+    if SPLIT:
+        if slot >= 0:  # a K-slice: the whole fp32 tile to its workspace slot (gemm_sm90_ws_split)
+            lr_ = (off_m - tile_m) + gl.arange(0, BM, layout=gl.SliceLayout(1, ACC))
+            lc = gl.arange(0, BN, layout=gl.SliceLayout(0, ACC))
+            dst = ws_ptr + slot.to(gl.int64) * (2 * BM * BN) + lr_[:, None] * BN + lc[None, :]
+            gl.store(dst, acc)
+        else:
+            _store(acc, bias_ptr, out_ptr, off_m, off_n, M, N, stride_om, BM, BN, ACC, HAS_BIAS)
+    else:
+        _store(acc, bias_ptr, out_ptr, off_m, off_n, M, N, stride_om, BM, BN, ACC, HAS_BIAS)
+
+
+@gluon.jit
+def _store(acc, bias_ptr, out_ptr, off_m, off_n, M, N, stride_om, BM: gl.constexpr, BN: gl.constexpr,
+           ACC: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """Bias, one rounding to the output's dtype, masked store."""
     om = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ACC))
     on = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, ACC))
     if HAS_BIAS:
@@ -305,6 +325,7 @@ def w4a4_gemm_sm90_ws_kernel(
     up_ptr,  # [N, R]
     bias_ptr,  # [N]
     out_ptr,  # [M, N]
+    ws_ptr,  # f32 workspace of the K-slices (SPLIT): gemm_sm90_ws_split.workspace_shape
     M,
     N,
     K,
@@ -312,19 +333,36 @@ def w4a4_gemm_sm90_ws_kernel(
     stride_lm,
     stride_un,
     stride_om,
+    FULL,  # SPLIT: tiles [0, FULL) over the whole K, then SLICES CTAs per tile, SLICE_G groups each
+    SLICES,
+    SLICE_G,
     BR: gl.constexpr,
     STAGES: gl.constexpr,
     GROUP_M: gl.constexpr,
     UNSIGNED: gl.constexpr,
     HAS_LORA: gl.constexpr,
     HAS_BIAS: gl.constexpr,
+    SPLIT: gl.constexpr,
 ):
     BM: gl.constexpr = x_desc.block_type.shape[0]
     BN: gl.constexpr = w_desc.block_type.shape[0]
     HALF: gl.constexpr = GROUP // 2
     G = K // GROUP
-    # grouped order: GROUP_M row blocks sweep the columns together (weight tiles shared in L2)
     pid = gl.program_id(0)
+    g0 = 0
+    NG = G
+    slot = -1
+    if SPLIT:
+        if pid >= FULL:  # K-slice j of tile FULL + q: groups [j * SLICE_G, min(G, (j + 1) * SLICE_G))
+            q = (pid - FULL) // SLICES
+            j = (pid - FULL) % SLICES
+            slot = pid - FULL
+            pid = FULL + q
+            g0 = j * SLICE_G
+            NG = gl.minimum(G - g0, SLICE_G)
+            if j > 0:
+                R = 0  # the low-rank branch once per tile: in slice 0
+    # grouped order: GROUP_M row blocks sweep the columns together (weight tiles shared in L2)
     num_m = gl.cdiv(M, BM)
     width = GROUP_M * gl.cdiv(N, BN)
     first_m = (pid // width) * GROUP_M
@@ -349,15 +387,15 @@ def w4a4_gemm_sm90_ws_kernel(
     gl.warp_specialize(
         [
             (_consumer, (0, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty, lora_ptr, up_ptr, bias_ptr, out_ptr,
-                          off_m, off_n, M, N, R, G, stride_lm, stride_un, stride_om,
-                          BN, BR, STAGES, UNSIGNED, HAS_LORA, HAS_BIAS)),
+                          ws_ptr, off_m, off_n, M, N, R, NG, slot, stride_lm, stride_un, stride_om,
+                          BN, BR, STAGES, UNSIGNED, HAS_LORA, HAS_BIAS, SPLIT)),
             (_consumer, (1, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty, lora_ptr, up_ptr, bias_ptr, out_ptr,
-                          off_m, off_n, M, N, R, G, stride_lm, stride_un, stride_om,
-                          BN, BR, STAGES, UNSIGNED, HAS_LORA, HAS_BIAS)),
+                          ws_ptr, off_m, off_n, M, N, R, NG, slot, stride_lm, stride_un, stride_om,
+                          BN, BR, STAGES, UNSIGNED, HAS_LORA, HAS_BIAS, SPLIT)),
             (
                 _producer,
                 (x_desc, w_desc, sa_desc, sw_desc, wc_desc, x_s, wlo_s, whi_s, sa_s, sw_s, wc_s, ready, empty,
-                 off_m, off_n, M, N, G, STAGES, UNSIGNED),
+                 off_m, off_n, M, N, g0, NG, STAGES, UNSIGNED),
             ),
         ],
         [4, 1],
@@ -403,18 +441,26 @@ def launch_args(
     *,
     unsigned: bool,
     cfg: WsConfig = CONFIG,
+    split: Split | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[tuple, dict, tuple]:
     """(args, kwargs, grid) of the kernel for contract tensors (also what the static model and
-    the PTX-execution test compile)."""
+    the PTX-execution test compile); with ``split``, the K-sliced grid writing ``workspace``."""
     m = qx.shape[0]
     n, k = weight.w8.shape
     r = lora_act.shape[1]
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    if split is not None:
+        want = workspace_shape(tiles, split, cfg.block_m, cfg.block_n)
+        if workspace is None or tuple(workspace.shape) != want or workspace.dtype != torch.float32:
+            raise ValueError(f"split launch: workspace must be fp32 {want}")
     args = (
         *descriptors(qx, ascales, weight, cfg),
         lora_act,
         proj_up,
         bias if bias is not None else out,
         out,
+        workspace if split is not None else out,
         m,
         n,
         k,
@@ -422,6 +468,9 @@ def launch_args(
         lora_act.stride(0),
         proj_up.stride(0),
         out.stride(0),
+        split.full if split else tiles,
+        split.slices if split else 1,
+        split.slice_groups if split else k // GROUP.value,
     )
     kwargs = {
         "BR": max(16, triton.next_power_of_2(r)),
@@ -430,9 +479,10 @@ def launch_args(
         "UNSIGNED": unsigned,
         "HAS_LORA": r > 0,
         "HAS_BIAS": bias is not None,
+        "SPLIT": split is not None,
         "num_warps": cfg.num_warps,
     }
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    grid = (split.full + (tiles - split.full) * split.slices if split else tiles,)
     return args, kwargs, grid
 
 
@@ -447,16 +497,31 @@ def launch(
     unsigned: bool,
     out_dtype: torch.dtype,
     cfg: WsConfig = CONFIG,
+    split: Split | None = None,
 ) -> torch.Tensor:
-    """Run the kernel on a Hopper GPU (contract tensors; ``supports`` must hold)."""
+    """Run the kernel on a Hopper GPU (contract tensors; ``supports`` must hold); with ``split``
+    (``plan(m, n, k, sms)``), the last partial wave in K-slices and their sum as a second launch."""
     m = qx.shape[0]
     n, k = weight.w8.shape
     if not supports(m, n, k, lora_act.shape[1], k // ascales.shape[1]):
         raise ValueError(f"w4a4 ws kernel: unsupported shape M={m} N={n} K={k} rank={lora_act.shape[1]}")
     out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
-    args, kwargs, grid = launch_args(qx, ascales, weight, lora_act, proj_up, bias, out, unsigned=unsigned, cfg=cfg)
+    workspace = None
+    if split is not None:
+        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        workspace = torch.empty(workspace_shape(tiles, split, cfg.block_m, cfg.block_n), device=qx.device)
+    args, kwargs, grid = launch_args(qx, ascales, weight, lora_act, proj_up, bias, out, unsigned=unsigned, cfg=cfg,
+                                     split=split, workspace=workspace)  # fmt: skip
     w4a4_gemm_sm90_ws_kernel[grid](*args, **kwargs)
+    if split is not None:
+        sum_slices(workspace, bias, out, split, group_m=kwargs["GROUP_M"])
     return out
+
+
+def plan(m: int, n: int, k: int, sms: int, cfg: WsConfig = CONFIG) -> Split | None:
+    """The split of this problem's last partial wave on a GPU of ``sms`` SMs, or None
+    (gemm_sm90_ws_split.plan_split)."""
+    return plan_split(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k // GROUP.value, sms)
 
 
 def self_check(device: torch.device) -> bool:
