@@ -43,30 +43,47 @@ import torch
 from engine.kernels.triton import gemm_sm90_ws as ws
 from perfmodel.hopper_ws import compile_gluon
 from perfmodel.launches import _meta
-m, k, n, r, unsigned, bias = json.loads(sys.argv[1])
+from engine.kernels.triton import gemm_sm90_ws_split as sp
+from perfmodel.sass import triton_kernel
+m, k, n, r, unsigned, bias, split = json.loads(sys.argv[1])
 g = k // 64
 w = ws.WsWeight(_meta(n, k, dtype=torch.float8_e4m3fn), _meta(g, n // 16, 4, 2, 2, dtype=torch.float32),
                 _meta(g, n // 2, 2, 2, dtype=torch.float32))
+split = sp.Split(*split) if split else None
+tiles = -(-m // 128) * -(-n // 128)
+space = _meta(*sp.workspace_shape(tiles, split, 128, 128), dtype=torch.float32) if split else None
+out = _meta(m, n, dtype=torch.float32)
 args, kwargs, grid = ws.launch_args(_meta(m, k // 2, dtype=torch.uint8), _meta(g, m, dtype=torch.float32).t(), w,
-    _meta(m, r, dtype=torch.float32), _meta(n, r), _meta(n) if bias else None, _meta(m, n, dtype=torch.float32),
-    unsigned=unsigned)
+    _meta(m, r, dtype=torch.float32), _meta(n, r), _meta(n) if bias else None, out,
+    unsigned=unsigned, split=split, workspace=space)
 kernel = compile_gluon(ws.w4a4_gemm_sm90_ws_kernel, args, kwargs)
-fn = ws.w4a4_gemm_sm90_ws_kernel
-runtime = [name for name, p, a in zip(fn.arg_names, fn.params, args)
-           if not p.is_constexpr and not (isinstance(a, int) and a == 1)]
-print(json.dumps({"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared, "grid": grid,
-                  "threads": kernel.metadata.num_warps * 32, "runtime_args": runtime}))
+
+
+def runtime(fn, args):
+    return [name for name, p, a in zip(fn.arg_names, fn.params, args)
+            if not p.is_constexpr and not (isinstance(a, int) and a == 1)]
+
+
+info = {"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared, "grid": grid,
+        "threads": kernel.metadata.num_warps * 32, "runtime_args": runtime(ws.w4a4_gemm_sm90_ws_kernel, args)}
+if split:
+    sargs, skw, sgrid = sp.sum_slices_args(space, _meta(n) if bias else None, out, split, group_m=kwargs["GROUP_M"])
+    sk = triton_kernel(sp._sum_slices_kernel, sargs, skw, 90)
+    info["sum"] = {"ptx": sk.asm["ptx"], "shared": sk.metadata.shared, "grid": sgrid,
+                   "threads": sk.metadata.num_warps * 32, "runtime_args": runtime(sp._sum_slices_kernel, sargs)}
+print(json.dumps(info))
 """
 
 
-def compile_ws(shape: tuple, unsigned: bool, bias: bool = True) -> dict:
+def compile_ws(shape: tuple, unsigned: bool, bias: bool = True, split: tuple | None = None) -> dict:
     """The kernel's PTX for sm_90 at ``shape`` (a child process: no TRITON_INTERPRET), and the
-    kernel arguments that stay runtime parameters (Triton makes integers equal to 1 constants)."""
+    kernel arguments that stay runtime parameters (Triton makes integers equal to 1 constants);
+    with ``split`` (gemm_sm90_ws_split.Split's fields), the split grid and the sum's PTX too."""
     m, n, k, r = shape
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     res = subprocess.run(
-        [sys.executable, "-c", _COMPILE, json.dumps([m, k, n, r, unsigned, bias])],
+        [sys.executable, "-c", _COMPILE, json.dumps([m, k, n, r, unsigned, bias, split])],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
@@ -78,8 +95,11 @@ def compiled() -> dict:
     return {u: compile_ws(SHAPE, u) for u in (False, True)}
 
 
-def run_ws(info: dict, inputs: dict, unsigned: bool, ptx: str | None = None, schedule: str = "lowest_pc"):
-    """Execute the compiled kernel on ``inputs``: (findings, output, bytes of it written)."""
+def run_ws(info: dict, inputs: dict, unsigned: bool, ptx: str | None = None, schedule: str = "lowest_pc",
+           reverse: bool = False, first: dict | None = None):
+    """Execute the compiled kernel on ``inputs`` (its CTAs in reverse order if ``reverse``), then
+    the sum of the slices if ``info`` has one: (findings, output, bytes of it written); the bytes
+    of the output the first launch wrote go to ``first["written"]``."""
     from engine.kernels.triton import gemm_sm90, gemm_sm90_ws
 
     weight = gemm_sm90_ws.prepare_weight(gemm_sm90.prepare_weight(inputs["qweight"], inputs["wscales"]))
@@ -97,6 +117,8 @@ def run_ws(info: dict, inputs: dict, unsigned: bool, ptx: str | None = None, sch
     la_addr, up_addr = put("lora_act", inputs["lora_act"]), put("proj_up", inputs["proj_up"])
     out_addr = mem.alloc("out", M * N * 4)
     b_addr = put("bias", inputs["bias"]) if inputs["bias"] is not None else out_addr
+    # the workspace starts as NaN (0xFF bytes): a partial read before it is written shows
+    ws_addr = mem.alloc("workspace", 4 * 128 * 128 * info["grid"][0]) if "sum" in info else out_addr
     cfg = gemm_sm90_ws.CONFIG
     maps = {
         "x": TensorMap(x_addr, 1, (K // 2, M), (1, K // 2), (32, cfg.block_m), 32),
@@ -115,12 +137,26 @@ def run_ws(info: dict, inputs: dict, unsigned: bool, ptx: str | None = None, sch
         "wc_desc": [handles["wc"], 2 * g * N, 1],
     }
     value = {"lora_ptr": la_addr, "up_ptr": up_addr, "bias_ptr": b_addr, "out_ptr": out_addr, "M": M, "N": N,
-             "K": K, "R": R, "stride_lm": R, "stride_un": R, "stride_om": N}  # fmt: skip
+             "K": K, "R": R, "stride_lm": R, "stride_un": R, "stride_om": N, "ws_ptr": ws_addr,
+             **info.get("split_values", {})}  # fmt: skip
     args = [x for name in info["runtime_args"] for x in desc.get(name, [value.get(name)])]
     kernel = parse(ptx or info["ptx"])
     args += [0] * (len(kernel.params) - len(args))  # Triton's scratch pointers (unused here)
-    findings = launch(kernel, mem, args, (info["grid"][0], 1, 1), info["threads"], info["shared"],
+    grid = (info["grid"][0], 1, 1)
+    ctas = [(x, 0, 0) for x in range(grid[0])][:: -1 if reverse else 1]
+    findings = launch(kernel, mem, args, grid, info["threads"], info["shared"], ctas=ctas,
                       tmaps={handles[k]: v for k, v in maps.items()}, schedule=schedule)  # fmt: skip
+    if first is not None:
+        first["written"] = mem.written("out").copy()
+    if "sum" in info:  # the second launch, on the same stream: after every CTA of the first
+        s = info["sum"]
+        sargs = [value[name] for name in s["runtime_args"]]
+        skernel = parse(s["ptx"])
+        sargs += [0] * (len(skernel.params) - len(sargs))
+        sgrid = (*s["grid"], 1)
+        found = launch(skernel, mem, sargs, sgrid, s["threads"], s["shared"])
+        for f in found.items:
+            findings.add(f.kind, f.pc, f.line, f"(the sum) {f.detail}")
     out = torch.from_numpy(mem.get("out").view("float32").reshape(M, N).copy())
     return findings, out, mem.written("out")
 
@@ -178,3 +214,33 @@ def test_compiled_ws_kernel_without_low_rank_or_bias():
     assert not findings, findings.report()
     assert written.all()
     assert torch.equal(out, _want(inputs, False))
+
+
+SPLIT_SHAPE = (200, 144, 704, 20)  # 2 x 2 tiles (the second row and column partial), 11 groups
+SPLIT = (1, 3, 5)  # tile 0 over the whole K; tiles 1-3 in slices of 5, 5 and 1 groups (9 CTAs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_compiled_split_kernel_and_its_sum_match_the_reference(unsigned):
+    """The K-sliced grid (gemm_sm90_ws_split) and the sum of its slices, both compiled for sm_90,
+    executed with the CTAs in reverse order (slices before the whole tile, the last slice
+    first): exact against the reference, so the low-rank branch and the bias are counted once;
+    the GEMM itself writes only the whole-K tile of the output, the sum the rest."""
+    m, n, k, r = SPLIT_SHAPE
+    info = compile_ws(SPLIT_SHAPE, unsigned, split=SPLIT)
+    full, slices, per = SPLIT
+    assert info["grid"] == [full + 3 * slices] and "sum" in info
+    info["split_values"] = {"FULL": full, "SLICES": slices, "SLICE_G": per}
+    inputs = exact_gemm_inputs(m, k, n, r, unsigned)
+    first = {}
+    findings, out, written = run_ws(info, inputs, unsigned, schedule="high_warpgroup_first", reverse=True,
+                                    first=first)  # fmt: skip
+    assert not findings, findings.report()
+    assert written.all(), f"{int((~written).sum())} output bytes never written"
+    by_gemm = torch.from_numpy(first["written"]).view(m, n, 4).all(dim=2)
+    want_gemm = torch.zeros(m, n, dtype=torch.bool)
+    want_gemm[:128, :128] = True  # tile 0 (grouped order: row block 0, column block 0)
+    assert torch.equal(by_gemm, want_gemm)
+    want = _want(inputs, unsigned)
+    assert torch.equal(out, want), (out - want).abs().max()
