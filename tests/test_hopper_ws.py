@@ -47,11 +47,13 @@ def _route(monkeypatch, serves: bool = True) -> list:
     monkeypatch.setattr(gemm_sm90, "serves", lambda device: True)
     monkeypatch.setattr(gemm_sm90_ws, "serves", lambda device: serves)
     monkeypatch.setattr(gemm_sm90_ws, "MIN_M", 8)
+    monkeypatch.setattr(gemm_sm90_ws, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(gemm_sm90_ws, "_serves", lambda device, split=False: serves)
     real = gemm_sm90.launch
 
-    def ws_launch(qx, ascales, weight, *rest, **kw):
+    def ws_launch(qx, ascales, weight, *rest, split=None, **kw):
         assert isinstance(weight, gemm_sm90_ws.WsWeight)
-        calls.append("ws")
+        calls.append("ws" if split is None else ("ws split", split))
         base = tb.sm90_weight(*keys)
         return real(qx, ascales, base, *rest, **kw)
 
@@ -87,6 +89,26 @@ def test_hopper_dispatch_takes_the_ws_kernel_for_large_group_major_problems(monk
     assert calls[-1] == "fp8"
 
 
+def test_hopper_dispatch_passes_the_planned_split_once_it_checks_on_the_device(monkeypatch):
+    """A one-tile problem on 132 SMs: its last wave (the tile) in two slices of one group once the
+    break-even is lowered to 0 and the split grid passed its device check; the plain grid where
+    the split grid failed it."""
+    from engine.kernels.triton import gemm_sm90_ws_split
+
+    calls, keys = _route(monkeypatch)
+    a = _inputs(12)
+    keys += [a["qweight"], a["wscales"]]
+    kw = {"unsigned": False, "out_dtype": torch.float32}
+    tb.w4a4_gemm(**a, **kw)
+    assert calls == ["ws"]  # 1 group saved < MIN_SAVED_GROUPS
+    monkeypatch.setattr(gemm_sm90_ws_split, "MIN_SAVED_GROUPS", 0)
+    tb.w4a4_gemm(**a, **kw)
+    assert calls[-1] == ("ws split", gemm_sm90_ws_split.Split(full=0, slices=2, slice_groups=1))
+    monkeypatch.setattr(gemm_sm90_ws, "_serves", lambda device, split=False: not split)
+    tb.w4a4_gemm(**a, **kw)
+    assert calls[-1] == "ws"
+
+
 def test_hopper_dispatch_keeps_the_fp8_kernel_where_the_ws_kernel_fails_its_check(monkeypatch):
     calls, _ = _route(monkeypatch, serves=False)
     a = _inputs(12)
@@ -98,7 +120,7 @@ def test_ws_self_check_failure_is_logged_once_and_cached(monkeypatch, caplog):
     """A launch that raises (a Gluon kernel's first run on a GPU) is a logged "no", asked once."""
     tries = []
 
-    def boom(device):
+    def boom(device, split=None):
         tries.append(device)
         raise RuntimeError("TMA descriptor rejected")
 
@@ -129,7 +151,7 @@ def test_self_check_passes_a_right_kernel_and_fails_a_wrong_one(monkeypatch, bro
     with one weight code changed (wrong: the extreme-codes product then differs)."""
     real = gemm_sm90.launch
 
-    def stand_in(qx, ascales, weight, *rest, **kw):
+    def stand_in(qx, ascales, weight, *rest, split=None, **kw):
         w8 = weight.w8.clone()
         if broken:
             w8[0, 0] = torch.tensor(float(w8[0, 0].float()) + 1).to(w8.dtype)
@@ -151,3 +173,55 @@ def _plain(w8: torch.Tensor, wscales: torch.Tensor) -> tuple:
     n, k = w8.shape
     codes = w8.float().view(n, k // 64, 2, 32).transpose(2, 3).reshape(n, k).to(torch.int8)
     return pack_int4(codes), (wscales.t() * gemm_sm90.A_UNIT)
+
+
+def test_plan_splits_only_the_n3072_last_waves_at_flux_size():
+    """At M = 4352 on 132 SMs: the N = 3072 shapes (816 tiles: 6 waves + 24) in 5 slices of 10,
+    10, 10, 10 and 8 groups (K = 3072), 21504 (5712 tiles: 43 waves + 36) in 3; the others'
+    last waves (72 and 96 tiles) are more than half full: no split."""
+    from engine.kernels.triton.gemm_sm90_ws_split import Split, plan_split
+
+    assert gemm_sm90_ws.plan(4352, 3072, 3072, 132) == Split(full=792, slices=5, slice_groups=10)
+    assert gemm_sm90_ws.plan(4352, 3072, 12288, 132) == Split(full=792, slices=5, slice_groups=39)
+    assert gemm_sm90_ws.plan(4352, 21504, 3072, 132) == Split(full=5676, slices=3, slice_groups=16)
+    assert gemm_sm90_ws.plan(4352, 9216, 3072, 132) is None
+    assert gemm_sm90_ws.plan(4352, 12288, 3072, 132) is None
+    assert plan_split(264, 48, 132) is None  # whole waves
+    assert plan_split(133, 8, 132) is None  # a 1-tile remainder of 8 groups: too little to gain
+    assert plan_split(133, 5, 132) is None
+    assert plan_split(140, 48, 132) == Split(full=132, slices=16, slice_groups=3)
+    with pytest.raises(ValueError, match="sms"):
+        plan_split(10, 4, 0)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_sum_slices_adds_them_in_slice_order_then_the_bias(out_dtype):
+    """The sum (TRITON_INTERPRET on a CPU) against ((p0 + p1) + p2) + bias rounded once, with
+    partials where another order gives other bits (1 + 2^-24 + 2^-24), on the split tiles of a
+    3 x 3 grid with partial edge tiles, in the GEMM's grouped tile order; other tiles untouched."""
+    from engine.kernels.triton.gemm_sm90_ws_split import Split, sum_slices, workspace_shape
+
+    m, n, bm, bn = 300, 272, 128, 128
+    split = Split(full=5, slices=3, slice_groups=4)
+    g = torch.Generator().manual_seed(1)
+    space = torch.randn(workspace_shape(9, split, bm, bn), generator=g)
+    space[0, 0], space[0, 1], space[0, 2] = 1.0, 2.0**-24, 2.0**-24  # tile 5: order-sensitive
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    bias[128] = 0.0
+    out = torch.full((m, n), 7.0, dtype=out_dtype)
+    sum_slices(space, bias, out, split, group_m=8)
+    want = torch.full((m, n), 7.0, dtype=out_dtype)
+    num_m, num_n = 3, 3
+    for q in range(4):
+        t = split.full + q  # grouped order (gemm_sm90_ws.w4a4_gemm_sm90_ws_kernel), GROUP_M = 8
+        width = 8 * num_n
+        first = (t // width) * 8
+        size = min(num_m - first, 8)
+        om, on = (first + (t % width) % size) * bm, ((t % width) // size) * bn
+        acc = (space[q, 0] + space[q, 1]) + space[q, 2]
+        acc = acc[:, : min(bn, n - on)] + bias[on : on + bn].float()
+        want[om : om + bm, on : on + bn] = acc[: min(bm, m - om)].to(out_dtype)
+    assert torch.equal(out, want)
+    # tile 5 is at rows 256.., columns 128..: slice order gives 1, the other grouping 1 + 2^-23
+    assert out[256, 128].item() == 1.0
+    assert (space[0, 0, 0, 0] + (space[0, 1, 0, 0] + space[0, 2, 0, 0])).item() != 1.0

@@ -65,7 +65,9 @@ def runtime(fn, args):
 
 
 info = {"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared, "grid": grid,
-        "threads": kernel.metadata.num_warps * 32, "runtime_args": runtime(ws.w4a4_gemm_sm90_ws_kernel, args)}
+        "threads": kernel.metadata.num_warps * 32, "runtime_args": runtime(ws.w4a4_gemm_sm90_ws_kernel, args),
+        "split_values": {name: a for name, a in zip(ws.w4a4_gemm_sm90_ws_kernel.arg_names, args)
+                         if name in ("FULL", "SLICES", "SLICE_G")}}
 if split:
     sargs, skw, sgrid = sp.sum_slices_args(space, _meta(n) if bias else None, out, split, group_m=kwargs["GROUP_M"])
     sk = triton_kernel(sp._sum_slices_kernel, sargs, skw, 90)
@@ -231,7 +233,7 @@ def test_compiled_split_kernel_and_its_sum_match_the_reference(unsigned):
     info = compile_ws(SPLIT_SHAPE, unsigned, split=SPLIT)
     full, slices, per = SPLIT
     assert info["grid"] == [full + 3 * slices] and "sum" in info
-    info["split_values"] = {"FULL": full, "SLICES": slices, "SLICE_G": per}
+    assert info["split_values"] == {"FULL": full, "SLICES": slices, "SLICE_G": per}
     inputs = exact_gemm_inputs(m, k, n, r, unsigned)
     first = {}
     findings, out, written = run_ws(info, inputs, unsigned, schedule="high_warpgroup_first", reverse=True,

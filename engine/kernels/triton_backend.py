@@ -181,7 +181,8 @@ def w4a4_gemm(
     tile fits (rank <= gemm_sm90.MAX_RANK), else the int8 one, whose low-rank loop is chunked.
     Within the FP8 route, problems the warp-specialized Gluon kernel takes (gemm_sm90_ws:
     M > 1024, group-major ascales, TMA alignment) run there once it passed its self-check on
-    the device (gemm_sm90_ws.serves). The partial/gate/residual epilogue is the int8 kernel's
+    the device (gemm_sm90_ws.serves); where its last wave is mostly idle it runs in K-slices
+    (gemm_sm90_ws.split_for: planned by gemm_sm90_ws_split, checked on the device). The partial/gate/residual epilogue is the int8 kernel's
     only: on Hopper's FP8 route the GEMM writes fp32 and the epilogue runs as the reference
     (ops.gemm_epilogue), which is the contract's arithmetic exactly (partial added in fp32, then
     diffusers' roundings), so those calls keep the faster GEMM at the cost of one fp32 pass."""
@@ -194,7 +195,8 @@ def w4a4_gemm(
         kw = {"unsigned": unsigned, "out_dtype": torch.float32 if epilogue else out_dtype}
         n, k = weight.w8.shape
         if gemm_sm90_ws.serves_problem(args[1], n, k, lora_act.shape[1]) and gemm_sm90_ws.serves(qx.device):
-            y = gemm_sm90_ws.launch(*args, sm90_ws_weight(qweight, weight), *low_rank, **kw)
+            split = gemm_sm90_ws.split_for(qx.device, qx.shape[0], n, k)  # the last wave in K-slices
+            y = gemm_sm90_ws.launch(*args, sm90_ws_weight(qweight, weight), *low_rank, **kw, split=split)
         else:
             y = gemm_sm90.launch(*args, weight, *low_rank, **kw)
         return gemm_epilogue(y, partial, residual, gate, out_dtype) if epilogue else y

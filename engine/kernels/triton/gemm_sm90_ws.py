@@ -352,7 +352,7 @@ def w4a4_gemm_sm90_ws_kernel(
     g0 = 0
     NG = G
     slot = -1
-    if SPLIT:
+    if SPLIT:  # noqa: SIM102 (the constexpr compiles the runtime branch in or out)
         if pid >= FULL:  # K-slice j of tile FULL + q: groups [j * SLICE_G, min(G, (j + 1) * SLICE_G))
             q = (pid - FULL) // SLICES
             j = (pid - FULL) % SLICES
@@ -524,10 +524,15 @@ def plan(m: int, n: int, k: int, sms: int, cfg: WsConfig = CONFIG) -> Split | No
     return plan_split(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k // GROUP.value, sms)
 
 
-def self_check(device: torch.device) -> bool:
-    """Whether the kernel is right on ``device``: every group's dot at its extreme codes exact
-    (as gemm_sm90.extreme_codes_exact), and a random problem with a low-rank branch and bias
-    against the FP8 kernel (its offset correction and low-rank product are ~2^-16 relative)."""
+# The split the self-check runs (two tiles of four groups: the second in two slices of two).
+CHECK_SPLIT = Split(full=1, slices=2, slice_groups=2)
+
+
+def self_check(device: torch.device, split: Split | None = None) -> bool:
+    """Whether the kernel (with ``split``: its split grid and the sum of the slices) is right on
+    ``device``: every group's dot at its extreme codes exact (as gemm_sm90.extreme_codes_exact),
+    and a random problem with a low-rank branch and bias against the FP8 kernel (its offset
+    correction and low-rank product are ~2^-16 relative; the branch and the bias counted once)."""
     from engine.quant import pack_int4
 
     g = torch.Generator().manual_seed(0)
@@ -545,7 +550,7 @@ def self_check(device: torch.device) -> bool:
         base = gemm_sm90.prepare_weight(pack_int4(w).to(device), torch.ones(n, k // 64, device=device))
         args = (pack_int4(x).to(device), ascales)
         none = (torch.zeros(m, 0, device=device), torch.zeros(n, 0, device=device), None)
-        y = launch(*args, prepare_weight(base), *none, unsigned=unsigned, out_dtype=torch.float32)
+        y = launch(*args, prepare_weight(base), *none, unsigned=unsigned, out_dtype=torch.float32, split=split)
         ok &= torch.equal(y.cpu().double(), x.double() @ w.double().T)
         sa = (torch.rand(k // 64, m, generator=g) + 0.5).to(device).t()
         ws = (torch.rand(n, k // 64, generator=g) / 64 + 1e-3).to(device, torch.bfloat16)
@@ -554,24 +559,39 @@ def self_check(device: torch.device) -> bool:
         up = (torch.randn(n, r, generator=g) / 8).to(device, torch.bfloat16)
         bias = torch.randn(n, generator=g).to(device, torch.bfloat16)
         kw = {"unsigned": unsigned, "out_dtype": torch.float32}
-        y = launch(args[0], sa, prepare_weight(base), la, up, bias, **kw)
+        y = launch(args[0], sa, prepare_weight(base), la, up, bias, **kw, split=split)
         y_fp8 = gemm_sm90.launch(args[0], sa, base, la, up, bias, **kw)
         ok &= bool(((y - y_fp8).abs().max() <= 1e-4 * y_fp8.abs().max()).item())
     return ok
 
 
 @functools.cache
-def _serves(device: torch.device) -> bool:
+def _serves(device: torch.device, split: bool = False) -> bool:
+    what = "warp-specialized kernel's split-K grid" if split else "warp-specialized kernel"
+    instead = "its plain grid" if split else "the FP8 kernel (gemm_sm90.py)"
     try:
-        ok = self_check(device)
+        ok = self_check(device, CHECK_SPLIT if split else None)
     except Exception as exc:  # a first GPU run of a Gluon kernel: any failure means "do not use"
-        logger.warning("w4a4_gemm on %s: the warp-specialized kernel failed its self-check (%s: %s); "
-                       "using the FP8 kernel (gemm_sm90.py)", device, type(exc).__name__, exc)  # fmt: skip
+        logger.warning("w4a4_gemm on %s: the %s failed its self-check (%s: %s); using %s",
+                       device, what, type(exc).__name__, exc, instead)  # fmt: skip
         return False
     if not ok:
-        logger.warning("w4a4_gemm on %s: the warp-specialized kernel's results differ from the FP8 kernel's; "
-                       "using the FP8 kernel (gemm_sm90.py)", device)  # fmt: skip
+        logger.warning("w4a4_gemm on %s: the %s's results differ from the FP8 kernel's; using %s",
+                       device, what, instead)  # fmt: skip
     return ok
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_for(device: torch.device, m: int, n: int, k: int) -> Split | None:
+    """The split of this problem's last partial wave on ``device`` (``plan`` at its SM count),
+    or None: none planned, or the split grid failed its own self-check there (checked once,
+    after ``serves``; a failure is logged and the plain grid serves)."""
+    split = plan(m, n, k, _sm_count(device))
+    return split if split is not None and _serves(device, True) else None
 
 
 def serves(device: torch.device) -> bool:

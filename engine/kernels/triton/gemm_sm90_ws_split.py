@@ -27,11 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-# A split pays: the slices' pipeline fill and their fp32 partial stores (64 KB per tile and slice),
-# the second launch, and its reads of the partials. perfmodel.hopper_ws prices both sides; with its
-# figures the split wins only where it removes this many groups of the last wave or more (about 22
-# groups of 440 clocks at the N = 3072 shapes' break-even; rounded up), so below it is not planned.
-MIN_SAVED_GROUPS = 24
+from engine.kernels.triton.common import INTERPRET, round_to
+
+# A split costs the slices' pipeline fill and their fp32 partial stores (64 KB per tile and slice),
+# the kernel boundary and the sum's reads of the partials. perfmodel.hopper_ws prices both sides:
+# at 24 split tiles in 5 slices (FLUX's N = 3072 shapes) that is about 11,000 clocks, 25 groups of
+# 427-440 clocks, so a split that removes fewer groups than this from the last wave is not planned
+# (an approximation: the sum's share grows with the split tiles; the model prices every plan).
+MIN_SAVED_GROUPS = 26
 
 
 @dataclass(frozen=True)
@@ -48,13 +51,14 @@ class Split:
             raise ValueError(f"split: full >= 0, slices >= 1, slice_groups >= 1, got {self}")
 
 
-def plan_split(tiles: int, groups: int, sms: int) -> Split | None:
+def plan_split(tiles: int, groups: int, sms: int, *, min_saved: int | None = None) -> Split | None:
     """The split of the last partial wave for ``tiles`` CTAs of ``groups`` groups each on ``sms``
     SMs (one CTA per SM), or None where there is no partial wave or it would not pay.
 
     The remainder r = tiles mod sms is cut into s = sms // r slices (all of them then run in one
     last wave), each ceil(G / s) groups (s lowered so that no slice is empty); it pays when the
-    last wave shrinks by MIN_SAVED_GROUPS groups or more."""
+    last wave shrinks by ``min_saved`` (default MIN_SAVED_GROUPS) groups or more
+    (perfmodel.hopper_ws prices every candidate with ``min_saved=0``)."""
     if tiles <= 0 or groups <= 0 or sms <= 0:
         raise ValueError(f"plan_split: tiles, groups and sms must be positive, got {tiles}, {groups}, {sms}")
     rem = tiles % sms
@@ -65,7 +69,7 @@ def plan_split(tiles: int, groups: int, sms: int) -> Split | None:
         return None
     per = triton.cdiv(groups, s)
     s = triton.cdiv(groups, per)  # no empty slice
-    if groups - per < MIN_SAVED_GROUPS:
+    if groups - per < (MIN_SAVED_GROUPS if min_saved is None else min_saved):
         return None
     return Split(full=tiles - rem, slices=s, slice_groups=per)
 
@@ -90,6 +94,7 @@ def _sum_slices_kernel(
     ROWS: tl.constexpr,
     GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    COMPILED: tl.constexpr,
 ):
     q = tl.program_id(0)  # the split tile FULL + q
     rb = tl.program_id(1)  # its rows [rb * ROWS, rb * ROWS + ROWS)
@@ -111,6 +116,8 @@ def _sum_slices_kernel(
     on = off_n + c
     if HAS_BIAS:
         acc += tl.load(bias_ptr + on, mask=on < N, other=0.0).to(tl.float32)[None, :]
+    if not COMPILED:  # the interpreter's store truncates to bf16: round here, half to even
+        acc = round_to(acc, out_ptr.dtype.element_ty, COMPILED)
     mask = (om < M)[:, None] & (on < N)[None, :]
     tl.store(out_ptr + om.to(tl.int64)[:, None] * stride_om + on[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask)  # fmt: skip
@@ -131,7 +138,7 @@ def sum_slices_args(
     m, n = out.shape
     args = (workspace, bias if bias is not None else out, out, m, n, split.full, split.slices, out.stride(0))
     kwargs = {"BM": bm, "BN": bn, "ROWS": SUM_ROWS, "GROUP_M": group_m, "HAS_BIAS": bias is not None,
-              "num_warps": 4}  # fmt: skip
+              "COMPILED": not INTERPRET, "num_warps": 4}  # fmt: skip
     return args, kwargs, (rem, bm // SUM_ROWS)
 
 
