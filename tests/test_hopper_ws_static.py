@@ -26,6 +26,7 @@ import json, sys
 sys.path.insert(0, "scripts")
 from perfmodel import hopper_ws as h
 static = [h.ws_static(4352, 3072, 21504, u) for u in (False, True)]
+static += [h.ws_static(4352, 3072, 3072, u, split=True) for u in (False, True)]  # the split grid
 print(json.dumps({"gates": h.gate_failures(static),
                   "static": [{k: v for k, v in e.items() if k not in ("body", "producer_body")} for e in static]}))
 """
@@ -37,11 +38,12 @@ def _run(args: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def test_ws_loop_structure_at_the_largest_flux_shape():
+def test_ws_loop_structure_at_the_largest_flux_shape_and_of_the_split_grid():
     res = _run([sys.executable, "-c", _ONE_SHAPE], timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["gates"] == [], got["gates"]
+    assert [e["split"] for e in got["static"]] == [False, False, True, True]
     for e in got["static"]:
         assert e["loop_mma_waits"] == 1 and e["loop_wait_pending"] == [0], e
         assert e["loop_bar_threads"] == ["0x80"] and e["loop_bar_sync"] <= 2, e  # one warpgroup's barrier
@@ -66,3 +68,10 @@ def test_ws_model_beats_the_fp8_kernel_on_every_flux_shape(tmp_path):
         assert ws["gemm_us"] < r["gemm_us"], (ws, r)
         assert ws["bound"] in ("chain", "issue", "tensor", "L2")
         assert ws["ring_covers_latency"], ws  # the chain's satisfied mbarrier wait holds
+    for ws in rows.values():  # the split where the model prices it faster, and only there
+        split = ws["split"]
+        assert (ws["n"] == 3072 or ws["n"] == 21504) == (split["candidate"] is not None), ws
+        if split["candidate"] is not None:
+            assert split["planned"] == (split["gemm_us"] < ws["gemm_us"]), ws
+    assert rows[(3072, 3072, False)]["split"]["planned"]
+    assert len(report["static"]) == 12 + 8 and not report["gates_failed"]

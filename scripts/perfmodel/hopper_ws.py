@@ -37,7 +37,7 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from engine.kernels.triton import gemm_sm90, gemm_sm90_ws
-from engine.kernels.triton.gemm_sm90_ws_split import SUM_ROWS, plan_split
+from engine.kernels.triton.gemm_sm90_ws_split import SUM_ROWS, plan_split, workspace_shape
 from perfmodel.chain import MACS_PER_CLK, MEM_LAT, simulate
 from perfmodel.devices import H100
 from perfmodel.hopper import FLUX_SHAPES, TARGET_VS_BF16, act_times, sm90_model, sm90_report
@@ -57,9 +57,16 @@ KERNEL_GAP_US = 2.0
 _COMPILED: dict[tuple, dict] = {}
 
 
-def ws_launch(m: int, k: int, n: int, unsigned: bool, cfg: gemm_sm90_ws.WsConfig, rank: int = RANK) -> tuple:
-    """(args, kwargs) of the Gluon kernel as its launcher builds them, on meta tensors."""
+def ws_launch(m: int, k: int, n: int, unsigned: bool, cfg: gemm_sm90_ws.WsConfig, rank: int = RANK,
+              split: bool = False) -> tuple:
+    """(args, kwargs) of the Gluon kernel as its launcher builds them, on meta tensors (``split``:
+    the split grid gemm_sm90_ws.plan gives on an H100)."""
     g = k // 64
+    plan = gemm_sm90_ws.plan(m, n, k, H100.sms, cfg) if split else None
+    if split and plan is None:
+        raise ValueError(f"no split planned at M={m} K={k} N={n}")
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    space = _meta(*workspace_shape(tiles, plan, cfg.block_m, cfg.block_n), dtype=torch.float32) if plan else None
     weight = gemm_sm90_ws.WsWeight(
         _meta(n, k, dtype=torch.float8_e4m3fn),
         _meta(g, n // 16, 4, 2, 2, dtype=torch.float32),
@@ -75,6 +82,8 @@ def ws_launch(m: int, k: int, n: int, unsigned: bool, cfg: gemm_sm90_ws.WsConfig
         _meta(m, n),
         unsigned=unsigned,
         cfg=cfg,
+        split=plan,
+        workspace=space,
     )
     return args, kwargs
 
@@ -97,11 +106,12 @@ def ops_of(body: list[str]) -> Counter:
 
 
 def ws_static(m: int, k: int, n: int, unsigned: bool, cfg: gemm_sm90_ws.WsConfig = gemm_sm90_ws.CONFIG,
-              rank: int = RANK) -> dict:
-    """Registers, spills, shared memory and the consumer's and producer's loops of one compile."""
-    key = (m, k, n, unsigned, cfg, rank)
+              rank: int = RANK, split: bool = False) -> dict:
+    """Registers, spills, shared memory and the consumer's and producer's loops of one compile
+    (``split``: of the split grid's compile)."""
+    key = (m, k, n, unsigned, cfg, rank, split)
     if key not in _COMPILED:
-        args, kwargs = ws_launch(m, k, n, unsigned, cfg, rank)
+        args, kwargs = ws_launch(m, k, n, unsigned, cfg, rank, split)
         kernel = compile_gluon(gemm_sm90_ws.w4a4_gemm_sm90_ws_kernel, args, kwargs)
         usage, instrs, loops = disassemble(kernel.asm["cubin"])
         regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
@@ -114,6 +124,7 @@ def ws_static(m: int, k: int, n: int, unsigned: bool, cfg: gemm_sm90_ws.WsConfig
             "k": k,
             "n": n,
             "unsigned": unsigned,
+            "split": split,
             "config": {"block_m": cfg.block_m, "block_n": cfg.block_n, "stages": cfg.stages},
             "regs": regs,
             "stack_bytes": stack,
@@ -250,7 +261,7 @@ def gate_failures(static: list[dict]) -> list[str]:
     """The loop-structure gates of the Gluon kernel (tests/test_hopper_ws_static.py)."""
     bad = []
     for e in static:
-        tag = f"sm90 ws gemm {e['k']}->{e['n']} unsigned={e['unsigned']}"
+        tag = f"sm90 ws gemm {e['k']}->{e['n']} unsigned={e['unsigned']}{' split' if e.get('split') else ''}"
         if e["stack_bytes"] or e["spill_instrs"]:
             bad.append(f"{tag}: spills")
         if e["loop_qgmma"] != 2:
@@ -393,10 +404,13 @@ def main() -> int:
     base = []
     if not args.no_baseline:
         base = [sm90_model(e, l2, acts[e["k"]]) for e in sm90_report(gemm_sm90.SM90_CONFIGS["large"])]
-    bad = gate_failures(static)
+    # the split grid's compile (the same loops; a runtime branch on the CTA's role around them)
+    split_static = [ws_static(FLUX_M, k, n, u, split=True) for u in (False, True) for k, n in FLUX_SHAPES
+                    if gemm_sm90_ws.plan(FLUX_M, n, k, H100.sms) is not None]  # fmt: skip
+    bad = gate_failures(static + split_static)
     full = {
         "l2_bytes_per_clk_sm": l2,
-        "static": [{k: v for k, v in e.items() if k not in ("body", "producer_body")} for e in static],
+        "static": [{k: v for k, v in e.items() if k not in ("body", "producer_body")} for e in static + split_static],
         "model": rows,
         "fp8_kernel": base,
         "gates_failed": bad,
