@@ -3,7 +3,8 @@
 For each K -> N: the whole linear as served (quantize_act + w4a4_gemm with the rank-32 branch
 and bias) on the Triton backend, the FP8 kernel alone (engine/kernels/triton/gemm_sm90.py),
 the warp-specialized Gluon kernel alone (gemm_sm90_ws.py; Hopper only: it does not run in the
-interpreter), the int8 kernel they replace on Hopper (gemm.py), and torch's bf16 matmul (cuBLAS)
+interpreter) and its split-K grid where the dispatch plans one (gemm_sm90_ws_split: error,
+equality of two runs, time), the int8 kernel they replace on Hopper (gemm.py), and torch's bf16 matmul (cuBLAS)
 of the same [M, K] x [K, N]; plus the correctness checks: each kernel's output against the
 reference backend, the integer part exact with every group at its extreme codes (Hopper's FP8
 accumulation, and e4m3 subnormals in the tensor cores, are assumptions of the kernels that only
@@ -102,6 +103,8 @@ def measure_shape(m: int, k: int, n: int, device: torch.device) -> dict:
     row["linear_with_ws_vs_bf16"] = (
         row["cublas_bf16_us"] / (row["quantize_act_us"] + row["ws_gemm_us"]) if row["ws_gemm_us"] else None
     )
+    if row.get("ws_split_gemm_us"):
+        row["linear_with_ws_split_vs_bf16"] = row["cublas_bf16_us"] / (row["quantize_act_us"] + row["ws_split_gemm_us"])
     return row
 
 
@@ -120,7 +123,22 @@ def _measure_ws(m, n, k, qx, ascales, weight, lora, a, y_ref, kw, device) -> dic
     y = run()
     err = (y.float() - y_ref.float()).abs().max().item() / max(y_ref.float().abs().max().item(), 1e-30)
     us = _time_us(run, device)
-    return {"ws_max_rel_err_vs_reference": err, "ws_gemm_us": us, "ws_tops": 2 * m * n * k / us / 1e6}
+    row = {"ws_max_rel_err_vs_reference": err, "ws_gemm_us": us, "ws_tops": 2 * m * n * k / us / 1e6}
+    # the split of the last partial wave, where the dispatch plans one at this GPU's SM count
+    split = gemm_sm90_ws.plan(m, n, k, torch.cuda.get_device_properties(device).multi_processor_count)
+    row["ws_split"] = None if split is None else [split.full, split.slices, split.slice_groups]
+    if split is not None:
+
+        def run_split():
+            return gemm_sm90_ws.launch(qx, ascales, ws, lora, a["proj_up"], a["bias"], **kw, split=split)
+
+        y_split = run_split()
+        row["ws_split_max_rel_err_vs_reference"] = (y_split.float() - y_ref.float()).abs().max().item() / max(
+            y_ref.float().abs().max().item(), 1e-30
+        )
+        row["ws_split_deterministic"] = bool(torch.equal(y_split, run_split()))
+        row["ws_split_gemm_us"] = _time_us(run_split, device)
+    return row
 
 
 def measure(m: int, shapes: list[tuple[int, int]], device: torch.device, out: Path | None = None) -> dict:
@@ -141,6 +159,7 @@ def measure(m: int, shapes: list[tuple[int, int]], device: torch.device, out: Pa
 
     save()
     report["ws_self_check"] = gemm_sm90_ws.self_check(device) if hopper else None
+    report["ws_split_self_check"] = gemm_sm90_ws.self_check(device, gemm_sm90_ws.CHECK_SPLIT) if hopper else None
     save()
     for k, n in shapes:
         report["shapes"].append(measure_shape(m, k, n, device))

@@ -12,7 +12,9 @@ Inputs are exact (power-of-two scales, small integer codes and low-rank factors)
 product and sum is exact in fp32 in both the kernel and the reference: the comparison is exact.
 Shapes: M = 100 (one tile of 128 rows, partly empty), N = 144 (two column tiles, the second
 mostly past N), K = 384 (six groups through a four-slot ring, so slots are reused), rank 20
-(masked to 32), signed and unsigned activations.
+(masked to 32), signed and unsigned activations. The split grid (gemm_sm90_ws_split) and the
+second kernel that sums its slices run one after the other on the same memory: M = 200, N = 144,
+K = 704, one whole tile and three tiles in slices of 5, 5 and 1 groups, CTAs in reverse order.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ of one warpgroup (128 threads: never the CTA), no shared stores (no operand roun
 spills; the producer issues 5 TMA loads per group (the signed path's weight scales and offsets
 interleaved in one box). ptxas serializing
 the wgmmas (its answer to register pressure) would show as a second wait. The model must price
-it below the FP8 kernel it replaces on every shape. Compiles run in a child (no TRITON_INTERPRET).
+it below the FP8 kernel it replaces on every shape, and the dispatch's split of the last wave
+(gemm_sm90_ws_split) where, and only where, it prices the split faster; the split grid's compile
+holds the same loop gates. Compiles run in a child (no TRITON_INTERPRET).
 """
 
 import json

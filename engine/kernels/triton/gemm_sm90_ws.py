@@ -35,6 +35,12 @@ split into bf16 hi + lo: hi*hi + lo*hi + hi*lo, ~2^-16 relative, as the Triton k
 correction) into the accumulator before the main loop, while the producer fills the ring. Bias
 and store after it.
 
+Split-K of the last partial wave (``split``, planned by gemm_sm90_ws_split.plan_split): the
+grid's first ``FULL`` CTAs are whole tiles as above; each tile after them runs as ``SLICES`` CTAs
+over consecutive ranges of groups, slice 0 with the low-rank branch, and stores its fp32 partial
+tile to a workspace; gemm_sm90_ws_split.sum_slices then adds the slices in order, the bias, and
+writes the output (a second launch on the same stream: deterministic).
+
 Launch requirements (``supports``): M % 4 == 0 (the group-major ascales rows are TMA rows,
 16-byte aligned), K % 64 == 0, N % 16 == 0 (the scale layouts), group 64, rank <= MAX_RANK. Modelled in
 scripts/perfmodel/hopper_ws.py; compiled, gated and executed (through the PTX interpreter's
