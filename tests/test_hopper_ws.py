@@ -135,6 +135,30 @@ def test_ws_self_check_failure_is_logged_once_and_cached(monkeypatch, caplog):
         gemm_sm90_ws._serves.cache_clear()
 
 
+def test_serves_checks_the_split_grid_at_the_same_first_call(monkeypatch, caplog):
+    """Both self-checks run once, at the first ``serves``; a split grid that fails its own is
+    logged and ``split_for`` then gives no split (the plain grid serves)."""
+    tries = []
+
+    def check(device, split=None):
+        tries.append(split)
+        return split is None
+
+    monkeypatch.setattr(gemm_sm90_ws, "self_check", check)
+    monkeypatch.setattr(gemm_sm90_ws, "_sm_count", lambda device: 132)
+    gemm_sm90_ws._serves.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        with caplog.at_level("WARNING"):
+            assert gemm_sm90_ws.serves(cpu) and gemm_sm90_ws.serves(cpu)
+        assert tries == [None, gemm_sm90_ws.CHECK_SPLIT] and "split-K grid" in caplog.text
+        assert gemm_sm90_ws.plan(4352, 3072, 3072, 132) is not None
+        assert gemm_sm90_ws.split_for(cpu, 4352, 3072, 3072) is None
+        assert len(tries) == 2
+    finally:
+        gemm_sm90_ws._serves.cache_clear()
+
+
 def test_supports_the_flux_shapes():
     for k, n in [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072), (3072, 21504)]:
         assert gemm_sm90_ws.supports(4352, n, k, 32, 64)

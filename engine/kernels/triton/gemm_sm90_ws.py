@@ -603,5 +603,9 @@ def split_for(device: torch.device, m: int, n: int, k: int) -> Split | None:
 def serves(device: torch.device) -> bool:
     """Whether this kernel serves ``device``: checked once per device (``self_check``, a few small
     launches at the first call, i.e. setup's warm-up); a failure is logged and the FP8 kernel
-    serves instead."""
-    return _serves(device)
+    serves instead. The split grid's own check (``split_for``) runs at the same first call, so
+    that no check launches later (e.g. during a CUDA-graph capture at a size warm-up missed)."""
+    ok = _serves(device)
+    if ok:
+        _serves(device, True)
+    return ok
