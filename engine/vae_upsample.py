@@ -61,7 +61,7 @@ def interleave_phases(y: torch.Tensor, out_channels: int) -> torch.Tensor:
     h, w, c = hp - 1, wp - 1, out_channels
     s0, s1, s2, s3 = y.stride()
     # element (n, c, i, a, j, b) at n s0 + ((2a + b) C + c) s1 + (i + a) s2 + (j + b) s3
-    phases = y.as_strided((b, c, h, 2, w, 2), (s0, s1, s2, 2 * c * s1 + s2, s3, c * s1 + s3), y.storage_offset())
+    phases = y.as_strided((b, c, h, 2, w, 2), (s0, s1, s2, 2 * c * s1 + s2, s3, c * s1 + s3))  # at y's offset
     # .contiguous() then .view(): one aten.clone (reshape would add an _unsafe_view)
     if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
         # [B, H, 2, W, 2, C] dense, seen as [B, C, 2H, 2W] in channels_last
@@ -93,22 +93,26 @@ class SubpixelUpsample2D(nn.Module):
         conv = up.conv
         new = cls(up.channels, up.out_channels, bias=conv.bias is not None)
         weight = subpixel_weight(conv.weight)
-        channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        channels_last = (
+            conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        )
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         new.conv.weight = nn.Parameter(weight.contiguous(memory_format=fmt), requires_grad=False)
         if conv.bias is not None:
             new.conv.bias = nn.Parameter(conv.bias.detach().repeat(4), requires_grad=False)
         return new.train(up.training)
 
-    def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None, *args, **kwargs) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None, *args, **kwargs
+    ) -> torch.Tensor:
         """``[B, Cin, H, W]`` -> ``[B, Cout, 2H, 2W]``; extra arguments are ignored, as
         ``Upsample2D`` ignores its deprecated ``scale``."""
-        if hidden_states.shape[1] != self.channels:
-            raise ValueError(f"hidden_states has {hidden_states.shape[1]} channels, this upsampler takes {self.channels}")
-        if output_size is not None and tuple(output_size) != (2 * hidden_states.shape[2], 2 * hidden_states.shape[3]):
+        _, cin, h, w = hidden_states.shape
+        if cin != self.channels:
+            raise ValueError(f"hidden_states has {cin} channels, this upsampler takes {self.channels}")
+        if output_size is not None and tuple(output_size) != (2 * h, 2 * w):
             raise ValueError(
-                f"output_size={tuple(output_size)}: the sub-pixel upsampler only doubles "
-                f"({2 * hidden_states.shape[2]}, {2 * hidden_states.shape[3]} here)"
+                f"output_size={tuple(output_size)}: the sub-pixel upsampler only doubles ({2 * h}, {2 * w} here)"
             )
         y = self.conv(hidden_states)  # [B, 4 Cout, H + 1, W + 1], channels (a, b, cout)
         return interleave_phases(y, self.out_channels)  # [B, Cout, 2H, 2W]
@@ -127,7 +131,9 @@ def ineligible(up: nn.Module) -> str | None:
     conv = getattr(up, "conv", None)
     if not isinstance(conv, nn.Conv2d):
         return f"its convolution is {type(conv).__name__}, not Conv2d named conv"
-    plain = dict(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, padding_mode="zeros")
+    plain = dict(
+        kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, padding_mode="zeros"
+    )
     got = {k: getattr(conv, k) for k in plain}
     if got != plain:
         return f"convolution {got}, not {plain}"

@@ -43,7 +43,9 @@ def abs_conv(up: Upsample2D, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-@pytest.mark.parametrize(("cin", "cout", "h", "w"), [(8, 8, 6, 6), (12, 5, 5, 9), (4, 16, 11, 3), (16, 16, 1, 7)])
+@pytest.mark.parametrize(
+    ("cin", "cout", "h", "w"), [(8, 8, 6, 6), (12, 5, 5, 9), (4, 16, 11, 3), (16, 16, 1, 7)]
+)
 def test_upsampler_equals_diffusers_fp32(cin, cout, h, w, fmt):
     """fp32: the two differ only in summation order (9 Cin taps there, 4 Cin here, with merged taps
     summed in fp32), so each output is within the deterministic bound 2 n u sum |w x| (n = 9 Cin + 1
@@ -182,7 +184,9 @@ def test_from_pretrained_applies_it_unless_asked_not_to(tiny_model_dir):
 
     kinds = {}
     for flag in (True, False):
-        gen = FluxGenerator.from_pretrained(tiny_model_dir, tiny_model_dir / CHECKPOINT_NAME, vae_subpixel=flag)
+        gen = FluxGenerator.from_pretrained(
+            tiny_model_dir, tiny_model_dir / CHECKPOINT_NAME, vae_subpixel=flag
+        )
         kinds[flag] = {type(m).__name__ for b in gen.pipe.vae.decoder.up_blocks for m in b.upsamplers or ()}
     assert kinds == {True: {"SubpixelUpsample2D"}, False: {"Upsample2D"}}
 
@@ -227,4 +231,26 @@ def test_one_graph_serves_every_served_size_of_fluxs_vae(fresh_dynamo):  # noqa:
         for w, h in served_sizes():
             out = vae.decode(torch.empty(1, 16, h // 8, w // 8, device="meta"), return_dict=False)[0]
             assert out.shape == (1, 3, h, w)
+    assert graphs_compiled() - before == 1
+
+
+@pytest.mark.slow
+def test_inductor_channels_last_upsampler_then_group_norm(fresh_dynamo):  # noqa: F811
+    """The CUDA layout (engine.pipeline puts the VAE in channels_last) under inductor on the CPU:
+    the sub-pixel upsampler and the next resnet's GroupNorm + SiLU, dynamic over three sizes in one
+    graph, equal to diffusers' Upsample2D and the same norm within fp32 rounding, channels_last out."""
+    configure_compiler(CompileSettings())
+    up = upsampler(16, 16).to(memory_format=torch.channels_last)
+    norm = torch.nn.GroupNorm(4, 16).eval()
+    sub = SubpixelUpsample2D.from_upsample(up)
+    step = torch.compile(
+        lambda x: torch.nn.functional.silu(norm(sub(x))), backend="inductor", dynamic=True, fullgraph=True
+    )
+    before = graphs_compiled()
+    with torch.inference_mode():
+        for h, w in [(12, 12), (9, 16), (16, 7)]:
+            x = torch.randn(1, 16, h, w).to(memory_format=torch.channels_last)
+            got = step(x)
+            assert got.shape == (1, 16, 2 * h, 2 * w) and got.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(got, torch.nn.functional.silu(norm(up(x))), rtol=1e-5, atol=1e-5)
     assert graphs_compiled() - before == 1
