@@ -15,6 +15,7 @@ from engine.flux import load_transformer
 from engine.inputs import round_size
 from engine.memory import Mode
 from engine.text_encoder import quantize_t5
+from engine.vae_upsample import use_subpixel_upsampling
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class FluxGenerator:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         memory: Mode = Mode.FAST,
+        vae_subpixel: bool = True,
     ) -> FluxGenerator:
         """Load the text encoders, VAE and scheduler from ``model_dir`` (diffusers layout).
 
@@ -54,6 +56,9 @@ class FluxGenerator:
         float copy; without it, the folder's float transformer (for comparison). ``dtype``
         defaults to bfloat16 on a GPU and float32 on a CPU, where bfloat16 math is slow.
         ``memory``: the memory mode (engine.memory; see :func:`configure_memory`).
+        ``vae_subpixel``: the VAE decoder's nearest x2 + 3x3 upsamplers as 2x2 sub-pixel
+        convolutions at the low resolution (engine.vae_upsample: the same function, 4/9 of
+        their FLOPs); False keeps diffusers' own.
         """
         from diffusers import FluxPipeline, FluxTransformer2DModel
 
@@ -75,6 +80,9 @@ class FluxGenerator:
             svdq_pipeline_class() if isinstance(transformer, SVDQFluxTransformer2DModel) else FluxPipeline
         )
         pipe = pipeline_cls.from_pretrained(model_dir, transformer=transformer, dtype=dtype)
+        if vae_subpixel:  # merged weights from the loaded ones, in dtype, before the move
+            n = use_subpixel_upsampling(pipe.vae.decoder)
+            logger.info("VAE decoder: %d upsampler(s) as sub-pixel convolutions", n)
         configure_memory(pipe, memory, device)
         pipe.to(device)
         if device.type == "cuda":

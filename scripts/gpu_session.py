@@ -18,7 +18,8 @@ memory   max_memory_allocated of scripts/memory_report.py's cases (1 and 4 image
          and 21:9, fast and small modes) beside the traced peaks
 post     the stages after the denoising that issue 26 changed: the safety checker's input
          prepared on the device (engine.safety_input) against the host processor, and FLUX's VAE
-         decoder (random weights) eager, then compiled as go_fast compiles it: compile time,
+         decoder (random weights) eager with diffusers' upsamplers, then with the sub-pixel ones
+         (engine.vae_upsample, as served), then compiled as go_fast compiles it: compile time,
          decode time, difference, and the graphs over every served size
 """
 
@@ -501,7 +502,8 @@ def _timed_s(device: torch.device, fn: Callable[[], object], repeats: int = 3) -
 
 
 def part_post(rec: Record, device: torch.device, size: str) -> None:
-    """Safety input on the device vs the host processor; the VAE decoder eager vs compiled."""
+    """Safety input on the device vs the host processor; the VAE decoder eager (diffusers' and the
+    sub-pixel upsamplers) vs compiled (sub-pixel, as served)."""
     import numpy as np
     from PIL import Image
     from transformers import CLIPImageProcessor
@@ -569,6 +571,18 @@ def part_post(rec: Record, device: torch.device, size: str) -> None:
         return {"decode_ms": 1e3 * t}
 
     rec.case({"op": "VAE decode eager", "side": side}, eager)
+
+    def subpixel() -> dict:  # the upsamplers as engine.pipeline serves them; compiled below so
+        from engine.vae_upsample import use_subpixel_upsampling
+
+        n = use_subpixel_upsampling(vae.decoder)
+        with torch.inference_mode():
+            got, t = _timed_s(device, lambda: vae.decode(z, return_dict=False)[0])
+        rel = _rel(got, state["eager"])
+        state["eager"] = got
+        return {"upsamplers": n, "decode_ms": 1e3 * t, "rel": rel, "ok": rel <= BF16_REL}
+
+    rec.case({"op": "VAE decode eager, sub-pixel upsamplers", "side": side}, subpixel)
 
     def compiled() -> dict:
         settings = CompileSettings(backend="inductor" if device.type == "cuda" else "aot_eager")

@@ -40,3 +40,23 @@ def test_postprocess_stage_moves_the_safety_input_to_the_gpu():
             and gpu.detail[d]["GPU + copy"] > host.detail[d]["GPU + copy"]
         )
         assert gpu.seconds[d] < host.seconds[d]
+
+
+def test_vae_subpixel_is_read_from_the_pipeline_and_traced(monkeypatch):
+    """The served decoder's three upsamplers are traced as sub-pixel convolutions: no nearest
+    upsampling, and the decoder's FLOPs fall by exactly the 3x3 convolutions' at the high resolution
+    less the 2x2 convolutions' (4 Cout outputs on (H + 1) x (W + 1)) at the low one."""
+    from perfmodel import image_trace
+
+    from engine import vae_upsample
+
+    assert image_model.vae_subpixel()
+    stock, sub = image_trace.trace_vae(1, 1024), image_trace.trace_vae(1, 1024, subpixel=True)
+    assert sum(op.name == "aten.upsample_nearest2d" for op in stock) == 3
+    assert not any(op.name == "aten.upsample_nearest2d" for op in sub)
+    levels = [(512, 128), (512, 256), (256, 512)]  # FLUX's upsamplers: (channels, low-res side) at 1024
+    before = sum(2 * 9 * c * c * (2 * s) ** 2 for c, s in levels)
+    after = sum(2 * 4 * c * 4 * c * (s + 1) ** 2 for c, s in levels)
+    assert sum(op.flops for op in stock) - sum(op.flops for op in sub) == before - after
+    monkeypatch.setattr(vae_upsample, "ineligible", lambda up: "not eligible")  # nothing swapped
+    assert not image_model.vae_subpixel()

@@ -90,8 +90,9 @@ def image_model(kt: KernelTimes, batch: int = 1, steps: int = 4, size: int = 102
             repeat=steps,
         ),
         stage(
-            f"VAE decode (bf16, {'compiled' if vae_compiled() else 'eager'})",
-            trace_vae(batch, size),
+            f"VAE decode (bf16, {'compiled' if vae_compiled() else 'eager'}"
+            f"{', sub-pixel upsamplers' if vae_subpixel() else ''})",
+            trace_vae(batch, size, subpixel=vae_subpixel()),
             kt,
             compiled=vae_compiled(),
             sage=False,
@@ -117,6 +118,30 @@ def vae_compiled() -> bool:
         vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4)
     go_fast.compiled_vae(vae, go_fast.CompileSettings())  # what GoFast.__init__ does with it
     return vae.decoder._compiled_call_impl is not None
+
+
+def vae_subpixel() -> bool:
+    """Whether the pipeline serves the VAE decoder's upsamplers as sub-pixel convolutions, from the
+    code: FluxGenerator.from_pretrained (which FluxService.setup calls without the argument) does so
+    by default through engine.vae_upsample, and that swaps FLUX's decoder's upsamplers (meta
+    device; nothing runs)."""
+    import inspect
+
+    from engine.pipeline import FluxGenerator
+
+    load = inspect.signature(FluxGenerator.from_pretrained).parameters.get("vae_subpixel")
+    if load is None or load.default is not True:
+        return False
+    if "use_subpixel_upsampling(pipe.vae.decoder)" not in inspect.getsource(FluxGenerator.from_pretrained):
+        return False
+    from diffusers import AutoencoderKL
+
+    from engine.vae_upsample import use_subpixel_upsampling
+    from perfmodel.image_trace import FLUX_VAE_CONFIG
+
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(FLUX_VAE_CONFIG)
+    return use_subpixel_upsampling(vae.decoder) == len(FLUX_VAE_CONFIG["block_out_channels"]) - 1
 
 
 def safety_input_on_gpu() -> bool:
@@ -298,9 +323,11 @@ def levers(kt: KernelTimes) -> list[dict]:
         listed=False,
     )
     # (f) VAE compiled + channels_last: the glue fused, convolutions unchanged
-    vae = trace_vae(1, 1024)
-    eager = sum(price(op, dev, kt, compiled=False, sage=False) for op in vae)
-    fused = sum(price(op, dev, kt, compiled=True, sage=False) for op in vae)
+    vae = trace_vae(1, 1024)  # diffusers' upsamplers
+    sub = trace_vae(1, 1024, subpixel=True)
+    served = sub if vae_subpixel() else vae
+    eager = sum(price(op, dev, kt, compiled=False, sage=False) for op in served)
+    fused = sum(price(op, dev, kt, compiled=True, sage=False) for op in served)
     add(
         "VAE decoder in channels_last (on CUDA)",
         0.0,
@@ -308,6 +335,19 @@ def levers(kt: KernelTimes) -> list[dict]:
         True,
     )
     add("VAE decoder compiled", eager - fused, "inductor fuses GroupNorm/SiLU/adds", vae_compiled())
+    # beyond the list: the decoder's nearest x2 + 3x3 upsamplers as 2x2 sub-pixel convolutions at the
+    # low resolution (engine.vae_upsample), priced as the decode before and after, compiled as served
+    flops = [sum(op.flops for op in ops) for ops in (vae, sub)]
+    compiled = vae_compiled()
+    add(
+        "VAE upsamplers as 2x2 sub-pixel convolutions (engine.vae_upsample)",
+        sum(price(op, dev, kt, compiled=compiled, sage=False) for op in vae)
+        - sum(price(op, dev, kt, compiled=compiled, sage=False) for op in sub),
+        f"decoder {flops[0] / 1e12:.2f} -> {flops[1] / 1e12:.2f} TFLOP (the 3 upsample convolutions at 4/9), "
+        f"less the phases' interleaving copy; same conv efficiency ({EFF['conv']}) assumed for 2x2 as 3x3",
+        vae_subpixel(),
+        listed=False,
+    )
     # (g) post-processing on the GPU (in the code), the safety checker's input preparation (not yet)
     b = post_bytes(1, 1024)
     before = b["before_to_host"] / DEVICES[dev]["pcie"] + b["before_host"] / CPU_BPS

@@ -129,12 +129,18 @@ FLUX_VAE_CONFIG = {  # black-forest-labs/FLUX.1-schnell, vae/config.json
 }
 
 
-def trace_vae(batch: int = 1, size: int = 1024) -> list[Op]:
-    """The VAE decode of ``batch`` latents as the pipeline calls it (bf16, eager layout)."""
+def trace_vae(batch: int = 1, size: int = 1024, *, subpixel: bool = False) -> list[Op]:
+    """The VAE decode of ``batch`` latents as the pipeline calls it (bf16, eager layout).
+    ``subpixel``: with the decoder's upsamplers as the pipeline's sub-pixel convolutions
+    (engine.vae_upsample); without, diffusers' own (nearest x2, then a 3x3 convolution)."""
     from diffusers import AutoencoderKL
 
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(FLUX_VAE_CONFIG).to(torch.bfloat16).eval()
+    if subpixel:
+        from engine.vae_upsample import use_subpixel_upsampling
+
+        use_subpixel_upsampling(vae.decoder)
     z = torch.empty(batch, 16, size // 8, size // 8, device="meta", dtype=torch.bfloat16)
     return record(vae, lambda: vae.decode(z, return_dict=False))
 
