@@ -1,0 +1,180 @@
+"""kernels.sage_attention_int8 (our Triton port of SageAttention 1.0.6's per-block int8 kernel,
+V read in place) against its definer: the installed package's own ``forward`` on
+``cat(v_parts).to(float16)``.
+
+Under TRITON_INTERPRET=1 both kernels run in Triton's interpreter on the same int8 Q/K (made by
+the package's ``per_block_int8``), so the outputs must be the same bits: head dims 64 and 128,
+batch 2, S not a multiple of 64 or 128, V from one strided projection or from two joined at a
+key-block boundary (two loops) or inside a block (per-row source), V in bf16 or fp16, and V
+values where the fp16 rounding is not exact (fp16 subnormals, beyond fp16's range). The compiled
+kernel (sm_86, sm_90) is gated in SASS against the package's kernel compiled the same way
+(scripts/perfmodel/int8_attention.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import kernels
+from engine.flux import attention
+
+sage_attn = pytest.importorskip("sageattention.attn_qk_int8_per_block")
+sage_quant = pytest.importorskip("sageattention.quant_per_block")
+needs_interpreter = pytest.mark.skipif(
+    attention.sage_unavailable_reason(torch.device("cpu"), torch.bfloat16, 64, interpreter=True) is not None,
+    reason="the Triton kernels run here only under TRITON_INTERPRET=1",
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_inputs(b, s0, s1, h, d, v_dtype=torch.bfloat16, *, seed=0, v_scale=2.0, extra=8):
+    """int8 Q/K and scales from the package's per_block_int8, and V as column slices of one or two
+    q|k|v projection outputs (row stride 3HD + extra: a strided view, as the blocks pass it)."""
+    g = torch.Generator().manual_seed(seed)
+    s = s0 + s1
+    q = torch.randn(b, s, h, d, generator=g).bfloat16()
+    k = (torch.randn(b, s, h, d, generator=g) + 2).bfloat16()
+    q8, q_scale, k8, k_scale = sage_quant.per_block_int8(q, k - k.mean(dim=1, keepdim=True), tensor_layout="NHD")
+    hd = h * d
+    v_parts = []
+    for n in (s0, s1) if s1 else (s0,):
+        qkv = (torch.randn(b, n, 3 * hd + extra, generator=g) * v_scale).to(v_dtype)
+        v_parts.append(qkv[..., 2 * hd : 3 * hd].unflatten(-1, (h, d)))  # [B, n, H, D], strided
+    return q8, q_scale, k8, k_scale, v_parts
+
+
+def definer(q8, q_scale, k8, k_scale, v_parts, out_dtype=torch.bfloat16):
+    v16 = torch.cat(v_parts, dim=1).to(torch.float16)
+    return sage_attn.forward(q8, k8, v16, q_scale, k_scale, tensor_layout="NHD", output_dtype=out_dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+# (B, S0, S1, H, D): two parts joined at a block boundary with a partial last block; joined inside
+# a block, batch 2, D = 128; one part, S not a multiple of 64; exact blocks; shorter than a block;
+# a text part longer than a query block, joined inside a key block
+SHAPES = [
+    (1, 64, 100, 2, 64),
+    (2, 37, 150, 1, 128),
+    (1, 200, 0, 1, 64),
+    (2, 128, 128, 1, 128),
+    (1, 5, 50, 1, 64),
+    (1, 130, 61, 1, 128),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("v_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_is_the_packages_kernel_on_v_in_fp16(shape, v_dtype):
+    args = make_inputs(*shape, v_dtype)
+    got = kernels.sage_attention_int8(*args, out_dtype=torch.bfloat16)
+    b, s0, s1, h, d = shape
+    assert got.shape == (b, s0 + s1, h, d) and got.is_contiguous()
+    assert same_bits(got, definer(*args))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", [(1, 64, 100, 2, 64), (1, 37, 90, 1, 128)])
+def test_v_rounding_where_fp16_is_not_exact(shape):
+    """bf16 V in fp16's subnormal range (where bf16 -> fp16 rounds) and beyond its largest value
+    (inf): the in-register conversion must round as torch's ``.to(float16)``."""
+    args = make_inputs(*shape, v_scale=2.0**-18)
+    for v in args[4]:
+        v[:, :3] *= 2.0**36  # some rows past 65504
+    got = kernels.sage_attention_int8(*args, out_dtype=torch.float16)
+    assert same_bits(got, definer(*args, out_dtype=torch.float16))
+    assert not torch.equal(torch.cat(args[4], 1).to(torch.float16).float(), torch.cat(args[4], 1).float())
+
+
+@needs_interpreter
+def test_out_dtypes():
+    args = make_inputs(1, 64, 30, 1, 64)
+    for out_dtype in (torch.float16, torch.float32):
+        assert torch.equal(kernels.sage_attention_int8(*args, out_dtype=out_dtype), definer(*args, out_dtype))
+
+
+@needs_interpreter
+def test_fused_path_reads_the_projections_v_and_equals_sage_attention():
+    """attention.norm_rope_attend under sage, text length a multiple of 64 (the double block's two
+    loops) and not: the result is sage_attention's (the package's steps) on the plain op's q, k, v."""
+    from .test_qk_norm_rope import EPS, random_parts
+
+    heads, d = 2, 64
+    for s0, s1 in ((64, 90), (37, 90), (150, 0)):
+        parts, cos, sin = random_parts(1, s0, s1, heads, d, torch.bfloat16, extra=8, scale=3.0)
+        q, k, v = kernels.qk_norm_rope(parts, cos, sin, heads=heads)
+        with attention.using("sage"):
+            fused = attention.norm_rope_attend(parts, cos, sin, heads=heads, eps=EPS)
+        assert torch.equal(fused, attention.sage_attention(q, k, v)), (s0, s1)
+
+
+# --- the op: fake, compile, checks ----------------------------------------------------------------
+
+
+@needs_interpreter
+def test_fake_opcheck_and_compile_without_graph_breaks():
+    q8, q_scale, k8, k_scale, (v0, v1) = make_inputs(1, 64, 40, 1, 64)
+    torch.library.opcheck(
+        torch.ops.svdq.sage_attention_int8.default, (q8, q_scale, k8, k_scale, v0, v1, torch.bfloat16)
+    )
+    meta = [t.to("meta") for t in (q8, q_scale, k8, k_scale, v0, v1)]
+    out = torch.ops.svdq.sage_attention_int8(*meta, torch.bfloat16)
+    assert (tuple(out.shape), out.dtype, out.is_contiguous()) == ((1, 104, 1, 64), torch.bfloat16, True)
+
+    def attend(q8, q_scale, k8, k_scale, qkv0, qkv1):
+        v_parts = [t[..., 128:192].unflatten(-1, (1, 64)) for t in (qkv0, qkv1)]
+        return kernels.sage_attention_int8(q8, q_scale, k8, k_scale, v_parts, out_dtype=torch.bfloat16)
+
+    inputs = (q8, q_scale, k8, k_scale, v0._base, v1._base)
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(*inputs), attend(*inputs))
+
+
+def test_bad_arguments_are_named():
+    q8, q_scale, k8, k_scale, v_parts = make_inputs(1, 64, 40, 1, 64)
+    ok = dict(out_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="v_parts must be a list of 1 or 2"):
+        kernels.sage_attention_int8(q8, q_scale, k8, k_scale, v_parts * 2, **ok)
+    with pytest.raises(ValueError, match=r"must add up to k8's S_kv = 104"):
+        kernels.sage_attention_int8(q8, q_scale, k8, k_scale, v_parts[:1], **ok)
+    with pytest.raises(TypeError, match=r"v_parts\[1\] must be torch.bfloat16 or torch.float16"):
+        kernels.sage_attention_int8(q8, q_scale, k8, k_scale, [v_parts[0], v_parts[1].float()], **ok)
+    with pytest.raises(TypeError, match=r"v_parts\[1\] must have v_parts\[0\]'s dtype"):
+        kernels.sage_attention_int8(q8, q_scale, k8, k_scale, [v_parts[0], v_parts[1].half()], **ok)
+    with pytest.raises(ValueError, match=r"k_scale must have shape \[1, 1, 2, 1\]"):
+        kernels.sage_attention_int8(q8, q_scale, k8, k_scale[:, :, :1], v_parts, **ok)
+    with pytest.raises(ValueError, match="last dimension must have stride 1"):
+        kernels.sage_attention_int8(q8, q_scale, k8, k_scale, [v_parts[0], v_parts[1].transpose(1, 3)
+                                                               .contiguous().transpose(1, 3)], **ok)  # fmt: skip
+    with pytest.raises(ValueError, match="head dim D=32 must be one of"):
+        kernels.sage_attention_int8(q8[..., :32], q_scale, k8[..., :32], k_scale, v_parts, **ok)
+    with pytest.raises(TypeError, match="out_dtype must be one of"):
+        kernels.sage_attention_int8(q8, q_scale, k8, k_scale, v_parts, out_dtype=torch.int8)
+
+
+# --- the compiled kernel: SASS against the package's, no GPU needed -----------------------------
+
+
+def test_compiled_loop_against_the_packages():
+    """sm_86 and sm_90, FLUX's shape (256 text + 4096 image tokens, 24 heads, D = 128; and D = 64):
+    no spills, the PV and QK^T MMAs of the package's loop, and the in-register conversion within
+    its bound of instructions per PV MMA (perfmodel.int8_attention.gate_failures)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "scripts")])
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "kernel_model_int8_attention.py")],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode in (0, 1), res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    assert not report["gates_failed"], report["gates_failed"]
+    rows = {(e["cc"], e["d"], e["kernel"]) for e in report["static"]}
+    assert {(86, 128, "ours, two V parts"), (90, 128, "ours, one V part"), (86, 64, "sage")} <= rows
