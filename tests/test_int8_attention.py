@@ -84,14 +84,18 @@ def test_is_the_packages_kernel_on_v_in_fp16(shape, v_dtype):
 @needs_interpreter
 @pytest.mark.parametrize("shape", [(1, 64, 100, 2, 64), (1, 37, 90, 1, 128)])
 def test_v_rounding_where_fp16_is_not_exact(shape):
-    """bf16 V in fp16's subnormal range (where bf16 -> fp16 rounds) and beyond its largest value
-    (inf): the in-register conversion must round as torch's ``.to(float16)``."""
+    """bf16 V in fp16's subnormal range (where bf16 -> fp16 rounds) and, in the first 4 columns
+    of a few rows, beyond its largest value (inf): the in-register conversion must round as
+    torch's ``.to(float16)``; the other columns stay finite and nonzero, so they are compared too."""
     args = make_inputs(*shape, v_scale=2.0**-18)
     for v in args[4]:
-        v[:, :3] *= 2.0**36  # some rows past 65504
-    got = kernels.sage_attention_int8(*args, out_dtype=torch.float16)
-    assert same_bits(got, definer(*args, out_dtype=torch.float16))
-    assert not torch.equal(torch.cat(args[4], 1).to(torch.float16).float(), torch.cat(args[4], 1).float())
+        v[:, :3, :, :4] *= 2.0**36  # past 65504
+    v = torch.cat(args[4], 1)
+    assert not torch.equal(v.to(torch.float16).float(), v.float())  # the conversion rounds here
+    got = kernels.sage_attention_int8(*args, out_dtype=torch.bfloat16)
+    assert same_bits(got, definer(*args))
+    assert torch.isfinite(got[..., 4:]).all() and (got[..., 4:] != 0).float().mean() > 0.9
+    assert not torch.isfinite(got[..., :4]).all()
 
 
 @needs_interpreter
