@@ -39,7 +39,9 @@ def make_inputs(b, s0, s1, h, d, v_dtype=torch.bfloat16, *, seed=0, v_scale=2.0,
     s = s0 + s1
     q = torch.randn(b, s, h, d, generator=g).bfloat16()
     k = (torch.randn(b, s, h, d, generator=g) + 2).bfloat16()
-    q8, q_scale, k8, k_scale = sage_quant.per_block_int8(q, k - k.mean(dim=1, keepdim=True), tensor_layout="NHD")
+    q8, q_scale, k8, k_scale = sage_quant.per_block_int8(
+        q, k - k.mean(dim=1, keepdim=True), tensor_layout="NHD"
+    )
     hd = h * d
     v_parts = []
     for n in (s0, s1) if s1 else (s0,):
@@ -182,3 +184,65 @@ def test_compiled_loop_against_the_packages():
     assert not report["gates_failed"], report["gates_failed"]
     rows = {(e["cc"], e["d"], e["kernel"]) for e in report["static"]}
     assert {(86, 128, "ours, two V parts"), (90, 128, "ours, one V part"), (86, 64, "sage")} <= rows
+
+
+# --- the compiled sm_86 PTX of both kernels, run by tests/ptx_exec.py's interpreter ------------------
+
+
+def _recorded(module, attr: str, call) -> "object":
+    """The one launch ``call`` makes of ``module.attr``, as a GPU would get it (no interpreter)."""
+    from unittest import mock
+
+    import engine.kernels.triton.attention as ours
+
+    from . import ptx_compile as PC
+
+    rec = PC._Recorder(f"{module.__name__}:{attr}")
+    with mock.patch.object(module, attr, rec), mock.patch.object(ours, "INTERPRET", False):
+        call()
+    (launch,) = rec.launches
+    return launch
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 66, 1, 64), (1, 37, 60, 1, 128)])
+def test_compiled_ptx_is_the_packages_compiled_kernel(shape):
+    """Our kernel's sm_86 PTX (V bf16 in place, the cvt.rn.f16x2.f32 conversion) and the
+    package's own kernel's sm_86 PTX (on ``v.to(float16)``), run by the PTX interpreter on the
+    same int8 Q/K: the same output bits. Where the conversion rounds: V's first half of columns
+    positive and in fp16's subnormal range, summed with P = 1 by the first 64 queries (their
+    codes 0: every score 0), and one value past fp16's range (inf). Two key-block loops (text
+    length 64), and the per-row source (37)."""
+    import engine.kernels.triton.attention as ours
+
+    from . import ptx_compile as PC
+
+    q8, q_scale, k8, k_scale, v_parts = make_inputs(*shape, seed=3)
+    d = shape[4]
+    q8[:, :64] = 0
+    for v in v_parts:
+        v[..., : d // 2] = v[..., : d // 2].abs() * 2.0**-20  # fp16 subnormals: the conversion rounds
+    v_parts[1][:, 3, :, d // 2] = 70000.0  # inf in fp16
+    v16 = torch.cat(v_parts, 1).to(torch.float16)
+    mine = _recorded(ours, "int8_attention_kernel", lambda: ours.int8_attention(
+        q8, q_scale, k8, k_scale, v_parts[0], v_parts[1], out_dtype=torch.bfloat16))  # fmt: skip
+    pkg = _recorded(sage_attn, "_attn_fwd", lambda: sage_attn.forward(
+        q8, k8, v16, q_scale, k_scale, tensor_layout="NHD", output_dtype=torch.bfloat16))  # fmt: skip
+    # the package passes H and num_kv_groups (constexprs) positionally, last
+    pkg = type(pkg)(pkg.kernel, pkg.grid, pkg.args[:-2], {**pkg.constexprs, "H": pkg.args[-2],
+                    "num_kv_groups": pkg.args[-1]}, pkg.options)  # fmt: skip
+    assert mine.constexprs["PAIRS_ASM"] and mine.constexprs["V_JOIN"] == (1 if shape[1] % 64 == 0 else 2)
+    res_mine, res_pkg = PC.compile_ptx([mine.request(86), pkg.request(86)])
+    assert "cvt.rn.f16x2.f32" in res_mine["ptx"]
+    assert "mma.sync.aligned.m16n8k16.row.col.f16.f16.f16.f16" in res_pkg["ptx"]
+    outs = []
+    for launch, res in ((mine, res_mine), (pkg, res_pkg)):
+        findings, written = PC.execute(launch, res)
+        assert not findings.items, findings.report()
+        assert all(w.all() for w in written.values())
+        outs.append(launch.args[6] if launch is mine else launch.args[5])
+    assert same_bits(outs[0], outs[1])
+    # and near the Triton interpreter's result: the two interpreters model the fp16-accumulated PV
+    # MMA differently (one rounding per m16n8k16 here, numpy's fp16 matmul there), |o| ~ 0.1
+    ref = definer(q8, q_scale, k8, k_scale, v_parts)
+    torch.testing.assert_close(outs[0], ref, rtol=2**-6, atol=2e-3)
+    assert not same_bits(outs[0], ref)  # which is why the bits are compared kernel to kernel

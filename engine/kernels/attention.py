@@ -74,7 +74,9 @@ def sage_attention_int8(
         if v.dtype != v_parts[0].dtype:
             raise TypeError(f"v_parts[{i}] must have v_parts[0]'s dtype {v_parts[0].dtype}, got {v.dtype}")
     if sum(v.shape[1] for v in v_parts) != s_kv:
-        raise ValueError(f"v_parts' lengths {[v.shape[1] for v in v_parts]} must add up to k8's S_kv = {s_kv}")
+        raise ValueError(
+            f"v_parts' lengths {[v.shape[1] for v in v_parts]} must add up to k8's S_kv = {s_kv}"
+        )
     for name, t in (("q8", q8), ("k8", k8), *((f"v_parts[{i}]", v) for i, v in enumerate(v_parts))):
         if t.stride(-1) != 1:
             raise ValueError(f"{name}'s last dimension must have stride 1, got strides {t.stride()}")

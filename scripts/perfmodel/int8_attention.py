@@ -52,7 +52,10 @@ def capture(d: int, s_txt: int = S_TXT, s_img: int = S_IMG, heads: int = HEADS) 
 
     s = s_txt + s_img
     qk8 = (_meta(1, s, heads, d, dtype=torch.int8), _meta(1, s, heads, d, dtype=torch.int8))
-    scales = (_meta(1, heads, -(-s // 128), 1, dtype=torch.float32), _meta(1, heads, -(-s // 64), 1, dtype=torch.float32))
+    scales = (
+        _meta(1, heads, -(-s // 128), 1, dtype=torch.float32),
+        _meta(1, heads, -(-s // 64), 1, dtype=torch.float32),
+    )
     rec = _Recorder()
     sage_mod._attn_fwd = rec
     try:
@@ -112,7 +115,9 @@ def static_report() -> list[dict]:
                     "loop_sass": e["loop_sass"],
                     "mma": _mma_counts(ops),
                     "pv_mma": _pv_mma(ops, cc),
-                    "cvt_ops": {op: c for op, c in ops.items() if re.match(r"(F2FP|PRMT|LOP3|SHF\.L|IMAD\.U32)", op)},
+                    "cvt_ops": {
+                        op: c for op, c in ops.items() if re.match(r"(F2FP|PRMT|LOP3|SHF\.L|IMAD\.U32)", op)
+                    },
                 }
                 if base is None:
                     base = row

@@ -50,14 +50,18 @@ def launch_options(head_dim: int) -> dict:
 # bf16x2 -> fp16x2 in three instructions per pair: each half widened to fp32 exactly (a shift, a
 # mask), both rounded to nearest even by one cvt.rn.f16x2.f32 (Triton's own cast extracts the high
 # half with a byte permute and then shifts it: four per pair).
-_BF16X2_TO_F16X2 = tl.constexpr("{.reg .b32 lo, hi; shl.b32 lo, $1, 16; and.b32 hi, $1, 0xffff0000; cvt.rn.f16x2.f32 $0, hi, lo;}")
+_BF16X2_TO_F16X2 = tl.constexpr(
+    "{.reg .b32 lo, hi; shl.b32 lo, $1, 16; and.b32 hi, $1, 0xffff0000; cvt.rn.f16x2.f32 $0, hi, lo;}"
+)
 
 
 @triton.jit
 def _to_fp16(v, PAIRS_ASM: tl.constexpr):
     """v (bf16 or fp16) in fp16, rounded to nearest even (torch's ``.to(torch.float16)``)."""
     if PAIRS_ASM:
-        return tl.inline_asm_elementwise(_BF16X2_TO_F16X2, "=r,r", [v], dtype=tl.float16, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(
+            _BF16X2_TO_F16X2, "=r,r", [v], dtype=tl.float16, is_pure=True, pack=2
+        )
     else:
         return v.to(tl.float16)
 
@@ -69,7 +73,9 @@ def _key_block(
 ):  # fmt: skip
     """One block of BLOCK_N keys: the online-softmax update of (acc, l_i, m_i)."""
     n = start_n + offs_n
-    k = tl.load(k8_ptr + n[None, :].to(tl.int64) * stride_ks + offs_d[:, None], mask=(n < S_kv)[None, :], other=0)
+    k = tl.load(
+        k8_ptr + n[None, :].to(tl.int64) * stride_ks + offs_d[:, None], mask=(n < S_kv)[None, :], other=0
+    )
     k_scale = tl.load(ks_ptr)
     s = tl.dot(q, k).to(tl.float32) * q_scale * k_scale  # [BM, BN]: int32 sums, then the two scales
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -171,7 +177,9 @@ def int8_attention_kernel(
                 )  # fmt: skip
 
     out = acc / l_i[:, None]
-    o_ptrs = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :]
+    o_ptrs = (
+        out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :]
+    )
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m < S_q)[:, None])
 
 
