@@ -93,10 +93,10 @@ def _mma_counts(ops: dict) -> dict:
     return {op: c for op, c in ops.items() if re.match(r"(IMMA|HMMA|IGMMA|HGMMA)", op)}
 
 
-def static_report() -> list[dict]:
+def static_report(head_dims: tuple[int, ...] = HEAD_DIMS) -> list[dict]:
     """Every kernel compiled for every arch and head dim: registers, spills, the loop."""
     out = []
-    for d in HEAD_DIMS:
+    for d in head_dims:
         launches = capture(d)
         for cc in ARCHS:
             base = None
@@ -157,10 +157,11 @@ def gate_failures(report: list[dict]) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS), choices=HEAD_DIMS)
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("run without TRITON_INTERPRET=1: this script compiles the kernels for GPU targets")
-    static = static_report()
+    static = static_report(tuple(args.head_dims))
     report = {"static": static, "gates_failed": gate_failures(static)}
     text = json.dumps(report, indent=1)
     if args.json:
