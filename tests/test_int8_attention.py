@@ -192,7 +192,7 @@ def test_compiled_loop_against_the_packages():
 
 
 def _recorded(module, attr: str, call) -> "object":
-    """The one launch ``call`` makes of ``module.attr``, as a GPU would get it (no interpreter)."""
+    """The one launch ``call`` makes of ``module.attr``, as an sm_86 GPU would get it."""
     from unittest import mock
 
     import engine.kernels.triton.attention as ours
@@ -200,7 +200,11 @@ def _recorded(module, attr: str, call) -> "object":
     from . import ptx_compile as PC
 
     rec = PC._Recorder(f"{module.__name__}:{attr}")
-    with mock.patch.object(module, attr, rec), mock.patch.object(ours, "INTERPRET", False):
+    with (
+        mock.patch.object(module, attr, rec),
+        mock.patch.object(ours, "INTERPRET", False),
+        mock.patch.object(ours, "_major", lambda device: 8),
+    ):
         call()
     (launch,) = rec.launches
     return launch

@@ -7,14 +7,17 @@ Both launches are captured on meta tensors at FLUX's shape (256 text + 4096 imag
 heads, D = 128; and D = 64), the package's from its ``forward`` with an fp16 V, ours from its
 launcher with V as bf16 column slices of the q|k|v projections (one part: the single block's
 projection; two: the double block's text and image projections, joined at a key-block
-boundary; and joined inside a block). Per kernel: registers, spills, SASS per main-loop
-iteration (one block of 64 keys) and its MMAs. What V in place costs: the loop's extra
-instructions per PV MMA, against the conversion's own count (on sm_86 the PV dot's V fragments
-are loaded per warp: every warp of a CTA converts the whole [64, D] tile, three instructions per
-pair of elements).
+boundary; and joined inside a block). Per kernel: registers, spills, shared memory, SASS per
+main-loop iteration (one block of 64 keys) and its MMAs. What V in place costs: the loop's extra
+instructions per PV MMA, against the conversion's own count: three instructions per pair of
+elements, each element converted once per CTA (in the load's layout; the fp16 tile goes through
+shared memory to the dot). Converted in the PV dot's operand layout instead, as Triton does with
+a cast or a pure inline asm, every warp would convert the whole [64, D] tile (on sm_86, where the
+warps split the queries only): ``per_warp`` below, 6 per PV MMA at D = 128.
 
-Gates (exit status 1): no spills; ours with the package's MMAs per iteration; the extra
-instructions per PV MMA on sm_86 at most the conversion's three per pair plus one.
+Gates (exit status 1): no spills; shared memory within what a block gets (99 KB on sm_86, 227 KB
+on sm_90); ours with the package's MMAs per iteration; on sm_86 the extra instructions per PV
+MMA at most the once-per-CTA conversion's count plus one.
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ def _meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def capture(d: int, s_txt: int = S_TXT, s_img: int = S_IMG, heads: int = HEADS) -> dict:
-    """{name: (kernel, args, kwargs)}: the package's launch and ours (one V part; two joined at a
-    block boundary; two joined inside a block)."""
+def capture(d: int, major: int, s_txt: int = S_TXT, s_img: int = S_IMG, heads: int = HEADS) -> dict:
+    """{name: (kernel, args, kwargs)}: the package's launch and ours as a GPU of compute
+    capability ``major`` gets it (one V part; two joined at a block boundary; two joined inside
+    a block)."""
     import sageattention.attn_qk_int8_per_block as sage_mod
 
     import engine.kernels.triton.attention as ours
@@ -68,15 +72,15 @@ def capture(d: int, s_txt: int = S_TXT, s_img: int = S_IMG, heads: int = HEADS) 
         return _meta(1, n, width)[..., 2 * heads * d : 3 * heads * d].unflatten(-1, (heads, d))
 
     hd3 = 3 * heads * d
-    ours_rec, fn = _Recorder(), ours.int8_attention_kernel
-    ours.int8_attention_kernel = ours_rec
+    ours_rec, fn, arch = _Recorder(), ours.int8_attention_kernel, ours._major
+    ours.int8_attention_kernel, ours._major = ours_rec, lambda device: major
     try:
         for parts in ([v_of(s, hd3 + 4 * heads * d)], [v_of(s_txt, hd3), v_of(s_img, hd3)],
                       [v_of(s_txt + 13, hd3), v_of(s_img - 13, hd3)]):  # fmt: skip
             ours.int8_attention(*qk8[:1], scales[0], qk8[1], scales[1], parts[0], parts[1] if len(parts) > 1 else None,
                                 out_dtype=torch.bfloat16)  # fmt: skip
     finally:
-        ours.int8_attention_kernel = fn
+        ours.int8_attention_kernel, ours._major = fn, arch
     (_, sage_args, sage_kw), *mine = [(None, *c[1:]) for c in rec.calls + ours_rec.calls]
     names = ("ours, one V part", "ours, two V parts", "ours, two V parts joined inside a block")
     return {"sage": (sage_fn, sage_args, sage_kw)} | {
@@ -97,8 +101,8 @@ def static_report(head_dims: tuple[int, ...] = HEAD_DIMS) -> list[dict]:
     """Every kernel compiled for every arch and head dim: registers, spills, the loop."""
     out = []
     for d in head_dims:
-        launches = capture(d)
         for cc in ARCHS:
+            launches = capture(d, cc // 10)
             base = None
             for name, (fn, args, kwargs) in launches.items():
                 e = compile_sass(fn, args, kwargs, cc)
@@ -128,10 +132,14 @@ def static_report(head_dims: tuple[int, ...] = HEAD_DIMS) -> list[dict]:
     return out
 
 
-def conversion_per_pv_mma(d: int, num_warps: int) -> float:
-    """sm_86: instructions per PV MMA that converting V costs when every warp converts the whole
-    [64, D] tile (its fragments of P rows split over warps, V's not): 3 per pair of elements."""
-    pairs = 64 * d // 2 // 32  # per lane per key block
+SHARED_LIMIT = {86: 101376, 90: 232448}  # bytes of shared memory one block may use (opt-in maximum)
+
+
+def conversion_per_pv_mma(d: int, num_warps: int, per_warp: bool = False) -> float:
+    """sm_86: instructions per PV MMA of converting V (3 per pair of elements), each element once
+    per CTA, or (``per_warp``) the whole [64, D] tile by every warp (the P rows split over warps,
+    V's columns not)."""
+    pairs = 64 * d // 2 // 32 // (1 if per_warp else num_warps)  # per lane per key block
     mmas = (128 // num_warps // 16) * (d // 8) * (64 // 16)  # m16n8k16 per warp per key block
     return 3 * pairs / mmas
 
@@ -143,6 +151,8 @@ def gate_failures(report: list[dict]) -> list[str]:
         tag = f"{e['kernel']} D={e['d']} sm_{e['cc']}"
         if e["stack_bytes"] or e["spill_instrs"]:
             bad.append(f"{tag}: spills")
+        if e["shared_bytes"] > SHARED_LIMIT[e["cc"]]:
+            bad.append(f"{tag}: {e['shared_bytes']} B of shared memory > {SHARED_LIMIT[e['cc']]}")
         if e["kernel"] == "sage":
             continue
         if e["mma"] != sage[e["cc"], e["d"]]["mma"]:

@@ -35,21 +35,30 @@ import triton
 import triton.language as tl
 
 from engine.kernels.triton.common import INTERPRET
+from engine.kernels.triton.common import arch_major as _major  # a module global: the kernel model patches it
 from engine.quant.ops import SAGE_BLOCK_K, SAGE_BLOCK_Q
 
 # One source; two joined at a key-block boundary (two loops); joined inside a block (row select).
 ONE_SOURCE, BLOCK_JOINED, ROW_JOINED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
-def launch_options(head_dim: int) -> dict:
-    """The package's launch: 4 warps and 3 stages for D = 64, 8 warps and 4 stages for D = 128
-    (the same MMA tiling per warp, so the same sums in the same order)."""
-    return {"num_warps": 4, "num_stages": 3} if head_dim == 64 else {"num_warps": 8, "num_stages": 4}
+def launch_options(head_dim: int, major: int) -> dict:
+    """The package's warps (4 for D = 64, 8 for D = 128: the same MMA tiling per warp, so the same
+    sums in the same order) and its stages (3 for D = 64, 4 for D = 128), except 3 for D = 128 on
+    compute capability 8.x: the fp16 V tile the conversion writes to shared memory (16 KB) would
+    take 4 stages past the 99 KB a block gets on sm_86/sm_89. Stages move loads, not arithmetic."""
+    if head_dim == 64:
+        return {"num_warps": 4, "num_stages": 3}
+    return {"num_warps": 8, "num_stages": 3 if major == 8 else 4}
 
 
 # bf16x2 -> fp16x2 in three instructions per pair: each half widened to fp32 exactly (a shift, a
 # mask), both rounded to nearest even by one cvt.rn.f16x2.f32 (Triton's own cast extracts the high
-# half with a byte permute and then shifts it: four per pair).
+# half with a byte permute and then shifts it: four per pair). Not pure (it has no side effect):
+# Triton hoists a pure unary inline asm, like a cast, past the shared-memory load into the PV
+# dot's operand layout, where every warp holds, and so converts, the whole [64, D] V tile (8x the
+# work at 8 warps on sm_8x); impure, it runs once per element in the load's layout and the fp16
+# tile goes through shared memory to the dot.
 _BF16X2_TO_F16X2 = tl.constexpr(
     "{.reg .b32 lo, hi; shl.b32 lo, $1, 16; and.b32 hi, $1, 0xffff0000; cvt.rn.f16x2.f32 $0, hi, lo;}"
 )
@@ -60,7 +69,7 @@ def _to_fp16(v, PAIRS_ASM: tl.constexpr):
     """v (bf16 or fp16) in fp16, rounded to nearest even (torch's ``.to(torch.float16)``)."""
     if PAIRS_ASM:
         return tl.inline_asm_elementwise(
-            _BF16X2_TO_F16X2, "=r,r", [v], dtype=tl.float16, is_pure=True, pack=2
+            _BF16X2_TO_F16X2, "=r,r", [v], dtype=tl.float16, is_pure=False, pack=2
         )
     else:
         return v.to(tl.float16)
@@ -238,6 +247,6 @@ def int8_attention(
         BLOCK_N=SAGE_BLOCK_K,
         V_JOIN=join,
         PAIRS_ASM=v0.dtype == torch.bfloat16 and not INTERPRET,
-        **launch_options(d),
+        **launch_options(d, _major(q8.device)),
     )
     return out
