@@ -5,8 +5,9 @@ SageAttention's kernel (``sageattention/attn_qk_int8_per_block.py``) reads V in 
 callers write an fp16 copy of V (for FLUX: one read and one write of V per attention). This
 kernel does the same arithmetic, in the same order, on V as the projection left it (bf16 or fp16,
 a strided view with the last dimension contiguous, from one or two tensors joined along the
-sequence) and converts each [BLOCK_N, D] tile to fp16 in registers before the PV dot. The
-conversion is round-to-nearest-even, what ``v.to(torch.float16)`` does, so the output is the
+sequence) and converts each [BLOCK_N, D] tile to fp16 in registers before the PV dot (once per
+CTA, the fp16 tile then staged in shared memory: see _BF16X2_TO_F16X2). The conversion is
+round-to-nearest-even, what ``v.to(torch.float16)`` does, so the output is the
 package's kernel's on ``v.to(float16)``, bit for bit (tests/test_int8_attention.py, against the
 package's own ``forward``).
 
