@@ -253,3 +253,35 @@ def test_compiled_ptx_is_the_packages_compiled_kernel(shape):
     ref = definer(q8, q_scale, k8, k_scale, v_parts)
     torch.testing.assert_close(outs[0], ref, rtol=2**-6, atol=2e-3)
     assert not same_bits(outs[0], ref)  # which is why the bits are compared kernel to kernel
+
+
+@pytest.mark.slow  # inductor's C++ compile: 10-20 s
+@needs_interpreter
+def test_inductor_passes_the_projections_v_without_a_copy():
+    """go_fast's backend: the V parts are column slices of the q|k|v projections (extern matmuls
+    here, as the W4A4 GEMM ops are in the blocks); inductor hands the op views of those buffers
+    (``reinterpret_tensor`` at V's column offset), so no fp16 or contiguous copy of V is made."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    h, d = 1, 64
+    q8, q_scale, k8, k_scale, _ = make_inputs(1, 64, 40, h, d)
+    g = torch.Generator().manual_seed(1)
+    x0, x1 = (torch.randn(1, n, 32, generator=g).bfloat16() for n in (64, 40))
+    w0, w1 = (torch.randn(32, 3 * h * d + 8, generator=g).bfloat16() for _ in range(2))
+
+    def attend(x0, x1, w0, w1, q8, q_scale, k8, k_scale):
+        v_parts = [(x @ w)[..., 2 * h * d : 3 * h * d].unflatten(-1, (h, d)) for x, w in ((x0, w0), (x1, w1))]
+        return kernels.sage_attention_int8(q8, q_scale, k8, k_scale, v_parts, out_dtype=torch.bfloat16)
+
+    inputs = (x0, x1, w0, w1, q8, q_scale, k8, k_scale)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        out, (code, *_) = run_and_get_code(torch.compile(attend, backend="inductor", fullgraph=True), *inputs)
+    torch._dynamo.reset()
+    assert torch.equal(out, attend(*inputs))
+    (call,) = [line for line in code.splitlines() if "torch.ops.svdq.sage_attention_int8.default(" in line]
+    views = re.findall(r"reinterpret_tensor\((buf\d+), \(1, (\d+), 1, 64\), \(\d+, 200, 64, 1\), 128\)", call)
+    assert [n for _, n in views] == ["64", "40"], call
+    assert "cpp_fused" not in code  # nothing but the two matmuls and the op
