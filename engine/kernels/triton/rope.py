@@ -248,9 +248,10 @@ def qk_norm_rope(
 # them), then per_block_int8's arithmetic on Q (its very ops: ``x * m``, ``max|x| / 127.``,
 # ``x / scale``, ``+ 0.5 * sign``, truncation), so the compiled division is the package's own
 # div.full.f32. K is written in T with its column sums per block (fp32, the tile's own reduction);
-# V is not touched (the attention kernel reads it from the projection). The second, one program per (SAGE_K_BLOCKS key blocks, head, image), adds those sums
-# in block order (a fixed order: no atomics, the same bytes every run), divides by S (IEEE, as
-# torch's mean), rounds the mean to T, and quantizes T(k - mean) per SAGE_BLOCK_K tokens.
+# V is not touched (the attention kernel reads it from the projection). The second, one program
+# per (SAGE_K_BLOCKS key blocks, head, image), adds those sums in block order (a fixed order: no
+# atomics, the same bytes every run), divides by S (IEEE, as torch's mean), rounds the mean to T,
+# and quantizes T(k - mean) per SAGE_BLOCK_K tokens.
 
 # 16 warps: a [128, D] tile at 32 fp32 values per thread and tensor, like qk_norm_rope's 32-token
 # tiles at 4 warps (8 warps compile to 255 registers on sm_86; 16 to 128, no spills)
