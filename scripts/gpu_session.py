@@ -111,6 +111,7 @@ def kernel_cases(size: str) -> dict:
             "prologue": [(2, 8, 128, False), (1, 9, 192, True)],  # (B, S, K, gelu)
             "gemv": [(1, 128, 192), (3, 128, 64)],  # (M, K, N)
             "rope": [(1, 4, 8, 2, 32), (2, 4, 8, 2, 32)],  # (B, S_txt, S_img, H, D)
+            "int8_attention": [(1, 64, 66, 1, 64), (2, 37, 60, 1, 128)],  # (B, S_txt, S_img, H, D)
         }
     linear = [(m, k, n, 32, k == 12288) for m in (256, 4096) for k, n in FULL_LINEARS]
     linear += [
@@ -129,6 +130,7 @@ def kernel_cases(size: str) -> dict:
         ],
         "gemv": [(1, 3072, 18432), (4, 3072, 18432), (1, 3072, 9216), (4, 3072, 9216)],
         "rope": [(1, 256, 4096, 24, 128), (4, 256, 4096, 24, 128)],
+        "int8_attention": [(1, 256, 4096, 24, 128), (1, 256, 4096, 24, 64)],
     }
 
 
@@ -229,6 +231,31 @@ def check_rope(b: int, s_txt: int, s_img: int, h: int, d: int, device: torch.dev
     return row
 
 
+def check_int8_attention(b: int, s_txt: int, s_img: int, h: int, d: int, device: torch.device) -> dict:
+    """kernels.sage_attention_int8 (V read in place from the two projections, bf16) against the
+    package's own kernel on ``v.to(float16)``: the same bits; and the time of each (the package's
+    with its fp16 copy of V, which qk_norm_rope_sage no longer writes)."""
+    from sageattention.attn_qk_int8_per_block import forward
+    from sageattention.quant_per_block import per_block_int8
+
+    g = torch.Generator().manual_seed(b + s_img + d)
+    s, hd = s_txt + s_img, h * d
+    q, k = (torch.randn(b, s, h, d, generator=g).to(device, torch.bfloat16) for _ in range(2))
+    q8, q_scale, k8, k_scale = per_block_int8(q, k - k.mean(dim=1, keepdim=True), tensor_layout="NHD")
+    qkv = [torch.randn(b, n, 3 * hd, generator=g).to(device, torch.bfloat16) for n in (s_txt, s_img)]
+    v_parts = [t[..., 2 * hd :].unflatten(-1, (h, d)) for t in qkv]
+
+    def pkg() -> torch.Tensor:
+        v16 = torch.cat(v_parts, dim=1).to(torch.float16)
+        return forward(q8, k8, v16, q_scale, k_scale, tensor_layout="NHD", output_dtype=torch.bfloat16)
+
+    ours = lambda: kernels.sage_attention_int8(q8, q_scale, k8, k_scale, v_parts, out_dtype=torch.bfloat16)  # noqa: E731
+    got, t_ours = _timed_s(device, ours)
+    want, t_pkg = _timed_s(device, pkg)
+    same = torch.equal(got.view(torch.int16), want.view(torch.int16))
+    return {"same_bits": same, "ours_ms": 1e3 * t_ours, "package_with_v_copy_ms": 1e3 * t_pkg, "ok": same}
+
+
 def part_kernels(rec: Record, device: torch.device, size: str) -> None:
     backends = []
     for name in ("triton", "cuda"):
@@ -254,6 +281,9 @@ def part_kernels(rec: Record, device: torch.device, size: str) -> None:
             label = {"backend": name, "op": "qk_norm_rope", "B": b, "S_txt": st, "S_img": si, "H": h, "D": d}
             rec.case(label, lambda a=(b, st, si, h, d): check_rope(*a, device))
     kernels.configure("auto")
+    for b, st, si, h, d in cases["int8_attention"]:  # Triton only, whatever the backend
+        label = {"backend": "triton", "op": "sage_attention_int8", "B": b, "S_txt": st, "S_img": si, "H": h, "D": d}
+        rec.case(label, lambda a=(b, st, si, h, d): check_int8_attention(*a, device))
 
 
 # --- compile ----------------------------------------------------------------------------------

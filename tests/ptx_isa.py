@@ -201,6 +201,14 @@ def frag_m16n8k16_c(lane: int, reg: int, elem: int = 0) -> tuple[int, int]:
     return (g if i < 2 else g + 8), t * 2 + (i & 0x1)
 
 
+def frag_m16n8k16_c_f16(lane: int, reg: int, elem: int) -> tuple[int, int]:
+    """C/D (16x8, .f16): two .f16x2 registers, c0 and c1 in the first (c0 in the low half),
+    c2 and c3 in the second (Figure 82); each ci where the .f32 layout puts it (Figure 83)."""
+    i = _check(reg, elem, 2, 2)
+    g, t = lane_coords(lane)
+    return (g if i < 2 else g + 8), t * 2 + (i & 0x1)
+
+
 @cache
 def _table(fn: FragFn, nregs: int, epr: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     rows = np.empty((WARP, nregs, epr), dtype=np.int64)
@@ -697,6 +705,9 @@ def mma_spec(shape: str, atype: str, btype: str, ctype: str) -> MmaSpec:
         return MmaSpec(16, 8, 32, atype, btype, ctype, frag_m16n8k32_a, frag_m16n8k32_b, frag_m16n8k64_c, 4, 2)
     if shape == "m16n8k16" and atype == btype and atype in ("f16", "bf16") and ctype == "f32":
         return MmaSpec(16, 8, 16, atype, btype, ctype, frag_m16n8k16_a, frag_m16n8k16_b, frag_m16n8k16_c, 4, 2)
+    if shape == "m16n8k16" and atype == btype == ctype == "f16":  # .f16 accumulators: two .f16x2 registers
+        return MmaSpec(16, 8, 16, atype, btype, ctype, frag_m16n8k16_a, frag_m16n8k16_b, frag_m16n8k16_c_f16,
+                       4, 2, 2)  # fmt: skip
     if shape == "m16n8k8" and atype == btype == "tf32" and ctype == "f32":
         return MmaSpec(16, 8, 8, atype, btype, ctype, frag_m16n8k8_tf32_a, frag_m16n8k8_tf32_b, frag_m16n8k16_c,
                        4, 2)  # fmt: skip
@@ -732,13 +743,20 @@ def mma_sync(spec: MmaSpec, a_regs: ArrayLike, b_regs: ArrayLike, c_regs: ArrayL
     the result [32, 4] (bit patterns: int32 for .s32, fp32 for .f32 accumulators).
 
     Integer products are exact; .s32 sums wrap modulo 2^32, or clamp with .satfinite. Float
-    products are exact in float64, summed with C in float64, rounded once to fp32 (see
-    mma_m16n8k16_f16 for why this is a model: the ISA leaves accumulation order unspecified)."""
+    products are exact in float64, summed with C in float64, rounded once to fp32, or to fp16
+    for .f16 accumulators (see mma_m16n8k16_f16 for why this is a model: the ISA leaves
+    accumulation order unspecified; for .f16 the hardware's intermediate precision too)."""
     a = _check_regs(a_regs, spec.a_regs, "a_regs")
     b = _check_regs(b_regs, spec.b_regs, "b_regs")
     c = _check_regs(c_regs, spec.c_regs, "c_regs")
     A = _operand(a, spec.a_frag, spec.a_regs, spec.atype, (spec.m, spec.k))
     B = _operand(b, spec.b_frag, spec.b_regs, spec.btype, (spec.k, spec.n))
+    if spec.ctype == "f16":
+        rows, cols = frag_table(spec.c_frag, spec.c_regs, 2)
+        C = np.zeros((spec.m, spec.n), dtype=np.float64)
+        C[rows, cols] = _half_vals(_unpack_fields(c, 16, 2), False)
+        D = f16_to_bits(A @ B + C).astype(np.uint32)[rows, cols]  # [32, 2, 2] halves
+        return D[..., 0] | (D[..., 1] << np.uint32(16))
     rows, cols = frag_table(spec.c_frag, spec.c_regs, 1)
     C = np.zeros((spec.m, spec.n), dtype=np.int64 if spec.ctype == "s32" else np.float64)
     cv = c.view(np.int32).astype(np.int64) if spec.ctype == "s32" else c.view(np.float32).astype(np.float64)

@@ -109,7 +109,11 @@ def to_half_bits(x64: np.ndarray, kind: str, mode: str = "rn") -> np.ndarray:
             return (x32.view(np.uint32) >> 16).astype(U64)
         return P.bf16_to_bits(x32).astype(U64)
     with np.errstate(all="ignore"):
-        return x32.astype(np.float16).view(np.uint16).astype(U64)
+        h = x32.astype(np.float16)
+        if mode == "rz":  # one step toward zero where nearest-even rounded away (past 65504: 65504)
+            away = np.abs(h.astype(np.float64)) > np.abs(x32.astype(np.float64))
+            h = np.where(away, np.nextafter(h, np.float16(0)), h)
+        return h.view(np.uint16).astype(U64)
 
 
 def fma_f32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:

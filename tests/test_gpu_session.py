@@ -75,7 +75,7 @@ def test_every_part_runs_and_writes_its_json(session):
 @pytest.mark.slow
 def test_kernels_part_checks_every_op_against_the_reference(session):
     rows = session[2]["kernels"]["rows"]
-    assert {r["op"] for r in rows} == {"linear", "prologue", "w4a16_gemv", "qk_norm_rope"}
+    assert {r["op"] for r in rows} == {"linear", "prologue", "w4a16_gemv", "qk_norm_rope", "sage_attention_int8"}
     assert {r["R"] for r in rows if r["op"] == "linear"} == {16, 48}
     assert all(r.get("ok") for r in rows), [r for r in rows if not r.get("ok")]
 

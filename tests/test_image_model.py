@@ -75,15 +75,21 @@ def test_under_sage_the_trace_has_the_fused_preparation_and_prices_its_bytes():
     assert b == sage_bytes(320, 24, 128, 1, 2)
     t = 320 * 24 * 128  # elements of q (and k, v)
     sums = 24 * 3 * 128 * 4  # [B, H, ceil(320 / 128), D] fp32
-    rope_in = 3 * 2 * t + 2 * 320 * 128 * 4  # q|k|v bf16 and the cos/sin tables
-    assert b["fused_total"] == rope_in + t + 24 * 3 * 4 + 2 * t + sums + 2 * t + (2 * t + sums + t + 24 * 5 * 4)
-    assert b["unfused_total"] == rope_in + 3 * 2 * t + (2 * t + 4 * t + 4 * t + 2 * 3 * t)
+    tables = 2 * 320 * 128 * 4  # the cos/sin tables
+    # q|k bf16 in (V stays in the projection: the attention reads it there), q8 + scales, k + sums out
+    assert b["fused_total"] == 2 * 2 * t + tables + t + 24 * 3 * 4 + 2 * t + sums + (2 * t + sums + t + 24 * 5 * 4)
+    assert b["v_copy"] == 2 * t + 2 * t  # what writing sage's fp16 copy of V moved
+    assert b["unfused_total"] == 3 * 2 * t + tables + 3 * 2 * t + (2 * t + 4 * t + 4 * t + 2 * 3 * t)
     assert image_price.price(fused[0], "A40", None, compiled=True, sage=True) == image_price.dram_s(
         b["fused_total"], "A40"
     )
     attn = next(op for op in ops if op.name == "svdq.sage_attention_int8")
     qk, pv = image_price.attention_flops(tuple(attn.args[0].shape), tuple(attn.args[2].shape))
     assert qk == pv == 2 * 24 * 320 * 320 * 128
+    # V read in place: the text and image projections' column slices, bf16 (no fp16 copy)
+    v0, v1 = attn.args[4:6]
+    assert v0._is_view() and v1._is_view() and v0.dtype == v1.dtype == torch.bfloat16
+    assert (v0.shape[1], v1.shape[1]) == (64, 256)
 
 
 @pytest.mark.slow

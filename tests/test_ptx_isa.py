@@ -501,3 +501,21 @@ def test_mma_sync_agrees_with_the_shape_specific_emulators() -> None:
     cf = RNG.standard_normal((32, 4)).astype(np.float32)
     got = P.mma_sync(P.mma_spec("m16n8k16", "bf16", "bf16", "f32"), ar, br, cf.view(np.uint32)).view(np.float32)
     assert np.array_equal(got, P.mma_m16n8k16_bf16(ar, br, cf))
+
+
+def test_mma_sync_f16_accumulators() -> None:
+    """m16n8k16 .f16.f16.f16.f16 (sageattention's PV dot): C and D as two .f16x2 registers, c0/c1
+    in the first (c0 low), at the .f32 layout's positions; small-integer operands, so the products
+    and sums are exact and the model's single rounding is no rounding."""
+    a, b = RNG.integers(-8, 8, (16, 16)), RNG.integers(-8, 8, (16, 8))
+    c = RNG.integers(-64, 64, (16, 8))
+    spec = P.mma_spec("m16n8k16", "f16", "f16", "f16")
+    rows, cols = P.frag_table(P.frag_m16n8k16_c_f16, 2, 2)
+    halves = P.f16_to_bits(c[rows, cols]).astype(np.uint32)  # [32, 2, 2]
+    c_regs = halves[..., 0] | (halves[..., 1] << np.uint32(16))
+    d = P.mma_sync(spec, P.pack_A_m16n8k16(a), P.pack_B_m16n8k16(b), c_regs)
+    got = np.zeros((16, 8))
+    got[rows, cols] = P.bits_to_f16(np.stack([d & 0xFFFF, d >> 16], axis=-1).astype(np.uint16))
+    assert np.array_equal(got, a @ b + c)
+    f32_rows, f32_cols = P.frag_table(P.frag_m16n8k16_c, 4, 1)  # the same places as the .f32 c0..c3
+    assert np.array_equal(rows.reshape(32, 4), f32_rows[..., 0]) and np.array_equal(cols.reshape(32, 4), f32_cols[..., 0])

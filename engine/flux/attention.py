@@ -18,8 +18,12 @@ The backend is the one :func:`configure` chose (SDPA until it is called):
 
 Our fused blocks enter through :func:`norm_rope_attend` (q/k norm + RoPE, then attention): with
 sage, for head dims 64 and 128, SageAttention's preparation runs inside the rope op
-(``kernels.qk_norm_rope_sage``: int8 Q/K with their block scales, V in fp16) and only its int8
-kernel after it (``svdq::sage_attention_int8``), bit for bit what :func:`sage_attention` gives.
+(``kernels.qk_norm_rope_sage``: int8 Q/K with their block scales) and then our Triton port of
+its int8 kernel (``kernels.sage_attention_int8``), which reads V where the projection wrote it
+(bf16, the text and image parts of a double block as two tensors) and rounds it to fp16 in
+registers: no fp16 copy of V is written or read, and the result is bit for bit what
+:func:`sage_attention` gives (the package's kernel on ``v.to(float16)``). Head dim 96 keeps the
+package's separate passes and its own kernel (:func:`attend`).
 
 diffusers 0.42.1's own "sage" dispatch backend needs ``sageattention>=2.1.1`` (its
 ``_REQUIRED_SAGE_VERSION``), whose CUDA kernels are not on PyPI (1.0.6 is the newest there), so
@@ -184,29 +188,6 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [B, S, H, D] contiguous
 
 
-@torch.library.custom_op("svdq::sage_attention_int8", mutates_args=())
-def sage_attention_int8(
-    q8: torch.Tensor,
-    q_scale: torch.Tensor,
-    k8: torch.Tensor,
-    k_scale: torch.Tensor,
-    v: torch.Tensor,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """SageAttention 1.0.6's int8 kernel alone (``attn_qk_int8_per_block.forward``, "NHD"), on what
-    ``kernels.qk_norm_rope_sage`` emits: q8/k8 int8 [B, S, H, D], their per-block scales, v fp16.
-    Returns [B, S, H, D] contiguous in ``out_dtype``: :func:`sage_attention`'s result, bit for bit,
-    when the inputs are its own preparation's (tests/test_sage_prep.py)."""
-    from sageattention.attn_qk_int8_per_block import forward as attn_fwd
-
-    return attn_fwd(q8, k8, v, q_scale, k_scale, tensor_layout="NHD", output_dtype=out_dtype)
-
-
-@sage_attention_int8.register_fake
-def _(q8, q_scale, k8, k_scale, v, out_dtype):
-    return torch.empty(q8.shape, dtype=out_dtype, device=q8.device)  # [B, S, H, D] contiguous
-
-
 # Head dims whose preparation folds into qk_norm_rope (its Triton kernel takes powers of two):
 # FLUX's 128, and 64. A 96 head keeps the separate passes.
 FUSED_PREP_HEAD_DIMS = (64, 128)
@@ -222,14 +203,18 @@ def norm_rope_attend(
 ) -> torch.Tensor:
     """``attend(*kernels.qk_norm_rope(parts, cos, sin, ...))`` -> [B, S, H, D] contiguous.
 
-    With sage, for head dims in FUSED_PREP_HEAD_DIMS, the rope op emits sage's int8 inputs
-    directly (``kernels.qk_norm_rope_sage``) and only sage's attention kernel runs after it; the
-    SDPA path is unchanged. The fused blocks (engine/flux/blocks.py) call this.
+    With sage, for head dims in FUSED_PREP_HEAD_DIMS, the rope op emits sage's int8 Q and K
+    directly (``kernels.qk_norm_rope_sage``) and the int8 attention reads V from each part's
+    qkv in place (``kernels.sage_attention_int8``); the SDPA path is unchanged. The fused
+    blocks (engine/flux/blocks.py) call this.
     """
     qkv, norm_q = parts[0][0], parts[0][1]
-    if _state["kind"] == "sage" and norm_q.shape[-1] in FUSED_PREP_HEAD_DIMS and qkv.dtype in SAGE_DTYPES:
-        q8, q_scale, k8, k_scale, v = kernels.qk_norm_rope_sage(parts, cos, sin, heads=heads, eps=eps)
-        return sage_attention_int8(q8, q_scale, k8, k_scale, v, qkv.dtype)
+    d = norm_q.shape[-1]
+    if _state["kind"] == "sage" and d in FUSED_PREP_HEAD_DIMS and qkv.dtype in SAGE_DTYPES:
+        q8, q_scale, k8, k_scale = kernels.qk_norm_rope_sage(parts, cos, sin, heads=heads, eps=eps)
+        hd = heads * d
+        v_parts = [p[0][..., 2 * hd : 3 * hd].unflatten(-1, (heads, d)) for p in parts]  # [B, S_i, H, D] views
+        return kernels.sage_attention_int8(q8, q_scale, k8, k_scale, v_parts, out_dtype=qkv.dtype)
     q, k, v = kernels.qk_norm_rope(parts, cos, sin, heads=heads, eps=eps)
     return attend(q, k, v)
 

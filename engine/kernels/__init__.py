@@ -32,6 +32,7 @@ from types import ModuleType
 
 import torch
 
+from engine.kernels.attention import sage_attention_int8  # int8 Q/K attention, V read in place
 from engine.kernels.rope import qk_norm_rope, qk_norm_rope_sage  # q/k norm + RoPE (+ sage prep)
 from engine.quant.ops import empty_ascales  # the one ascales layout: [M, G] group-major
 
@@ -481,6 +482,7 @@ __all__ = [
     "qk_norm_rope",
     "qk_norm_rope_sage",
     "quantize_act",
+    "sage_attention_int8",
     "unavailable_reason",
     "w4a4_gemm",
     "w4a16_gemv",

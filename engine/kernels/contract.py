@@ -62,11 +62,19 @@ Op contract (every backend implements exactly this; ``reference`` is the ground 
 
     qk_norm_rope_sage(the same arguments)          (public form: kernels.qk_norm_rope_sage)
         -> q8 int8 [B, S, H, D], q_scale fp32 [B, H, ceil(S/128), 1], k8 int8 [B, S, H, D],
-           k_scale fp32 [B, H, ceil(S/64), 1], v fp16 [B, S, H, D]     (S = S0+S1, all contiguous)
-        What SageAttention 1.0.6's int8 kernel reads, from qk_norm_rope's q, k, v: sageattn's
-        steps (K minus T(mean over S) in T, per_block_int8's codes and scales, V in fp16;
+           k_scale fp32 [B, H, ceil(S/64), 1]                          (S = S0+S1, all contiguous)
+        What SageAttention 1.0.6's int8 kernel reads of Q and K, from qk_norm_rope's q, k:
+        sageattn's steps (K minus T(mean over S) in T, per_block_int8's codes and scales;
+        V is read in place by sage_attention_int8 below;
         reference: engine.quant.ops.qk_norm_rope_sage). D in (64, 128) and T 16-bit on triton.
         The mean's fp32 sum is in the backend's own fixed order (deterministic run to run).
+
+    sage_attention_int8(q8, q_scale, k8, k_scale, v_parts [1 or 2 x [B, S_i, H, D]], *, out_dtype)
+        -> o [B, S_q, H, D] contiguous                 (public form: kernels.sage_attention_int8)
+        SageAttention 1.0.6's per-block int8 attention on qk_norm_rope_sage's outputs, with V
+        read in place (bf16/fp16, strided, parts joined along S) and rounded to fp16 in
+        registers: the package's kernel on cat(v_parts).to(float16), bit for bit (the definer;
+        engine.kernels.attention). Not a backend op: Triton only, as the package itself.
 
 Rounding is round-half-to-even and division is IEEE-exact, so a backend reproduces the
 reference's codes bit for bit; only the order of the fp32 sums may differ (and the Triton GEMM
@@ -175,7 +183,7 @@ class NormRopeBackend(Protocol):
         *,
         heads: int,
         eps: float,
-    ) -> tuple[torch.Tensor, ...]:  # q8, q_scale, k8, k_scale, v
+    ) -> tuple[torch.Tensor, ...]:  # q8, q_scale, k8, k_scale
         ...
 
 

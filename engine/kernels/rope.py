@@ -20,8 +20,9 @@ Backends: ``reference`` (engine.quant.ops.qk_norm_rope: the very torch ops, in F
 where it serves the W4A4 ops this op runs on Triton (``kernels.op_backend_for``).
 
 ``qk_norm_rope_sage`` (``torch.ops.svdq.qk_norm_rope_sage``) is the same op for SageAttention: it
-emits the int8 Q and K with their per-block scales and the fp16 V that sage's kernel reads, so the
-16-bit q and v are never written and K's mean is taken from per-block sums the rope kernel already
+emits the int8 Q and K with their per-block scales; V is left where the projection wrote it
+(``kernels.sage_attention_int8`` reads it there, bf16, converting in registers), so the 16-bit
+q and v are never written and K's mean is taken from per-block sums the rope kernel already
 has (one small pass over K remains: its quantization needs the mean over the whole sequence).
 """
 
@@ -129,15 +130,16 @@ def qk_norm_rope_sage(
     *,
     heads: int,
     eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`qk_norm_rope` with SageAttention 1.0.6's preparation folded in: what its int8
-    kernel reads, without the 16-bit q and v round trips, K's separate mean and subtraction
-    passes and the two quantize launches (engine.flux.attention.sage_attention_int8 takes it).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`qk_norm_rope` with SageAttention 1.0.6's preparation folded in: the int8 Q and K
+    its kernel reads, without the 16-bit q round trip, K's separate mean and subtraction passes
+    and the two quantize launches (``kernels.sage_attention_int8`` takes them, with V read from
+    the parts' qkv in place: no fp16 copy of V either).
 
     Same arguments as :func:`qk_norm_rope`; qkv in bfloat16 or float16. With q, k, v the plain
     op's outputs and ``k' = k - k.mean(dim=1)`` in their dtype (sageattn's smoothing), returns
     ``per_block_int8(q, k')``'s q8 [B, S, H, D] int8, q_scale [B, H, ceil(S/128), 1] fp32, k8,
-    k_scale [B, H, ceil(S/64), 1], and v in fp16 [B, S, H, D]. The triton backend takes D = 64
+    k_scale [B, H, ceil(S/64), 1]. The triton backend takes D = 64
     or 128 (a power of two that SageAttention serves); its mean sums fp32 per-block column sums
     in block order (deterministic), so a column's mean can differ from torch's by one 16-bit
     rounding where its fp32 sum lands on a rounding boundary.
@@ -187,7 +189,7 @@ def _qk_norm_rope_sage_op(
     sin: torch.Tensor,
     heads: int,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     backend = _kernels.op_backend_for(qkv0.device, "qk_norm_rope_sage")
     return backend.qk_norm_rope_sage(
         qkv0, norm_q0, norm_k0, qkv1, norm_q1, norm_k1, cos, sin, heads=heads, eps=eps
@@ -204,5 +206,4 @@ def _(qkv0, norm_q0, norm_k0, qkv1, norm_q1, norm_k1, cos, sin, heads, eps):
         qkv0.new_empty(b, heads, nbq, 1, dtype=torch.float32),  # q_scale
         qkv0.new_empty(b, s, heads, d, dtype=torch.int8),  # k8
         qkv0.new_empty(b, heads, nbk, 1, dtype=torch.float32),  # k_scale
-        qkv0.new_empty(b, s, heads, d, dtype=torch.float16),  # v
     )

@@ -280,14 +280,15 @@ def qk_norm_rope_sage(
     *,
     heads: int,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ground truth of kernels.qk_norm_rope_sage: qk_norm_rope, then sageattn's own steps
     (engine.flux.attention.sage_attention): K minus its mean over the sequence (in K's dtype, as
-    ``k -= k.mean(dim=1)``), Q and K to int8 per block, V to fp16.
+    ``k -= k.mean(dim=1)``), Q and K to int8 per block. V is not an output: the attention
+    (kernels.sage_attention_int8) reads it from the projection.
     Returns q8 [B, S, H, D] int8, q_scale [B, H, ceil(S/128), 1] fp32, k8, k_scale
-    [B, H, ceil(S/64), 1], v [B, S, H, D] fp16."""
-    q, k, v = qk_norm_rope(qkv0, norm_q0, norm_k0, qkv1, norm_q1, norm_k1, cos, sin, heads=heads, eps=eps)
+    [B, H, ceil(S/64), 1]."""
+    q, k, _ = qk_norm_rope(qkv0, norm_q0, norm_k0, qkv1, norm_q1, norm_k1, cos, sin, heads=heads, eps=eps)
     k = k - k.mean(dim=1, keepdim=True)
     q8, q_scale = sage_per_block_int8(q, SAGE_BLOCK_Q, sage_q_multiplier(q.shape[-1]))
     k8, k_scale = sage_per_block_int8(k, SAGE_BLOCK_K, 1.0)
-    return q8, q_scale, k8, k_scale, v.to(torch.float16)
+    return q8, q_scale, k8, k_scale

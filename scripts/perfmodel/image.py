@@ -281,13 +281,28 @@ def levers(kt: KernelTimes) -> list[dict]:
     else:  # the unfused path: the same figures at each attention's q shape ([B, H, S, D] from SDPA)
         b = [sage_bytes(op.args[0].shape[2], op.args[0].shape[1], op.args[0].shape[3], op.args[0].shape[0])
              for op in attn]  # fmt: skip
-    before, after = sum(x["unfused_total"] for x in b), sum(x["fused_total"] for x in b)
+    # (the fused op as it came first: V read and written as sage's fp16 copy; the next lever removes that)
+    v_copy = sum(x["v_copy"] for x in b)
+    before, after = sum(x["unfused_total"] for x in b), sum(x["fused_total"] for x in b) + v_copy
     add(
         "SageAttention preparation folded into qk_norm_rope",
         steps * (dram_s(before, dev) - dram_s(after, dev)),
         f"k mean, k - mean, v to fp16, int8 Q/K as separate passes: {before / 1e9:.1f} -> "
         f"{after / 1e9:.1f} GB per step (one pass over K left for its quantization)",
         bool(fused),
+    )
+    # (e') our int8 attention (kernels.sage_attention_int8) reads V from the projection in bf16 and
+    # converts in registers: no fp16 copy of V. In the code when the attention's V is a view (of
+    # the projection output), not a tensor of its own. The attention reads the same bytes either way.
+    in_place = bool(attn) and all(
+        op.name == "svdq.sage_attention_int8" and op.args[4]._is_view() for op in attn
+    )
+    add(
+        "int8 attention reads V in place (no fp16 copy of V)",
+        steps * dram_s(v_copy, dev),
+        f"qk_norm_rope_sage's read of V and write of its fp16 copy: {v_copy / 1e9:.2f} GB per step "
+        "(the in-register conversion's instructions not priced: kernel_model_int8_attention.py counts them)",
+        in_place,
     )
     # beyond the issue's list: P.V in int8 as well (SageAttention 1.0.6 has it in fp16; the A40 runs fp16 at
     # the bf16 rate whatever the accumulator, so only int8 is faster there). Quality not measured.

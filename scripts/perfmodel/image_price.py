@@ -142,11 +142,12 @@ def price(op: Op, device: str, kt: KernelTimes | None, *, compiled: bool, sage: 
         tables = sum(t.numel() * t.element_size() for t in op.args[6:8] if isinstance(t, torch.Tensor))
         return dram_s(2 * op.out_bytes + tables, device)
     if n == "svdq.qk_norm_rope_sage":
-        # the rope launch (q|k|v in; q8, k, its block sums, v fp16 out) and K's quantize pass
+        # the rope launch (q|k in; q8, k, its block sums out; V untouched) and K's quantize pass
         # (k and the sums in, k8 out): kernel_model_rope.py's sage_bytes
         return dram_s(qk_norm_rope_sage_bytes(op)["fused_total"], device)
     if n == "svdq.sage_attention_int8":
-        # SageAttention's kernel alone on the prepared int8 Q/K and fp16 V (as below, no passes)
+        # our port of SageAttention's kernel on the prepared int8 Q/K, V read in place in bf16 (the
+        # same bytes as sage's fp16 copy; its conversion's instructions not priced), no passes
         qk, pv = attention_flops(tuple(op.args[0].shape), tuple(op.args[2].shape))
         eff = EFF["attention"][device]
         return qk / (eff * hw["int8"]) + pv / (eff * hw["bf16"])

@@ -156,19 +156,22 @@ def sage_bytes(
     """DRAM bytes of one attention's preparation: qk_norm_rope_sage's two launches against
     qk_norm_rope followed by sageattn's passes (engine.flux.attention.sage_attention). Minimum
     traffic of each launch (every tensor read or written once; the per-block sums and scales
-    included), ``elt``-byte q|k|v in (the image model prices its traced ops with this)."""
+    included), ``elt``-byte q|k|v in (the image model prices its traced ops with this). V is
+    neither read nor written by the fused launches: the int8 attention reads it from the
+    projection (kernels.sage_attention_int8), the same bytes it read from sage's fp16 copy."""
     t = batch * s * heads * dim  # elements of one of q, k, v
     nbq, nbk = -(-s // 128), -(-s // 64)
     tables = 2 * s * dim * 4
     sums = batch * heads * nbq * dim * 4
-    # q|k|v and the tables in; q8, its scales, k (elt), the sums, v fp16 out
-    fused_rope = 3 * elt * t + tables + t + batch * heads * nbq * 4 + elt * t + sums + 2 * t
+    # q|k and the tables in; q8, its scales, k (elt), the sums out
+    fused_rope = 2 * elt * t + tables + t + batch * heads * nbq * 4 + elt * t + sums
     fused_k = elt * t + sums + t + batch * heads * nbk * 4  # k and the sums in, k8 and its scales out
     plain_rope = 3 * elt * t + tables + 3 * elt * t
     # sageattn's passes: k.mean (read k), k - mean (read, write), v to fp16 (read, write 2 B), Q and
     # K to int8 (read, write 1 B each)
     sage_passes = elt * t + 2 * elt * t + (elt + 2) * t + 2 * (elt * t + t)
     return {
+        "v_copy": (elt + 2) * t,  # what the rope launch moved when it wrote sage's fp16 copy of V
         "fused_rope_sage": fused_rope,
         "fused_k_quant": fused_k,
         "fused_total": fused_rope + fused_k,

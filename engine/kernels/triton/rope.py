@@ -247,10 +247,11 @@ def qk_norm_rope(
 # qk_norm_rope on a whole query block (rows of text and image parts mixed where a block straddles
 # them), then per_block_int8's arithmetic on Q (its very ops: ``x * m``, ``max|x| / 127.``,
 # ``x / scale``, ``+ 0.5 * sign``, truncation), so the compiled division is the package's own
-# div.full.f32. K is written in T with its column sums per block (fp32, the tile's own reduction),
-# V in fp16. The second, one program per (SAGE_K_BLOCKS key blocks, head, image), adds those sums
-# in block order (a fixed order: no atomics, the same bytes every run), divides by S (IEEE, as
-# torch's mean), rounds the mean to T, and quantizes T(k - mean) per SAGE_BLOCK_K tokens.
+# div.full.f32. K is written in T with its column sums per block (fp32, the tile's own reduction);
+# V is not touched (the attention kernel reads it from the projection). The second, one program
+# per (SAGE_K_BLOCKS key blocks, head, image), adds those sums in block order (a fixed order: no
+# atomics, the same bytes every run), divides by S (IEEE, as torch's mean), rounds the mean to T,
+# and quantizes T(k - mean) per SAGE_BLOCK_K tokens.
 
 # 16 warps: a [128, D] tile at 32 fp32 values per thread and tensor, like qk_norm_rope's 32-token
 # tiles at 4 warps (8 warps compile to 255 registers on sm_86; 16 to 128, no spills)
@@ -285,7 +286,6 @@ def qk_norm_rope_sage_kernel(
     q_scale_ptr,  # fp32 [B, H, cdiv(S, BLOCK_Q)]
     k_ptr,  # T [B, S, H, D]: normed and rotated, for the second launch
     k_sum_ptr,  # fp32 [B, H, cdiv(S, BLOCK_Q), D]: column sums of k per query block
-    v_ptr,  # fp16 [B, S, H, D]
     S0,
     S1,
     stride_b0,
@@ -340,9 +340,6 @@ def qk_norm_rope_sage_kernel(
     k = _norm_rope(x, tl.load(nk).to(tl.float32), c, sn, eps, BLOCK_Q, D, ROUND, COMPILED)
     tl.store(k_ptr + dst, k.to(k_ptr.dtype.element_ty), mask=ok)
     tl.store(k_sum_ptr + bh_blk.to(tl.int64) * D + d, tl.sum(k, axis=0))
-
-    v = tl.load(src + 2 * H * D, mask=ok, other=0.0).to(tl.float32)
-    tl.store(v_ptr + dst, v.to(tl.float16), mask=ok)
 
 
 @triton.jit
@@ -409,7 +406,7 @@ def launch_norm_rope_sage(
     heads: int,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first launch: (q8, q_scale [B, H, nbq, 1], k [B, S, H, D] in T, k_sum [B, H, nbq, D], v fp16)."""
+    """The first launch: (q8, q_scale [B, H, nbq, 1], k [B, S, H, D] in T, k_sum [B, H, nbq, D])."""
     d = norm_q0.shape[0]
     if d not in SAGE_HEAD_DIMS:
         raise ValueError(f"norm_q0: the head dim D={d} must be one of {SAGE_HEAD_DIMS} for qk_norm_rope_sage")
@@ -428,9 +425,8 @@ def launch_norm_rope_sage(
     q_scale = torch.empty(b, heads, nbq, 1, dtype=torch.float32, device=dev)
     k = torch.empty(b, s, heads, d, dtype=qkv0.dtype, device=dev)
     k_sum = torch.empty(b, heads, nbq, d, dtype=torch.float32, device=dev)
-    v = torch.empty(b, s, heads, d, dtype=torch.float16, device=dev)
     if b == 0 or s == 0 or heads == 0:
-        return q8, q_scale, k, k_sum, v
+        return q8, q_scale, k, k_sum
     cfg = sage_config(_major(dev))
     qk_norm_rope_sage_kernel[(heads, nbq, b)](
         qkv0,
@@ -445,7 +441,6 @@ def launch_norm_rope_sage(
         q_scale,
         k,
         k_sum,
-        v,
         s0,
         s1,
         qkv0.stride(0),
@@ -465,7 +460,7 @@ def launch_norm_rope_sage(
         enable_fp_fusion=False,
         **cfg.launch_options(),
     )
-    return q8, q_scale, k, k_sum, v
+    return q8, q_scale, k, k_sum
 
 
 def launch_sage_k_quant(k: torch.Tensor, k_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -508,10 +503,10 @@ def qk_norm_rope_sage(
     *,
     heads: int,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """See engine.kernels.contract: two launches; inputs validated by the caller."""
-    q8, q_scale, k, k_sum, v = launch_norm_rope_sage(
+    q8, q_scale, k, k_sum = launch_norm_rope_sage(
         qkv0, norm_q0, norm_k0, qkv1, norm_q1, norm_k1, cos, sin, heads=heads, eps=eps
     )
     k8, k_scale = launch_sage_k_quant(k, k_sum)
-    return q8, q_scale, k8, k_scale, v
+    return q8, q_scale, k8, k_scale
