@@ -160,15 +160,18 @@ at::Tensor w4a4_gemm(const at::Tensor& qx, const at::Tensor& ascales, const at::
     rc = residual->contiguous();
     gc = gate->contiguous();
   }
-  auto out = at::empty({M, N}, qxc.options().dtype(out_dtype));
+  // The kernel stores output pairs as one aligned 4- or 8-byte store, so its rows must be an even number of
+  // elements apart: an odd N (no FLUX layer has one) writes into rows of N + 1 and is copied out.
+  const int64_t ldo = N + N % 2;
+  auto buf = at::empty({M, ldo}, qxc.options().dtype(out_dtype));
   C10_CUDA_CHECK(svdq::w4a4_gemm(
       qxc.data_ptr<uint8_t>(), asf.data_ptr<float>(), asf.stride(0), asf.stride(1), qwc.data_ptr<uint8_t>(),
       wsf.data_ptr<float>(), wsf.stride(0), wsf.stride(1), lac.data_ptr<float>(), bf16_ptr(up_hi), bf16_ptr(up_lo),
       bc.defined() ? bc.data_ptr() : nullptr, bc.defined() ? dtype_of(bc, "bias") : svdq::DType::F32,
-      out.data_ptr(), dtype_of(out, "out"), pc.defined() ? pc.data_ptr() : nullptr, rc.defined() ? rc.data_ptr() : nullptr,
+      buf.data_ptr(), dtype_of(buf, "out"), ldo, pc.defined() ? pc.data_ptr() : nullptr, rc.defined() ? rc.data_ptr() : nullptr,
       gc.defined() ? gc.data_ptr() : nullptr, gc.defined() ? static_cast<int>(M / gc.size(0)) : 1, M, N, K, R,
       is_unsigned, c10::cuda::getCurrentCUDAStream()));
-  return out;
+  return ldo == N ? buf : buf.narrow(1, 0, N).contiguous();
 }
 
 }  // namespace
