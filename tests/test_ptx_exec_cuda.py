@@ -110,6 +110,8 @@ def run_gemm(ptx: str, prm: dict, r: int, unsigned: bool, src: str | None = None
     asc = a["ascales"]  # group-major, strides (1, M)
     size = torch.empty(0, dtype=out_dtype).element_size()
     ldo = N + N % 2  # ops.cpp's padded rows for an odd N: every output pair one aligned store
+    # partial, residual and gate in rows of ldo too (ops.cpp pads them the same way)
+    pad = {k: torch.nn.functional.pad(v, (0, ldo - N)) for k, v in e.items()}
     up_lo = None
     if split_up and r:  # proj_up as fp32 that bf16 cannot hold: hi + lo, as ops.cpp's as_bf16_pair splits it
         a["proj_up"] = a["proj_up"].float() + torch.where(torch.arange(r) % 2 == 0, 1 / 256, -1 / 128)
@@ -123,7 +125,7 @@ def run_gemm(ptx: str, prm: dict, r: int, unsigned: bool, src: str | None = None
             (put("up_hi", up_hi) if up_lo is not None else put("up_hi", a["proj_up"])) if r else 0,
             put("up_lo", up_lo) if up_lo is not None else 0,
             put("bias", a["bias"]), DTYPE[torch.bfloat16], mem.alloc("out", m * ldo * size), ldo,
-            put("partial", e["partial"]) if gated else 0, put("residual", e["residual"]) if gated else 0, put("gate", e["gate"]) if gated else 0,
+            put("partial", pad["partial"]) if gated else 0, put("residual", pad["residual"]) if gated else 0, put("gate", pad["gate"]) if gated else 0,
             m // gated if gated else 1, m, N, K, r]  # fmt: skip
     tout = {torch.float32: "f", torch.float16: "6__half", torch.bfloat16: "13__nv_bfloat16"}[out_dtype]
     kernel = X.parse(src or ptx, entry(ptx, rf"w4a4_gemm_kernelILb{int(unsigned)}E{tout}Lb{int(bool(gated))}EE"))

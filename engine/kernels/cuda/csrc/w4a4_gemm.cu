@@ -47,9 +47,6 @@ __device__ __forceinline__ int swz(int row, int half) { return row * kGroupBytes
 __device__ __forceinline__ float round_to(float v, float) { return v; }
 __device__ __forceinline__ float round_to(float v, __half) { return __half2float(__float2half_rn(v)); }
 __device__ __forceinline__ float round_to(float v, __nv_bfloat16) { return __bfloat162float(__float2bfloat16_rn(v)); }
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 // (y0, y1) rounded to T (nearest even) as one 8- or 4-byte store to an aligned pair.
 __device__ __forceinline__ void store2(float* p, float y0, float y1) { *reinterpret_cast<float2*>(p) = make_float2(y0, y1); }
 __device__ __forceinline__ void store2(__half* p, float y0, float y1) { *reinterpret_cast<__half2*>(p) = __floats2half2_rn(y0, y1); }
@@ -57,36 +54,64 @@ __device__ __forceinline__ void store2(__nv_bfloat16* p, float y0, float y1) {
   *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(y0, y1);
 }
 
+// An aligned pair of T as fp32.
+__device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 load2(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
+__device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+
 // The partial/gate/residual epilogue on this thread's accumulators (bias included), before the store's rounding
 // to T: y += partial, then residual + rnd(gate[m / rows_per_gate] * rnd(y)) (w4a4_gemm's contract: diffusers'
 // roundings; for fp32 outputs one FFMA may take the product and the sum, as the contract allows). Either part
-// may be absent (null). Row wm0 + 16 mt + 8 h, column wn0 + 8 nt. (Pair loads and pair conversions compiled
-// to more SASS than these scalar ones: 8080 against 6608 instructions outside the loop on sm_86.)
+// may be absent (null): one uniform branch around each part's loop, not one per element. partial, residual and
+// gate rows are ld elements apart (ld even: the host pads odd N), so each (c0, c1) / (c2, c3) is one aligned pair
+// load. Row wm0 + 16 mt + 8 h, column wn0 + 8 nt.
 template <typename T>
 __device__ __forceinline__ void partial_gate_residual(float (&acc)[kMT][kNT][4], int wm0, int wn0,
                                                       const void* partial, const void* residual, const void* gate,
-                                                      int rows_per_gate, int M, int N) {
+                                                      int rows_per_gate, int M, int N, int ld) {
   const T* part = static_cast<const T*>(partial);
   const T* res = static_cast<const T*>(residual);
   const T* gt = static_cast<const T*>(gate);
+  if (part != nullptr) {
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int m = wm0 + mt * 16 + 8 * h;
-      if (m >= M) continue;
-      const int64_t row = static_cast<int64_t>(m) * N, grow = static_cast<int64_t>(m / rows_per_gate) * N;
+      for (int h = 0; h < 2; ++h) {
+        const int m = wm0 + mt * 16 + 8 * h;
+        if (m >= M) continue;
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int n = wn0 + nt * 8 + j;
+        for (int nt = 0; nt < kNT; ++nt) {
+          const int n = wn0 + nt * 8;
           if (n >= N) continue;
-          float& y = acc[mt][nt][2 * h + j];
-          if (part != nullptr) y += to_float(part[row + n]);
-          if (res != nullptr) y = to_float(res[row + n]) + round_to(to_float(gt[grow + n]) * round_to(y, T{}), T{});
+          const float2 v = load2(part + static_cast<int64_t>(m) * ld + n);
+          acc[mt][nt][2 * h] += v.x;
+          acc[mt][nt][2 * h + 1] += v.y;
         }
-    }
+      }
+  }
+  if (res != nullptr) {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = wm0 + mt * 16 + 8 * h;
+        if (m >= M) continue;
+        const T* rrow = res + static_cast<int64_t>(m) * ld;
+        const T* grow = gt + static_cast<int64_t>(m / rows_per_gate) * ld;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          const int n = wn0 + nt * 8;
+          if (n >= N) continue;
+          const float2 r = load2(rrow + n), g = load2(grow + n);
+          float& y0 = acc[mt][nt][2 * h];
+          float& y1 = acc[mt][nt][2 * h + 1];
+          y0 = r.x + round_to(g.x * round_to(y0, T{}), T{});
+          y1 = r.y + round_to(g.y * round_to(y1, T{}), T{});
+        }
+      }
+  }
 }
 
 // The epilogue reuses the pipeline's shared memory (free once the main loop is done): the low-rank operands of
@@ -226,7 +251,8 @@ __device__ __forceinline__ void epilogue(float (&acc)[kMT][kNT][4], uint8_t* sme
     }
   }
   if constexpr (kExtras)
-    partial_gate_residual<TOut>(acc, m0 + wm + grp, n0 + wn + 2 * t, partial, residual, gate, rows_per_gate, M, N);
+    partial_gate_residual<TOut>(acc, m0 + wm + grp, n0 + wn + 2 * t, partial, residual, gate, rows_per_gate, M, N,
+                                ldo);
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
     const int n = n0 + wn + nt * 8 + 2 * t;
