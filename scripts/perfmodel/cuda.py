@@ -259,9 +259,16 @@ def markdown(report: StaticReport, rows: list[dict], hw: dict = A40) -> str:
         f"loads (scales), {c['cp.async']} cp.async, {c['barrier']} barrier, {c['int->float conversion']} int->float "
         f"conversions, {c['global load']} global load (the activation scale of a later group), {c['other']} other "
         f"({c['total'] / c['int4 MMA']:.1f} per int4 MMA). "
-        f"The low-rank up-projection is {report.gemm_hmma_total} bf16 MMAs in the epilogue. "
+        f"The low-rank up-projection is {report.gemm_hmma_total} bf16 MMAs in the epilogue "
+        f"(one pass of {p['kLrChunk']} ranks, its operands staged through shared memory). "
         f"quantize_act's group loop: {q.counts['total']} instructions per warp iteration "
         f"({q.counts['bf16 MMA']} bf16 MMA for the down-projection).",
+        "",
+        "Outside the main loop (prologue, low-rank branch, bias, epilogue, stores), per warp and tile, every "
+        "compiled path counted: "
+        + ", ".join(f"{name} {n}" for name, n in report.gemm_other_by_instance.items())
+        + " (one instance per activation code, output dtype and epilogue; a FLUX call launches the bf16 "
+        "ones, which the table prices as issue-bound clocks once per tile, not overlapped with the MMAs).",
         "",
         *table_head(
             "K -> N (M = 4352)",

@@ -129,50 +129,56 @@ static_assert(kLrChunk == 32 && kBM * kLrChunk % (4 * kThreads) == 0, "lora_act 
 __device__ __forceinline__ int lr_swz(int row, int chunk) { return row * kLrRowBytes + 16 * (chunk ^ ((row >> 1) & 3)); }
 
 // Stage ranks k0 .. k0 + kLrChunk - 1 (zeros past R, M, N). `vec`: R % 8 == 0 and 16-byte aligned bases (every
-// rank the model uses is a multiple of 16), so each row piece is whole 16-byte vectors; otherwise element loads.
+// rank the model uses is a multiple of 16): whole 16-byte vectors, 4 per thread for lora_act, at most 2 per part
+// for proj_up. Otherwise one element at a time in a loop kept rolled (the rare path: little code).
 __device__ __forceinline__ void stage_low_rank(uint8_t* smem, int tid, int m0, int n0, int k0, const float* lora_act,
                                                const __nv_bfloat16* up_hi, const __nv_bfloat16* up_lo, int M,
                                                int N, int R, bool vec) {
-  // lora_act: kBM rows x 8 pieces of 4 fp32, split into bf16 hi + lo (split_bf16x2: what the MMAs need)
+  if (vec) {
+    // lora_act: kBM rows x 8 pieces of 4 fp32, split into bf16 hi + lo (split_bf16x2: what the MMAs need)
 #pragma unroll
-  for (int i = 0; i < kBM * kLrChunk / 4 / kThreads; ++i) {
-    const int idx = tid + i * kThreads, row = idx / 8, c4 = idx % 8, m = m0 + row, k = k0 + 4 * c4;
-    float v[4] = {0.f, 0.f, 0.f, 0.f};
-    const float* p = lora_act + static_cast<int64_t>(m) * R + k;
-    if (m < M) {
-      if (vec && k < R) {
-        const float4 f = *reinterpret_cast<const float4*>(p);
-        v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
-      } else if (!vec) {
+    for (int i = 0; i < kBM * kLrChunk / 4 / kThreads; ++i) {
+      const int idx = tid + i * kThreads, row = idx / 8, c4 = idx % 8, m = m0 + row, k = k0 + 4 * c4;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (m < M && k < R) v = *reinterpret_cast<const float4*>(lora_act + static_cast<int64_t>(m) * R + k);
+      uint2 hi, lo;
+      split_bf16x2(v.x, v.y, hi.x, lo.x);
+      split_bf16x2(v.z, v.w, hi.y, lo.y);
+      const int o = lr_swz(row, c4 / 2) + 8 * (c4 % 2);
+      *reinterpret_cast<uint2*>(smem + kLrAhi + o) = hi;
+      *reinterpret_cast<uint2*>(smem + kLrAlo + o) = lo;
+    }
+    // proj_up hi (and lo): kBN rows x 4 pieces of 8 bf16
 #pragma unroll
-        for (int j = 0; j < 4; ++j) v[j] = k + j < R ? p[j] : 0.f;
+    for (int part = 0; part < 2; ++part) {
+      const __nv_bfloat16* up = part ? up_lo : up_hi;
+      if (up == nullptr) break;
+#pragma unroll
+      for (int i = 0; i < (kBN * 4 + kThreads - 1) / kThreads; ++i) {
+        const int idx = tid + i * kThreads, row = idx / 4, c = idx % 4, n = n0 + row, k = k0 + 8 * c;
+        if ((i + 1) * kThreads > kBN * 4 && idx >= kBN * 4) break;
+        uint4 u = make_uint4(0u, 0u, 0u, 0u);
+        if (n < N && k < R) u = *reinterpret_cast<const uint4*>(up + static_cast<int64_t>(n) * R + k);
+        *reinterpret_cast<uint4*>(smem + (part ? kLrBlo : kLrBhi) + lr_swz(row, c)) = u;
       }
     }
-    uint2 hi, lo;
-    split_bf16x2(v[0], v[1], hi.x, lo.x);
-    split_bf16x2(v[2], v[3], hi.y, lo.y);
-    const int o = lr_swz(row, c4 / 2) + 8 * (c4 % 2);
-    *reinterpret_cast<uint2*>(smem + kLrAhi + o) = hi;
-    *reinterpret_cast<uint2*>(smem + kLrAlo + o) = lo;
+    return;
   }
-  // proj_up hi (and lo): kBN rows x 4 pieces of 8 bf16
-  for (int idx = tid; idx < (up_lo != nullptr ? 2 : 1) * kBN * 4; idx += kThreads) {
-    const int part = idx / (kBN * 4), row = (idx / 4) % kBN, c = idx % 4, n = n0 + row, k = k0 + 8 * c;
-    const __nv_bfloat16* p = (part ? up_lo : up_hi) + static_cast<int64_t>(n) * R + k;
-    uint4 u = make_uint4(0u, 0u, 0u, 0u);
-    if (n < N) {
-      if (vec && k < R) {
-        u = *reinterpret_cast<const uint4*>(p);
-      } else if (!vec) {
-        uint32_t w[4];
-        const uint16_t* e = reinterpret_cast<const uint16_t*>(p);
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          w[j] = (k + 2 * j < R ? e[2 * j] : 0u) | (k + 2 * j + 1 < R ? uint32_t{e[2 * j + 1]} << 16 : 0u);
-        u = make_uint4(w[0], w[1], w[2], w[3]);
-      }
-    }
-    *reinterpret_cast<uint4*>(smem + (part ? kLrBlo : kLrBhi) + lr_swz(row, c)) = u;
+#pragma unroll 1
+  for (int idx = tid; idx < kBM * kLrChunk; idx += kThreads) {
+    const int row = idx / kLrChunk, c = idx % kLrChunk, m = m0 + row, k = k0 + c;
+    const float v = m < M && k < R ? lora_act[static_cast<int64_t>(m) * R + k] : 0.f;
+    const __nv_bfloat16 hi = __float2bfloat16_rn(v);  // split_bf16x2, one element
+    const int o = lr_swz(row, c / 8) + 2 * (c % 8);
+    *reinterpret_cast<__nv_bfloat16*>(smem + kLrAhi + o) = hi;
+    *reinterpret_cast<__nv_bfloat16*>(smem + kLrAlo + o) = __float2bfloat16_rn(v - __bfloat162float(hi));
+  }
+#pragma unroll 1
+  for (int idx = tid; idx < (up_lo != nullptr ? 2 : 1) * kBN * kLrChunk; idx += kThreads) {
+    const int part = idx / (kBN * kLrChunk), row = (idx / kLrChunk) % kBN, c = idx % kLrChunk, n = n0 + row;
+    const uint16_t* up = reinterpret_cast<const uint16_t*>(part ? up_lo : up_hi);
+    const uint16_t u = n < N && k0 + c < R ? up[static_cast<int64_t>(n) * R + k0 + c] : 0;
+    *reinterpret_cast<uint16_t*>(smem + (part ? kLrBlo : kLrBhi) + lr_swz(row, c / 8) + 2 * (c % 8)) = u;
   }
 }
 
