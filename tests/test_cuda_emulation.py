@@ -286,8 +286,12 @@ def emulate_gemm(
                             bh = P.ldmatrix(smem_b, b_addr, 4)
                             for h in range(2):
                                 nt = 2 * j + h
-                                acc[w, mt, nt] = P.mma_m16n8k16_bf16(ah, bh[:, 2 * h : 2 * h + 2], acc[w, mt, nt])
-                                acc[w, mt, nt] = P.mma_m16n8k16_bf16(al, bh[:, 2 * h : 2 * h + 2], acc[w, mt, nt])
+                                acc[w, mt, nt] = P.mma_m16n8k16_bf16(
+                                    ah, bh[:, 2 * h : 2 * h + 2], acc[w, mt, nt]
+                                )
+                                acc[w, mt, nt] = P.mma_m16n8k16_bf16(
+                                    al, bh[:, 2 * h : 2 * h + 2], acc[w, mt, nt]
+                                )
         for w in range(warps):
             wm, wn = (w // wn_n) * (bm // wm_n), (w % wn_n) * (bn // wn_n)
             for nt in range(nt_n):

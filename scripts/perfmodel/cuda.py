@@ -98,7 +98,9 @@ def analyse(arch: str = "86", work: Path | None = None) -> StaticReport:
     for unsigned in (False, True):
         for extras in (False, True):
             for mangled, dtype in GEMM_OUT_DTYPES.items():
-                _, code = find_kernel(funcs, "w4a4_gemm_kernel", f"ILb{int(unsigned)}E{mangled}Lb{int(extras)}EE")
+                _, code = find_kernel(
+                    funcs, "w4a4_gemm_kernel", f"ILb{int(unsigned)}E{mangled}Lb{int(extras)}EE"
+                )
                 body = main_loop(code, "IMMA")
                 name = ("u4" if unsigned else "s4") + ("+epilogue" if extras else "")
                 report.gemm_other_by_instance[f"{name} {dtype}"] = len(code) - len(body)
