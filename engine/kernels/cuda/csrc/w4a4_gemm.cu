@@ -43,10 +43,6 @@ static_assert(kNT % 2 == 0 && kBM <= kThreads && kBN <= kThreads, "tile shape");
 // ---------------------------------------------------------------------------------------------------------
 __device__ __forceinline__ int swz(int row, int half) { return row * kGroupBytes + 16 * (half ^ ((row >> 2) & 1)); }
 
-// fp32 v rounded to T and back (round to nearest even), as torch stores a 16-bit op's result.
-__device__ __forceinline__ float round_to(float v, float) { return v; }
-__device__ __forceinline__ float round_to(float v, __half) { return __half2float(__float2half_rn(v)); }
-__device__ __forceinline__ float round_to(float v, __nv_bfloat16) { return __bfloat162float(__float2bfloat16_rn(v)); }
 // (y0, y1) rounded to T (nearest even) as one 8- or 4-byte store to an aligned pair.
 __device__ __forceinline__ void store2(float* p, float y0, float y1) { *reinterpret_cast<float2*>(p) = make_float2(y0, y1); }
 __device__ __forceinline__ void store2(__half* p, float y0, float y1) { *reinterpret_cast<__half2*>(p) = __floats2half2_rn(y0, y1); }
@@ -54,6 +50,12 @@ __device__ __forceinline__ void store2(__nv_bfloat16* p, float y0, float y1) {
   *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(y0, y1);
 }
 
+// (y0, y1) rounded to T (nearest even) and back, as torch stores a 16-bit op's result (one pack, two unpacks).
+__device__ __forceinline__ float2 round2(float2 v, float) { return v; }
+__device__ __forceinline__ float2 round2(float2 v, __half) { return __half22float2(__floats2half2_rn(v.x, v.y)); }
+__device__ __forceinline__ float2 round2(float2 v, __nv_bfloat16) {
+  return __bfloat1622float2(__floats2bfloat162_rn(v.x, v.y));
+}
 // An aligned pair of T as fp32.
 __device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
 __device__ __forceinline__ float2 load2(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
@@ -92,24 +94,28 @@ __device__ __forceinline__ void partial_gate_residual(float (&acc)[kMT][kNT][4],
       }
   }
   if (res != nullptr) {
+    // gate row of row m = m / rows_per_gate, from one division: this thread's rows rise by 8 at a time
+    int q = wm0 / rows_per_gate, rem = wm0 - q * rows_per_gate;
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int m = wm0 + mt * 16 + 8 * h;
-        if (m >= M) continue;
-        const T* rrow = res + static_cast<int64_t>(m) * ld;
-        const T* grow = gt + static_cast<int64_t>(m / rows_per_gate) * ld;
+        if (m < M) {
+          const T* rrow = res + static_cast<int64_t>(m) * ld;
+          const T* grow = gt + static_cast<int64_t>(q) * ld;
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-          const int n = wn0 + nt * 8;
-          if (n >= N) continue;
-          const float2 r = load2(rrow + n), g = load2(grow + n);
-          float& y0 = acc[mt][nt][2 * h];
-          float& y1 = acc[mt][nt][2 * h + 1];
-          y0 = r.x + round_to(g.x * round_to(y0, T{}), T{});
-          y1 = r.y + round_to(g.y * round_to(y1, T{}), T{});
+          for (int nt = 0; nt < kNT; ++nt) {
+            const int n = wn0 + nt * 8;
+            if (n >= N) continue;
+            const float2 r = load2(rrow + n), g = load2(grow + n);
+            const float2 y = round2(make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]), T{});
+            const float2 p = round2(make_float2(g.x * y.x, g.y * y.y), T{});
+            acc[mt][nt][2 * h] = r.x + p.x;
+            acc[mt][nt][2 * h + 1] = r.y + p.y;
+          }
         }
+        for (rem += 8; rem >= rows_per_gate; rem -= rows_per_gate) ++q;
       }
   }
 }
@@ -202,7 +208,7 @@ __device__ __forceinline__ void low_rank_mma(float (&acc)[kMT][kNT][4], uint32_t
 #pragma unroll
       for (int j = 0; j < kNT / 2; ++j) {
         const int b = lr_swz(wn + 16 * j + 8 * (lane / 16) + lane % 8, 2 * ks + (lane / 8) % 2);
-        uint32_t bh[4], bl[4] = {0u, 0u, 0u, 0u};
+        uint32_t bh[4], bl[4];  // bl: read only when has_lo (no zeroing: 16 instructions per k16 step)
         ldmatrix_x4(bh, smem0 + kLrBhi + b);
         if (has_lo) ldmatrix_x4(bl, smem0 + kLrBlo + b);
 #pragma unroll
@@ -229,6 +235,7 @@ __device__ __forceinline__ void epilogue(float (&acc)[kMT][kNT][4], uint8_t* sme
                                          DType bt, TOut* __restrict__ out, int ldo, const void* __restrict__ partial,
                                          const void* __restrict__ residual, const void* __restrict__ gate,
                                          int rows_per_gate, int M, int N, int R) {
+  __builtin_assume(tid >= 0 && tid < kThreads);  // (reread by inline asm: lets / and % by 2^k be shifts and masks)
   const int lane = tid % 32, grp = lane / 4, t = lane % 4;
   const uint32_t smem0 = smem_addr(smem);
   const bool vec = R % 8 == 0 && ((reinterpret_cast<uintptr_t>(lora_act) | reinterpret_cast<uintptr_t>(up_hi) |
