@@ -153,12 +153,14 @@ def test_cuda_gemm_ptx_matches_reference(ptx, prm, r, unsigned, out_dtype, split
 
 
 @pytest.mark.parametrize(
-    "r,unsigned,images,out_dtype", [(5, True, 1, torch.bfloat16), (0, False, 2, torch.float16)]
+    "r,unsigned,images,out_dtype",
+    [(5, True, 1, torch.bfloat16), (0, False, 2, torch.float16), (32, False, 5, torch.bfloat16)],
 )
 def test_cuda_gemm_gate_residual_epilogue_ptx_matches_reference(ptx, prm, r, unsigned, images, out_dtype):
     """The partial/gate/residual epilogue compiled: residual + gate * (y + partial) with the
     contract's three roundings to a 16-bit output, bit for bit (y + partial exact, so every
-    rounding is the reference's); two images take their own gate rows (M = 20, rows 0..9, 10..19)."""
+    rounding is the reference's); two images take their own gate rows (M = 20, rows 0..9, 10..19),
+    five images rows of 4 (a thread's rows, 8 apart, skip a gate row)."""
     findings, y, want, written = run_gemm(ptx, prm, r, unsigned, gated=images, out_dtype=out_dtype, m=20)
     assert not findings, findings.report()
     assert written.all()
