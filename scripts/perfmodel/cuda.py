@@ -64,6 +64,18 @@ class GemmLoop:
     low_rank_pass_instructions: int = 0  # the loop over passes of kLrChunk ranks (part of other_instructions)
 
 
+def trailing_padding(code: list) -> int:
+    """Instructions after a kernel's last EXIT that never run: the branch-to-self and NOP alignment
+    padding the compiler appends (not counted as non-loop code)."""
+    n = 0
+    for ins in reversed(code):
+        if ins.opcode == "NOP" or (ins.opcode == "BRA" and ins.operands == f"{ins.addr:#x}"):
+            n += 1
+        else:
+            break
+    return n
+
+
 # w4a4_gemm's instances (w4a4_gemm_kernel<kUnsigned, TOut, kExtras>) by their mangled template arguments
 GEMM_OUT_DTYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
 
@@ -103,13 +115,14 @@ def analyse(arch: str = "86", work: Path | None = None) -> StaticReport:
                 )
                 body = main_loop(code, "IMMA")
                 name = ("u4" if unsigned else "s4") + ("+epilogue" if extras else "")
-                report.gemm_other_by_instance[f"{name} {dtype}"] = len(code) - len(body)
+                other = len(code) - len(body) - trailing_padding(code)
+                report.gemm_other_by_instance[f"{name} {dtype}"] = other
                 if dtype != "bf16":
                     continue
                 smem = sum(ldsm_bytes(i) for i in body if i.opcode.startswith("LDSM"))
                 smem += sum(lds_bytes(i) for i in body if i.opcode.split(".")[0] == "LDS")
                 lr_pass = main_loop(code, "HMMA")  # the epilogue's loop over passes of kLrChunk ranks
-                report.gemm[name] = GemmLoop(classify(body), smem, len(code) - len(body), len(lr_pass))
+                report.gemm[name] = GemmLoop(classify(body), smem, other, len(lr_pass))
                 if not extras:
                     report.gemm_hmma_total = sum(i.opcode.startswith("HMMA") for i in code)
     _, qcode = find_kernel(funcs, "quantize_act_kernel", "nv_bfloat16Li4E")
