@@ -1,10 +1,11 @@
 // SVDQuant W4A4 GEMM (svdq::w4a4_gemm, see kernels.h): int4 tensor-core MMA over the packed codes, the low-rank
 // up-projection, bias and (optionally) the block's gate multiply and residual add fused into the epilogue. Deterministic: every output is owned by one thread and summed
-// in a fixed order; no atomics.
+// in a fixed order; no atomics. One kernel instance per activation code, output dtype and epilogue, so that the
+// code outside the main loop (once per tile, issue-bound) holds only the path a launch takes
+// (tests/test_cuda_static.py caps it per instance).
 //
 // The tile parameters below are read by scripts/kernel_model.py (keep them `constexpr int kName = value;`).
 #include <atomic>
-#include <type_traits>
 
 #include "fragments.cuh"
 #include "kernels.h"
@@ -15,8 +16,8 @@ namespace {
 // --- w4a4_gemm configuration ---------------------------------------------------------------------------
 // CTA tile 192 x 128 (M x N), 12 warps as 3 x 4, warp tile 64 x 32 = 4 x 4 mma.m16n8k64 per 64-channel
 // group (154 MACs per byte brought in); a 4-stage cp.async pipeline, one group per stage, one barrier per
-// group. Designed occupancy: 1 CTA (12 warps) per SM: <= 168 registers (65536 / 384), no spills, 45 KB of
-// shared memory (which leaves the SM a 64 KB L1 for the scales read through it). 256 x 128 with 8 warps
+// group. Designed occupancy: 1 CTA (12 warps) per SM: <= 168 registers (65536 / 384), no spills, 58 KB of
+// shared memory (kSmemBytes; the rest of the SM's 128 KB is L1 for the scales read through it). 256 x 128 with 8 warps
 // needs 64 x 64 warp tiles, 128 fp32 accumulators per thread plus the per-group conversion temporaries:
 // ptxas spills it at 255 registers.
 constexpr int kBM = 192;
@@ -295,7 +296,8 @@ __device__ __forceinline__ TileCoords tile_coords(int block, int warp, int M, in
 }
 
 // %tid.x / %ctaid.x read again after the main loop: recomputing the epilogue's coordinates is cheaper than
-// keeping them in registers (or spilling them) across the loop that needs all 255.
+// keeping them in registers (or spilling them) across the loop that needs nearly all 168 (tried: 2 more live
+// registers there cost more instructions than the recomputation).
 __device__ __forceinline__ int reread_tid() {
   int v;
   asm volatile("mov.u32 %0, %%tid.x;" : "=r"(v));
