@@ -6,9 +6,9 @@ csrc/*.cu). What this file adds is the kernels' *design*: which thread copies wh
 swizzled shared-memory slot of which pipeline stage, the addresses each lane hands to ldmatrix, how warps split the CTA tile, the grouped
 CTA order, the magic-number int32 -> fp32 conversion (with the activation scale rounded to 22 bits so that
 one FMA removes the offset and scales), the activation scales' register pipeline (loaded one group ahead,
-stored as (sa22, -magic sa22) pairs two stages ahead of the one read), where each register's scale is read
-and where each
-accumulator is stored, and, in quantize_act, which channels each lane owns and how they fill the bf16 MMA
+stored as (sa22, -magic sa22) pairs two stages ahead of the one read), where each register's scale is read,
+how the low-rank operands are staged in shared memory after the loop (bf16 rows of kLrChunk ranks, 16-byte
+chunks swizzled) and read back by ldmatrix, and where each accumulator is stored, and, in quantize_act, which channels each lane owns and how they fill the bf16 MMA
 fragments. The tile parameters are read from the kernel sources. If any design choice disagreed with the ISA's
 fragment layouts, the emulated result would not be the reference's.
 """
@@ -65,6 +65,24 @@ def round_to_22_bits(s: np.ndarray) -> np.ndarray:
     bits)."""
     bits = np.asarray(s, np.float32).view(np.int32)
     return ((bits + 2) & ~np.int32(3)).view(np.float32)
+
+
+def lr_swizzled(row: int, chunk: int) -> int:
+    """Byte offset of 16-byte chunk `chunk` (0..3) of a staged low-rank row (kLrChunk bf16 = 64 bytes):
+    chunks permuted by row bits 1-2, so the 8 rows of one ldmatrix fall in distinct banks."""
+    return row * 2 * PRM["kLrChunk"] + 16 * (chunk ^ ((row >> 1) & 3))
+
+
+def staged(x: np.ndarray) -> np.ndarray:
+    """Shared memory holding the bf16 values x [rows, kLrChunk] in the lr_swizzled layout."""
+    rows, width = x.shape
+    bits = P.bf16_to_bits(x)
+    mem = np.zeros(rows * width * 2, np.uint8)
+    for row in range(rows):
+        for c in range(width // 8):
+            o = lr_swizzled(row, c)
+            mem[o : o + 16] = bits[row, 8 * c : 8 * c + 8].view(np.uint8)
+    return mem
 
 
 def gather(t: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -241,26 +259,41 @@ def emulate_gemm(
                                 s22, neg_bias = pairs[e // 2][:, 0], pairs[e // 2][:, 1]
                                 part = fma32(b32[:, e], s22, neg_bias)  # RN(dot * sa22): one rounding
                                 acc[w, mt, nt, :, e] = fma32(part, sw[:, e % 2], acc[w, mt, nt, :, e])
-        # epilogue: low-rank on bf16 MMAs (lora_act as hi + lo, proj_up bf16), bias, stores
+        # epilogue: the low-rank operands of each pass of kLrChunk ranks staged in shared memory as bf16
+        # [row][kLrChunk] (lora_act hi and lo, proj_up), 16-byte chunks swizzled; fragments by ldmatrix;
+        # bf16 MMAs per k16 step (hi x hi, then lo x hi); then bias and the stores
+        chunk = PRM["kLrChunk"]
+        for k0 in range(0, r, chunk):
+            cols = k0 + np.arange(chunk)[None, :]
+            a = gather(lora_act, m0 + np.arange(bm)[:, None], cols)  # zeros past M and R
+            a_hi = P.round_to_bf16(a)
+            a_lo = P.round_to_bf16((a - a_hi).astype(np.float32))
+            b_hi = P.round_to_bf16(gather(up, n0 + np.arange(bn)[:, None], cols))
+            smem_a_hi, smem_a_lo, smem_b = (staged(x) for x in (a_hi, a_lo, b_hi))
+            for w in range(warps):
+                wm, wn = (w // wn_n) * (bm // wm_n), (w % wn_n) * (bn // wn_n)
+                for ks in range(chunk // 16):
+                    if k0 + 16 * ks >= r:
+                        break
+                    for mt in range(mt_n):
+                        a_addr = [lr_swizzled(wm + mt * 16 + ln % 16, 2 * ks + ln // 16) for ln in range(32)]
+                        ah, al = P.ldmatrix(smem_a_hi, a_addr, 4), P.ldmatrix(smem_a_lo, a_addr, 4)
+                        for j in range(nt_n // 2):
+                            b_addr = [
+                                lr_swizzled(wn + 16 * j + 8 * (ln // 16) + ln % 8, 2 * ks + (ln // 8) % 2)
+                                for ln in range(32)
+                            ]
+                            bh = P.ldmatrix(smem_b, b_addr, 4)
+                            for h in range(2):
+                                nt = 2 * j + h
+                                acc[w, mt, nt] = P.mma_m16n8k16_bf16(
+                                    ah, bh[:, 2 * h : 2 * h + 2], acc[w, mt, nt]
+                                )
+                                acc[w, mt, nt] = P.mma_m16n8k16_bf16(
+                                    al, bh[:, 2 * h : 2 * h + 2], acc[w, mt, nt]
+                                )
         for w in range(warps):
             wm, wn = (w // wn_n) * (bm // wm_n), (w % wn_n) * (bn // wn_n)
-            for k0 in range(0, r, 16):
-                for mt in range(mt_n):
-                    ah, al = np.zeros((32, 4), np.uint32), np.zeros((32, 4), np.uint32)
-                    for i in range(4):
-                        rows = m0 + wm + mt * 16 + grp + 8 * (i % 2)
-                        cols = k0 + 2 * tig + 8 * (i // 2)
-                        ah[:, i], al[:, i] = bf16_pair_bits(
-                            gather(lora_act, rows, cols), gather(lora_act, rows, cols + 1)
-                        )
-                    for nt in range(nt_n):
-                        bh = np.zeros((32, 2), np.uint32)
-                        ncol = n0 + wn + nt * 8 + grp
-                        for i in range(2):
-                            kk = k0 + 2 * tig + 8 * i
-                            bh[:, i] = bf16x2(gather(up, ncol, kk), gather(up, ncol, kk + 1))
-                        acc[w, mt, nt] = P.mma_m16n8k16_bf16(ah, bh, acc[w, mt, nt])
-                        acc[w, mt, nt] = P.mma_m16n8k16_bf16(al, bh, acc[w, mt, nt])
             for nt in range(nt_n):
                 for mt in range(mt_n):
                     for e in range(4):

@@ -99,8 +99,9 @@ def gate_inputs(m: int, n: int, images: int, dtype: torch.dtype, seed: int = 4) 
 
 
 def run_gemm(ptx: str, prm: dict, r: int, unsigned: bool, src: str | None = None, gated: int = 0,
-             out_dtype: torch.dtype = torch.float32, m: int = M):  # fmt: skip
-    """``gated``: the gate/residual epilogue with that many images (gate rows), M divisible by it."""
+             out_dtype: torch.dtype = torch.float32, m: int = M, split_up: bool = False):  # fmt: skip
+    """``gated``: the gate/residual epilogue with that many images (gate rows), M divisible by it;
+    ``split_up``: proj_up in fp32 beyond bf16, passed as bf16 hi + lo (the kernel's third MMA)."""
     a = exact_gemm_inputs(m, K, N, r, unsigned)
     a["wscales"] = a["wscales"].float().contiguous()
     e = gate_inputs(m, N, gated, out_dtype) if gated else {}
@@ -108,38 +109,58 @@ def run_gemm(ptx: str, prm: dict, r: int, unsigned: bool, src: str | None = None
     put = lambda name, t: mem.alloc(name, _bytes(t), readonly=True)  # noqa: E731
     asc = a["ascales"]  # group-major, strides (1, M)
     size = torch.empty(0, dtype=out_dtype).element_size()
+    ldo = N + N % 2  # ops.cpp's padded rows for an odd N: every output pair one aligned store
+    # partial, residual and gate in rows of ldo too (ops.cpp pads them the same way)
+    pad = {k: torch.nn.functional.pad(v, (0, ldo - N)) for k, v in e.items()}
+    up_lo = None
+    if split_up and r:  # proj_up as fp32 that bf16 cannot hold: hi + lo, as ops.cpp's as_bf16_pair splits it
+        a["proj_up"] = a["proj_up"].float() + torch.where(torch.arange(r) % 2 == 0, 1 / 256, -1 / 128)
+        up_hi = a["proj_up"].to(torch.bfloat16)
+        up_lo = (a["proj_up"] - up_hi.float()).to(torch.bfloat16)
+        assert torch.equal(up_hi.float() + up_lo.float(), a["proj_up"])
+        assert (up_lo != 0).float().mean() > 0.5  # most entries need the lo part
     args = [put("qx", a["qx"]), put("ascales", asc), asc.stride(0), asc.stride(1), put("qweight", a["qweight"]),
             put("wscales", a["wscales"]), a["wscales"].stride(0), a["wscales"].stride(1),
-            put("lora_act", a["lora_act"]) if r else 0, put("up_hi", a["proj_up"]) if r else 0, 0,
-            put("bias", a["bias"]), DTYPE[torch.bfloat16], mem.alloc("out", m * N * size), DTYPE[out_dtype],
-            put("partial", e["partial"]) if gated else 0, put("residual", e["residual"]) if gated else 0, put("gate", e["gate"]) if gated else 0,
+            put("lora_act", a["lora_act"]) if r else 0,
+            (put("up_hi", up_hi) if up_lo is not None else put("up_hi", a["proj_up"])) if r else 0,
+            put("up_lo", up_lo) if up_lo is not None else 0,
+            put("bias", a["bias"]), DTYPE[torch.bfloat16], mem.alloc("out", m * ldo * size), ldo,
+            put("partial", pad["partial"]) if gated else 0, put("residual", pad["residual"]) if gated else 0, put("gate", pad["gate"]) if gated else 0,
             m // gated if gated else 1, m, N, K, r]  # fmt: skip
-    extras = {torch.float32: "f", torch.float16: "6__half", torch.bfloat16: "13__nv_bfloat16"}[out_dtype]
-    kernel = X.parse(src or ptx, entry(ptx, rf"w4a4_gemm_kernelILb{int(unsigned)}E{extras if gated else 'v'}E"))
+    tout = {torch.float32: "f", torch.float16: "6__half", torch.bfloat16: "13__nv_bfloat16"}[out_dtype]
+    kernel = X.parse(src or ptx, entry(ptx, rf"w4a4_gemm_kernelILb{int(unsigned)}E{tout}Lb{int(bool(gated))}EE"))
     tiles = -(-m // prm["kBM"]) * -(-N // prm["kBN"])
     findings = X.launch(kernel, mem, args, (tiles, 1, 1), prm["kThreads"], prm["kSmemBytes"])
     np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[out_dtype]
-    y = torch.from_numpy(mem.get("out").view(np_dtype).reshape(m, N).copy())
+    y = torch.from_numpy(mem.get("out").view(np_dtype).reshape(m, ldo)[:, :N].copy())
     y = y.view(torch.bfloat16) if out_dtype == torch.bfloat16 else y
     want = reference.w4a4_gemm(**a, **e, unsigned=unsigned, out_dtype=out_dtype)
-    return findings, y, want, mem.written("out")
+    return findings, y, want, mem.written("out").reshape(m, ldo * size)[:, : N * size]
 
 
-@pytest.mark.parametrize("r,unsigned", [(0, False), (5, True), (48, False)])
-def test_cuda_gemm_ptx_matches_reference(ptx, prm, r, unsigned):
-    findings, y, want, written = run_gemm(ptx, prm, r, unsigned)
+@pytest.mark.parametrize(
+    "r,unsigned,out_dtype,split_up",
+    [(0, False, torch.float32, False), (5, True, torch.float32, False), (48, False, torch.float32, False),
+     (40, True, torch.bfloat16, True)],
+)  # fmt: skip
+def test_cuda_gemm_ptx_matches_reference(ptx, prm, r, unsigned, out_dtype, split_up):
+    """Ranks: none; 5 (odd: element loads of the low-rank operands); 48 (16-byte loads, two passes of
+    32 ranks, the second half empty); 40 with proj_up split into bf16 hi + lo and a bf16 output."""
+    findings, y, want, written = run_gemm(ptx, prm, r, unsigned, out_dtype=out_dtype, split_up=split_up)
     assert not findings, findings.report()
     assert written.all()
     assert torch.equal(y, want), (y - want).abs().max()
 
 
 @pytest.mark.parametrize(
-    "r,unsigned,images,out_dtype", [(5, True, 1, torch.bfloat16), (0, False, 2, torch.float16)]
+    "r,unsigned,images,out_dtype",
+    [(5, True, 1, torch.bfloat16), (0, False, 2, torch.float16), (32, False, 5, torch.bfloat16)],
 )
 def test_cuda_gemm_gate_residual_epilogue_ptx_matches_reference(ptx, prm, r, unsigned, images, out_dtype):
     """The partial/gate/residual epilogue compiled: residual + gate * (y + partial) with the
     contract's three roundings to a 16-bit output, bit for bit (y + partial exact, so every
-    rounding is the reference's); two images take their own gate rows (M = 20, rows 0..9, 10..19)."""
+    rounding is the reference's); two images take their own gate rows (M = 20, rows 0..9, 10..19),
+    five images rows of 4 (a thread's rows, 8 apart, skip a gate row)."""
     findings, y, want, written = run_gemm(ptx, prm, r, unsigned, gated=images, out_dtype=out_dtype, m=20)
     assert not findings, findings.report()
     assert written.all()
@@ -178,7 +199,7 @@ def test_cuda_quantize_act_ptx_matches_reference(ptx, prm, r, unsigned):
 
 def test_cuda_gemm_without_its_barrier_races(ptx, prm):
     """The main loop's __syncthreads after cp_async_wait removed: the interpreter reports the race."""
-    name = entry(ptx, r"w4a4_gemm_kernelILb0EvE")
+    name = entry(ptx, r"w4a4_gemm_kernelILb0EfLb0EE")
     body = ptx[ptx.index(name) :]
     m = re.search(r"cp\.async\.wait_group\s+\d+;(?:\s|//[^\n]*)*(bar\.sync\s+0;)", body)
     assert m, "no cp.async wait + barrier in the GEMM's PTX"
@@ -191,7 +212,7 @@ def test_cuda_gemm_without_its_barrier_races(ptx, prm):
 def test_cuda_gemm_with_wait_count_one_too_high_reads_in_flight_data(ptx, prm):
     """cp_async_wait<kStages - 1> instead of <kStages - 2>: the stage about to be read may still be
     in flight; the interpreter reports it, and the result is wrong."""
-    name = entry(ptx, r"w4a4_gemm_kernelILb0EvE")
+    name = entry(ptx, r"w4a4_gemm_kernelILb0EfLb0EE")
     start = ptx.index(name)
     m = re.search(r"cp\.async\.wait_group\s+(\d+);(?=(?:\s|//[^\n]*)*bar\.sync\s+0;)", ptx[start:])
     assert m and int(m.group(1)) == prm["kStages"] - 2

@@ -11,7 +11,11 @@ Model (per SM: 4 schedulers issuing one warp instruction per clock; int4 MMA at 
 memory 128 B/clock; all SMs share 696 GB/s of DRAM):
   w4a4_gemm   one main-loop iteration (one 64-channel group) of a CTA costs
               max(tensor = MMAs * 8192 MAC / 2048, issue = instructions * warps / 4, smem bytes / 128) clocks;
-              a tile costs groups * that + its non-loop instructions (issue-bound, counted once);
+              a tile costs groups * that + its non-loop instructions (prologue, low-rank branch, bias,
+              epilogue, stores: issue-bound at warps * instructions / 4 clocks, not overlapped with the
+              tensor pipe, every compiled path counted, once per tile; the low-rank pass loop once per
+              kLrChunk ranks: once at rank 32); the instances priced are those a FLUX call launches
+              (bf16 output; s4/u4 plain, +epilogue with the partial/gate/residual epilogue);
               tiles run in waves of 84 * CTAs-per-SM; DRAM bytes follow the grouped CTA order (a wave reads
               kGroupTilesM A tile rows and the W tiles of its columns, once each); time = max(compute, DRAM).
   quantize_act issue time of its group loop on the busiest SM (CTAs of 32 rows spread over 84 SMs) vs. DRAM
@@ -57,6 +61,23 @@ class GemmLoop:
     counts: dict[str, int]
     smem_read_bytes_per_warp: int
     other_instructions: int  # outside the main loop, per warp (upper bound: every path counted)
+    low_rank_pass_instructions: int = 0  # the loop over passes of kLrChunk ranks (part of other_instructions)
+
+
+def trailing_padding(code: list) -> int:
+    """Instructions after a kernel's last EXIT that never run: the branch-to-self and NOP alignment
+    padding the compiler appends (not counted as non-loop code)."""
+    n = 0
+    for ins in reversed(code):
+        if ins.opcode == "NOP" or (ins.opcode == "BRA" and ins.operands == f"{ins.addr:#x}"):
+            n += 1
+        else:
+            break
+    return n
+
+
+# w4a4_gemm's instances (w4a4_gemm_kernel<kUnsigned, TOut, kExtras>) by their mangled template arguments
+GEMM_OUT_DTYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
 
 
 @dataclass
@@ -73,6 +94,8 @@ class StaticReport:
     gemm: dict[str, GemmLoop] = field(default_factory=dict)
     quant: QuantLoop | None = None
     gemm_hmma_total: int = 0
+    # SASS outside the main loop of every w4a4_gemm instance, per warp: "s4 bf16", "u4+epilogue fp32", ...
+    gemm_other_by_instance: dict[str, int] = field(default_factory=dict)
 
 
 def analyse(arch: str = "86", work: Path | None = None) -> StaticReport:
@@ -81,19 +104,27 @@ def analyse(arch: str = "86", work: Path | None = None) -> StaticReport:
         cubins, res, _ = nvcc_cubin(arch, work or Path(tmp))
         funcs = {name: code for cubin in cubins for name, code in cuobjdump_sass(cubin).items()}
     report = StaticReport(arch, tile_params(), {k: asdict(v) for k, v in res.items()})
-    # the plain instances (s4, u4) and those with the partial/gate/residual epilogue compiled in for bf16
-    # outputs, the served dtype (+epilogue)
+    # One instance per activation code (s4, u4), output dtype and epilogue. The model prices those a FLUX call
+    # launches: bf16 output (the model's dtype), without (s4, u4) or with (+epilogue) the partial/gate/residual
+    # epilogue; every instance's non-loop count is kept for the static gate.
     for unsigned in (False, True):
         for extras in (False, True):
-            kind = "13__nv_bfloat16E" if extras else "vE"
-            _, code = find_kernel(funcs, "w4a4_gemm_kernel", f"ILb{int(unsigned)}E{kind}")
-            body = main_loop(code, "IMMA")
-            smem = sum(ldsm_bytes(i) for i in body if i.opcode.startswith("LDSM"))
-            smem += sum(lds_bytes(i) for i in body if i.opcode.split(".")[0] == "LDS")
-            name = ("u4" if unsigned else "s4") + ("+epilogue" if extras else "")
-            report.gemm[name] = GemmLoop(classify(body), smem, len(code) - len(body))
-            if not extras:
-                report.gemm_hmma_total = sum(i.opcode.startswith("HMMA") for i in code)
+            for mangled, dtype in GEMM_OUT_DTYPES.items():
+                _, code = find_kernel(
+                    funcs, "w4a4_gemm_kernel", f"ILb{int(unsigned)}E{mangled}Lb{int(extras)}EE"
+                )
+                body = main_loop(code, "IMMA")
+                name = ("u4" if unsigned else "s4") + ("+epilogue" if extras else "")
+                other = len(code) - len(body) - trailing_padding(code)
+                report.gemm_other_by_instance[f"{name} {dtype}"] = other
+                if dtype != "bf16":
+                    continue
+                smem = sum(ldsm_bytes(i) for i in body if i.opcode.startswith("LDSM"))
+                smem += sum(lds_bytes(i) for i in body if i.opcode.split(".")[0] == "LDS")
+                lr_pass = main_loop(code, "HMMA")  # the epilogue's loop over passes of kLrChunk ranks
+                report.gemm[name] = GemmLoop(classify(body), smem, other, len(lr_pass))
+                if not extras:
+                    report.gemm_hmma_total = sum(i.opcode.startswith("HMMA") for i in code)
     _, qcode = find_kernel(funcs, "quantize_act_kernel", "nv_bfloat16Li4E")
     qloop = main_loop(qcode, "HMMA")
     report.quant = QuantLoop(classify(qloop), [i.opcode for i in qloop if i.opcode.startswith("LDG")])
@@ -134,7 +165,11 @@ def model_gemm(report: StaticReport, m: int, k: int, n: int, hw: dict = A40, var
     smem = smem_bytes / hw["smem_bytes_per_clk"]
     per_iter = max(tensor, issue, smem)
     groups = k // 64
-    tile_clk = groups * per_iter + loop.other_instructions * warps / hw["schedulers"]
+    # the non-loop code once per tile, issue-bound and not overlapped with the tensor pipe, every path
+    # counted; the low-rank pass loop once more per further kLrChunk ranks
+    passes = max(1, math.ceil(RANK / p["kLrChunk"]))
+    other = loop.other_instructions + (passes - 1) * loop.low_rank_pass_instructions
+    tile_clk = groups * per_iter + other * warps / hw["schedulers"]
     tiles_m, tiles_n = math.ceil(m / p["kBM"]), math.ceil(n / p["kBN"])
     slots = hw["sms"] * ctas
     waves = math.ceil(tiles_m * tiles_n / slots)
@@ -239,9 +274,16 @@ def markdown(report: StaticReport, rows: list[dict], hw: dict = A40) -> str:
         f"loads (scales), {c['cp.async']} cp.async, {c['barrier']} barrier, {c['int->float conversion']} int->float "
         f"conversions, {c['global load']} global load (the activation scale of a later group), {c['other']} other "
         f"({c['total'] / c['int4 MMA']:.1f} per int4 MMA). "
-        f"The low-rank up-projection is {report.gemm_hmma_total} bf16 MMAs in the epilogue. "
+        f"The low-rank up-projection is {report.gemm_hmma_total} bf16 MMAs in the epilogue "
+        f"(one pass of {p['kLrChunk']} ranks, its operands staged through shared memory). "
         f"quantize_act's group loop: {q.counts['total']} instructions per warp iteration "
         f"({q.counts['bf16 MMA']} bf16 MMA for the down-projection).",
+        "",
+        "Outside the main loop (prologue, low-rank branch, bias, epilogue, stores), per warp and tile, every "
+        "compiled path counted: "
+        + ", ".join(f"{name} {n}" for name, n in report.gemm_other_by_instance.items())
+        + " (one instance per activation code, output dtype and epilogue; a FLUX call launches the bf16 "
+        "ones, which the table prices as issue-bound clocks once per tile, not overlapped with the MMAs).",
         "",
         *table_head(
             "K -> N (M = 4352)",

@@ -13,8 +13,9 @@ torch's own compiler flags.
 The kernels read the checkpoint's plain packed layout: ``ldmatrix`` from shared memory yields the
 MMA fragments directly, so no weight repacking is needed at load. w4a4_gemm: 192x128 CTA tiles,
 12 warps, a 4-stage cp.async pipeline, int32 partial sums turned into fp32 by a magic-number add
-folded into the MMA's accumulator input, the low-rank up-projection on bf16 tensor cores,
-grouped CTA order; per accumulator and group two FFMA (the activation scale rounded to 22 bits so
+folded into the MMA's accumulator input, the low-rank up-projection on bf16 tensor cores (its
+operands and the bias staged through shared memory after the main loop, 16-byte loads), grouped
+CTA order, one kernel instance per output dtype and epilogue; per accumulator and group two FFMA (the activation scale rounded to 22 bits so
 that one FFMA removes the magic offset and scales, as the Triton kernel does). quantize_act:
 coalesced 16-byte loads, group maxima by warp shuffles, the down-projection on bf16 tensor cores;
 its ``ascales`` are group-major [M, G] (strides (1, M)) like every backend's (torch.compile asserts

@@ -24,12 +24,13 @@ cudaError_t quantize_act(const void* x, DType xt, const void* smooth, DType st, 
 // contiguous, proj_up as bf16 [N, R]: up_hi plus up_lo or null, bias [N] (dtype bt) or null,
 // partial [M, N] (contiguous, dtype ot) or null, residual [M, N] and gate [B, N] (contiguous, dtype ot; both or
 // null; rows_per_gate = M / B)
-//   -> out [M, N] contiguous (dtype ot): y (+ partial), or residual + gate[m / rows_per_gate] * y with y, the product
+//   -> out [M, N] (dtype ot, rows ldo elements apart: ldo even and >= N, so that every output pair is one aligned
+//      store; the host pads odd N): y (+ partial), or residual + gate[m / rows_per_gate] * y with y, the product
 //      and the sum each rounded to ot (the contract's epilogue). qx and qweight 16-byte aligned, K a multiple of 64.
 cudaError_t w4a4_gemm(const uint8_t* qx, const float* ascales, int64_t as_m, int64_t as_g, const uint8_t* qweight,
                       const float* wscales, int64_t ws_n, int64_t ws_g, const float* lora_act,
                       const __nv_bfloat16* up_hi, const __nv_bfloat16* up_lo, const void* bias, DType bt, void* out,
-                      DType ot, const void* partial, const void* residual, const void* gate, int rows_per_gate, int M,
-                      int N, int K, int R, bool is_unsigned, cudaStream_t stream);
+                      DType ot, int64_t ldo, const void* partial, const void* residual, const void* gate,
+                      int rows_per_gate, int M, int N, int K, int R, bool is_unsigned, cudaStream_t stream);
 
 }  // namespace svdq

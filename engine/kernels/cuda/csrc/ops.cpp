@@ -141,13 +141,21 @@ at::Tensor w4a4_gemm(const at::Tensor& qx, const at::Tensor& ascales, const at::
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ", bias->sizes());
     bc = bias->contiguous();
   }
-  at::Tensor pc, rc, gc;  // the partial/gate/residual epilogue's operands, contiguous, in out_dtype
+  // The kernel stores output pairs as one aligned 4- or 8-byte store, and reads partial, residual and gate the
+  // same way, so their rows must be an even number of elements apart: an odd N (no FLUX layer has one) pads
+  // them to rows of N + 1 and writes into rows of N + 1, copied out at the end.
+  const int64_t ldo = N + N % 2;
+  const auto pairs = [&](const at::Tensor& t) {  // contiguous rows of ldo elements, pair-aligned
+    const auto c = ldo == N ? t.contiguous() : at::constant_pad_nd(t, {0, 1});
+    return reinterpret_cast<uintptr_t>(c.data_ptr()) % (2 * c.element_size()) == 0 ? c : c.clone();
+  };
+  at::Tensor pc, rc, gc;  // the partial/gate/residual epilogue's operands, in out_dtype
   if (partial.has_value()) {
     TORCH_CHECK(partial->scalar_type() == out_dtype, "partial must have out_dtype ", out_dtype, ", got ",
                 partial->scalar_type());
     TORCH_CHECK(partial->dim() == 2 && partial->size(0) == M && partial->size(1) == N, "partial must be [", M, ", ",
                 N, "], got ", partial->sizes());
-    pc = partial->contiguous();
+    pc = pairs(*partial);
   }
   if (residual.has_value()) {
     TORCH_CHECK(residual->scalar_type() == out_dtype && gate->scalar_type() == out_dtype,
@@ -157,18 +165,18 @@ at::Tensor w4a4_gemm(const at::Tensor& qx, const at::Tensor& ascales, const at::
                 ", ", N, "], got ", residual->sizes());
     TORCH_CHECK(gate->dim() == 2 && gate->size(1) == N && gate->size(0) > 0 && M % gate->size(0) == 0,
                 "gate must be [B, ", N, "] with B dividing M = ", M, ", got ", gate->sizes());
-    rc = residual->contiguous();
-    gc = gate->contiguous();
+    rc = pairs(*residual);
+    gc = pairs(*gate);
   }
-  auto out = at::empty({M, N}, qxc.options().dtype(out_dtype));
+  auto buf = at::empty({M, ldo}, qxc.options().dtype(out_dtype));
   C10_CUDA_CHECK(svdq::w4a4_gemm(
       qxc.data_ptr<uint8_t>(), asf.data_ptr<float>(), asf.stride(0), asf.stride(1), qwc.data_ptr<uint8_t>(),
       wsf.data_ptr<float>(), wsf.stride(0), wsf.stride(1), lac.data_ptr<float>(), bf16_ptr(up_hi), bf16_ptr(up_lo),
       bc.defined() ? bc.data_ptr() : nullptr, bc.defined() ? dtype_of(bc, "bias") : svdq::DType::F32,
-      out.data_ptr(), dtype_of(out, "out"), pc.defined() ? pc.data_ptr() : nullptr, rc.defined() ? rc.data_ptr() : nullptr,
+      buf.data_ptr(), dtype_of(buf, "out"), ldo, pc.defined() ? pc.data_ptr() : nullptr, rc.defined() ? rc.data_ptr() : nullptr,
       gc.defined() ? gc.data_ptr() : nullptr, gc.defined() ? static_cast<int>(M / gc.size(0)) : 1, M, N, K, R,
       is_unsigned, c10::cuda::getCurrentCUDAStream()));
-  return out;
+  return ldo == N ? buf : buf.narrow(1, 0, N).contiguous();
 }
 
 }  // namespace

@@ -1,10 +1,11 @@
 // SVDQuant W4A4 GEMM (svdq::w4a4_gemm, see kernels.h): int4 tensor-core MMA over the packed codes, the low-rank
 // up-projection, bias and (optionally) the block's gate multiply and residual add fused into the epilogue. Deterministic: every output is owned by one thread and summed
-// in a fixed order; no atomics.
+// in a fixed order; no atomics. One kernel instance per activation code, output dtype and epilogue, so that the
+// code outside the main loop (once per tile, issue-bound) holds only the path a launch takes
+// (tests/test_cuda_static.py caps it per instance).
 //
 // The tile parameters below are read by scripts/kernel_model.py (keep them `constexpr int kName = value;`).
 #include <atomic>
-#include <type_traits>
 
 #include "fragments.cuh"
 #include "kernels.h"
@@ -15,8 +16,8 @@ namespace {
 // --- w4a4_gemm configuration ---------------------------------------------------------------------------
 // CTA tile 192 x 128 (M x N), 12 warps as 3 x 4, warp tile 64 x 32 = 4 x 4 mma.m16n8k64 per 64-channel
 // group (154 MACs per byte brought in); a 4-stage cp.async pipeline, one group per stage, one barrier per
-// group. Designed occupancy: 1 CTA (12 warps) per SM: <= 168 registers (65536 / 384), no spills, 45 KB of
-// shared memory (which leaves the SM a 64 KB L1 for the scales read through it). 256 x 128 with 8 warps
+// group. Designed occupancy: 1 CTA (12 warps) per SM: <= 168 registers (65536 / 384), no spills, 58 KB of
+// shared memory (kSmemBytes; the rest of the SM's 128 KB is L1 for the scales read through it). 256 x 128 with 8 warps
 // needs 64 x 64 warp tiles, 128 fp32 accumulators per thread plus the per-group conversion temporaries:
 // ptxas spills it at 255 registers.
 constexpr int kBM = 192;
@@ -43,107 +44,229 @@ static_assert(kNT % 2 == 0 && kBM <= kThreads && kBN <= kThreads, "tile shape");
 // ---------------------------------------------------------------------------------------------------------
 __device__ __forceinline__ int swz(int row, int half) { return row * kGroupBytes + 16 * (half ^ ((row >> 2) & 1)); }
 
-// fp32 v rounded to T and back (round to nearest even), as torch stores a 16-bit op's result.
-__device__ __forceinline__ float round_to(float v, float) { return v; }
-__device__ __forceinline__ float round_to(float v, __half) { return __half2float(__float2half_rn(v)); }
-__device__ __forceinline__ float round_to(float v, __nv_bfloat16) { return __bfloat162float(__float2bfloat16_rn(v)); }
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+// (y0, y1) rounded to T (nearest even) as one 8- or 4-byte store to an aligned pair.
+__device__ __forceinline__ void store2(float* p, float y0, float y1) { *reinterpret_cast<float2*>(p) = make_float2(y0, y1); }
+__device__ __forceinline__ void store2(__half* p, float y0, float y1) { *reinterpret_cast<__half2*>(p) = __floats2half2_rn(y0, y1); }
+__device__ __forceinline__ void store2(__nv_bfloat16* p, float y0, float y1) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(y0, y1);
+}
+
+// (y0, y1) rounded to T (nearest even) and back, as torch stores a 16-bit op's result (one pack, two unpacks).
+__device__ __forceinline__ float2 round2(float2 v, float) { return v; }
+__device__ __forceinline__ float2 round2(float2 v, __half) { return __half22float2(__floats2half2_rn(v.x, v.y)); }
+__device__ __forceinline__ float2 round2(float2 v, __nv_bfloat16) {
+  return __bfloat1622float2(__floats2bfloat162_rn(v.x, v.y));
+}
+// An aligned pair of T as fp32.
+__device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 load2(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
+__device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
 
 // The partial/gate/residual epilogue on this thread's accumulators (bias included), before the store's rounding
 // to T: y += partial, then residual + rnd(gate[m / rows_per_gate] * rnd(y)) (w4a4_gemm's contract: diffusers'
 // roundings; for fp32 outputs one FFMA may take the product and the sum, as the contract allows). Either part
-// may be absent (null). Row wm0 + 16 mt + 8 h, column wn0 + 8 nt. (Pair loads and pair conversions compiled
-// to more SASS than these scalar ones: 8080 against 6608 instructions outside the loop on sm_86.)
+// may be absent (null): one uniform branch around each part's loop, not one per element. partial, residual and
+// gate rows are ld elements apart (ld even: the host pads odd N), so each (c0, c1) / (c2, c3) is one aligned pair
+// load. Row wm0 + 16 mt + 8 h, column wn0 + 8 nt.
 template <typename T>
 __device__ __forceinline__ void partial_gate_residual(float (&acc)[kMT][kNT][4], int wm0, int wn0,
                                                       const void* partial, const void* residual, const void* gate,
-                                                      int rows_per_gate, int M, int N) {
+                                                      int rows_per_gate, int M, int N, int ld) {
   const T* part = static_cast<const T*>(partial);
   const T* res = static_cast<const T*>(residual);
   const T* gt = static_cast<const T*>(gate);
+  if (part != nullptr) {
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int m = wm0 + mt * 16 + 8 * h;
-      if (m >= M) continue;
-      const int64_t row = static_cast<int64_t>(m) * N, grow = static_cast<int64_t>(m / rows_per_gate) * N;
+      for (int h = 0; h < 2; ++h) {
+        const int m = wm0 + mt * 16 + 8 * h;
+        if (m >= M) continue;
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int n = wn0 + nt * 8 + j;
+        for (int nt = 0; nt < kNT; ++nt) {
+          const int n = wn0 + nt * 8;
           if (n >= N) continue;
-          float& y = acc[mt][nt][2 * h + j];
-          if (part != nullptr) y += to_float(part[row + n]);
-          if (res != nullptr) y = to_float(res[row + n]) + round_to(to_float(gt[grow + n]) * round_to(y, T{}), T{});
+          const float2 v = load2(part + static_cast<int64_t>(m) * ld + n);
+          acc[mt][nt][2 * h] += v.x;
+          acc[mt][nt][2 * h + 1] += v.y;
         }
-    }
+      }
+  }
+  if (res != nullptr) {
+    // gate row of row m = m / rows_per_gate, from one division: this thread's rows rise by 8 at a time
+    int q = wm0 / rows_per_gate, rem = wm0 - q * rows_per_gate;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = wm0 + mt * 16 + 8 * h;
+        if (m < M) {
+          const T* rrow = res + static_cast<int64_t>(m) * ld;
+          const T* grow = gt + static_cast<int64_t>(q) * ld;
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt) {
+            const int n = wn0 + nt * 8;
+            if (n >= N) continue;
+            const float2 r = load2(rrow + n), g = load2(grow + n);
+            const float2 y = round2(make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]), T{});
+            const float2 p = round2(make_float2(g.x * y.x, g.y * y.y), T{});
+            acc[mt][nt][2 * h] = r.x + p.x;
+            acc[mt][nt][2 * h + 1] = r.y + p.y;
+          }
+        }
+        for (rem += 8; rem >= rows_per_gate; rem -= rows_per_gate) ++q;
+      }
+  }
 }
 
-// Low-rank branch on bf16 tensor cores into the same fp32 accumulators: lora_act (fp32) as hi + lo bf16,
-// proj_up as bf16 (plus its residual when the host split a wider dtype); k runs over R in steps of 16.
-// One m16 tile at a time keeps the live fragments small next to the 128 accumulators.
-// Then bias, and packed stores: each thread writes (c0, c1) and (c2, c3) as one bf16x2 / half2 / float2.
-// TExtras (float, __half or __nv_bfloat16: the output's type) compiles the partial/gate/residual epilogue in for
-// that type alone; void leaves it out. One kernel instance each: the plain GEMM carries none of its code, and an
-// epilogue instance only its own dtype's.
-template <typename TExtras>
-__device__ __forceinline__ void epilogue(float (&acc)[kMT][kNT][4], int m0, int n0, int wm, int wn, int grp, int t,
-                                         const float* __restrict__ lora_act, const __nv_bfloat16* __restrict__ up_hi,
-                                         const __nv_bfloat16* __restrict__ up_lo, const void* __restrict__ bias,
-                                         DType bt, void* __restrict__ out, DType ot, const void* __restrict__ partial,
-                                         const void* __restrict__ residual, const void* __restrict__ gate,
-                                         int rows_per_gate, int M, int N, int R) {
-  for (int k0 = 0; k0 < R; k0 += 16) {
+// The epilogue reuses the pipeline's shared memory (free once the main loop is done): the low-rank operands of
+// one pass of kLrChunk ranks, staged by the whole CTA with 16-byte loads, as bf16 [row][kLrChunk]: lora_act's hi
+// and lo halves (kBM rows), proj_up's hi and lo (kBN rows); then the tile's bias as fp32 [kBN]. A 64-byte row
+// holds four 16-byte chunks, chunk c stored at c ^ ((row >> 1) & 3), so the 8 rows of one ldmatrix hit 32
+// distinct banks.
+constexpr int kLrChunk = 32;
+constexpr int kLrRowBytes = 2 * kLrChunk;
+constexpr int kLrAhi = 0, kLrAlo = kBM * kLrRowBytes, kLrBhi = 2 * kBM * kLrRowBytes;
+constexpr int kLrBlo = kLrBhi + kBN * kLrRowBytes, kBiasOff = kLrBlo + kBN * kLrRowBytes;
+static_assert(kBiasOff + 4 * kBN <= kSmemBytes, "the epilogue's operands fit in the pipeline's shared memory");
+static_assert(kLrChunk == 32 && kBM * kLrChunk % (4 * kThreads) == 0, "lora_act staging: 4 float4 per thread");
+
+__device__ __forceinline__ int lr_swz(int row, int chunk) { return row * kLrRowBytes + 16 * (chunk ^ ((row >> 1) & 3)); }
+
+// Stage ranks k0 .. k0 + kLrChunk - 1 (zeros past R, M, N). `vec`: R % 8 == 0 and 16-byte aligned bases (every
+// rank the model uses is a multiple of 16): whole 16-byte vectors, 4 per thread for lora_act, at most 2 per part
+// for proj_up. Otherwise one element at a time in a loop kept rolled (the rare path: little code).
+__device__ __forceinline__ void stage_low_rank(uint8_t* smem, int tid, int m0, int n0, int k0, const float* lora_act,
+                                               const __nv_bfloat16* up_hi, const __nv_bfloat16* up_lo, int M,
+                                               int N, int R, bool vec) {
+  if (vec) {
+    // lora_act: kBM rows x 8 pieces of 4 fp32, split into bf16 hi + lo (split_bf16x2: what the MMAs need)
+#pragma unroll
+    for (int i = 0; i < kBM * kLrChunk / 4 / kThreads; ++i) {
+      const int idx = tid + i * kThreads, row = idx / 8, c4 = idx % 8, m = m0 + row, k = k0 + 4 * c4;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (m < M && k < R) v = *reinterpret_cast<const float4*>(lora_act + static_cast<int64_t>(m) * R + k);
+      uint2 hi, lo;
+      split_bf16x2(v.x, v.y, hi.x, lo.x);
+      split_bf16x2(v.z, v.w, hi.y, lo.y);
+      const int o = lr_swz(row, c4 / 2) + 8 * (c4 % 2);
+      *reinterpret_cast<uint2*>(smem + kLrAhi + o) = hi;
+      *reinterpret_cast<uint2*>(smem + kLrAlo + o) = lo;
+    }
+    // proj_up hi (and lo): kBN rows x 4 pieces of 8 bf16
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {
+      const __nv_bfloat16* up = part ? up_lo : up_hi;
+      if (up == nullptr) break;
+#pragma unroll
+      for (int i = 0; i < (kBN * 4 + kThreads - 1) / kThreads; ++i) {
+        const int idx = tid + i * kThreads, row = idx / 4, c = idx % 4, n = n0 + row, k = k0 + 8 * c;
+        if ((i + 1) * kThreads > kBN * 4 && idx >= kBN * 4) break;
+        uint4 u = make_uint4(0u, 0u, 0u, 0u);
+        if (n < N && k < R) u = *reinterpret_cast<const uint4*>(up + static_cast<int64_t>(n) * R + k);
+        *reinterpret_cast<uint4*>(smem + (part ? kLrBlo : kLrBhi) + lr_swz(row, c)) = u;
+      }
+    }
+    return;
+  }
+#pragma unroll 1
+  for (int idx = tid; idx < kBM * kLrChunk; idx += kThreads) {
+    const int row = idx / kLrChunk, c = idx % kLrChunk, m = m0 + row, k = k0 + c;
+    const float v = m < M && k < R ? lora_act[static_cast<int64_t>(m) * R + k] : 0.f;
+    const __nv_bfloat16 hi = __float2bfloat16_rn(v);  // split_bf16x2, one element
+    const int o = lr_swz(row, c / 8) + 2 * (c % 8);
+    *reinterpret_cast<__nv_bfloat16*>(smem + kLrAhi + o) = hi;
+    *reinterpret_cast<__nv_bfloat16*>(smem + kLrAlo + o) = __float2bfloat16_rn(v - __bfloat162float(hi));
+  }
+#pragma unroll 1
+  for (int idx = tid; idx < (up_lo != nullptr ? 2 : 1) * kBN * kLrChunk; idx += kThreads) {
+    const int part = idx / (kBN * kLrChunk), row = (idx / kLrChunk) % kBN, c = idx % kLrChunk, n = n0 + row;
+    const uint16_t* up = reinterpret_cast<const uint16_t*>(part ? up_lo : up_hi);
+    const uint16_t u = n < N && k0 + c < R ? up[static_cast<int64_t>(n) * R + k0 + c] : 0;
+    *reinterpret_cast<uint16_t*>(smem + (part ? kLrBlo : kLrBhi) + lr_swz(row, c / 8) + 2 * (c % 8)) = u;
+  }
+}
+
+// Low-rank branch on bf16 tensor cores into the same fp32 accumulators, from the staged operands: lora_act as
+// hi + lo bf16, proj_up as bf16 (plus its residual when the host split a wider dtype); k runs over R in steps of
+// 16, each step's MMAs in the order hi x hi, lo x hi, hi x lo. One m16 tile at a time keeps the live fragments
+// small next to the 128 accumulators. ldmatrix.x4 gives the m16n8k16 fragments: A rows wm + 16 mt + lane % 16,
+// chunk 2 ks + lane / 16; B rows wn + 16 j + 8 (lane / 16) + lane % 8, chunk 2 ks + (lane / 8) % 2 (n tiles 2j
+// and 2j + 1).
+__device__ __forceinline__ void low_rank_mma(float (&acc)[kMT][kNT][4], uint32_t smem0, int wm, int wn, int lane,
+                                             int k0, int R, bool has_lo) {
+#pragma unroll
+  for (int ks = 0; ks < kLrChunk / 16; ++ks) {
+    if (k0 + 16 * ks >= R) break;
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
       uint32_t ah[4], al[4];
+      const int a = lr_swz(wm + mt * 16 + lane % 16, 2 * ks + lane / 16);
+      ldmatrix_x4(ah, smem0 + kLrAhi + a);
+      ldmatrix_x4(al, smem0 + kLrAlo + a);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {  // a_i: row grp + 8 (i % 2), cols 2t, 2t + 1 (+ 8 for i >= 2)
-        const int m = m0 + wm + mt * 16 + grp + 8 * (i % 2), k = k0 + 2 * t + 8 * (i / 2);
-        const float* p = lora_act + static_cast<int64_t>(m) * R + k;
-        const bool ok = m < M;
-        split_bf16x2(ok && k < R ? p[0] : 0.f, ok && k + 1 < R ? p[1] : 0.f, ah[i], al[i]);
-      }
+      for (int j = 0; j < kNT / 2; ++j) {
+        const int b = lr_swz(wn + 16 * j + 8 * (lane / 16) + lane % 8, 2 * ks + (lane / 8) % 2);
+        uint32_t bh[4], bl[4];  // bl: read only when has_lo (no zeroing: 16 instructions per k16 step)
+        ldmatrix_x4(bh, smem0 + kLrBhi + b);
+        if (has_lo) ldmatrix_x4(bl, smem0 + kLrBlo + b);
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        const int n = n0 + wn + nt * 8 + grp;
-        uint32_t bh[2], bl[2] = {0u, 0u};
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {  // b_i: rows (k) 2t, 2t + 1 (+ 8 for i = 1), column grp
-          const int k = k0 + 2 * t + 8 * i;
-          const int64_t o = static_cast<int64_t>(n) * R + k;
-          const __nv_bfloat16 z = __float2bfloat16_rn(0.f);
-          const bool ok0 = n < N && k < R, ok1 = n < N && k + 1 < R;
-          bh[i] = bf16x2_bits(__halves2bfloat162(ok0 ? up_hi[o] : z, ok1 ? up_hi[o + 1] : z));
-          if (up_lo != nullptr) bl[i] = bf16x2_bits(__halves2bfloat162(ok0 ? up_lo[o] : z, ok1 ? up_lo[o + 1] : z));
+        for (int h = 0; h < 2; ++h) {
+          float(&c)[4] = acc[mt][2 * j + h];
+          mma_bf16(c, ah, bh[2 * h], bh[2 * h + 1]);
+          mma_bf16(c, al, bh[2 * h], bh[2 * h + 1]);
+          if (has_lo) mma_bf16(c, ah, bl[2 * h], bl[2 * h + 1]);
         }
-        mma_bf16(acc[mt][nt], ah, bh[0], bh[1]);
-        mma_bf16(acc[mt][nt], al, bh[0], bh[1]);
-        if (up_lo != nullptr) mma_bf16(acc[mt][nt], ah, bl[0], bl[1]);
       }
     }
   }
+}
 
-  // Bias into the accumulators; then the gate/residual epilogue (one loop per output dtype, chosen once); then
-  // packed stores: each thread writes (c0, c1) and (c2, c3) as one bf16x2 / half2 / float2.
+// The tile's epilogue: the low-rank branch, bias, the partial/gate/residual epilogue when kExtras (for TOut alone),
+// and packed stores: each thread writes (c0, c1) and (c2, c3) as one bf16x2 / half2 / float2 (out's rows are ldo
+// elements apart, ldo even, so every pair is aligned). One kernel instance per output dtype and kExtras: the
+// plain GEMM carries none of the extras' code, and no instance a dtype switch per element.
+template <typename TOut, bool kExtras>
+__device__ __forceinline__ void epilogue(float (&acc)[kMT][kNT][4], uint8_t* smem, int tid, int m0, int n0, int wm,
+                                         int wn, const float* __restrict__ lora_act,
+                                         const __nv_bfloat16* __restrict__ up_hi,
+                                         const __nv_bfloat16* __restrict__ up_lo, const void* __restrict__ bias,
+                                         DType bt, TOut* __restrict__ out, int ldo, const void* __restrict__ partial,
+                                         const void* __restrict__ residual, const void* __restrict__ gate,
+                                         int rows_per_gate, int M, int N, int R) {
+  __builtin_assume(tid >= 0 && tid < kThreads);  // (reread by inline asm: lets / and % by 2^k be shifts and masks)
+  const int lane = tid % 32, grp = lane / 4, t = lane % 4;
+  const uint32_t smem0 = smem_addr(smem);
+  const bool vec = R % 8 == 0 && ((reinterpret_cast<uintptr_t>(lora_act) | reinterpret_cast<uintptr_t>(up_hi) |
+                                   reinterpret_cast<uintptr_t>(up_lo)) % 16) == 0;
+  __syncthreads();  // every warp is done with the pipeline's stages
+  if (bias != nullptr && tid < kBN)
+    reinterpret_cast<float*>(smem + kBiasOff)[tid] = n0 + tid < N ? load_float(bias, bt, n0 + tid) : 0.f;
+  for (int k0 = 0;; k0 += kLrChunk) {
+    if (k0 < R) stage_low_rank(smem, tid, m0, n0, k0, lora_act, up_hi, up_lo, M, N, R, vec);
+    __syncthreads();
+    if (k0 >= R) break;
+    low_rank_mma(acc, smem0, wm, wn, lane, k0, R, up_lo != nullptr);
+    if (k0 + kLrChunk >= R) break;
+    __syncthreads();  // this pass's operands are read before the next pass overwrites them
+  }
+
   if (bias != nullptr) {
+    const float* bias_s = reinterpret_cast<const float*>(smem + kBiasOff);
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
-      const int n = n0 + wn + nt * 8 + 2 * t;
-      const float b0 = n < N ? load_float(bias, bt, n) : 0.f, b1 = n + 1 < N ? load_float(bias, bt, n + 1) : 0.f;
+      const float2 b = *reinterpret_cast<const float2*>(bias_s + wn + nt * 8 + 2 * t);
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mt][nt][e] += e % 2 ? b1 : b0;
+        for (int e = 0; e < 4; ++e) acc[mt][nt][e] += e % 2 ? b.y : b.x;
     }
   }
-  if constexpr (!std::is_void_v<TExtras>)
-    partial_gate_residual<TExtras>(acc, m0 + wm + grp, n0 + wn + 2 * t, partial, residual, gate, rows_per_gate, M, N);
-  const bool pairs = (N % 2) == 0;  // 4- or 8-byte aligned pairs
+  if constexpr (kExtras)
+    partial_gate_residual<TOut>(acc, m0 + wm + grp, n0 + wn + 2 * t, partial, residual, gate, rows_per_gate, M, N,
+                                ldo);
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
     const int n = n0 + wn + nt * 8 + 2 * t;
@@ -152,26 +275,7 @@ __device__ __forceinline__ void epilogue(float (&acc)[kMT][kNT][4], int m0, int 
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int m = m0 + wm + mt * 16 + grp + 8 * h;
-        if (m >= M || n >= N) continue;
-        const float y0 = acc[mt][nt][2 * h], y1 = acc[mt][nt][2 * h + 1];
-        const int64_t o = static_cast<int64_t>(m) * N + n;
-        if (pairs) {
-          switch (ot) {
-            case DType::F32: *reinterpret_cast<float2*>(static_cast<float*>(out) + o) = make_float2(y0, y1); break;
-            case DType::F16: *reinterpret_cast<__half2*>(static_cast<__half*>(out) + o) = __floats2half2_rn(y0, y1); break;
-            default:
-              *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(out) + o) = __floats2bfloat162_rn(y0, y1);
-          }
-        } else {
-          for (int j = 0; j < 2 && n + j < N; ++j) {
-            const float y = j ? y1 : y0;
-            switch (ot) {
-              case DType::F32: static_cast<float*>(out)[o + j] = y; break;
-              case DType::F16: static_cast<__half*>(out)[o + j] = __float2half_rn(y); break;
-              default: static_cast<__nv_bfloat16*>(out)[o + j] = __float2bfloat16_rn(y);
-            }
-          }
-        }
+        if (m < M && n < N) store2(out + static_cast<int64_t>(m) * ldo + n, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
       }
   }
 }
@@ -192,7 +296,8 @@ __device__ __forceinline__ TileCoords tile_coords(int block, int warp, int M, in
 }
 
 // %tid.x / %ctaid.x read again after the main loop: recomputing the epilogue's coordinates is cheaper than
-// keeping them in registers (or spilling them) across the loop that needs all 255.
+// keeping them in registers (or spilling them) across the loop that needs nearly all 168 (tried: 2 more live
+// registers there cost more instructions than the recomputation).
 __device__ __forceinline__ int reread_tid() {
   int v;
   asm volatile("mov.u32 %0, %%tid.x;" : "=r"(v));
@@ -204,13 +309,13 @@ __device__ __forceinline__ int reread_ctaid() {
   return v;
 }
 
-template <bool kUnsigned, typename TExtras>
+template <bool kUnsigned, typename TOut, bool kExtras>
 __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
     const uint8_t* __restrict__ qx, const float* __restrict__ ascales, int as_m, int as_g,
     const uint8_t* __restrict__ qw, const float* __restrict__ wscales, int ws_n, int ws_g,
     const float* __restrict__ lora_act, const __nv_bfloat16* __restrict__ up_hi,
-    const __nv_bfloat16* __restrict__ up_lo, const void* __restrict__ bias, DType bt, void* __restrict__ out,
-    DType ot, const void* __restrict__ partial, const void* __restrict__ residual, const void* __restrict__ gate,
+    const __nv_bfloat16* __restrict__ up_lo, const void* __restrict__ bias, DType bt, TOut* __restrict__ out,
+    int ldo, const void* __restrict__ partial, const void* __restrict__ residual, const void* __restrict__ gate,
     int rows_per_gate, int M, int N, int K, int R) {
   extern __shared__ __align__(16) uint8_t smem[];
   const uint32_t smem0 = smem_addr(smem);
@@ -341,22 +446,36 @@ __global__ void __launch_bounds__(kThreads, 1) w4a4_gemm_kernel(
   cp_async_wait<0>();
 
   {
-    const int tid2 = reread_tid(), lane2 = tid2 % 32;
+    const int tid2 = reread_tid();
     const TileCoords tc2 = tile_coords(reread_ctaid(), tid2 / 32, M, N);
-    epilogue<TExtras>(acc, tc2.m0, tc2.n0, tc2.wm, tc2.wn, lane2 / 4, lane2 % 4, lora_act, up_hi, up_lo, bias, bt, out, ot,
-             partial, residual, gate, rows_per_gate, M, N, R);
+    epilogue<TOut, kExtras>(acc, smem, tid2, tc2.m0, tc2.n0, tc2.wm, tc2.wn, lora_act, up_hi, up_lo, bias, bt, out,
+                            ldo, partial, residual, gate, rows_per_gate, M, N, R);
   }
 }
 
-// The kernel instance of a call: without the epilogue, or with it for the output's dtype.
-template <bool kUnsigned>
-auto gemm_instance(bool extras, DType ot) {
-  if (!extras) return w4a4_gemm_kernel<kUnsigned, void>;
-  switch (ot) {
-    case DType::F32: return w4a4_gemm_kernel<kUnsigned, float>;
-    case DType::F16: return w4a4_gemm_kernel<kUnsigned, __half>;
-    default: return w4a4_gemm_kernel<kUnsigned, __nv_bfloat16>;
+// One instance's launch. More than 48 KB of dynamic shared memory needs an opt-in, once per kernel and device
+// (not a stream operation, but done once so that launches inside a CUDA-graph capture make no other API call).
+template <bool kUnsigned, typename TOut, bool kExtras>
+cudaError_t launch(int tiles, cudaStream_t stream, const uint8_t* qx, const float* ascales, int as_m, int as_g,
+                   const uint8_t* qweight, const float* wscales, int ws_n, int ws_g, const float* lora_act,
+                   const __nv_bfloat16* up_hi, const __nv_bfloat16* up_lo, const void* bias, DType bt, void* out,
+                   int ldo, const void* partial, const void* residual, const void* gate, int rows_per_gate, int M,
+                   int N, int K, int R) {
+  static std::atomic<uint64_t> opted_in{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  auto kernel = w4a4_gemm_kernel<kUnsigned, TOut, kExtras>;
+  const uint64_t bit = uint64_t{1} << (device % 64);
+  if ((opted_in.load() & bit) == 0) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (err != cudaSuccess) return err;
+    opted_in.fetch_or(bit);
   }
+  kernel<<<tiles, kThreads, kSmemBytes, stream>>>(qx, ascales, as_m, as_g, qweight, wscales, ws_n, ws_g, lora_act,
+                                                  up_hi, up_lo, bias, bt, static_cast<TOut*>(out), ldo, partial,
+                                                  residual, gate, rows_per_gate, M, N, K, R);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -364,36 +483,30 @@ auto gemm_instance(bool extras, DType ot) {
 cudaError_t w4a4_gemm(const uint8_t* qx, const float* ascales, int64_t as_m, int64_t as_g, const uint8_t* qweight,
                       const float* wscales, int64_t ws_n, int64_t ws_g, const float* lora_act,
                       const __nv_bfloat16* up_hi, const __nv_bfloat16* up_lo, const void* bias, DType bt, void* out,
-                      DType ot, const void* partial, const void* residual, const void* gate, int rows_per_gate, int M,
-                      int N, int K, int R, bool is_unsigned, cudaStream_t stream) {
+                      DType ot, int64_t ldo, const void* partial, const void* residual, const void* gate,
+                      int rows_per_gate, int M, int N, int K, int R, bool is_unsigned, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
-  if (K % kGroup != 0) return cudaErrorInvalidValue;
+  if (K % kGroup != 0 || ldo % 2 != 0 || ldo < N) return cudaErrorInvalidValue;
   if (residual != nullptr && (gate == nullptr || rows_per_gate <= 0 || M % rows_per_gate != 0)) return cudaErrorInvalidValue;
   // 32-bit offsets inside the kernel (ops.cpp reports these limits with a clear message)
   const int64_t lim = int64_t{1} << 31;
-  if (int64_t{M} * K / 2 >= lim || int64_t{N} * K / 2 >= lim) return cudaErrorInvalidValue;
+  if (int64_t{M} * K / 2 >= lim || int64_t{N} * K / 2 >= lim || ldo >= lim) return cudaErrorInvalidValue;
   if ((M + kBM) * (as_m < 0 ? -as_m : as_m) + (K / kGroup) * (as_g < 0 ? -as_g : as_g) >= lim) return cudaErrorInvalidValue;
   if ((N + kBN) * (ws_n < 0 ? -ws_n : ws_n) + (K / kGroup) * (ws_g < 0 ? -ws_g : ws_g) >= lim) return cudaErrorInvalidValue;
   const int tiles = ((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN);
   const bool extras = partial != nullptr || residual != nullptr;
-  auto kernel = is_unsigned ? gemm_instance<true>(extras, ot) : gemm_instance<false>(extras, ot);
-  const int instance = 4 * is_unsigned + (extras ? 1 + static_cast<int>(ot) : 0);
-  // More than 48 KB of dynamic shared memory needs an opt-in, once per kernel and device (not a stream
-  // operation, but done once so that launches inside a CUDA-graph capture make no other API call).
-  static std::atomic<uint64_t> opted_in[8];
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = uint64_t{1} << (device % 64);
-  if ((opted_in[instance].load() & bit) == 0) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (err != cudaSuccess) return err;
-    opted_in[instance].fetch_or(bit);
-  }
-  kernel<<<tiles, kThreads, kSmemBytes, stream>>>(qx, ascales, static_cast<int>(as_m), static_cast<int>(as_g), qweight, wscales, static_cast<int>(ws_n),
-                                                  static_cast<int>(ws_g), lora_act, up_hi, up_lo, bias, bt, out, ot, partial, residual, gate,
-                                                  rows_per_gate, M, N, K, R);
-  return cudaGetLastError();
+#define SVDQ_LAUNCH(U, T, E)                                                                                         \
+  launch<U, T, E>(tiles, stream, qx, ascales, static_cast<int>(as_m), static_cast<int>(as_g), qweight, wscales,      \
+                  static_cast<int>(ws_n), static_cast<int>(ws_g), lora_act, up_hi, up_lo, bias, bt, out,             \
+                  static_cast<int>(ldo), partial, residual, gate, rows_per_gate, M, N, K, R)
+#define SVDQ_LAUNCH_DTYPE(U, E)                                            \
+  (ot == DType::F32   ? SVDQ_LAUNCH(U, float, E)                           \
+   : ot == DType::F16 ? SVDQ_LAUNCH(U, __half, E)                          \
+                      : SVDQ_LAUNCH(U, __nv_bfloat16, E))
+  if (is_unsigned) return extras ? SVDQ_LAUNCH_DTYPE(true, true) : SVDQ_LAUNCH_DTYPE(true, false);
+  return extras ? SVDQ_LAUNCH_DTYPE(false, true) : SVDQ_LAUNCH_DTYPE(false, false);
+#undef SVDQ_LAUNCH_DTYPE
+#undef SVDQ_LAUNCH
 }
 
 }  // namespace svdq
