@@ -197,6 +197,7 @@ class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
         temb: torch.Tensor,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
+        """The block on the joint sequence ``[B, text + image, D]``: the next block's input."""
         attn = self.attn
         residual = hidden_states
         shift_msa, scale_msa, gate_msa = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
