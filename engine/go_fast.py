@@ -8,21 +8,21 @@ What gets compiled and when (see docs/architecture.md for the measured counts):
   final norm and projection stay eager. Blocks of one class share their code, and dynamo
   inlines their parameters as graph inputs, so the graphs of a block class serve every block of
   it: the compile traces one double and one single block instead of the whole model (57
-  blocks), which is what makes it cheap enough for a cold start. The single blocks take two
-  graphs per shape: the first gets the last double block's contiguous output, the others a
-  slice of the previous single block's joint sequence (another stride; counted on the tiny
-  model: 3 graphs per shape class, 1 double + 2 single). Switching go_fast off for a
+  blocks), which is what makes it cheap enough for a cold start. Every single block gets the
+  joint (text, image) sequence as one contiguous tensor (SVDQFluxTransformer2DModel.forward
+  forms it once), so one graph per shape serves them all (counted on the tiny model: 2 graphs
+  per shape class, 1 double + 1 single). Switching go_fast off for a
   request runs the same modules with ``torch.compiler.set_stance("force_eager")``
   (:meth:`GoFast.disabled`);
 * the image sequence length (the output size) and the batch are symbolic, so every size x
   batch combination the inputs allow shares a graph. Batch 1 is specialised by torch (sizes 0
-  and 1 always are), so batch 1 and batch 2-4 are two shape classes (6 graphs). Parameters and
+  and 1 always are), so batch 1 and batch 2-4 are two shape classes (4 graphs). Parameters and
   buffers keep static shapes (torch's default, which keeps the weights' kernels specialised),
-  so a LoRA, whose factors widen the low-rank buffers, adds 6 graphs per distinct LoRA rank;
+  so a LoRA, whose factors widen the low-rank buffers, adds 4 graphs per distinct LoRA rank;
 * ``FluxService.warm_up()`` compiles the base graphs at setup (default size, batch 1 first),
   so no request pays a compile unless it brings a shape nothing has covered (a new LoRA
   rank); that compile is logged with its shape and time, as a warning;
-* the recompile limit is raised (64 per block class: the base graphs and 15 LoRA ranks) and a recompile past
+* the recompile limit is raised (64 per block class: the base graphs and 31 LoRA ranks) and a recompile past
   it raises ``GoFastError`` naming the shape (``fail_on_recompile_limit_hit``) instead of
   torch's default silent fall-back to eager; the service then runs that request eagerly and
   says so in a warning.
@@ -48,9 +48,9 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-# Graphs per compiled code object (the limit counts per block class): for the single blocks 4
-# (batch 1 and 2-4, each for the first block's contiguous input and the others' strided one),
-# 4 more per distinct LoRA rank; 64 allows 15 LoRA ranks. torch's default is 8.
+# Graphs per compiled code object (the limit counts per block class): 2 (batch 1 and 2-4), 2 more
+# per distinct LoRA rank; 64 allows 31 LoRA ranks (15 when the single blocks took two graphs per
+# shape, before issue 26). torch's default is 8.
 RECOMPILE_LIMIT = 64
 
 

@@ -302,11 +302,50 @@ def test_gate_residual_epilogue_against_diffusers_block_forwards(tiny_model_dir,
             got = block(*args, **kwargs)
             want = step_by_step(lambda b=block, a=args, kw=kwargs: b(*a, **kw))
         for g, w in zip(got, want, strict=True):
-            if isinstance(block, FusedFluxTransformerBlock):
+            if g is None:  # the single block called on the joint sequence returns (None, joint)
+                assert w is None and kwargs["encoder_hidden_states"] is None
+            elif isinstance(block, FusedFluxTransformerBlock):
                 assert torch.equal(g, w)
             else:
                 assert relative_error(g.float(), w.float()) < 1e-3
                 assert (g != w).float().mean() < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_joint_sequence_formed_once_gives_diffusers_forward_bit_for_bit(tiny_model_dir, transformer_inputs, dtype):
+    """SVDQFluxTransformer2DModel.forward concatenates (text, image) once for all single blocks;
+    diffusers' forward (the path before issue 26) hands every single block the two streams and
+    each block concatenates and splits: the same velocity bit for bit, at batch 1 and 2, with and
+    without a LoRA, and one concatenation of the joint sequence per step instead of one per block."""
+    from diffusers import FluxTransformer2DModel
+    from go_fast_compiles import set_lora
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = load_transformer(tiny_model_dir / CHECKPOINT_NAME)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    one = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in transformer_inputs.items()}
+    two = {**one, **{k: torch.cat([one[k], one[k].flip(1) if one[k].ndim == 3 else one[k]])
+                     for k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")}}  # fmt: skip
+    joint_len = one["hidden_states"].shape[1] + one["encoder_hidden_states"].shape[1]
+
+    class Joints(TorchDispatchMode):  # counts the concatenations that write a joint sequence
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.n += func is torch.ops.aten.cat.default and out.ndim == 3 and out.shape[1] == joint_len
+            return out
+
+    for rank in (None, 4):
+        set_lora(model, rank)
+        for inputs in (one, two):
+            with Joints() as ours:
+                got = velocity(model, inputs)
+            with Joints() as theirs, torch.no_grad():
+                want = FluxTransformer2DModel.forward(model, **inputs)[0]
+            assert torch.equal(got, want)
+            assert (ours.n, theirs.n) == (1, len(model.single_transformer_blocks))
 
 
 @pytest.mark.slow

@@ -31,20 +31,47 @@ def test_attention_flops_do_not_depend_on_the_layout():
 
 def test_the_tracer_sees_the_launches_count_launches_counts():
     """Same skeleton, same stand-in for attention: the per-block op lists agree with the launch counter's
-    figures for the fused blocks (22 per double block, 11 per single block, since issue 26's GEMM
-    epilogue took the gates and residual adds; 30 and 14 before)."""
+    figures for the fused blocks (22 per double block, 10 per single block, since issue 26's GEMM
+    epilogue took the gates and residual adds and the model's forward the single block's
+    concatenation; 30 and 14 before)."""
     ops = image_trace.trace_transformer(True, batch=1, size=256, text_tokens=64)
     per_kind = {
         kind: sum(op.where == kind for op in ops) / n
         for kind, n in image_trace.cl.FLUX_SCHNELL_BLOCKS.items()
     }
-    assert per_kind == {"transformer_blocks": 22, "single_transformer_blocks": 11}
+    assert per_kind == {"transformer_blocks": 22, "single_transformer_blocks": 10}
     gemms = [op for op in ops if op.name == "svdq.w4a4_gemm"]
     assert len(gemms) == 19 * 8 + 38 * 3
     # every GEMM is priced from its real (M, K, N): the image stream's M is the token count
     assert {op.args[0].shape[0] for op in gemms} == {256, 64, 320}
     attn = [op for op in ops if op.name == "count_launches.flash_attention"]
     assert len(attn) == 57 and all(op.args[0].shape[2] == 320 for op in attn)  # [B, H, S, D]
+
+
+def test_the_single_blocks_concatenation_lever_is_read_from_the_trace(monkeypatch):
+    """In the code: one concatenation of the joint (text, image) sequence per step, outside the blocks,
+    and the lever's saving is the other single blocks' copies of it. With diffusers' model forward
+    (each block concatenates, as before issue 26) the trace has one per single block, priced as the
+    saving, and the lever is not in the code."""
+    from diffusers import FluxTransformer2DModel
+
+    from engine.flux.model import SVDQFluxTransformer2DModel
+
+    def lever() -> tuple[float, str, bool, int]:
+        ops = image_trace.trace_transformer(True, batch=1, size=256, text_tokens=64)
+        cats = sum(op.name == "aten.cat" and op.where == "single_transformer_blocks" for op in ops)
+        return (*image_model.joint_concat_lever(ops, "A40"), cats)
+
+    joint = torch.empty(1, 64 + 256, 3072, dtype=torch.bfloat16, device="meta")
+    one = image_price.price(
+        image_trace.Op("aten.cat", "single_transformer_blocks", [], joint.nbytes, joint.nbytes, 0),
+        "A40", None, compiled=True, sage=True,
+    )  # fmt: skip
+    saved, how, applied, cats = lever()
+    assert applied and cats == 0 and saved == pytest.approx(37 * one) and "once per step" in how
+    monkeypatch.setattr(SVDQFluxTransformer2DModel, "forward", FluxTransformer2DModel.forward)
+    saved, how, applied, cats = lever()
+    assert not applied and cats == 38 and saved == pytest.approx(38 * one) and "38 torch.cat" in how
 
 
 def test_sage_preparation_bytes_follow_the_tensor_size():
@@ -65,7 +92,7 @@ def test_under_sage_the_trace_has_the_fused_preparation_and_prices_its_bytes():
     per_kind = {
         kind: sum(op.where == kind for op in ops) / n for kind, n in image_trace.cl.FLUX_SCHNELL_BLOCKS.items()
     }
-    assert per_kind == {"transformer_blocks": 22, "single_transformer_blocks": 11}  # with the gated epilogues
+    assert per_kind == {"transformer_blocks": 22, "single_transformer_blocks": 10}  # with the gated epilogues
     names = {op.name for op in ops}
     assert {"svdq.qk_norm_rope_sage", "svdq.sage_attention_int8"} <= names
     assert not {"svdq.qk_norm_rope", "count_launches.flash_attention"} & names

@@ -24,7 +24,8 @@ between the quantized linears folded into as few launches as possible:
   op emits sage's int8 inputs itself: ``kernels.qk_norm_rope_sage``).
 
 A float layer (the quantizer's fused float model) takes the same steps unfused. diffusers'
-``FluxTransformer2DModel.forward`` drives the blocks unchanged.
+``FluxTransformer2DModel.forward`` drives the blocks unchanged; ``SVDQFluxTransformer2DModel``'s
+drives the single blocks on the joint sequence, formed once (``FusedFluxSingleTransformerBlock``).
 """
 
 from __future__ import annotations
@@ -160,20 +161,44 @@ def _feed_forward(
 
 
 class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
-    """diffusers' single block with ``to_qkv_mlp`` and a two-part ``proj_out`` (see module doc)."""
+    """diffusers' single block with ``to_qkv_mlp`` and a two-part ``proj_out`` (see module doc),
+    on the joint (text, image) sequence.
+
+    The block's work is over the joint sequence as one tensor: its input feeds the projection and is
+    the residual, and its output (the GEMM epilogue's) is the next block's input. So the joint
+    sequence is formed once, by the model's forward (``SVDQFluxTransformer2DModel.forward``: one
+    concatenation after the double blocks, one split after the single blocks), and passed as
+    ``hidden_states`` with ``encoder_hidden_states=None``; no block writes a concatenation (about
+    27 MB per block at 1024x1024). Called as diffusers' model forward calls it (the two streams),
+    the block concatenates and splits itself, as diffusers' block does.
+    """
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
         temb: torch.Tensor,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(text, image)`` out of the two streams, or ``(None, joint)`` out of the joint sequence
+        given as ``hidden_states`` with ``encoder_hidden_states=None``."""
         _check_kwargs(joint_attention_kwargs)
-        attn = self.attn
+        if encoder_hidden_states is None:
+            return None, self._joint_forward(hidden_states, temb, image_rotary_emb)
         text_seq_len = encoder_hidden_states.shape[1]
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        joint = self._joint_forward(joint, temb, image_rotary_emb)
+        return joint[:, :text_seq_len], joint[:, text_seq_len:]
+
+    def _joint_forward(
+        self,
+        hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """The block on the joint sequence ``[B, text + image, D]``: the next block's input."""
+        attn = self.attn
         residual = hidden_states
         shift_msa, scale_msa, gate_msa = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
 
@@ -199,7 +224,7 @@ class FusedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
             hidden_states = residual + gate_msa.unsqueeze(1) * out
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
-        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+        return hidden_states
 
 
 def fused_siblings(block: nn.Module) -> dict[str, list[tuple[str, int]]]:

@@ -1,8 +1,11 @@
 """The quantized transformer as a diffusers citizen: save/load round trip and the LoRA API.
 
 ``SVDQFluxTransformer2DModel`` is diffusers' ``FluxTransformer2DModel`` (same ``__init__``,
-config, module names and ``forward``) with our linears swapped in by ``load_transformer``.
+config, module names and arithmetic) with our linears swapped in by ``load_transformer``.
 It overrides what the stock class cannot do for a 4-bit model:
+
+* ``forward`` is diffusers' with the joint (text, image) sequence of the fused single blocks
+  formed once, not in every block (see ``forward``);
 
 * ``save_pretrained`` writes our checkpoint format (``svdq-transformer.safetensors``) and a
   ``config.json`` whose ``quantization_config`` names a method diffusers does not know, so
@@ -24,8 +27,11 @@ from typing import ClassVar
 
 import torch
 from diffusers import FluxTransformer2DModel
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.utils.peft_utils import apply_lora_scale
 
 from engine.flux import checkpoint
+from engine.flux.blocks import FusedFluxSingleTransformerBlock
 from engine.flux.checkpoint import CheckpointError, read_metadata, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -47,6 +53,67 @@ class SVDQFluxTransformer2DModel(FluxTransformer2DModel):
     _FUSED: ClassVar[tuple[str, ...]] = ("FusedFluxTransformerBlock", "FusedFluxSingleTransformerBlock")
     _repeated_blocks: ClassVar[list[str]] = [*FluxTransformer2DModel._repeated_blocks, *_FUSED]
     _no_split_modules: ClassVar[list[str]] = [*FluxTransformer2DModel._no_split_modules, *_FUSED]
+
+    @apply_lora_scale("joint_attention_kwargs")  # as diffusers' forward: a PEFT "scale" taken out
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        pooled_projections: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        img_ids: torch.Tensor | None = None,
+        txt_ids: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        joint_attention_kwargs: dict | None = None,
+        controlnet_block_samples: list[torch.Tensor] | None = None,
+        controlnet_single_block_samples: list[torch.Tensor] | None = None,
+        return_dict: bool = True,
+        controlnet_blocks_repeat: bool = False,
+    ) -> torch.Tensor | Transformer2DModelOutput:
+        """diffusers' forward (0.42.1, same arguments and arithmetic), with the fused single blocks
+        driven on one joint (text, image) sequence: concatenated once after the double blocks and
+        split once after the single blocks, where diffusers' forward hands every single block the two
+        streams and each block concatenates them (38 copies of the sequence per step in FLUX.1).
+        The joint sequence lives here, not in the blocks, because only the model's loop sees the
+        first and the last single block. What this path leaves out (ControlNet residuals, IP-adapter
+        embeddings, gradient checkpointing, 3-D ids, diffusers' unfused single blocks of version-1
+        files) runs diffusers' forward unchanged."""
+        if (
+            controlnet_block_samples is not None
+            or controlnet_single_block_samples is not None
+            or (joint_attention_kwargs is not None and "ip_adapter_image_embeds" in joint_attention_kwargs)
+            or (torch.is_grad_enabled() and self.gradient_checkpointing)
+            or txt_ids.ndim != 2
+            or img_ids.ndim != 2
+            or not all(isinstance(b, FusedFluxSingleTransformerBlock) for b in self.single_transformer_blocks)
+        ):
+            return super().forward(
+                hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance,
+                joint_attention_kwargs=joint_attention_kwargs,
+                controlnet_block_samples=controlnet_block_samples,
+                controlnet_single_block_samples=controlnet_single_block_samples,
+                return_dict=return_dict,
+                controlnet_blocks_repeat=controlnet_blocks_repeat,
+            )  # fmt: skip
+        hidden_states = self.x_embedder(hidden_states)
+        timestep = timestep.to(hidden_states.dtype) * 1000
+        if guidance is None:
+            temb = self.time_text_embed(timestep, pooled_projections)
+        else:
+            temb = self.time_text_embed(timestep, guidance.to(hidden_states.dtype) * 1000, pooled_projections)
+        encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+        image_rotary_emb = self.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+        block_kwargs = {"temb": temb, "image_rotary_emb": image_rotary_emb, "joint_attention_kwargs": joint_attention_kwargs}
+        for block in self.transformer_blocks:
+            encoder_hidden_states, hidden_states = block(
+                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, **block_kwargs
+            )
+        text_seq_len = encoder_hidden_states.shape[1]
+        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        for block in self.single_transformer_blocks:
+            _, joint = block(hidden_states=joint, encoder_hidden_states=None, **block_kwargs)
+        output = self.proj_out(self.norm_out(joint[:, text_seq_len:], temb))
+        return Transformer2DModelOutput(sample=output) if return_dict else (output,)
 
     # --- save / load ----------------------------------------------------------------------------
 
