@@ -22,8 +22,11 @@ sage, for head dims 64 and 128, SageAttention's preparation runs inside the rope
 its int8 kernel (``kernels.sage_attention_int8``), which reads V where the projection wrote it
 (bf16, the text and image parts of a double block as two tensors) and rounds it to fp16 in
 registers: no fp16 copy of V is written or read, and the result is bit for bit what
-:func:`sage_attention` gives (the package's kernel on ``v.to(float16)``). Head dim 96 keeps the
-package's separate passes and its own kernel (:func:`attend`).
+:func:`sage_attention` gives. Both run our port, not the package's kernel, for head dims 64 and
+128: the package's kernel scores the padding keys of a last partial 64-key block 0 instead of
+-inf (10 of the 22 served sizes have such a block); ours gives them no weight, and equals the
+package's bit for bit where the sequence is a multiple of 64 (1024x1024). Head dim 96 keeps the
+package's separate passes and its own kernel, padding bug included (:func:`attend`).
 
 diffusers 0.42.1's own "sage" dispatch backend needs ``sageattention>=2.1.1`` (its
 ``_REQUIRED_SAGE_VERSION``), whose CUDA kernels are not on PyPI (1.0.6 is the newest there), so
@@ -163,10 +166,14 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """SageAttention 1.0.6, non-causal, on [B, S, H, D] (its "NHD"); [B, S, H, D] contiguous, q's dtype.
 
-    The steps of ``sageattention.core.sageattn(q, k, v, tensor_layout="NHD")`` with the package's
-    own kernels, except that K's mean is subtracted out of place (``sageattn`` does ``k -= km``
-    on the caller's tensor, which a custom op may not) and CUDA is not asserted, so the same
-    kernels run on a CPU under TRITON_INTERPRET=1 (tests).
+    The steps of ``sageattention.core.sageattn(q, k, v, tensor_layout="NHD")``: the package's
+    per-block int8 quantization, then, for head dims 64 and 128, our port of its kernel
+    (``kernels.sage_attention_int8``: V read in place, and the padding keys of a last partial
+    64-key block weighing nothing, where the package's kernel scores them 0 - see
+    engine/kernels/triton/attention.py); a 96 head runs the package's own kernel, padding bug
+    included. K's mean is subtracted out of place (``sageattn`` does ``k -= km`` on the caller's
+    tensor, which a custom op may not) and CUDA is not asserted, so the same kernels run on a CPU
+    under TRITON_INTERPRET=1 (tests).
     """
     from sageattention.attn_qk_int8_per_block import forward as attn_fwd
     from sageattention.attn_qk_int8_per_block_h96 import forward as attn_fwd_h96
@@ -175,6 +182,9 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     k = k - k.mean(dim=1, keepdim=True)  # smooth_k: softmax is invariant to it, int8 K is not
+    if q.shape[-1] in FUSED_PREP_HEAD_DIMS:
+        q8, q_scale, k8, k_scale = per_block_int8(q, k, tensor_layout="NHD")
+        return kernels.sage_attention_int8(q8, q_scale, k8, k_scale, [v], out_dtype=q.dtype)
     v16 = v.to(torch.float16)
     if q.shape[-1] == 96:
         q8, q_scale, k8, k_scale = per_block_int8_hd96(q, k, tensor_layout="NHD")

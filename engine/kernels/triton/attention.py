@@ -19,9 +19,14 @@ Per program: BLOCK_M = 128 queries of one (head, image); per BLOCK_N = 64 keys::
     acc   = acc * alpha + fp32(fp16(p) @ fp16(v))            (the dot accumulates in fp16)
     out   = acc / l                                          (after the last key block)
 
-Keys past S_kv are loaded as 0, as in the package's kernel: their score is 0 (not -inf) and
-counts in ``l``; their V rows are 0. That is the package's behaviour where S_kv is not a multiple
-of 64, kept here so that the result is its result.
+Keys past S_kv (the last block's padding where S_kv is not a multiple of 64) score -inf, so they
+weigh nothing. The package's kernel loads them as 0 and scores them 0, not -inf: they count in
+its ``l`` (and in its running max: where every real score of a row is below 0 its output is pulled
+towards 0). That is a bug at 10 of the 22 served sizes, whose token count is not a multiple of 64
+(e.g. 832x1216: 256 + 3952 = 4208 tokens), so here the result is
+the package's bit for bit only where S_kv is a multiple of 64 (FLUX's 1024x1024: 4352 tokens), and
+elsewhere the softmax over the real keys (tests/test_int8_attention.py). The mask is compiled in
+only for those sizes (MASK_KEYS).
 
 Two V sources (``v1`` given): rows [0, S0) come from v0, rows [S0, S_kv) from v1. Where S0 is a
 multiple of BLOCK_N (FLUX's text lengths), every key block lies in one source and the kernel
@@ -79,7 +84,7 @@ def _to_fp16(v, PAIRS_ASM: tl.constexpr):
 @triton.jit
 def _key_block(
     acc, l_i, m_i, q, q_scale, k8_ptr, ks_ptr, v_ptrs, v_ok, start_n, S_kv, stride_ks, offs_n, offs_d,
-    PAIRS_ASM: tl.constexpr,
+    PAIRS_ASM: tl.constexpr, MASK_KEYS: tl.constexpr,
 ):  # fmt: skip
     """One block of BLOCK_N keys: the online-softmax update of (acc, l_i, m_i)."""
     n = start_n + offs_n
@@ -88,6 +93,8 @@ def _key_block(
     )
     k_scale = tl.load(ks_ptr)
     s = tl.dot(q, k).to(tl.float32) * q_scale * k_scale  # [BM, BN]: int32 sums, then the two scales
+    if MASK_KEYS:  # S_kv % BLOCK_N != 0: the padding past S_kv weighs nothing (see the module doc)
+        s = tl.where((n < S_kv)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
@@ -131,6 +138,7 @@ def int8_attention_kernel(
     BLOCK_N: tl.constexpr,
     V_JOIN: tl.constexpr,  # ONE_SOURCE, BLOCK_JOINED or ROW_JOINED
     PAIRS_ASM: tl.constexpr,  # V is bf16 and the kernel compiled: the conversion in PTX
+    MASK_KEYS: tl.constexpr,  # S_kv % BLOCK_N != 0: scores past S_kv set to -inf
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -163,7 +171,7 @@ def int8_attention_kernel(
             v_ptrs = row[:, None] + offs_d[None, :]
             acc, l_i, m_i = _key_block(
                 acc, l_i, m_i, q, q_scale, k8, ks + start_n // BLOCK_N, v_ptrs, (n < S_kv)[:, None], start_n,
-                S_kv, stride_ks, offs_n, offs_d, PAIRS_ASM,
+                S_kv, stride_ks, offs_n, offs_d, PAIRS_ASM, MASK_KEYS,
             )  # fmt: skip
     else:
         # keys [0, end0) from v0; with two sources then [S0, S_kv) from v1 (S0 a multiple of BLOCK_N)
@@ -174,7 +182,7 @@ def int8_attention_kernel(
             v_ptrs = v0 + n[:, None].to(tl.int64) * stride_v0s + offs_d[None, :]
             acc, l_i, m_i = _key_block(
                 acc, l_i, m_i, q, q_scale, k8, ks + start_n // BLOCK_N, v_ptrs, (n < end0)[:, None], start_n,
-                S_kv, stride_ks, offs_n, offs_d, PAIRS_ASM,
+                S_kv, stride_ks, offs_n, offs_d, PAIRS_ASM, MASK_KEYS,
             )  # fmt: skip
         if V_JOIN == BLOCK_JOINED:
             for start_n in range(S0, S_kv, BLOCK_N):
@@ -183,7 +191,7 @@ def int8_attention_kernel(
                 v_ptrs = v1 + (n - S0)[:, None].to(tl.int64) * stride_v1s + offs_d[None, :]
                 acc, l_i, m_i = _key_block(
                     acc, l_i, m_i, q, q_scale, k8, ks + start_n // BLOCK_N, v_ptrs, (n < S_kv)[:, None],
-                    start_n, S_kv, stride_ks, offs_n, offs_d, PAIRS_ASM,
+                    start_n, S_kv, stride_ks, offs_n, offs_d, PAIRS_ASM, MASK_KEYS,
                 )  # fmt: skip
 
     out = acc / l_i[:, None]
@@ -248,6 +256,7 @@ def int8_attention(
         BLOCK_N=SAGE_BLOCK_K,
         V_JOIN=join,
         PAIRS_ASM=v0.dtype == torch.bfloat16 and not INTERPRET,
+        MASK_KEYS=s_kv % SAGE_BLOCK_K != 0,
         **launch_options(d, _major(q8.device)),
     )
     return out
