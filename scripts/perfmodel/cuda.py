@@ -15,7 +15,9 @@ memory 128 B/clock; all SMs share 696 GB/s of DRAM):
               epilogue, stores: issue-bound at warps * instructions / 4 clocks, not overlapped with the
               tensor pipe, every compiled path counted, once per tile; the low-rank pass loop once per
               kLrChunk ranks: once at rank 32); the instances priced are those a FLUX call launches
-              (bf16 output; s4/u4 plain, +epilogue with the partial/gate/residual epilogue);
+              (bf16 output; s4/u4 plain, +epilogue with the partial/gate/residual epilogue), each on the
+              CTA tile the host takes by M (192x128 with 12 warps, or 128x128 with 8 for M <= kSmallMaxM:
+              its own instances, counted alike);
               tiles run in waves of 84 * CTAs-per-SM; DRAM bytes follow the grouped CTA order (a wave reads
               kGroupTilesM A tile rows and the W tiles of its columns, once each); time = max(compute, DRAM).
   quantize_act issue time of its group loop on the busiest SM (CTAs of 32 rows spread over 84 SMs) vs. DRAM
