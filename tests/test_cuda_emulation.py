@@ -149,9 +149,12 @@ def emulate_gemm(
     up: np.ndarray,
     bias: np.ndarray | None,
     unsigned: bool,
+    small: bool = False,
 ) -> np.ndarray:
+    """``small``: the small-M tile (Tile<kSmallBM>), else the large one."""
+    tile = kernel_model.tile_config(PRM, small)
     bm, bn, wm_n, wn_n, stages, gm = (
-        PRM[k] for k in ("kBM", "kBN", "kWarpsM", "kWarpsN", "kStages", "kGroupTilesM")
+        tile[k] for k in ("kBM", "kBN", "kWarpsM", "kWarpsN", "kStages", "kGroupTilesM")
     )
     threads, warps = 32 * wm_n * wn_n, wm_n * wn_n
     mt_n, nt_n = bm // wm_n // 16, bn // wn_n // 8
@@ -314,10 +317,11 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.float().numpy()
 
 
-@pytest.mark.parametrize("unsigned", [False, True])
-def test_gemm_integer_part_is_bit_exact(unsigned):
-    """Unit scales, no low-rank, no bias: the emulated kernel returns the exact integer product (ragged M, N)."""
-    m, k, n = 133, 192, 141  # two tile rows and columns, both ragged
+@pytest.mark.parametrize("unsigned,small", [(False, False), (True, False), (False, True)])
+def test_gemm_integer_part_is_bit_exact(unsigned, small):
+    """Unit scales, no low-rank, no bias: the emulated kernel returns the exact integer product (ragged M, N),
+    with either tile (the small-M one: 8 warps, 128 rows)."""
+    m, k, n = 133, 192, 141  # two tile rows (of either tile) and columns, both ragged
     g = gemm_inputs(m, k, n, 0, unsigned=unsigned, bias=False, seed=3)
     ones_a, ones_w = np.ones((m, k // 64), np.float32), np.ones((n, k // 64), np.float32)
     y = emulate_gemm(
@@ -329,6 +333,7 @@ def test_gemm_integer_part_is_bit_exact(unsigned):
         np.zeros((n, 0), np.float32),
         None,
         unsigned,
+        small,
     )
     exact = {**g, "ascales": torch.ones(m, k // 64), "wscales": torch.ones(n, k // 64)}
     ref = reference.w4a4_gemm(**exact, unsigned=unsigned, out_dtype=torch.float32)
@@ -336,14 +341,15 @@ def test_gemm_integer_part_is_bit_exact(unsigned):
 
 
 @pytest.mark.parametrize(
-    "unsigned,r",
+    "unsigned,r,small",
     [
-        (False, 16),
-        pytest.param(True, 32, marks=pytest.mark.slow),
-        pytest.param(False, 40, marks=pytest.mark.slow),
+        (False, 16, False),
+        (False, 16, True),
+        pytest.param(True, 32, False, marks=pytest.mark.slow),
+        pytest.param(False, 40, False, marks=pytest.mark.slow),
     ],
 )
-def test_gemm_with_scales_low_rank_and_bias_matches_reference(unsigned, r):
+def test_gemm_with_scales_low_rank_and_bias_matches_reference(unsigned, r, small):
     m, k, n = 37, 128, 40
     g = gemm_inputs(m, k, n, r, unsigned=unsigned, seed=r)
     y = emulate_gemm(
@@ -355,6 +361,7 @@ def test_gemm_with_scales_low_rank_and_bias_matches_reference(unsigned, r):
         _np(g["proj_up"]),
         _np(g["bias"]),
         unsigned,
+        small,
     )
     ref = reference.w4a4_gemm(**g, unsigned=unsigned, out_dtype=torch.float32).numpy()
     # the group sums differ from the reference by fp32 rounding only; lora_act enters as bf16 hi + lo

@@ -47,22 +47,27 @@ def report(request):
 @pytest.mark.slow
 @needs_nvcc
 def test_resources_allow_the_designed_occupancy(report):
-    """GEMM: 1 CTA of 12 warps per SM (<= 168 registers, its pipeline's shared memory fits);
-    quantize_act: at least 2 CTAs of 4 warps per SM. No kernel spills or has a stack frame."""
+    """GEMM: 1 CTA of 12 warps per SM for the large tile (<= 168 registers), 1 of 8 warps for the small-M
+    tile (<= 255 registers), each pipeline's shared memory fits; quantize_act: at least 2 CTAs of 4 warps
+    per SM. No kernel spills or has a stack frame."""
     assert report.resources, "ptxas reported no kernels"
     for name, r in report.resources.items():
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, (name, r)
     p = report.params
-    gemm_threads = 32 * p["kWarpsM"] * p["kWarpsN"]
-    smem = kernel_model.gemm_smem_bytes(p)
-    assert gemm_threads == 384 and smem <= SMEM_PER_BLOCK[report.arch]
+    for small, threads_designed in ((False, 384), (True, 256)):
+        tp = kernel_model.tile_config(p, small)
+        gemm_threads = 32 * tp["kWarpsM"] * tp["kWarpsN"]
+        assert gemm_threads == threads_designed
+        assert kernel_model.gemm_smem_bytes(tp) <= SMEM_PER_BLOCK[report.arch]
+        instances = [r for n, r in report.resources.items() if "w4a4_gemm" in n and f"ELi{tp['kBM']}EE" in n]
+        assert len(instances) == 2 * 3 * 2, report.resources.keys()  # s4/u4 x fp32/fp16/bf16 x plain/+epilogue
+        for r in instances:
+            assert r["registers"] * gemm_threads <= 65536 and r["registers"] <= 255, r
+        assert kernel_model.gemm_ctas_per_sm(report, small=small) >= 1
     for name, r in report.resources.items():
-        if "w4a4_gemm" in name:
-            assert r["registers"] * gemm_threads <= 65536, r
         if "quantize_act" in name:
             per_cta = r["static_smem"], r["registers"] * 32 * p["kQWarps"]
             assert 2 * per_cta[0] <= 100 * 1024 and 2 * per_cta[1] <= 65536, (name, r)
-    assert kernel_model.gemm_ctas_per_sm(report) >= 1
 
 
 @pytest.mark.slow
@@ -70,8 +75,15 @@ def test_resources_allow_the_designed_occupancy(report):
 def test_gemm_main_loop_is_mma_bound_code(report):
     p = report.params
     mmas = (p["kBM"] // p["kWarpsM"] // 16) * (p["kBN"] // p["kWarpsN"] // 8)
-    assert set(report.gemm) == {"s4", "u4", "s4+epilogue", "u4+epilogue"}
-    for variant, loop in report.gemm.items():  # the epilogue instances too: the same main loop
+    small = kernel_model.tile_config(p, True)
+    # the small tile keeps the large one's warp tile: the same MMAs per warp and group
+    assert (small["kBM"] // small["kWarpsM"], small["kBN"] // small["kWarpsN"]) == (
+        p["kBM"] // p["kWarpsM"],
+        p["kBN"] // p["kWarpsN"],
+    )
+    base = {"s4", "u4", "s4+epilogue", "u4+epilogue"}
+    assert set(report.gemm) == base | {v + kernel_model.tile_label(p, True) for v in base}
+    for variant, loop in report.gemm.items():  # the epilogue and small-tile instances too: the same main loop
         c = loop.counts
         assert c["int4 MMA"] == mmas, (variant, c)
         assert c["int->float conversion"] == 0, "the magic-number conversion replaces cvt/I2F"
@@ -93,7 +105,8 @@ def test_gemm_main_loop_is_mma_bound_code(report):
 # every compiled path counted (the never-run padding after the last EXIT not), per instance (activation code x
 # output dtype x epilogue). Issue 26 took them from 4125 (plain) and 6595 (with the epilogue, 16-bit outputs)
 # on sm_80/86/89, when every launch carried every output dtype's and the odd-N paths and loaded the low-rank
-# operands 2 bytes at a time, to 1163 and 2341; the ceilings leave a little room, no more.
+# operands 2 bytes at a time, to 1163 and 2341; the ceilings leave a little room, no more. The small-M tile's
+# instances (8 warps: fewer staging iterations) compile to 1122 and 2305, under the same ceilings.
 NON_LOOP_CEILING = {"plain": 1200, "epilogue": 2400}
 
 
@@ -101,7 +114,7 @@ NON_LOOP_CEILING = {"plain": 1200, "epilogue": 2400}
 @needs_nvcc
 def test_gemm_code_outside_the_main_loop_stays_small(report):
     counts = report.gemm_other_by_instance
-    assert len(counts) == 2 * 3 * 2, counts  # s4/u4 x fp32/fp16/bf16 x plain/+epilogue
+    assert len(counts) == 2 * 3 * 2 * 2, counts  # s4/u4 x fp32/fp16/bf16 x plain/+epilogue x two tiles
     for name, n in counts.items():
         ceiling = NON_LOOP_CEILING["epilogue" if "+epilogue" in name else "plain"]
         assert 0 < n <= ceiling, (report.arch, name, n, ceiling)
@@ -137,6 +150,32 @@ def test_model_meets_the_targets_on_the_a40():
     # the committed table is the one the current kernels give
     committed = doc[doc.index(kernel_model.MARK_BEGIN) : doc.index(kernel_model.MARK_END)]
     assert committed.strip() == block[: block.index(kernel_model.MARK_END)].strip()
+
+
+@pytest.mark.slow
+@needs_nvcc
+def test_small_tile_threshold_is_where_the_model_stops_preferring_it():
+    """The host takes the small-M tile for M <= kSmallMaxM (w4a4_gemm.cu): on the text stream's shapes the
+    model puts it at least 15% ahead of the large tile at every M up to there, and the modelled time of
+    each M = 256 shape falls by a quarter or more; just above, the preference is no longer uniform (the large
+    tile wins at some M in the next 192 rows), which is where the host stops taking it."""
+    report = analysed("86")
+    p = report.params
+    text_shapes = kernel_model.TEXT_SHAPES
+
+    def ratio(m: int) -> float:
+        t = {
+            tile: sum(kernel_model.model_gemm(report, m, k, n, tile=tile)["time_us"] for k, n in text_shapes)
+            for tile in ("small", "large")
+        }
+        return t["small"] / t["large"]
+
+    assert all(ratio(m) <= 0.85 for m in range(16, p["kSmallMaxM"] + 1, 16))
+    assert any(ratio(m) > 1 for m in range(p["kSmallMaxM"] + 16, p["kSmallMaxM"] + 193, 16))
+    for k, n in text_shapes:
+        auto = kernel_model.model_gemm(report, kernel_model.TEXT_M, k, n)
+        large = kernel_model.model_gemm(report, kernel_model.TEXT_M, k, n, tile="large")
+        assert auto["tile"] != large["tile"] and auto["time_us"] <= 0.75 * large["time_us"], (k, n)
 
 
 def test_build_flags_leave_torchs_language_standard_alone():

@@ -121,6 +121,28 @@ def test_cuda_matches_reference(k, n, unsigned):
 
 @pytest.mark.gpu
 @sm8x
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_cuda_small_m_tile_is_bit_identical_to_the_large_tile(unsigned):
+    """The text stream's M = 256 takes the 128-row tile (M <= kSmallMaxM), M = 1024 the 192-row one: the
+    same rows come out bit for bit (same per-element order), with scales, the low-rank branch, bias and a
+    bf16 output; also through the gate/residual epilogue's instance."""
+    from engine.kernels import cuda as cb
+
+    big, small, k, n = 1024, 256, 3072, 3072
+    g = gemm_inputs(big, k, n, 32, unsigned=unsigned, device="cuda")
+    rows = {**g, "qx": g["qx"][:small], "ascales": g["ascales"][:small], "lora_act": g["lora_act"][:small]}
+    y = cb.w4a4_gemm(**g, unsigned=unsigned, out_dtype=torch.bfloat16)
+    assert torch.equal(cb.w4a4_gemm(**rows, unsigned=unsigned, out_dtype=torch.bfloat16), y[:small])
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    res = torch.randn(big, n, device="cuda", generator=gen).to(torch.bfloat16)
+    gate = torch.randn(1, n, device="cuda", generator=gen).to(torch.bfloat16)
+    h = cb.w4a4_gemm(**g, residual=res, gate=gate, unsigned=unsigned, out_dtype=torch.bfloat16)
+    h_small = cb.w4a4_gemm(**rows, residual=res[:small], gate=gate, unsigned=unsigned, out_dtype=torch.bfloat16)
+    assert torch.equal(h_small, h[:small])
+
+
+@pytest.mark.gpu
+@sm8x
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cuda_partial_gate_residual_epilogue_matches_the_contract(out_dtype):
     """The epilogue instances on the GPU, FLUX's shape (two images of 2176 rows): bit for bit the

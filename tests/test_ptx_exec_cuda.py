@@ -3,8 +3,10 @@ the PTX interpreter of tests/ptx_exec.py and compared with the reference backend
 
 The launch (grid, threads, dynamic shared memory, argument order) is the host code's in
 w4a4_gemm.cu and quantize_act.cu (svdq::w4a4_gemm, launch_quantize), with their constants (tiles,
-kThreads, kSmemBytes) evaluated from the sources themselves. Edge shapes: odd M and N inside one
-192 x 128 tile, three K groups, ranks 0, 5 and 48 (48 takes the kNT = 8 instance of quantize_act). The GEMM runs on inputs whose
+kThreads, kSmemBytes, and the small tile's kSmallBM, kSmallThreads, kSmallSmemBytes) evaluated from the
+sources themselves. Edge shapes: odd M and N inside one 192 x 128 tile (the large tile's instances, valid
+at any M, though the host takes the small tile below kSmallMaxM), M = 150 over two 128-row tiles of the
+small one (the second partial), three K groups, ranks 0, 5 and 48 (48 takes the kNT = 8 instance of quantize_act). The GEMM runs on inputs whose
 products and sums are exact (see exact_gemm_inputs), so it must equal the reference bit for bit;
 quantize_act's codes and scales are exact by contract, its low-rank product (bf16 hi + lo) to
 ~2^-16. Every run must be clean of the interpreter's findings.
@@ -98,10 +100,20 @@ def gate_inputs(m: int, n: int, images: int, dtype: torch.dtype, seed: int = 4) 
             "gate": torch.randn(images, n, generator=g).to(dtype)}  # fmt: skip
 
 
+def tile_launch(prm: dict, small: bool) -> tuple[int, int, int, int]:
+    """(kTileM, rows per tile, threads, dynamic shared memory) of one of the GEMM's two tiles, as
+    svdq::w4a4_gemm launches Tile<kTileM>."""
+    if small:
+        return prm["kSmallBM"], prm["kSmallBM"], prm["kSmallThreads"], prm["kSmallSmemBytes"]
+    return prm["kBM"], prm["kBM"], prm["kThreads"], prm["kSmemBytes"]
+
+
 def run_gemm(ptx: str, prm: dict, r: int, unsigned: bool, src: str | None = None, gated: int = 0,
-             out_dtype: torch.dtype = torch.float32, m: int = M, split_up: bool = False):  # fmt: skip
+             out_dtype: torch.dtype = torch.float32, m: int = M, split_up: bool = False,
+             small: bool = False):  # fmt: skip
     """``gated``: the gate/residual epilogue with that many images (gate rows), M divisible by it;
-    ``split_up``: proj_up in fp32 beyond bf16, passed as bf16 hi + lo (the kernel's third MMA)."""
+    ``split_up``: proj_up in fp32 beyond bf16, passed as bf16 hi + lo (the kernel's third MMA);
+    ``small``: the small-M tile's instance (Tile<kSmallBM>), else the large one's."""
     a = exact_gemm_inputs(m, K, N, r, unsigned)
     a["wscales"] = a["wscales"].float().contiguous()
     e = gate_inputs(m, N, gated, out_dtype) if gated else {}
@@ -128,9 +140,11 @@ def run_gemm(ptx: str, prm: dict, r: int, unsigned: bool, src: str | None = None
             put("partial", pad["partial"]) if gated else 0, put("residual", pad["residual"]) if gated else 0, put("gate", pad["gate"]) if gated else 0,
             m // gated if gated else 1, m, N, K, r]  # fmt: skip
     tout = {torch.float32: "f", torch.float16: "6__half", torch.bfloat16: "13__nv_bfloat16"}[out_dtype]
-    kernel = X.parse(src or ptx, entry(ptx, rf"w4a4_gemm_kernelILb{int(unsigned)}E{tout}Lb{int(bool(gated))}EE"))
-    tiles = -(-m // prm["kBM"]) * -(-N // prm["kBN"])
-    findings = X.launch(kernel, mem, args, (tiles, 1, 1), prm["kThreads"], prm["kSmemBytes"])
+    tile_m, bm, threads, smem = tile_launch(prm, small)
+    name = rf"w4a4_gemm_kernelILb{int(unsigned)}E{tout}Lb{int(bool(gated))}ELi{tile_m}EE"
+    kernel = X.parse(src or ptx, entry(ptx, name))
+    tiles = -(-m // bm) * -(-N // prm["kBN"])
+    findings = X.launch(kernel, mem, args, (tiles, 1, 1), threads, smem)
     np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[out_dtype]
     y = torch.from_numpy(mem.get("out").view(np_dtype).reshape(m, ldo)[:, :N].copy())
     y = y.view(torch.bfloat16) if out_dtype == torch.bfloat16 else y
@@ -171,6 +185,27 @@ def test_cuda_gemm_gate_residual_epilogue_ptx_matches_reference(ptx, prm, r, uns
     assert not torch.equal(y, plain)  # the epilogue really ran
 
 
+SMALL_M = 150  # two tile rows of the small tile, the second with 22 of its 128 rows
+
+
+@pytest.mark.parametrize(
+    "r,unsigned,images,out_dtype",
+    [(48, False, 0, torch.bfloat16), (5, True, 2, torch.bfloat16)],
+)
+def test_cuda_gemm_small_tile_ptx_matches_reference(ptx, prm, r, unsigned, images, out_dtype):
+    """The small-M tile (Tile<kSmallBM>: 8 warps, what the host launches for M <= kSmallMaxM) over two tile
+    rows, the second partial: the plain instance (rank 48: 16-byte loads, two low-rank passes) and the
+    partial/gate/residual epilogue's (two images: gate rows 0..74 and 75..149, the second crossing the tile
+    boundary at row 128), bit for bit as the large tile; the host takes this tile at this M."""
+    assert prm["kSmallMaxM"] >= SMALL_M and prm["kSmallBM"] < SMALL_M < 2 * prm["kSmallBM"]
+    findings, y, want, written = run_gemm(
+        ptx, prm, r, unsigned, gated=images, out_dtype=out_dtype, m=SMALL_M, small=True
+    )
+    assert not findings, findings.report()
+    assert written.all()
+    assert torch.equal(y, want), (y.float() - want.float()).abs().max()
+
+
 @pytest.mark.parametrize("r,unsigned", [(0, False), (5, True), (48, False)])
 def test_cuda_quantize_act_ptx_matches_reference(ptx, prm, r, unsigned):
     a = act_inputs(M, K, r, unsigned=unsigned)
@@ -199,7 +234,7 @@ def test_cuda_quantize_act_ptx_matches_reference(ptx, prm, r, unsigned):
 
 def test_cuda_gemm_without_its_barrier_races(ptx, prm):
     """The main loop's __syncthreads after cp_async_wait removed: the interpreter reports the race."""
-    name = entry(ptx, r"w4a4_gemm_kernelILb0EfLb0EE")
+    name = entry(ptx, rf"w4a4_gemm_kernelILb0EfLb0ELi{prm['kBM']}EE")
     body = ptx[ptx.index(name) :]
     m = re.search(r"cp\.async\.wait_group\s+\d+;(?:\s|//[^\n]*)*(bar\.sync\s+0;)", body)
     assert m, "no cp.async wait + barrier in the GEMM's PTX"
@@ -212,7 +247,7 @@ def test_cuda_gemm_without_its_barrier_races(ptx, prm):
 def test_cuda_gemm_with_wait_count_one_too_high_reads_in_flight_data(ptx, prm):
     """cp_async_wait<kStages - 1> instead of <kStages - 2>: the stage about to be read may still be
     in flight; the interpreter reports it, and the result is wrong."""
-    name = entry(ptx, r"w4a4_gemm_kernelILb0EfLb0EE")
+    name = entry(ptx, rf"w4a4_gemm_kernelILb0EfLb0ELi{prm['kBM']}EE")
     start = ptx.index(name)
     m = re.search(r"cp\.async\.wait_group\s+(\d+);(?=(?:\s|//[^\n]*)*bar\.sync\s+0;)", ptx[start:])
     assert m and int(m.group(1)) == prm["kStages"] - 2

@@ -15,7 +15,9 @@ memory 128 B/clock; all SMs share 696 GB/s of DRAM):
               epilogue, stores: issue-bound at warps * instructions / 4 clocks, not overlapped with the
               tensor pipe, every compiled path counted, once per tile; the low-rank pass loop once per
               kLrChunk ranks: once at rank 32); the instances priced are those a FLUX call launches
-              (bf16 output; s4/u4 plain, +epilogue with the partial/gate/residual epilogue);
+              (bf16 output; s4/u4 plain, +epilogue with the partial/gate/residual epilogue), each on the
+              CTA tile the host takes by M (192x128 with 12 warps, or 128x128 with 8 for M <= kSmallMaxM:
+              its own instances, counted alike);
               tiles run in waves of 84 * CTAs-per-SM; DRAM bytes follow the grouped CTA order (a wave reads
               kGroupTilesM A tile rows and the W tiles of its columns, once each); time = max(compute, DRAM).
   quantize_act issue time of its group loop on the busiest SM (CTAs of 32 rows spread over 84 SMs) vs. DRAM
@@ -28,6 +30,7 @@ Usage: python scripts/kernel_model.py [--arch 86] [--markdown docs/benchmarks.md
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
@@ -39,7 +42,7 @@ from pathlib import Path
 from perfmodel.devices import A40
 from perfmodel.loops import classify, lds_bytes, ldsm_bytes
 from perfmodel.sass import TILE_SOURCES, cuobjdump_sass, find_kernel, main_loop, nvcc_cubin
-from perfmodel.shapes import FLUX_M, FLUX_SHAPES, RANK
+from perfmodel.shapes import FLUX_M, FLUX_SHAPES, RANK, TEXT_M, TEXT_SHAPES
 from perfmodel.tables import table_head, write_markdown
 
 CUBLAS_FRACTION = 0.70
@@ -76,8 +79,26 @@ def trailing_padding(code: list) -> int:
     return n
 
 
-# w4a4_gemm's instances (w4a4_gemm_kernel<kUnsigned, TOut, kExtras>) by their mangled template arguments
+# w4a4_gemm's instances (w4a4_gemm_kernel<kUnsigned, TOut, kExtras, kTileM>) by their mangled template arguments
 GEMM_OUT_DTYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
+
+
+def tile_config(p: dict[str, int], small: bool) -> dict[str, int]:
+    """The tile parameters of one of w4a4_gemm's two CTA tiles (Tile<kTileM> in w4a4_gemm.cu): the large one
+    is the sources' kBM/kWarpsM, the small one (M <= kSmallMaxM) kSmallBM/kSmallWarpsM, the rest shared."""
+    if not small:
+        return dict(p)
+    return {**p, "kBM": p["kSmallBM"], "kWarpsM": p["kSmallWarpsM"]}
+
+
+def tile_label(p: dict[str, int], small: bool) -> str:
+    """Suffix of the small tile's instances in ``StaticReport.gemm`` and ``gemm_other_by_instance``."""
+    return f"@{p['kSmallBM']}" if small else ""
+
+
+def uses_small_tile(p: dict[str, int], m: int) -> bool:
+    """The host's choice (svdq::w4a4_gemm): the small tile for M <= kSmallMaxM."""
+    return m <= p["kSmallMaxM"]
 
 
 @dataclass
@@ -95,6 +116,7 @@ class StaticReport:
     quant: QuantLoop | None = None
     gemm_hmma_total: int = 0
     # SASS outside the main loop of every w4a4_gemm instance, per warp: "s4 bf16", "u4+epilogue fp32", ...
+    # (the small tile's: "s4@128 bf16", ...)
     gemm_other_by_instance: dict[str, int] = field(default_factory=dict)
 
 
@@ -107,24 +129,29 @@ def analyse(arch: str = "86", work: Path | None = None) -> StaticReport:
     # One instance per activation code (s4, u4), output dtype and epilogue. The model prices those a FLUX call
     # launches: bf16 output (the model's dtype), without (s4, u4) or with (+epilogue) the partial/gate/residual
     # epilogue; every instance's non-loop count is kept for the static gate.
-    for unsigned in (False, True):
-        for extras in (False, True):
-            for mangled, dtype in GEMM_OUT_DTYPES.items():
-                _, code = find_kernel(
-                    funcs, "w4a4_gemm_kernel", f"ILb{int(unsigned)}E{mangled}Lb{int(extras)}EE"
-                )
-                body = main_loop(code, "IMMA")
-                name = ("u4" if unsigned else "s4") + ("+epilogue" if extras else "")
-                other = len(code) - len(body) - trailing_padding(code)
-                report.gemm_other_by_instance[f"{name} {dtype}"] = other
-                if dtype != "bf16":
-                    continue
-                smem = sum(ldsm_bytes(i) for i in body if i.opcode.startswith("LDSM"))
-                smem += sum(lds_bytes(i) for i in body if i.opcode.split(".")[0] == "LDS")
-                lr_pass = main_loop(code, "HMMA")  # the epilogue's loop over passes of kLrChunk ranks
-                report.gemm[name] = GemmLoop(classify(body), smem, other, len(lr_pass))
-                if not extras:
-                    report.gemm_hmma_total = sum(i.opcode.startswith("HMMA") for i in code)
+    # Each of them for both CTA tiles ("@128": the small one).
+    for small, unsigned, extras in itertools.product((False, True), repeat=3):
+        bm = tile_config(report.params, small)["kBM"]
+        for mangled, dtype in GEMM_OUT_DTYPES.items():
+            _, code = find_kernel(
+                funcs, "w4a4_gemm_kernel", f"ILb{int(unsigned)}E{mangled}Lb{int(extras)}ELi{bm}EE"
+            )
+            body = main_loop(code, "IMMA")
+            name = (
+                ("u4" if unsigned else "s4")
+                + ("+epilogue" if extras else "")
+                + tile_label(report.params, small)
+            )
+            other = len(code) - len(body) - trailing_padding(code)
+            report.gemm_other_by_instance[f"{name} {dtype}"] = other
+            if dtype != "bf16":
+                continue
+            smem = sum(ldsm_bytes(i) for i in body if i.opcode.startswith("LDSM"))
+            smem += sum(lds_bytes(i) for i in body if i.opcode.split(".")[0] == "LDS")
+            lr_pass = main_loop(code, "HMMA")  # the epilogue's loop over passes of kLrChunk ranks
+            report.gemm[name] = GemmLoop(classify(body), smem, other, len(lr_pass))
+            if not extras and not small:
+                report.gemm_hmma_total = sum(i.opcode.startswith("HMMA") for i in code)
     _, qcode = find_kernel(funcs, "quantize_act_kernel", "nv_bfloat16Li4E")
     qloop = main_loop(qcode, "HMMA")
     report.quant = QuantLoop(classify(qloop), [i.opcode for i in qloop if i.opcode.startswith("LDG")])
@@ -141,22 +168,34 @@ def gemm_smem_bytes(p: dict[str, int]) -> int:
     return p["kStages"] * ((p["kBM"] + p["kBN"]) * 32 + threads * 12)
 
 
-def gemm_ctas_per_sm(report: StaticReport, hw: dict = A40) -> int:
-    p = report.params
+def gemm_registers(report: StaticReport, small: bool = False) -> int:
+    """The most registers of one tile's w4a4_gemm instances (ptxas)."""
+    bm = tile_config(report.params, small)["kBM"]
+    return max(r["registers"] for n, r in report.resources.items() if "w4a4_gemm" in n and f"ELi{bm}EE" in n)
+
+
+def gemm_ctas_per_sm(report: StaticReport, hw: dict = A40, small: bool = False) -> int:
+    p = tile_config(report.params, small)
     threads = 32 * p["kWarpsM"] * p["kWarpsN"]
-    regs = max(r["registers"] for n, r in report.resources.items() if "w4a4_gemm" in n)
+    regs = gemm_registers(report, small)
     smem = gemm_smem_bytes(p)
     by_regs = hw["regs_per_sm"] // (math.ceil(regs / 8) * 8 * threads)
     return max(0, min(by_regs, hw["smem_per_sm"] // smem, hw["max_threads_per_sm"] // threads))
 
 
-def model_gemm(report: StaticReport, m: int, k: int, n: int, hw: dict = A40, variant: str = "s4") -> dict:
+def model_gemm(
+    report: StaticReport, m: int, k: int, n: int, hw: dict = A40, variant: str = "s4", tile: str = "auto"
+) -> dict:
     """``variant``: a GemmLoop of ``report.gemm`` (``s4+epilogue``: the instance with the partial/gate/
-    residual epilogue, whose extra reads the image model adds)."""
-    p, loop = report.params, report.gemm[variant]
+    residual epilogue, whose extra reads the image model adds). ``tile``: "auto" (the host's choice by M),
+    "large" or "small"."""
+    if tile not in ("auto", "large", "small"):
+        raise ValueError(f"tile must be 'auto', 'large' or 'small', got {tile!r}")
+    small = uses_small_tile(report.params, m) if tile == "auto" else tile == "small"
+    p, loop = tile_config(report.params, small), report.gemm[variant + tile_label(report.params, small)]
     warps = p["kWarpsM"] * p["kWarpsN"]
     mac_per_clk = hw["int4_tops"] / 2 / hw["sms"] / hw["clock_hz"]
-    ctas = gemm_ctas_per_sm(report, hw)
+    ctas = gemm_ctas_per_sm(report, hw, small)
     # per main-loop iteration (one group) of one CTA; CTAs on one SM share its pipes
     tensor = loop.counts["int4 MMA"] * warps * 16 * 8 * 64 / mac_per_clk
     issue = loop.counts["total"] * warps / hw["schedulers"]
@@ -192,6 +231,7 @@ def model_gemm(report: StaticReport, m: int, k: int, n: int, hw: dict = A40, var
     l2_bps = tiles_m * tiles_n * groups * (p["kBM"] + p["kBN"]) * 36 / t
     return {
         "shape": f"{k} -> {n}",
+        "tile": f"{p['kBM']}x{p['kBN']}",
         "tensor_clk_per_iter": tensor,
         "issue_clk_per_iter": issue,
         "smem_clk_per_iter": smem,
@@ -248,10 +288,24 @@ def model_table(report: StaticReport, hw: dict = A40) -> list[dict]:
     return rows
 
 
+def small_m_table(report: StaticReport, hw: dict = A40) -> list[dict]:
+    """The text stream's GEMM shapes at M = 256 with the large tile (what the host launched before the
+    small-M tile) and with the host's choice (the small tile)."""
+    rows = []
+    for k, n in TEXT_SHAPES:
+        large = model_gemm(report, TEXT_M, k, n, hw, tile="large")
+        auto = model_gemm(report, TEXT_M, k, n, hw)
+        rows.append({"shape": f"{k} -> {n}", "large": large, "auto": auto})
+    return rows
+
+
 def markdown(report: StaticReport, rows: list[dict], hw: dict = A40) -> str:
     p, loop, q = report.params, report.gemm["s4"], report.quant
+    sp, small_label = tile_config(p, True), tile_label(p, True)
+    small_loop = report.gemm["s4" + small_label].counts
     res = {n: r for n, r in report.resources.items()}
-    gemm_res = next(r for n, r in res.items() if "w4a4_gemm" in n)
+    gemm_res = next(r for n, r in res.items() if "w4a4_gemm" in n and f"ELi{p['kBM']}EE" in n)
+    small_res = next(r for n, r in res.items() if "w4a4_gemm" in n and f"ELi{sp['kBM']}EE" in n)
     quant_regs = sorted({r["registers"] for n, r in res.items() if "quantize_act" in n})
     c = loop.counts
     lines = [
@@ -265,7 +319,11 @@ def markdown(report: StaticReport, rows: list[dict], hw: dict = A40) -> str:
         f"w4a4_gemm: CTA tile {p['kBM']}x{p['kBN']}, {p['kWarpsM'] * p['kWarpsN']} warps "
         f"({p['kWarpsM']}x{p['kWarpsN']}), {p['kStages']}-stage cp.async pipeline, grouped CTA order "
         f"({p['kGroupTilesM']} tile rows); {gemm_res['registers']} registers, {gemm_res['spill_stores']} B spills, "
-        f"{gemm_res['stack']} B stack; {gemm_ctas_per_sm(report, hw)} CTA per SM. "
+        f"{gemm_res['stack']} B stack; {gemm_ctas_per_sm(report, hw)} CTA per SM. Small-M tile (the host takes it "
+        f"for M <= {p['kSmallMaxM']}): {sp['kBM']}x{sp['kBN']}, {sp['kWarpsM'] * sp['kWarpsN']} warps "
+        f"({sp['kWarpsM']}x{sp['kWarpsN']}), the same warp tile and kernel body; {gemm_registers(report, True)} "
+        f"registers, {small_res['spill_stores']} B spills, {small_res['stack']} B stack; "
+        f"{gemm_ctas_per_sm(report, hw, True)} CTA per SM. "
         f"quantize_act: {quant_regs} registers, no spills.",
         "",
         f"Per main-loop iteration of a warp (one 64-channel group): {c['total']} instructions, of which "
@@ -273,7 +331,8 @@ def markdown(report: StaticReport, rows: list[dict], hw: dict = A40) -> str:
         f"magic offset and scale by the 22-bit ascales, FMA with wscales; one FMUL for the row's offset), {c['ldmatrix']} ldmatrix, {c['shared load']} shared "
         f"loads (scales), {c['cp.async']} cp.async, {c['barrier']} barrier, {c['int->float conversion']} int->float "
         f"conversions, {c['global load']} global load (the activation scale of a later group), {c['other']} other "
-        f"({c['total'] / c['int4 MMA']:.1f} per int4 MMA). "
+        f"({c['total'] / c['int4 MMA']:.1f} per int4 MMA; the small tile's loop {small_loop['total']}, "
+        f"{small_loop['total'] / small_loop['int4 MMA']:.1f} per int4 MMA). "
         f"The low-rank up-projection is {report.gemm_hmma_total} bf16 MMAs in the epilogue "
         f"(one pass of {p['kLrChunk']} ranks, its operands staged through shared memory). "
         f"quantize_act's group loop: {q.counts['total']} instructions per warp iteration "
@@ -304,6 +363,25 @@ def markdown(report: StaticReport, rows: list[dict], hw: dict = A40) -> str:
             f"{r['smem_clk_per_iter']:.0f} | {r['waves']} | {r['dram_MB']:.0f} | {r['time_us']:.0f} | "
             f"{100 * r['int4_fraction']:.0f}% | {r['quantize_us']:.0f} | {r['linear_us']:.0f} | "
             f"{r['cublas_bf16_us']:.0f} | {r['speedup']:.2f}x |"
+        )
+    lines += [
+        "",
+        f"The text stream's GEMMs at M = {TEXT_M} (the double blocks' text q|k|v, out, fc1, fc2), w4a4_gemm alone, "
+        "with the large tile (two tile rows, two thirds of the second empty) and with the small-M tile the host "
+        "takes at this M:",
+        "",
+        *table_head(
+            f"K -> N (M = {TEXT_M})",
+            f"{p['kBM']}x{p['kBN']}: waves, us",
+            f"{sp['kBM']}x{sp['kBN']}: waves, us",
+            "saving",
+        ),
+    ]
+    for r in small_m_table(report, hw):
+        lg, au = r["large"], r["auto"]
+        lines.append(
+            f"| {r['shape']} | {lg['waves']}, {lg['time_us']:.1f} | {au['waves']}, {au['time_us']:.1f} | "
+            f"{100 * (1 - au['time_us'] / lg['time_us']):.0f}% |"
         )
     lines += [
         "",

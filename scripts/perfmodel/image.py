@@ -225,15 +225,11 @@ def levers(kt: KernelTimes) -> list[dict]:
         "one coalesced row per group instead of one sector per row every 8 groups: not priced",
         True,
     )
-    # (c) small-M tile: the text stream's GEMMs (M = 256) at a 64-row tile's waste instead of 192's
-    small = [op for op in step_ops if op.name == "svdq.w4a4_gemm" and op.args[0].shape[0] <= 512]
-    t_now = sum(price(op, dev, kt, compiled=True, sage=True) for op in small)
-    t_ideal = sum(_gemm_ideal_tile(kt, op, 64) for op in small)
-    add(
-        "tile for small M (text stream, M = 256)",
-        steps * (t_now - t_ideal),
-        f"{len(small)} GEMM calls per step",
-    )
+    # (c) small-M tile: the GEMMs the host launches with the small tile (M <= kSmallMaxM: the text stream's),
+    # priced with the large tile against the tile they get (in the totals when the small tile's instances
+    # are compiled)
+    saved, how, applied = small_tile_lever(kt, step_ops)
+    add("tile for small M (text stream, M = 256)", steps * saved, how, applied)
     # (d) gate multiply + residual add in the GEMM epilogues, proj_out's two parts in one output
     # (applied when the blocks' GEMMs carry a residual); the single block's concatenation below
     gemms = [op for op in step_ops if op.name == "svdq.w4a4_gemm"]
@@ -424,7 +420,8 @@ def _gemm_with_loop_delta(kt: KernelTimes, step_ops: list[Op], delta: int) -> fl
     import copy
 
     report = copy.deepcopy(kt.cuda_report)
-    report.gemm["s4"].counts["total"] += delta
+    for variant in ("s4", "s4" + kt.cuda.tile_label(report.params, True)):  # either tile, as the host picks
+        report.gemm[variant].counts["total"] += delta
     saved = 0.0
     for op in step_ops:
         if op.name == "svdq.w4a4_gemm":
@@ -433,16 +430,25 @@ def _gemm_with_loop_delta(kt: KernelTimes, step_ops: list[Op], delta: int) -> fl
     return saved
 
 
-def _gemm_ideal_tile(kt: KernelTimes, op: Op, bm: int) -> float:
-    """The A40 GEMM's time if its M tile were ``bm`` rows (same loop efficiency per row)."""
-    import copy
-
-    m, k, n = op.args[0].shape[0], 2 * op.args[0].shape[1], op.args[2].shape[0]
-    report = copy.deepcopy(kt.cuda_report)
+def small_tile_lever(kt: KernelTimes, step_ops: list[Op]) -> tuple[float, str, bool]:
+    """Seconds per step the A40 GEMMs that take w4a4_gemm's small-M tile save against the large tile, a
+    description, and whether the small tile is compiled (its instances in the static report)."""
+    report, km = kt.cuda_report, kt.cuda
     p = report.params
-    scale = bm / p["kBM"]
-    p["kBM"], p["kWarpsM"] = bm, max(1, round(p["kWarpsM"] * scale))
-    return kt.cuda.model_gemm(report, m, k, n)["time_us"] * 1e-6
+    if "kSmallBM" not in p or f"s4{km.tile_label(p, True)}" not in report.gemm:
+        return 0.0, "no small-M tile compiled", False
+    small = [op for op in step_ops if op.name == "svdq.w4a4_gemm" and km.uses_small_tile(p, _mkn(op)[0])]
+    saved = 0.0
+    for op in small:
+        m, k, n = _mkn(op)
+        variant = "s4+epilogue" if any(isinstance(t, torch.Tensor) for t in op.args[7:10]) else "s4"
+        large = km.model_gemm(report, m, k, n, variant=variant, tile="large")["time_us"]
+        saved += (large - km.model_gemm(report, m, k, n, variant=variant)["time_us"]) * 1e-6
+    tp = km.tile_config(p, True)
+    return saved, (
+        f"{len(small)} GEMM calls per step at M <= {p['kSmallMaxM']} on a {tp['kBM']}x{tp['kBN']} tile "
+        f"({tp['kWarpsM'] * tp['kWarpsN']} warps) instead of {p['kBM']}x{p['kBN']}"
+    ), True
 
 
 # --- output ----------------------------------------------------------------------------------------------
