@@ -47,11 +47,13 @@ _MERGE = (((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1)))
 def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     """A 3x3 convolution's ``[Cout, Cin, 3, 3]`` weight after nearest x2 upsampling, as the
     ``[4 * Cout, Cin, 2, 2]`` weight of its four output phases at the low resolution (channels
-    ordered ``(a, b, cout)``), summed in fp32 and rounded once to ``weight``'s dtype."""
+    ordered ``(a, b, cout)``), summed in fp32 (fp64 for an fp64 weight) and rounded once to
+    ``weight``'s dtype."""
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"weight must be [Cout, Cin, 3, 3], got {tuple(weight.shape)}")
-    m = torch.tensor(_MERGE, dtype=torch.float32, device=weight.device)  # [phase, 2, 3]
-    merged = torch.einsum("akt,blu,oitu->aboikl", m, m, weight.float())  # [2, 2, Cout, Cin, 2, 2]
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    m = torch.tensor(_MERGE, dtype=acc, device=weight.device)  # [phase, 2, 3]
+    merged = torch.einsum("akt,blu,oitu->aboikl", m, m, weight.to(acc))  # [2, 2, Cout, Cin, 2, 2]
     return merged.reshape(-1, *merged.shape[3:]).to(weight.dtype)
 
 

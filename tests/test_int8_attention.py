@@ -326,3 +326,15 @@ def test_inductor_passes_the_projections_v_without_a_copy():
     views = re.findall(r"reinterpret_tensor\((buf\d+), \(1, (\d+), 1, 64\), \(\d+, 200, 64, 1\), 128\)", call)
     assert [n for _, n in views] == ["64", "40"], call
     assert "cpp_fused" not in code  # nothing but the two matmuls and the op
+
+
+@needs_interpreter
+def test_sage_attention_takes_fp32_v_as_before():
+    """The custom op ``svdq::sage_attention`` (diffusers' processors' path) on fp32 q, k, v, as it
+    took them before it ran our port: V rounded to fp16 first, the result within int8 QK^T's
+    error of SDPA's, over a partial last key block."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 70, 1, 64, generator=g) for _ in range(3))
+    got = attention.sage_attention(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    assert got.dtype == torch.float32 and (got - ref).abs().amax() < 3e-2

@@ -184,6 +184,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     k = k - k.mean(dim=1, keepdim=True)  # smooth_k: softmax is invariant to it, int8 K is not
     if q.shape[-1] in FUSED_PREP_HEAD_DIMS:
         q8, q_scale, k8, k_scale = per_block_int8(q, k, tensor_layout="NHD")
+        v = v if v.dtype in SAGE_DTYPES else v.to(torch.float16)  # the kernel reads V in 16 bits
         return kernels.sage_attention_int8(q8, q_scale, k8, k_scale, [v], out_dtype=q.dtype)
     v16 = v.to(torch.float16)
     if q.shape[-1] == 96:

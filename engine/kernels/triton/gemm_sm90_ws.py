@@ -515,7 +515,9 @@ def launch(
     workspace = None
     if split is not None:
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-        workspace = torch.empty(workspace_shape(tiles, split, cfg.block_m, cfg.block_n), device=qx.device)
+        workspace = torch.empty(
+            workspace_shape(tiles, split, cfg.block_m, cfg.block_n), dtype=torch.float32, device=qx.device
+        )
     args, kwargs, grid = launch_args(qx, ascales, weight, lora_act, proj_up, bias, out, unsigned=unsigned, cfg=cfg,
                                      split=split, workspace=workspace)  # fmt: skip
     w4a4_gemm_sm90_ws_kernel[grid](*args, **kwargs)
