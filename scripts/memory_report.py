@@ -254,6 +254,8 @@ def full_size_pipeline(memory: str, *, tiny: bool = False):
     safety checker. Tokenizers are the tiny model's (the token count, not the vocabulary, sets
     the sizes). ``tiny``: the tiny model's widths (``TINY_CONFIGS``)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from engine.vae_upsample import use_subpixel_upsampling
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -281,6 +283,7 @@ def full_size_pipeline(memory: str, *, tiny: bool = False):
         t5 = T5EncoderModel(T5Config(**t5_cfg)).to(bf16).eval()
         clip = CLIPTextModel(CLIPTextConfig(**clip_cfg)).to(bf16).eval()
         vae = AutoencoderKL(**vae_cfg).to(bf16).eval()
+        use_subpixel_upsampling(vae)  # as FluxGenerator.from_pretrained serves it (8 MB more weights)
         safety = StableDiffusionSafetyChecker(CLIPConfig(vision_config=vision_cfg, projection_dim=projection))
         safety = safety.to(torch.float16).eval()  # engine.safety.default_dtype on a GPU
     pipe = FluxPipeline(
