@@ -69,8 +69,17 @@ FLUX_SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360,
 TARGET_VS_BF16 = 1.5
 
 
-def sm90_launch(m: int, k: int, n: int, cfg: LaunchConfig, unsigned: bool) -> tuple:
-    """(args, kwargs) of the sm_90 kernel as its launcher passes them for a FLUX shape."""
+def sm90_launch(
+    m: int,
+    k: int,
+    n: int,
+    cfg: LaunchConfig,
+    unsigned: bool,
+    out_dtype: torch.dtype = torch.bfloat16,
+    rank: int = RANK,
+) -> tuple:
+    """(args, kwargs) of the sm_90 kernel as its launcher passes them for a FLUX shape (``out_dtype``
+    float32: as the dispatch launches it for a call with the partial/gate/residual epilogue)."""
     rec = _Recorder()
     g = k // 64
     weight = gemm_sm90.Sm90Weight(
@@ -80,11 +89,11 @@ def sm90_launch(m: int, k: int, n: int, cfg: LaunchConfig, unsigned: bool) -> tu
         _meta(m, k // 2, dtype=torch.uint8),
         _meta(g, m, dtype=torch.float32).t(),  # group-major, as quantize_act returns them
         weight,
-        _meta(m, RANK, dtype=torch.float32),
-        _meta(n, RANK),
+        _meta(m, rank, dtype=torch.float32),
+        _meta(n, rank),
         _meta(n),
         unsigned=unsigned,
-        out_dtype=torch.bfloat16,
+        out_dtype=out_dtype,
         config=cfg,
         kernel=rec,
     )
@@ -95,47 +104,59 @@ def sm90_launch(m: int, k: int, n: int, cfg: LaunchConfig, unsigned: bool) -> tu
 def sm90_report(cfg: LaunchConfig, m: int = FLUX_M, shapes: list | None = None) -> list[dict]:
     """Static facts of the sm_90 kernel's loops for every FLUX shape (or ``shapes``) at M = m,
     signed and unsigned."""
-    out = []
-    for unsigned in (False, True):
-        for k, n in shapes or FLUX_SHAPES:
-            args, kwargs = sm90_launch(m, k, n, cfg, unsigned)
-            loops, regs, stack, spills, smem = compile_cubin(gemm_sm90.w4a4_gemm_sm90_kernel, args, kwargs)
-            body = main_loop(loops, "QGMMA")
-            ops = opcode_counts(body)
-            corr = [b for b in loops if any("HGMMA" in t for t in b) and b is not body]
-            out.append(
-                {
-                    "m": m,
-                    "k": k,
-                    "n": n,
-                    "unsigned": unsigned,
-                    "config": asdict(cfg),
-                    "regs": regs,
-                    "stack_bytes": stack,
-                    "spill_instrs": spills,
-                    "shared_bytes": smem,
-                    "ctas_per_sm": ctas_per_sm(regs, smem, cfg.num_warps),
-                    "loop_sass": len(body),
-                    "loop_ops": dict(ops.most_common()),
-                    "loop_bar_sync": sum(c for op, c in ops.items() if op.startswith("BAR.SYNC")),
-                    "loop_mma_waits": ops.get("WARPGROUP.DEPBAR.LE", 0),
-                    "loop_qgmma": sum(c for op, c in ops.items() if op.startswith("QGMMA")),
-                    "loop_shared_stores": sum(c for op, c in ops.items() if op.startswith(("STS", "STSM"))),
-                    "loop_i2f": sum(c for op, c in ops.items() if op.startswith("I2F")),
-                    "body": body,
-                    "corr_body": max(corr, key=len) if corr else [],
-                }
-            )
-    return out
+    return [
+        sm90_entry(m, k, n, cfg, unsigned) for unsigned in (False, True) for k, n in shapes or FLUX_SHAPES
+    ]
+
+
+def sm90_entry(
+    m: int,
+    k: int,
+    n: int,
+    cfg: LaunchConfig,
+    unsigned: bool,
+    out_dtype: torch.dtype = torch.bfloat16,
+    rank: int = RANK,
+) -> dict:
+    """Static facts of the sm_90 kernel's loops at one problem as its launcher launches it (the
+    compile cached per specialization: compile_cubin)."""
+    args, kwargs = sm90_launch(m, k, n, cfg, unsigned, out_dtype, rank)
+    loops, regs, stack, spills, smem = compile_cubin(gemm_sm90.w4a4_gemm_sm90_kernel, args, kwargs)
+    body = main_loop(loops, "QGMMA")
+    ops = opcode_counts(body)
+    corr = [b for b in loops if any("HGMMA" in t for t in b) and b is not body]
+    return {
+        "m": m,
+        "k": k,
+        "n": n,
+        "unsigned": unsigned,
+        "out_size": torch.empty(0, dtype=out_dtype).element_size(),
+        "config": asdict(cfg),
+        "regs": regs,
+        "stack_bytes": stack,
+        "spill_instrs": spills,
+        "shared_bytes": smem,
+        "ctas_per_sm": ctas_per_sm(regs, smem, cfg.num_warps),
+        "loop_sass": len(body),
+        "loop_ops": dict(ops.most_common()),
+        "loop_bar_sync": sum(c for op, c in ops.items() if op.startswith("BAR.SYNC")),
+        "loop_mma_waits": ops.get("WARPGROUP.DEPBAR.LE", 0),
+        "loop_qgmma": sum(c for op, c in ops.items() if op.startswith("QGMMA")),
+        "loop_shared_stores": sum(c for op, c in ops.items() if op.startswith(("STS", "STSM"))),
+        "loop_i2f": sum(c for op, c in ops.items() if op.startswith("I2F")),
+        "body": body,
+        "corr_body": max(corr, key=len) if corr else [],
+    }
 
 
 def sm90_model(entry: dict, l2: float, act_us: float) -> dict:
-    """Modelled time of the linear (quantize_act + GEMM) at one FLUX shape, against cuBLAS bf16."""
+    """Modelled time of the linear (quantize_act + GEMM) at the entry's problem (its M, K, N and
+    output dtype), against cuBLAS bf16."""
     cfg = entry["config"]
-    k, n, warps = entry["k"], entry["n"], cfg["num_warps"]
+    k, n, warps, m = entry["k"], entry["n"], cfg["num_warps"], entry["m"]
     sim = simulate(entry["body"])
     tensor = loop_mma_clocks(entry["body"], warps)
-    tiles = triton.cdiv(FLUX_M, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"])
+    tiles = triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"])
     groups = k // 64
     # L2 -> SM bytes per CTA and group: A (0.5 B per code) and B (1 B per weight) tiles
     per_iter_bytes = cfg["block_m"] * 32 + cfg["block_n"] * 64
@@ -155,9 +176,9 @@ def sm90_model(entry: dict, l2: float, act_us: float) -> dict:
             l2,
         )
     gemm_us = clocks / (H100.clock_ghz * 1e3)
-    dram_us = (FLUX_M * k / 2 + n * k + 2 * FLUX_M * n + 4 * (FLUX_M + n) * groups) / (H100.dram_gbs * 1e3)
+    dram_us = (m * k / 2 + n * k + entry["out_size"] * m * n + 4 * (m + n) * groups) / (H100.dram_gbs * 1e3)
     gemm_us = max(gemm_us, dram_us)
-    ops = 2 * FLUX_M * n * k
+    ops = 2 * m * n * k
     bf16_us = ops / (H100.bf16_tflops() * 1e12 * CUBLAS_BF16_EFFICIENCY) * 1e6
     c = entry["ctas_per_sm"]
     bound = max(

@@ -55,12 +55,14 @@ SMSPS = 4  # schedulers per SM
 # graph on an H100), not calibrated here: priced in full, nothing of the sum overlaps the GEMM.
 KERNEL_GAP_US = 2.0
 _COMPILED: dict[tuple, dict] = {}
+_KERNELS: dict[str, object] = {}
 
 
 def ws_launch(m: int, k: int, n: int, unsigned: bool, cfg: gemm_sm90_ws.WsConfig, rank: int = RANK,
-              split: bool = False) -> tuple:
+              split: bool = False, out_dtype: torch.dtype = torch.bfloat16) -> tuple:
     """(args, kwargs) of the Gluon kernel as its launcher builds them, on meta tensors (``split``:
-    the split grid gemm_sm90_ws.plan gives on an H100)."""
+    the split grid gemm_sm90_ws.plan gives on an H100; ``out_dtype`` float32: as the dispatch
+    launches it for a call with the partial/gate/residual epilogue)."""
     g = k // 64
     plan = gemm_sm90_ws.plan(m, n, k, H100.sms, cfg) if split else None
     if split and plan is None:
@@ -79,7 +81,7 @@ def ws_launch(m: int, k: int, n: int, unsigned: bool, cfg: gemm_sm90_ws.WsConfig
         _meta(m, rank, dtype=torch.float32),
         _meta(n, rank),
         _meta(n),
-        _meta(m, n),
+        _meta(m, n, dtype=out_dtype),
         unsigned=unsigned,
         cfg=cfg,
         split=plan,
@@ -105,14 +107,24 @@ def ops_of(body: list[str]) -> Counter:
     return Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
 
 
+def _compile_ws(args: tuple, kwargs: dict):
+    """The Gluon kernel compiled for sm_90, once per specialization (the JIT's cache key: problems
+    that specialize alike share one binary)."""
+    sig, const, attrs, options = specialize(gemm_sm90_ws.w4a4_gemm_sm90_ws_kernel, args, kwargs)
+    key = repr((sorted(sig.items()), sorted(const.items()), sorted(attrs), options))
+    if key not in _KERNELS:
+        _KERNELS[key] = compile_gluon(gemm_sm90_ws.w4a4_gemm_sm90_ws_kernel, args, kwargs)
+    return _KERNELS[key]
+
+
 def ws_static(m: int, k: int, n: int, unsigned: bool, cfg: gemm_sm90_ws.WsConfig = gemm_sm90_ws.CONFIG,
-              rank: int = RANK, split: bool = False) -> dict:
+              rank: int = RANK, split: bool = False, out_dtype: torch.dtype = torch.bfloat16) -> dict:
     """Registers, spills, shared memory and the consumer's and producer's loops of one compile
-    (``split``: of the split grid's compile)."""
-    key = (m, k, n, unsigned, cfg, rank, split)
+    (``split``: of the split grid's compile; ``out_dtype``: the output the kernel writes)."""
+    key = (m, k, n, unsigned, cfg, rank, split, out_dtype)
     if key not in _COMPILED:
-        args, kwargs = ws_launch(m, k, n, unsigned, cfg, rank, split)
-        kernel = compile_gluon(gemm_sm90_ws.w4a4_gemm_sm90_ws_kernel, args, kwargs)
+        args, kwargs = ws_launch(m, k, n, unsigned, cfg, rank, split, out_dtype)
+        kernel = _compile_ws(args, kwargs)
         usage, instrs, loops = disassemble(kernel.asm["cubin"])
         regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
         cons = _innermost(loops, r"\bQGMMA")
@@ -125,6 +137,7 @@ def ws_static(m: int, k: int, n: int, unsigned: bool, cfg: gemm_sm90_ws.WsConfig
             "n": n,
             "unsigned": unsigned,
             "split": split,
+            "out_size": torch.empty(0, dtype=out_dtype).element_size(),
             "config": {"block_m": cfg.block_m, "block_n": cfg.block_n, "stages": cfg.stages},
             "regs": regs,
             "stack_bytes": stack,
@@ -159,9 +172,11 @@ def group_bytes(e: dict) -> int:
 
 
 def ws_model(e: dict, l2: float, act_us: float) -> dict:
-    """Modelled time of the linear (quantize_act + this GEMM) at one FLUX shape."""
+    """Modelled time of the linear (quantize_act + this GEMM) at the entry's problem: any M (the
+    loop's per-group cost is the compiled one; M sets the tiles, the waves, the split and the DRAM
+    floor), its K, N and output dtype."""
     bm, bn = e["config"]["block_m"], e["config"]["block_n"]
-    k, n = e["k"], e["n"]
+    k, n, m, out_size = e["k"], e["n"], e["m"], e["out_size"]
     sim = simulate(e["body"])
     wg_tensor = sum(
         (lambda g: int(g[0]) * int(g[1]) * int(g[2]))(re.search(r"GMMA\.(\d+)x(\d+)x(\d+)", t).groups())
@@ -176,20 +191,20 @@ def ws_model(e: dict, l2: float, act_us: float) -> dict:
         "L2": group_bytes(e) / l2,
     }
     per_group = max(terms.values())
-    tiles = triton.cdiv(FLUX_M, bm) * triton.cdiv(n, bn)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     waves = triton.cdiv(tiles, H100.sms)  # one CTA per SM
     clocks = waves * (k // 64) * per_group
     gemm_us = clocks / (H100.clock_ghz * 1e3)
-    dram_us = (FLUX_M * k / 2 + n * k + 2 * FLUX_M * n + 4 * (FLUX_M + 2 * n) * (k // 64)) / (H100.dram_gbs * 1e3)
+    dram_us = (m * k / 2 + n * k + out_size * m * n + 4 * (m + 2 * n) * (k // 64)) / (H100.dram_gbs * 1e3)
     gemm_us = max(gemm_us, dram_us)
     # the same work spread evenly (tiles / SMs waves, no last partial wave): what split-K or
     # stream-K of the last wave could reach at best (their partial sums' traffic not counted)
     balanced_us = max(tiles / H100.sms * (k // 64) * per_group / (H100.clock_ghz * 1e3), dram_us)
-    split = split_model(tiles, k // 64, per_group, l2, dram_us, e["config"])
-    ops = 2 * FLUX_M * n * k
+    split = split_model(tiles, k // 64, per_group, l2, dram_us, e["config"], out_size)
+    ops = 2 * m * n * k
     bf16_us = ops / (H100.bf16_tflops() * 1e12 * CUBLAS_BF16_EFFICIENCY) * 1e6
     # quantize_act's DRAM floor: read x (bf16), write the codes, the scales and the low-rank input
-    act_floor_us = (FLUX_M * k * 2 + FLUX_M * k / 2 + 4 * FLUX_M * (k // 64 + RANK)) / (H100.dram_gbs * 1e3)
+    act_floor_us = (m * k * 2 + m * k / 2 + 4 * m * (k // 64 + RANK)) / (H100.dram_gbs * 1e3)
     return {
         "k": k,
         "n": n,
@@ -220,7 +235,8 @@ def ws_model(e: dict, l2: float, act_us: float) -> dict:
     }
 
 
-def split_model(tiles: int, groups: int, per_group: float, l2: float, dram_us: float, cfg: dict) -> dict:
+def split_model(tiles: int, groups: int, per_group: float, l2: float, dram_us: float, cfg: dict,
+                out_size: int = 2) -> dict:
     """The split of the last partial wave (gemm_sm90_ws_split) priced: the whole waves as before,
     then one wave of K-slices, each its groups plus a pipeline fill (MEM_LAT: a short loop does
     not amortize it) plus its fp32 partial tile stored at the L2 rate; then the kernel boundary
@@ -238,7 +254,7 @@ def split_model(tiles: int, groups: int, per_group: float, l2: float, dram_us: f
     slice_clk = cand.slice_groups * per_group + MEM_LAT + store_clk
     gemm_clk = cand.full // H100.sms * groups * per_group + slice_clk
     part_bytes = rem * cand.slices * bm * bn * 4
-    out_bytes = rem * bm * bn * 2
+    out_bytes = rem * bm * bn * out_size
     progs = rem * (bm // SUM_ROWS)
     sum_us = max((part_bytes + out_bytes) / (H100.dram_gbs * 1e3),
                  part_bytes / (l2 * min(progs, H100.sms) * clk_us))  # fmt: skip

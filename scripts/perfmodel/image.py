@@ -45,6 +45,7 @@ from perfmodel.devices import IMAGE_PEAKS as DEVICES
 from perfmodel.image_price import (
     CPU_BPS,
     EFF,
+    EPILOGUE_COL,
     LAUNCH_US,
     KernelTimes,
     Stage,
@@ -458,7 +459,58 @@ def run() -> dict:
     kt = KernelTimes()
     one = image_model(kt, 1)
     four = image_model(kt, 4)
-    return {"one": one, "four": four, "calibration": calibration(), "levers": levers(kt)}
+    return {
+        "one": one,
+        "four": four,
+        "calibration": calibration(),
+        "levers": levers(kt),
+        "h100_routes": {b: h100_routes(b) for b in (1, 4)},
+    }
+
+
+def h100_routes(batch: int, steps: int = 4) -> dict[str, int]:
+    """How many of one image's (``batch`` images') W4A4 GEMM calls the H100's dispatch sends to each
+    kernel (perfmodel.hopper_route), and how many of them run the epilogue as torch ops."""
+    from perfmodel.hopper_route import route
+
+    counts: dict[str, int] = {}
+    for op in trace_transformer(True, batch, 1024, sage=True):
+        if op.name == "svdq.w4a4_gemm":
+            r = route(op.args)
+            kind = {"ws": "ws split" if r.split is not None else "ws", "fp8": "fp8", "int8": "int8"}[r.kernel]
+            for key in (kind, "torch epilogue" if r.epilogue else None):
+                if key:
+                    counts[key] = counts.get(key, 0) + steps
+    return counts
+
+
+def hopper_gemm_note(routes: dict[int, dict[str, int]]) -> str:
+    """The generated text's statement of which kernels price the H100 column's W4A4 GEMMs."""
+
+    def say(c: dict[str, int]) -> str:
+        names = {
+            "ws": "the warp-specialized Gluon kernel",
+            "ws split": "the same with its last wave split in K",
+            "fp8": "the FP8 kernel",
+            "int8": "the int8 kernel",
+        }
+        return ", ".join(f"{c[k]} {names[k]}" for k in names if c.get(k))
+
+    one, four = routes[1], routes[4]
+    return (
+        "H100 column, W4A4 GEMMs: each traced call priced with the model of the kernel the Triton backend's "
+        "dispatch (engine/kernels/triton_backend.py w4a4_gemm, run on the call's meta tensors: "
+        "scripts/perfmodel/hopper_route.py) sends it to on sm_90, its self-checks taken as passed: "
+        "the warp-specialized Gluon kernel (gemm_sm90_ws.py, scripts/perfmodel/hopper_ws.py, with its split-K "
+        "of the last wave where gemm_sm90_ws.plan takes one) or the FP8 kernel (gemm_sm90.py, "
+        "scripts/perfmodel/hopper.py), both at the calibrated L2 figure; where the call has a partial, gate or "
+        "residual, the kernel writes fp32 and the dispatch's torch epilogue (ops.gemm_epilogue) runs after it, "
+        "priced by its traced ops' bytes, eager (inside the custom op, out of torch.compile's sight) "
+        f"(column \"{EPILOGUE_COL}\"). Calls per image over 4 steps: {say(one)}; "
+        f"{one.get('torch epilogue', 0)} of them with the torch epilogue. For four images: {say(four)}; "
+        f"{four.get('torch epilogue', 0)} with the torch epilogue. "
+        "quantize_act on the H100: the Triton kernel's model (perfmodel.triton_model)."
+    )
 
 
 def markdown(result: dict) -> str:
@@ -470,6 +522,8 @@ def markdown(result: dict) -> str:
         "tests/test_image_model.py checks this block is current). One 1024x1024 FLUX.1-schnell image, "
         "4 steps, go_fast on, from the ops the code issues (traced on the meta device) and our kernels' "
         "compiled instruction counts.",
+        "",
+        hopper_gemm_note(result["h100_routes"]),
         "",
         "**Calibration** (the method applied to diffusers' bf16 FLUX.1-dev pipeline, 28 steps, 1024x1024, "
         "256 T5 tokens, one H100 (SXM assumed), against xDiT's published measurement, "
@@ -490,10 +544,10 @@ def markdown(result: dict) -> str:
         for s in stages:
             lines.append(f"| {s.name} | {1e3 * s.seconds['A40']:.0f} | {1e3 * s.seconds['H100 SXM']:.0f} |")
             if s.name.startswith("transformer"):
-                for col in s.detail["A40"]:
+                for col in dict.fromkeys([*s.detail["A40"], *s.detail["H100 SXM"]]):
                     lines.append(
-                        f"| &nbsp;&nbsp;{col} | {1e3 * s.detail['A40'][col]:.0f} | "
-                        f"{1e3 * s.detail['H100 SXM'][col]:.0f} |"
+                        f"| &nbsp;&nbsp;{col} | {1e3 * s.detail['A40'].get(col, 0.0):.0f} | "
+                        f"{1e3 * s.detail['H100 SXM'].get(col, 0.0):.0f} |"
                     )
         total = {d: sum(s.seconds[d] for s in stages) for d in DEVICES}
         lines += [f"| **total** | **{1e3 * total['A40']:.0f}** | **{1e3 * total['H100 SXM']:.0f}** |", ""]

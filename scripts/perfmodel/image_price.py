@@ -23,6 +23,7 @@ LAUNCH_US = 4.0  # per kernel launch that the GPU waits for: eager small ops, CP
 CPU_BPS = 4e9  # single-threaded numpy elementwise pass on the host (bytes read + written per s)
 
 OUR_OPS = ("svdq.", "count_launches.flash_attention")
+EPILOGUE_COL = "GEMM epilogue as torch ops (H100)"
 
 
 class KernelTimes:
@@ -61,17 +62,57 @@ class KernelTimes:
         info = compile_sass(tb.quantize_act_kernel, args, kwargs, 90)
         return model_act(m, k, dev, info, ACT_CONFIGS[9])["us"] * 1e-6
 
+    def hopper_gemm(self, op: Op) -> dict[str, float]:
+        """One traced w4a4_gemm call on the H100, priced as the dispatch routes it (perfmodel.
+        hopper_route): the warp-specialized kernel (plain or its last wave split in K:
+        perfmodel.hopper_ws) or the FP8 kernel (perfmodel.hopper), both at the calibrated L2 figure,
+        writing what the route writes (fp32 where an epilogue follows); then the torch epilogue's
+        ops, eager (they run inside the custom op, out of torch.compile's sight), as other glue.
+        Seconds per column: {"W4A4 GEMM": kernel, EPILOGUE_COL: torch epilogue}."""
+        from perfmodel.hopper_route import route
+
+        r = route(op.args)
+        split = (r.split.full, r.split.slices, r.split.slice_groups) if r.split is not None else None
+        key = ("h100", r.kernel, r.m, r.k, r.n, r.rank, r.unsigned, r.out_dtype, split)
+        if key not in self._cache:
+            if r.kernel == "int8":  # the epilogue in the kernel: its code, and its reads as on the A40
+                reads = _epilogue_reads(op)
+                t = self._triton_gemm(r.m, r.k, r.n, r.unsigned, reads > 0) + dram_s(reads, "H100 SXM")
+            else:
+                t = self._hopper_kernel(r, split)
+            self._cache[key] = t
+        glue = sum(price(o, "H100 SXM", None, compiled=False, sage=False) for o in r.epilogue)
+        return {"W4A4 GEMM": self._cache[key], EPILOGUE_COL: glue}
+
+    def _hopper_kernel(self, r, split: tuple | None) -> float:
+        from engine.kernels.triton import gemm_sm90
+        from perfmodel.hopper import sm90_entry, sm90_model
+        from perfmodel.hopper_calibration import DEFAULT_L2
+        from perfmodel.hopper_ws import ws_model, ws_static
+
+        if r.kernel == "fp8":
+            e = sm90_entry(r.m, r.k, r.n, gemm_sm90.sm90_config(r.m), r.unsigned, r.out_dtype, r.rank)
+            return sm90_model(e, DEFAULT_L2, 0.0)["gemm_us"] * 1e-6
+        e = ws_static(r.m, r.k, r.n, r.unsigned, rank=r.rank, out_dtype=r.out_dtype)
+        mod = ws_model(e, DEFAULT_L2, 0.0)
+        s = mod["split"]
+        # the model prices the split gemm_sm90_ws.plan gives; the dispatch's must be that one
+        if s["planned"] != (split is not None) or (split is not None and tuple(s["candidate"]) != split):
+            raise ValueError(f"ws split at M={r.m} K={r.k} N={r.n}: dispatch {split}, model {s}")
+        return (s["gemm_us"] if split is not None else mod["gemm_us"]) * 1e-6
+
     def gemm(self, device: str, m: int, k: int, n: int, unsigned: bool, epilogue: bool = False) -> float:
-        """``epilogue``: the kernel with the partial/gate/residual epilogue compiled in (its extra
-        instructions; the image model adds its extra reads)."""
+        """The A40's CUDA kernel at (M, K, N); ``epilogue``: the kernel with the partial/gate/residual
+        epilogue compiled in (its extra instructions; the image model adds its extra reads). The
+        H100's calls are priced per call as routed (``hopper_gemm``)."""
+        if device != "A40":
+            raise ValueError(f"gemm prices the A40's kernel; on {device} use hopper_gemm (the routed kernel)")
         key = ("gemm", device, m, k, n, unsigned, epilogue)
         if key not in self._cache:
-            if device == "A40":
-                variant = "s4+epilogue" if epilogue else "s4"
-                t = self.cuda.model_gemm(self.cuda_report, m, k, n, variant=variant)["time_us"] * 1e-6
-            else:
-                t = self._triton_gemm(m, k, n, unsigned, epilogue)
-            self._cache[key] = t
+            variant = "s4+epilogue" if epilogue else "s4"
+            self._cache[key] = (
+                self.cuda.model_gemm(self.cuda_report, m, k, n, variant=variant)["time_us"] * 1e-6
+            )
         return self._cache[key]
 
     def quantize(self, device: str, m: int, k: int) -> float:
@@ -116,15 +157,32 @@ def classify(op: Op) -> str:
     return "glue (elementwise, copies)"
 
 
+def _epilogue_reads(op: Op) -> int:
+    """Bytes of a w4a4_gemm call's partial, residual and gate (args 7-9)."""
+    return sum(t.numel() * t.element_size() for t in op.args[7:10] if isinstance(t, torch.Tensor))
+
+
+def price_parts(
+    op: Op, device: str, kt: KernelTimes | None, *, compiled: bool, sage: bool
+) -> dict[str, float]:
+    """Modelled seconds of one op on ``device`` per stage column (one column but for a W4A4 GEMM
+    on the H100, whose dispatch may run the epilogue as torch ops after the kernel)."""
+    if op.name == "svdq.w4a4_gemm" and device == "H100 SXM":
+        return kt.hopper_gemm(op)
+    return {classify(op): price(op, device, kt, compiled=compiled, sage=sage)}
+
+
 def price(op: Op, device: str, kt: KernelTimes | None, *, compiled: bool, sage: bool) -> float:
     """Modelled seconds of one op on ``device``."""
     hw, n = DEVICES[device], op.name
     if n == "svdq.w4a4_gemm":
+        if device == "H100 SXM":
+            return sum(kt.hopper_gemm(op).values())
         qx, qweight = op.args[0], op.args[2]
         m, k, nn = qx.shape[0], 2 * qx.shape[1], qweight.shape[0]
         # (..., bias, partial, residual, gate, unsigned, out_dtype): the epilogue's reads of partial,
         # residual and gate at DRAM speed on top of the kernel's modelled time (not overlapped)
-        epilogue = sum(t.numel() * t.element_size() for t in op.args[7:10] if isinstance(t, torch.Tensor))
+        epilogue = _epilogue_reads(op)
         return kt.gemm(device, m, k, nn, bool(op.args[10]), epilogue > 0) + dram_s(epilogue, device)
     if n == "svdq.quantize_act":
         x = op.args[0]
@@ -203,8 +261,8 @@ def stage(name: str, ops: list[Op], kt, *, compiled: bool, sage: bool, repeat: i
     for device in DEVICES:
         cols: dict[str, float] = {}
         for op in ops:
-            col = classify(op)
-            cols[col] = cols.get(col, 0.0) + repeat * price(op, device, kt, compiled=compiled, sage=sage)
+            for col, t in price_parts(op, device, kt, compiled=compiled, sage=sage).items():
+                cols[col] = cols.get(col, 0.0) + repeat * t
         st.detail[device] = cols
         st.seconds[device] = sum(cols.values())
     return st

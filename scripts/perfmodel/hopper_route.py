@@ -1,0 +1,92 @@
+"""Which kernel an H100 runs for one traced ``svdq.w4a4_gemm`` call, read from the dispatch itself.
+
+Why: on Hopper (sm_90) the Triton backend's ``w4a4_gemm`` (engine/kernels/triton_backend.py) sends
+a call to the warp-specialized Gluon kernel (gemm_sm90_ws, with its last wave split in K where
+gemm_sm90_ws.split_for plans it), to the FP8 kernel (gemm_sm90), or to the int8 kernel (gemm.py),
+by the call's M, K, N, rank, scale layout and epilogue; and on the first two it writes fp32 and
+runs the partial/gate/residual epilogue as torch ops (ops.gemm_epilogue) after the kernel. Rather
+than restate those rules, ``route`` runs that very function on the call's meta tensors with:
+
+- the architecture read as sm_90 (``triton_backend._major``, as the kernel models patch it);
+- the on-device self-checks taken as passed (gemm_sm90.serves, gemm_sm90_ws.serves and its split
+  grid's check): an assumption, that the kernels are right on the H100 they would serve;
+- the SM count of an H100 SXM (perfmodel.devices.H100) for the split's plan;
+- the three launchers replaced by recorders (nothing is compiled or run), and the epilogue run on
+  the meta tensors under perfmodel.image_trace's op recorder, so its ops are the code's own.
+
+The H100 runs the Triton backend: the CUDA extension serves compute capability 8.x only
+(engine.kernels.cuda.SUPPORTED_ARCHS; tests/test_hopper_route.py checks it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+
+from perfmodel.devices import H100
+from perfmodel.image_trace import Op, OpRecorder
+
+
+@dataclass
+class Route:
+    """What the dispatch runs for one call: ``kernel`` "ws" (gemm_sm90_ws), "fp8" (gemm_sm90) or
+    "int8" (gemm.py, the epilogue in the kernel); ``split`` the ws kernel's K-split of its last wave
+    (gemm_sm90_ws_split.Split) or None; ``out_dtype`` what the kernel writes; ``epilogue`` the torch
+    ops the dispatch runs after the kernel (empty where there are none)."""
+
+    kernel: str
+    m: int
+    k: int
+    n: int
+    rank: int
+    unsigned: bool
+    out_dtype: torch.dtype
+    split: object = None
+    epilogue: list[Op] = field(default_factory=list)
+
+
+def route(args: tuple) -> Route:
+    """The route of a traced ``svdq.w4a4_gemm`` call (its args: qx, ascales, qweight, wscales,
+    lora_act, proj_up, bias, partial, residual, gate, unsigned, out_dtype) on an H100."""
+    import engine.kernels.triton_backend as tb
+    from engine.kernels.triton import gemm_sm90, gemm_sm90_ws
+
+    qx, qweight, lora_act = args[0], args[2], args[4]
+    m, k, n, rank = qx.shape[0], 2 * qx.shape[1], qweight.shape[0], lora_act.shape[1]
+    seen: dict = {"kernel": [], "epilogue": []}
+
+    def launcher(kind: str):
+        def record(*a, **kw):
+            seen["kernel"].append((kind, kw))
+            return torch.empty(m, n, dtype=kw["out_dtype"], device="meta")
+
+        return record
+
+    def epilogue(*a):
+        rec = OpRecorder()
+        with rec:
+            out = tb_epilogue(*a)
+        seen["epilogue"] += rec.ops
+        return out
+
+    tb_epilogue = tb.gemm_epilogue
+    patches = [
+        mock.patch.object(tb, "_major", lambda device: 9),
+        mock.patch.object(gemm_sm90, "serves", lambda device: True),
+        mock.patch.object(gemm_sm90_ws, "serves", lambda device: True),
+        mock.patch.object(gemm_sm90_ws, "_serves", lambda device, split=False: True),
+        mock.patch.object(gemm_sm90_ws, "_sm_count", lambda device: H100.sms),
+        mock.patch.object(gemm_sm90, "launch", launcher("fp8")),
+        mock.patch.object(gemm_sm90_ws, "launch", launcher("ws")),
+        mock.patch.object(tb, "launch_w4a4_gemm", launcher("int8")),
+        mock.patch.object(tb, "gemm_epilogue", epilogue),
+    ]
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for p in patches:
+            stack.enter_context(p)
+        tb.w4a4_gemm(*args[:10], unsigned=args[10], out_dtype=args[11])
+    (kind, kw), = seen["kernel"]  # fmt: skip
+    return Route(kind, m, k, n, rank, bool(args[10]), kw["out_dtype"], kw.get("split"), seen["epilogue"])
