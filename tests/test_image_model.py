@@ -145,3 +145,16 @@ def test_docs_block_is_current():
         timeout=1200,
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def test_the_generated_text_says_which_kernels_price_the_h100_gemms():
+    """The block names the kernels and models behind the H100 column's W4A4 GEMMs, with the calls the
+    dispatch sends to each (perfmodel.hopper_route; tests/test_hopper_route.py holds the routes)."""
+    routes = {b: image_model.h100_routes(b) for b in (1, 4)}
+    note = image_model.hopper_gemm_note(routes)
+    for name in ("gemm_sm90_ws.py", "hopper_ws.py", "gemm_sm90.py", "hopper.py", "ops.gemm_epilogue"):
+        assert name in note, name
+    one = routes[1]
+    assert f"{one['ws']} the warp-specialized Gluon kernel, {one['ws split']} the same with its last wave" in note
+    assert f"{one['fp8']} the FP8 kernel; {one['torch epilogue']} of them with the torch epilogue" in note
+    assert image_price.EPILOGUE_COL in note

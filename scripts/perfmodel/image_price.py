@@ -4,6 +4,7 @@ by FLOPs, everything else by its bytes, at the stated efficiencies below (perfmo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -34,9 +35,13 @@ class KernelTimes:
         from perfmodel.devices import DEVICES as TRITON_DEVICES
 
         self.cuda = km_cuda
-        self.cuda_report = km_cuda.analyse("86")  # nvcc + cuobjdump, once
         self.devices = {d.name: d for d in TRITON_DEVICES}
         self._cache: dict = {}
+
+    @functools.cached_property
+    def cuda_report(self):
+        """The CUDA kernels' static report (nvcc + cuobjdump), made once, when the A40 is priced."""
+        return self.cuda.analyse("86")
 
     def _triton_gemm(self, m: int, k: int, n: int, unsigned: bool, epilogue: bool = False) -> float:
         import engine.kernels.triton_backend as tb

@@ -1,0 +1,165 @@
+"""perfmodel.hopper_route: the kernel the H100's dispatch runs for a W4A4 GEMM call, which the image
+model's H100 column prices (perfmodel.image_price.KernelTimes.hopper_gemm).
+
+The route is read by running the Triton backend's own ``w4a4_gemm`` on meta tensors; these tests
+hold what it must find for the calls FLUX makes (and fail if the dispatch changes them), check
+that it follows the dispatch's constants rather than a copy of them, and that the price is the
+routed kernel's model (in a child process: the kernels compile for sm_90, not the interpreter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from perfmodel.devices import H100
+from perfmodel.hopper_route import route
+
+from engine.kernels.triton import gemm_sm90, gemm_sm90_ws
+
+ROOT = Path(__file__).resolve().parents[1]
+META = {"device": "meta"}
+
+
+def call(m: int, k: int, n: int, *, rank: int = 32, unsigned: bool = False, epilogue: str = "",
+         group_major: bool = True) -> tuple:  # fmt: skip
+    """A w4a4_gemm call's args as the custom op passes them (quantize_act's group-major scales);
+    ``epilogue``: "gated" (residual + gate) or "partial" (partial + residual + gate)."""
+    g = k // 64
+    ascales = torch.empty(g, m, dtype=torch.float32, **META).t() if group_major else torch.empty(m, g, **META)
+    bf16 = {"dtype": torch.bfloat16, **META}
+    partial = torch.empty(m, n, **bf16) if epilogue == "partial" else None
+    residual = torch.empty(m, n, **bf16) if epilogue else None
+    gate = torch.empty(1, n, **bf16) if epilogue else None
+    return (
+        torch.empty(m, k // 2, dtype=torch.uint8, **META),
+        ascales,
+        torch.empty(n, k // 2, dtype=torch.uint8, **META),
+        torch.empty(n, g, **bf16),
+        torch.empty(m, rank, dtype=torch.float32, **META),
+        torch.empty(n, rank, **bf16),
+        torch.empty(n, **bf16),
+        partial,
+        residual,
+        gate,
+        unsigned,
+        torch.bfloat16,
+    )
+
+
+def test_the_image_stream_takes_the_ws_kernel_and_its_split_where_planned():
+    r = route(call(4352, 3072, 3072))  # the single blocks' first proj_out part: 7 waves, the last 24 tiles
+    split = gemm_sm90_ws.plan(4352, 3072, 3072, H100.sms)
+    assert split is not None
+    assert (r.kernel, r.split, r.out_dtype, r.epilogue) == ("ws", split, torch.bfloat16, [])
+    r = route(call(4096, 3072, 9216))  # 32 x 72 tiles: the last wave over half full, no split
+    assert gemm_sm90_ws.plan(4096, 9216, 3072, H100.sms) is None
+    assert (r.kernel, r.split) == ("ws", None)
+
+
+def test_the_text_stream_takes_the_fp8_kernel():
+    """M <= 1024 (the text stream: 256 tokens per image) goes to gemm_sm90.py; 1028 is the ws kernel's."""
+    for m in (256, 512, 1024):
+        assert route(call(m, 3072, 12288)).kernel == "fp8", m
+    assert route(call(1028, 3072, 12288)).kernel == "ws"
+
+
+def test_row_major_scales_and_wide_ranks_leave_the_ws_kernel():
+    assert route(call(4352, 3072, 3072, group_major=False)).kernel == "fp8"  # ws reads group-major scales
+    r = route(call(4352, 3072, 3072, rank=96))  # wider than the FP8 kernels' whole-rank tile: the int8 kernel
+    assert (r.kernel, r.epilogue) == ("int8", [])
+
+
+def test_epilogue_calls_write_fp32_and_run_the_torch_epilogue():
+    """On the FP8 route the epilogue runs as ops.gemm_epilogue after the kernel: its traced ops end with
+    the [M, N] bf16 result; the partial adds its own passes."""
+    m, n = 4096, 3072
+    gated = route(call(m, 12288, n, unsigned=True, epilogue="gated"))
+    assert (gated.kernel, gated.out_dtype, gated.unsigned) == ("ws", torch.float32, True)
+    assert gated.epilogue and gated.epilogue[-1].out_bytes == 2 * m * n
+    partial = route(call(m, 12288, n, unsigned=True, epilogue="partial"))
+    assert len(partial.epilogue) > len(gated.epilogue)
+    assert sum(op.in_bytes for op in partial.epilogue) > sum(op.in_bytes for op in gated.epilogue) + 2 * m * n
+    text = route(call(256, 3072, n, epilogue="gated"))
+    assert (text.kernel, text.out_dtype) == ("fp8", torch.float32) and text.epilogue
+
+
+def test_the_route_follows_the_dispatch_not_a_copy_of_it(monkeypatch):
+    """Move the dispatch's thresholds and the route moves with them."""
+    monkeypatch.setattr(gemm_sm90_ws, "MIN_M", 10**9)
+    assert route(call(4352, 3072, 3072)).kernel == "fp8"
+    monkeypatch.setattr(gemm_sm90, "MAX_RANK", 16)
+    assert route(call(4352, 3072, 3072)).kernel == "int8"
+
+
+def test_the_h100_runs_the_triton_backend():
+    """The CUDA extension (first in auto's order) serves compute capability 8.x only."""
+    from engine.kernels import _AUTO_ORDER
+    from engine.kernels.cuda import SUPPORTED_ARCHS
+
+    assert _AUTO_ORDER["cuda"][:2] == ("cuda", "triton")
+    assert (9, 0) not in SUPPORTED_ARCHS
+
+
+def test_one_images_calls_by_route():
+    """One image, 4 steps: the text stream's GEMMs (19 double blocks x 4, M = 256) on the FP8 kernel,
+    the image stream's and the single blocks' (19 x 4 + 38 x 3) on the ws kernel; the torch epilogue on
+    every gated call (out-projections and fc2 of both streams, proj_out's second part)."""
+    from perfmodel.image import h100_routes
+
+    c = h100_routes(1)
+    assert c["fp8"] == 4 * 19 * 4
+    assert c["ws"] + c["ws split"] == 4 * (19 * 4 + 38 * 3)
+    assert c["torch epilogue"] == 4 * (19 * 4 + 38)
+    assert "int8" not in c
+
+
+_PRICE = """
+import json, sys, torch
+sys.path.insert(0, "scripts")
+sys.path.insert(0, "tests")
+from test_hopper_route import call
+from perfmodel.hopper import sm90_entry, sm90_model
+from perfmodel.hopper_calibration import DEFAULT_L2
+from perfmodel.hopper_ws import ws_model, ws_static
+from perfmodel.image_price import EPILOGUE_COL, KernelTimes, price
+from perfmodel.image_trace import Op
+from engine.kernels.triton import gemm_sm90
+
+kt = KernelTimes()
+out = {}
+# ws with its split, fp32 out and the torch epilogue (the single blocks' proj_out second part)
+args = call(4352, 12288, 3072, unsigned=True, epilogue="partial")
+got = kt.hopper_gemm(Op("svdq.w4a4_gemm", "x", [], 0, 0, 0, args))
+model = ws_model(ws_static(4352, 12288, 3072, True, out_dtype=torch.float32), DEFAULT_L2, 0.0)
+from perfmodel.hopper_route import route
+r = route(args)
+glue = sum(price(o, "H100 SXM", None, compiled=False, sage=False) for o in r.epilogue)
+out["ws"] = [got["W4A4 GEMM"], model["split"]["gemm_us"] * 1e-6, model["split"]["planned"], model["gemm_us"] * 1e-6,
+             got[EPILOGUE_COL], glue]
+# the FP8 kernel at the text stream's M, its launcher's config
+args = call(256, 3072, 12288)
+got = kt.hopper_gemm(Op("svdq.w4a4_gemm", "x", [], 0, 0, 0, args))
+e = sm90_entry(256, 3072, 12288, gemm_sm90.sm90_config(256), False)
+out["fp8"] = [got["W4A4 GEMM"], sm90_model(e, DEFAULT_L2, 0.0)["gemm_us"] * 1e-6, got[EPILOGUE_COL]]
+print(json.dumps(out))
+"""
+
+
+def test_the_h100_price_is_the_routed_kernels_model():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-c", _PRICE], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    got, split_s, planned, plain_s, epi, glue = out["ws"]
+    assert planned and got == pytest.approx(split_s) and split_s != pytest.approx(plain_s)
+    assert epi == pytest.approx(glue) and epi > 0
+    got, model_s, epi = out["fp8"]
+    assert got == pytest.approx(model_s) and epi == 0
