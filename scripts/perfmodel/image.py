@@ -13,7 +13,9 @@ with no GPU:
    (transformers) are traced the same way. Attention counts as one launch (a flash kernel).
 2. Each op's time: our kernels from their compiled instruction counts, through the existing
    models' readers (imported, not copied): w4a4_gemm and quantize_act on the A40 from the CUDA
-   cubin (kernel_model.py), on the H100 from Triton's SASS (kernel_model_triton.py); the
+   cubin (kernel_model.py), on the H100 from Triton's SASS (quantize_act: kernel_model_triton.py;
+   each w4a4_gemm call: the kernel the sm_90 dispatch runs it on, perfmodel.hopper_route, priced by
+   perfmodel.hopper_ws or perfmodel.hopper, plus the dispatch's torch epilogue where it has one); the
    prologue variants as quantize_act plus their LayerNorm statistics pass over x; the W4A16 GEMV
    and qk_norm_rope at their DRAM bytes (kernel_model_triton.py and kernel_model_rope.py put them
    at or near their DRAM time on the A40; kernel_model_rope.py's minimum bytes for the latter).
