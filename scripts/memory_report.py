@@ -254,14 +254,13 @@ def full_size_pipeline(memory: str, *, tiny: bool = False):
     safety checker. Tokenizers are the tiny model's (the token count, not the vocabulary, sets
     the sizes). ``tiny``: the tiny model's widths (``TINY_CONFIGS``)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    from engine.vae_upsample import use_subpixel_upsampling
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from engine import memory as memory_mode
     from engine.pipeline import FluxGenerator, configure_memory
     from engine.tiny_model import SCHEDULER, TINY_TRANSFORMER, _clip_tokenizer, _t5_tokenizer
+    from engine.vae_upsample import use_subpixel_upsampling
 
     bf16 = torch.bfloat16
     if tiny:
