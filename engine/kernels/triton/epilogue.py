@@ -100,9 +100,9 @@ def launch(
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
     gemm_epilogue_kernel[grid](
         acc,
-        partial if partial is not None else out,
-        residual if gated else out,
-        gate if gated else out,
+        partial if partial is not None else acc,  # unused pointers: acc's, never read
+        residual if gated else acc,
+        gate if gated else acc,
         out,
         m,
         n,
