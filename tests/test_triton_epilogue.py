@@ -26,6 +26,7 @@ from engine.quant.ops import gemm_epilogue
 from . import ptx_compile as PC
 
 ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter without a GPU (conftest)
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -47,6 +48,12 @@ def edge_values(shape: tuple[int, int], dtype: torch.dtype, g: torch.Generator) 
     pick = sp[torch.randint(0, len(specials), shape, generator=g)]
     which = torch.randint(0, 3, shape, generator=g)
     return torch.where(which == 0, rnd, torch.where(which == 1, normal, pick))
+
+
+def run(acc, partial, residual, gate, out_dtype) -> torch.Tensor:
+    """The launcher on DEVICE (inputs moved there, the result back)."""
+    on = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
+    return E.launch(on(acc), on(partial), on(residual), on(gate), out_dtype).cpu()
 
 
 def assert_bitwise(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -71,7 +78,7 @@ def test_matches_the_reference_bit_for_bit(dtype, partial, images):
     res = edge_values((m, n), dtype, g) if images else None
     gate = edge_values((images, n), dtype, g) if images else None
     want = gemm_epilogue(acc.clone(), p, res, gate, dtype)
-    got = E.launch(acc, p, res, gate, dtype)
+    got = run(acc, p, res, gate, dtype)
     assert_bitwise(got, want)
     assert got.is_contiguous()
 
@@ -87,7 +94,7 @@ def test_ordinary_values_exactly(dtype):
     for args in ((None, None, None), (p, None, None), (None, res, gate), (p, res, gate)):
         want = gemm_epilogue(acc.clone(), *args, dtype)
         assert not torch.isnan(want).any()
-        assert torch.equal(E.launch(acc, *args, dtype).view(_INT[dtype]), want.view(_INT[dtype]))
+        assert torch.equal(run(acc, *args, dtype).view(_INT[dtype]), want.view(_INT[dtype]))
 
 
 def test_fp32_product_and_sum_round_twice():
@@ -99,7 +106,7 @@ def test_fp32_product_and_sum_round_twice():
     want = gemm_epilogue(y.clone(), None, res, gate, torch.float32)
     fused = torch.tensor(float((1 + 2**-23) * (1 - 2**-24) - 1), dtype=torch.float32)  # exact, then one rounding
     assert want.item() != fused.item()
-    assert_bitwise(E.launch(y, None, res, gate, torch.float32), want)
+    assert_bitwise(run(y, None, res, gate, torch.float32), want)
 
 
 def test_strided_inputs_are_read_as_the_reference_reads_them():
@@ -109,11 +116,11 @@ def test_strided_inputs_are_read_as_the_reference_reads_them():
     res = torch.randn(12, 20, generator=g).to(torch.bfloat16)
     gate = torch.randn(20, 4, generator=g).to(torch.bfloat16).t()  # [4, 20], column stride 4
     want = gemm_epilogue(acc.clone(), p, res, gate, torch.bfloat16)
-    assert_bitwise(E.launch(acc, p, res, gate, torch.bfloat16), want)
+    assert_bitwise(run(acc, p, res, gate, torch.bfloat16), want)
 
 
 def test_empty_and_bad_input():
-    assert E.launch(torch.empty(0, 8), None, None, None, torch.bfloat16).shape == (0, 8)
+    assert run(torch.empty(0, 8), None, None, None, torch.bfloat16).shape == (0, 8)
     acc = torch.zeros(6, 8)
     bf = {"dtype": torch.bfloat16}
     with pytest.raises(ValueError, match="gate"):
