@@ -223,6 +223,7 @@ OUTPUTS = {
     "qk_norm_rope_sage_kernel": {"q8_ptr", "q_scale_ptr", "k_ptr", "k_sum_ptr"},
     "sage_k_quant_kernel": {"k8_ptr", "k_scale_ptr"},
     "old_bias_tile_kernel": {"out_ptr"},
+    "gemm_epilogue_kernel": {"out_ptr"},
     "int8_attention_kernel": {"out_ptr"},
     "_attn_fwd": {"Out"},  # sageattention 1.0.6's attn_qk_int8_per_block kernel
 }

@@ -253,9 +253,12 @@ def test_sm90_weight_cache_takes_inference_tensors():
 
 def test_hopper_epilogue_calls_keep_the_fp8_kernel_and_the_contracts_arithmetic(monkeypatch):
     """Gate/residual/partial calls (the blocks' out-projections, fc2, proj_out) on Hopper: the FP8
-    kernel writes fp32 and the epilogue runs as the reference's, so the result is the contract's
-    (partial added in fp32, then diffusers' roundings) without the slower int8 kernel."""
+    kernel writes fp32 and the epilogue kernel (triton/epilogue.py, bit for bit the reference's
+    ops.gemm_epilogue) runs after it, so the result is the contract's (partial added in fp32, then
+    diffusers' roundings) without the slower int8 kernel."""
     calls = []
+    real_epilogue = tb.sm90_epilogue
+    monkeypatch.setattr(tb, "sm90_epilogue", lambda *a: calls.append("epilogue") or real_epilogue(*a))
     real_launch = gemm_sm90.launch
     monkeypatch.setattr(tb, "_major", lambda device: 9)
     monkeypatch.setattr(gemm_sm90, "serves", lambda device: True)
@@ -273,7 +276,7 @@ def test_hopper_epilogue_calls_keep_the_fp8_kernel_and_the_contracts_arithmetic(
     a["gate"] = torch.randn(2, 24, generator=gen).to(bf).to(DEVICE)  # two images of 3 rows
     kw = {"unsigned": False, "out_dtype": bf}
     y = tb.w4a4_gemm(**a, **kw)
-    assert calls == [torch.float32] and y.dtype == bf
+    assert calls == [torch.float32, "epilogue"] and y.dtype == bf
     # the kernel's fp32 sum against the reference's: equal up to summation order, so the result
     # matches the reference's to one bf16 rounding
     torch.testing.assert_close(y.float(), reference.w4a4_gemm(**a, **kw).float(), rtol=1.6e-2, atol=1e-2)

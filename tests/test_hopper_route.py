@@ -56,7 +56,7 @@ def test_the_image_stream_takes_the_ws_kernel_and_its_split_where_planned():
     r = route(call(4352, 3072, 3072))  # the single blocks' first proj_out part: 7 waves, the last 24 tiles
     split = gemm_sm90_ws.plan(4352, 3072, 3072, H100.sms)
     assert split is not None
-    assert (r.kernel, r.split, r.out_dtype, r.epilogue) == ("ws", split, torch.bfloat16, [])
+    assert (r.kernel, r.split, r.out_dtype, r.epilogue_bytes) == ("ws", split, torch.bfloat16, 0)
     r = route(call(4096, 3072, 9216))  # 32 x 72 tiles: the last wave over half full, no split
     assert gemm_sm90_ws.plan(4096, 9216, 3072, H100.sms) is None
     assert (r.kernel, r.split) == ("ws", None)
@@ -71,22 +71,22 @@ def test_the_text_stream_takes_the_fp8_kernel():
 
 def test_row_major_scales_and_wide_ranks_leave_the_ws_kernel():
     assert route(call(4352, 3072, 3072, group_major=False)).kernel == "fp8"  # ws reads group-major scales
-    r = route(call(4352, 3072, 3072, rank=96))  # wider than the FP8 kernels' whole-rank tile: the int8 kernel
-    assert (r.kernel, r.epilogue) == ("int8", [])
+    r = route(call(4352, 3072, 3072, rank=96, epilogue="gated"))  # wider than the FP8 kernels' rank tile:
+    assert (r.kernel, r.out_dtype, r.epilogue_bytes) == ("int8", torch.bfloat16, 0)  # the int8 kernel's epilogue
 
 
-def test_epilogue_calls_write_fp32_and_run_the_torch_epilogue():
-    """On the FP8 route the epilogue runs as ops.gemm_epilogue after the kernel: its traced ops end with
-    the [M, N] bf16 result; the partial adds its own passes."""
+def test_epilogue_calls_write_fp32_and_run_the_epilogue_kernel():
+    """On the FP8 route the epilogue runs after the kernel as triton/epilogue.py's one pass: the fp32
+    sum, residual and gate read, the bf16 result written; the partial adds its read."""
     m, n = 4096, 3072
     gated = route(call(m, 12288, n, unsigned=True, epilogue="gated"))
     assert (gated.kernel, gated.out_dtype, gated.unsigned) == ("ws", torch.float32, True)
-    assert gated.epilogue and gated.epilogue[-1].out_bytes == 2 * m * n
+    assert gated.epilogue_bytes == 4 * m * n + 2 * m * n + 2 * m * n + 2 * n  # acc, residual, out, gate
     partial = route(call(m, 12288, n, unsigned=True, epilogue="partial"))
-    assert len(partial.epilogue) > len(gated.epilogue)
-    assert sum(op.in_bytes for op in partial.epilogue) > sum(op.in_bytes for op in gated.epilogue) + 2 * m * n
+    assert partial.epilogue_bytes == gated.epilogue_bytes + 2 * m * n
     text = route(call(256, 3072, n, epilogue="gated"))
-    assert (text.kernel, text.out_dtype) == ("fp8", torch.float32) and text.epilogue
+    assert (text.kernel, text.out_dtype) == ("fp8", torch.float32) and text.epilogue_bytes
+    assert route(call(m, 12288, n)).epilogue_bytes == 0
 
 
 def test_the_route_follows_the_dispatch_not_a_copy_of_it(monkeypatch):
@@ -108,14 +108,14 @@ def test_the_h100_runs_the_triton_backend():
 
 def test_one_images_calls_by_route():
     """One image, 4 steps: the text stream's GEMMs (19 double blocks x 4, M = 256) on the FP8 kernel,
-    the image stream's and the single blocks' (19 x 4 + 38 x 3) on the ws kernel; the torch epilogue on
+    the image stream's and the single blocks' (19 x 4 + 38 x 3) on the ws kernel; the epilogue kernel on
     every gated call (out-projections and fc2 of both streams, proj_out's second part)."""
     from perfmodel.image import h100_routes
 
     c = h100_routes(1)
     assert c["fp8"] == 4 * 19 * 4
     assert c["ws"] + c["ws split"] == 4 * (19 * 4 + 38 * 3)
-    assert c["torch epilogue"] == 4 * (19 * 4 + 38)
+    assert c["epilogue kernel"] == 4 * (19 * 4 + 38)
     assert "int8" not in c
 
 
@@ -127,19 +127,17 @@ from test_hopper_route import call
 from perfmodel.hopper import sm90_entry, sm90_model
 from perfmodel.hopper_calibration import DEFAULT_L2
 from perfmodel.hopper_ws import ws_model, ws_static
-from perfmodel.image_price import EPILOGUE_COL, KernelTimes, price
+from perfmodel.image_price import EPILOGUE_COL, KernelTimes, dram_s
 from perfmodel.image_trace import Op
 from engine.kernels.triton import gemm_sm90
 
 kt = KernelTimes()
 out = {}
-# ws with its split, fp32 out and the torch epilogue (the single blocks' proj_out second part)
+# ws with its split, fp32 out and the epilogue kernel (the single blocks' proj_out second part)
 args = call(4352, 12288, 3072, unsigned=True, epilogue="partial")
 got = kt.hopper_gemm(Op("svdq.w4a4_gemm", "x", [], 0, 0, 0, args))
 model = ws_model(ws_static(4352, 12288, 3072, True, out_dtype=torch.float32), DEFAULT_L2, 0.0)
-from perfmodel.hopper_route import route
-r = route(args)
-glue = sum(price(o, "H100 SXM", None, compiled=False, sage=False) for o in r.epilogue)
+glue = dram_s(4352 * 3072 * (4 + 2 + 2 + 2) + 2 * 3072, "H100 SXM")  # acc fp32; partial, residual, out bf16; gate
 out["ws"] = [got["W4A4 GEMM"], model["split"]["gemm_us"] * 1e-6, model["split"]["planned"], model["gemm_us"] * 1e-6,
              got[EPILOGUE_COL], glue]
 # the FP8 kernel at the text stream's M, its launcher's config

@@ -152,9 +152,9 @@ def test_the_generated_text_says_which_kernels_price_the_h100_gemms():
     dispatch sends to each (perfmodel.hopper_route; tests/test_hopper_route.py holds the routes)."""
     routes = {b: image_model.h100_routes(b) for b in (1, 4)}
     note = image_model.hopper_gemm_note(routes)
-    for name in ("gemm_sm90_ws.py", "hopper_ws.py", "gemm_sm90.py", "hopper.py", "ops.gemm_epilogue"):
+    for name in ("gemm_sm90_ws.py", "hopper_ws.py", "gemm_sm90.py", "hopper.py", "triton/epilogue.py"):
         assert name in note, name
     one = routes[1]
     assert f"{one['ws']} the warp-specialized Gluon kernel, {one['ws split']} the same with its last wave" in note
-    assert f"{one['fp8']} the FP8 kernel; {one['torch epilogue']} of them with the torch epilogue" in note
+    assert f"{one['fp8']} the FP8 kernel; {one['epilogue kernel']} of them with the epilogue kernel" in note
     assert image_price.EPILOGUE_COL in note

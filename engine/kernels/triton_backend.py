@@ -32,6 +32,7 @@ from engine.kernels.triton.act import act_config, quantize_act_kernel
 from engine.kernels.triton.common import INTERPRET, MAX_GEMM_GROUP, LaunchConfig, block_r, check_group_size
 from engine.kernels.triton.common import arch_major as _major  # a module global: the kernel models patch it
 from engine.kernels.triton.common import row_major as _row_major
+from engine.kernels.triton.epilogue import launch as sm90_epilogue  # a module global: the route patches it
 from engine.kernels.triton.gemm import (
     GROUP_M,
     bias_mma_channels,
@@ -44,7 +45,7 @@ from engine.kernels.triton.gemm import (
 from engine.kernels.triton.gemm import LORA_CHUNK as GEMM_LORA_CHUNK
 from engine.kernels.triton.gemv import GEMV_BLOCK_K, MAX_ROWS, gemv_config, w4a16_gemv_kernel
 from engine.kernels.triton.rope import qk_norm_rope, qk_norm_rope_sage  # noqa: F401 (the backend's)
-from engine.quant.ops import LAYER_NORM_EPS, empty_ascales, gemm_epilogue
+from engine.quant.ops import LAYER_NORM_EPS, empty_ascales
 
 NAME = "triton"
 _INTERPRET = INTERPRET
@@ -183,9 +184,10 @@ def w4a4_gemm(
     M > 1024, group-major ascales, TMA alignment) run there once it passed its self-check on
     the device (gemm_sm90_ws.serves); where its last wave is mostly idle it runs in K-slices
     (gemm_sm90_ws.split_for: planned by gemm_sm90_ws_split, checked on the device). The partial/gate/residual epilogue is the int8 kernel's
-    only: on Hopper's FP8 route the GEMM writes fp32 and the epilogue runs as the reference
-    (ops.gemm_epilogue), which is the contract's arithmetic exactly (partial added in fp32, then
-    diffusers' roundings), so those calls keep the faster GEMM at the cost of one fp32 pass."""
+    only: on Hopper's FP8 route the GEMM writes fp32 and the epilogue runs after it as one
+    elementwise kernel (triton/epilogue.py), bit for bit the reference's ops.gemm_epilogue (the
+    contract's arithmetic: partial added in fp32, then diffusers' roundings), so those calls keep
+    the faster GEMM at the cost of one fp32 round trip."""
     if _major(qx.device) == 9 and lora_act.shape[1] <= gemm_sm90.MAX_RANK and gemm_sm90.serves(qx.device):
         check_group_size(2 * qx.shape[1] // ascales.shape[1], MAX_GEMM_GROUP)
         weight = sm90_weight(qweight, wscales)
@@ -199,7 +201,7 @@ def w4a4_gemm(
             y = gemm_sm90_ws.launch(*args, sm90_ws_weight(qweight, weight), *low_rank, **kw, split=split)
         else:
             y = gemm_sm90.launch(*args, weight, *low_rank, **kw)
-        return gemm_epilogue(y, partial, residual, gate, out_dtype) if epilogue else y
+        return sm90_epilogue(y, partial, residual, gate, out_dtype) if epilogue else y
     return launch_w4a4_gemm(
         qx,
         ascales,

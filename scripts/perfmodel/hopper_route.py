@@ -4,15 +4,16 @@ Why: on Hopper (sm_90) the Triton backend's ``w4a4_gemm`` (engine/kernels/triton
 a call to the warp-specialized Gluon kernel (gemm_sm90_ws, with its last wave split in K where
 gemm_sm90_ws.split_for plans it), to the FP8 kernel (gemm_sm90), or to the int8 kernel (gemm.py),
 by the call's M, K, N, rank, scale layout and epilogue; and on the first two it writes fp32 and
-runs the partial/gate/residual epilogue as torch ops (ops.gemm_epilogue) after the kernel. Rather
+runs the partial/gate/residual epilogue after the kernel as one elementwise kernel
+(engine/kernels/triton/epilogue.py, bit for bit ops.gemm_epilogue). Rather
 than restate those rules, ``route`` runs that very function on the call's meta tensors with:
 
 - the architecture read as sm_90 (``triton_backend._major``, as the kernel models patch it);
 - the on-device self-checks taken as passed (gemm_sm90.serves, gemm_sm90_ws.serves and its split
   grid's check): an assumption, that the kernels are right on the H100 they would serve;
 - the SM count of an H100 SXM (perfmodel.devices.H100) for the split's plan;
-- the three launchers replaced by recorders (nothing is compiled or run), and the epilogue run on
-  the meta tensors under perfmodel.image_trace's op recorder, so its ops are the code's own.
+- the four launchers replaced by recorders (nothing is compiled or run); the epilogue kernel's
+  records the bytes it moves (epilogue.bytes_moved of the tensors the dispatch passes it).
 
 The H100 runs the Triton backend: the CUDA extension serves compute capability 8.x only
 (engine.kernels.cuda.SUPPORTED_ARCHS; tests/test_hopper_route.py checks it).
@@ -21,21 +22,20 @@ The H100 runs the Triton backend: the CUDA extension serves compute capability 8
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from unittest import mock
 
 import torch
 
 from perfmodel.devices import H100
-from perfmodel.image_trace import Op, OpRecorder
 
 
 @dataclass
 class Route:
     """What the dispatch runs for one call: ``kernel`` "ws" (gemm_sm90_ws), "fp8" (gemm_sm90) or
     "int8" (gemm.py, the epilogue in the kernel); ``split`` the ws kernel's K-split of its last wave
-    (gemm_sm90_ws_split.Split) or None; ``out_dtype`` what the kernel writes; ``epilogue`` the torch
-    ops the dispatch runs after the kernel (empty where there are none)."""
+    (gemm_sm90_ws_split.Split) or None; ``out_dtype`` what the kernel writes; ``epilogue_bytes`` the
+    DRAM bytes of the epilogue kernel the dispatch runs after it (0 where there is none)."""
 
     kernel: str
     m: int
@@ -45,7 +45,7 @@ class Route:
     unsigned: bool
     out_dtype: torch.dtype
     split: object = None
-    epilogue: list[Op] = field(default_factory=list)
+    epilogue_bytes: int = 0
 
 
 def route(args: tuple) -> Route:
@@ -53,10 +53,11 @@ def route(args: tuple) -> Route:
     lora_act, proj_up, bias, partial, residual, gate, unsigned, out_dtype) on an H100."""
     import engine.kernels.triton_backend as tb
     from engine.kernels.triton import gemm_sm90, gemm_sm90_ws
+    from engine.kernels.triton.epilogue import bytes_moved
 
     qx, qweight, lora_act = args[0], args[2], args[4]
     m, k, n, rank = qx.shape[0], 2 * qx.shape[1], qweight.shape[0], lora_act.shape[1]
-    seen: dict = {"kernel": [], "epilogue": []}
+    seen: dict = {"kernel": [], "epilogue": 0}
 
     def launcher(kind: str):
         def record(*a, **kw):
@@ -65,14 +66,10 @@ def route(args: tuple) -> Route:
 
         return record
 
-    def epilogue(*a):
-        rec = OpRecorder()
-        with rec:
-            out = tb_epilogue(*a)
-        seen["epilogue"] += rec.ops
-        return out
-
-    tb_epilogue = tb.gemm_epilogue
+    def epilogue(acc, partial, residual, gate, out_dtype):
+        gate_rows = gate.shape[0] if residual is not None else 0
+        seen["epilogue"] += bytes_moved(m, n, out_dtype, partial is not None, residual is not None, gate_rows)
+        return torch.empty(m, n, dtype=out_dtype, device="meta")
     patches = [
         mock.patch.object(tb, "_major", lambda device: 9),
         mock.patch.object(gemm_sm90, "serves", lambda device: True),
@@ -82,7 +79,7 @@ def route(args: tuple) -> Route:
         mock.patch.object(gemm_sm90, "launch", launcher("fp8")),
         mock.patch.object(gemm_sm90_ws, "launch", launcher("ws")),
         mock.patch.object(tb, "launch_w4a4_gemm", launcher("int8")),
-        mock.patch.object(tb, "gemm_epilogue", epilogue),
+        mock.patch.object(tb, "sm90_epilogue", epilogue),
     ]
     with contextlib.ExitStack() as stack, torch.no_grad():
         for p in patches:

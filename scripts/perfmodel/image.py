@@ -15,7 +15,7 @@ with no GPU:
    models' readers (imported, not copied): w4a4_gemm and quantize_act on the A40 from the CUDA
    cubin (kernel_model.py), on the H100 from Triton's SASS (quantize_act: kernel_model_triton.py;
    each w4a4_gemm call: the kernel the sm_90 dispatch runs it on, perfmodel.hopper_route, priced by
-   perfmodel.hopper_ws or perfmodel.hopper, plus the dispatch's torch epilogue where it has one); the
+   perfmodel.hopper_ws or perfmodel.hopper, plus the dispatch's epilogue kernel, one DRAM pass, where it has one); the
    prologue variants as quantize_act plus their LayerNorm statistics pass over x; the W4A16 GEMV
    and qk_norm_rope at their DRAM bytes (kernel_model_triton.py and kernel_model_rope.py put them
    at or near their DRAM time on the A40; kernel_model_rope.py's minimum bytes for the latter).
@@ -472,7 +472,7 @@ def run() -> dict:
 
 def h100_routes(batch: int, steps: int = 4) -> dict[str, int]:
     """How many of one image's (``batch`` images') W4A4 GEMM calls the H100's dispatch sends to each
-    kernel (perfmodel.hopper_route), and how many of them run the epilogue as torch ops."""
+    kernel (perfmodel.hopper_route), and how many of them run the epilogue kernel after it."""
     from perfmodel.hopper_route import route
 
     counts: dict[str, int] = {}
@@ -480,7 +480,7 @@ def h100_routes(batch: int, steps: int = 4) -> dict[str, int]:
         if op.name == "svdq.w4a4_gemm":
             r = route(op.args)
             kind = {"ws": "ws split" if r.split is not None else "ws", "fp8": "fp8", "int8": "int8"}[r.kernel]
-            for key in (kind, "torch epilogue" if r.epilogue else None):
+            for key in (kind, "epilogue kernel" if r.epilogue_bytes else None):
                 if key:
                     counts[key] = counts.get(key, 0) + steps
     return counts
@@ -506,11 +506,11 @@ def hopper_gemm_note(routes: dict[int, dict[str, int]]) -> str:
         "the warp-specialized Gluon kernel (gemm_sm90_ws.py, scripts/perfmodel/hopper_ws.py, with its split-K "
         "of the last wave where gemm_sm90_ws.plan takes one) or the FP8 kernel (gemm_sm90.py, "
         "scripts/perfmodel/hopper.py), both at the calibrated L2 figure; where the call has a partial, gate or "
-        "residual, the kernel writes fp32 and the dispatch's torch epilogue (ops.gemm_epilogue) runs after it, "
-        "priced by its traced ops' bytes, eager (inside the custom op, out of torch.compile's sight) "
+        "residual, the kernel writes fp32 and the dispatch's epilogue kernel (engine/kernels/triton/epilogue.py, "
+        "bit for bit ops.gemm_epilogue) runs after it, priced as one DRAM pass over its bytes "
         f"(column \"{EPILOGUE_COL}\"). Calls per image over 4 steps: {say(one)}; "
-        f"{one.get('torch epilogue', 0)} of them with the torch epilogue. For four images: {say(four)}; "
-        f"{four.get('torch epilogue', 0)} with the torch epilogue. "
+        f"{one.get('epilogue kernel', 0)} of them with the epilogue kernel. For four images: {say(four)}; "
+        f"{four.get('epilogue kernel', 0)} with the epilogue kernel. "
         "quantize_act on the H100: the Triton kernel's model (perfmodel.triton_model)."
     )
 

@@ -24,7 +24,7 @@ LAUNCH_US = 4.0  # per kernel launch that the GPU waits for: eager small ops, CP
 CPU_BPS = 4e9  # single-threaded numpy elementwise pass on the host (bytes read + written per s)
 
 OUR_OPS = ("svdq.", "count_launches.flash_attention")
-EPILOGUE_COL = "GEMM epilogue as torch ops (H100)"
+EPILOGUE_COL = "GEMM epilogue kernel (H100)"
 
 
 class KernelTimes:
@@ -71,9 +71,9 @@ class KernelTimes:
         """One traced w4a4_gemm call on the H100, priced as the dispatch routes it (perfmodel.
         hopper_route): the warp-specialized kernel (plain or its last wave split in K:
         perfmodel.hopper_ws) or the FP8 kernel (perfmodel.hopper), both at the calibrated L2 figure,
-        writing what the route writes (fp32 where an epilogue follows); then the torch epilogue's
-        ops, eager (they run inside the custom op, out of torch.compile's sight), as other glue.
-        Seconds per column: {"W4A4 GEMM": kernel, EPILOGUE_COL: torch epilogue}."""
+        writing what the route writes (fp32 where an epilogue follows); then the epilogue kernel
+        (engine/kernels/triton/epilogue.py) as one DRAM pass over the bytes it moves, at the stated
+        DRAM efficiency. Seconds per column: {"W4A4 GEMM": kernel, EPILOGUE_COL: epilogue kernel}."""
         from perfmodel.hopper_route import route
 
         r = route(op.args)
@@ -86,8 +86,7 @@ class KernelTimes:
             else:
                 t = self._hopper_kernel(r, split)
             self._cache[key] = t
-        glue = sum(price(o, "H100 SXM", None, compiled=False, sage=False) for o in r.epilogue)
-        return {"W4A4 GEMM": self._cache[key], EPILOGUE_COL: glue}
+        return {"W4A4 GEMM": self._cache[key], EPILOGUE_COL: dram_s(r.epilogue_bytes, "H100 SXM")}
 
     def _hopper_kernel(self, r, split: tuple | None) -> float:
         from engine.kernels.triton import gemm_sm90

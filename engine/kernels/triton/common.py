@@ -246,12 +246,33 @@ def scale_lowest_binade(biased, s, neg_bias_s, bias_value, FUSED: tl.constexpr):
 @triton.jit
 def round_to(x, dtype: tl.constexpr, COMPILED: tl.constexpr):
     """fp32 ``x`` rounded to ``dtype`` (half to even) and back, as torch stores an op's result. The
-    interpreter truncates fp32 -> bf16 casts (triton 3.6): there the rounding is done on the bits."""
+    interpreter truncates fp32 -> bf16 casts (triton 3.6): there the rounding is done on the bits
+    (NaN kept a quiet NaN, which a later truncating cast keeps NaN, as the GPU's cvt.rn does)."""
     if dtype == tl.float32:
         return x
     elif dtype == tl.bfloat16 and not COMPILED:
         b = x.to(tl.int32, bitcast=True)
         b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-        return b.to(tl.float32, bitcast=True)
+        return tl.where(x != x, float("nan"), b.to(tl.float32, bitcast=True))
     else:
         return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def widen(x, COMPILED: tl.constexpr):
+    """A 16-bit or fp32 ``x`` as fp32, exactly. The interpreter flushes bf16 subnormals to zero in
+    bf16 -> fp32 casts (triton 3.6): there the bf16 bits are shifted into place."""
+    if x.dtype == tl.bfloat16 and not COMPILED:
+        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def narrow(x, dtype: tl.constexpr, COMPILED: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (half to even), in ``dtype``: round_to, then a cast that is
+    exact. The interpreter's fp32 -> bf16 cast also flushes subnormals: there the top half of
+    the rounded bits is taken."""
+    r = round_to(x, dtype, COMPILED)
+    if dtype == tl.bfloat16 and not COMPILED:
+        return (r.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return r.to(dtype)
