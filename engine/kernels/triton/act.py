@@ -108,6 +108,7 @@ def quantize_act_kernel(
     MODULATE: tl.constexpr,  # x <- LayerNorm(x) * (1 + scale) + shift, rounded like torch
     GELU: tl.constexpr,  # x <- gelu_tanh(x), rounded like torch
     HAS_SHIFT: tl.constexpr = True,  # shift != 0 (else x + shift is skipped for bf16 x)
+    ONE_CHUNK: tl.constexpr = False,  # R <= BLOCK_R: grid axis 1 is 1, no runtime branch on it
 ):
     HALF: tl.constexpr = GROUP // 2
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -158,7 +159,7 @@ def quantize_act_kernel(
             h = div_correct(x, s[None, :], rs[None, :])  # x_hat
         else:
             h = tl.div_rn(x + shift, s[None, :])
-        if chunk == 0:
+        if ONE_CHUNK or chunk == 0:
             _quantize_group(h, q_ptrs, s_ptrs + g * stride_ag, row_ok, BLOCK_M, GROUP, UNSIGNED, COMPILED)
         if HAS_LORA:
             d = tl.load(d_ptrs)  # [BR, GROUP]
