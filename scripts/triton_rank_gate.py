@@ -156,6 +156,7 @@ def compiled_constants() -> list[dict]:
                     "ptx_0x80808080": len(re.findall(r"(?:-2139062144|0x80808080)\b", ptx)),
                     "ptx_max_nan": len(re.findall(r"\bmax\.NaN\.f32\b", ptx)),
                     "ptx_div_rn": len(re.findall(r"\bdiv\.rn\.f32\b", ptx)),
+                    "ptx_rcp_rn": len(re.findall(r"\brcp\.rn\.f32\b", ptx)),  # the group scale's 1 / denom
                 }
             )
     return out

@@ -465,3 +465,26 @@ def test_act_compiled_for_sm90_matches_reference(unsigned, r):
     (res,) = PC.compile_ptx([rec.request(90)])
     assert ".target sm_90" in res["ptx"]
     check(f"act_sm90_{r}", rec, want, res)
+
+
+def test_act_sm90_negative_zeros_give_the_bits_of_x_plus_0():
+    """Signed quantize_act with shift 0 skips ``x + shift`` on the GPU (bf16 x), so -0.0 reaches
+    the divisions as -0 where the reference's x + 0.0 makes it +0: the codes, the scales and
+    the low-rank product must not see it. A row of -0 (its low-rank row +0.0, sign bit clear, as
+    the reference's), a group of -0, scattered -0; the sm_90 config compiled for sm_90, executed."""
+    a = act_inputs(M, K, 5)
+    x = a["x"]
+    x[1] = -0.0
+    x[2, 64:128] = -0.0
+    x[5:, ::7] = -0.0
+    kw = {"group_size": 64, "unsigned": False, "shift": 0.0}
+
+    def launch():
+        tb.quantize_act(**a, **kw)
+
+    want = reference.quantize_act(**a, **kw)
+    rec = PC.record("act", launch, major=9)
+    (res,) = PC.compile_ptx([rec.request(90)])
+    check("act_sm90_negzero", rec, want, res)
+    lora = _outputs(rec)["lora_ptr"]
+    assert torch.equal(lora[1].view(torch.int32), torch.zeros(5, dtype=torch.int32))  # +0.0 bits

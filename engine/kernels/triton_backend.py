@@ -153,6 +153,8 @@ def _launch_act(x, smooth, proj_down, mod_scale, mod_shift, group_size, unsigned
         DOWN_BF16=down.dtype == torch.bfloat16,
         MODULATE=modulate,
         GELU=gelu,
+        HAS_SHIFT=shift != 0.0,
+        ONE_CHUNK=r <= chunk,
         **cfg.launch_options(),
     )
     return qx, ascales, lora_act

@@ -90,6 +90,11 @@ def gate_failures(report: dict) -> list[str]:
             bad.append(
                 f"quantize_act sm_{e['cc']}: a {e['loop_narrowest_load']}-byte global load in its loop"
             )
+        # two CTA barriers per group: the low-rank operand's trip through shared memory; the
+        # scale's store goes straight from the threads that reduced it (no round trip)
+        bars = sum(c for op, c in e["loop_ops"].items() if op.startswith("BAR."))
+        if bars > 2:
+            bad.append(f"quantize_act sm_{e['cc']}: {bars} CTA barriers per group (at most 2)")
     for e in report["gemv"]:
         if e["loop_ops"].get("LDG.E.128", 0) + e["loop_ops"].get("LDGSTS.E.BYPASS.128", 0) == 0:
             bad.append(

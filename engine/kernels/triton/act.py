@@ -107,6 +107,8 @@ def quantize_act_kernel(
     DOWN_BF16: tl.constexpr,
     MODULATE: tl.constexpr,  # x <- LayerNorm(x) * (1 + scale) + shift, rounded like torch
     GELU: tl.constexpr,  # x <- gelu_tanh(x), rounded like torch
+    HAS_SHIFT: tl.constexpr = True,  # shift != 0 (else x + shift is skipped for bf16 x)
+    ONE_CHUNK: tl.constexpr = False,  # R <= BLOCK_R: grid axis 1 is 1, no runtime branch on it
 ):
     HALF: tl.constexpr = GROUP // 2
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -128,6 +130,7 @@ def quantize_act_kernel(
     s_ptrs = ascales_ptr + offs_m
     lora = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     DT: tl.constexpr = x_ptr.dtype.element_ty
+    BF16_X: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     if MODULATE:
         mean, rstd = _row_stats(x_ptrs, K, eps, GROUP, COMPILED)  # [BM] each
         image = (rows // rows_per_image) * stride_mb
@@ -147,10 +150,16 @@ def quantize_act_kernel(
         s = tl.load(smooth_ptr + g * GROUP + kk).to(tl.float32)
         if COMPILED:  # the reciprocal comes from the host (IEEE), three instructions per element
             rs = tl.load(rsmooth_ptr + g * GROUP + kk)
-            h = div_correct(x + shift, s[None, :], rs[None, :])  # x_hat
+            # x + 0 only turns -0 into +0, which neither the codes, the scales nor the low-rank
+            # sum (it starts from +0) can see. Skipped for bf16 only: there the widening's
+            # inline asm is opaque (not pure), which keeps Triton from recomputing the chain in
+            # the MMA operand's layout; fp16 and fp32 x keep the add, which does the same.
+            if HAS_SHIFT or not BF16_X:
+                x = x + shift
+            h = div_correct(x, s[None, :], rs[None, :])  # x_hat
         else:
             h = tl.div_rn(x + shift, s[None, :])
-        if chunk == 0:
+        if ONE_CHUNK or chunk == 0:
             _quantize_group(h, q_ptrs, s_ptrs + g * stride_ag, row_ok, BLOCK_M, GROUP, UNSIGNED, COMPILED)
         if HAS_LORA:
             d = tl.load(d_ptrs)  # [BR, GROUP]
@@ -194,14 +203,17 @@ def _split_bf16(h, COMPILED: tl.constexpr):
 @triton.jit
 def _widen(x, COMPILED: tl.constexpr):
     """x as fp32. bf16 on the GPU two at a time in inline PTX (a shift and a mask per pair: the
-    exact conversion), where ``tl`` compiled to a byte permute and a widening for every odd one."""
+    exact conversion), where ``tl`` compiled to a byte permute and a widening for every odd one.
+    Not pure on purpose: Triton then cannot hoist the MMA operand's layout conversion above it,
+    which recomputed the whole chain (both divisions, the split) in that layout (471 SASS per
+    group on sm_90 where the chain has no ``x + shift``, 268 as it is)."""
     if COMPILED and x.dtype == tl.bfloat16:
         return tl.inline_asm_elementwise(
             "{ .reg .b32 t; mov.b32 t, $2; shl.b32 $0, t, 16; and.b32 $1, t, 0xffff0000; }",
             "=r,=r,r",
             [x],
             dtype=tl.float32,
-            is_pure=True,
+            is_pure=False,
             pack=2,
         )
     return x.to(tl.float32)
@@ -248,7 +260,12 @@ def _quantize_group(
         # A subnormal scale (a group of tiny values): scale both sides by 2^64, exactly.
         lift = tl.where(denom < 1e-30, 18446744073709551616.0, 1.0)
         denom = denom * lift
-        v = div_correct(h * lift[:, None], denom[:, None], tl.div_rn(1.0, denom)[:, None])
+        # RN(1 / denom) as PTX's IEEE reciprocal (rcp.rn), what div_rn(1, denom) computes, in
+        # one instruction fewer on sm_90 (no FCHK; ptxas keeps its own range check).
+        rd = tl.inline_asm_elementwise(
+            "rcp.rn.f32 $0, $1;", "=r,r", [denom], dtype=tl.float32, is_pure=True, pack=1
+        )
+        v = div_correct(h * lift[:, None], denom[:, None], rd[:, None])
     else:
         v = tl.div_rn(h, denom[:, None])
     # Half-to-even straight to int32 (one cvt.rni on the GPU); the interpreter has no
@@ -261,4 +278,23 @@ def _quantize_group(
     q_even, q_odd = tl.split(tl.reshape(q, (BLOCK_M, HALF, 2)))  # channel 2j, 2j+1
     packed = ((q_even & 0xF) | ((q_odd & 0xF) << 4)).to(tl.uint8)
     tl.store(q_ptrs, packed, mask=row_ok[:, None])
-    tl.store(s_ptrs, scale, mask=row_ok)
+    if COMPILED:
+        _store_rows(s_ptrs, scale, row_ok)
+    else:
+        tl.store(s_ptrs, scale, mask=row_ok)
+
+
+@triton.jit
+def _store_rows(ptrs, v, ok):
+    """``tl.store(ptrs, v, mask=ok)`` in v's own layout, on the GPU: each row's scale is held
+    by the threads that reduced it, and each of them stores it (the same value to the same
+    address, one transaction per warp), where ``tl.store`` moved it through shared memory to one
+    owner per value (two barriers, a store and a load per group)."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.f32 [$1], $2; mov.b32 $0, 0; }",
+        "=r,l,r,r",
+        [ptrs.to(tl.int64, bitcast=True), v, ok.to(tl.int32)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
