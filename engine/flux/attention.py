@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import kernels
+from engine.kernels.attention import HEAD_DIMS as INT8_HEAD_DIMS  # our port's (sage's 64 and 128)
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     k = k - k.mean(dim=1, keepdim=True)  # smooth_k: softmax is invariant to it, int8 K is not
-    if q.shape[-1] in FUSED_PREP_HEAD_DIMS:
+    if q.shape[-1] in INT8_HEAD_DIMS:
         q8, q_scale, k8, k_scale = per_block_int8(q, k, tensor_layout="NHD")
         v = v if v.dtype in SAGE_DTYPES else v.to(torch.float16)  # the kernel reads V in 16 bits
         return kernels.sage_attention_int8(q8, q_scale, k8, k_scale, [v], out_dtype=q.dtype)

@@ -405,7 +405,7 @@ def launch_norm_rope_sage(
     *,
     heads: int,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first launch: (q8, q_scale [B, H, nbq, 1], k [B, S, H, D] in T, k_sum [B, H, nbq, D])."""
     d = norm_q0.shape[0]
     if d not in SAGE_HEAD_DIMS:
