@@ -76,6 +76,7 @@ CALIBRATION = {"steps": 28, "eager_s": 6.71, "compiled_s": 4.30, "device": "H100
 
 def image_model(kt: KernelTimes, batch: int = 1, steps: int = 4, size: int = 1024) -> list[Stage]:
     """Our served pipeline (go_fast on: compiled transformer, SageAttention) per stage."""
+    subpixel, compiled = vae_subpixel(), vae_compiled()  # the VAE as served, read from the code
     return [
         stage(
             "text encoders (T5-XXL 256 + CLIP-L, bf16, eager)",
@@ -93,11 +94,10 @@ def image_model(kt: KernelTimes, batch: int = 1, steps: int = 4, size: int = 102
             repeat=steps,
         ),
         stage(
-            f"VAE decode (bf16, {'compiled' if vae_compiled() else 'eager'}"
-            f"{', sub-pixel upsamplers' if vae_subpixel() else ''})",
-            trace_vae(batch, size, subpixel=vae_subpixel()),
+            f"VAE decode (bf16, {'compiled' if compiled else 'eager'}{', sub-pixel upsamplers' if subpixel else ''})",
+            trace_vae(batch, size, subpixel=subpixel),
             kt,
-            compiled=vae_compiled(),
+            compiled=compiled,
             sage=False,
         ),
         postprocess_stage(batch, size, safety_on_gpu=safety_input_on_gpu()),
@@ -334,7 +334,8 @@ def levers(kt: KernelTimes) -> list[dict]:
     # (f) VAE compiled + channels_last: the glue fused, convolutions unchanged
     vae = trace_vae(1, 1024)  # diffusers' upsamplers
     sub = trace_vae(1, 1024, subpixel=True)
-    served = sub if vae_subpixel() else vae
+    subpixel, compiled = vae_subpixel(), vae_compiled()  # read from the code once
+    served = sub if subpixel else vae
     eager = sum(price(op, dev, kt, compiled=False, sage=False) for op in served)
     fused = sum(price(op, dev, kt, compiled=True, sage=False) for op in served)
     add(
@@ -343,18 +344,17 @@ def levers(kt: KernelTimes) -> list[dict]:
         f"not priced: the convolutions' efficiency is held at {EFF['conv']} either way",
         True,
     )
-    add("VAE decoder compiled", eager - fused, "inductor fuses GroupNorm/SiLU/adds", vae_compiled())
+    add("VAE decoder compiled", eager - fused, "inductor fuses GroupNorm/SiLU/adds", compiled)
     # beyond the list: the decoder's nearest x2 + 3x3 upsamplers as 2x2 sub-pixel convolutions at the
     # low resolution (engine.vae_upsample), priced as the decode before and after, compiled as served
     flops = [sum(op.flops for op in ops) for ops in (vae, sub)]
-    compiled = vae_compiled()
     add(
         "VAE upsamplers as 2x2 sub-pixel convolutions (engine.vae_upsample)",
         sum(price(op, dev, kt, compiled=compiled, sage=False) for op in vae)
         - sum(price(op, dev, kt, compiled=compiled, sage=False) for op in sub),
         f"decoder {flops[0] / 1e12:.2f} -> {flops[1] / 1e12:.2f} TFLOP (the 3 upsample convolutions at 4/9), "
         f"less the phases' interleaving copy; same conv efficiency ({EFF['conv']}) assumed for 2x2 as 3x3",
-        vae_subpixel(),
+        subpixel,
         listed=False,
     )
     # (g) post-processing on the GPU (in the code), the safety checker's input preparation (not yet)
