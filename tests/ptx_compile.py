@@ -125,20 +125,20 @@ def record(kind: str, call: Callable[[], Any], major: int = 8) -> Launch:
     return rec.launches[0]
 
 
+def run_compiled(
+    args: list[str], *, timeout: float = 600, input: str | None = None, scripts: bool = False
+) -> subprocess.CompletedProcess:
+    """Run the child ``args`` where ``@triton.jit`` compiles: without ``TRITON_INTERPRET``, in the
+    repository, with it (and, with ``scripts``, scripts/) on PYTHONPATH; output captured as text."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "scripts")] if scripts else [str(ROOT)])
+    return subprocess.run(args, input=input, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
 def compile_ptx(requests: list[dict], timeout: float = 600) -> list[dict]:
     """Compile every request in one child process; each result has ``ptx``, ``shared``,
     ``num_warps``, ``name`` and ``params`` (indices of the arguments that are PTX parameters)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    res = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())],
-        input=json.dumps(requests),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    res = run_compiled([sys.executable, str(Path(__file__).resolve())], input=json.dumps(requests), timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"compile child failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout)

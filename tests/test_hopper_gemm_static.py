@@ -9,21 +9,20 @@ Triton's fp8 tutorial kernel. The script exits on TRITON_INTERPRET=1, so it runs
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from .ptx_compile import run_compiled
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "kernel_model_hopper.py"
 
 
 def _run(args: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return run_compiled(args, timeout=timeout)
 
 
 _SIM_CHECK = """

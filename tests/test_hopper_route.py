@@ -10,8 +10,6 @@ routed kernel's model (in a child process: the kernels compile for sm_90, not th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +19,8 @@ from perfmodel.devices import H100
 from perfmodel.hopper_route import route
 
 from engine.kernels.triton import gemm_sm90, gemm_sm90_ws
+
+from .ptx_compile import run_compiled
 
 ROOT = Path(__file__).resolve().parents[1]
 META = {"device": "meta"}
@@ -122,8 +122,7 @@ def test_one_images_calls_by_route():
 _PRICE = """
 import json, sys, torch
 sys.path.insert(0, "scripts")
-sys.path.insert(0, "tests")
-from test_hopper_route import call
+from tests.test_hopper_route import call
 from perfmodel.hopper import sm90_entry, sm90_model
 from perfmodel.hopper_calibration import DEFAULT_L2
 from perfmodel.hopper_ws import ws_model, ws_static
@@ -150,10 +149,7 @@ print(json.dumps(out))
 
 
 def test_the_h100_price_is_the_routed_kernels_model():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    res = subprocess.run([sys.executable, "-c", _PRICE], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=ROOT)  # fmt: skip
+    res = run_compiled([sys.executable, "-c", _PRICE])
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     got, split_s, planned, plain_s, epi, glue = out["ws"]

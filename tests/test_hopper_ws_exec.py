@@ -20,8 +20,6 @@ K = 704, one whole tile and three tiles in slices of 5, 5 and 1 groups, CTAs in 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch
 
 from engine.kernels import reference
 
+from .ptx_compile import run_compiled
 from .ptx_exec import GlobalMemory, launch, parse
 from .ptx_sm90 import TensorMap
 from .test_ptx_exec_triton import exact_gemm_inputs
@@ -84,12 +83,7 @@ def compile_ws(shape: tuple, unsigned: bool, bias: bool = True, split: tuple | N
     kernel arguments that stay runtime parameters (Triton makes integers equal to 1 constants);
     with ``split`` (gemm_sm90_ws_split.Split's fields), the split grid and the sum's PTX too."""
     m, n, k, r = shape
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    res = subprocess.run(
-        [sys.executable, "-c", _COMPILE, json.dumps([m, k, n, r, unsigned, bias, split])],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    res = run_compiled([sys.executable, "-c", _COMPILE, json.dumps([m, k, n, r, unsigned, bias, split])])
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 

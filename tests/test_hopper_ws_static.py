@@ -14,12 +14,13 @@ holds the same loop gates. Compiles run in a child (no TRITON_INTERPRET).
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from .ptx_compile import run_compiled
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,9 +36,7 @@ print(json.dumps({"gates": h.gate_failures(static),
 
 
 def _run(args: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return run_compiled(args, timeout=timeout)
 
 
 def test_ws_loop_structure_at_the_largest_flux_shape_and_of_the_split_grid():

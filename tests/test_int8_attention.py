@@ -12,8 +12,6 @@ kernel (sm_86, sm_90) is gated in SASS against the package's kernel compiled the
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +20,8 @@ import torch
 
 from engine import kernels
 from engine.flux import attention
+
+from .ptx_compile import run_compiled
 
 sage_attn = pytest.importorskip("sageattention.attn_qk_int8_per_block")
 sage_quant = pytest.importorskip("sageattention.quant_per_block")
@@ -216,12 +216,9 @@ def test_compiled_loop_against_the_packages():
     default adds D = 64):
     no spills, the PV and QK^T MMAs of the package's loop, and the in-register conversion within
     its bound of instructions per PV MMA (perfmodel.int8_attention.gate_failures)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "scripts")])
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "kernel_model_int8_attention.py"), "--head-dims", "128"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    res = run_compiled(
+        [sys.executable, str(ROOT / "scripts" / "kernel_model_int8_attention.py"), "--head-dims", "128"], scripts=True
+    )
     assert res.returncode in (0, 1), res.stderr[-3000:]
     report = json.loads(res.stdout)
     assert not report["gates_failed"], report["gates_failed"]

@@ -10,9 +10,7 @@ fp32 and the 16-bit types), ties of the fp32 -> 16-bit rounding, and sums that o
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -24,6 +22,7 @@ from engine.kernels.triton import epilogue as E
 from engine.quant.ops import gemm_epilogue
 
 from . import ptx_compile as PC
+from .ptx_compile import run_compiled
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter without a GPU (conftest)
@@ -215,10 +214,7 @@ def test_sass_has_no_spills():
     """Compiled by triton's ptxas for sm_90 and sm_86 (no GPU): no spills, no stack, and registers
     for at least 5 CTAs (20 warps) per SM: with 32 elements per thread that keeps far more bytes in
     flight than an H100's DRAM latency needs (about 25 KB per SM at 3.35 TB/s and ~1 us)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    res = subprocess.run([sys.executable, "-c", _SASS], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=ROOT)  # fmt: skip
+    res = run_compiled([sys.executable, "-c", _SASS])
     assert res.returncode == 0, res.stderr[-3000:]
     entries = json.loads(res.stdout.strip().splitlines()[-1])
     assert len(entries) == 8, entries
