@@ -11,11 +11,8 @@ the error is far below the int8 Q/K rounding the bound is set by (modelled, not 
 
 import json
 import logging
-import os
-import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -404,13 +401,10 @@ def compiled_sage_kernels(archs: list[int]) -> list[dict]:
 def test_sage_kernels_compile_to_int8_tensor_cores_on_sm80_to_sm90_and_not_sm75():
     """Why auto takes compute capability 8.0-9.0: there the QK^T loop is int8 MMA (IMMA on
     sm_80/86/89, wgmma IGMMA on sm_90) and PV fp16 MMA, with no spills; sm_75 cannot lower it."""
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "scripts")])
+    from .ptx_compile import run_compiled
+
     code = "import json, sys; from tests.test_attention import compiled_sage_kernels as c; print(json.dumps(c([90, 89, 86, 80, 75])))"
-    res = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=900
-    )
+    res = run_compiled([sys.executable, "-c", code], timeout=900, scripts=True)
     assert res.returncode == 0, res.stderr[-3000:]
     report = {(e["cc"], e["kernel"]): e for e in json.loads(res.stdout.splitlines()[-1])}
     for cc in (90, 89, 86, 80):

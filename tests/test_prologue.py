@@ -13,8 +13,6 @@ The bounds asserted below: bf16 exact, fp32 codes exact and scales within 2^-20 
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from engine.kernels import reference
 from engine.modules import SVDQLinear
 
 from .kernel_cases import act_inputs
+from .ptx_compile import run_compiled
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 128
@@ -223,15 +222,7 @@ def test_prologue_kernels_compile_without_spills_and_with_vector_loads(tmp_path)
     """sm_90 and sm_86 by Triton's own compiler (scripts/kernel_model_prologue.py): no spills,
     no global load narrower than 16 bytes in any loop of the plain, modulation, GELU variants."""
     out = tmp_path / "report.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
-    script = ROOT / "scripts" / "kernel_model_prologue.py"
-    res = subprocess.run(
-        [sys.executable, str(script), "--json", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    res = run_compiled([sys.executable, str(ROOT / "scripts" / "kernel_model_prologue.py"), "--json", str(out)], timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     static = json.loads(out.read_text())["static"]
     want = {

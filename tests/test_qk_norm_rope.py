@@ -347,22 +347,12 @@ def test_static_figures_at_flux_shape(tmp_path):
     FFMA, 16-byte loads and stores only; every q/k/v byte loaded once, every output byte stored
     once (counted from the kernel's own accesses under the interpreter)."""
     import json
-    import os
-    import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(root)}
+    from .ptx_compile import ROOT, run_compiled
+
     out = tmp_path / "rope.json"
-    script = root / "scripts" / "kernel_model_rope.py"
-    res = subprocess.run(
-        [sys.executable, str(script), "--json", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    res = run_compiled([sys.executable, str(ROOT / "scripts" / "kernel_model_rope.py"), "--json", str(out)], timeout=1200)
     report = json.loads(out.read_text()) if out.exists() else None
     assert res.returncode == 0, (res.stderr[-3000:], report and report["gates_failed"])
     assert {(e["cc"], e["variant"][:6]) for e in report["static"]} == {
