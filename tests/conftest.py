@@ -39,6 +39,21 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture()
+def fresh_dynamo():
+    """Each test starts from an empty compile cache and restores dynamo's settings (the go_fast
+    tests; test_cold_start has its own, which also turns inductor's caches off)."""
+    import torch.fx.experimental._config as fx_config
+
+    torch._dynamo.reset()
+    with (
+        torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False),
+        fx_config.patch(use_duck_shape=True),
+    ):
+        yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture
 def use_kernels():
     """``use_kernels("triton")``: configure a kernel backend for one test (auto again after)."""

@@ -31,20 +31,6 @@ KINDS = 2
 VAE_GRAPHS = 1  # the VAE decoder, one dynamic graph (tests/test_go_fast_vae.py)
 
 
-@pytest.fixture()
-def fresh_dynamo():
-    """Each test starts from an empty compile cache and restores dynamo's settings."""
-    import torch.fx.experimental._config as fx_config
-
-    torch._dynamo.reset()
-    with (
-        torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False),
-        fx_config.patch(use_duck_shape=True),
-    ):
-        yield
-    torch._dynamo.reset()
-
-
 @pytest.fixture(scope="module")
 def transformer(tiny_model_dir):
     return params_to_float(load_transformer(tiny_model_dir / CHECKPOINT_NAME))

@@ -16,20 +16,6 @@ from engine.tiny_model import CHECKPOINT_NAME
 from .flux_cases import params_to_float
 
 
-@pytest.fixture()
-def fresh_dynamo():
-    """Each test starts from an empty compile cache and restores dynamo's settings."""
-    import torch.fx.experimental._config as fx_config
-
-    torch._dynamo.reset()
-    with (
-        torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False),
-        fx_config.patch(use_duck_shape=True),
-    ):
-        yield
-    torch._dynamo.reset()
-
-
 def narrow_flux_vae(attention: bool = True) -> AutoencoderKL:
     """FLUX.1's VAE structure (4 up blocks of 3 resnets, 3 upsamplers, mid-block attention, 16
     latent channels) at narrow widths, so that a CPU decodes a served size in a moment.
