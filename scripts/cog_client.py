@@ -82,6 +82,17 @@ class CogServer:
             time.sleep(0.5)
         raise TimeoutError(f"server not ready after {timeout} s; log: {self.log.read_text()[-3000:]}")
 
+    def setup_logs(self, containing: str, timeout: float = 10) -> str:
+        """Setup's logs from /health-check once they contain ``containing`` (or as they are at
+        ``timeout``): coglet can report READY before it has forwarded setup's last log lines."""
+        deadline = time.monotonic() + timeout
+        while True:
+            _, health = self.request("GET", "/health-check", timeout=5)
+            logs = health.get("setup", {}).get("logs", "")
+            if containing in logs or time.monotonic() >= deadline:
+                return logs
+            time.sleep(0.1)
+
     def predict(self, inputs: dict, **kw) -> tuple[int, dict]:
         """POST one synchronous prediction; (HTTP status, response body).
 

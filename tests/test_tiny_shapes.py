@@ -128,7 +128,7 @@ def test_the_cog_server_draws_the_demo_prompt_at_4_bits(tmp_path):
     with CogServer(env=env) as server:
         health = server.wait_ready(timeout=600)
         assert health["status"] == "READY", health
-        assert "setup: model tiny-shapes" in health["setup"]["logs"]
+        assert "setup: model tiny-shapes" in server.setup_logs("setup: model tiny-shapes")
         status, resp = server.predict({"prompt": DEFAULT_PROMPT, "seed": 42, "output_format": "png"})
         assert status == 200 and resp["status"] == "succeeded", resp
         data, _ = decode_output(resp["output"][0])

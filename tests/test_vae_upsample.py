@@ -18,7 +18,7 @@ from engine.go_fast import CompileSettings, compile_vae_decoder, configure_compi
 from engine.inputs import served_sizes
 from engine.vae_upsample import SubpixelUpsample2D, use_subpixel_upsampling
 
-from .test_go_fast_vae import fresh_dynamo, latent, narrow_flux_vae  # noqa: F401  (fresh_dynamo: a fixture)
+from .test_go_fast_vae import latent, narrow_flux_vae  # fresh_dynamo: conftest's fixture
 
 U32, U16 = 2.0**-24, 2.0**-8  # unit roundoff of fp32 and bf16 (8-bit significand)
 FMTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -192,7 +192,7 @@ def test_from_pretrained_applies_it_unless_asked_not_to(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_inductor_decoder_equals_eager_with_one_graph(fresh_dynamo):  # noqa: F811
+def test_inductor_decoder_equals_eager_with_one_graph(fresh_dynamo):
     """go_fast's compile (compile_vae_decoder, inductor on the CPU) of the sub-pixel decoder: one
     dynamic graph over 1:1, 16:9, 9:16 and 21:9 at 0.25 megapixels (no graph more than diffusers'
     decoder takes, tests/test_go_fast_vae.py), within fp32 rounding of the eager sub-pixel decode
@@ -216,7 +216,7 @@ def test_inductor_decoder_equals_eager_with_one_graph(fresh_dynamo):  # noqa: F8
 
 
 @pytest.mark.slow
-def test_one_graph_serves_every_served_size_of_fluxs_vae(fresh_dynamo):  # noqa: F811
+def test_one_graph_serves_every_served_size_of_fluxs_vae(fresh_dynamo):
     """FLUX.1's VAE at full widths with sub-pixel upsamplers, on the meta device, traced at all 22
     served sizes: one graph, as diffusers' decoder (tests/test_go_fast_vae.py)."""
     from perfmodel.image_trace import FLUX_VAE_CONFIG
@@ -235,7 +235,7 @@ def test_one_graph_serves_every_served_size_of_fluxs_vae(fresh_dynamo):  # noqa:
 
 
 @pytest.mark.slow
-def test_inductor_channels_last_upsampler_then_group_norm(fresh_dynamo):  # noqa: F811
+def test_inductor_channels_last_upsampler_then_group_norm(fresh_dynamo):
     """The CUDA layout (engine.pipeline puts the VAE in channels_last) under inductor on the CPU:
     the sub-pixel upsampler and the next resnet's GroupNorm + SiLU, dynamic over three sizes in one
     graph, equal to diffusers' Upsample2D and the same norm within fp32 rounding, channels_last out."""
