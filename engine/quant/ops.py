@@ -189,6 +189,85 @@ def linear(
     )
 
 
+
+# --- W4A8 (Hopper): FP8 activations, one scale per token ------------------------------------------
+
+FP8_MAX = 448.0  # the largest finite e4m3 (float8_e4m3fn) value
+
+
+def quantize_act_fp8(
+    x: torch.Tensor,  # [M, K] float
+    smooth: torch.Tensor,  # [K]
+    proj_down: torch.Tensor,  # [R, K]
+    mod_scale: torch.Tensor | None = None,  # [B, K], x's dtype
+    mod_shift: torch.Tensor | None = None,  # [B, K], x's dtype
+    *,
+    shift: float,
+    gelu: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The activations of the W4A8 GEMM: x_hat in e4m3 with one scale per token.
+
+    Why: with one activation scale per token the GEMM applies a single scale per element and
+    group (the weight's) inside its loop and the token's once after it; per-64-group scales on
+    both operands cost two (docs/benchmarks.md, "The ceiling that per-64-group scales put on
+    Hopper"). e4m3 keeps about 4 significant bits over the row's whole range, where 4-bit codes
+    keep 3 relative to their group's largest value.
+
+    x' = prologue(x) as in :func:`quantize_act_prologue` (none, modulation, or gelu), then
+    x_hat = (x' + shift) / smooth in fp32, amax = max_k |x_hat|,
+    ascale = amax / 448, codes = e4m3(clamp(x_hat * inv, -448, 448)) rounded to nearest even,
+    inv = 448 / amax (0 for an all-zero row, so its codes are 0). Returns codes
+    float8_e4m3fn [M, K], ascale fp32 [M], lora_act fp32 [M, R] (x_hat @ proj_down^T, as
+    :func:`quantize_act`).
+    """
+    if mod_scale is not None or gelu:
+        x = prologue(x, mod_scale, mod_shift, gelu=gelu)
+    x_hat = (x.float() + shift) / smooth.float()  # [M, K]
+    lora_act = x_hat @ proj_down.float().T  # [M, R]
+    amax = x_hat.abs().amax(dim=1)  # [M]
+    fp8_max = amax.new_tensor(FP8_MAX)  # a tensor, not a Python number: IEEE division on every device
+    ascale = amax / fp8_max
+    inv = torch.where(amax > 0, fp8_max / torch.where(amax > 0, amax, 1.0), 0.0)
+    codes = (x_hat * inv[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes, ascale, lora_act
+
+
+def w4a8_gemm(
+    codes: torch.Tensor,  # float8_e4m3fn [M, K]
+    ascale: torch.Tensor,  # fp32 [M]
+    qweight: torch.Tensor,  # uint8 [N, K/2], signed codes
+    wscales: torch.Tensor,  # [N, G]
+    lora_act: torch.Tensor,  # fp32 [M, R]
+    proj_up: torch.Tensor,  # [N, R]
+    bias: torch.Tensor | None,  # [N]
+    partial: torch.Tensor | None = None,  # [M, N] out_dtype
+    residual: torch.Tensor | None = None,  # [M, N] out_dtype
+    gate: torch.Tensor | None = None,  # [B, N] out_dtype, B divides M
+    *,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The W4A8 GEMM: ``ascale[m] * sum_g wscales[n, g] * (codes_g . qweight_g^T)`` in fp32,
+    then the low-rank branch, bias and :func:`gemm_epilogue` as :func:`w4a4_gemm`.
+
+    The token's scale is applied once after the sum over groups (that is where a kernel applies
+    it). Each product of an e4m3 code and a 4-bit weight is exact in fp32; a group's 64-term sum
+    is exact where it stays within 24 bits (|codes| <= 4 with 2^-9 steps, the tests' exact
+    inputs), else rounded in the summation order of the backend (a tensor core's own)."""
+    m, k = codes.shape
+    n, g = wscales.shape
+    gs = k // g
+    a = codes.float().view(m, g, gs)
+    w = unpack_int4(qweight).float().view(n, g, gs)
+    sw = wscales.float()
+    acc = torch.zeros(m, n, device=codes.device)
+    for i in range(g):
+        acc += (a[:, i] @ w[:, i].T) * sw[None, :, i]
+    acc *= ascale.float()[:, None]
+    acc += lora_act.float() @ proj_up.float().T
+    if bias is not None:
+        acc += bias.float()
+    return gemm_epilogue(acc, partial, residual, gate, out_dtype)
+
 # --- q/k RMSNorm + RoPE + joint concatenation (FluxAttnProcessor's arithmetic) --------------------
 
 
