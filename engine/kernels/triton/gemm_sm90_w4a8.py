@@ -1,0 +1,489 @@
+"""The W4A8 GEMM for Hopper (sm_90): int4 weights x FP8 (e4m3) activations with one scale per
+token, warp-specialized and fed by TMA, written in Gluon. Arithmetic: ``ops.w4a8_gemm``.
+
+Why: with one activation scale per token a 64-channel group costs the loop ONE fp32 FMA per
+output element (acc += part * sw), where the W4A4 kernels need two (docs/benchmarks.md, "The
+ceiling that per-64-group scales put on Hopper"); the token's scale is applied once after the
+loop.
+
+Operands swapped against gemm_sm90_ws (the output tile is [weight rows n, tokens t], stored
+transposed to y[t, n]):
+
+- weights, the wgmma A operand FROM REGISTERS: packed once at load (``prepare_weight``) in a
+  sign-magnitude 4-bit layout, 0.5 byte per weight, so that a code q becomes the e4m3 byte
+  (q < 0) << 7 | |q|, exactly q * 2^-9 (e4m3 subnormals). Per group a row's 64 codes are 32
+  bytes: byte kk (word kk // 4, byte j = kk % 4 of it) holds channel kk's code ("lo") in bits
+  0-2 and 7 (magnitude, sign) and channel 32 + kk's ("hi") magnitude in bits 4-6, whose sign
+  sits in bit 3 of the word's byte (j + 1) % 4. A 32-bit word of 8 codes expands in three
+  instructions: lo = w & 0x87878787, hi = rotate_right(w, 4) & 0x87878787 (``_expand``). A
+  code -8 has no sign-magnitude form: ``prepare_weight`` returns None and that weight stays
+  on the W4A4 route.
+- activations, the B operand from shared memory: the e4m3 codes [M, K] through TMA, per group
+  two [BT, 32] boxes (channels 0-31 and 32-63 of the group, matching lo and hi), K-major.
+
+Roles (as gemm_sm90_ws): one producer warp issues, per group, four TMA loads (the packed weight
+tiles [64, 32] u8 and scales times 2^9 [64] fp32 per consumer, the two activation halves) into a
+STAGES-deep ring of slots guarded by ``ready`` / ``empty`` mbarriers; each consumer warpgroup
+(64 weight rows; its own partition) waits on ``ready``, loads its 16 packed bytes per thread,
+expands them, issues two K = 32 FP8 wgmmas into a partial (accumulate off), reads its two row
+scales, waits for the MMAs, releases the slot and applies ``acc = part * sw + acc``. After the
+loop: ``acc * ascale[t]`` plus the low-rank branch (lora_act [M, R] x proj_up [N, R], three bf16
+wgmmas on hi/lo halves, ~2^-16 relative as gemm_sm90_ws; staged in shared memory before the
+loop), the bias, and the store of y[t, n] (fp32 for the Hopper route's epilogue, or out_dtype).
+
+Tile configs (``W4A8Config``): consumers x 64 weight rows by BT tokens. Register feasibility
+(compiled for sm_90 without a GPU: ``static_counts``) is written up in the module's status
+notes and tests/test_w4a8_gemm_static.py gates the loop.
+
+Not built: split-K of the last partial wave (gemm_sm90_ws_split does it for the W4A4 kernel);
+the same warpgroup's scaling under its own next MMA (a second partial set of registers).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from engine.kernels.triton.gemm_sm90 import A_UNIT
+from engine.kernels.triton.gemm_sm90_ws import GROUP
+
+logger = logging.getLogger(__name__)
+
+MAX_RANK = 64
+HALF = gl.constexpr(GROUP.value // 2)  # channels per K = 32 wgmma; packed bytes per row and group
+SIGN_MAGNITUDE_MASK = 0x87878787  # per byte: sign (bit 7) and magnitude (bits 0-2)
+
+
+@dataclass(frozen=True)
+class W4A8Config:
+    """Consumer warpgroups (64 weight rows each), tokens per tile, ring depth, consumer registers."""
+
+    consumers: int = 3
+    block_t: int = 128
+    stages: int = 4
+    consumer_regs: int = 152
+    producer_regs: int = 24
+
+    num_warps = 4  # the first consumer warpgroup (the default partition); +4 per consumer, +1
+
+    @property
+    def block_w(self) -> int:
+        return 64 * self.consumers
+
+    def __post_init__(self):
+        if self.consumers not in (2, 3):
+            raise ValueError(f"consumers must be 2 or 3, got {self.consumers}")
+        if self.block_t % 16 or not 16 <= self.block_t <= 256:
+            raise ValueError(f"block_t must be a multiple of 16 in [16, 256], got {self.block_t}")
+
+
+CONFIG = W4A8Config()
+
+
+@dataclass(frozen=True)
+class W4A8Weight:
+    """The weight in this kernel's layout (``prepare_weight``).
+
+    packed  uint8 [N, K/2]  per group and row 32 bytes: sign-magnitude codes, byte kk holds
+                            channels kk (bits 0-2, sign 7) and 32 + kk (bits 4-6; its sign in
+                            bit 3 of byte 4 (kk // 4) + (kk + 1) % 4)
+    sw      fp32 [G, N]     the group scales times 2^9 (the codes' e4m3 unit undone), contiguous
+    """
+
+    packed: torch.Tensor
+    sw: torch.Tensor
+
+
+def pack_sign_magnitude(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] in -7..7 -> the packed bytes [N, K/2] of ``W4A8Weight.packed``."""
+    n, k = codes.shape
+    c = codes.to(torch.int32).view(n, k // GROUP.value, 2, HALF.value)
+    lo, hi = c[:, :, 0], c[:, :, 1]  # [N, G, 32]: channels kk and 32 + kk
+    hsign = (hi < 0).int().view(n, -1, HALF.value // 4, 4).roll(1, dims=3).view_as(hi)  # hi j's sign -> byte j + 1
+    byte = ((lo < 0).int() << 7) | lo.abs() | (hi.abs() << 4) | (hsign << 3)
+    return byte.to(torch.uint8).view(n, k // 2)
+
+
+def prepare_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> W4A8Weight | None:
+    """The checkpoint weight (signed int4 codes uint8 [N, K/2], wscales [N, G]) in this kernel's
+    layout, made once at load; None where any code is -8 (no sign-magnitude form)."""
+    from engine.quant import unpack_int4
+
+    n, half = qweight.shape
+    if wscales.shape[0] != n or (2 * half) % GROUP.value or wscales.shape[1] != 2 * half // GROUP.value:
+        raise ValueError(f"prepare_weight: wscales {tuple(wscales.shape)} does not fit qweight {tuple(qweight.shape)}")
+    packed = []
+    for rows in qweight.split(4096):  # no [N, K] int32 copy of a whole large weight
+        codes = unpack_int4(rows)
+        if bool((codes == -8).any()):
+            return None
+        packed.append(pack_sign_magnitude(codes))
+    sw = (wscales.float() * (1.0 / A_UNIT)).t().contiguous()  # exact (a power of two)
+    return W4A8Weight(torch.cat(packed), sw)
+
+
+def supports(m: int, n: int, k: int, r: int, group: int) -> bool:
+    """Whether a problem meets this kernel's TMA alignment and tile rules."""
+    return 1 <= m and m * n < 2**31 and n % 4 == 0 and k % GROUP.value == 0 and group == GROUP.value and r <= MAX_RANK
+
+
+@gluon.jit
+def _expand(w):
+    """Packed sign-magnitude bytes -> (channels kk, channels 32 + kk) as e4m3 bytes q * 2^-9,
+    three instructions per 32-bit word (8 codes)."""
+    lo, hi = gl.inline_asm_elementwise(
+        "{ and.b32 $0, $2, 0x87878787; shf.r.wrap.b32 $1, $2, $2, 4; and.b32 $1, $1, 0x87878787; }",
+        "=r,=r,r",
+        [w],
+        dtype=(gl.uint8, gl.uint8),
+        is_pure=True,
+        pack=4,
+    )
+    return lo.to(gl.float8e4nv, bitcast=True), hi.to(gl.float8e4nv, bitcast=True)
+
+
+@gluon.jit
+def _producer(w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, off_n, off_t, N, NG,
+              BT: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: per group, wait for the slot to be free, arm its ready barrier with the bytes,
+    issue the TMA loads (boxes of power-of-two rows: per consumer its 64 weight rows and their
+    scales, the activation halves in BT / box pieces)."""
+    BOX: gl.constexpr = a_desc.block_type.shape[0]
+    nbytes: gl.constexpr = CONSUMERS * 64 * (HALF + 4) + 2 * BT * HALF
+    for i in range(NG):
+        s = i % STAGES
+        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+        bar = ready.index(s)
+        mbarrier.expect(bar, nbytes)
+        for c in gl.static_range(CONSUMERS):
+            tma.async_copy_global_to_shared(w_desc, [off_n + 64 * c, i * HALF], bar, w_s.index(s * CONSUMERS + c))
+            tma.async_copy_global_to_shared(sw_desc, [i * N + off_n + 64 * c], bar, sw_s.index(s * CONSUMERS + c))
+        for j in gl.static_range(BT // BOX):
+            tma.async_copy_global_to_shared(a_desc, [off_t + BOX * j, i * GROUP], bar,
+                                            alo_s.index(s).slice(BOX * j, BOX))
+            tma.async_copy_global_to_shared(a_desc, [off_t + BOX * j, i * GROUP + HALF], bar,
+                                            ahi_s.index(s).slice(BOX * j, BOX))
+
+
+@gluon.jit
+def _split_bf16(x):
+    """fp32 -> (hi, lo) bf16 halves, x = hi + lo to ~2^-16 relative."""
+    hi = x.to(gl.bfloat16)
+    return hi, (x - hi.to(gl.float32)).to(gl.bfloat16)
+
+
+@gluon.jit
+def _consumer(wg, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
+              off_n, off_t, M, N, R, NG, stride_lm, stride_un, stride_om,
+              BT: gl.constexpr, BR: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr,
+              HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """One consumer warpgroup (weight rows off_n + 64 wg of the tile, all BT tokens): the
+    low-rank operands staged, the main loop, then token scale, low-rank, bias and the store."""
+    NW: gl.constexpr = 4
+    BW: gl.constexpr = 64
+    off_n = off_n + wg * BW
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BT, 32])
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=4)
+    if HAS_LORA:  # both factors' bf16 halves into this warpgroup's shared memory, before the loop
+        LOAD: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [NW, 1], [1, 0])
+        rr = gl.arange(0, BR, layout=gl.SliceLayout(0, LOAD))
+        r_ok = rr[None, :] < R
+        un = off_n + gl.arange(0, BW, layout=gl.SliceLayout(1, LOAD))
+        lt = off_t + gl.arange(0, BT, layout=gl.SliceLayout(1, LOAD))
+        up = gl.load(up_ptr + gl.minimum(un, N - 1).to(gl.int64)[:, None] * stride_un + rr[None, :],
+                     mask=r_ok, other=0.0).to(gl.float32)
+        la = gl.load(lora_ptr + gl.minimum(lt, M - 1).to(gl.int64)[:, None] * stride_lm + rr[None, :],
+                     mask=r_ok, other=0.0)
+        UP_L: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BW, BR], gl.bfloat16)
+        LA_L: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, BR], gl.bfloat16)
+        up_hi, up_lo = _split_bf16(up)
+        la_hi, la_lo = _split_bf16(la)
+        uhi_s = gl.allocate_shared_memory(gl.bfloat16, [BW, BR], UP_L, up_hi)
+        ulo_s = gl.allocate_shared_memory(gl.bfloat16, [BW, BR], UP_L, up_lo)
+        lhi_s = gl.allocate_shared_memory(gl.bfloat16, [BT, BR], LA_L, la_hi)
+        llo_s = gl.allocate_shared_memory(gl.bfloat16, [BT, BR], LA_L, la_lo)
+        fence_async_shared()
+
+    acc = gl.zeros([BW, BT], gl.float32, ACC)
+    part = gl.zeros([BW, BT], gl.float32, ACC)  # its values are never read (accumulate off)
+    for i in range(NG):
+        s = i % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        w_lo, w_hi = _expand(w_s.index(s * CONSUMERS + wg).load(A_OP))
+        part = warpgroup_mma(w_lo, alo_s.index(s).permute((1, 0)), part, use_acc=False, is_async=True)
+        part = warpgroup_mma(w_hi, ahi_s.index(s).permute((1, 0)), part, is_async=True)
+        sw = sw_s.index(s * CONSUMERS + wg).load(gl.SliceLayout(1, ACC))  # read while the MMAs run
+        part = warpgroup_mma_wait(0, deps=(part, alo_s.index(s), ahi_s.index(s)))[0]
+        mbarrier.arrive(empty.index(s))  # the slot is free: MMAs done, weights and scales in registers
+        acc = gl.fma(part, sw[:, None], acc)
+
+    ot = off_t + gl.arange(0, BT, layout=gl.SliceLayout(0, ACC))
+    on = off_n + gl.arange(0, BW, layout=gl.SliceLayout(1, ACC))
+    acc = acc * gl.load(ascale_ptr + ot, mask=ot < M, other=0.0)[None, :]
+    if HAS_LORA:  # accumulated onto acc by the tensor cores (no second register set)
+        LR: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BT, 16])
+        # hi*hi + lo*hi + hi*lo: both factors to ~2^-16 (the lo*lo term is below that)
+        lr = gl.convert_layout(acc, LR)  # the same registers (wgmma's accumulator layout)
+        lr = warpgroup_mma(uhi_s, lhi_s.permute((1, 0)), lr, is_async=True)
+        lr = warpgroup_mma(ulo_s, lhi_s.permute((1, 0)), lr, is_async=True)
+        lr = warpgroup_mma(uhi_s, llo_s.permute((1, 0)), lr, is_async=True)
+        acc = gl.convert_layout(warpgroup_mma_wait(0, deps=(lr, uhi_s, ulo_s, lhi_s, llo_s))[0], ACC)
+    if HAS_BIAS:
+        acc += gl.load(bias_ptr + on, mask=on < N, other=0.0).to(gl.float32)[:, None]
+    mask = (on < N)[:, None] & (ot < M)[None, :]
+    # y[t, n]: int32 offsets (supports: M * N < 2^31), one base pointer
+    gl.store(out_ptr + (ot[None, :] * stride_om + on[:, None]), acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def w4a8_gemm_sm90_kernel(
+    w_desc,  # TMA: packed weight u8 [N, K/2], box [64, 32]
+    a_desc,  # TMA: activation codes e4m3 [M, K], box [BOX, 32] (BOX: a power of two dividing BT)
+    sw_desc,  # TMA: weight scales times 2^9 as one vector [G * N] (group-major), box [64]
+    ascale_ptr,  # f32 [M]
+    lora_ptr,  # f32 [M, R]
+    up_ptr,  # [N, R]
+    bias_ptr,  # [N]
+    out_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    R,
+    stride_lm,
+    stride_un,
+    stride_om,
+    BT: gl.constexpr,
+    BR: gl.constexpr,
+    STAGES: gl.constexpr,
+    GROUP_N: gl.constexpr,
+    CONSUMERS: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr,
+    HAS_LORA: gl.constexpr,
+    HAS_BIAS: gl.constexpr,
+):
+    BW: gl.constexpr = 64 * CONSUMERS
+    NG = K // GROUP
+    pid = gl.program_id(0)
+    # grouped order: GROUP_N weight-row blocks sweep the token blocks together (weight tiles
+    # and activation tiles shared in L2)
+    num_n = gl.cdiv(N, BW)
+    width = GROUP_N * gl.cdiv(M, BT)
+    first_n = (pid // width) * GROUP_N
+    size_n = gl.minimum(num_n - first_n, GROUP_N)
+    off_n = (first_n + (pid % width) % size_n) * BW
+    off_t = ((pid % width) // size_n) * BT
+
+    w_s = gl.allocate_shared_memory(gl.uint8, [STAGES * CONSUMERS, 64, HALF], w_desc.layout)
+    alo_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BT, HALF], a_desc.layout)
+    ahi_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BT, HALF], a_desc.layout)
+    sw_s = gl.allocate_shared_memory(gl.float32, [STAGES * CONSUMERS, 64], sw_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=CONSUMERS)  # one arrive per consumer warpgroup
+
+    # each consumer warpgroup is its own partition (64 weight rows), as in gemm_sm90_ws
+    if CONSUMERS == 3:
+        gl.warp_specialize(
+            [
+                (_consumer, (0, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
+                             off_n, off_t, M, N, R, NG, stride_lm, stride_un, stride_om,
+                             BT, BR, CONSUMERS, STAGES, HAS_LORA, HAS_BIAS)),
+                (_consumer, (1, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
+                             off_n, off_t, M, N, R, NG, stride_lm, stride_un, stride_om,
+                             BT, BR, CONSUMERS, STAGES, HAS_LORA, HAS_BIAS)),
+                (_consumer, (2, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
+                             off_n, off_t, M, N, R, NG, stride_lm, stride_un, stride_om,
+                             BT, BR, CONSUMERS, STAGES, HAS_LORA, HAS_BIAS)),
+                (_producer, (w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, off_n, off_t, N, NG,
+                             BT, CONSUMERS, STAGES)),
+            ],
+            [4, 4, 1],
+            [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
+        )
+    else:
+        gl.warp_specialize(
+            [
+                (_consumer, (0, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
+                             off_n, off_t, M, N, R, NG, stride_lm, stride_un, stride_om,
+                             BT, BR, CONSUMERS, STAGES, HAS_LORA, HAS_BIAS)),
+                (_consumer, (1, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
+                             off_n, off_t, M, N, R, NG, stride_lm, stride_un, stride_om,
+                             BT, BR, CONSUMERS, STAGES, HAS_LORA, HAS_BIAS)),
+                (_producer, (w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, off_n, off_t, N, NG,
+                             BT, CONSUMERS, STAGES)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
+
+
+def descriptors(codes: torch.Tensor, weight: W4A8Weight, cfg: W4A8Config) -> tuple:
+    """The three TMA descriptors of a launch."""
+    m, k = codes.shape
+    n = weight.packed.shape[0]
+    if codes.stride(1) != 1 or weight.packed.stride(1) != 1 or not weight.sw.is_contiguous():
+        raise ValueError("codes, packed weight and sw must be row-major (unit inner stride)")
+    box = cfg.block_t & -cfg.block_t  # the largest power of two dividing block_t: TMA boxes
+    w_layout = gl.NVMMASharedLayout.get_default_for([64, HALF.value], gl.uint8)
+    a_layout = gl.NVMMASharedLayout.get_default_for([box, HALF.value], gl.float8e4nv)
+    sw_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+    sw = weight.sw.reshape(-1)
+    return (
+        TensorDescriptor(weight.packed, [n, k // 2], [weight.packed.stride(0), 1], [64, HALF.value], w_layout),
+        TensorDescriptor(codes, [m, k], [codes.stride(0), 1], [box, HALF.value], a_layout),
+        TensorDescriptor(sw, [sw.numel()], [1], [64], sw_layout),
+    )
+
+
+def launch_args(
+    codes: torch.Tensor,
+    ascale: torch.Tensor,
+    weight: W4A8Weight,
+    lora_act: torch.Tensor,
+    proj_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    cfg: W4A8Config = CONFIG,
+) -> tuple[tuple, dict, tuple]:
+    """(args, kwargs, grid) of the kernel for contract tensors (also what the static counts and
+    the PTX-execution test compile)."""
+    m, k = codes.shape
+    n = weight.packed.shape[0]
+    r = lora_act.shape[1]
+    args = (
+        *descriptors(codes, weight, cfg),
+        ascale,
+        lora_act,
+        proj_up,
+        bias if bias is not None else out,
+        out,
+        m,
+        n,
+        k,
+        r,
+        lora_act.stride(0),
+        proj_up.stride(0),
+        out.stride(0),
+    )
+    kwargs = {
+        "BT": cfg.block_t,
+        "BR": max(16, triton.next_power_of_2(r)),
+        "STAGES": cfg.stages,
+        "GROUP_N": 8,
+        "CONSUMERS": cfg.consumers,
+        "CONSUMER_REGS": cfg.consumer_regs,
+        "PRODUCER_REGS": cfg.producer_regs,
+        "HAS_LORA": r > 0,
+        "HAS_BIAS": bias is not None,
+        "num_warps": cfg.num_warps,
+    }
+    grid = (triton.cdiv(m, cfg.block_t) * triton.cdiv(n, cfg.block_w),)
+    return args, kwargs, grid
+
+
+def launch(
+    codes: torch.Tensor,
+    ascale: torch.Tensor,
+    weight: W4A8Weight,
+    lora_act: torch.Tensor,
+    proj_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    out_dtype: torch.dtype,
+    cfg: W4A8Config = CONFIG,
+) -> torch.Tensor:
+    """y = ``ops.w4a8_gemm`` without its epilogue (no partial/residual/gate: ask float32 and run
+    the epilogue kernel after it, as the W4A4 Hopper route does) on a Hopper GPU; ``supports``
+    must hold."""
+    m, k = codes.shape
+    n = weight.packed.shape[0]
+    if codes.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"w4a8 kernel: codes must be float8_e4m3fn, got {codes.dtype}")
+    if ascale.shape != (m,) or ascale.dtype != torch.float32 or not ascale.is_contiguous():
+        raise ValueError(f"w4a8 kernel: ascale must be contiguous fp32 [{m}], got {tuple(ascale.shape)}")
+    if weight.packed.shape[1] * 2 != k:
+        raise ValueError(f"w4a8 kernel: weight K {weight.packed.shape[1] * 2} != codes K {k}")
+    if not supports(m, n, k, lora_act.shape[1], GROUP.value):
+        raise ValueError(f"w4a8 kernel: unsupported shape M={m} N={n} K={k} rank={lora_act.shape[1]}")
+    out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
+    args, kwargs, grid = launch_args(codes, ascale, weight, lora_act, proj_up, bias, out, cfg)
+    w4a8_gemm_sm90_kernel[grid](*args, **kwargs)
+    return out
+
+
+def exact_inputs(m: int, n: int, k: int, r: int, seed: int = 0) -> dict:
+    """A problem every backend computes exactly in fp32 (CPU tensors): activation codes
+    |a| <= 4 in e4m3 (every group's 64-term sum exact), weight codes -7..7 with the extremes in
+    whole rows, power-of-two scales, small integer low-rank factors and bias."""
+    from engine.quant import pack_int4
+
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.randint(-16, 17, (m, k), generator=g).float() / 4  # multiples of 1/4 in [-4, 4]: exact e4m3
+    steps[: m // 8] = 4.0
+    codes = steps.to(torch.float8_e4m3fn)
+    w = torch.randint(-7, 8, (n, k), generator=g, dtype=torch.int8)
+    w[: n // 8] = 7
+    w[n // 8 : n // 4] = -7
+    grp = k // GROUP.value
+    return {
+        "codes": codes,
+        "ascale": 2.0 ** torch.randint(-6, 1, (m,), generator=g).float(),
+        "qweight": pack_int4(w),
+        "wscales": (2.0 ** torch.randint(-12, -6, (n, grp), generator=g).float()).to(torch.bfloat16),
+        "lora_act": torch.randint(-4, 5, (m, r), generator=g).float(),
+        "proj_up": (torch.randint(-4, 5, (n, r), generator=g).float() / 4).to(torch.bfloat16),
+        "bias": torch.randint(-8, 9, (n,), generator=g).float().to(torch.bfloat16),
+    }
+
+
+def self_check(device: torch.device) -> bool:
+    """Whether the kernel computes ``ops.w4a8_gemm`` bit for bit on ``device`` on exact inputs
+    (two weight tiles, the second partial; a partial token tile; a ring wrapped; low-rank and
+    bias; then no low-rank branch nor bias)."""
+    from engine.quant import ops
+
+    ok = True
+    for r, with_bias in ((20, True), (0, False)):
+        x = exact_inputs(100, 3 * 64 * CONFIG.consumers // 2 + 4, 384, r)
+        x = {key: v.to(device) for key, v in x.items()}
+        if not with_bias:
+            x["bias"] = None
+        weight = prepare_weight(x["qweight"], x["wscales"])
+        want = ops.w4a8_gemm(x["codes"], x["ascale"], x["qweight"], x["wscales"], x["lora_act"], x["proj_up"],
+                             x["bias"], out_dtype=torch.float32)  # fmt: skip
+        got = launch(x["codes"], x["ascale"], weight, x["lora_act"], x["proj_up"], x["bias"], out_dtype=torch.float32)
+        ok &= torch.equal(got, want)
+    return ok
+
+
+@functools.cache
+def serves(device: torch.device) -> bool:
+    """Whether this kernel serves ``device``: checked once per device (``self_check``, a few small
+    launches at the first call, i.e. setup's warm-up); a failure is logged and the W4A4 route
+    serves instead."""
+    try:
+        ok = self_check(device)
+    except Exception as exc:  # a first GPU run of a Gluon kernel: any failure means "do not use"
+        logger.warning("w4a8_gemm on %s: the sm_90 W4A8 kernel failed its self-check (%s: %s); not used",
+                       device, type(exc).__name__, exc)  # fmt: skip
+        return False
+    if not ok:
+        logger.warning("w4a8_gemm on %s: the sm_90 W4A8 kernel's results differ from ops.w4a8_gemm; not used", device)
+    return ok
