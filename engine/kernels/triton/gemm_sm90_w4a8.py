@@ -75,7 +75,7 @@ class W4A8Config:
     consumers: int = 3
     block_t: int = 128
     stages: int = 4
-    consumer_regs: int = 152
+    consumer_regs: int = 160  # the two worker consumers; the default partition gets the rest (168)
     producer_regs: int = 24
 
     num_warps = 4  # the first consumer warpgroup (the default partition); +4 per consumer, +1
@@ -87,8 +87,8 @@ class W4A8Config:
     def __post_init__(self):
         if self.consumers not in (2, 3):
             raise ValueError(f"consumers must be 2 or 3, got {self.consumers}")
-        if self.block_t % 16 or not 16 <= self.block_t <= 256:
-            raise ValueError(f"block_t must be a multiple of 16 in [16, 256], got {self.block_t}")
+        if self.block_t not in (64, 128, 256):  # Triton tensors have power-of-two shapes
+            raise ValueError(f"block_t must be 64, 128 or 256, got {self.block_t}")
 
 
 CONFIG = W4A8Config()
@@ -160,10 +160,10 @@ def _expand(w):
 def _producer(w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, off_n, off_t, N, NG,
               BT: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr):
     """One warp: per group, wait for the slot to be free, arm its ready barrier with the bytes,
-    issue the TMA loads (boxes of power-of-two rows: per consumer its 64 weight rows and their
-    scales, the activation halves in BT / box pieces)."""
-    BOX: gl.constexpr = a_desc.block_type.shape[0]
-    nbytes: gl.constexpr = CONSUMERS * 64 * (HALF + 4) + 2 * BT * HALF
+    issue the TMA loads: per consumer its 64 weight rows (boxes have power-of-two sizes), the
+    weight scales of the tile in one box, the two activation halves."""
+    BSW: gl.constexpr = sw_desc.block_type.shape[0]
+    nbytes: gl.constexpr = CONSUMERS * 64 * HALF + 4 * BSW + 2 * BT * HALF
     for i in range(NG):
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
@@ -171,12 +171,9 @@ def _producer(w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, of
         mbarrier.expect(bar, nbytes)
         for c in gl.static_range(CONSUMERS):
             tma.async_copy_global_to_shared(w_desc, [off_n + 64 * c, i * HALF], bar, w_s.index(s * CONSUMERS + c))
-            tma.async_copy_global_to_shared(sw_desc, [i * N + off_n + 64 * c], bar, sw_s.index(s * CONSUMERS + c))
-        for j in gl.static_range(BT // BOX):
-            tma.async_copy_global_to_shared(a_desc, [off_t + BOX * j, i * GROUP], bar,
-                                            alo_s.index(s).slice(BOX * j, BOX))
-            tma.async_copy_global_to_shared(a_desc, [off_t + BOX * j, i * GROUP + HALF], bar,
-                                            ahi_s.index(s).slice(BOX * j, BOX))
+        tma.async_copy_global_to_shared(sw_desc, [i * N + off_n], bar, sw_s.index(s))
+        tma.async_copy_global_to_shared(a_desc, [off_t, i * GROUP], bar, alo_s.index(s))
+        tma.async_copy_global_to_shared(a_desc, [off_t, i * GROUP + HALF], bar, ahi_s.index(s))
 
 
 @gluon.jit
@@ -226,7 +223,7 @@ def _consumer(wg, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, u
         w_lo, w_hi = _expand(w_s.index(s * CONSUMERS + wg).load(A_OP))
         part = warpgroup_mma(w_lo, alo_s.index(s).permute((1, 0)), part, use_acc=False, is_async=True)
         part = warpgroup_mma(w_hi, ahi_s.index(s).permute((1, 0)), part, is_async=True)
-        sw = sw_s.index(s * CONSUMERS + wg).load(gl.SliceLayout(1, ACC))  # read while the MMAs run
+        sw = sw_s.index(s).slice(wg * BW, BW).load(gl.SliceLayout(1, ACC))  # read while the MMAs run
         part = warpgroup_mma_wait(0, deps=(part, alo_s.index(s), ahi_s.index(s)))[0]
         mbarrier.arrive(empty.index(s))  # the slot is free: MMAs done, weights and scales in registers
         acc = gl.fma(part, sw[:, None], acc)
@@ -237,11 +234,14 @@ def _consumer(wg, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, u
     if HAS_LORA:  # accumulated onto acc by the tensor cores (no second register set)
         LR: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BT, 16])
         # hi*hi + lo*hi + hi*lo: both factors to ~2^-16 (the lo*lo term is below that)
+        L_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LR, k_width=2)
+        u_hi = uhi_s.load(L_OP)  # the A operand from registers (staged in shared before the loop)
+        u_lo = ulo_s.load(L_OP)
         lr = gl.convert_layout(acc, LR)  # the same registers (wgmma's accumulator layout)
-        lr = warpgroup_mma(uhi_s, lhi_s.permute((1, 0)), lr, is_async=True)
-        lr = warpgroup_mma(ulo_s, lhi_s.permute((1, 0)), lr, is_async=True)
-        lr = warpgroup_mma(uhi_s, llo_s.permute((1, 0)), lr, is_async=True)
-        acc = gl.convert_layout(warpgroup_mma_wait(0, deps=(lr, uhi_s, ulo_s, lhi_s, llo_s))[0], ACC)
+        lr = warpgroup_mma(u_hi, lhi_s.permute((1, 0)), lr, is_async=True)
+        lr = warpgroup_mma(u_lo, lhi_s.permute((1, 0)), lr, is_async=True)
+        lr = warpgroup_mma(u_hi, llo_s.permute((1, 0)), lr, is_async=True)
+        acc = gl.convert_layout(warpgroup_mma_wait(0, deps=(lr, lhi_s, llo_s))[0], ACC)
     if HAS_BIAS:
         acc += gl.load(bias_ptr + on, mask=on < N, other=0.0).to(gl.float32)[:, None]
     mask = (on < N)[:, None] & (ot < M)[None, :]
@@ -252,8 +252,8 @@ def _consumer(wg, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, u
 @gluon.jit
 def w4a8_gemm_sm90_kernel(
     w_desc,  # TMA: packed weight u8 [N, K/2], box [64, 32]
-    a_desc,  # TMA: activation codes e4m3 [M, K], box [BOX, 32] (BOX: a power of two dividing BT)
-    sw_desc,  # TMA: weight scales times 2^9 as one vector [G * N] (group-major), box [64]
+    a_desc,  # TMA: activation codes e4m3 [M, K], box [BT, 32]
+    sw_desc,  # TMA: weight scales times 2^9 as one vector [G * N] (group-major), box [next power of two >= BW] (the rows past BW unused)
     ascale_ptr,  # f32 [M]
     lora_ptr,  # f32 [M, R]
     up_ptr,  # [N, R]
@@ -291,7 +291,7 @@ def w4a8_gemm_sm90_kernel(
     w_s = gl.allocate_shared_memory(gl.uint8, [STAGES * CONSUMERS, 64, HALF], w_desc.layout)
     alo_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BT, HALF], a_desc.layout)
     ahi_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BT, HALF], a_desc.layout)
-    sw_s = gl.allocate_shared_memory(gl.float32, [STAGES * CONSUMERS, 64], sw_desc.layout)
+    sw_s = gl.allocate_shared_memory(gl.float32, [STAGES, sw_desc.block_type.shape[0]], sw_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -340,15 +340,14 @@ def descriptors(codes: torch.Tensor, weight: W4A8Weight, cfg: W4A8Config) -> tup
     n = weight.packed.shape[0]
     if codes.stride(1) != 1 or weight.packed.stride(1) != 1 or not weight.sw.is_contiguous():
         raise ValueError("codes, packed weight and sw must be row-major (unit inner stride)")
-    box = cfg.block_t & -cfg.block_t  # the largest power of two dividing block_t: TMA boxes
     w_layout = gl.NVMMASharedLayout.get_default_for([64, HALF.value], gl.uint8)
-    a_layout = gl.NVMMASharedLayout.get_default_for([box, HALF.value], gl.float8e4nv)
+    a_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_t, HALF.value], gl.float8e4nv)
     sw_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
     sw = weight.sw.reshape(-1)
     return (
         TensorDescriptor(weight.packed, [n, k // 2], [weight.packed.stride(0), 1], [64, HALF.value], w_layout),
-        TensorDescriptor(codes, [m, k], [codes.stride(0), 1], [box, HALF.value], a_layout),
-        TensorDescriptor(sw, [sw.numel()], [1], [64], sw_layout),
+        TensorDescriptor(codes, [m, k], [codes.stride(0), 1], [cfg.block_t, HALF.value], a_layout),
+        TensorDescriptor(sw, [sw.numel()], [1], [triton.next_power_of_2(cfg.block_w)], sw_layout),
     )
 
 
