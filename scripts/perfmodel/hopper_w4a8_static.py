@@ -2,7 +2,7 @@
 a GPU, and its loops counted from the SASS: what the W4A8 model (perfmodel.hopper_w4a8) and the
 static gates (tests/test_w4a8_gemm_static.py) read.
 
-    python scripts/perfmodel/hopper_w4a8_static.py [consumers block_t regs ...]   (prints JSON)
+    python scripts/perfmodel/hopper_w4a8_static.py [consumers block_t consumer_regs]   (prints JSON)
 
 ptxas is also run on the PTX by hand (``ptxas_report``) for its register count and warnings:
 C7512 ("wgmma serialized ... insufficient register resources") is its answer to register
@@ -11,6 +11,7 @@ pressure, which the SASS shows as extra wgmma waits.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -23,11 +24,11 @@ import torch
 if __package__ in (None, ""):  # run as a script: the repository and scripts/ on the path
     sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 
-from engine.kernels.triton import gemm_sm90_w4a8 as w4a8  # noqa: E402
-from perfmodel.hopper_ws import _innermost, compile_gluon, ops_of  # noqa: E402
-from perfmodel.launches import _meta  # noqa: E402
-from perfmodel.sass import _TYPES, BIN, disassemble  # noqa: E402
-from perfmodel.shapes import RANK  # noqa: E402
+from engine.kernels.triton import gemm_sm90_w4a8 as w4a8
+from perfmodel.hopper_ws import _innermost, compile_gluon, ops_of
+from perfmodel.launches import _meta
+from perfmodel.sass import _TYPES, BIN, disassemble
+from perfmodel.shapes import RANK
 
 _TYPES.setdefault(torch.float8_e4m3fn, "fp8e4nv")
 _COMPILED: dict[tuple, dict] = {}
@@ -101,8 +102,7 @@ def w4a8_static(m: int, k: int, n: int, cfg: w4a8.W4A8Config = w4a8.CONFIG, rank
         "m": m,
         "k": k,
         "n": n,
-        "config": {"consumers": cfg.consumers, "block_w": cfg.block_w, "block_t": cfg.block_t,
-                   "stages": cfg.stages, "consumer_regs": cfg.consumer_regs},  # fmt: skip
+        "config": dataclasses.asdict(cfg) | {"block_w": cfg.block_w},
         "acc_elems_per_thread": elems,
         "regs": regs,
         "stack_bytes": stack,
@@ -164,8 +164,8 @@ def gate_failures(e: dict) -> list[str]:
 def main(argv: list[str]) -> int:
     cfgs = [w4a8.CONFIG]
     if argv:
-        nums = list(map(int, argv))
-        cfgs = [w4a8.W4A8Config(consumers=c, block_t=t, consumer_regs=r) for c, t, r in zip(*[iter(nums)] * 3)]
+        c, t, r = (int(x) for x in argv[:3])
+        cfgs = [w4a8.W4A8Config(consumers=c, block_t=t, consumer_regs=r)]
     out = []
     for cfg in cfgs:
         e = w4a8_static(4352, 3072, 3072, cfg, ptxas=True)

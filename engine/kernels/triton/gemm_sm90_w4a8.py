@@ -138,7 +138,7 @@ def prepare_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> W4A8Weight |
 
 def supports(m: int, n: int, k: int, r: int, group: int) -> bool:
     """Whether a problem meets this kernel's TMA alignment and tile rules."""
-    return 1 <= m and m * n < 2**31 and n % 4 == 0 and k % GROUP.value == 0 and group == GROUP.value and r <= MAX_RANK
+    return m >= 1 and m * n < 2**31 and n % 4 == 0 and k % GROUP.value == 0 and group == GROUP.value and r <= MAX_RANK
 
 
 @gluon.jit
