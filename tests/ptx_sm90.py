@@ -34,6 +34,10 @@ written from the PTX ISA (by instruction name; each handler says what it follows
 * ``brx.idx`` (per-thread indexed branch over a ``.branchtargets`` list), ``elect.sync`` (the
   lowest active lane of each warp), ``setmaxnreg`` (no effect here), ``stmatrix`` (the inverse of
   ldmatrix's fragments, tests/ptx_isa.ldmatrix_frag), ``fence.proxy.async`` (ordering only).
+* ``shf.{l,r}.{clamp,wrap}.b32 d, a, b, c`` ("Integer Arithmetic Instructions: shf", the funnel
+  shift the W4A8 kernel's weight expansion uses as a rotate): the 64-bit value b:a (b the upper
+  32 bits) shifted by n = c mod 32 (.wrap) or min(c, 32) (.clamp), unsigned; .l writes the upper
+  32 bits of the left shift, .r the lower 32 bits of the right shift.
 """
 
 from __future__ import annotations
@@ -431,4 +435,17 @@ def _stmatrix(c: CTA, ins: Instr, m, pc, mask):
                         c._check_write(idx, np.array([base + lane]), pc, None)
                         c.smem.data[idx[0]] = [v & 0xFF, v >> 8]
                         c.smem.init[idx[0]] = True
+    return None
+
+
+@_h("shf")
+def _shf(c: CTA, ins: Instr, m, pc, mask):
+    if ins.mods[-1] != "b32" or ins.mods[0] not in ("l", "r") or ins.mods[1] not in ("clamp", "wrap"):
+        raise PtxError(f"unsupported {ins.op}")
+    a, b, n = (np.broadcast_to(c.read(x, 32), (c.T,)).astype(U64) & U64(0xFFFFFFFF) for x in ins.args[1:4])
+    n = n & U64(31) if ins.mods[1] == "wrap" else np.minimum(n, U64(32))
+    both = (b << U64(32)) | a  # the 64-bit b:a
+    # .l with n <= 32: the left shift's upper half, (b:a << n) >> 32, taken without overflowing 64 bits
+    out = (both >> n if ins.mods[0] == "r" else both >> (U64(32) - n)) & U64(0xFFFFFFFF)
+    c.write(ins.args[0], out, m)
     return None
