@@ -36,9 +36,10 @@ import json, sys
 sys.path.insert(0, "scripts")
 import torch
 from perfmodel.hopper_w4a8_static import compile_w4a8, w4a8_launch
-m, k, n, r, bias = json.loads(sys.argv[1])
-args, kwargs, grid = w4a8_launch(m, k, n, rank=r, bias=bias, out_dtype=torch.float32)
-kernel = compile_w4a8(m, k, n, rank=r, bias=bias, out_dtype=torch.float32)
+m, k, n, r, bias, dtype = json.loads(sys.argv[1])
+dtype = getattr(torch, dtype)
+args, kwargs, grid = w4a8_launch(m, k, n, rank=r, bias=bias, out_dtype=dtype)
+kernel = compile_w4a8(m, k, n, rank=r, bias=bias, out_dtype=dtype)
 fn = __import__("engine.kernels.triton.gemm_sm90_w4a8", fromlist=["x"]).w4a8_gemm_sm90_kernel
 runtime = [name for name, p, a in zip(fn.arg_names, fn.params, args)
            if not p.is_constexpr and not (isinstance(a, int) and a == 1)]
@@ -47,11 +48,11 @@ print(json.dumps({"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared, "g
 """
 
 
-def compile_w4a8(shape: tuple, bias: bool = True) -> dict:
+def compile_w4a8(shape: tuple, bias: bool = True, dtype: str = "float32") -> dict:
     """The kernel's PTX for sm_90 at ``shape`` (a child process: no TRITON_INTERPRET) and the
     arguments that stay runtime parameters (Triton makes integers equal to 1 constants)."""
     m, n, k, r = shape
-    res = run_compiled([sys.executable, "-c", _COMPILE, json.dumps([m, k, n, r, bias])])
+    res = run_compiled([sys.executable, "-c", _COMPILE, json.dumps([m, k, n, r, bias, dtype])])
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -61,7 +62,8 @@ def compiled() -> dict:
     return compile_w4a8(SHAPE)
 
 
-def run_w4a8(info: dict, x: dict, ptx: str | None = None, schedule: str = "lowest_pc"):
+def run_w4a8(info: dict, x: dict, ptx: str | None = None, schedule: str = "lowest_pc",
+             dtype: torch.dtype = torch.float32):
     """Execute the compiled kernel on the contract inputs ``x``: (findings, output, bytes written)."""
     weight = w4a8.prepare_weight(x["qweight"], x["wscales"])
     assert weight is not None
@@ -75,7 +77,8 @@ def run_w4a8(info: dict, x: dict, ptx: str | None = None, schedule: str = "lowes
     g = K // 64
     cfg = w4a8.CONFIG
     a_addr, w_addr, sw_addr = put("codes", x["codes"]), put("packed", weight.packed), put("sw", weight.sw)
-    out_addr = mem.alloc("out", M * N * 4)
+    size = torch.empty(0, dtype=dtype).element_size()
+    out_addr = mem.alloc("out", M * N * size)
     b_addr = put("bias", x["bias"]) if x["bias"] is not None else out_addr
     bsw = 1 << (cfg.block_w - 1).bit_length()
     maps = {
@@ -97,13 +100,13 @@ def run_w4a8(info: dict, x: dict, ptx: str | None = None, schedule: str = "lowes
     args += [0] * (len(kernel.params) - len(args))  # Triton's scratch pointers (unused here)
     findings = launch(kernel, mem, args, (info["grid"][0], 1, 1), info["threads"], info["shared"],
                       tmaps={handles[k]: v for k, v in maps.items()}, schedule=schedule)  # fmt: skip
-    out = torch.from_numpy(mem.get("out").view("float32").reshape(M, N).copy())
+    out = torch.from_numpy(mem.get("out").copy()).view(dtype).reshape(M, N)
     return findings, out, mem.written("out")
 
 
-def _want(x: dict) -> torch.Tensor:
+def _want(x: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return ops.w4a8_gemm(x["codes"], x["ascale"], x["qweight"], x["wscales"], x["lora_act"], x["proj_up"],
-                         x["bias"], out_dtype=torch.float32)  # fmt: skip
+                         x["bias"], out_dtype=dtype)  # fmt: skip
 
 
 @pytest.mark.parametrize("schedule", ["lowest_pc", pytest.param("high_warpgroup_first", marks=pytest.mark.slow)])
@@ -135,3 +138,18 @@ def test_slot_released_before_the_mma_wait_is_caught(compiled):
     x = w4a8.exact_inputs(m, n, k, r)
     _, out, _ = run_w4a8(compiled, x, ptx="\n".join(lines), schedule="high_warpgroup_first")
     assert not torch.equal(out, _want(x))
+
+
+@pytest.mark.slow
+def test_compiled_w4a8_kernel_without_low_rank_or_bias_in_bf16():
+    """Rank 0 and no bias (their branches compiled out), bf16 output (one rounding, as the
+    reference's), whole tiles, two groups through the four-slot ring (the producer stops early)."""
+    m, n, k, r = 128, 192, 128, 0
+    info = compile_w4a8((m, n, k, r), bias=False, dtype="bfloat16")
+    x = w4a8.exact_inputs(m, n, k, r)
+    x["bias"] = None
+    findings, out, written = run_w4a8(info, x, schedule="high_warpgroup_first", dtype=torch.bfloat16)
+    assert not findings, findings.report()
+    assert written.all()
+    want = _want(x, torch.bfloat16)
+    assert want.abs().max() > 0 and torch.equal(out, want)

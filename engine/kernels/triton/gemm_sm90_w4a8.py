@@ -456,21 +456,21 @@ def exact_inputs(m: int, n: int, k: int, r: int, seed: int = 0) -> dict:
 
 def self_check(device: torch.device) -> bool:
     """Whether the kernel computes ``ops.w4a8_gemm`` bit for bit on ``device`` on exact inputs
-    (two weight tiles, the second partial; a partial token tile; a ring wrapped; low-rank and
-    bias; then no low-rank branch nor bias)."""
+    (two weight tiles and two token tiles, the second of each partial; six groups through the
+    four-slot ring; low-rank and bias; then no low-rank branch nor bias), the reference on the CPU."""
     from engine.quant import ops
 
     ok = True
     for r, with_bias in ((20, True), (0, False)):
-        x = exact_inputs(100, 3 * 64 * CONFIG.consumers // 2 + 4, 384, r)
-        x = {key: v.to(device) for key, v in x.items()}
+        x = exact_inputs(200, CONFIG.block_w + 100, 384, r)  # 2 x 2 tiles, the last of each partial
         if not with_bias:
             x["bias"] = None
-        weight = prepare_weight(x["qweight"], x["wscales"])
         want = ops.w4a8_gemm(x["codes"], x["ascale"], x["qweight"], x["wscales"], x["lora_act"], x["proj_up"],
-                             x["bias"], out_dtype=torch.float32)  # fmt: skip
+                             x["bias"], out_dtype=torch.float32)  # fmt: skip  (the definer, on the CPU)
+        x = {key: v.to(device) if v is not None else None for key, v in x.items()}
+        weight = prepare_weight(x["qweight"], x["wscales"])
         got = launch(x["codes"], x["ascale"], weight, x["lora_act"], x["proj_up"], x["bias"], out_dtype=torch.float32)
-        ok &= torch.equal(got, want)
+        ok &= torch.equal(got.cpu(), want)
     return ok
 
 
