@@ -20,11 +20,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+import triton
 
 if __package__ in (None, ""):  # run as a script: the repository and scripts/ on the path
     sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 
 from engine.kernels.triton import gemm_sm90_w4a8 as w4a8
+from perfmodel.chain import MACS_PER_CLK
 from perfmodel.hopper_ws import _innermost, compile_gluon, ops_of
 from perfmodel.launches import _meta
 from perfmodel.sass import _TYPES, BIN, disassemble
@@ -79,8 +81,8 @@ def ptxas_report(ptx: str) -> dict:
 
 def group_bytes(cfg: w4a8.W4A8Config) -> int:
     """TMA bytes per group and CTA: packed weights (0.5 B/elem), e4m3 codes (1 B/elem), the
-    weight scales."""
-    return cfg.block_w * 32 + cfg.block_t * 64 + 4 * cfg.block_w
+    weight scales (one box of the next power of two >= block_w fp32)."""
+    return cfg.block_w * 32 + cfg.block_t * 64 + 4 * triton.next_power_of_2(cfg.block_w)
 
 
 def w4a8_static(m: int, k: int, n: int, cfg: w4a8.W4A8Config = w4a8.CONFIG, rank: int = RANK,
@@ -94,6 +96,8 @@ def w4a8_static(m: int, k: int, n: int, cfg: w4a8.W4A8Config = w4a8.CONFIG, rank
     usage, instrs, loops = disassemble(kernel.asm["cubin"])
     regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
     cons = _innermost(loops, r"\bQGMMA")
+    # each consumer partition has its own copy of the loop (different register budgets): all of them
+    copies = sorted(len(b) for b in loops if any("QGMMA" in t for t in b) and len(b) < 2 * len(cons))
     prod = _innermost(loops, r"\bUTMALDG")
     cops, pops = ops_of(cons), ops_of(prod)
     ptx = kernel.asm["ptx"]
@@ -111,6 +115,7 @@ def w4a8_static(m: int, k: int, n: int, cfg: w4a8.W4A8Config = w4a8.CONFIG, rank
         "threads": int(re.search(r"\.reqntid (\d+)", ptx).group(1)),
         "setmaxnreg": sorted({int(x) for x in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)}),
         "consumer_sass": len(cons),
+        "consumer_loop_copies_sass": copies,
         "producer_sass": len(prod),
         "consumer_ops": dict(cops.most_common()),
         "producer_ops": dict(pops.most_common()),
@@ -128,7 +133,7 @@ def w4a8_static(m: int, k: int, n: int, cfg: w4a8.W4A8Config = w4a8.CONFIG, rank
         "loop_shared_stores": sum(c for op, c in cops.items() if op.startswith(("STS", "STSM"))),
         "producer_tma": sum(c for op, c in pops.items() if op.startswith("UTMALDG")),
         "group_bytes": group_bytes(cfg),
-        "tensor_clocks_per_group": cfg.consumers * 64 * cfg.block_t * 64 // 2048,  # fp8 dense: 2048 MAC/clk/SM
+        "tensor_clocks_per_group": cfg.consumers * 64 * cfg.block_t * 64 // MACS_PER_CLK["fp8"],
         "body": cons,
         "producer_body": prod,
     }
