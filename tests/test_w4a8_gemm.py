@@ -1,10 +1,17 @@
-"""The W4A8 sm_90 GEMM's weight layout (engine/kernels/triton/gemm_sm90_w4a8.prepare_weight): the
+"""The W4A8 sm_90 GEMM (engine/kernels/triton/gemm_sm90_w4a8.py) on the host: its launch rules and
+input checks, the GPU session's part on the CPU, and its weight layout (``prepare_weight``): the
 kernel expands each 32-bit word of packed sign-magnitude codes with three instructions,
 lo = w & 0x87878787 and hi = rotate_right(w, 4) & 0x87878787 (its inline PTX: and.b32,
 shf.r.wrap.b32, and.b32). Emulated here bit for bit on the host over every code -7..7 in every
 position of a word, the e4m3 bytes must be the codes times 2^-9 at the channels the kernel's two
 wgmmas pair them with (channels kk and 32 + kk of the group for byte kk); a code -8 has no
 sign-magnitude form and the weight is refused (None)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +20,7 @@ from engine.kernels.triton import gemm_sm90_w4a8 as w4a8
 from engine.quant import pack_int4
 
 MASK = w4a8.SIGN_MAGNITUDE_MASK
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _expand(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,3 +73,40 @@ def test_a_code_of_minus_8_is_refused(where):
 def test_mismatched_scales_name_the_field():
     with pytest.raises(ValueError, match="wscales"):
         w4a8.prepare_weight(pack_int4(torch.zeros(4, 128, dtype=torch.int8)), torch.ones(4, 3))
+
+
+def test_supports_the_flux_shapes_and_refuses_what_the_tma_rules_exclude():
+    for k, n in [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072), (3072, 21504)]:
+        assert w4a8.supports(4352, n, k, 32, 64)
+    assert not w4a8.supports(4352, 3072, 3072 + 32, 32, 64)  # K not whole groups
+    assert not w4a8.supports(4352, 3074, 3072, 32, 64)  # N % 4: the scale vector's TMA rows
+    assert not w4a8.supports(4352, 3072, 3072, 32, 128)  # group 64 only
+    assert not w4a8.supports(4352, 3072, 3072, w4a8.MAX_RANK + 1, 64)
+    assert not w4a8.supports(2**16, 2**15, 3072, 32, 64)  # int32 output offsets
+
+
+def test_launch_names_the_bad_field():
+    x = w4a8.exact_inputs(8, 64, 128, 4)
+    weight = w4a8.prepare_weight(x["qweight"], x["wscales"])
+    rest = (x["lora_act"], x["proj_up"], x["bias"])
+    with pytest.raises(TypeError, match="codes"):
+        w4a8.launch(x["codes"].float(), x["ascale"], weight, *rest, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="ascale"):
+        w4a8.launch(x["codes"], x["ascale"][:4], weight, *rest, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="weight K"):
+        w4a8.launch(x["codes"][:, :64], x["ascale"], weight, *rest, out_dtype=torch.float32)
+
+
+def test_gpu_part_on_the_cpu_reports_the_reference_and_no_kernel_figures(tmp_path):
+    """scripts/gpu_hopper_w4a8.py (the GPU session's part) on its tiny CPU shape: the inputs and
+    the reference run, the kernel is reported as not run (a Gluon kernel needs the GPU)."""
+    out = tmp_path / "w4a8.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_hopper_w4a8.py"), "--tiny", "--out", str(out)],
+                         env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["self_check"] is None and report["config"]["block_w"] == 192
+    (row,) = report["shapes"]
+    assert (row["k"], row["n"]) == (384, 292) and row["reference_abs_max"] > 0
+    assert row["gemm_us"] is None and "Hopper only" in row["note"]

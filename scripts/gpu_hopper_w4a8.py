@@ -1,0 +1,132 @@
+"""Measure the W4A8 sm_90 GEMM (engine/kernels/triton/gemm_sm90_w4a8.py) at FLUX's shapes against
+cuBLAS bf16 (a part for gpu_session.sh; the route's quantize kernel is measured by its own part).
+
+For each K -> N at M = 4352: the kernel's error against the definer ``ops.w4a8_gemm`` on codes
+from ``ops.quantize_act_fp8`` of random activations (the rank-32 branch and bias included), the
+equality of two runs, its time (bf16 output, and fp32 as the route launches it before the
+epilogue), its TFLOPS, and torch's bf16 matmul (cuBLAS) of the same [M, K] x [K, N]; first the
+kernel's own device self-check (``gemm_sm90_w4a8.self_check``: exact inputs, bit for bit).
+
+    python scripts/gpu_hopper_w4a8.py --out $OUT/hopper_w4a8.json   # on an H100/H200
+    python scripts/gpu_hopper_w4a8.py --tiny --out x.json           # CPU: the inputs and the
+                                                                    # reference only (Gluon kernels
+                                                                    # do not run without a GPU)
+
+Timings: triton.testing.do_bench medians (ms -> us). Nothing is timed on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.kernels.triton import gemm_sm90_w4a8 as w4a8
+from engine.quant import ops, pack_int4
+
+FLUX_M = 4352
+FLUX_SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072), (3072, 21504)]
+TINY = (100, [(384, 292)])  # M, shapes: a partial token tile, a partial weight tile, six groups
+RANK = 32
+MAX_REL_ERR = 1e-3  # fp32 sums in the tensor cores' order against the reference's (and bf16 out)
+
+
+def _inputs(m: int, k: int, n: int, device: torch.device, seed: int = 0) -> dict:
+    """Contract tensors: FP8 codes from quantize_act_fp8 of random activations, random weight
+    codes -7..7 (the W4A8 route takes weights without a -8)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 2
+    smooth = torch.rand(k, generator=g) + 0.5
+    proj_down = torch.randn(RANK, k, generator=g) / k**0.5
+    codes, ascale, lora_act = ops.quantize_act_fp8(x, smooth, proj_down, shift=0.0)
+    w_codes = torch.randint(-7, 8, (n, k), generator=g, dtype=torch.int8)
+    t = {
+        "codes": codes,
+        "ascale": ascale,
+        "qweight": pack_int4(w_codes),
+        "wscales": (torch.rand(n, k // 64, generator=g) / 50 + 1e-3).to(torch.bfloat16),
+        "lora_act": lora_act,
+        "proj_up": (torch.randn(n, RANK, generator=g) / 8).to(torch.bfloat16),
+        "bias": torch.randn(n, generator=g).to(torch.bfloat16),
+        "x_bf16": x.to(torch.bfloat16),
+        "w_bf16": (w_codes.float() * 0.01).to(torch.bfloat16),
+    }
+    return {key: v.to(device) for key, v in t.items()}
+
+
+def _time_us(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100) * 1e3
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return (y.float() - ref.float()).abs().max().item() / max(ref.float().abs().max().item(), 1e-30)
+
+
+def measure_shape(m: int, k: int, n: int, device: torch.device, hopper: bool) -> dict:
+    """One K -> N: the reference, then (on Hopper) the kernel's error, determinism and times."""
+    a = _inputs(m, k, n, device)
+    args = (a["codes"], a["ascale"], a["qweight"], a["wscales"], a["lora_act"], a["proj_up"], a["bias"])
+    ref = ops.w4a8_gemm(*args, out_dtype=torch.float32)
+    row = {"k": k, "n": n, "reference_abs_max": ref.abs().max().item()}
+    weight = w4a8.prepare_weight(a["qweight"], a["wscales"])
+    if not hopper:
+        return row | {"gemm_us": None, "note": "Hopper only (a Gluon kernel: no run without a GPU)"}
+    if weight is None or not w4a8.supports(m, n, k, RANK, 64):
+        return row | {"gemm_us": None, "note": "weight or shape outside the kernel's rules"}
+
+    def run(dtype: torch.dtype = torch.bfloat16):
+        return w4a8.launch(a["codes"], a["ascale"], weight, a["lora_act"], a["proj_up"], a["bias"], out_dtype=dtype)
+
+    y32 = run(torch.float32)
+    row["max_rel_err_fp32_vs_reference"] = _rel(y32, ref)
+    row["max_rel_err_bf16_vs_reference"] = _rel(run(), ref)
+    row["deterministic"] = bool(torch.equal(y32, run(torch.float32)))
+    row["gemm_us"] = _time_us(run)
+    row["gemm_fp32_out_us"] = _time_us(lambda: run(torch.float32))
+    row["gemm_tflops"] = 2 * m * n * k / row["gemm_us"] / 1e6
+    row["cublas_bf16_us"] = _time_us(lambda: torch.nn.functional.linear(a["x_bf16"], a["w_bf16"]))
+    row["gemm_vs_bf16"] = row["cublas_bf16_us"] / row["gemm_us"]
+    return row
+
+
+def measure(m: int, shapes: list[tuple[int, int]], device: torch.device, out: Path | None = None) -> dict:
+    """The report (written to ``out`` after each step, so a part cut off keeps what it finished)."""
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "m": m,
+        "config": vars(w4a8.CONFIG) | {"block_w": w4a8.CONFIG.block_w},
+        "self_check": w4a8.self_check(device) if hopper else None,
+        "shapes": [],
+    }
+    for k, n in shapes:
+        report["shapes"].append(measure_shape(m, k, n, device, hopper))
+        if out is not None:
+            out.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON report")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU smoke run)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m, shapes = TINY if args.tiny or device.type == "cpu" else (FLUX_M, FLUX_SHAPES)
+    report = measure(m, shapes, device, args.out)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    bad = report["self_check"] is False or any(
+        r.get("max_rel_err_fp32_vs_reference", 0) > MAX_REL_ERR or r.get("deterministic") is False
+        for r in report["shapes"]
+    )
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
