@@ -83,6 +83,7 @@ def test_supports_the_flux_shapes_and_refuses_what_the_tma_rules_exclude():
     assert not w4a8.supports(4352, 3072, 3072, 32, 128)  # group 64 only
     assert not w4a8.supports(4352, 3072, 3072, w4a8.MAX_RANK + 1, 64)
     assert not w4a8.supports(2**16, 2**15, 3072, 32, 64)  # int32 output offsets
+    assert not w4a8.supports(4352, 3072, 0, 32, 64) and not w4a8.supports(4352, 0, 3072, 32, 64)
 
 
 def test_launch_names_the_bad_field():

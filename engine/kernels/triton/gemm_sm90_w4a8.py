@@ -31,9 +31,15 @@ loop: ``acc * ascale[t]`` plus the low-rank branch (lora_act [M, R] x proj_up [N
 wgmmas on hi/lo halves, ~2^-16 relative as gemm_sm90_ws; staged in shared memory before the
 loop), the bias, and the store of y[t, n] (fp32 for the Hopper route's epilogue, or out_dtype).
 
-Tile configs (``W4A8Config``): consumers x 64 weight rows by BT tokens. Register feasibility
-(compiled for sm_90 without a GPU: ``static_counts``) is written up in the module's status
-notes and tests/test_w4a8_gemm_static.py gates the loop.
+Tile config (``W4A8Config``): three consumer warpgroups x 64 weight rows by 128 tokens (a CTA
+of 192 x 128, 512 threads): per thread 64 fp32 accumulators + 64 partials. Compiled for sm_90
+(scripts/perfmodel/hopper_w4a8_static.py) it fits with the two worker consumers at 160
+registers (the default-partition consumer gets 168, the producer 24): no spills, no ptxas
+C7512, one wgmma wait per group, 64 FFMA + ~50 other SASS per group and consumer warp
+(at 152 the epilogue spilled 16 bytes). Why this tile: per group it moves 15 KB from L2 per
+384 tensor clocks, less per clock than 2 x (64 x 128) (12.5 KB per 256); 2 x (64 x 256)
+spills, and 64 x 192 per warpgroup is not a power-of-two shape (Triton tensors must be).
+tests/test_w4a8_gemm_static.py gates the loop.
 
 Not built: split-K of the last partial wave (gemm_sm90_ws_split does it for the W4A4 kernel);
 the same warpgroup's scaling under its own next MMA (a second partial set of registers).
@@ -138,7 +144,8 @@ def prepare_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> W4A8Weight |
 
 def supports(m: int, n: int, k: int, r: int, group: int) -> bool:
     """Whether a problem meets this kernel's TMA alignment and tile rules."""
-    return m >= 1 and m * n < 2**31 and n % 4 == 0 and k % GROUP.value == 0 and group == GROUP.value and r <= MAX_RANK
+    shapes = m >= 1 and n >= 4 and k >= GROUP.value and m * n < 2**31  # int32 output offsets
+    return shapes and n % 4 == 0 and k % GROUP.value == 0 and group == GROUP.value and r <= MAX_RANK
 
 
 @gluon.jit
