@@ -222,6 +222,17 @@ def _consumer(wg, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, u
         llo_s = gl.allocate_shared_memory(gl.bfloat16, [BT, BR], LA_L, la_lo)
         fence_async_shared()
 
+    # the token scales and the bias into shared memory now (their loads' latency under the ring's
+    # first fills), read after the loop
+    # (loaded in a plain 1-D layout: the accumulator-layout index vectors are made after the loop)
+    VEC: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    V1: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    vt = off_t + gl.arange(0, BT, layout=V1)
+    sa_s = gl.allocate_shared_memory(gl.float32, [BT], VEC, gl.load(ascale_ptr + vt, mask=vt < M, other=0.0))
+    if HAS_BIAS:  # 64 values over 128 lanes: each stored twice, at i and 64 + i (no two lanes on one address)
+        vn = off_n + gl.arange(0, 2 * BW, layout=V1) % BW
+        b_s = gl.allocate_shared_memory(gl.float32, [2 * BW], VEC,
+                                        gl.load(bias_ptr + vn, mask=vn < N, other=0.0).to(gl.float32))
     acc = gl.zeros([BW, BT], gl.float32, ACC)
     part = gl.zeros([BW, BT], gl.float32, ACC)  # its values are never read (accumulate off)
     for i in range(NG):
@@ -237,7 +248,7 @@ def _consumer(wg, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, u
 
     ot = off_t + gl.arange(0, BT, layout=gl.SliceLayout(0, ACC))
     on = off_n + gl.arange(0, BW, layout=gl.SliceLayout(1, ACC))
-    acc = acc * gl.load(ascale_ptr + ot, mask=ot < M, other=0.0)[None, :]
+    acc = acc * sa_s.load(gl.SliceLayout(0, ACC))[None, :]
     if HAS_LORA:  # accumulated onto acc by the tensor cores (no second register set)
         LR: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BT, 16])
         # hi*hi + lo*hi + hi*lo: both factors to ~2^-16 (the lo*lo term is below that)
@@ -250,7 +261,7 @@ def _consumer(wg, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, u
         lr = warpgroup_mma(u_hi, llo_s.permute((1, 0)), lr, is_async=True)
         acc = gl.convert_layout(warpgroup_mma_wait(0, deps=(lr, lhi_s, llo_s))[0], ACC)
     if HAS_BIAS:
-        acc += gl.load(bias_ptr + on, mask=on < N, other=0.0).to(gl.float32)[:, None]
+        acc += b_s.slice(0, BW).load(gl.SliceLayout(1, ACC))[:, None]
     mask = (on < N)[:, None] & (ot < M)[None, :]
     # y[t, n]: int32 offsets (supports: M * N < 2^31), one base pointer
     gl.store(out_ptr + (ot[None, :] * stride_om + on[:, None]), acc.to(out_ptr.dtype.element_ty), mask=mask)
