@@ -80,11 +80,10 @@ def run_w4a8(info: dict, x: dict, ptx: str | None = None, schedule: str = "lowes
     size = torch.empty(0, dtype=dtype).element_size()
     out_addr = mem.alloc("out", M * N * size)
     b_addr = put("bias", x["bias"]) if x["bias"] is not None else out_addr
-    bsw = 1 << (cfg.block_w - 1).bit_length()
     maps = {
         "w": TensorMap(w_addr, 1, (K // 2, N), (1, K // 2), (32, 64), 32),
         "a": TensorMap(a_addr, 1, (K, M), (1, K), (32, cfg.block_t), 32),
-        "sw": TensorMap(sw_addr, 4, (g * N,), (4,), (bsw,)),
+        "sw": TensorMap(sw_addr, 4, (g * N,), (4,), (64,)),
     }
     handles = {name: (1 << 60) + 128 * i for i, name in enumerate(maps)}
     desc = {  # a tensor descriptor is its map, its sizes and its strides (outermost first)

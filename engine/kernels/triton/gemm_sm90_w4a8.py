@@ -167,10 +167,10 @@ def _expand(w):
 def _producer(w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, off_n, off_t, N, NG,
               BT: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr):
     """One warp: per group, wait for the slot to be free, arm its ready barrier with the bytes,
-    issue the TMA loads: per consumer its 64 weight rows (boxes have power-of-two sizes), the
-    weight scales of the tile in one box, the two activation halves."""
-    BSW: gl.constexpr = sw_desc.block_type.shape[0]
-    nbytes: gl.constexpr = CONSUMERS * 64 * HALF + 4 * BSW + 2 * BT * HALF
+    issue the TMA loads: per consumer its 64 weight rows and their scales (boxes have
+    power-of-two sizes: 192 rows are three boxes, and no L2 bytes are loaded past them), the two
+    activation halves."""
+    nbytes: gl.constexpr = CONSUMERS * 64 * (HALF + 4) + 2 * BT * HALF
     for i in range(NG):
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
@@ -178,7 +178,7 @@ def _producer(w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, of
         mbarrier.expect(bar, nbytes)
         for c in gl.static_range(CONSUMERS):
             tma.async_copy_global_to_shared(w_desc, [off_n + 64 * c, i * HALF], bar, w_s.index(s * CONSUMERS + c))
-        tma.async_copy_global_to_shared(sw_desc, [i * N + off_n], bar, sw_s.index(s))
+            tma.async_copy_global_to_shared(sw_desc, [i * N + off_n + 64 * c], bar, sw_s.index(s * CONSUMERS + c))
         tma.async_copy_global_to_shared(a_desc, [off_t, i * GROUP], bar, alo_s.index(s))
         tma.async_copy_global_to_shared(a_desc, [off_t, i * GROUP + HALF], bar, ahi_s.index(s))
 
@@ -241,7 +241,7 @@ def _consumer(wg, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, u
         w_lo, w_hi = _expand(w_s.index(s * CONSUMERS + wg).load(A_OP))
         part = warpgroup_mma(w_lo, alo_s.index(s).permute((1, 0)), part, use_acc=False, is_async=True)
         part = warpgroup_mma(w_hi, ahi_s.index(s).permute((1, 0)), part, is_async=True)
-        sw = sw_s.index(s).slice(wg * BW, BW).load(gl.SliceLayout(1, ACC))  # read while the MMAs run
+        sw = sw_s.index(s * CONSUMERS + wg).load(gl.SliceLayout(1, ACC))  # read while the MMAs run
         part = warpgroup_mma_wait(0, deps=(part, alo_s.index(s), ahi_s.index(s)))[0]
         mbarrier.arrive(empty.index(s))  # the slot is free: MMAs done, weights and scales in registers
         acc = gl.fma(part, sw[:, None], acc)
@@ -271,7 +271,7 @@ def _consumer(wg, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, u
 def w4a8_gemm_sm90_kernel(
     w_desc,  # TMA: packed weight u8 [N, K/2], box [64, 32]
     a_desc,  # TMA: activation codes e4m3 [M, K], box [BT, 32]
-    sw_desc,  # TMA: weight scales times 2^9 as one vector [G * N] (group-major), box [next power of two >= BW] (the rows past BW unused)
+    sw_desc,  # TMA: weight scales times 2^9 as one vector [G * N] (group-major), box [64]
     ascale_ptr,  # f32 [M]
     lora_ptr,  # f32 [M, R]
     up_ptr,  # [N, R]
@@ -309,7 +309,7 @@ def w4a8_gemm_sm90_kernel(
     w_s = gl.allocate_shared_memory(gl.uint8, [STAGES * CONSUMERS, 64, HALF], w_desc.layout)
     alo_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BT, HALF], a_desc.layout)
     ahi_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BT, HALF], a_desc.layout)
-    sw_s = gl.allocate_shared_memory(gl.float32, [STAGES, sw_desc.block_type.shape[0]], sw_desc.layout)
+    sw_s = gl.allocate_shared_memory(gl.float32, [STAGES * CONSUMERS, 64], sw_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -365,7 +365,7 @@ def descriptors(codes: torch.Tensor, weight: W4A8Weight, cfg: W4A8Config) -> tup
     return (
         TensorDescriptor(weight.packed, [n, k // 2], [weight.packed.stride(0), 1], [64, HALF.value], w_layout),
         TensorDescriptor(codes, [m, k], [codes.stride(0), 1], [cfg.block_t, HALF.value], a_layout),
-        TensorDescriptor(sw, [sw.numel()], [1], [triton.next_power_of_2(cfg.block_w)], sw_layout),
+        TensorDescriptor(sw, [sw.numel()], [1], [64], sw_layout),
     )
 
 
