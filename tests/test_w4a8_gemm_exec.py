@@ -36,9 +36,9 @@ import json, sys
 sys.path.insert(0, "scripts")
 import torch
 from perfmodel.hopper_w4a8_static import compile_w4a8, w4a8_launch
-m, k, n, r, bias, dtype = json.loads(sys.argv[1])
+m, k, n, r, bias, dtype, programs = json.loads(sys.argv[1])
 dtype = getattr(torch, dtype)
-args, kwargs, grid = w4a8_launch(m, k, n, rank=r, bias=bias, out_dtype=dtype)
+args, kwargs, grid = w4a8_launch(m, k, n, rank=r, bias=bias, out_dtype=dtype, programs=programs)
 kernel = compile_w4a8(m, k, n, rank=r, bias=bias, out_dtype=dtype)
 fn = __import__("engine.kernels.triton.gemm_sm90_w4a8", fromlist=["x"]).w4a8_gemm_sm90_kernel
 runtime = [name for name, p, a in zip(fn.arg_names, fn.params, args)
@@ -48,11 +48,12 @@ print(json.dumps({"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared, "g
 """
 
 
-def compile_w4a8(shape: tuple, bias: bool = True, dtype: str = "float32") -> dict:
+def compile_w4a8(shape: tuple, bias: bool = True, dtype: str = "float32", programs: int | None = None) -> dict:
     """The kernel's PTX for sm_90 at ``shape`` (a child process: no TRITON_INTERPRET) and the
-    arguments that stay runtime parameters (Triton makes integers equal to 1 constants)."""
+    arguments that stay runtime parameters (Triton makes integers equal to 1 constants);
+    ``programs``: the persistent grid's size (fewer CTAs than tiles)."""
     m, n, k, r = shape
-    res = run_compiled([sys.executable, "-c", _COMPILE, json.dumps([m, k, n, r, bias, dtype])])
+    res = run_compiled([sys.executable, "-c", _COMPILE, json.dumps([m, k, n, r, bias, dtype, programs])])
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -152,3 +153,19 @@ def test_compiled_w4a8_kernel_without_low_rank_or_bias_in_bf16():
     assert written.all()
     want = _want(x, torch.bfloat16)
     assert want.abs().max() > 0 and torch.equal(out, want)
+
+
+@pytest.mark.slow
+def test_persistent_grid_runs_every_tile_through_one_ring():
+    """One CTA for all four tiles (2 x 2, the last of each partial): the ring's slots and phases
+    run on from tile to tile, each consumer restages its low-rank operands, scales and bias per
+    tile; exact against ops.w4a8_gemm, no racy access (e.g. a restage over the last tile's
+    epilogue reads), every output written."""
+    m, n, k, r = 200, 292, 384, 20
+    info = compile_w4a8((m, n, k, r), programs=1)
+    assert info["grid"] == [1]
+    x = w4a8.exact_inputs(m, n, k, r)
+    findings, out, written = run_w4a8(info, x, schedule="high_warpgroup_first")
+    assert not findings, findings.report()
+    assert written.all()
+    assert torch.equal(out, _want(x))

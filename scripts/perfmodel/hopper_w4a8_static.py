@@ -36,8 +36,9 @@ _COMPILED: dict[tuple, dict] = {}
 
 
 def w4a8_launch(m: int, k: int, n: int, cfg: w4a8.W4A8Config = w4a8.CONFIG, rank: int = RANK,
-                bias: bool = True, out_dtype: torch.dtype = torch.bfloat16) -> tuple:
-    """(args, kwargs, grid) of the Gluon kernel as its launcher builds them, on meta tensors."""
+                bias: bool = True, out_dtype: torch.dtype = torch.bfloat16, programs: int | None = None) -> tuple:
+    """(args, kwargs, grid) of the Gluon kernel as its launcher builds them, on meta tensors
+    (``programs``: the persistent grid's CTAs, e.g. an H100's 132; the compiled code is the same)."""
     g = k // 64
     weight = w4a8.W4A8Weight(_meta(n, k // 2, dtype=torch.uint8), _meta(g, n, dtype=torch.float32))
     return w4a8.launch_args(
@@ -49,6 +50,7 @@ def w4a8_launch(m: int, k: int, n: int, cfg: w4a8.W4A8Config = w4a8.CONFIG, rank
         _meta(n) if bias else None,
         _meta(m, n, dtype=out_dtype),
         cfg,
+        programs,
     )
 
 

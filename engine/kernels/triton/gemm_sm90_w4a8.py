@@ -31,11 +31,16 @@ loop: ``acc * ascale[t]`` plus the low-rank branch (lora_act [M, R] x proj_up [N
 wgmmas on hi/lo halves, ~2^-16 relative as gemm_sm90_ws; staged in shared memory before the
 loop), the bias, and the store of y[t, n] (fp32 for the Hopper route's epilogue, or out_dtype).
 
+Persistent: ``launch`` starts one CTA per SM (at most one per tile), each running every
+programs-th tile of the grouped order; the ring runs on across a CTA's tiles, so the producer
+loads the next tile's first groups while the consumers finish the last one (each consumer
+restages its low-rank operands, token scales and bias in its own shared memory per tile).
+
 Tile config (``W4A8Config``): three consumer warpgroups x 64 weight rows by 128 tokens (a CTA
 of 192 x 128, 512 threads): per thread 64 fp32 accumulators + 64 partials. Compiled for sm_90
 (scripts/perfmodel/hopper_w4a8_static.py) it fits with the two worker consumers at 160
 registers (the default-partition consumer gets 168, the producer 24): no spills, no ptxas
-C7512, one wgmma wait per group, 64 FFMA + ~50 other SASS per group and consumer warp
+C7512, one wgmma wait per group, 64 FFMA + ~55 other SASS per group and consumer warp
 (at 152 the epilogue spilled 16 bytes). Why this tile: per group it moves 15 KB from L2 per
 384 tensor clocks, less per clock than 2 x (64 x 128) (12.5 KB per 256); 2 x (64 x 256)
 spills, and 64 x 192 per warpgroup is not a power-of-two shape (Triton tensors must be).
@@ -164,23 +169,41 @@ def _expand(w):
 
 
 @gluon.jit
-def _producer(w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, off_n, off_t, N, NG,
-              BT: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr):
-    """One warp: per group, wait for the slot to be free, arm its ready barrier with the bytes,
-    issue the TMA loads: per consumer its 64 weight rows and their scales (boxes have
-    power-of-two sizes: 192 rows are three boxes, and no L2 bytes are loaded past them), the two
-    activation halves."""
+def _tile(tile, M, N, BW: gl.constexpr, BT: gl.constexpr, GROUP_N: gl.constexpr):
+    """(off_n, off_t) of a tile in grouped order: GROUP_N weight-row blocks sweep the token blocks
+    together (weight and activation tiles shared in L2 by the CTAs that run at once)."""
+    num_n = gl.cdiv(N, BW)
+    width = GROUP_N * gl.cdiv(M, BT)
+    first_n = (tile // width) * GROUP_N
+    size_n = gl.minimum(num_n - first_n, GROUP_N)
+    return (first_n + (tile % width) % size_n) * BW, ((tile % width) // size_n) * BT
+
+
+@gluon.jit
+def _producer(w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, M, N, NG, pid, nprog,
+              BT: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr):
+    """One warp: for each of this CTA's tiles and each group, wait for the slot to be free, arm
+    its ready barrier with the bytes, issue the TMA loads: per consumer its 64 weight rows and
+    their scales (boxes have power-of-two sizes: 192 rows are three boxes, and no L2 bytes are
+    loaded past them), the two activation halves. The ring runs on across tiles, so the next
+    tile's first groups load while the consumers finish the last one."""
     nbytes: gl.constexpr = CONSUMERS * 64 * (HALF + 4) + 2 * BT * HALF
-    for i in range(NG):
-        s = i % STAGES
-        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
-        bar = ready.index(s)
-        mbarrier.expect(bar, nbytes)
-        for c in gl.static_range(CONSUMERS):
-            tma.async_copy_global_to_shared(w_desc, [off_n + 64 * c, i * HALF], bar, w_s.index(s * CONSUMERS + c))
-            tma.async_copy_global_to_shared(sw_desc, [i * N + off_n + 64 * c], bar, sw_s.index(s * CONSUMERS + c))
-        tma.async_copy_global_to_shared(a_desc, [off_t, i * GROUP], bar, alo_s.index(s))
-        tma.async_copy_global_to_shared(a_desc, [off_t, i * GROUP + HALF], bar, ahi_s.index(s))
+    tiles = gl.cdiv(N, 64 * CONSUMERS) * gl.cdiv(M, BT)
+    c = 0  # groups issued by this CTA so far (the ring's position and phase)
+    for tile in range(pid, tiles, nprog):
+        off_n, off_t = _tile(tile, M, N, 64 * CONSUMERS, BT, GROUP_N)
+        for i in range(NG):
+            s = c % STAGES
+            mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+            bar = ready.index(s)
+            mbarrier.expect(bar, nbytes)
+            for j in gl.static_range(CONSUMERS):
+                tma.async_copy_global_to_shared(w_desc, [off_n + 64 * j, i * HALF], bar, w_s.index(s * CONSUMERS + j))
+                tma.async_copy_global_to_shared(sw_desc, [i * N + off_n + 64 * j], bar,
+                                                sw_s.index(s * CONSUMERS + j))
+            tma.async_copy_global_to_shared(a_desc, [off_t, i * GROUP], bar, alo_s.index(s))
+            tma.async_copy_global_to_shared(a_desc, [off_t, i * GROUP + HALF], bar, ahi_s.index(s))
+            c += 1
 
 
 @gluon.jit
@@ -192,79 +215,93 @@ def _split_bf16(x):
 
 @gluon.jit
 def _consumer(wg, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
-              off_n, off_t, M, N, R, NG, stride_lm, stride_un, stride_om,
+              M, N, R, NG, stride_lm, stride_un, stride_om, pid, nprog,
               BT: gl.constexpr, BR: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr,
-              HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr):
-    """One consumer warpgroup (weight rows off_n + 64 wg of the tile, all BT tokens): the
-    low-rank operands staged, the main loop, then token scale, low-rank, bias and the store."""
+              GROUP_N: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """One consumer warpgroup (weight rows 64 wg of each tile, all BT tokens), for each of this
+    CTA's tiles: the low-rank operands, token scales and bias staged in its own shared memory,
+    the main loop, then token scale, low-rank, bias and the store."""
     NW: gl.constexpr = 4
     BW: gl.constexpr = 64
-    off_n = off_n + wg * BW
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BT, 32])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=4)
-    if HAS_LORA:  # both factors' bf16 halves into this warpgroup's shared memory, before the loop
-        LOAD: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [NW, 1], [1, 0])
-        rr = gl.arange(0, BR, layout=gl.SliceLayout(0, LOAD))
-        r_ok = rr[None, :] < R
-        un = off_n + gl.arange(0, BW, layout=gl.SliceLayout(1, LOAD))
-        lt = off_t + gl.arange(0, BT, layout=gl.SliceLayout(1, LOAD))
-        up = gl.load(up_ptr + gl.minimum(un, N - 1).to(gl.int64)[:, None] * stride_un + rr[None, :],
-                     mask=r_ok, other=0.0).to(gl.float32)
-        la = gl.load(lora_ptr + gl.minimum(lt, M - 1).to(gl.int64)[:, None] * stride_lm + rr[None, :],
-                     mask=r_ok, other=0.0)
-        UP_L: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BW, BR], gl.bfloat16)
-        LA_L: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, BR], gl.bfloat16)
-        up_hi, up_lo = _split_bf16(up)
-        la_hi, la_lo = _split_bf16(la)
-        uhi_s = gl.allocate_shared_memory(gl.bfloat16, [BW, BR], UP_L, up_hi)
-        ulo_s = gl.allocate_shared_memory(gl.bfloat16, [BW, BR], UP_L, up_lo)
-        lhi_s = gl.allocate_shared_memory(gl.bfloat16, [BT, BR], LA_L, la_hi)
-        llo_s = gl.allocate_shared_memory(gl.bfloat16, [BT, BR], LA_L, la_lo)
-        fence_async_shared()
-
-    # the token scales and the bias into shared memory now (their loads' latency under the ring's
-    # first fills), read after the loop
-    # (loaded in a plain 1-D layout: the accumulator-layout index vectors are made after the loop)
+    LOAD: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [NW, 1], [1, 0])
+    UP_L: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BW, BR], gl.bfloat16)
+    LA_L: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, BR], gl.bfloat16)
     VEC: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-    V1: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    vt = off_t + gl.arange(0, BT, layout=V1)
-    sa_s = gl.allocate_shared_memory(gl.float32, [BT], VEC, gl.load(ascale_ptr + vt, mask=vt < M, other=0.0))
-    if HAS_BIAS:  # 64 values over 128 lanes: each stored twice, at i and 64 + i (no two lanes on one address)
-        vn = off_n + gl.arange(0, 2 * BW, layout=V1) % BW
-        b_s = gl.allocate_shared_memory(gl.float32, [2 * BW], VEC,
-                                        gl.load(bias_ptr + vn, mask=vn < N, other=0.0).to(gl.float32))
-    acc = gl.zeros([BW, BT], gl.float32, ACC)
-    part = gl.zeros([BW, BT], gl.float32, ACC)  # its values are never read (accumulate off)
-    for i in range(NG):
-        s = i % STAGES
-        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        w_lo, w_hi = _expand(w_s.index(s * CONSUMERS + wg).load(A_OP))
-        part = warpgroup_mma(w_lo, alo_s.index(s).permute((1, 0)), part, use_acc=False, is_async=True)
-        part = warpgroup_mma(w_hi, ahi_s.index(s).permute((1, 0)), part, is_async=True)
-        sw = sw_s.index(s * CONSUMERS + wg).load(gl.SliceLayout(1, ACC))  # read while the MMAs run
-        part = warpgroup_mma_wait(0, deps=(part, alo_s.index(s), ahi_s.index(s)))[0]
-        mbarrier.arrive(empty.index(s))  # the slot is free: MMAs done, weights and scales in registers
-        acc = gl.fma(part, sw[:, None], acc)
-
-    ot = off_t + gl.arange(0, BT, layout=gl.SliceLayout(0, ACC))
-    on = off_n + gl.arange(0, BW, layout=gl.SliceLayout(1, ACC))
-    acc = acc * sa_s.load(gl.SliceLayout(0, ACC))[None, :]
-    if HAS_LORA:  # accumulated onto acc by the tensor cores (no second register set)
-        LR: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BT, 16])
-        # hi*hi + lo*hi + hi*lo: both factors to ~2^-16 (the lo*lo term is below that)
-        L_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LR, k_width=2)
-        u_hi = uhi_s.load(L_OP)  # the A operand from registers (staged in shared before the loop)
-        u_lo = ulo_s.load(L_OP)
-        lr = gl.convert_layout(acc, LR)  # the same registers (wgmma's accumulator layout)
-        lr = warpgroup_mma(u_hi, lhi_s.permute((1, 0)), lr, is_async=True)
-        lr = warpgroup_mma(u_lo, lhi_s.permute((1, 0)), lr, is_async=True)
-        lr = warpgroup_mma(u_hi, llo_s.permute((1, 0)), lr, is_async=True)
-        acc = gl.convert_layout(warpgroup_mma_wait(0, deps=(lr, lhi_s, llo_s))[0], ACC)
+    V1: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+    if HAS_LORA:
+        uhi_s = gl.allocate_shared_memory(gl.bfloat16, [BW, BR], UP_L)
+        ulo_s = gl.allocate_shared_memory(gl.bfloat16, [BW, BR], UP_L)
+        lhi_s = gl.allocate_shared_memory(gl.bfloat16, [BT, BR], LA_L)
+        llo_s = gl.allocate_shared_memory(gl.bfloat16, [BT, BR], LA_L)
+    sa_s = gl.allocate_shared_memory(gl.float32, [BT], VEC)
     if HAS_BIAS:
-        acc += b_s.slice(0, BW).load(gl.SliceLayout(1, ACC))[:, None]
-    mask = (on < N)[:, None] & (ot < M)[None, :]
-    # y[t, n]: int32 offsets (supports: M * N < 2^31), one base pointer
-    gl.store(out_ptr + (ot[None, :] * stride_om + on[:, None]), acc.to(out_ptr.dtype.element_ty), mask=mask)
+        b_s = gl.allocate_shared_memory(gl.float32, [2 * BW], VEC)
+    tiles = gl.cdiv(N, 64 * CONSUMERS) * gl.cdiv(M, BT)
+    c = 0  # groups consumed by this CTA so far (the ring's position and phase)
+    for tile in range(pid, tiles, nprog):
+        off_n, off_t = _tile(tile, M, N, 64 * CONSUMERS, BT, GROUP_N)
+        off_n = off_n + wg * BW
+        if HAS_LORA:  # both factors' bf16 halves into this warpgroup's shared memory, before the loop
+            rr = gl.arange(0, BR, layout=gl.SliceLayout(0, LOAD))
+            r_ok = rr[None, :] < R
+            un = off_n + gl.arange(0, BW, layout=gl.SliceLayout(1, LOAD))
+            lt = off_t + gl.arange(0, BT, layout=gl.SliceLayout(1, LOAD))
+            up = gl.load(up_ptr + gl.minimum(un, N - 1).to(gl.int64)[:, None] * stride_un + rr[None, :],
+                         mask=r_ok, other=0.0).to(gl.float32)
+            la = gl.load(lora_ptr + gl.minimum(lt, M - 1).to(gl.int64)[:, None] * stride_lm + rr[None, :],
+                         mask=r_ok, other=0.0)
+            up_hi, up_lo = _split_bf16(up)
+            la_hi, la_lo = _split_bf16(la)
+            uhi_s.store(up_hi)
+            ulo_s.store(up_lo)
+            lhi_s.store(la_hi)
+            llo_s.store(la_lo)
+            fence_async_shared()
+        # the token scales and the bias into shared memory now (their loads' latency under the
+        # ring's fills), read after the loop; loaded in a plain 1-D layout (the accumulator-layout
+        # index vectors are made after the loop, not kept live through it)
+        vt = off_t + gl.arange(0, BT, layout=V1)
+        sa_s.store(gl.load(ascale_ptr + vt, mask=vt < M, other=0.0))
+        if HAS_BIAS:  # 64 values over 128 lanes: each stored twice, at i and 64 + i (no two lanes on one address)
+            vn = off_n + gl.arange(0, 2 * BW, layout=V1) % BW
+            b_s.store(gl.load(bias_ptr + vn, mask=vn < N, other=0.0).to(gl.float32))
+
+        acc = gl.zeros([BW, BT], gl.float32, ACC)
+        part = gl.zeros([BW, BT], gl.float32, ACC)  # its values are never read (accumulate off)
+        for _ in range(NG):
+            s = c % STAGES
+            mbarrier.wait(ready.index(s), (c // STAGES) & 1)
+            w_lo, w_hi = _expand(w_s.index(s * CONSUMERS + wg).load(A_OP))
+            part = warpgroup_mma(w_lo, alo_s.index(s).permute((1, 0)), part, use_acc=False, is_async=True)
+            part = warpgroup_mma(w_hi, ahi_s.index(s).permute((1, 0)), part, is_async=True)
+            sw = sw_s.index(s * CONSUMERS + wg).load(gl.SliceLayout(1, ACC))  # read while the MMAs run
+            part = warpgroup_mma_wait(0, deps=(part, alo_s.index(s), ahi_s.index(s)))[0]
+            mbarrier.arrive(empty.index(s))  # the slot is free: MMAs done, weights and scales in registers
+            acc = gl.fma(part, sw[:, None], acc)
+            c += 1
+
+        ot = off_t + gl.arange(0, BT, layout=gl.SliceLayout(0, ACC))
+        on = off_n + gl.arange(0, BW, layout=gl.SliceLayout(1, ACC))
+        acc = acc * sa_s.load(gl.SliceLayout(0, ACC))[None, :]
+        if HAS_LORA:  # accumulated onto acc by the tensor cores (no second register set)
+            LR: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                         instr_shape=[16, BT, 16])
+            # hi*hi + lo*hi + hi*lo: both factors to ~2^-16 (the lo*lo term is below that)
+            L_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LR, k_width=2)
+            u_hi = uhi_s.load(L_OP)  # the A operand from registers (staged in shared before the loop)
+            u_lo = ulo_s.load(L_OP)
+            lr = gl.convert_layout(acc, LR)  # the same registers (wgmma's accumulator layout)
+            lr = warpgroup_mma(u_hi, lhi_s.permute((1, 0)), lr, is_async=True)
+            lr = warpgroup_mma(u_lo, lhi_s.permute((1, 0)), lr, is_async=True)
+            lr = warpgroup_mma(u_hi, llo_s.permute((1, 0)), lr, is_async=True)
+            acc = gl.convert_layout(warpgroup_mma_wait(0, deps=(lr, lhi_s, llo_s))[0], ACC)
+        if HAS_BIAS:
+            acc += b_s.slice(0, BW).load(gl.SliceLayout(1, ACC))[:, None]
+        mask = (on < N)[:, None] & (ot < M)[None, :]
+        # y[t, n]: int32 offsets (supports: M * N < 2^31), one base pointer
+        gl.store(out_ptr + (ot[None, :] * stride_om + on[:, None]), acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @gluon.jit
@@ -294,17 +331,9 @@ def w4a8_gemm_sm90_kernel(
     HAS_LORA: gl.constexpr,
     HAS_BIAS: gl.constexpr,
 ):
-    BW: gl.constexpr = 64 * CONSUMERS
     NG = K // GROUP
     pid = gl.program_id(0)
-    # grouped order: GROUP_N weight-row blocks sweep the token blocks together (weight tiles
-    # and activation tiles shared in L2)
-    num_n = gl.cdiv(N, BW)
-    width = GROUP_N * gl.cdiv(M, BT)
-    first_n = (pid // width) * GROUP_N
-    size_n = gl.minimum(num_n - first_n, GROUP_N)
-    off_n = (first_n + (pid % width) % size_n) * BW
-    off_t = ((pid % width) // size_n) * BT
+    nprog = gl.num_programs(0)  # persistent: CTA pid runs tiles pid, pid + nprog, ...
 
     w_s = gl.allocate_shared_memory(gl.uint8, [STAGES * CONSUMERS, 64, HALF], w_desc.layout)
     alo_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BT, HALF], a_desc.layout)
@@ -321,16 +350,16 @@ def w4a8_gemm_sm90_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (0, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
-                             off_n, off_t, M, N, R, NG, stride_lm, stride_un, stride_om,
-                             BT, BR, CONSUMERS, STAGES, HAS_LORA, HAS_BIAS)),
+                             M, N, R, NG, stride_lm, stride_un, stride_om, pid, nprog,
+                             BT, BR, CONSUMERS, STAGES, GROUP_N, HAS_LORA, HAS_BIAS)),
                 (_consumer, (1, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
-                             off_n, off_t, M, N, R, NG, stride_lm, stride_un, stride_om,
-                             BT, BR, CONSUMERS, STAGES, HAS_LORA, HAS_BIAS)),
+                             M, N, R, NG, stride_lm, stride_un, stride_om, pid, nprog,
+                             BT, BR, CONSUMERS, STAGES, GROUP_N, HAS_LORA, HAS_BIAS)),
                 (_consumer, (2, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
-                             off_n, off_t, M, N, R, NG, stride_lm, stride_un, stride_om,
-                             BT, BR, CONSUMERS, STAGES, HAS_LORA, HAS_BIAS)),
-                (_producer, (w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, off_n, off_t, N, NG,
-                             BT, CONSUMERS, STAGES)),
+                             M, N, R, NG, stride_lm, stride_un, stride_om, pid, nprog,
+                             BT, BR, CONSUMERS, STAGES, GROUP_N, HAS_LORA, HAS_BIAS)),
+                (_producer, (w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, M, N, NG, pid, nprog,
+                             BT, CONSUMERS, STAGES, GROUP_N)),
             ],
             [4, 4, 1],
             [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
@@ -339,13 +368,13 @@ def w4a8_gemm_sm90_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (0, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
-                             off_n, off_t, M, N, R, NG, stride_lm, stride_un, stride_om,
-                             BT, BR, CONSUMERS, STAGES, HAS_LORA, HAS_BIAS)),
+                             M, N, R, NG, stride_lm, stride_un, stride_om, pid, nprog,
+                             BT, BR, CONSUMERS, STAGES, GROUP_N, HAS_LORA, HAS_BIAS)),
                 (_consumer, (1, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
-                             off_n, off_t, M, N, R, NG, stride_lm, stride_un, stride_om,
-                             BT, BR, CONSUMERS, STAGES, HAS_LORA, HAS_BIAS)),
-                (_producer, (w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, off_n, off_t, N, NG,
-                             BT, CONSUMERS, STAGES)),
+                             M, N, R, NG, stride_lm, stride_un, stride_om, pid, nprog,
+                             BT, BR, CONSUMERS, STAGES, GROUP_N, HAS_LORA, HAS_BIAS)),
+                (_producer, (w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, M, N, NG, pid, nprog,
+                             BT, CONSUMERS, STAGES, GROUP_N)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
@@ -378,9 +407,11 @@ def launch_args(
     bias: torch.Tensor | None,
     out: torch.Tensor,
     cfg: W4A8Config = CONFIG,
+    programs: int | None = None,
 ) -> tuple[tuple, dict, tuple]:
     """(args, kwargs, grid) of the kernel for contract tensors (also what the static counts and
-    the PTX-execution test compile)."""
+    the PTX-execution test compile); ``programs``: at most that many CTAs (persistent: each
+    runs every programs-th tile; one per SM), else one per tile."""
     m, k = codes.shape
     n = weight.packed.shape[0]
     r = lora_act.shape[1]
@@ -411,7 +442,8 @@ def launch_args(
         "HAS_BIAS": bias is not None,
         "num_warps": cfg.num_warps,
     }
-    grid = (triton.cdiv(m, cfg.block_t) * triton.cdiv(n, cfg.block_w),)
+    tiles = triton.cdiv(m, cfg.block_t) * triton.cdiv(n, cfg.block_w)
+    grid = (min(tiles, programs) if programs else tiles,)
     return args, kwargs, grid
 
 
@@ -440,9 +472,15 @@ def launch(
     if not supports(m, n, k, lora_act.shape[1], GROUP.value):
         raise ValueError(f"w4a8 kernel: unsupported shape M={m} N={n} K={k} rank={lora_act.shape[1]}")
     out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
-    args, kwargs, grid = launch_args(codes, ascale, weight, lora_act, proj_up, bias, out, cfg)
+    args, kwargs, grid = launch_args(codes, ascale, weight, lora_act, proj_up, bias, out, cfg,
+                                     _sm_count(codes.device))  # fmt: skip
     w4a8_gemm_sm90_kernel[grid](*args, **kwargs)
     return out
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def exact_inputs(m: int, n: int, k: int, r: int, seed: int = 0) -> dict:
