@@ -457,10 +457,11 @@ def launch(
     *,
     out_dtype: torch.dtype,
     cfg: W4A8Config = CONFIG,
+    programs: int | None = None,
 ) -> torch.Tensor:
     """y = ``ops.w4a8_gemm`` without its epilogue (no partial/residual/gate: ask float32 and run
     the epilogue kernel after it, as the W4A4 Hopper route does) on a Hopper GPU; ``supports``
-    must hold."""
+    must hold. ``programs``: the persistent grid's CTAs (default: the device's SM count)."""
     m, k = codes.shape
     n = weight.packed.shape[0]
     if codes.dtype != torch.float8_e4m3fn:
@@ -473,7 +474,7 @@ def launch(
         raise ValueError(f"w4a8 kernel: unsupported shape M={m} N={n} K={k} rank={lora_act.shape[1]}")
     out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
     args, kwargs, grid = launch_args(codes, ascale, weight, lora_act, proj_up, bias, out, cfg,
-                                     _sm_count(codes.device))  # fmt: skip
+                                     programs or _sm_count(codes.device))  # fmt: skip
     w4a8_gemm_sm90_kernel[grid](*args, **kwargs)
     return out
 
@@ -513,7 +514,8 @@ def exact_inputs(m: int, n: int, k: int, r: int, seed: int = 0) -> dict:
 def self_check(device: torch.device) -> bool:
     """Whether the kernel computes ``ops.w4a8_gemm`` bit for bit on ``device`` on exact inputs
     (two weight tiles and two token tiles, the second of each partial; six groups through the
-    four-slot ring; low-rank and bias; then no low-rank branch nor bias), the reference on the CPU."""
+    four-slot ring; low-rank and bias; then no low-rank branch nor bias), on the full persistent
+    grid and on one CTA for all tiles, the reference on the CPU."""
     from engine.quant import ops
 
     ok = True
@@ -525,8 +527,9 @@ def self_check(device: torch.device) -> bool:
                              x["bias"], out_dtype=torch.float32)  # fmt: skip  (the definer, on the CPU)
         x = {key: v.to(device) if v is not None else None for key, v in x.items()}
         weight = prepare_weight(x["qweight"], x["wscales"])
-        got = launch(x["codes"], x["ascale"], weight, x["lora_act"], x["proj_up"], x["bias"], out_dtype=torch.float32)
-        ok &= torch.equal(got.cpu(), want)
+        args = (x["codes"], x["ascale"], weight, x["lora_act"], x["proj_up"], x["bias"])
+        for programs in (None, 1):  # one CTA per tile; one CTA running all four (the ring across tiles)
+            ok &= torch.equal(launch(*args, out_dtype=torch.float32, programs=programs).cpu(), want)
     return ok
 
 
