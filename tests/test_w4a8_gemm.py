@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from engine.kernels.triton import gemm_sm90_w4a8 as w4a8
-from engine.quant import pack_int4
+from engine.quant import ops, pack_int4
 
 MASK = w4a8.SIGN_MAGNITUDE_MASK
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,3 +111,27 @@ def test_gpu_part_on_the_cpu_reports_the_reference_and_no_kernel_figures(tmp_pat
     (row,) = report["shapes"]
     assert (row["k"], row["n"]) == (384, 292) and row["reference_abs_max"] > 0
     assert row["gemm_us"] is None and "Hopper only" in row["note"]
+
+
+def _launch_from_the_packing(codes, ascale, weight, lora_act, proj_up, bias, *, out_dtype, programs=None):
+    """The kernel's arithmetic on the host from its own weight layout (the expansion above):
+    stands in for the GPU launch so that the self-check's own logic runs here."""
+    n, half = weight.packed.shape
+    lo, hi = _expand(weight.packed)
+    val = lambda b: (b.view(torch.float8_e4m3fn).float() * 512).round().to(torch.int8)  # noqa: E731
+    q = torch.stack([val(lo).view(n, -1, 32), val(hi).view(n, -1, 32)], dim=2).view(n, 2 * half)
+    ws = (weight.sw / 512).t()
+    return ops.w4a8_gemm(codes, ascale, pack_int4(q), ws, lora_act, proj_up, bias, out_dtype=out_dtype)
+
+
+def test_self_check_passes_a_right_kernel_and_fails_a_wrong_one(monkeypatch):
+    monkeypatch.setattr(w4a8, "launch", _launch_from_the_packing)
+    assert w4a8.self_check(torch.device("cpu"))
+
+    def off_by_one_ulp(*args, **kw):
+        y = _launch_from_the_packing(*args, **kw)
+        y[7, 5] = torch.nextafter(y[7, 5], torch.tensor(float("inf")))
+        return y
+
+    monkeypatch.setattr(w4a8, "launch", off_by_one_ulp)
+    assert not w4a8.self_check(torch.device("cpu"))
