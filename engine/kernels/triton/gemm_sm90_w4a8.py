@@ -21,15 +21,20 @@ transposed to y[t, n]):
 - activations, the B operand from shared memory: the e4m3 codes [M, K] through TMA, per group
   two [BT, 32] boxes (channels 0-31 and 32-63 of the group, matching lo and hi), K-major.
 
-Roles (as gemm_sm90_ws): one producer warp issues, per group, four TMA loads (the packed weight
-tiles [64, 32] u8 and scales times 2^9 [64] fp32 per consumer, the two activation halves) into a
+Roles (as gemm_sm90_ws): one producer warp issues, per group, eight TMA loads (the packed weight
+tile [64, 32] u8 and scales times 2^9 [64] fp32 per consumer, the two activation halves) into a
 STAGES-deep ring of slots guarded by ``ready`` / ``empty`` mbarriers; each consumer warpgroup
 (64 weight rows; its own partition) waits on ``ready``, loads its 16 packed bytes per thread,
 expands them, issues two K = 32 FP8 wgmmas into a partial (accumulate off), reads its two row
 scales, waits for the MMAs, releases the slot and applies ``acc = part * sw + acc``. After the
 loop: ``acc * ascale[t]`` plus the low-rank branch (lora_act [M, R] x proj_up [N, R], three bf16
-wgmmas on hi/lo halves, ~2^-16 relative as gemm_sm90_ws; staged in shared memory before the
-loop), the bias, and the store of y[t, n] (fp32 for the Hopper route's epilogue, or out_dtype).
+wgmmas on hi/lo halves accumulated onto acc, ~2^-16 relative as gemm_sm90_ws; the factors, the
+token scales and the bias staged in shared memory before the loop), the bias, and the store of
+y[t, n] (fp32 for the Hopper route's epilogue, or out_dtype).
+
+Not bit-exact with the reference on general inputs (the tensor cores' fp32 summation order and
+rounding; the low-rank bf16 split): exact on inputs whose partial sums fit in 24 bits
+(``exact_inputs``), which the self-check and the tests use.
 
 Persistent: ``launch`` starts one CTA per SM (at most one per tile), each running every
 programs-th tile of the grouped order; the ring runs on across a CTA's tiles, so the producer
@@ -46,8 +51,10 @@ C7512, one wgmma wait per group, 64 FFMA + ~55 other SASS per group and consumer
 spills, and 64 x 192 per warpgroup is not a power-of-two shape (Triton tensors must be).
 tests/test_w4a8_gemm_static.py gates the loop.
 
-Not built: split-K of the last partial wave (gemm_sm90_ws_split does it for the W4A4 kernel);
-the same warpgroup's scaling under its own next MMA (a second partial set of registers).
+Not built: split-K of the last partial wave (gemm_sm90_ws_split does it for the W4A4 kernel;
+at M = 4352 the N = 3072 shapes run 4.12 waves of 132 tiles); the same warpgroup's scaling under
+its own next MMA (a second partial set of registers: does not fit); TMA multicast of the
+activation tile across a CTA pair (halves its L2 bytes; Gluon 3.6's TMA copy has no multicast).
 """
 
 from __future__ import annotations
