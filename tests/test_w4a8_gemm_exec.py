@@ -11,7 +11,9 @@ group's sum is exact in fp32 and the comparison is exact. The weight goes throug
 
 Shape: M = 100 tokens (one tile of 128, partly empty), N = 292 (two weight tiles of 192 rows,
 the second mostly past N), K = 384 (six groups through the four-slot ring, so slots are reused),
-rank 20 (masked to 32), with bias; both thread orders (consumers first, producer first).
+rank 20 (masked to 32), with bias; both thread orders (consumers first, producer first). Then
+the persistent grid (one CTA running all tiles of M = 200: the ring across tiles), the rank-0
+bf16 variant, and a kernel with a moved wgmma wait, which must fail.
 """
 
 from __future__ import annotations
