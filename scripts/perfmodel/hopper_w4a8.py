@@ -59,11 +59,11 @@ HEADING = "## Hopper: the W4A8 route (sm_90), modelled"
 # FLUX.1 at 1024x1024, each linear at the M it runs at: the double blocks' image stream (4096
 # tokens; the text stream's 256 run apart) and the single blocks (4096 + 256 tokens).
 FLUX_LINEARS = [
-    ("double: q|k|v", 4096, 3072, 9216),
+    ("double: qkv", 4096, 3072, 9216),
     ("double: out", 4096, 3072, 3072),
     ("double: fc1", 4096, 3072, 12288),
     ("double: fc2", 4096, 12288, 3072),
-    ("single: q|k|v|mlp", 4352, 3072, 21504),
+    ("single: qkv+mlp", 4352, 3072, 21504),
     ("single: proj_out", 4352, 15360, 3072),
 ]
 DOCS_SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072), (3072, 21504)]
@@ -145,7 +145,9 @@ def estimated_producer(ws_producer_ops: dict) -> float:
     """The W4A8 producer's SASS per group, ESTIMATED from the ws producer's: its per-load share
     (the TMA instruction with its coordinate and address arithmetic and padding) times the loads
     dropped (5 -> 3)."""
-    per_load = sum(ws_producer_ops.get(op, 0) for op in ("UTMALDG.2D", "UTMALDG.1D", "UIADD3", "UIADD3.X", "NOP"))
+    per_load = sum(
+        ws_producer_ops.get(op, 0) for op in ("UTMALDG.2D", "UTMALDG.1D", "UIADD3", "UIADD3.X", "NOP")
+    )
     total = sum(ws_producer_ops.values())
     return total - (WS_LOADS - W4A8_LOADS) * per_load / WS_LOADS
 
@@ -214,7 +216,9 @@ def gemm_time(e: dict, g: dict, m: int, k: int, n: int, l2: float) -> dict:
     clk_us = H100.clock_ghz * 1e3
     dram_us = (n * k / 2 + m * k + 2 * m * n + 4 * n * groups + 4 * m) / (H100.dram_gbs * 1e3)
     gemm_us = max(waves * groups * g["per_group"] / clk_us, dram_us)
-    split = split_model(tiles, groups, g["per_group"], l2, dram_us, {"block_m": tile.block_w, "block_n": tile.block_t})
+    split = split_model(
+        tiles, groups, g["per_group"], l2, dram_us, {"block_m": tile.block_w, "block_n": tile.block_t}
+    )
     split["faster"] = split["candidate"] is not None and split["gemm_us"] < gemm_us
     return {
         "tiles": tiles,
@@ -252,7 +256,9 @@ def estimated_quantize(m: int, k: int) -> dict:
     base = w4a4_quantize(m, k)
     sass = base["loop_sass"] + Q_ELEMS_PER_THREAD * (Q_SECOND_PASS_PER_ELEM - Q_DROPPED_PER_ELEM)
     issue = base["us_issue"] * sass / base["loop_sass"]
-    return _quantize_row(m, k, issue, sass, "estimate (from the compiled W4A4 quantize_act)", base["ctas_per_sm"])
+    return _quantize_row(
+        m, k, issue, sass, "estimate (from the compiled W4A4 quantize_act)", base["ctas_per_sm"]
+    )
 
 
 def _quantize_row(m: int, k: int, issue_us: float, sass: float, source: str, ctas: int, cfg=None) -> dict:
@@ -328,7 +334,9 @@ def compiled_quantize(m: int, k: int) -> dict | None:
     fn, args, kwargs, cfg = mod.model_launch(m, k, RANK)
     info = compile_sass(fn, args, kwargs, 90)
     per_row = model_act(m, k, H100, info, cfg)  # its issue term is the one to keep
-    return _quantize_row(m, k, per_row["us_issue"], info["loop_sass"], "compiled (act_fp8)", per_row["ctas_per_sm"], cfg)
+    return _quantize_row(
+        m, k, per_row["us_issue"], info["loop_sass"], "compiled (act_fp8)", per_row["ctas_per_sm"], cfg
+    )
 
 
 def quantize_entry(m: int, k: int) -> dict:
@@ -370,7 +378,7 @@ def linear_rows(linears: list[tuple], entries: list[dict], l2: float) -> list[di
                 "m": m,
                 "k": k,
                 "n": n,
-                "config": "W4A4 ws (shipped)",
+                "config": "W4A4 ws (shipped) 128x128",
                 "source": "compiled (gemm_sm90_ws, quantize_act)",
                 "tiles": b["tiles"],
                 "waves": b["waves"],
@@ -518,7 +526,7 @@ def markdown(cal: dict, design: list[dict], real: list[dict], docs: list[dict], 
         lines += [
             "",
             f"{title}; quantize: W4A4 quantize_act as modelled for the shipped kernel, W4A8's as its row says; "
-            "\"routed\": with the split of the last wave where the model prices it faster:",
+            '"routed": with the split of the last wave where the model prices it faster:',
             "",
             *table_head(
                 "linear",
@@ -564,11 +572,15 @@ def markdown(cal: dict, design: list[dict], real: list[dict], docs: list[dict], 
         s = r["split"]
         head = f"| {r['linear']} | {r['m']} | {r['tiles']} ({r['last_wave']}) | "
         if s["candidate"] is None:
-            lines.append(head + f"- | - | - | {r['gemm_us']:.0f} | {r['vs_bf16']:.2f}x, -, {r['vs_bf16_balanced']:.2f}x | - |")
+            lines.append(
+                head
+                + f"- | - | - | {r['gemm_us']:.0f} | {r['vs_bf16']:.2f}x, -, {r['vs_bf16_balanced']:.2f}x | - |"
+            )
             continue
         full, slices, per = s["candidate"]
         lines.append(
-            head + f"{r['tiles'] - full} x {slices}, {per} | {s['slice_clk']:.0f} ({s['slice_store_clk']:.0f}) | "
+            head
+            + f"{r['tiles'] - full} x {slices}, {per} | {s['slice_clk']:.0f} ({s['slice_store_clk']:.0f}) | "
             f"{s['sum_us']:.1f} | {r['gemm_us']:.0f}, {s['gemm_us']:.0f} | {r['vs_bf16']:.2f}x, "
             f"{r['bf16_us'] / (r['quant_us'] + s['gemm_us']):.2f}x, {r['vs_bf16_balanced']:.2f}x | "
             f"{'yes' if s['faster'] else 'no'} |"
@@ -590,8 +602,12 @@ def markdown(cal: dict, design: list[dict], real: list[dict], docs: list[dict], 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write the full report here")
-    parser.add_argument("--markdown", type=Path, help="replace the generated block in this file (docs/benchmarks.md)")
-    parser.add_argument("--calibrate", action="store_true", help=f"fit the L2 figure again (else {DEFAULT_L2})")
+    parser.add_argument(
+        "--markdown", type=Path, help="replace the generated block in this file (docs/benchmarks.md)"
+    )
+    parser.add_argument(
+        "--calibrate", action="store_true", help=f"fit the L2 figure again (else {DEFAULT_L2})"
+    )
     args = parser.parse_args(argv)
     cal = calibrate() if args.calibrate else None
     l2 = cal["l2_bytes_per_clk_sm"] if cal else DEFAULT_L2
@@ -610,7 +626,9 @@ def main(argv: list[str] | None = None) -> int:
             "design": [{k: v for k, v in r.items()} for r in design],
             "linears": real,
             "docs_shapes": docs,
-            "entries": [{k: (v.__dict__ if k == "tile" else v) for k, v in e.items() if k != "body"} for e in entries],
+            "entries": [
+                {k: (v.__dict__ if k == "tile" else v) for k, v in e.items() if k != "body"} for e in entries
+            ],
         }
         args.json.write_text(json.dumps(out, indent=1, default=str))
     return 0
