@@ -83,8 +83,9 @@ out["whole"] = w.gemm_time(ea, group(480.0), 128 * w.H100.sms, 3072, 192, l2=31.
 out["tiny"] = w.gemm_time(ea, group(1e-3), 4352, 15360, 3072, l2=31.5)
 w.w4a4_quantize = lambda m, k: {"loop_sass": 268, "us_issue": 21.0, "ctas_per_sm": 9, "us": 21.0, "us_dram_floor": 10.0}
 out["quant"] = w.estimated_quantize(4352, 3072)
+out["overhead"] = w.tile_overhead_clk(192, 128, 31.5)
 w.baseline = lambda m, k, n, l2: {"gemm_us": 100.0, "routed_us": 90.0, "act_us": 20.0, "act_floor_us": 10.0,
-    "waves": 7, "tiles": 816, "per_group": 440.0, "bound": "issue", "terms": {}, "l2_bytes": 0}
+    "waves": 7, "tiles": 816, "per_group": 440.0, "bound": "issue", "terms": {}, "l2_bytes": 0, "overheads_us": 110.0}
 w.quantize_entry = lambda m, k: {"us": 15.0, "us_dram_floor": 12.0, "source": "estimate"}
 rows = w.linear_rows(w.FLUX_LINEARS, [entry(t, w.estimated_consumer(ws_like, t.block_t)) for t in w.CANDIDATES], 31.5)
 out["rows"], out["best"] = rows, w.best_config(rows)
@@ -165,6 +166,10 @@ def test_gemm_time_counts_waves_and_prices_the_split_of_the_last_one(model):
     assert t["last_wave"] == tiles - (t["waves"] - 1) * H100.sms
     assert t["gemm_us"] == pytest.approx(t["waves"] * (k // 64) * 480.0 / (H100.clock_ghz * 1e3))
     assert t["balanced_us"] < t["gemm_us"]  # a partial last wave
+    # the sensitivity: per tile, three bf16 m192 x 128 x rank MMAs and the bf16 tile's store at the L2 rate
+    overhead = 3 * 192 * 128 * model["consts"]["RANK"] / MACS_PER_CLK["bf16"] + 192 * 128 * 2 / 31.5
+    assert model["overhead"] == pytest.approx(overhead)
+    assert t["overheads_us"] == pytest.approx(t["waves"] * ((k // 64) * 480.0 + overhead) / (H100.clock_ghz * 1e3))
     s = t["split"]
     assert s["candidate"] is not None and s["candidate"][0] == tiles - t["last_wave"]
     assert t["routed_us"] == (s["gemm_us"] if s["faster"] else t["gemm_us"]) <= t["gemm_us"]
@@ -208,6 +213,7 @@ def test_markdown_block_is_replaced_not_appended(model, tmp_path):
     assert out.count(c["MARK_BEGIN"]) == 1 and "two" in out and "one" not in out and out.count(c["HEADING"]) == 1
 
 
+@pytest.mark.slow  # about 10 s with Triton's cache warm, 20-25 s cold on 2 cores
 def test_the_whole_model_runs_and_its_tables_agree(model, tmp_path):
     """The command line, compiled for sm_90 in a child: every FLUX linear at its M and every docs
     shape at M = 4352, the shipped kernel and each candidate; the summary's verdict is the rows'."""

@@ -45,7 +45,7 @@ from perfmodel.chain import MACS_PER_CLK, MEM_LAT, simulate
 from perfmodel.devices import H100
 from perfmodel.hopper import TARGET_VS_BF16
 from perfmodel.hopper_calibration import DEFAULT_L2, calibrate
-from perfmodel.hopper_ws import ops_of, split_model, ws_model, ws_static
+from perfmodel.hopper_ws import split_model, ws_model, ws_static
 from perfmodel.launches import act_launch
 from perfmodel.loops import compile_sass
 from perfmodel.shapes import FLUX_M, RANK
@@ -69,9 +69,9 @@ FLUX_LINEARS = [
 DOCS_SHAPES = [(3072, 3072), (3072, 9216), (3072, 12288), (12288, 3072), (15360, 3072), (3072, 21504)]
 
 REGFILE = 65536  # 32-bit registers per SM
-PRODUCER_REGS = 40  # the producer warpgroup's setmaxnreg in gemm_sm90_ws (its 1 warp + padding)
+PRODUCER_REGS = 24  # the producer warpgroup's registers: the least setmaxnreg gives (gemm_sm90_w4a8's)
 WS_LOADS = 5  # TMA loads per group of the W4A4 ws kernel: codes, two weight halves, two scale rows
-W4A8_LOADS = 3  # of the W4A8 kernel: packed weights, e4m3 codes, the weight scales
+W4A8_LOADS = 3  # of the W4A8 kernel as estimated: packed weights, e4m3 codes, the weight scales
 # The quantize kernel's estimate (until act_fp8 compiles): per thread and group (8 elements a
 # thread, quantize_act's config) the compiled W4A4 loop, plus a second pass over the row once its
 # amax is known (reload from L2, widen, the IEEE division by smooth again, the scale multiply, the
@@ -102,7 +102,8 @@ CANDIDATES = (Tile("a", 192, 128), Tile("b", 128, 192), Tile("c", 128, 128))
 
 def reg_budget(consumers: int) -> int:
     """Registers a consumer thread can take (setmaxnreg steps of 8, at most 256) with the producer
-    warpgroup at PRODUCER_REGS: gemm_sm90_ws's 2 consumers get 232, as this gives."""
+    warpgroup at PRODUCER_REGS (an upper bound: the kernel may leave some for the default
+    partition's own needs, as gemm_sm90_w4a8 does)."""
     return min(256, (REGFILE - 128 * PRODUCER_REGS) // (128 * consumers) // 8 * 8)
 
 
@@ -167,8 +168,9 @@ def estimated_gemm(tile: Tile) -> dict:
         "body": body,
         "consumer_sass": len(body),
         "producer_sass": estimated_producer(ws["producer_ops"]),
-        "regs_need": tile.block_t + non_acc,
-        "regs_budget": reg_budget(tile.consumers),
+        "regs_text": f"{tile.block_t + non_acc} needed (est.) of {reg_budget(tile.consumers)}",
+        "regs_fit": tile.block_t + non_acc <= reg_budget(tile.consumers),
+        "tma_loads": W4A8_LOADS,
     }
 
 
@@ -206,6 +208,13 @@ def bf16_us(m: int, k: int, n: int) -> float:
     return 2 * m * n * k / (H100.bf16_tflops() * 1e12 * CUBLAS_BF16_EFFICIENCY) * 1e6
 
 
+def tile_overhead_clk(block_w: int, block_t: int, l2: float) -> float:
+    """Per-tile work outside the group loop that neither this model nor the ws model prices (a
+    sensitivity, not calibrated): the low-rank branch's three bf16 wgmmas (hi/lo split) at rank
+    RANK before the loop, and the bf16 output tile stored at the L2 rate after it."""
+    return 3 * block_w * block_t * RANK / MACS_PER_CLK["bf16"] + 2 * block_w * block_t / l2
+
+
 def gemm_time(e: dict, g: dict, m: int, k: int, n: int, l2: float) -> dict:
     """The W4A8 GEMM at one problem: waves x groups x the group's clocks (at least its DRAM floor),
     the split of the last wave priced as hopper_ws prices it, and the ideal balanced waves."""
@@ -227,6 +236,9 @@ def gemm_time(e: dict, g: dict, m: int, k: int, n: int, l2: float) -> dict:
         "gemm_us": gemm_us,
         "dram_us": dram_us,
         "balanced_us": max(tiles / H100.sms * groups * g["per_group"] / clk_us, dram_us),
+        "overheads_us": waves
+        * (groups * g["per_group"] + tile_overhead_clk(tile.block_w, tile.block_t, l2))
+        / clk_us,
         "split": split,
         "routed_us": split["gemm_us"] if split["faster"] else gemm_us,
         "ring_covers_latency": (tile.stages - 1) * g["per_group"] >= MEM_LAT,
@@ -287,35 +299,32 @@ def _module(name: str):
 
 
 def compiled_gemm(tile: Tile) -> dict | None:
-    """The W4A8 GEMM's compiled loops for ``tile`` (engine/kernels/triton/gemm_sm90_w4a8.py), or
-    None while the kernel or that tile does not exist. It must expose ``model_compile(block_w,
-    block_t, stages)`` returning the compiled kernel (``.asm['cubin']``, ``.asm['ptx']``)."""
-    mod = _module("engine.kernels.triton.gemm_sm90_w4a8")
-    if mod is None or not hasattr(mod, "model_compile"):
+    """The W4A8 GEMM (engine/kernels/triton/gemm_sm90_w4a8.py) compiled for sm_90 at ``tile`` and
+    counted by its compile-and-count helper (perfmodel.hopper_w4a8_static.w4a8_static, at M = 4352,
+    3072 -> 3072: the loop does not depend on the shape), or None while the kernel, the helper or
+    that tile (its config rejects it) does not exist."""
+    kern = _module("engine.kernels.triton.gemm_sm90_w4a8")
+    static = _module("perfmodel.hopper_w4a8_static")
+    if kern is None or static is None:
         return None
-    from perfmodel.hopper_ws import _innermost
-    from perfmodel.sass import disassemble
-
-    kernel = mod.model_compile(tile.block_w, tile.block_t, tile.stages)
-    if kernel is None:
+    try:
+        cfg = kern.W4A8Config(consumers=tile.consumers, block_t=tile.block_t, stages=tile.stages)
+    except ValueError:
         return None
-    usage, instrs, loops = disassemble(kernel.asm["cubin"])
-    regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
-    cons = _innermost(loops, r"\bQGMMA")
-    prod = _innermost(loops, r"\bUTMALDG")
-    ptx = kernel.asm["ptx"]
-    maxnreg = sorted({int(x) for x in re.findall(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+(\d+)", ptx)})
+    e = static.w4a8_static(FLUX_M, 3072, 3072, cfg)
+    fits = not e["stack_bytes"] and not e["spill_instrs"] and e["loop_mma_waits"] == 1
     return {
         "tile": tile,
         "source": "compiled (gemm_sm90_w4a8)",
         "compiled": True,
-        "body": cons,
-        "consumer_sass": len(cons),
-        "producer_sass": len(prod),
-        "consumer_ops": dict(ops_of(cons).most_common()),
-        "regs_need": regs,
-        "regs_budget": max(maxnreg) if maxnreg else reg_budget(tile.consumers),
-        "spills": stack + sum(1 for t in instrs if re.search(r"\b(STL|LDL)\b", t)),
+        "body": e["body"],
+        "consumer_sass": e["consumer_sass"],
+        "producer_sass": e["producer_sass"],
+        "consumer_ops": e["consumer_ops"],
+        "regs_text": f"{e['regs']} at launch (setmaxnreg {'/'.join(map(str, e['setmaxnreg']))})"
+        + ("" if fits else ", SPILLS or serialized wgmmas"),
+        "regs_fit": fits,
+        "tma_loads": e["producer_tma"],
     }
 
 
@@ -324,19 +333,24 @@ def gemm_entry(tile: Tile) -> dict:
 
 
 def compiled_quantize(m: int, k: int) -> dict | None:
-    """The FP8 quantize kernel (engine/kernels/triton/act_fp8.py) compiled for sm_90 and modelled
-    as quantize_act is (issue per program on the busiest SM, DRAM and bytes in flight), or None
-    while it does not exist. It must expose ``model_launch(m, k, rank)`` -> (kernel fn, args,
-    kwargs, LaunchConfig)."""
-    mod = _module("engine.kernels.triton.act_fp8")
-    if mod is None or not hasattr(mod, "model_launch"):
+    """The FP8 quantize kernel (engine/kernels/triton/act_fp8.py, plain: no prologue, as the W4A4
+    rows price quantize_act) compiled for sm_90 and modelled by its own model
+    (perfmodel.act_fp8.model_act_fp8: quantize_act's model with both passes' SASS per group, its
+    bytes, pass 2's re-read of x from L2 or DRAM by whether the rows in flight fit), or None while
+    the kernel or that model does not exist."""
+    kern = _module("engine.kernels.triton.act_fp8")
+    fp8 = _module("perfmodel.act_fp8")
+    if kern is None or fp8 is None:
         return None
-    fn, args, kwargs, cfg = mod.model_launch(m, k, RANK)
-    info = compile_sass(fn, args, kwargs, 90)
-    per_row = model_act(m, k, H100, info, cfg)  # its issue term is the one to keep
-    return _quantize_row(
-        m, k, per_row["us_issue"], info["loop_sass"], "compiled (act_fp8)", per_row["ctas_per_sm"], cfg
-    )
+    info = fp8.compile_act_fp8(k, "", m=m)
+    r = fp8.model_act_fp8(m, k, H100, info, kern.ACT_FP8_CONFIGS[9])
+    return {
+        "source": f"compiled (act_fp8; x re-read from {r['reread'].upper()})",
+        "loop_sass": info["group_sass"],
+        "us_issue": r["us_issue"],
+        "us_dram_floor": r["us_dram_floor_one_read"],
+        "us": r["us"],
+    }
 
 
 def quantize_entry(m: int, k: int) -> dict:
@@ -362,6 +376,9 @@ def baseline(m: int, k: int, n: int, l2: float) -> dict:
         "bound": r["bound"],
         "terms": r["terms"],
         "l2_bytes": r["l2_bytes_per_group_cta"],
+        "overheads_us": r["waves"]
+        * ((k // 64) * max(r["terms"].values()) + tile_overhead_clk(128, 128, l2))
+        / (H100.clock_ghz * 1e3),
     }
 
 
@@ -393,6 +410,7 @@ def linear_rows(linears: list[tuple], entries: list[dict], l2: float) -> list[di
                 "vs_bf16": ref / (b["act_us"] + b["gemm_us"]),
                 "vs_bf16_routed": ref / (b["act_us"] + b["routed_us"]),
                 "vs_bf16_routed_floor": ref / (b["act_floor_us"] + b["routed_us"]),
+                "vs_bf16_overheads": ref / (b["act_us"] + b["overheads_us"]),
                 "split": None,
             }
         )
@@ -424,6 +442,7 @@ def linear_rows(linears: list[tuple], entries: list[dict], l2: float) -> list[di
                     "vs_bf16_routed": ref / (q["us"] + t["routed_us"]),
                     "vs_bf16_routed_floor": ref / (q["us_dram_floor"] + t["routed_us"]),
                     "vs_bf16_balanced": ref / (q["us"] + t["balanced_us"]),
+                    "vs_bf16_overheads": ref / (q["us"] + t["overheads_us"]),
                     "split": t["split"],
                     "ring_covers_latency": t["ring_covers_latency"],
                 }
@@ -461,8 +480,8 @@ def design_rows(entries: list[dict], l2: float) -> list[dict]:
                 "consumers": t.consumers,
                 "consumer_sass": e["consumer_sass"],
                 "producer_sass": e["producer_sass"],
-                "regs": f"{e['regs_need']} {'used' if e['compiled'] else 'needed (est.)'} of {e['regs_budget']}",
-                "regs_fit": e["regs_need"] <= e["regs_budget"],
+                "regs": e["regs_text"],
+                "regs_fit": e["regs_fit"],
                 "l2_bytes": g["l2_bytes"],
                 **g["terms"],
                 "bound": g["bound"],
@@ -540,6 +559,7 @@ def markdown(cal: dict, design: list[dict], real: list[dict], docs: list[dict], 
                 "cuBLAS bf16 us",
                 "linear vs bf16: plain, **routed**",
                 "routed, quantize at its DRAM floor",
+                "plain, per-tile overheads charged (sensitivity)",
             ),
         ]
         for r in rows:
@@ -548,7 +568,7 @@ def markdown(cal: dict, design: list[dict], real: list[dict], docs: list[dict], 
                 f"{r['per_group']:.0f} ({r['bound']}) | {r['gemm_us']:.0f}, {r['routed_us']:.0f} | "
                 f"{r['quant_us']:.1f} ({'est.' if r['quant_source'].startswith('estimate') else 'compiled'}) | "
                 f"{r['bf16_us']:.0f} | {r['vs_bf16']:.2f}x, **{r['vs_bf16_routed']:.2f}x** | "
-                f"{r['vs_bf16_routed_floor']:.2f}x ({r['quant_floor_us']:.0f} us) |"
+                f"{r['vs_bf16_routed_floor']:.2f}x ({r['quant_floor_us']:.0f} us) | {r['vs_bf16_overheads']:.2f}x |"
             )
     best = best_config(real)
     lines += [
