@@ -239,3 +239,16 @@ def test_the_whole_model_runs_and_its_tables_agree(model, tmp_path):
         assert r["bound"] == max(("chain", "issue", "tensor", "L2"), key=lambda k: r[k])
         assert r["per_group"] == max(r["chain"], r["issue"], r["tensor"], r["L2"])
     assert text.count(model["consts"]["MARK_BEGIN"]) == 1
+    # the compiled kernel where it exists (after the W4A8 GEMM's branch is merged), its loop one FFMA
+    # per accumulator element; the L2 sensitivity moves the worst ratio the way the L2 term does
+    entries = {e["tile"]["name"]: e for e in rep["entries"]}
+    built = (ROOT / "engine/kernels/triton/gemm_sm90_w4a8.py").exists() and (
+        ROOT / "scripts/perfmodel/hopper_w4a8_static.py"
+    ).exists()
+    assert entries["a"]["compiled"] == built
+    for e in entries.values():
+        assert e["compiled"] or e["source"].startswith("estimate")
+        if e["compiled"]:
+            assert e["consumer_ops"]["FFMA"] == e["tile"]["block_t"] // 2
+    lo, hi = rep["l2_sensitivity"]
+    assert lo["l2"] < rep["l2_bytes_per_clk_sm"] < hi["l2"] and lo["worst"] <= hi["worst"]

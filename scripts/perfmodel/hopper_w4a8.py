@@ -499,7 +499,23 @@ def best_config(rows: list[dict]) -> str:
     return max(configs, key=lambda c: min(r["vs_bf16_routed"] for r in rows if r["config"] == c))
 
 
-def markdown(cal: dict, design: list[dict], real: list[dict], docs: list[dict], l2: float) -> str:
+def l2_sensitivity(
+    entries: list[dict], real: list[dict], l2: float, factors: tuple = (0.9, 1.1)
+) -> list[dict]:
+    """The best configuration's worst linear (routed, each at its M) with the L2 figure scaled."""
+    best = best_config(real)
+    chosen = [e for e in entries if best.startswith(f"W4A8 ({e['tile'].name})")]
+    out = []
+    for f in factors:
+        rows = [r for r in linear_rows(FLUX_LINEARS, chosen, l2 * f) if r["config"] == best]
+        worst = min(rows, key=lambda r: r["vs_bf16_routed"])
+        out.append({"factor": f, "l2": l2 * f, "worst": worst["vs_bf16_routed"], "linear": worst["linear"]})
+    return out
+
+
+def markdown(
+    cal: dict, design: list[dict], real: list[dict], docs: list[dict], l2: float, sens: list[dict]
+) -> str:
     err = (f"the calibration's error on the tutorial kernel (sizes 3072-3584): largest {cal['error_after']:.0%}, "
            f"mean {cal['mean_error_after']:.0%}" if cal else
            "the calibration's error as docs/benchmarks.md states it for that fit (largest 2%, mean 1%; "
@@ -615,6 +631,15 @@ def markdown(cal: dict, design: list[dict], real: list[dict], docs: list[dict], 
                 f"- {what}, {c}: target {TARGET_VS_BF16}x on every shape (routed) **{'met' if met else 'NOT met'}**; "
                 f"worst {worst['vs_bf16_routed']:.2f}x ({worst['linear']})."
             )
+    best_worst = min(r["vs_bf16_routed"] for r in real if r["config"] == best)
+    lines.append(
+        f"- sensitivity of {best} to the L2 figure (each linear at its M, routed; worst {best_worst:.2f}x at "
+        f"{l2:g} B/clk/SM): "
+        + ", ".join(
+            f"{s['worst']:.2f}x at {s['l2']:.1f} ({s['factor'] - 1:+.0%}, {s['linear']})" for s in sens
+        )
+        + "."
+    )
     lines += ["", MARK_END]
     return "\n".join(lines)
 
@@ -635,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     design = design_rows(entries, l2)
     real = linear_rows(FLUX_LINEARS, entries, l2)
     docs = linear_rows([(f"{k} -> {n}", FLUX_M, k, n) for k, n in DOCS_SHAPES], entries, l2)
-    block = markdown(cal and {k: v for k, v in cal.items() if k != "rows"}, design, real, docs, l2)
+    sens = l2_sensitivity(entries, real, l2)
+    block = markdown(cal and {k: v for k, v in cal.items() if k != "rows"}, design, real, docs, l2, sens)
     print(block)
     if args.markdown:
         write_markdown(args.markdown, block, MARK_BEGIN, MARK_END, HEADING)
@@ -646,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
             "design": [{k: v for k, v in r.items()} for r in design],
             "linears": real,
             "docs_shapes": docs,
+            "l2_sensitivity": sens,
             "entries": [
                 {k: (v.__dict__ if k == "tile" else v) for k, v in e.items() if k != "body"} for e in entries
             ],
