@@ -5,7 +5,7 @@ lo = w & 0x87878787 and hi = rotate_right(w, 4) & 0x87878787 (its inline PTX: an
 shf.r.wrap.b32, and.b32). Emulated here bit for bit on the host over every code -7..7 in every
 position of a word, the e4m3 bytes must be the codes times 2^-9 at the channels the kernel's two
 wgmmas pair them with (channels kk and 32 + kk of the group for byte kk); a code -8 has no
-sign-magnitude form and the weight is refused (None)."""
+sign-magnitude form and is read as -7 (the contract, ops.w4a8_gemm)."""
 
 import json
 import os
@@ -64,10 +64,13 @@ def test_all_positions_of_a_word_hold_each_code():
 
 
 @pytest.mark.parametrize("where", [(0, 0), (5, 37), (9, 127)])
-def test_a_code_of_minus_8_is_refused(where):
+def test_a_code_of_minus_8_is_read_as_minus_7(where):
     codes = torch.randint(-7, 8, (10, 128), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
     codes[where] = -8
-    assert w4a8.prepare_weight(pack_int4(codes), torch.ones(10, 2)) is None
+    lo, hi = _expand(w4a8.prepare_weight(pack_int4(codes), torch.ones(10, 2)).packed)
+    val = lambda b: b.view(torch.float8_e4m3fn).float().view(10, 2, 32)  # noqa: E731
+    want = codes.clamp_min(-7).view(10, 2, 2, 32).float() * 2.0**-9  # [N, G, half, kk]
+    assert torch.equal(val(lo), want[:, :, 0]) and torch.equal(val(hi), want[:, :, 1])
 
 
 def test_mismatched_scales_name_the_field():

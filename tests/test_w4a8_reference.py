@@ -122,10 +122,11 @@ def test_quantize_act_fp8_exact_cases():
 
 
 def _w4a8_float64(codes, ascale, wcodes, wscales, lora_act, proj_up, bias):
-    """y = (codes * ascale) (wcodes * wscales)^T + lora_act proj_up^T + bias, all float64."""
+    """y = (codes * ascale) (max(wcodes, -7) * wscales)^T + lora_act proj_up^T + bias, all float64."""
     k = wcodes.shape[1]
     gs = k // wscales.shape[1]
-    w = wcodes.astype(np.float64) * np.repeat(wscales.double().numpy(), gs, axis=1)  # [N, K]
+    # the contract reads code -8 as -7 (sign-magnitude nibbles have no -8)
+    w = np.maximum(wcodes, -7).astype(np.float64) * np.repeat(wscales.double().numpy(), gs, axis=1)  # [N, K]
     a = codes.double().numpy() * ascale.double().numpy()[:, None]  # [M, K]
     y = a @ w.T + lora_act.double().numpy() @ proj_up.double().numpy().T
     return y + (0.0 if bias is None else bias.double().numpy())

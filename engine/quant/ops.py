@@ -249,15 +249,17 @@ def w4a8_gemm(
     """The W4A8 GEMM: ``ascale[m] * sum_g wscales[n, g] * (codes_g . qweight_g^T)`` in fp32,
     then the low-rank branch, bias and :func:`gemm_epilogue` as :func:`w4a4_gemm`.
 
-    The token's scale is applied once after the sum over groups (that is where a kernel applies
-    it). Each product of an e4m3 code and a 4-bit weight is exact in fp32; a group's 64-term sum
+    Weight code -8 is read as -7: a kernel expands the codes from sign-magnitude nibbles, which
+    have no -8 (RTN never makes -8; our GPTQ leaves a few per million, and reading them as -7
+    changed no measured error: docs/benchmarks.md, "W4A8 on Hopper: accuracy"). The token's
+    scale is applied once after the sum over groups (that is where a kernel applies it). Each product of an e4m3 code and a 4-bit weight is exact in fp32; a group's 64-term sum
     is exact where it stays within 24 bits (|codes| <= 4 with 2^-9 steps, the tests' exact
     inputs), else rounded in the summation order of the backend (a tensor core's own)."""
     m, k = codes.shape
     n, g = wscales.shape
     gs = k // g
     a = codes.float().view(m, g, gs)
-    w = unpack_int4(qweight).float().view(n, g, gs)
+    w = unpack_int4(qweight).float().clamp_min(-7.0).view(n, g, gs)  # -8 read as -7
     sw = wscales.float()
     acc = torch.zeros(m, n, device=codes.device)
     for i in range(g):

@@ -16,8 +16,7 @@ transposed to y[t, n]):
   0-2 and 7 (magnitude, sign) and channel 32 + kk's ("hi") magnitude in bits 4-6, whose sign
   sits in bit 3 of the word's byte (j + 1) % 4. A 32-bit word of 8 codes expands in three
   instructions: lo = w & 0x87878787, hi = rotate_right(w, 4) & 0x87878787 (``_expand``). A
-  code -8 has no sign-magnitude form: ``prepare_weight`` returns None and that weight stays
-  on the W4A4 route.
+  code -8 has no sign-magnitude form: it is read as -7, as the contract (ops.w4a8_gemm) says.
 - activations, the B operand from shared memory: the e4m3 codes [M, K] through TMA, per group
   two [BT, 32] boxes (channels 0-31 and 32-63 of the group, matching lo and hi), K-major.
 
@@ -136,9 +135,10 @@ def pack_sign_magnitude(codes: torch.Tensor) -> torch.Tensor:
     return byte.to(torch.uint8).view(n, k // 2)
 
 
-def prepare_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> W4A8Weight | None:
+def prepare_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> W4A8Weight:
     """The checkpoint weight (signed int4 codes uint8 [N, K/2], wscales [N, G]) in this kernel's
-    layout, made once at load; None where any code is -8 (no sign-magnitude form)."""
+    layout, made once at load; a code -8 (no sign-magnitude form) is stored as -7, as
+    ops.w4a8_gemm reads it."""
     from engine.quant import unpack_int4
 
     n, half = qweight.shape
@@ -146,10 +146,7 @@ def prepare_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> W4A8Weight |
         raise ValueError(f"prepare_weight: wscales {tuple(wscales.shape)} does not fit qweight {tuple(qweight.shape)}")
     packed = []
     for rows in qweight.split(4096):  # no [N, K] int32 copy of a whole large weight
-        codes = unpack_int4(rows)
-        if bool((codes == -8).any()):
-            return None
-        packed.append(pack_sign_magnitude(codes))
+        packed.append(pack_sign_magnitude(unpack_int4(rows).clamp_min_(-7)))
     sw = (wscales.float() * (1.0 / A_UNIT)).t().contiguous()  # exact (a power of two)
     return W4A8Weight(torch.cat(packed), sw)
 
