@@ -1,0 +1,279 @@
+"""The W4A8 route through the serving stack (issue 27): kernels.w4a8_route, the W4A8 custom ops
+and SVDQLinear's use of them, on the CPU with the route forced (``configure(w4a8="force")``: the
+W4A8 ops then run on the reference, engine.quant.ops, the contract's definer).
+
+What holds here: a forced call computes exactly ops.quantize_act_fp8 + ops.w4a8_gemm (with the
+block's prologue, its partial/gate/residual epilogue and LoRAs); it lies within stated bounds of
+the W4A4 route and of the unquantized linear; the fakes give the reference's sizes, strides and
+dtypes; inductor compiles the route; and the route is not taken by default on the CPU, below
+the minimum M, or for a weight with a code -8. What does not: the Hopper kernels themselves
+(not on main; no backend serves W4A8 yet, so ``auto`` never takes it).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from engine import kernels
+from engine.modules import SVDQLinear
+from engine.quant import ops
+from engine.quant.int4 import unpack_int4
+
+MIN_M = kernels.W4A8_MIN_M
+
+
+@pytest.fixture()
+def forced(use_kernels):
+    """The W4A8 route forced on any device (the reference serves its ops here)."""
+    use_kernels("auto", w4a8="force")
+    yield
+    # use_kernels resets to configure("auto"): w4a8 back to auto
+
+
+def _layer(k: int = 128, n: int = 48, rank: int = 8, *, unsigned: bool = False, seed: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=g) * k**-0.5)
+        linear.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    calib = torch.randn(256, k, generator=g)
+    if unsigned:
+        calib = torch.nn.functional.gelu(calib, approximate="tanh")
+    layer = SVDQLinear.from_linear(
+        linear, calib, rank=rank, dtype=torch.float32, unsigned=unsigned, act_shift=0.17 if unsigned else 0.0
+    )
+    return layer, linear
+
+
+def _fp8_linear(layer: SVDQLinear, x: torch.Tensor, *, modulation=None, gelu=False, partial=None,
+                residual=None, gate=None) -> torch.Tensor:  # fmt: skip
+    """The contract's W4A8 arithmetic for ``layer`` on x [B, S, K] (ops, not kernels)."""
+    down = layer.proj_down if layer._lora_down is None else layer._lora_down
+    up = layer.proj_up if layer._lora_up is None else layer._lora_up
+    bias = layer.bias if layer._lora_bias is None else layer._lora_bias
+    mod = modulation or (None, None)
+    codes, ascale, lora_act = ops.quantize_act_fp8(
+        x.reshape(-1, x.shape[-1]), layer.smooth_factor, down, *mod, shift=layer.act_shift, gelu=gelu
+    )
+    n = layer.out_features
+    flat = [None if t is None else t.reshape(-1, n) for t in (partial, residual)]
+    y = ops.w4a8_gemm(codes, ascale, layer.qweight, layer.wscales, lora_act, up, bias, *flat, gate,
+                      out_dtype=x.dtype)  # fmt: skip
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_the_minimum_m_is_the_hopper_dispatchs():
+    """W4A8 takes the calls the warp-specialized kernel takes (M > 1024), not the text stream's."""
+    from engine.kernels.triton import gemm_sm90_ws
+
+    assert kernels.W4A8_MIN_M == gemm_sm90_ws.MIN_M
+    assert kernels.w4a8_min_m(torch.device("cpu")) == kernels.W4A8_MIN_M
+
+
+def _exact_activations(layer: SVDQLinear, x: torch.Tensor) -> torch.Tensor:
+    """The layer with its quantized weight and unquantized activations: what both routes
+    approximate, so their distance to it is the activation format's error alone."""
+    n, k = layer.out_features, layer.in_features
+    x_hat = (x.reshape(-1, k).float() + layer.act_shift) / layer.smooth_factor.float()
+    g = layer.wscales.shape[1]
+    w = unpack_int4(layer.qweight).float().view(n, g, k // g) * layer.wscales.float()[:, :, None]
+    y = x_hat @ w.view(n, k).T + x_hat @ layer.proj_down.float().T @ layer.proj_up.float().T + layer.bias
+    return y.reshape(*x.shape[:-1], n)
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_forced_layer_is_the_w4a8_arithmetic_and_close_to_w4a4_and_float(forced, unsigned):
+    """M = MIN_M (the first M taken). Measured here (K=128, N=48, rank 8, fp32, seed 0; signed,
+    unsigned): against the exact-activation layer, W4A8 0.021, 0.023 and W4A4 0.089, 0.055;
+    against the unquantized linear W4A8 0.089, 0.082 and W4A4 0.124, 0.097 (the 4-bit weight's
+    0.087, 0.079 dominates); W4A8 against W4A4 0.092, 0.060."""
+    layer, linear = _layer(unsigned=unsigned)
+    x = torch.randn(1, MIN_M, 128)
+    if unsigned:
+        x = torch.nn.functional.gelu(x, approximate="tanh")  # fc2's input, >= -0.17
+    with torch.no_grad():
+        got = layer(x)
+        assert torch.equal(got, _fp8_linear(layer, x))
+        want, exact = linear(x), _exact_activations(layer, x)
+        kernels.configure("auto", w4a8="off")
+        w4a4 = layer(x)
+    act8, act4 = _rel(got, exact), _rel(w4a4, exact)
+    assert act8 < 0.03 and act8 < act4 / 2, (act8, act4)
+    assert _rel(got, want) < _rel(w4a4, want) < 0.15
+    assert 0 < _rel(got, w4a4) < 0.12
+
+
+def test_forced_layer_with_prologues_epilogue_and_lora(forced):
+    """modulation (LayerNorm + AdaLN), GELU, partial + gate + residual, and a LoRA widening the
+    low-rank branch: each is ops' arithmetic exactly; removing the LoRA restores the base."""
+    layer, _ = _layer()
+    b, s, k, n = 2, 520, 128, 48  # M = 1040
+    x = torch.randn(b, s, k)
+    mod = (torch.randn(b, k) * 0.1, torch.randn(b, k) * 0.1)
+    partial, residual, gate = torch.randn(b, s, n), torch.randn(b, s, n), torch.randn(b, n)
+    cases = [
+        {"modulation": mod},
+        {"gelu": True},
+        {"gelu": True, "partial": partial, "residual": residual, "gate": gate},
+        {"modulation": mod, "residual": residual, "gate": gate},
+    ]
+    with torch.no_grad():
+        base = layer(x)
+        g = torch.Generator().manual_seed(5)
+        layer.add_lora("style", torch.randn(4, k, generator=g) * 0.1, torch.randn(n, 4, generator=g) * 0.1, 0.8)
+        assert layer._lora_down.shape[0] == layer.rank + 4
+        with_lora = layer(x)
+        assert torch.equal(with_lora, _fp8_linear(layer, x)) and not torch.equal(with_lora, base)
+        for kw in cases:
+            assert torch.equal(layer(x, **kw), _fp8_linear(layer, x, **kw)), sorted(kw)
+        layer.remove_lora("style")
+        assert torch.equal(layer(x), base)
+
+
+def test_not_taken_by_default_on_cpu_below_the_minimum_or_for_a_code_minus_8(use_kernels, monkeypatch):
+    layer, _ = _layer()
+    taken = []
+    real = kernels.w4a8_gemm
+    monkeypatch.setattr(kernels, "w4a8_gemm", lambda *a, **kw: taken.append(a[0].shape[0]) or real(*a, **kw))
+    big, small = torch.randn(MIN_M, 128), torch.randn(MIN_M - 1, 128)
+
+    def w4a4(x):
+        qx, sa, la = ops.quantize_act(x, layer.smooth_factor, layer.proj_down, group_size=64, unsigned=False,
+                                      shift=0.0)  # fmt: skip
+        return ops.w4a4_gemm(qx, sa, layer.qweight, layer.wscales, la, layer.proj_up, layer.bias, unsigned=False,
+                             out_dtype=x.dtype)  # fmt: skip
+
+    with torch.no_grad():
+        for backend in ("auto", "reference"):  # the CPU's backends: neither serves W4A8
+            use_kernels(backend)
+            assert not kernels.w4a8_served(torch.device("cpu"))
+            assert torch.equal(layer(big), w4a4(big)) and not taken
+        use_kernels("auto", w4a8="force")
+        assert torch.equal(layer(small), w4a4(small)) and not taken  # M = 1024: the text stream's side
+        layer(big)
+        assert taken == [MIN_M]
+        # a weight with one code -8 (0b1000 in a high nibble), loaded as a checkpoint is
+        state = layer.state_dict()
+        state["qweight"] = state["qweight"].clone()
+        state["qweight"][3, 7] = 0x80 | (state["qweight"][3, 7] & 0x0F)
+        layer.load_state_dict(state)
+        assert not layer._w4a8_weight
+        assert torch.equal(layer(big), w4a4(big)) and taken == [MIN_M]
+        state["qweight"][3, 7] = 0x11
+        layer.load_state_dict(state)  # the record follows the loaded weight
+        assert layer._w4a8_weight
+        layer(big)
+        assert taken == [MIN_M, MIN_M]
+
+
+def test_weight_ok_reads_both_nibbles():
+    q = torch.full((4, 6), 0x77, dtype=torch.uint8)  # +7 everywhere, and -7 = 0x9 below
+    assert kernels.w4a8_weight_ok(q) and kernels.w4a8_weight_ok(q.fill_(0x99))
+    for byte in (0x08, 0x80, 0x88):
+        q2 = q.clone()
+        q2[2, 5] = byte
+        assert not kernels.w4a8_weight_ok(q2), hex(byte)
+    with pytest.raises(TypeError, match="qweight"):
+        kernels.w4a8_weight_ok(q.to(torch.int8))
+
+
+def test_configure_names_the_field():
+    with pytest.raises(ValueError, match="w4a8='on'"):
+        kernels.configure("auto", w4a8="on")
+
+
+# --- the ops: argument checks and fakes ----------------------------------------------------------
+
+
+def _gemm_args(m=5, k=128, n=24, r=3, out_dtype=torch.bfloat16, gated=True):
+    g = torch.Generator().manual_seed(1)
+    codes, ascale, lora_act = ops.quantize_act_fp8(
+        torch.randn(m, k, generator=g), torch.rand(k, generator=g) + 0.5, torch.randn(r, k, generator=g), shift=0.0
+    )
+    qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    ws = torch.rand(k // 64, n, generator=g).t()  # group-major, as SVDQLinear holds it
+    extra = (
+        (torch.randn(m, n, generator=g).to(out_dtype), torch.randn(n, m, generator=g).to(out_dtype).t(),
+         torch.randn(1, n, generator=g).to(out_dtype)) if gated else (None, None, None)
+    )  # fmt: skip
+    return (codes, ascale, qw, ws, lora_act, torch.randn(n, r, generator=g), torch.randn(n, generator=g), *extra)
+
+
+_NAMES = ("codes", "ascale", "qweight", "wscales", "lora_act", "proj_up", "bias", "partial", "residual", "gate")
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "match"),
+    [
+        ("codes", lambda t: t.to(torch.float32), "codes must be a 2-D float8_e4m3fn"),
+        ("ascale", lambda t: t[:-1], r"ascale must have shape \[5\]"),
+        ("qweight", lambda t: t[:, :-1], r"qweight must have shape \[N, 64\]"),
+        ("wscales", lambda t: t[:, :1].expand(24, 3), r"wscales must have shape \[24, G\] with G dividing K=128"),
+        ("lora_act", lambda t: t[:-1], r"lora_act must have shape \[5, R\]"),
+        ("proj_up", lambda t: t[:, :-1], r"proj_up must have shape \[24, 3\]"),
+        ("bias", lambda t: t[:-1], r"bias must have shape \[24\]"),
+        ("partial", lambda t: t.float(), "partial must have out_dtype"),
+        ("gate", lambda t: None, "residual and gate come together"),
+        ("residual", lambda t: t[:-1], r"residual must have shape \[5, 24\]"),
+    ],
+)
+def test_w4a8_gemm_names_the_bad_field(name, bad, match):
+    args = list(_gemm_args())
+    i = _NAMES.index(name)
+    args[i] = bad(args[i])
+    with pytest.raises((TypeError, ValueError), match=match):
+        kernels.w4a8_gemm(*args, out_dtype=torch.bfloat16)
+
+
+def test_quantize_act_fp8_names_the_bad_field():
+    x, smooth, down = torch.randn(2, 3, 64), torch.ones(64), torch.zeros(2, 64)
+    with pytest.raises(ValueError, match=r"smooth must have shape \[64\]"):
+        kernels.quantize_act_fp8(x, smooth[:32], down)
+    with pytest.raises(ValueError, match=r"proj_down must have shape \[R, 64\]"):
+        kernels.quantize_act_fp8(x, smooth, down[:, :32])
+    with pytest.raises(ValueError, match="one prologue"):
+        kernels.quantize_act_fp8(x, smooth, down, modulation=(torch.zeros(2, 64), torch.zeros(2, 64)), gelu=True)
+    with pytest.raises(TypeError, match="x must be float32"):
+        kernels.quantize_act_fp8(x.to(torch.int32), smooth, down)
+
+
+def _act_cases() -> list[tuple]:
+    g = torch.Generator().manual_seed(2)
+    cases = []
+    for m, k, r in ((1, 64, 0), (7, 128, 5), (33, 256, 16)):
+        x, smooth, down = torch.randn(m, k, generator=g), torch.rand(k, generator=g) + 0.5, torch.randn(r, k, generator=g)
+        mod = (torch.randn(1, k, generator=g).bfloat16(), torch.randn(1, k, generator=g).bfloat16())
+        cases += [(x, smooth, down, None, None, 0.0, False), (x.bfloat16(), smooth, down, None, None, 0.17, True),
+                  (x.bfloat16(), smooth, down, *mod, 0.0, False)]  # fmt: skip
+    return cases
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype, t.stride() if t.numel() else None
+
+
+def _fake_matches(op, args) -> None:
+    real = op(*args)
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    real, fake = (real, fake) if isinstance(real, tuple) else ((real,), (fake,))
+    assert [_layout(t) for t in real] == [_layout(t) for t in fake]
+
+
+def test_fakes_are_the_references_layouts(use_kernels):
+    """Each op's outputs against its fake's: sizes, dtypes, strides (inductor asserts them), on
+    every backend that runs here (the W4A8 ops run on the reference wherever a backend lacks them)."""
+    for backend in [b for b in kernels.BACKENDS if kernels.unavailable_reason(b, torch.device("cpu")) is None]:
+        use_kernels(backend)
+        for args in _act_cases():
+            _fake_matches(torch.ops.svdq.quantize_act_fp8, args)
+        for out_dtype in (torch.bfloat16, torch.float32):
+            for gated in (False, True):
+                _fake_matches(torch.ops.svdq.w4a8_gemm, (*_gemm_args(out_dtype=out_dtype, gated=gated), out_dtype))
+        _fake_matches(torch.ops.svdq.w4a8_gemm, (*_gemm_args(m=1, r=0, gated=False), torch.float16))
