@@ -277,3 +277,145 @@ def test_fakes_are_the_references_layouts(use_kernels):
             for gated in (False, True):
                 _fake_matches(torch.ops.svdq.w4a8_gemm, (*_gemm_args(out_dtype=out_dtype, gated=gated), out_dtype))
         _fake_matches(torch.ops.svdq.w4a8_gemm, (*_gemm_args(m=1, r=0, gated=False), torch.float16))
+
+
+# --- the FLUX model: its blocks' prologues, epilogues and LoRAs on the route, and compiled --------
+
+
+@pytest.fixture(scope="module")
+def tiny_w4a8(tiny_model_dir):
+    """The tiny quantized transformer (fp32) and inputs of 1088 image tokens (544x512): the
+    image stream and the joint sequence reach MIN_M, the text stream (16 tokens) does not."""
+    from engine.flux import load_transformer
+    from engine.go_fast import transformer_inputs
+    from engine.tiny_model import CHECKPOINT_NAME
+
+    from .flux_cases import params_to_float
+
+    transformer = params_to_float(load_transformer(tiny_model_dir / CHECKPOINT_NAME))
+    torch.manual_seed(0)
+    return transformer, transformer_inputs(transformer, 544, 512, 1, text_tokens=16)
+
+
+class _Spy:
+    """Records each W4A8 / W4A4 call the model's SVDQLinears make (kernels' public functions)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.fp8, self.gemm, self.w4a4 = [], [], []
+        act, gemm, act4 = kernels.quantize_act_fp8, kernels.w4a8_gemm, kernels.quantize_act
+
+        def spy_act(x, smooth, down, **kw):
+            self.fp8.append(("modulation" if kw.get("modulation") else "gelu" if kw.get("gelu") else "", down.shape[0]))
+            return act(x, smooth, down, **kw)
+
+        def spy_gemm(*a, **kw):
+            self.gemm.append(("partial" if a[7] is not None else "") + ("gated" if a[8] is not None else ""))
+            return gemm(*a, **kw)
+
+        def spy_w4a4(x, *a, **kw):
+            self.w4a4.append(x.numel() // x.shape[-1])
+            return act4(x, *a, **kw)
+
+        monkeypatch.setattr(kernels, "quantize_act_fp8", spy_act)
+        monkeypatch.setattr(kernels, "w4a8_gemm", spy_gemm)
+        monkeypatch.setattr(kernels, "quantize_act", spy_w4a4)
+
+
+def _velocity(transformer, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return transformer(**inputs)[0]
+
+
+def test_flux_model_takes_the_route_with_prologues_epilogues_and_loras(tiny_w4a8, tiny_model_dir, monkeypatch,
+                                                                       use_kernels):  # fmt: skip
+    """Forced, every image-stream and joint-sequence linear runs W4A8 (the modulation and GELU
+    prologues, the gated and partial+gated epilogues among them), the text stream's W4A4; the
+    velocity lies within the stated bounds of the W4A4 route's and the unquantized model's
+    (relative, measured: W4A8 vs float 1.40e-3, W4A4 vs float 1.88e-3, W4A8 vs W4A4 1.41e-3;
+    with a LoRA on every quantized linear, its rank reaching quantize_act_fp8, W4A8 vs W4A4
+    1.46e-3)."""
+    from diffusers import FluxTransformer2DModel
+
+    transformer, inputs = tiny_w4a8
+    floats = FluxTransformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer").float()
+    want = _velocity(floats, inputs)
+    w4a4 = _velocity(transformer, inputs)  # auto: not taken on the CPU
+    spy = _Spy(monkeypatch)
+    use_kernels("auto", w4a8="force")
+    got = _velocity(transformer, inputs)
+    kinds = {kind for kind, _ in spy.fp8} | set(spy.gemm)
+    assert {"modulation", "gelu", "gated", "partialgated"} <= kinds, kinds
+    assert spy.w4a4 and set(spy.w4a4) == {16}  # the text stream only
+    e8, e4, e84 = _rel(got, want), _rel(w4a4, want), _rel(got, w4a4)
+    assert e8 < e4 < 5e-3 and 0 < e84 < 3e-3, (e8, e4, e84)
+
+    layers = [m for m in transformer.modules() if isinstance(m, SVDQLinear)]
+    g = torch.Generator().manual_seed(7)
+    try:
+        for layer in layers:
+            k, n = layer.in_features, layer.out_features
+            layer.add_lora("style", torch.randn(4, k, generator=g) * 0.05, torch.randn(n, 4, generator=g) * 0.05)
+        spy.fp8.clear()
+        lora8 = _velocity(transformer, inputs)
+        assert spy.fp8 and {r for _, r in spy.fp8} == {layer.rank + 4 for layer in layers}
+        use_kernels("auto")
+        lora4 = _velocity(transformer, inputs)
+    finally:
+        for layer in layers:
+            layer.clear_loras()
+    assert not torch.equal(lora8, got)
+    assert 0 < _rel(lora8, lora4) < 3e-3
+
+
+def test_go_fast_compiles_the_route_into_each_block_class(tiny_w4a8, fresh_dynamo, use_kernels):
+    """go_fast's regional compile (fullgraph, dynamic) with the route forced: no graph break, one
+    graph per block class, the eager velocity bit for bit (aot_eager: the same ops run)."""
+    from engine.go_fast import CompileSettings, GoFast, graphs_compiled
+
+    transformer, inputs = tiny_w4a8
+    use_kernels("auto", w4a8="force")
+    eager = _velocity(transformer, inputs)
+    fast = GoFast(transformer, CompileSettings(backend="aot_eager", mode=None, attention="sdpa"))
+    try:
+        before = graphs_compiled()
+        with torch.no_grad():
+            got = fast.compiled(**inputs)[0]
+        assert graphs_compiled() - before == 2
+        assert torch.equal(got, eager)
+    finally:
+        for block in fast.eager.modules():
+            if getattr(block, "_compiled_call_impl", None) is not None:
+                block._compiled_call_impl = None
+
+
+def test_inductor_compiles_the_route_without_stride_asserts(fresh_dynamo, use_kernels):
+    """Inductor asserts every custom op's outputs against its fake (assert_size_stride): a quantized
+    linear with each prologue and the partial/gate/residual epilogue, compiled as go_fast compiles
+    (dynamic), runs W4A8 at M >= MIN_M and W4A4 below (a guard on the symbolic M: two graphs),
+    each bit for bit the eager layer."""
+    from engine.go_fast import CompileSettings, _compile_kwargs, configure_compiler, graphs_compiled
+
+    use_kernels("auto", w4a8="force")
+    layer, _ = _layer()
+    scale, shift = torch.randn(2, 128) * 0.1, torch.randn(2, 128) * 0.1
+
+    def forward(x, residual, gate):
+        return (
+            layer(x),
+            layer(x, modulation=(scale, shift)),
+            layer(x, gelu=True, residual=residual, gate=gate),
+            layer(x, partial=residual, residual=residual, gate=gate),
+        )
+
+    settings = CompileSettings(attention="sdpa")
+    configure_compiler(settings)
+    compiled = torch.compile(forward, **_compile_kwargs(settings))
+    before = graphs_compiled()
+    # no inductor caches: a graph cached by another run (against another fake) must not stand in
+    with torch._inductor.config.patch(force_disable_caches=True), torch.inference_mode():
+        for s in (520, 9):  # M = 1040 (W4A8), then 18 (W4A4)
+            x, residual, gate = torch.randn(2, s, 128), torch.randn(2, s, 48), torch.randn(2, 48)
+            got, want = compiled(x, residual, gate), forward(x, residual, gate)
+            for g, w in zip(got, want, strict=True):
+                assert torch.equal(g, w), s
+    assert graphs_compiled() - before == 2
