@@ -20,7 +20,12 @@ BACKENDS = {  # module -> the protocols it implements
         contract.PrologueBackend,
         contract.W4A8Backend,
     ),
-    "engine.kernels.triton_backend": (contract.GemmBackend, contract.GemvBackend, contract.PrologueBackend),
+    "engine.kernels.triton_backend": (
+        contract.GemmBackend,
+        contract.GemvBackend,
+        contract.PrologueBackend,
+        contract.W4A8Backend,
+    ),
     "engine.kernels.cuda": (contract.GemmBackend,),  # gemv and prologue: routed to triton
 }
 # Public wrapper -> its options beyond the op's own arguments (quantize_act's prologues call

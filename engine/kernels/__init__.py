@@ -23,9 +23,9 @@ lacks the layer's group size is an error.
 W4A8 (issue 27, Hopper): ``quantize_act_fp8`` and ``w4a8_gemm`` (``torch.ops.svdq.*``, contract:
 engine.kernels.contract) run the same checkpoint weight against FP8 activations with one scale
 per token. ``w4a8_route`` decides per call whether a W4A4 linear takes them: where the
-configured backend serves W4A8 on the device (``w4a8_serves``: none does on main yet; the
-Hopper kernels connect there), for M >= its minimum, and for a weight with no code -8
-(``w4a8_weight_ok``). ``configure(w4a8="off")`` turns the route off; ``"force"`` takes it on any
+configured backend serves W4A8 on the device (``w4a8_serves``: the triton backend on sm_90,
+with its kernels in the build and their self-check passed), for M >= its minimum, sizes its
+kernel takes (``w4a8_supports``), and a weight with no code -8 (``w4a8_weight_ok``). ``configure(w4a8="off")`` turns the route off; ``"force"`` takes it on any
 device, the W4A8 ops then running on the reference (tests).
 """
 
@@ -447,14 +447,30 @@ def w4a8_weight_ok(qweight: torch.Tensor) -> bool:
     return not bool(((qweight & 0x0F) == 8).any() or ((qweight >> 4) == 8).any())
 
 
-def w4a8_route(x: torch.Tensor, weight_ok: bool) -> bool:
-    """Whether this call of a W4A4 linear on ``x [..., K]`` runs as W4A8 (quantize_act_fp8 +
-    w4a8_gemm) instead of W4A4: on a device where W4A8 is served (:func:`w4a8_served`), with
-    M = x's rows >= :func:`w4a8_min_m`, for a weight with ``weight_ok`` (the caller's record of
-    :func:`w4a8_weight_ok`). Under torch.compile the device's answer is a constant, M's
-    comparison a guard on the symbolic size, and ``weight_ok`` is read only where the first two
-    hold (so a device without W4A8 never guards on it)."""
-    return w4a8_served(x.device) and x.numel() // x.shape[-1] >= w4a8_min_m(x.device) and weight_ok
+@torch.compiler.assume_constant_result  # its arguments are static sizes, which the graph guards
+def w4a8_supports(device: torch.device, n: int, k: int, rank: int, group_size: int) -> bool:
+    """Whether the backend serving W4A8 on ``device`` takes a weight of these sizes (its
+    ``w4a8_supports``: the kernel's rank limit, group size, alignment; the reference takes all)."""
+    check = getattr(w4a8_backend_for(device), "w4a8_supports", None)
+    return check is None or bool(check(n, k, rank, group_size))
+
+
+def w4a8_route(
+    x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, proj_up: torch.Tensor, weight_ok: bool
+) -> bool:
+    """Whether this call of a W4A4 linear (x [..., K], its weight ``qweight`` [N, K/2] and
+    ``wscales`` [N, G], its low-rank factor ``proj_up`` [N, R] with any LoRAs) runs as W4A8
+    (quantize_act_fp8 + w4a8_gemm) instead of W4A4: on a device where W4A8 is served
+    (:func:`w4a8_served`), with M = x's rows >= :func:`w4a8_min_m`, sizes the serving kernel
+    takes (:func:`w4a8_supports`: a LoRA can widen R past its limit), and ``weight_ok`` (the
+    caller's record of :func:`w4a8_weight_ok`: no code -8). Under torch.compile the device's
+    answers are constants, M's comparison a guard on the symbolic size, and ``weight_ok`` is read
+    only where the rest hold (so a device without W4A8 never guards on it)."""
+    device = x.device
+    if not w4a8_served(device) or x.numel() // x.shape[-1] < w4a8_min_m(device):
+        return False
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    return w4a8_supports(device, n, k, proj_up.shape[1], k // wscales.shape[1]) and weight_ok
 
 
 def w4a16_gemv(
@@ -703,6 +719,7 @@ __all__ = [
     "w4a8_min_m",
     "w4a8_route",
     "w4a8_served",
+    "w4a8_supports",
     "w4a8_weight_ok",
     "w4a16_gemv",
 ]

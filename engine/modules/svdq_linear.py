@@ -184,7 +184,7 @@ class SVDQLinear(LoraSlots, nn.Module):
         bias = self.bias if self._lora_bias is None else self._lora_bias  # [N]
         partial = None if partial is None else partial.reshape(-1, self.out_features)  # [M, N]
         residual = None if residual is None else residual.reshape(-1, self.out_features)  # [M, N]
-        if kernels.w4a8_route(x, self._w4a8_weight):
+        if kernels.w4a8_route(x, self.qweight, self.wscales, up, self._w4a8_weight):
             codes, ascale, lora_act = kernels.quantize_act_fp8(  # [M, K] e4m3, [M], [M, R]
                 x, self.smooth_factor, down, shift=self.act_shift, modulation=modulation, gelu=gelu
             )
