@@ -254,6 +254,11 @@ def _act_cases() -> list[tuple]:
     return cases
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes as their bytes (bit for bit; NaN codes compare equal), other tensors as they are."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
 def _layout(t: torch.Tensor) -> tuple:
     return tuple(t.shape), t.dtype, t.stride() if t.numel() else None
 
@@ -419,3 +424,128 @@ def test_inductor_compiles_the_route_without_stride_asserts(fresh_dynamo, use_ke
             for g, w in zip(got, want, strict=True):
                 assert torch.equal(g, w), s
     assert graphs_compiled() - before == 2
+
+
+# --- the triton backend's W4A8 pair -------------------------------------------------------------
+
+
+def test_triton_backend_w4a8_ops_are_the_contract_on_cpu():
+    """Off sm_90 the triton backend's GEMM is the reference's arithmetic; its quantizer is the
+    Triton kernel (interpreted here) where it is in the build, else the reference: bit for bit
+    ops' either way, in the fake's layouts."""
+    import engine.kernels.triton_backend as tb
+
+    if kernels.unavailable_reason("triton", torch.device("cpu")):
+        pytest.skip("the Triton kernels run on CPU only under TRITON_INTERPRET=1")
+    for x, smooth, down, mod_scale, mod_shift, shift, gelu in _act_cases():
+        got = tb.quantize_act_fp8(x, smooth, down, mod_scale, mod_shift, shift=shift, gelu=gelu)
+        want = ops.quantize_act_fp8(x, smooth, down, mod_scale, mod_shift, shift=shift, gelu=gelu)
+        assert [_layout(t) for t in got] == [_layout(t) for t in want]
+        assert torch.equal(_bits(got[0]), _bits(want[0])) and torch.equal(got[1], want[1])  # codes, ascale
+        # lora_act: fp32 sums in the kernel's order (bf16 hi/lo MMAs for a bf16 proj_down)
+        torch.testing.assert_close(got[2], want[2], rtol=2e-5, atol=1e-4)
+    args = _gemm_args()
+    got = tb.w4a8_gemm(*args, out_dtype=torch.bfloat16)
+    assert torch.equal(got, ops.w4a8_gemm(*args, out_dtype=torch.bfloat16)) and got.is_contiguous()
+    assert not tb.w4a8_serves(torch.device("cpu"))
+
+
+@pytest.fixture()
+def w4a8_kernels():
+    """The W4A8 kernels' modules; skipped where they are not part of this build."""
+    act_fp8 = pytest.importorskip("engine.kernels.triton.act_fp8")
+    gemm = pytest.importorskip("engine.kernels.triton.gemm_sm90_w4a8")
+    return act_fp8, gemm
+
+
+def _meta_problem(m: int, k: int = 3072, n: int = 3072, r: int = 32, group: int = 64) -> dict:
+    meta = {"device": "meta"}
+    bf16 = {"dtype": torch.bfloat16, **meta}
+    return {
+        "x": torch.empty(1, m, k, **bf16),
+        "qweight": torch.empty(n, k // 2, dtype=torch.uint8, **meta),
+        "wscales": torch.empty(k // group, n, **bf16).t(),
+        "proj_up": torch.empty(n, r, **bf16),
+    }
+
+
+def test_hopper_takes_the_w4a8_route_for_the_image_stream(w4a8_kernels, monkeypatch, use_kernels):
+    """The route on an H100 as the dispatch sees it (meta tensors, the architecture read as
+    sm_90, the GEMM's self-check taken as passed, the triton backend chosen as auto chooses it
+    there): the image stream's and single blocks' calls (M > 1024) take W4A8; the text stream's
+    (M <= 1024), a LoRA past the kernel's rank limit, group 128 and a weight with a code -8 stay
+    W4A4; w4a8="off" turns it off."""
+    import engine.kernels.triton_backend as tb
+
+    _, gemm = w4a8_kernels
+    monkeypatch.setattr(tb, "_major", lambda device: 9)
+    monkeypatch.setattr(gemm, "serves", lambda device: True)
+    monkeypatch.setattr(kernels, "backend_for", lambda device: tb)
+    use_kernels("auto")
+
+    def route(m, weight_ok=True, **kw):
+        p = _meta_problem(m, **kw)
+        return kernels.w4a8_route(p["x"], p["qweight"], p["wscales"], p["proj_up"], weight_ok)
+
+    assert kernels.w4a8_backend_for("meta") is tb and kernels.w4a8_min_m(torch.device("meta")) == 1025
+    assert route(4352) and route(1025) and route(4096, k=12288) and route(4352, n=21504)
+    assert not route(1024) and not route(256)  # the text stream: gemm_sm90's small tiles
+    assert route(4352, r=32 + 32) and not route(4352, r=32 + 64)  # a rank-64 LoRA: past MAX_RANK
+    assert not route(4352, group=128) and not route(4352, weight_ok=False)
+    use_kernels("auto", w4a8="off")
+    assert not route(4352)
+
+
+def test_hopper_w4a8_gemm_launches_the_kernel_and_runs_the_epilogue_after_it(w4a8_kernels, monkeypatch):
+    """The triton backend's w4a8_gemm on sm_90 (meta tensors, launchers recorded): the kernel with
+    the prepared weight, out_dtype where there is no epilogue, fp32 and the epilogue kernel where
+    there is; the reference for a weight with a code -8 (prepare_weight's None) or a problem the
+    kernel does not take; quantize_act_fp8 launches act_fp8's kernel."""
+    import engine.kernels.triton_backend as tb
+
+    act_fp8, gemm = w4a8_kernels
+    seen = []
+    monkeypatch.setattr(tb, "_major", lambda device: 9)
+    monkeypatch.setattr(gemm, "serves", lambda device: True)
+    monkeypatch.setattr(gemm, "launch", lambda *a, out_dtype: seen.append(("kernel", a[2], out_dtype))
+                        or torch.empty(a[0].shape[0], a[2].shape[0], dtype=out_dtype, device="meta"))  # fmt: skip
+    monkeypatch.setattr(tb, "sm90_epilogue", lambda y, partial, residual, gate, out_dtype: seen.append(
+        ("epilogue", y.dtype, partial is not None, residual is not None)) or torch.empty_like(y, dtype=out_dtype))  # fmt: skip
+    monkeypatch.setattr(act_fp8, "quantize_act_fp8", lambda *a, **kw: seen.append(("act", kw["gelu"])))
+    monkeypatch.setattr(ops, "w4a8_gemm", lambda *a, **kw: seen.append(("reference",)))
+    prepared = torch.empty(3072, 1536, dtype=torch.uint8, device="meta")  # stands for the W4A8Weight
+    monkeypatch.setattr(tb, "sm90_w4a8_weight", lambda qweight, wscales: prepared)
+
+    m, k, n = 4352, 3072, 3072
+    meta = {"device": "meta", "dtype": torch.bfloat16}
+    codes = torch.empty(m, k, dtype=torch.float8_e4m3fn, device="meta")
+    ascale, lora_act = torch.empty(m, device="meta"), torch.empty(m, 32, device="meta")
+    qweight = torch.empty(n, k // 2, dtype=torch.uint8, device="meta")
+    wscales, up, bias = torch.empty(k // 64, n, **meta).t(), torch.empty(n, 32, **meta), torch.empty(n, **meta)
+    residual, gate = torch.empty(m, n, **meta), torch.empty(1, n, **meta)
+    base = (codes, ascale, qweight, wscales, lora_act, up, bias)
+    tb.w4a8_gemm(*base, out_dtype=torch.bfloat16)
+    assert seen.pop() == ("kernel", prepared, torch.bfloat16)
+    tb.w4a8_gemm(*base, residual, residual, gate, out_dtype=torch.bfloat16)
+    assert seen[-2:] == [("kernel", prepared, torch.float32), ("epilogue", torch.float32, True, True)]
+    tb.w4a8_gemm(*base[:4], lora_act.new_empty(m, 96), up.new_empty(n, 96), bias, out_dtype=torch.bfloat16)
+    assert seen[-1] == ("reference",)  # rank 96: past the kernel's limit
+    monkeypatch.setattr(tb, "sm90_w4a8_weight", lambda qweight, wscales: None)  # a code -8
+    tb.w4a8_gemm(*base, out_dtype=torch.bfloat16)
+    assert seen[-1] == ("reference",)
+    tb.quantize_act_fp8(torch.empty(m, k, **meta), bias.new_empty(k), up.new_empty(32, k), shift=0.0, gelu=True)
+    assert seen[-1] == ("act", True)
+
+
+def test_the_w4a8_weight_is_prepared_once_per_tensor(w4a8_kernels):
+    """sm90_w4a8_weight: the kernel's layout made at the first call and kept; remade after an
+    in-place write; None for a weight with a code -8 (cached too)."""
+    import engine.kernels.triton_backend as tb
+
+    layer, _ = _layer(k=128, n=64)
+    first = tb.sm90_w4a8_weight(layer.qweight, layer.wscales)
+    assert first is not None and tb.sm90_w4a8_weight(layer.qweight, layer.wscales) is first
+    with torch.no_grad():
+        layer.qweight[0, 0] = 0x08  # a code -8
+    assert tb.sm90_w4a8_weight(layer.qweight, layer.wscales) is None
+    assert not kernels.w4a8_weight_ok(layer.qweight)
