@@ -374,20 +374,34 @@ def test_flux_model_takes_the_route_with_prologues_epilogues_and_loras(tiny_w4a8
 
 def test_go_fast_compiles_the_route_into_each_block_class(tiny_w4a8, fresh_dynamo, use_kernels):
     """go_fast's regional compile (fullgraph, dynamic) with the route forced: no graph break, one
-    graph per block class, the eager velocity bit for bit (aot_eager: the same ops run)."""
+    graph per block class, the eager velocity bit for bit (aot_eager: the same ops run); a LoRA
+    on every linear (wider static buffers) compiles its own two, also bit for bit."""
     from engine.go_fast import CompileSettings, GoFast, graphs_compiled
 
     transformer, inputs = tiny_w4a8
     use_kernels("auto", w4a8="force")
     eager = _velocity(transformer, inputs)
     fast = GoFast(transformer, CompileSettings(backend="aot_eager", mode=None, attention="sdpa"))
+    layers = [m for m in transformer.modules() if isinstance(m, SVDQLinear)]
     try:
         before = graphs_compiled()
         with torch.no_grad():
             got = fast.compiled(**inputs)[0]
         assert graphs_compiled() - before == 2
         assert torch.equal(got, eager)
+        g = torch.Generator().manual_seed(3)
+        for layer in layers:
+            layer.add_lora("style", torch.randn(4, layer.in_features, generator=g) * 0.05,
+                           torch.randn(layer.out_features, 4, generator=g) * 0.05)  # fmt: skip
+        with fast.disabled():
+            eager_lora = _velocity(transformer, inputs)
+        with torch.no_grad():
+            got = fast.compiled(**inputs)[0]
+        assert graphs_compiled() - before == 4
+        assert torch.equal(got, eager_lora) and not torch.equal(got, eager)
     finally:
+        for layer in layers:
+            layer.clear_loras()
         for block in fast.eager.modules():
             if getattr(block, "_compiled_call_impl", None) is not None:
                 block._compiled_call_impl = None
