@@ -563,3 +563,29 @@ def test_the_w4a8_weight_is_prepared_once_per_tensor(w4a8_kernels):
         layer.qweight[0, 0] = 0x08  # a code -8
     assert tb.sm90_w4a8_weight(layer.qweight, layer.wscales) is None
     assert not kernels.w4a8_weight_ok(layer.qweight)
+
+
+@pytest.mark.slow  # inductor's C++ compile of two FLUX blocks on the CPU
+def test_inductor_compiles_flux_blocks_on_the_route(tiny_model_dir, fresh_dynamo, use_kernels):
+    """go_fast's regional compile under inductor (setup's backend: every custom op's outputs
+    asserted against its fake) of one double and one single block, the route forced: two
+    graphs, the eager velocity to fp32 rounding (inductor fuses the glue between the ops)."""
+    from engine.flux import load_transformer
+    from engine.go_fast import CompileSettings, GoFast, graphs_compiled, transformer_inputs
+    from engine.tiny_model import CHECKPOINT_NAME
+
+    from .flux_cases import params_to_float
+
+    model = params_to_float(load_transformer(tiny_model_dir / CHECKPOINT_NAME))
+    model.transformer_blocks = model.transformer_blocks[:1]
+    model.single_transformer_blocks = model.single_transformer_blocks[:1]
+    torch.manual_seed(0)
+    inputs = transformer_inputs(model, 544, 512, 1, text_tokens=16)
+    use_kernels("auto", w4a8="force")
+    eager = _velocity(model, inputs)
+    with torch._inductor.config.patch(force_disable_caches=True):
+        fast = GoFast(model, CompileSettings(backend="inductor", mode=None, attention="sdpa"))
+        before = graphs_compiled()
+        got = _velocity(fast.compiled, inputs)
+    assert graphs_compiled() - before == 2
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
