@@ -170,6 +170,11 @@ def test_not_taken_by_default_on_cpu_below_the_minimum_or_for_a_code_minus_8(use
         assert layer._w4a8_weight
         layer(big)
         assert taken == [MIN_M, MIN_M]
+        state["qweight"][0, 0] = 0x08  # -8 in a low nibble, assigned as the checkpoint loader does
+        layer.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+        assert not layer._w4a8_weight
+        layer(big)
+        assert taken == [MIN_M, MIN_M]
 
 
 def test_weight_ok_reads_both_nibbles():
