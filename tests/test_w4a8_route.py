@@ -126,7 +126,9 @@ def test_forced_layer_with_prologues_epilogue_and_lora(forced):
     with torch.no_grad():
         base = layer(x)
         g = torch.Generator().manual_seed(5)
-        layer.add_lora("style", torch.randn(4, k, generator=g) * 0.1, torch.randn(n, 4, generator=g) * 0.1, 0.8)
+        layer.add_lora(
+            "style", torch.randn(4, k, generator=g) * 0.1, torch.randn(n, 4, generator=g) * 0.1, 0.8
+        )
         assert layer._lora_down.shape[0] == layer.rank + 4
         with_lora = layer(x)
         assert torch.equal(with_lora, _fp8_linear(layer, x)) and not torch.equal(with_lora, base)
@@ -199,7 +201,10 @@ def test_configure_names_the_field():
 def _gemm_args(m=5, k=128, n=24, r=3, out_dtype=torch.bfloat16, gated=True):
     g = torch.Generator().manual_seed(1)
     codes, ascale, lora_act = ops.quantize_act_fp8(
-        torch.randn(m, k, generator=g), torch.rand(k, generator=g) + 0.5, torch.randn(r, k, generator=g), shift=0.0
+        torch.randn(m, k, generator=g),
+        torch.rand(k, generator=g) + 0.5,
+        torch.randn(r, k, generator=g),
+        shift=0.0,
     )
     qw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
     ws = torch.rand(k // 64, n, generator=g).t()  # group-major, as SVDQLinear holds it
@@ -207,10 +212,30 @@ def _gemm_args(m=5, k=128, n=24, r=3, out_dtype=torch.bfloat16, gated=True):
         (torch.randn(m, n, generator=g).to(out_dtype), torch.randn(n, m, generator=g).to(out_dtype).t(),
          torch.randn(1, n, generator=g).to(out_dtype)) if gated else (None, None, None)
     )  # fmt: skip
-    return (codes, ascale, qw, ws, lora_act, torch.randn(n, r, generator=g), torch.randn(n, generator=g), *extra)
+    return (
+        codes,
+        ascale,
+        qw,
+        ws,
+        lora_act,
+        torch.randn(n, r, generator=g),
+        torch.randn(n, generator=g),
+        *extra,
+    )
 
 
-_NAMES = ("codes", "ascale", "qweight", "wscales", "lora_act", "proj_up", "bias", "partial", "residual", "gate")
+_NAMES = (
+    "codes",
+    "ascale",
+    "qweight",
+    "wscales",
+    "lora_act",
+    "proj_up",
+    "bias",
+    "partial",
+    "residual",
+    "gate",
+)
 
 
 @pytest.mark.parametrize(
@@ -219,7 +244,11 @@ _NAMES = ("codes", "ascale", "qweight", "wscales", "lora_act", "proj_up", "bias"
         ("codes", lambda t: t.to(torch.float32), "codes must be a 2-D float8_e4m3fn"),
         ("ascale", lambda t: t[:-1], r"ascale must have shape \[5\]"),
         ("qweight", lambda t: t[:, :-1], r"qweight must have shape \[N, 64\]"),
-        ("wscales", lambda t: t[:, :1].expand(24, 3), r"wscales must have shape \[24, G\] with G dividing K=128"),
+        (
+            "wscales",
+            lambda t: t[:, :1].expand(24, 3),
+            r"wscales must have shape \[24, G\] with G dividing K=128",
+        ),
         ("lora_act", lambda t: t[:-1], r"lora_act must have shape \[5, R\]"),
         ("proj_up", lambda t: t[:, :-1], r"proj_up must have shape \[24, 3\]"),
         ("bias", lambda t: t[:-1], r"bias must have shape \[24\]"),
@@ -243,7 +272,9 @@ def test_quantize_act_fp8_names_the_bad_field():
     with pytest.raises(ValueError, match=r"proj_down must have shape \[R, 64\]"):
         kernels.quantize_act_fp8(x, smooth, down[:, :32])
     with pytest.raises(ValueError, match="one prologue"):
-        kernels.quantize_act_fp8(x, smooth, down, modulation=(torch.zeros(2, 64), torch.zeros(2, 64)), gelu=True)
+        kernels.quantize_act_fp8(
+            x, smooth, down, modulation=(torch.zeros(2, 64), torch.zeros(2, 64)), gelu=True
+        )
     with pytest.raises(TypeError, match="x must be float32"):
         kernels.quantize_act_fp8(x.to(torch.int32), smooth, down)
 
@@ -252,7 +283,11 @@ def _act_cases() -> list[tuple]:
     g = torch.Generator().manual_seed(2)
     cases = []
     for m, k, r in ((1, 64, 0), (7, 128, 5), (33, 256, 16)):
-        x, smooth, down = torch.randn(m, k, generator=g), torch.rand(k, generator=g) + 0.5, torch.randn(r, k, generator=g)
+        x, smooth, down = (
+            torch.randn(m, k, generator=g),
+            torch.rand(k, generator=g) + 0.5,
+            torch.randn(r, k, generator=g),
+        )
         mod = (torch.randn(1, k, generator=g).bfloat16(), torch.randn(1, k, generator=g).bfloat16())
         cases += [(x, smooth, down, None, None, 0.0, False), (x.bfloat16(), smooth, down, None, None, 0.17, True),
                   (x.bfloat16(), smooth, down, *mod, 0.0, False)]  # fmt: skip
@@ -279,13 +314,17 @@ def _fake_matches(op, args) -> None:
 def test_fakes_are_the_references_layouts(use_kernels):
     """Each op's outputs against its fake's: sizes, dtypes, strides (inductor asserts them), on
     every backend that runs here (the W4A8 ops run on the reference wherever a backend lacks them)."""
-    for backend in [b for b in kernels.BACKENDS if kernels.unavailable_reason(b, torch.device("cpu")) is None]:
+    for backend in [
+        b for b in kernels.BACKENDS if kernels.unavailable_reason(b, torch.device("cpu")) is None
+    ]:
         use_kernels(backend)
         for args in _act_cases():
             _fake_matches(torch.ops.svdq.quantize_act_fp8, args)
         for out_dtype in (torch.bfloat16, torch.float32):
             for gated in (False, True):
-                _fake_matches(torch.ops.svdq.w4a8_gemm, (*_gemm_args(out_dtype=out_dtype, gated=gated), out_dtype))
+                _fake_matches(
+                    torch.ops.svdq.w4a8_gemm, (*_gemm_args(out_dtype=out_dtype, gated=gated), out_dtype)
+                )
         _fake_matches(torch.ops.svdq.w4a8_gemm, (*_gemm_args(m=1, r=0, gated=False), torch.float16))
 
 
@@ -315,7 +354,9 @@ class _Spy:
         act, gemm, act4 = kernels.quantize_act_fp8, kernels.w4a8_gemm, kernels.quantize_act
 
         def spy_act(x, smooth, down, **kw):
-            self.fp8.append(("modulation" if kw.get("modulation") else "gelu" if kw.get("gelu") else "", down.shape[0]))
+            self.fp8.append(
+                ("modulation" if kw.get("modulation") else "gelu" if kw.get("gelu") else "", down.shape[0])
+            )
             return act(x, smooth, down, **kw)
 
         def spy_gemm(*a, **kw):
@@ -364,7 +405,9 @@ def test_flux_model_takes_the_route_with_prologues_epilogues_and_loras(tiny_w4a8
     try:
         for layer in layers:
             k, n = layer.in_features, layer.out_features
-            layer.add_lora("style", torch.randn(4, k, generator=g) * 0.05, torch.randn(n, 4, generator=g) * 0.05)
+            layer.add_lora(
+                "style", torch.randn(4, k, generator=g) * 0.05, torch.randn(n, 4, generator=g) * 0.05
+            )
         spy.fp8.clear()
         lora8 = _velocity(transformer, inputs)
         assert spy.fp8 and {r for _, r in spy.fp8} == {layer.rank + 4 for layer in layers}
@@ -540,7 +583,11 @@ def test_hopper_w4a8_gemm_launches_the_kernel_and_runs_the_epilogue_after_it(w4a
     codes = torch.empty(m, k, dtype=torch.float8_e4m3fn, device="meta")
     ascale, lora_act = torch.empty(m, device="meta"), torch.empty(m, 32, device="meta")
     qweight = torch.empty(n, k // 2, dtype=torch.uint8, device="meta")
-    wscales, up, bias = torch.empty(k // 64, n, **meta).t(), torch.empty(n, 32, **meta), torch.empty(n, **meta)
+    wscales, up, bias = (
+        torch.empty(k // 64, n, **meta).t(),
+        torch.empty(n, 32, **meta),
+        torch.empty(n, **meta),
+    )
     residual, gate = torch.empty(m, n, **meta), torch.empty(1, n, **meta)
     base = (codes, ascale, qweight, wscales, lora_act, up, bias)
     tb.w4a8_gemm(*base, out_dtype=torch.bfloat16)
@@ -552,7 +599,9 @@ def test_hopper_w4a8_gemm_launches_the_kernel_and_runs_the_epilogue_after_it(w4a
     monkeypatch.setattr(tb, "sm90_w4a8_weight", lambda qweight, wscales: None)  # a code -8
     tb.w4a8_gemm(*base, out_dtype=torch.bfloat16)
     assert seen[-1] == ("reference",)
-    tb.quantize_act_fp8(torch.empty(m, k, **meta), bias.new_empty(k), up.new_empty(32, k), shift=0.0, gelu=True)
+    tb.quantize_act_fp8(
+        torch.empty(m, k, **meta), bias.new_empty(k), up.new_empty(32, k), shift=0.0, gelu=True
+    )
     assert seen[-1] == ("act", True)
 
 

@@ -231,7 +231,6 @@ class PrologueBackend(Protocol):
         ...
 
 
-
 class W4A8Backend(Protocol):
     """A backend of the W4A8 pair (reference, triton)."""
 
@@ -264,6 +263,7 @@ class W4A8Backend(Protocol):
         out_dtype: torch.dtype,
     ) -> torch.Tensor:  # [M, N] out_dtype
         ...
+
 
 OPS = {
     GemmBackend: ("quantize_act", "w4a4_gemm"),
