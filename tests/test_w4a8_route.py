@@ -5,8 +5,8 @@ W4A8 ops then run on the reference, engine.quant.ops, the contract's definer).
 What holds here: a forced call computes exactly ops.quantize_act_fp8 + ops.w4a8_gemm (with the
 block's prologue, its partial/gate/residual epilogue and LoRAs); it lies within stated bounds of
 the W4A4 route and of the unquantized linear; the fakes give the reference's sizes, strides and
-dtypes; inductor compiles the route; and the route is not taken by default on the CPU, below
-the minimum M, or for a weight with a code -8. What does not: the Hopper kernels themselves
+dtypes; inductor compiles the route; and the route is not taken by default on the CPU or below
+the minimum M. What does not: the Hopper kernels themselves
 (not on main; no backend serves W4A8 yet, so ``auto`` never takes it).
 """
 
@@ -160,34 +160,11 @@ def test_not_taken_by_default_on_cpu_below_the_minimum_or_for_a_code_minus_8(use
         assert torch.equal(layer(small), w4a4(small)) and not taken  # M = 1024: the text stream's side
         layer(big)
         assert taken == [MIN_M]
-        # a weight with one code -8 (0b1000 in a high nibble), loaded as a checkpoint is
-        state = layer.state_dict()
-        state["qweight"] = state["qweight"].clone()
-        state["qweight"][3, 7] = 0x80 | (state["qweight"][3, 7] & 0x0F)
-        layer.load_state_dict(state)
-        assert not layer._w4a8_weight
-        assert torch.equal(layer(big), w4a4(big)) and taken == [MIN_M]
-        state["qweight"][3, 7] = 0x11
-        layer.load_state_dict(state)  # the record follows the loaded weight
-        assert layer._w4a8_weight
+        # a weight with a code -8 takes the route too: the contract reads it as -7
+        with torch.no_grad():
+            layer.qweight[3, 7] = 0x80 | (layer.qweight[3, 7] & 0x0F)
         layer(big)
         assert taken == [MIN_M, MIN_M]
-        state["qweight"][0, 0] = 0x08  # -8 in a low nibble, assigned as the checkpoint loader does
-        layer.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
-        assert not layer._w4a8_weight
-        layer(big)
-        assert taken == [MIN_M, MIN_M]
-
-
-def test_weight_ok_reads_both_nibbles():
-    q = torch.full((4, 6), 0x77, dtype=torch.uint8)  # +7 everywhere, and -7 = 0x9 below
-    assert kernels.w4a8_weight_ok(q) and kernels.w4a8_weight_ok(q.fill_(0x99))
-    for byte in (0x08, 0x80, 0x88):
-        q2 = q.clone()
-        q2[2, 5] = byte
-        assert not kernels.w4a8_weight_ok(q2), hex(byte)
-    with pytest.raises(TypeError, match="qweight"):
-        kernels.w4a8_weight_ok(q.to(torch.int8))
 
 
 def test_configure_names_the_field():
@@ -535,8 +512,7 @@ def test_hopper_takes_the_w4a8_route_for_the_image_stream(w4a8_kernels, monkeypa
     """The route on an H100 as the dispatch sees it (meta tensors, the architecture read as
     sm_90, the GEMM's self-check taken as passed, the triton backend chosen as auto chooses it
     there): the image stream's and single blocks' calls (M > 1024) take W4A8; the text stream's
-    (M <= 1024), a LoRA past the kernel's rank limit, group 128 and a weight with a code -8 stay
-    W4A4; w4a8="off" turns it off."""
+    (M <= 1024), a LoRA past the kernel's rank limit and group 128 stay W4A4; w4a8="off" turns it off."""
     import engine.kernels.triton_backend as tb
 
     _, gemm = w4a8_kernels
@@ -545,15 +521,15 @@ def test_hopper_takes_the_w4a8_route_for_the_image_stream(w4a8_kernels, monkeypa
     monkeypatch.setattr(kernels, "backend_for", lambda device: tb)
     use_kernels("auto")
 
-    def route(m, weight_ok=True, **kw):
+    def route(m, **kw):
         p = _meta_problem(m, **kw)
-        return kernels.w4a8_route(p["x"], p["qweight"], p["wscales"], p["proj_up"], weight_ok)
+        return kernels.w4a8_route(p["x"], p["qweight"], p["wscales"], p["proj_up"])
 
     assert kernels.w4a8_backend_for("meta") is tb and kernels.w4a8_min_m(torch.device("meta")) == 1025
     assert route(4352) and route(1025) and route(4096, k=12288) and route(4352, n=21504)
     assert not route(1024) and not route(256)  # the text stream: gemm_sm90's small tiles
     assert route(4352, r=32 + 32) and not route(4352, r=32 + 64)  # a rank-64 LoRA: past MAX_RANK
-    assert not route(4352, group=128) and not route(4352, weight_ok=False)
+    assert not route(4352, group=128)
     use_kernels("auto", w4a8="off")
     assert not route(4352)
 
@@ -561,8 +537,7 @@ def test_hopper_takes_the_w4a8_route_for_the_image_stream(w4a8_kernels, monkeypa
 def test_hopper_w4a8_gemm_launches_the_kernel_and_runs_the_epilogue_after_it(w4a8_kernels, monkeypatch):
     """The triton backend's w4a8_gemm on sm_90 (meta tensors, launchers recorded): the kernel with
     the prepared weight, out_dtype where there is no epilogue, fp32 and the epilogue kernel where
-    there is; the reference for a weight with a code -8 (prepare_weight's None) or a problem the
-    kernel does not take; quantize_act_fp8 launches act_fp8's kernel."""
+    there is; the reference for a problem the kernel does not take; quantize_act_fp8 launches act_fp8's kernel."""
     import engine.kernels.triton_backend as tb
 
     act_fp8, gemm = w4a8_kernels
@@ -596,9 +571,6 @@ def test_hopper_w4a8_gemm_launches_the_kernel_and_runs_the_epilogue_after_it(w4a
     assert seen[-2:] == [("kernel", prepared, torch.float32), ("epilogue", torch.float32, True, True)]
     tb.w4a8_gemm(*base[:4], lora_act.new_empty(m, 96), up.new_empty(n, 96), bias, out_dtype=torch.bfloat16)
     assert seen[-1] == ("reference",)  # rank 96: past the kernel's limit
-    monkeypatch.setattr(tb, "sm90_w4a8_weight", lambda qweight, wscales: None)  # a code -8
-    tb.w4a8_gemm(*base, out_dtype=torch.bfloat16)
-    assert seen[-1] == ("reference",)
     tb.quantize_act_fp8(
         torch.empty(m, k, **meta), bias.new_empty(k), up.new_empty(32, k), shift=0.0, gelu=True
     )
@@ -607,16 +579,16 @@ def test_hopper_w4a8_gemm_launches_the_kernel_and_runs_the_epilogue_after_it(w4a
 
 def test_the_w4a8_weight_is_prepared_once_per_tensor(w4a8_kernels):
     """sm90_w4a8_weight: the kernel's layout made at the first call and kept; remade after an
-    in-place write; None for a weight with a code -8 (cached too)."""
+    in-place write."""
     import engine.kernels.triton_backend as tb
 
     layer, _ = _layer(k=128, n=64)
     first = tb.sm90_w4a8_weight(layer.qweight, layer.wscales)
     assert first is not None and tb.sm90_w4a8_weight(layer.qweight, layer.wscales) is first
     with torch.no_grad():
-        layer.qweight[0, 0] = 0x08  # a code -8
-    assert tb.sm90_w4a8_weight(layer.qweight, layer.wscales) is None
-    assert not kernels.w4a8_weight_ok(layer.qweight)
+        layer.qweight[0, 0] = 0x08  # a code -8 (stored as -7)
+    again = tb.sm90_w4a8_weight(layer.qweight, layer.wscales)
+    assert again is not first and tb.sm90_w4a8_weight(layer.qweight, layer.wscales) is again
 
 
 @pytest.mark.slow  # inductor's C++ compile of two FLUX blocks on the CPU

@@ -25,7 +25,8 @@ engine.kernels.contract) run the same checkpoint weight against FP8 activations 
 per token. ``w4a8_route`` decides per call whether a W4A4 linear takes them: where the
 configured backend serves W4A8 on the device (``w4a8_serves``: the triton backend on sm_90,
 with its kernels in the build and their self-check passed), for M >= its minimum, sizes its
-kernel takes (``w4a8_supports``), and a weight with no code -8 (``w4a8_weight_ok``). ``configure(w4a8="off")`` turns the route off; ``"force"`` takes it on any
+kernel takes (``w4a8_supports``); the contract reads weight code -8 as -7, so every weight
+qualifies. ``configure(w4a8="off")`` turns the route off; ``"force"`` takes it on any
 device, the W4A8 ops then running on the reference (tests).
 """
 
@@ -434,19 +435,6 @@ def w4a8_min_m(device: torch.device) -> int:
     return int(getattr(w4a8_backend_for(device), "W4A8_MIN_M", W4A8_MIN_M))
 
 
-def w4a8_weight_ok(qweight: torch.Tensor) -> bool:
-    """Whether a W4A4 weight (signed codes, uint8 [N, K/2]) may run as W4A8: no code -8, which
-    the Hopper kernel's sign-magnitude e4m3 layout cannot hold (its prepare_weight gives None).
-    Reads every byte: a load-time check whose answer the caller keeps (a compiled graph reads
-    that record, a Python bool it guards on, never the codes)."""
-    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.uint8:
-        got = qweight.dtype if isinstance(qweight, torch.Tensor) else type(qweight).__name__
-        raise TypeError(f"qweight must be a uint8 tensor of packed 4-bit codes, got {got}")
-    if qweight.device.type == "meta":
-        raise ValueError("qweight is on the meta device: its codes are not loaded yet")
-    return not bool(((qweight & 0x0F) == 8).any() or ((qweight >> 4) == 8).any())
-
-
 @torch.compiler.assume_constant_result  # its arguments are static sizes, which the graph guards
 def w4a8_supports(device: torch.device, n: int, k: int, rank: int, group_size: int) -> bool:
     """Whether the backend serving W4A8 on ``device`` takes a weight of these sizes (its
@@ -455,22 +443,18 @@ def w4a8_supports(device: torch.device, n: int, k: int, rank: int, group_size: i
     return check is None or bool(check(n, k, rank, group_size))
 
 
-def w4a8_route(
-    x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, proj_up: torch.Tensor, weight_ok: bool
-) -> bool:
+def w4a8_route(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, proj_up: torch.Tensor) -> bool:
     """Whether this call of a W4A4 linear (x [..., K], its weight ``qweight`` [N, K/2] and
     ``wscales`` [N, G], its low-rank factor ``proj_up`` [N, R] with any LoRAs) runs as W4A8
     (quantize_act_fp8 + w4a8_gemm) instead of W4A4: on a device where W4A8 is served
     (:func:`w4a8_served`), with M = x's rows >= :func:`w4a8_min_m`, sizes the serving kernel
-    takes (:func:`w4a8_supports`: a LoRA can widen R past its limit), and ``weight_ok`` (the
-    caller's record of :func:`w4a8_weight_ok`: no code -8). Under torch.compile the device's
-    answers are constants, M's comparison a guard on the symbolic size, and ``weight_ok`` is read
-    only where the rest hold (so a device without W4A8 never guards on it)."""
+    takes (:func:`w4a8_supports`: a LoRA can widen R past its limit). Under torch.compile the
+    device's answers are constants and M's comparison a guard on the symbolic size."""
     device = x.device
     if not w4a8_served(device) or x.numel() // x.shape[-1] < w4a8_min_m(device):
         return False
     n, k = qweight.shape[0], 2 * qweight.shape[1]
-    return w4a8_supports(device, n, k, proj_up.shape[1], k // wscales.shape[1]) and weight_ok
+    return w4a8_supports(device, n, k, proj_up.shape[1], k // wscales.shape[1])
 
 
 def w4a16_gemv(
@@ -720,6 +704,5 @@ __all__ = [
     "w4a8_route",
     "w4a8_served",
     "w4a8_supports",
-    "w4a8_weight_ok",
     "w4a16_gemv",
 ]

@@ -67,15 +67,15 @@ Op contract (every backend implements exactly this; ``reference`` is the ground 
               *, out_dtype)
         y [M, N] = ascale * sum_g wscales_g * (codes_g . qweight_g^T) + lora_act @ proj_up^T + bias
                    (+ partial, then the gate/residual epilogue, exactly as w4a4_gemm)
-        the unchanged W4A4 weight (signed codes, any group size G divides K); the token's scale
+        the unchanged W4A4 weight (signed codes, code -8 read as -7: the Hopper kernel's
+        sign-magnitude layout has no -8; any group size G divides K); the token's scale
         applied once after the sum over groups; the products exact in fp32, a group's sum in the
         backend's order (a tensor core's own). [M, N] contiguous in out_dtype.
         Served by the reference everywhere and by triton on sm_90 (triton/act_fp8.py,
         triton/gemm_sm90_w4a8.py) where those kernels are in the build and the GEMM passed its
         self-check (triton_backend.w4a8_serves); elsewhere the pair runs on the reference
         (kernels.w4a8_backend_for). Which calls take W4A8 instead of W4A4 is
-        kernels.w4a8_route's decision (a weight with a code -8, which the Hopper kernel's
-        sign-magnitude layout lacks, stays W4A4).
+        kernels.w4a8_route's decision.
 
     qk_norm_rope(qkv0 [B, S0, >= 3HD], norm_q0 [D], norm_k0 [D], qkv1 [B, S1, >= 3HD] | None,
                  norm_q1 | None, norm_k1 | None, cos [S0+S1, D], sin [S0+S1, D], *, heads, eps)

@@ -425,8 +425,7 @@ def w4a8_gemm(
     takes (``supports``) once it passed its self-check (``serves``), on the weight's layout made
     once per tensor (``sm90_w4a8_weight``); the partial/gate/residual epilogue runs after it as
     the W4A4 Hopper route's does (fp32 written, triton/epilogue.py, bit for bit
-    ops.gemm_epilogue). Everything else, a weight with a code -8 among it (which the route keeps
-    W4A4: only a direct call gets here), runs the reference, ops.w4a8_gemm."""
+    ops.gemm_epilogue). Everything else runs the reference, ops.w4a8_gemm."""
     m, k = codes.shape
     n, r = qweight.shape[0], lora_act.shape[1]
     mods = _w4a8_kernels() if _major(codes.device) == 9 else None
@@ -435,31 +434,28 @@ def w4a8_gemm(
         and mods[1].supports(m, n, k, r, k // wscales.shape[1])
         and mods[1].serves(codes.device)
     ):
-        weight = sm90_w4a8_weight(qweight, wscales)
-        if weight is not None:
-            epilogue = residual is not None or partial is not None
-            y = mods[1].launch(
-                codes.contiguous(),
-                ascale.float().contiguous(),
-                weight,
-                _row_major(lora_act.float()),
-                _row_major(proj_up),
-                bias,
-                out_dtype=torch.float32 if epilogue else out_dtype,
-            )
-            return sm90_epilogue(y, partial, residual, gate, out_dtype) if epilogue else y
+        epilogue = residual is not None or partial is not None
+        y = mods[1].launch(
+            codes.contiguous(),
+            ascale.float().contiguous(),
+            sm90_w4a8_weight(qweight, wscales),
+            _row_major(lora_act.float()),
+            _row_major(proj_up),
+            bias,
+            out_dtype=torch.float32 if epilogue else out_dtype,
+        )
+        return sm90_epilogue(y, partial, residual, gate, out_dtype) if epilogue else y
     return ops.w4a8_gemm(
         codes, ascale, qweight, wscales, lora_act, proj_up, bias, partial, residual, gate, out_dtype=out_dtype
     )
 
 
-# The W4A8 kernel's weight layout (gemm_sm90_w4a8.prepare_weight; None for a weight with a code
-# -8), made once per weight tensor at its first call and kept while the tensor lives, as sm90_weight.
+# The W4A8 kernel's weight layout (gemm_sm90_w4a8.prepare_weight), made once per weight tensor at its first call and kept while the tensor lives, as sm90_weight.
 _SM90_W4A8_WEIGHTS = WeakTensorKeyDictionary()
 
 
-def sm90_w4a8_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> object | None:
-    """The load-time transform of a W4A4 weight for the W4A8 kernel (None: a code -8), cached per
+def sm90_w4a8_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> object:
+    """The load-time transform of a W4A4 weight for the W4A8 kernel, cached per
     tensor and remade when either tensor is written in place."""
     key = (_version(qweight), wscales.data_ptr(), _version(wscales))
     hit = _SM90_W4A8_WEIGHTS.get(qweight)

@@ -22,12 +22,9 @@ class SVDQLinear(LoraSlots, nn.Module):
     the base factors are never modified, so removing every LoRA restores the base output bit
     for bit.
 
-    Where ``kernels.w4a8_route`` takes a call (Hopper, M large enough, a weight with no code -8),
-    the same weight runs against FP8 activations (``quantize_act_fp8`` + ``w4a8_gemm``, the
-    prologue, epilogue and LoRAs as on the W4A4 route). Whether the weight qualifies is read once
-    per load (``_w4a8_weight``, refreshed by load_state_dict and load_quantized; call
-    ``weight_loaded()`` after writing ``qweight`` in place otherwise): a compiled graph guards
-    on that bool, it cannot read the codes.
+    Where ``kernels.w4a8_route`` takes a call (Hopper, M large enough), the same weight runs
+    against FP8 activations (``quantize_act_fp8`` + ``w4a8_gemm``, the prologue, epilogue and
+    LoRAs as on the W4A4 route).
     """
 
     def __init__(
@@ -66,9 +63,7 @@ class SVDQLinear(LoraSlots, nn.Module):
         self.register_buffer("_lora_up", None, persistent=False)
         self.register_buffer("_lora_bias", None, persistent=False)
         self._loras: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-        self._w4a8_weight = True  # kernels.w4a8_weight_ok(qweight): all-zero codes have no -8
         self._register_load_state_dict_pre_hook(_wscales_group_major)
-        self.register_load_state_dict_post_hook(_weight_loaded)
 
     @classmethod
     @torch.no_grad()
@@ -125,13 +120,6 @@ class SVDQLinear(LoraSlots, nn.Module):
                 raise ValueError(f"{name}: the layer and the quantized weights disagree on its presence")
             if value is not None:
                 getattr(self, name).copy_(value)
-        self.weight_loaded()
-
-    def weight_loaded(self) -> None:
-        """Record whether the loaded weight may take the W4A8 route (kernels.w4a8_weight_ok;
-        a weight still on the meta device keeps its record until it is loaded)."""
-        if self.qweight.device.type != "meta":
-            self._w4a8_weight = kernels.w4a8_weight_ok(self.qweight)
 
     # --- LoRA slots (add_lora, remove_lora, clear_loras: LoraSlots) ------------------------
 
@@ -184,7 +172,7 @@ class SVDQLinear(LoraSlots, nn.Module):
         bias = self.bias if self._lora_bias is None else self._lora_bias  # [N]
         partial = None if partial is None else partial.reshape(-1, self.out_features)  # [M, N]
         residual = None if residual is None else residual.reshape(-1, self.out_features)  # [M, N]
-        if kernels.w4a8_route(x, self.qweight, self.wscales, up, self._w4a8_weight):
+        if kernels.w4a8_route(x, self.qweight, self.wscales, up):
             codes, ascale, lora_act = kernels.quantize_act_fp8(  # [M, K] e4m3, [M], [M, R]
                 x, self.smooth_factor, down, shift=self.act_shift, modulation=modulation, gelu=gelu
             )
@@ -231,8 +219,3 @@ def _wscales_group_major(state: dict, prefix: str, *args: object) -> None:
     key = prefix + "wscales"
     if key in state and state[key].dim() == 2:
         state[key] = state[key].t().contiguous().t()
-
-
-def _weight_loaded(module: SVDQLinear, incompatible_keys: object) -> None:
-    """After load_state_dict (also with ``assign=True``): the new weight's W4A8 record."""
-    module.weight_loaded()

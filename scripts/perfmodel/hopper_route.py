@@ -94,7 +94,7 @@ def route(args: tuple) -> Route:
     return Route(kind, m, k, n, rank, bool(args[10]), kw["out_dtype"], kw.get("split"), seen["epilogue"])
 
 
-def takes_w4a8(m: int, k: int, n: int, *, rank: int = 32, group: int = 64, weight_ok: bool = True) -> bool:
+def takes_w4a8(m: int, k: int, n: int, *, rank: int = 32, group: int = 64) -> bool:
     """Whether an H100 runs a W4A4 linear's call of M rows (weight [N, K], low-rank width
     ``rank``, ``group``-channel scales) as W4A8: kernels.w4a8_route itself on meta tensors, with
     the triton backend serving (as auto chooses it on an H100), the architecture read as sm_90
@@ -119,4 +119,4 @@ def takes_w4a8(m: int, k: int, n: int, *, rank: int = 32, group: int = 64, weigh
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p)
-        return kernels.w4a8_route(x, qweight, wscales, proj_up, weight_ok)
+        return kernels.w4a8_route(x, qweight, wscales, proj_up)
