@@ -26,6 +26,8 @@ element is produced by one program in a fixed order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -40,24 +42,54 @@ from engine.kernels.triton.act import (
     modulate,
     smooth_divide,
 )
-from engine.kernels.triton.common import INTERPRET, LaunchConfig, block_r, row_major
+from engine.kernels.triton.common import INTERPRET, block_r, row_major
 from engine.kernels.triton.common import arch_major as _major  # a module global: the recorders patch it
 from engine.kernels.triton.common import round_to as _round_to
 from engine.quant.ops import FP8_MAX, LAYER_NORM_EPS
 
-GROUP = 64  # channels per loop step (one K = 64 low-rank MMA step); K must be a multiple
-# 16 rows per program as quantize_act (272 programs at M = 4352); block_n is unused.
-ACT_FP8_CONFIGS: dict[int, LaunchConfig] = {9: LaunchConfig(16, 0, 4, 4), 8: LaunchConfig(16, 0, 4, 3)}
-INTERPRETER_CONFIG = LaunchConfig(16, 0, 4, 1)
+GROUP = 64  # K is a multiple of it (the W4A8 GEMM's weight groups); the smallest block_k
 _FP8_MAX = tl.constexpr(FP8_MAX)
 LORA_CHUNK = 32  # ranks of the low-rank branch per program (common.block_r; grid axis 1)
 
 
-def act_fp8_config(major: int) -> LaunchConfig:
+@dataclass(frozen=True)
+class ActFp8Config:
+    """A fixed launch configuration. block_k1 / block_k2: the widest channel step of pass 1 /
+    pass 2 (the launcher takes the widest power of two up to it that divides K, at least 64)."""
+
+    block_m: int
+    block_k1: int
+    block_k2: int
+    num_warps: int
+    num_stages: int  # pass 1's pipeline depth (Triton's, of the loop with the MMA)
+    stages2: int  # pass 2's
+
+    def launch_options(self) -> dict:
+        """The launch keywords of this config."""
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+# 16 rows per program as quantize_act (272 programs at M = 4352, two or three per SM).
+ACT_FP8_CONFIGS: dict[int, ActFp8Config] = {
+    9: ActFp8Config(16, 128, 256, 4, 4, 4),
+    8: ActFp8Config(16, 128, 256, 4, 3, 3),
+}
+INTERPRETER_CONFIG = ActFp8Config(16, 128, 128, 4, 1, 1)
+
+
+def act_fp8_config(major: int) -> ActFp8Config:
     """The launch config for an architecture (compute-capability major)."""
     if INTERPRET:
         return INTERPRETER_CONFIG
     return ACT_FP8_CONFIGS[9 if major >= 9 else 8]
+
+
+def block_k(k: int, largest: int) -> int:
+    """The widest power of two from GROUP up to ``largest`` that divides ``k`` (a multiple of GROUP)."""
+    b = largest
+    while k % b:
+        b //= 2
+    return max(b, GROUP)
 
 
 @triton.jit
@@ -113,7 +145,9 @@ def quantize_act_fp8_kernel(
     eps,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    GROUP: tl.constexpr,
+    BLOCK_K1: tl.constexpr,  # channels per step of pass 1 (divides K)
+    BLOCK_K2: tl.constexpr,  # channels per step of pass 2 (divides K)
+    STAGES2: tl.constexpr,  # pass 2's pipeline depth (cp.async stages)
     HAS_LORA: tl.constexpr,
     COMPILED: tl.constexpr,  # for a GPU: FMA division, bf16 MMA, inline PTX (not interpreted)
     FP8_CVT: tl.constexpr,  # the GPU's e4m3 conversion (sm_89+)
@@ -130,35 +164,39 @@ def quantize_act_fp8_kernel(
     r0 = chunk * BLOCK_R
     row_ok = offs_m < M
     rows = tl.minimum(offs_m, M - 1).to(tl.int64)  # int64: M * K passes 2^31 at ~139k tokens
-    kk = tl.arange(0, GROUP)
+    k1 = tl.arange(0, BLOCK_K1)
     rr = tl.arange(0, BLOCK_R)
-    x_row = x_ptr + rows[:, None] * stride_xm + kk[None, :]
+    x_row = x_ptr + rows * stride_xm  # [BM]
     d_rows = tl.minimum(r0 + rr, tl.maximum(R - 1, 0)).to(tl.int64)  # rows past R repeat row R-1
-    d_ptrs = down_ptr + d_rows[:, None] * stride_dr + kk[None, :]
+    d_ptrs = down_ptr + d_rows[:, None] * stride_dr + k1[None, :]
     lora = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    amax_l = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)  # per lane; rows reduced after the pass
+    amax_l = tl.zeros((BLOCK_M, BLOCK_K1), dtype=tl.float32)  # per lane; rows reduced after pass 1
     DT: tl.constexpr = x_ptr.dtype.element_ty
     BF16_X: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     if MODULATE:
-        mean, rstd = _row_stats(x_row, K, eps, GROUP, COMPILED)  # [BM] each
+        mean, rstd = _row_stats(x_row[:, None] + k1[None, :], K, eps, BLOCK_K1, COMPILED)  # [BM] each
         image = (rows // rows_per_image) * stride_mb
-        m_off = image[:, None] + kk[None, :]
+        ms_row = mscale_ptr + image  # [BM]
+        mh_row = mshift_ptr + image
     # --- pass 1: amax and the low-rank product --------------------------------------------------
-    x_ptrs = x_row
-    for g in range(0, K // GROUP):
-        x = _widen(tl.load(x_ptrs), COMPILED)  # [BM, GROUP], contiguous rows
+    x_ptrs = x_row[:, None] + k1[None, :]
+    for i in range(0, K // BLOCK_K1):
+        k0 = i * BLOCK_K1
+        x = _widen(tl.load(x_ptrs), COMPILED)  # [BM, BLOCK_K1], contiguous rows
         if MODULATE:
-            x = modulate(x, mean, rstd, mscale_ptr + m_off + g * GROUP, mshift_ptr + m_off + g * GROUP, DT, COMPILED)
+            x = modulate(x, mean, rstd, ms_row[:, None] + (k0 + k1)[None, :], mh_row[:, None] + (k0 + k1)[None, :],
+                         DT, COMPILED)  # fmt: skip
         if GELU:
             x = _round_to(_gelu_tanh(x, COMPILED), DT, COMPILED)
         # -0 from skipping x + 0 reaches neither |x_hat| nor the low-rank sum (it starts at +0)
-        h = smooth_divide(x, smooth_ptr + g * GROUP + kk, rsmooth_ptr + g * GROUP + kk, shift,
-                          HAS_SHIFT or not BF16_X, COMPILED)  # fmt: skip
+        h = smooth_divide(
+            x, smooth_ptr + k0 + k1, rsmooth_ptr + k0 + k1, shift, HAS_SHIFT or not BF16_X, COMPILED
+        )
         amax_l = _max_nan(amax_l, tl.abs(h))
         if HAS_LORA:
-            lora = down_project(h, tl.load(d_ptrs), lora, DOWN_BF16, COMPILED)  # d: [BR, GROUP]
-        x_ptrs += GROUP
-        d_ptrs += GROUP
+            lora = down_project(h, tl.load(d_ptrs), lora, DOWN_BF16, COMPILED)  # d: [BR, BLOCK_K1]
+        x_ptrs += BLOCK_K1
+        d_ptrs += BLOCK_K1
     if HAS_LORA:
         out = lora_ptr + offs_m.to(tl.int64)[:, None] * R + (r0 + rr)[None, :]
         tl.store(out, lora, mask=row_ok[:, None] & (r0 + rr < R)[None, :])
@@ -171,19 +209,22 @@ def quantize_act_fp8_kernel(
             _store_rows(ascale_ptr + offs_m, ascale, row_ok)
         else:
             tl.store(ascale_ptr + offs_m, ascale, mask=row_ok)
-        x_ptrs = x_row
-        c_ptrs = codes_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + kk[None, :]
-        for g in range(0, K // GROUP):
+        k2 = tl.arange(0, BLOCK_K2)
+        x_ptrs = x_row[:, None] + k2[None, :]
+        c_ptrs = codes_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + k2[None, :]
+        for i in tl.range(0, K // BLOCK_K2, num_stages=STAGES2):
+            k0 = i * BLOCK_K2
             x = _widen(tl.load(x_ptrs), COMPILED)
             if MODULATE:
-                x = modulate(x, mean, rstd, mscale_ptr + m_off + g * GROUP, mshift_ptr + m_off + g * GROUP, DT, COMPILED)
+                x = modulate(x, mean, rstd, ms_row[:, None] + (k0 + k2)[None, :], mh_row[:, None] + (k0 + k2)[None, :],
+                             DT, COMPILED)  # fmt: skip
             if GELU:
                 x = _round_to(_gelu_tanh(x, COMPILED), DT, COMPILED)
-            h = smooth_divide(x, smooth_ptr + g * GROUP + kk, rsmooth_ptr + g * GROUP + kk, shift, True, COMPILED)
+            h = smooth_divide(x, smooth_ptr + k0 + k2, rsmooth_ptr + k0 + k2, shift, True, COMPILED)
             # the clamp to +-448: the conversion's saturation (HW), or its min(|v|, 448)
             tl.store(c_ptrs, e4m3_rne(h * inv[:, None], FP8_CVT), mask=row_ok[:, None])
-            x_ptrs += GROUP
-            c_ptrs += GROUP
+            x_ptrs += BLOCK_K2
+            c_ptrs += BLOCK_K2
 
 
 def quantize_act_fp8(
@@ -195,9 +236,11 @@ def quantize_act_fp8(
     *,
     shift: float,
     gelu: bool = False,
+    config: ActFp8Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """engine.quant.ops.quantize_act_fp8 in one kernel: (codes float8_e4m3fn [M, K], ascale fp32
-    [M], lora_act fp32 [M, R]). K must be a multiple of 64 (the W4A8 GEMM's weight groups)."""
+    [M], lora_act fp32 [M, R]). K must be a multiple of 64 (the W4A8 GEMM's weight groups).
+    ``config``: a launch config other than the architecture's (the models' and tests' variants)."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K], got shape {tuple(x.shape)}")
     m, k = x.shape
@@ -213,7 +256,7 @@ def quantize_act_fp8(
     if m == 0:
         return codes, ascale, lora_act
     major = _major(x.device)
-    cfg = act_fp8_config(major)
+    cfg = config or act_fp8_config(major)
     down = row_major(proj_down)
     smooth = smooth.contiguous()
     # RN(1 / smooth) by IEEE division on the host (K values); on the GPU smooth goes in fp32.
@@ -250,7 +293,9 @@ def quantize_act_fp8(
         LAYER_NORM_EPS,
         BLOCK_M=cfg.block_m,
         BLOCK_R=chunk,
-        GROUP=GROUP,
+        BLOCK_K1=block_k(k, cfg.block_k1),
+        BLOCK_K2=block_k(k, cfg.block_k2),
+        STAGES2=cfg.stages2,
         HAS_LORA=r > 0,
         COMPILED=not INTERPRET,
         FP8_CVT=not INTERPRET and major >= 9,
