@@ -192,7 +192,10 @@ def quantize_act_fp8_kernel(
         h = smooth_divide(
             x, smooth_ptr + k0 + k1, rsmooth_ptr + k0 + k1, shift, HAS_SHIFT or not BF16_X, COMPILED
         )
-        amax_l = _max_nan(amax_l, tl.abs(h))
+        h_abs = tl.abs(h)
+        if COMPILED:  # div_correct's residual is inf - inf = NaN for an infinite x: |x_hat| is inf
+            h_abs = tl.where(tl.abs(x) == float("inf"), float("inf"), h_abs)
+        amax_l = _max_nan(amax_l, h_abs)
         if HAS_LORA:
             lora = down_project(h, tl.load(d_ptrs), lora, DOWN_BF16, COMPILED)  # d: [BR, BLOCK_K1]
         x_ptrs += BLOCK_K1

@@ -1,0 +1,235 @@
+"""The Triton W4A8 quantizer (engine/kernels/triton/act_fp8.py) against its definer,
+engine.quant.ops.quantize_act_fp8: in the interpreter (tests run under TRITON_INTERPRET=1) and
+as compiled for sm_90, its PTX executed by tests/ptx_exec.py.
+
+Codes and ascale bit for bit (a NaN code matches a NaN code: the sign of a NaN made by inf * 0
+is the platform's, not IEEE's), lora_act to quantize_act's bound (bf16 hi + lo or tf32x3 MMAs).
+The prologues as test_prologue bounds quantize_act's: bf16 / fp16 x exact; fp32 x, whose
+LayerNorm statistics are summed in the kernel's order, within a few fp32 ulps of x' (ascale
+2^-20 relative; a code may then move to its neighbour where x_hat * inv sits on a tie).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.quant.ops import FP8_MAX, quantize_act_fp8
+
+from . import ptx_compile as PC
+from .kernel_cases import act_inputs
+from .ptx_ops import to_e4m3_bits
+
+AF = pytest.importorskip("engine.kernels.triton.act_fp8")
+LORA_TOL = {"rtol": 2e-3, "atol": 2e-3}  # test_kernels_triton's
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+E4M3 = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # +0 .. 448
+
+
+def _nan_code(b: torch.Tensor) -> torch.Tensor:
+    return (b & 0x7F) == 0x7F
+
+
+def assert_codes(got: torch.Tensor, want: torch.Tensor, neighbours: float = 0.0) -> None:
+    """e4m3 codes equal bit for bit (NaN to NaN); with ``neighbours`` > 0 that fraction of them
+    may instead be the adjacent e4m3 value (same sign)."""
+    assert got.dtype == torch.float8_e4m3fn and got.shape == want.shape
+    g, w = got.view(torch.uint8).int(), want.view(torch.uint8).int()
+    assert torch.equal(_nan_code(g), _nan_code(w)), "NaN codes differ"
+    g, w = torch.where(_nan_code(g), 0, g), torch.where(_nan_code(w), 0, w)
+    diff = g != w
+    if neighbours:
+        assert ((g - w).abs()[diff] == 1).all(), "a code off by more than one step"
+        assert diff.float().mean() <= neighbours, diff.float().mean()
+    else:
+        bad = diff.nonzero()[:5].tolist()
+        assert not diff.any(), (
+            f"{int(diff.sum())} codes differ, e.g. at {bad}: {g[diff][:5]} vs {w[diff][:5]}"
+        )
+
+
+def assert_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """fp32 tensors equal bit for bit, NaN to NaN."""
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+def check(got, want, scale_rtol: float = 0.0, neighbours: float = 0.0) -> None:
+    codes, ascale, lora = got
+    assert_codes(codes, want[0], neighbours)
+    if scale_rtol:
+        torch.testing.assert_close(ascale, want[1], rtol=scale_rtol, atol=0, equal_nan=True)
+    else:
+        assert_bits(ascale, want[1])
+    finite = torch.isfinite(want[2]).all(dim=1)  # an inf row: its lora_act is inf or NaN
+    assert lora.shape == want[2].shape
+    torch.testing.assert_close(lora[finite], want[2][finite], **LORA_TOL)
+    assert not torch.isfinite(lora[~finite]).all(dim=1).any()
+
+
+def edge_inputs(m: int, k: int, r: int, dtype: torch.dtype, seed: int = 0) -> dict:
+    """act_inputs plus the rows the format has edges at: all zero, all -0, scattered -0, one inf,
+    one -inf, one NaN (rows 1 to 6); row 0 keeps its zero group."""
+    a = act_inputs(m, k, r, dtype=dtype, seed=seed)
+    x = a["x"]
+    x[1] = 0.0
+    x[2] = -0.0
+    x[3, ::5] = -0.0
+    x[4, 7] = float("inf")
+    x[5, k - 1] = float("-inf")
+    x[6, 9] = float("nan")
+    return a
+
+
+# --- the interpreter ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, k, r", [(21, 64, 5), (17, 192, 16), (37, 384, 48), (16, 640, 0)])
+def test_matches_reference(m, k, r, dtype):
+    """M not a multiple of 16, K of 64 x odd (192: not a multiple of pass 1's 128-channel step,
+    640: nor of pass 2's 256), ranks 0, one chunk and two; the edge rows."""
+    a = edge_inputs(m, k, r, dtype)
+    for shift in (0.0, 0.171875):
+        check(AF.quantize_act_fp8(**a, shift=shift), quantize_act_fp8(**a, shift=shift))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flux_width(dtype):
+    """K = 3072 (48 groups), 24 rows."""
+    a = edge_inputs(24, 3072, 32, dtype, seed=3)
+    check(AF.quantize_act_fp8(**a, shift=0.0), quantize_act_fp8(**a, shift=0.0))
+
+
+def tie_inputs(dtype: torch.dtype) -> dict:
+    """Rows whose x_hat * inv lands on every e4m3 rounding tie, and on x's dtype's neighbours of
+    each, positive and negative: row j has amax 448 * 2^-k_j (so inv = 2^k_j, exact) and the
+    other values t * 2^-k_j, t the midpoints of consecutive e4m3 values (subnormal ones, 2^-6's,
+    432 between 416 and 448). smooth powers of two (exact divisions)."""
+    mids = (E4M3[:-1] + E4M3[1:]) / 2  # 126 midpoints
+    mids = mids.to(dtype)
+    assert torch.equal(mids.float(), (E4M3[:-1] + E4M3[1:]) / 2)  # exact in every dtype tested
+    bits = mids.view(torch.int16 if dtype != torch.float32 else torch.int32)
+    up, down = (bits + 1).view(dtype), (bits - 1).view(dtype)
+    vals = torch.cat([mids, up, down[1:]]).float()  # 377 values (down of 2^-10 is subnormal-ish)
+    ks = [0, 2] if dtype == torch.float16 else [0, 3, 7, 20]
+    k = 768
+    smooth = 2.0 ** (torch.arange(k) % 3 - 1).float()  # 0.5, 1, 2
+    rows = []
+    for e in ks:
+        for sign in (1.0, -1.0):
+            row = torch.zeros(k)
+            row[0] = FP8_MAX
+            row[1 : 1 + vals.numel()] = vals
+            rows.append(sign * row * 2.0**-e)
+    x_hat = torch.stack(rows)
+    x = (x_hat * smooth).to(dtype)
+    assert torch.equal(x.float() / smooth, x_hat), "the tie values are not exact in x's dtype"
+    g = torch.Generator().manual_seed(5)
+    return {"x": x, "smooth": smooth.to(dtype), "proj_down": (torch.randn(8, k, generator=g) / 30).to(dtype)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rounding_ties_go_to_even(dtype):
+    a = tie_inputs(dtype)
+    got = AF.quantize_act_fp8(**a, shift=0.0)
+    want = quantize_act_fp8(**a, shift=0.0)
+    check(got, want)
+    # not vacuous: the reference's ties went both ways, and to the even code
+    codes = want[0].view(torch.uint8)[0, 1:127].int()
+    assert (codes & 1).eq(0).all() and len(set(codes.tolist())) > 60
+
+
+def test_e4m3_emulation_is_torchs_conversion():
+    """The PTX interpreter's cvt.rn.satfinite.e4m3x2 (tests/ptx_ops.to_e4m3_bits) against torch's
+    float8_e4m3fn cast of the clamped value: every tie, its fp32 neighbours, random values over
+    the whole range, +-0, saturation, NaN."""
+    mids = ((E4M3[:-1] + E4M3[1:]) / 2).numpy().astype(np.float32)
+    near = np.concatenate([mids, np.nextafter(mids, np.float32(0)), np.nextafter(mids, np.float32(1e9))])
+    rnd = np.random.default_rng(0).standard_normal(4000).astype(np.float32) * np.exp2(
+        np.random.default_rng(1).integers(-14, 9, 4000)
+    ).astype(np.float32)
+    x = np.concatenate([near, -near, rnd, [0.0, -0.0, 448.0, 460.0, 470.0, 1e30, -1e30, np.inf, -np.inf]])
+    x = x.astype(np.float32)
+    want = torch.from_numpy(x).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    got = to_e4m3_bits(x)
+    assert np.array_equal(got.astype(np.int64), want.numpy().astype(np.int64))
+    assert to_e4m3_bits(np.array([np.nan], np.float32))[0] == 0x7F
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, k, r, b", [(40, 192, 16, 2), (17, 512, 3, 1)])
+def test_modulation_matches_reference(m, k, r, b, dtype):
+    a = edge_inputs(m, k, r, dtype)
+    a["x"] = a["x"] + 0.25  # a non-zero mean
+    a["x"][1] = 0.0  # and a constant row
+    g = torch.Generator().manual_seed(3)
+    emb = (torch.randn(b, 6 * k, generator=g) * 0.4).to(dtype)  # chunks of it: row stride 6K
+    mod = {"mod_scale": emb[:, k : 2 * k], "mod_shift": emb[:, :k]}
+    got = AF.quantize_act_fp8(**a, **mod, shift=0.0)
+    want = quantize_act_fp8(**a, **mod, shift=0.0)
+    exact = dtype != torch.float32
+    check(got, want, scale_rtol=0.0 if exact else 2**-20, neighbours=0.0 if exact else 2e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, k, r", [(33, 128, 16), (9, 320, 0)])
+def test_gelu_matches_reference(m, k, r, dtype):
+    a = edge_inputs(m, k, r, dtype)
+    got = AF.quantize_act_fp8(**a, shift=0.171875, gelu=True)
+    want = quantize_act_fp8(**a, shift=0.171875, gelu=True)
+    exact = dtype != torch.float32
+    check(got, want, scale_rtol=0.0 if exact else 2**-20, neighbours=0.0 if exact else 2e-3)
+
+
+def test_bad_inputs_are_named():
+    a = act_inputs(4, 96, 2)
+    with pytest.raises(ValueError, match="K must be a multiple of 64"):
+        AF.quantize_act_fp8(**a, shift=0.0)
+    a = act_inputs(4, 128, 2)
+    with pytest.raises(ValueError, match="mod_scale and mod_shift"):
+        AF.quantize_act_fp8(**a, mod_scale=a["x"][:1], shift=0.0)
+    with pytest.raises(ValueError, match="must divide M"):
+        AF.quantize_act_fp8(**a, mod_scale=a["x"][:3], mod_shift=a["x"][:3], shift=0.0)
+    codes, ascale, lora = AF.quantize_act_fp8(a["x"][:0], a["smooth"], a["proj_down"], shift=0.0)
+    assert codes.shape == (0, 128) and ascale.shape == (0,) and lora.shape == (0, 2)
+
+
+def test_block_k_divides_k():
+    assert [AF.block_k(k, 256) for k in (64, 192, 384, 640, 3072, 15360)] == [64, 64, 128, 128, 256, 256]
+
+
+# --- compiled for sm_90, executed by the PTX interpreter -------------------------------------------
+
+
+def test_sm90_compile_executes_to_the_reference_bits():
+    """The launch an H100 gets (sm_90 config, COMPILED: FMA divisions from the host's reciprocal,
+    bf16 MMAs, the hardware e4m3 conversion), compiled for sm_90 and executed: codes and ascale
+    bit for bit, lora_act to the hi + lo bound; the edge rows and a tie row included; every byte
+    written, no findings (out of bounds, races)."""
+    m, k, r = 19, 256, 5
+    a = edge_inputs(m, k, r, torch.bfloat16)
+    smooth = 2.0 ** (torch.arange(k) % 3 - 1).float()
+    a["smooth"] = smooth.to(torch.bfloat16)
+    tie = torch.zeros(k)
+    tie[0] = FP8_MAX
+    tie[1:127] = (E4M3[:-1] + E4M3[1:]) / 2
+    a["x"][7] = (tie * 2.0**-3 * smooth).to(torch.bfloat16)  # row 7: inv = 8, x_hat * inv on ties
+    a["x"][8] = -a["x"][7]
+    rec = PC.record("act_fp8", lambda: AF.quantize_act_fp8(**a, shift=0.0), major=9)
+    (res,) = PC.compile_ptx([rec.request(90)])
+    assert ".target sm_90" in res["ptx"] and "cvt.rn.satfinite.e4m3x2.f32" in res["ptx"]
+    findings, written = PC.execute(rec, res)
+    assert not findings, findings.report()
+    assert all(w.all() for w in written.values()), {n: int((~w).sum()) for n, w in written.items()}
+    names = ("codes_ptr", "ascale_ptr", "lora_ptr")
+    import inspect
+
+    params = list(inspect.signature(AF.quantize_act_fp8_kernel.fn).parameters)
+    out = {n: rec.args[params.index(n)] for n in names}
+    want = quantize_act_fp8(**a, shift=0.0)
+    codes = out["codes_ptr"].view(torch.float8_e4m3fn)
+    check((codes, out["ascale_ptr"], out["lora_ptr"]), want)
+    assert torch.equal(codes.view(torch.uint8)[2], torch.zeros(k, dtype=torch.uint8))  # -0 row: +0 codes
