@@ -20,6 +20,7 @@ from engine.quant.ops import FP8_MAX, quantize_act_fp8
 from . import ptx_compile as PC
 from .kernel_cases import act_inputs
 from .ptx_ops import to_e4m3_bits
+from .test_ptx_exec_triton import _beyond_warp_reduction_tails
 
 AF = pytest.importorskip("engine.kernels.triton.act_fp8")
 LORA_TOL = {"rtol": 2e-3, "atol": 2e-3}  # test_kernels_triton's
@@ -222,7 +223,9 @@ def test_sm90_compile_executes_to_the_reference_bits():
     (res,) = PC.compile_ptx([rec.request(90)])
     assert ".target sm_90" in res["ptx"] and "cvt.rn.satfinite.e4m3x2.f32" in res["ptx"]
     findings, written = PC.execute(rec, res)
-    assert not findings, findings.report()
+    # the block's NaN check after pass 1 is Triton's cross-warp reduction, whose tail lanes
+    # shuffle registers they never loaded and never store (test_ptx_exec_triton's filter)
+    assert not _beyond_warp_reduction_tails(findings, res["ptx"]), findings.report()
     assert all(w.all() for w in written.values()), {n: int((~w).sum()) for n, w in written.items()}
     names = ("codes_ptr", "ascale_ptr", "lora_ptr")
     import inspect

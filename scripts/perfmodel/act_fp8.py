@@ -44,14 +44,18 @@ class _Recorder:
         return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
 
 
-def act_fp8_launch(m: int, k: int, major: int = 9, rank: int = RANK, prologue: str = "", config=None) -> tuple:
+def act_fp8_launch(
+    m: int, k: int, major: int = 9, rank: int = RANK, prologue: str = "", config=None
+) -> tuple:
     """(grid, args, kwargs) of the launcher's own launch on meta tensors (bf16 x, shift 0), as a
     GPU of compute capability ``major`` gets it; ``prologue``: "", "modulation" or "gelu"."""
     rec, saved = _Recorder(), (AF.quantize_act_fp8_kernel, AF._major, AF.INTERPRET)
     AF.quantize_act_fp8_kernel, AF._major, AF.INTERPRET = rec, (lambda device: major), False
     try:
         mod = (_meta(1, k), _meta(1, k)) if prologue == "modulation" else (None, None)
-        AF.quantize_act_fp8(_meta(m, k), _meta(k), _meta(rank, k), *mod, shift=0.0, gelu=prologue == "gelu", config=config)
+        AF.quantize_act_fp8(
+            _meta(m, k), _meta(k), _meta(rank, k), *mod, shift=0.0, gelu=prologue == "gelu", config=config
+        )
     finally:
         AF.quantize_act_fp8_kernel, AF._major, AF.INTERPRET = saved
     (launch,) = rec.calls
@@ -75,17 +79,19 @@ def compile_act_fp8(
     _, args, kwargs = act_fp8_launch(m, k, cc // 10, rank, prologue, config)
     kernel = triton_kernel(AF.quantize_act_fp8_kernel, args, kwargs, cc)
     usage, instrs, loops = disassemble(kernel.asm["cubin"])
-    widths = {"stats": kwargs["BLOCK_K1"], "pass1": kwargs["BLOCK_K1"], "pass2": kwargs["BLOCK_K2"]}
+    widths = {"stats": kwargs["BLOCK_K1"], "pass1": kwargs["BLOCK_K1"], "fixup": kwargs["BLOCK_K2"],
+              "pass2": kwargs["BLOCK_K2"]}  # fmt: skip
     counts, ops = {}, {}
-    for body in loops:
+    seen_pass1 = False
+    for body in loops:  # in program order: statistics, pass 1, the NaN fix-up, pass 2
         if len(body) <= 2:  # the trap after the exit (a branch to itself)
             continue
         if any(re.search(r"\b(HMMA|IMMA|HGMMA)", t) for t in body):
-            kind = "pass1"
+            kind, seen_pass1 = "pass1", True
         elif any(re.search(r"\bSTG", t) for t in body):
             kind = "pass2"  # the only loop that stores (the codes)
         else:
-            kind = "stats"
+            kind = "fixup" if seen_pass1 else "stats"  # fixup: runs only for a row with NaN amax
         if kind in counts:
             raise RuntimeError(f"two {kind} loops in the SASS of act_fp8 (k={k}, {prologue or 'plain'})")
         counts[kind] = len(body) / (widths[kind] // 64)
@@ -101,9 +107,11 @@ def compile_act_fp8(
         "spill_instrs": sum(1 for t in instrs if re.search(r"\b(STL|LDL)\b", t)),
         "shared_bytes": kernel.metadata.shared,
         "loops": counts,
-        "group_sass": sum(counts.values()),
+        "group_sass": sum(v for kind, v in counts.items() if kind != "fixup"),
         "loop_ops": ops,
-        "e4m3_cvt": sum(c for op, c in ops.get("pass2", {}).items() if op.startswith("F2FP") and "E4M3" in op),
+        "e4m3_cvt": sum(
+            c for op, c in ops.get("pass2", {}).items() if op.startswith("F2FP") and "E4M3" in op
+        ),
         "ptx": kernel.asm["ptx"],
         "num_warps": options.get("num_warps"),
         "block_k1": kwargs["BLOCK_K1"],

@@ -192,10 +192,7 @@ def quantize_act_fp8_kernel(
         h = smooth_divide(
             x, smooth_ptr + k0 + k1, rsmooth_ptr + k0 + k1, shift, HAS_SHIFT or not BF16_X, COMPILED
         )
-        h_abs = tl.abs(h)
-        if COMPILED:  # div_correct's residual is inf - inf = NaN for an infinite x: |x_hat| is inf
-            h_abs = tl.where(tl.abs(x) == float("inf"), float("inf"), h_abs)
-        amax_l = _max_nan(amax_l, h_abs)
+        amax_l = _max_nan(amax_l, tl.abs(h))
         if HAS_LORA:
             lora = down_project(h, tl.load(d_ptrs), lora, DOWN_BF16, COMPILED)  # d: [BR, BLOCK_K1]
         x_ptrs += BLOCK_K1
@@ -206,12 +203,7 @@ def quantize_act_fp8_kernel(
     # --- pass 2: the codes ------------------------------------------------------------------------
     if ONE_CHUNK or chunk == 0:
         amax = tl.reduce(amax_l, 1, _max_nan)  # [BM]; NaN propagates, as torch's amax
-        ascale = tl.div_rn(amax, _FP8_MAX)  # IEEE, as the reference's tensor division
         inv = tl.where(amax > 0, tl.div_rn(_FP8_MAX, tl.where(amax > 0, amax, 1.0)), 0.0)
-        if COMPILED:
-            _store_rows(ascale_ptr + offs_m, ascale, row_ok)
-        else:
-            tl.store(ascale_ptr + offs_m, ascale, mask=row_ok)
         k2 = tl.arange(0, BLOCK_K2)
         x_ptrs = x_row[:, None] + k2[None, :]
         c_ptrs = codes_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + k2[None, :]
@@ -228,6 +220,30 @@ def quantize_act_fp8_kernel(
             tl.store(c_ptrs, e4m3_rne(h * inv[:, None], FP8_CVT), mask=row_ok[:, None])
             x_ptrs += BLOCK_K2
             c_ptrs += BLOCK_K2
+        if COMPILED:  # noqa: SIM102 (a constexpr branch around a runtime one)
+            # div_correct's residual is inf - inf = NaN for an infinite x, where x_hat is +-inf.
+            # A finite x never makes NaN there, so only a row whose amax is NaN may be wrong (not
+            # its codes: inv is 0 for NaN and inf alike): then, rarely, one more pass takes
+            # max |x'|, NaN kept; a row with an inf and no NaN in x' has amax inf, as the reference's.
+            block_max = tl.reduce(amax, 0, _max_nan)  # NaN if any row's amax is
+            if block_max != block_max:
+                xmax_l = tl.zeros((BLOCK_M, BLOCK_K2), dtype=tl.float32)
+                for i in range(0, K // BLOCK_K2):
+                    k0 = i * BLOCK_K2
+                    x = _widen(tl.load(x_row[:, None] + (k0 + k2)[None, :]), COMPILED)
+                    if MODULATE:
+                        x = modulate(x, mean, rstd, ms_row[:, None] + (k0 + k2)[None, :],
+                                     mh_row[:, None] + (k0 + k2)[None, :], DT, COMPILED)  # fmt: skip
+                    if GELU:
+                        x = _round_to(_gelu_tanh(x, COMPILED), DT, COMPILED)
+                    xmax_l = _max_nan(xmax_l, tl.abs(x))
+                xmax = tl.reduce(xmax_l, 1, _max_nan)
+                amax = tl.where(xmax == float("inf"), xmax, amax)
+        ascale = tl.div_rn(amax, _FP8_MAX)  # IEEE, as the reference's tensor division
+        if COMPILED:
+            _store_rows(ascale_ptr + offs_m, ascale, row_ok)
+        else:
+            tl.store(ascale_ptr + offs_m, ascale, mask=row_ok)
 
 
 def quantize_act_fp8(
