@@ -220,7 +220,7 @@ def quantize_act_fp8_kernel(
             tl.store(c_ptrs, e4m3_rne(h * inv[:, None], FP8_CVT), mask=row_ok[:, None])
             x_ptrs += BLOCK_K2
             c_ptrs += BLOCK_K2
-        if COMPILED:  # noqa: SIM102 (a constexpr branch around a runtime one)
+        if COMPILED:
             # div_correct's residual is inf - inf = NaN for an infinite x, where x_hat is +-inf.
             # A finite x never makes NaN there, so only a row whose amax is NaN may be wrong (not
             # its codes: inv is 0 for NaN and inf alike): then, rarely, one more pass takes
