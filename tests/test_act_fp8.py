@@ -161,8 +161,10 @@ def test_e4m3_emulation_is_torchs_conversion():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m, k, r, b", [(40, 192, 16, 2), (17, 512, 3, 1)])
+@pytest.mark.parametrize("m, k, r, b", [(40, 192, 16, 2), (17, 512, 3, 1), (32, 256, 5, 2)])
 def test_modulation_matches_reference(m, k, r, b, dtype):
+    """Rows of two images (S = 20: blocks straddle them), one, and S = 16 (ONE_IMAGE: one row of
+    mod_scale / mod_shift per block)."""
     a = edge_inputs(m, k, r, dtype)
     a["x"] = a["x"] + 0.25  # a non-zero mean
     a["x"][1] = 0.0  # and a constant row

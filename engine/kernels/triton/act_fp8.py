@@ -156,6 +156,7 @@ def quantize_act_fp8_kernel(
     GELU: tl.constexpr,  # x <- gelu_tanh(x), rounded like torch
     HAS_SHIFT: tl.constexpr = True,  # shift != 0 (else pass 1 skips x + shift for bf16 x)
     ONE_CHUNK: tl.constexpr = False,  # R <= BLOCK_R: grid axis 1 is 1, no runtime branch on it
+    ONE_IMAGE: tl.constexpr = False,  # MODULATE: S % BLOCK_M == 0, each block's rows in one image
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     # Program (i, c) projects row block i onto ranks [c * BLOCK_R, (c + 1) * BLOCK_R); the
@@ -175,8 +176,11 @@ def quantize_act_fp8_kernel(
     BF16_X: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     if MODULATE:
         mean, rstd = _row_stats(x_row[:, None] + k1[None, :], K, eps, BLOCK_K1, COMPILED)  # [BM] each
-        image = (rows // rows_per_image) * stride_mb
-        ms_row = mscale_ptr + image  # [BM]
+        if ONE_IMAGE:  # one row of mod_scale / mod_shift per block: [1, BK] tiles, 1 + scale per column
+            image = (tl.program_id(0) * BLOCK_M // rows_per_image) * stride_mb + tl.zeros([1], tl.int64)
+        else:
+            image = (rows // rows_per_image) * stride_mb  # [BM]
+        ms_row = mscale_ptr + image
         mh_row = mshift_ptr + image
     # --- pass 1: amax and the low-rank product --------------------------------------------------
     x_ptrs = x_row[:, None] + k1[None, :]
@@ -323,6 +327,7 @@ def quantize_act_fp8(
         GELU=gelu,
         HAS_SHIFT=shift != 0.0,
         ONE_CHUNK=r <= chunk,
+        ONE_IMAGE=modulate and (m // mod_scale.shape[0]) % cfg.block_m == 0,
         **cfg.launch_options(),
     )
     return codes, ascale, lora_act
