@@ -10,7 +10,7 @@ the window between a row's two reads every program in flight reads its own 16 ro
 once, so the resident set is programs in flight x that; below the L2 size (H100: 50 MB, of
 which ~40 MB is taken as usable here) pass 2 reads L2. ``reread`` says which the model assumed.
 
-    python scripts/perfmodel/act_fp8.py      (no TRITON_INTERPRET; prints the table as JSON)
+    PYTHONPATH=.:scripts python scripts/perfmodel/act_fp8.py [--json PATH]   (no TRITON_INTERPRET)
 
 ``compile_act_fp8(k, prologue)`` is the compile-and-count entry point for other models.
 """
@@ -28,7 +28,7 @@ from engine.kernels.triton import act_fp8 as AF
 from perfmodel.devices import H100, Device
 from perfmodel.launches import _meta
 from perfmodel.loops import opcode_counts
-from perfmodel.sass import disassemble, specialize, triton_kernel
+from perfmodel.sass import disassemble, ptx_checks, specialize, triton_kernel
 from perfmodel.shapes import FLUX_M, RANK
 from perfmodel.triton_model import DRAM_LATENCY_NS, _ctas_per_sm
 
@@ -113,6 +113,8 @@ def compile_act_fp8(
             c for op, c in ops.get("pass2", {}).items() if op.startswith("F2FP") and "E4M3" in op
         ),
         "ptx": kernel.asm["ptx"],
+        **ptx_checks(kernel.asm["ptx"]),
+        "ptx_e4m3_cvt": len(re.findall(r"\bcvt\.rn\.satfinite\.e4m3x2\.f32\b", kernel.asm["ptx"])),
         "num_warps": options.get("num_warps"),
         "block_k1": kwargs["BLOCK_K1"],
         "block_k2": kwargs["BLOCK_K2"],
@@ -177,6 +179,34 @@ def table(dev: Device = H100, m: int = FLUX_M) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """Print the table (or write it and the compiled counts, without PTX, to ``--json PATH``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write {table, static} here instead of printing the table")
+    args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
-    print(json.dumps(table(), indent=1))
+    rows = table()
+    if not args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    static = [
+        {k: v for k, v in compile_act_fp8(k, p).items() if k != "ptx"}
+        for p in ("", "modulation", "gelu")
+        for k in MODEL_KS[:1]
+    ]
+    # quantize_act's (the W4A4 route's) loop at the same shape, for comparison
+    import engine.kernels.triton_backend as tb
+    from perfmodel.launches import act_launch
+    from perfmodel.loops import compile_sass
+
+    w4a4 = {p or "none": compile_sass(tb.quantize_act_kernel, *act_launch(FLUX_M, MODEL_KS[0], 9, prologue=p)[1:], 90)["loop_sass"]
+            for p in ("", "modulation", "gelu")}  # fmt: skip
+    with open(args.json, "w") as f:
+        json.dump({"table": rows, "static": static, "quantize_act_loop_sass": w4a4}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
