@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from engine.quant.ops import FP8_MAX, quantize_act_fp8
 
@@ -23,6 +25,8 @@ from .ptx_ops import to_e4m3_bits
 from .test_ptx_exec_triton import _beyond_warp_reduction_tails
 
 AF = pytest.importorskip("engine.kernels.triton.act_fp8")
+from engine.kernels.triton import act as ACT  # noqa: E402
+
 LORA_TOL = {"rtol": 2e-3, "atol": 2e-3}  # test_kernels_triton's
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 E4M3 = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # +0 .. 448
@@ -163,8 +167,7 @@ def test_e4m3_emulation_is_torchs_conversion():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m, k, r, b", [(40, 192, 16, 2), (17, 512, 3, 1), (32, 256, 5, 2)])
 def test_modulation_matches_reference(m, k, r, b, dtype):
-    """Rows of two images (S = 20: blocks straddle them), one, and S = 16 (ONE_IMAGE: one row of
-    mod_scale / mod_shift per block)."""
+    """Rows of two images (S = 20: blocks straddle them), one, and two of S = 16 (a block each)."""
     a = edge_inputs(m, k, r, dtype)
     a["x"] = a["x"] + 0.25  # a non-zero mean
     a["x"][1] = 0.0  # and a constant row
@@ -229,12 +232,88 @@ def test_sm90_compile_executes_to_the_reference_bits():
     # shuffle registers they never loaded and never store (test_ptx_exec_triton's filter)
     assert not _beyond_warp_reduction_tails(findings, res["ptx"]), findings.report()
     assert all(w.all() for w in written.values()), {n: int((~w).sum()) for n, w in written.items()}
-    names = ("codes_ptr", "ascale_ptr", "lora_ptr")
-    import inspect
-
-    params = list(inspect.signature(AF.quantize_act_fp8_kernel.fn).parameters)
-    out = {n: rec.args[params.index(n)] for n in names}
+    out = _outputs(rec)
     want = quantize_act_fp8(**a, shift=0.0)
     codes = out["codes_ptr"].view(torch.float8_e4m3fn)
     check((codes, out["ascale_ptr"], out["lora_ptr"]), want)
     assert torch.equal(codes.view(torch.uint8)[2], torch.zeros(k, dtype=torch.uint8))  # -0 row: +0 codes
+
+
+@pytest.mark.parametrize("prologue", ["modulation", "gelu"])
+def test_sm90_prologues_execute_to_the_reference(prologue):
+    """The prologue variants as an H100 gets them, compiled for sm_90 and executed. The GPU's
+    rsqrt / tanh (rsqrt.approx, ex2.approx, rcp.approx, emulated correctly rounded) and its
+    statistics' order are not the CPU reference's, so as test_ptx_exec_triton bounds quantize_act's
+    prologues: a code may move to its neighbour (< 1% of them), ascale within a bf16 ulp of x'."""
+    m, k, r = 19, 256, 5
+    a = act_inputs(m, k, r, seed=4)
+    g = torch.Generator().manual_seed(1)
+    kw = {"shift": 0.0}
+    if prologue == "modulation":
+        kw |= {"mod_scale": (torch.randn(1, k, generator=g) * 0.3).to(torch.bfloat16),
+               "mod_shift": torch.randn(1, k, generator=g).to(torch.bfloat16)}  # fmt: skip
+    else:
+        kw |= {"gelu": True, "shift": 0.171875}
+    rec = PC.record("act_fp8", lambda: AF.quantize_act_fp8(**a, **kw), major=9)
+    (res,) = PC.compile_ptx([rec.request(90)])
+    findings, written = PC.execute(rec, res)
+    assert not _beyond_warp_reduction_tails(findings, res["ptx"]), findings.report()
+    assert all(w.all() for w in written.values())
+    out = _outputs(rec)
+    want = quantize_act_fp8(**a, **kw)
+    assert_codes(out["codes_ptr"].view(torch.float8_e4m3fn), want[0], neighbours=0.01)
+    torch.testing.assert_close(out["ascale_ptr"], want[1], rtol=2**-7, atol=0)
+    torch.testing.assert_close(out["lora_ptr"], want[2], **LORA_TOL)
+
+
+def _outputs(rec) -> dict[str, torch.Tensor]:
+    import inspect
+
+    params = list(inspect.signature(AF.quantize_act_fp8_kernel.fn).parameters)
+    return {n: rec.args[params.index(n)] for n in ("codes_ptr", "ascale_ptr", "lora_ptr")}
+
+
+@triton.jit
+def modulate_pair_kernel(
+    x_ptr, ms_ptr, mh_ptr, mean_ptr, rstd_ptr, out_ptr, BM: tl.constexpr, BK: tl.constexpr
+):
+    """act_fp8.modulate16 and act.modulate, compiled (COMPILED=True) on the same tile: out[0], out[1]."""
+    r = tl.arange(0, BM)
+    offs = r[:, None] * BK + tl.arange(0, BK)[None, :]
+    x = tl.load(x_ptr + offs).to(tl.float32)
+    mean, rstd = tl.load(mean_ptr + r), tl.load(rstd_ptr + r)
+    dt: tl.constexpr = x_ptr.dtype.element_ty
+    tl.store(out_ptr + offs, AF.modulate16(x, mean, rstd, ms_ptr + offs, mh_ptr + offs, dt, True))
+    tl.store(out_ptr + BM * BK + offs, ACT.modulate(x, mean, rstd, ms_ptr + offs, mh_ptr + offs, dt, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sm90_modulate16_is_act_modulate(dtype):
+    """The 16-bit form of the modulation (mul.rn / add on bf16x2 or f16x2) against act.modulate's
+    fp32 ops rounded to x's dtype, both compiled for sm_90 and executed: the same bits on values
+    over a wide range of magnitudes (shift up to 2^12 times the product and down to 2^-12 of it,
+    where an fp32 sum is rounded before the 16-bit rounding). A product fused into the add (an
+    FMA, as Triton contracts ``a * b + c``) differs here."""
+    bm, bk = 16, 64
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(bm, bk, generator=g) * 3).to(dtype)
+    scale = (torch.randn(bm, bk, generator=g) * 0.5).to(dtype)
+    spread = 2.0 ** torch.randint(-12, 13, (bm, bk), generator=g).float()
+    shift = (torch.randn(bm, bk, generator=g) * spread).clamp(-6e4, 6e4).to(dtype)
+    mean, rstd = torch.randn(bm, generator=g), torch.rand(bm, generator=g) + 0.5
+    out = torch.empty(2, bm, bk)
+    launch = PC.Launch(
+        "tests.test_act_fp8:modulate_pair_kernel", (1, 1, 1), [x, scale, shift, mean, rstd, out],
+        {"BM": bm, "BK": bk}, {"num_warps": 4},
+    )  # fmt: skip
+    PC.OUTPUTS.setdefault("modulate_pair_kernel", {"out_ptr"})
+    (res,) = PC.compile_ptx([launch.request(90)])
+    assert "mul.rn." in res["ptx"] and "fma.rn.bf16" not in res["ptx"] and "fma.rn.f16" not in res["ptx"]
+    findings, written = PC.execute(launch, res)
+    assert not findings, findings.report()
+    assert written["out_ptr"].all()
+    assert torch.equal(out[0].view(torch.int32), out[1].view(torch.int32))
+    # and the tile's arithmetic is torch's: (xn * a rounded) + shift rounded, in x's dtype
+    xn = ((x.float() - mean[:, None]) * rstd[:, None]).to(dtype)
+    want = (xn * (1 + scale.float()).to(dtype) + shift).float()
+    assert torch.equal(out[1], want)

@@ -123,6 +123,28 @@ def e4m3_rne(v, HW: tl.constexpr):
 
 
 @triton.jit
+def modulate16(x, mean, rstd, ms_ptrs, mh_ptrs, dtype: tl.constexpr, COMPILED: tl.constexpr):
+    """act.modulate (``LayerNorm(x) * (1 + scale) + shift``, each op rounded to x's ``dtype``)
+    with its two last roundings done as 16-bit operations on the GPU (``mul/add.rn.bf16x2``, or
+    f16x2): the same bits, since a sum or product of two 16-bit values rounded once to 16 bits is
+    that value rounded to fp32 first (fp32 has at least 2p + 2 bits: the double rounding is
+    innocuous for + and *). The interpreter, and fp32 x, take act.modulate itself."""
+    if COMPILED and dtype != tl.float32:
+        xn = ((x - mean[:, None]) * rstd[:, None]).to(dtype)
+        a = (1.0 + tl.load(ms_ptrs).to(tl.float32)).to(dtype)
+        if dtype == tl.bfloat16:  # the product rounded on its own (Triton would fuse it with the add)
+            p = tl.inline_asm_elementwise(
+                "mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [xn, a], dtype=xn.dtype, is_pure=True, pack=2
+            )
+        else:
+            p = tl.inline_asm_elementwise(
+                "mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [xn, a], dtype=xn.dtype, is_pure=True, pack=2
+            )
+        return (p + tl.load(mh_ptrs)).to(tl.float32)
+    return modulate(x, mean, rstd, ms_ptrs, mh_ptrs, dtype, COMPILED)
+
+
+@triton.jit
 def quantize_act_fp8_kernel(
     x_ptr,  # [M, K]
     smooth_ptr,  # [K]
@@ -156,7 +178,6 @@ def quantize_act_fp8_kernel(
     GELU: tl.constexpr,  # x <- gelu_tanh(x), rounded like torch
     HAS_SHIFT: tl.constexpr = True,  # shift != 0 (else pass 1 skips x + shift for bf16 x)
     ONE_CHUNK: tl.constexpr = False,  # R <= BLOCK_R: grid axis 1 is 1, no runtime branch on it
-    ONE_IMAGE: tl.constexpr = False,  # MODULATE: S % BLOCK_M == 0, each block's rows in one image
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     # Program (i, c) projects row block i onto ranks [c * BLOCK_R, (c + 1) * BLOCK_R); the
@@ -176,10 +197,9 @@ def quantize_act_fp8_kernel(
     BF16_X: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     if MODULATE:
         mean, rstd = _row_stats(x_row[:, None] + k1[None, :], K, eps, BLOCK_K1, COMPILED)  # [BM] each
-        if ONE_IMAGE:  # one row of mod_scale / mod_shift per block: [1, BK] tiles, 1 + scale per column
-            image = (tl.program_id(0) * BLOCK_M // rows_per_image) * stride_mb + tl.zeros([1], tl.int64)
-        else:
-            image = (rows // rows_per_image) * stride_mb  # [BM]
+        # (one row of mod_scale per block, broadcast as a [1, BK] tile where the rows of a block
+        # share an image, compiled to more SASS per group on sm_90: shuffles into the layout)
+        image = (rows // rows_per_image) * stride_mb  # [BM]
         ms_row = mscale_ptr + image
         mh_row = mshift_ptr + image
     # --- pass 1: amax and the low-rank product --------------------------------------------------
@@ -188,7 +208,7 @@ def quantize_act_fp8_kernel(
         k0 = i * BLOCK_K1
         x = _widen(tl.load(x_ptrs), COMPILED)  # [BM, BLOCK_K1], contiguous rows
         if MODULATE:
-            x = modulate(x, mean, rstd, ms_row[:, None] + (k0 + k1)[None, :], mh_row[:, None] + (k0 + k1)[None, :],
+            x = modulate16(x, mean, rstd, ms_row[:, None] + (k0 + k1)[None, :], mh_row[:, None] + (k0 + k1)[None, :],
                          DT, COMPILED)  # fmt: skip
         if GELU:
             x = _round_to(_gelu_tanh(x, COMPILED), DT, COMPILED)
@@ -215,7 +235,7 @@ def quantize_act_fp8_kernel(
             k0 = i * BLOCK_K2
             x = _widen(tl.load(x_ptrs), COMPILED)
             if MODULATE:
-                x = modulate(x, mean, rstd, ms_row[:, None] + (k0 + k2)[None, :], mh_row[:, None] + (k0 + k2)[None, :],
+                x = modulate16(x, mean, rstd, ms_row[:, None] + (k0 + k2)[None, :], mh_row[:, None] + (k0 + k2)[None, :],
                              DT, COMPILED)  # fmt: skip
             if GELU:
                 x = _round_to(_gelu_tanh(x, COMPILED), DT, COMPILED)
@@ -236,7 +256,7 @@ def quantize_act_fp8_kernel(
                     k0 = i * BLOCK_K2
                     x = _widen(tl.load(x_row[:, None] + (k0 + k2)[None, :]), COMPILED)
                     if MODULATE:
-                        x = modulate(x, mean, rstd, ms_row[:, None] + (k0 + k2)[None, :],
+                        x = modulate16(x, mean, rstd, ms_row[:, None] + (k0 + k2)[None, :],
                                      mh_row[:, None] + (k0 + k2)[None, :], DT, COMPILED)  # fmt: skip
                     if GELU:
                         x = _round_to(_gelu_tanh(x, COMPILED), DT, COMPILED)
@@ -327,7 +347,6 @@ def quantize_act_fp8(
         GELU=gelu,
         HAS_SHIFT=shift != 0.0,
         ONE_CHUNK=r <= chunk,
-        ONE_IMAGE=modulate and (m // mod_scale.shape[0]) % cfg.block_m == 0,
         **cfg.launch_options(),
     )
     return codes, ascale, lora_act
