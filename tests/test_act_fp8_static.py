@@ -48,7 +48,7 @@ def test_plain_costs_less_issue_than_quantize_act(report):
 
 def test_model_rows(report):
     rows = {(r["prologue"], r["k"]): r for r in report["table"]}
-    assert rows["none", 3072]["reread"] == "l2" and rows["none", 12288]["reread"] == "dram"
+    assert rows["none", 3072]["reread"] == "l2" and rows["none", 12288]["reread"].startswith("dram")
     for r in rows.values():
         assert r["us"] >= max(r["us_issue"], r["us_dram_floor_one_read"]) > 0
         assert r["us_reread_dram"] >= r["us_reread_l2"]

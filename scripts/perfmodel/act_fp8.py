@@ -7,8 +7,11 @@ DRAM bytes over the bandwidth that the x tiles in flight allow, 800 ns loaded la
 The DRAM bytes: x read once, the e4m3 codes written (1 byte per element, twice quantize_act's
 int4), ascale and lora_act; and x read again by pass 2 where it has left L2. Whether it has: in
 the window between a row's two reads every program in flight reads its own 16 rows x K x 2 B
-once, so the resident set is programs in flight x that; below the L2 size (H100: 50 MB, of
-which ~40 MB is taken as usable here) pass 2 reads L2. ``reread`` says which the model assumed.
+once, so the resident set is programs in flight x that (at M = 4352 all 272 programs run at
+once: all of x); below the L2 size (H100: 50 MB, of which ~40 MB is taken as usable here) pass 2
+reads L2. Above it, pass 2 walking K backwards re-reads the rows' ends first: under LRU the last
+~40 MB read are L2 hits, the rest DRAM. ``reread`` says which the model assumed (an assumption
+about an L2 whose replacement policy NVIDIA does not document; "l2" and "dram" bound it).
 
     PYTHONPATH=.:scripts python scripts/perfmodel/act_fp8.py [--json PATH]   (no TRITON_INTERPRET)
 
@@ -127,8 +130,9 @@ def compile_act_fp8(
 def model_act_fp8(m: int, k: int, dev: Device, info: dict, cfg, reread: str = "auto") -> dict:
     """Modelled time of the kernel: triton_model.model_act's issue and bandwidth terms, with the
     SASS of every pass per group and this kernel's bytes. ``reread``: "l2" (pass 2 reads x from
-    L2), "dram" (from DRAM), or "auto" (L2 where the programs in flight hold less than
-    L2_USABLE_BYTES of x)."""
+    L2), "dram" (from DRAM), or "auto": L2 where the programs in flight hold less than
+    L2_USABLE_BYTES of x, else the share of x beyond that from DRAM (pass 2 walks K backwards,
+    so the rows' ends are re-read first, an LRU's last-in data)."""
     c = _ctas_per_sm({"regs": info["regs"], "shared_bytes": info["shared_bytes"]}, cfg.num_warps, dev)
     programs = triton.cdiv(m, cfg.block_m)
     groups = k // 64
@@ -137,9 +141,17 @@ def model_act_fp8(m: int, k: int, dev: Device, info: dict, cfg, reread: str = "a
     issue = per_sm * groups * info["group_sass"] * cfg.num_warps / 4 / clk
     in_flight_programs = min(programs, dev.sms * c)
     resident = in_flight_programs * cfg.block_m * k * 2  # x bytes held between a row's two reads
+    fits = resident <= L2_USABLE_BYTES
     if reread == "auto":
-        reread = "l2" if resident <= L2_USABLE_BYTES else "dram"
-    x_reads = {"l2": 1, "dram": 2}[reread] + (info["prologue"] == "modulation" and reread == "dram")
+        # pass 2 walks K backwards: under LRU the last L2_USABLE_BYTES of the resident set (the
+        # ends of the rows) are still in L2 when it re-reads them, the rest comes from DRAM
+        miss = 0.0 if fits else 1.0 - L2_USABLE_BYTES / resident
+        reread = "l2" if fits else f"dram {miss:.0%}"
+    else:
+        miss = {"l2": 0.0, "dram": 1.0}[reread]
+    # the modulation's statistics pass and pass 1 both walk forwards: pass 1 re-reads from DRAM
+    # whenever the resident set is larger than L2 (LRU, cyclic order)
+    x_reads = 1 + miss + (info["prologue"] == "modulation" and not fits)
     nbytes = x_reads * m * k * 2 + m * k + m * 4 + m * RANK * 4  # x, codes, ascale, lora_act
     # x tiles in flight: the smaller of the two passes' (pipeline depth x tile)
     tile = min(cfg.num_stages * info["block_k1"], info["stages2"] * info["block_k2"])

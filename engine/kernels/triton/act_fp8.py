@@ -229,10 +229,12 @@ def quantize_act_fp8_kernel(
         amax = tl.reduce(amax_l, 1, _max_nan)  # [BM]; NaN propagates, as torch's amax
         inv = tl.where(amax > 0, tl.div_rn(_FP8_MAX, tl.where(amax > 0, amax, 1.0)), 0.0)
         k2 = tl.arange(0, BLOCK_K2)
-        x_ptrs = x_row[:, None] + k2[None, :]
-        c_ptrs = codes_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + k2[None, :]
+        # Backwards over K: the tiles pass 1 read last are re-read first, while L2 still holds
+        # them (at K = 12288 x is 107 MB, L2 50 MB: the row's end comes from L2, its start not).
+        x_ptrs = x_row[:, None] + (K - BLOCK_K2 + k2)[None, :]
+        c_ptrs = codes_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + (K - BLOCK_K2 + k2)[None, :]
         for i in tl.range(0, K // BLOCK_K2, num_stages=STAGES2):
-            k0 = i * BLOCK_K2
+            k0 = K - (i + 1) * BLOCK_K2
             x = _widen(tl.load(x_ptrs), COMPILED)
             if MODULATE:
                 x = modulate16(x, mean, rstd, ms_row[:, None] + (k0 + k2)[None, :], mh_row[:, None] + (k0 + k2)[None, :],
@@ -242,8 +244,8 @@ def quantize_act_fp8_kernel(
             h = smooth_divide(x, smooth_ptr + k0 + k2, rsmooth_ptr + k0 + k2, shift, True, COMPILED)
             # the clamp to +-448: the conversion's saturation (HW), or its min(|v|, 448)
             tl.store(c_ptrs, e4m3_rne(h * inv[:, None], FP8_CVT), mask=row_ok[:, None])
-            x_ptrs += BLOCK_K2
-            c_ptrs += BLOCK_K2
+            x_ptrs -= BLOCK_K2
+            c_ptrs -= BLOCK_K2
         if COMPILED:
             # div_correct's residual is inf - inf = NaN for an infinite x, where x_hat is +-inf.
             # A finite x never makes NaN there, so only a row whose amax is NaN may be wrong (not
