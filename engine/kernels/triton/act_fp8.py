@@ -6,18 +6,22 @@ Holding the row block instead does not fit: 16 rows (the smallest MMA M of the l
 of x_hat at K = 3072 are 196 KB in fp32 (98 KB as 16-bit x), 384 (192) registers per thread at
 four warps, and Triton has no shared-memory buffer indexed by a loop; at K = 12288 / 15360 it
 passes an SM's 228 KB of shared memory even as 16-bit x. So each program owns BLOCK_M rows and
-walks K twice, 64 channels a step:
+walks K twice (128 channels a step in pass 1, 256 in pass 2 on sm_90; the widest power of two
+that divides K):
 
-1. x_hat (prologue, smoothing) of each group: its |x_hat| folded into a per-lane running maximum
+1. x_hat (prologue, smoothing) of each step: its |x_hat| folded into a per-lane running maximum
    (NaN kept, as torch's amax) and its low-rank product accumulated, as quantize_act does;
    then per row amax, ascale = amax / 448 and inv = 448 / amax (IEEE divisions, once per row).
-2. x re-read (from L2 while the programs in flight hold fewer bytes than L2 does: 16 rows x K x
-   2 B per program; see scripts/perfmodel/act_fp8.py for where that holds), x_hat recomputed
-   bit for bit as in pass 1, times inv, rounded to e4m3 (one ``cvt.rn.satfinite.e4m3x2.f32``
-   per two values on sm_89+: round to nearest even, and its saturation to +-448 is the
-   reference's clamp), stored: 1 byte per element.
+2. x re-read, backwards over K: the tiles pass 1 read last first, so they come from L2 (all of
+   x while the programs in flight hold less than L2: 16 rows x K x 2 B each; the rows' ends
+   beyond that; see scripts/perfmodel/act_fp8.py), x_hat recomputed bit for bit as in pass 1,
+   times inv, rounded to e4m3 (one ``cvt.rn.satfinite.e4m3x2.f32`` per two values on sm_89+:
+   round to nearest even, and its saturation to +-448 is the reference's clamp; Triton's own
+   fp32 -> float8e4nv cast emits the same instruction on sm_90 but goes through f16 with
+   ``cvt.rz`` on sm_89), stored: 1 byte per element.
 
-The modulation prologue adds quantize_act's statistics pass in front (three reads of x). Pass 2
+The modulation prologue adds quantize_act's statistics pass in front (three reads of x); its
+product and shift are computed as 16-bit operations on the GPU (``modulate16``). Pass 2
 always adds ``shift`` (x + 0 makes -0 +0, as the reference's ``x.float() + shift`` does: e4m3
 keeps the sign of zero, the int4 codes did not). The interpreter (and GPUs without the FP8
 conversion) round to e4m3 on the bits instead (``e4m3_rne``). Deterministic: each output
