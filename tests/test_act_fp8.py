@@ -210,11 +210,13 @@ def test_block_k_divides_k():
 # --- compiled for sm_90, executed by the PTX interpreter -------------------------------------------
 
 
-def test_sm90_compile_executes_to_the_reference_bits():
+@pytest.mark.parametrize("major", [9, 8])
+def test_sm90_compile_executes_to_the_reference_bits(major):
     """The launch an H100 gets (sm_90 config, COMPILED: FMA divisions from the host's reciprocal,
     bf16 MMAs, the hardware e4m3 conversion), compiled for sm_90 and executed: codes and ascale
     bit for bit, lora_act to the hi + lo bound; the edge rows and a tie row included; every byte
-    written, no findings (out of bounds, races)."""
+    written, no findings (out of bounds, races). And an sm_8x GPU's (sm_86: its config, the
+    conversion on the bits, compiled)."""
     m, k, r = 19, 256, 5
     a = edge_inputs(m, k, r, torch.bfloat16)
     smooth = 2.0 ** (torch.arange(k) % 3 - 1).float()
@@ -224,9 +226,11 @@ def test_sm90_compile_executes_to_the_reference_bits():
     tie[1:127] = (E4M3[:-1] + E4M3[1:]) / 2
     a["x"][7] = (tie * 2.0**-3 * smooth).to(torch.bfloat16)  # row 7: inv = 8, x_hat * inv on ties
     a["x"][8] = -a["x"][7]
-    rec = PC.record("act_fp8", lambda: AF.quantize_act_fp8(**a, shift=0.0), major=9)
-    (res,) = PC.compile_ptx([rec.request(90)])
-    assert ".target sm_90" in res["ptx"] and "cvt.rn.satfinite.e4m3x2.f32" in res["ptx"]
+    rec = PC.record("act_fp8", lambda: AF.quantize_act_fp8(**a, shift=0.0), major=major)
+    cc = 90 if major == 9 else 86
+    (res,) = PC.compile_ptx([rec.request(cc)])
+    assert f".target sm_{cc}" in res["ptx"]
+    assert ("cvt.rn.satfinite.e4m3x2.f32" in res["ptx"]) == (major == 9)
     findings, written = PC.execute(rec, res)
     # the block's NaN check after pass 1 is Triton's cross-warp reduction, whose tail lanes
     # shuffle registers they never loaded and never store (test_ptx_exec_triton's filter)
