@@ -197,6 +197,12 @@ def test_bad_inputs_are_named():
     a = act_inputs(4, 128, 2)
     with pytest.raises(ValueError, match="mod_scale and mod_shift"):
         AF.quantize_act_fp8(**a, mod_scale=a["x"][:1], shift=0.0)
+    with pytest.raises(ValueError, match="smooth must be"):
+        AF.quantize_act_fp8(a["x"], a["smooth"][:64], a["proj_down"], shift=0.0)
+    with pytest.raises(ValueError, match="proj_down must be"):
+        AF.quantize_act_fp8(a["x"], a["smooth"], a["proj_down"][:, :64], shift=0.0)
+    with pytest.raises(ValueError, match="mod_shift must be"):
+        AF.quantize_act_fp8(**a, mod_scale=a["x"][:1], mod_shift=a["x"][:1, :64], shift=0.0)
     with pytest.raises(ValueError, match="must divide M"):
         AF.quantize_act_fp8(**a, mod_scale=a["x"][:3], mod_shift=a["x"][:3], shift=0.0)
     codes, ascale, lora = AF.quantize_act_fp8(a["x"][:0], a["smooth"], a["proj_down"], shift=0.0)

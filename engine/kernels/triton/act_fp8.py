@@ -295,8 +295,15 @@ def quantize_act_fp8(
     m, k = x.shape
     if k % GROUP:
         raise ValueError(f"x's K must be a multiple of {GROUP} for the triton FP8 quantizer, got {k}")
+    if smooth.shape != (k,):
+        raise ValueError(f"smooth must be [K] = [{k}], got shape {tuple(smooth.shape)}")
+    if proj_down.dim() != 2 or proj_down.shape[1] != k:
+        raise ValueError(f"proj_down must be [R, K] with K = {k}, got shape {tuple(proj_down.shape)}")
     if (mod_scale is None) != (mod_shift is None):
         raise ValueError("mod_scale and mod_shift come together (both or neither)")
+    for name, t in (("mod_scale", mod_scale), ("mod_shift", mod_shift)):
+        if t is not None and (t.dim() != 2 or t.shape[1] != k or t.shape != mod_scale.shape):
+            raise ValueError(f"{name} must be [B, K] with K = {k}, as the other, got shape {tuple(t.shape)}")
     x = row_major(x)
     r = proj_down.shape[0]
     codes = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
