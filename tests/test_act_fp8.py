@@ -232,6 +232,7 @@ def test_sm90_compile_executes_to_the_reference_bits(major):
     tie[1:127] = (E4M3[:-1] + E4M3[1:]) / 2
     a["x"][7] = (tie * 2.0**-3 * smooth).to(torch.bfloat16)  # row 7: inv = 8, x_hat * inv on ties
     a["x"][8] = -a["x"][7]
+    a["x"][9, 0] = 3e38  # / 0.5: x_hat past fp32's range, inf (the row's amax and ascale inf)
     rec = PC.record("act_fp8", lambda: AF.quantize_act_fp8(**a, shift=0.0), major=major)
     cc = 90 if major == 9 else 86
     (res,) = PC.compile_ptx([rec.request(cc)])
@@ -244,6 +245,7 @@ def test_sm90_compile_executes_to_the_reference_bits(major):
     assert all(w.all() for w in written.values()), {n: int((~w).sum()) for n, w in written.items()}
     out = _outputs(rec)
     want = quantize_act_fp8(**a, shift=0.0)
+    assert torch.isinf(want[1][[4, 5, 9]]).all() and torch.isnan(want[1][6])  # the edge rows are edges
     codes = out["codes_ptr"].view(torch.float8_e4m3fn)
     check((codes, out["ascale_ptr"], out["lora_ptr"]), want)
     assert torch.equal(codes.view(torch.uint8)[2], torch.zeros(k, dtype=torch.uint8))  # -0 row: +0 codes

@@ -251,10 +251,10 @@ def quantize_act_fp8_kernel(
             x_ptrs -= BLOCK_K2
             c_ptrs -= BLOCK_K2
         if COMPILED:
-            # div_correct's residual is inf - inf = NaN for an infinite x, where x_hat is +-inf.
-            # A finite x never makes NaN there, so only a row whose amax is NaN may be wrong (not
-            # its codes: inv is 0 for NaN and inf alike): then, rarely, one more pass takes
-            # max |x'|, NaN kept; a row with an inf and no NaN in x' has amax inf, as the reference's.
+            # div_correct's residual is inf - inf = NaN where x_hat is +-inf (an infinite x, a
+            # quotient past fp32's range, a zero smooth). Its other results are the IEEE
+            # quotients, so only a row whose amax is NaN may be wrong (not its codes: inv is 0
+            # for NaN and inf alike): then, rarely, one more pass takes its amax by IEEE division.
             block_max = tl.reduce(amax, 0, _max_nan)  # NaN if any row's amax is
             if block_max != block_max:
                 xmax_l = tl.zeros((BLOCK_M, BLOCK_K2), dtype=tl.float32)
@@ -266,9 +266,9 @@ def quantize_act_fp8_kernel(
                                      mh_row[:, None] + (k0 + k2)[None, :], DT, COMPILED)  # fmt: skip
                     if GELU:
                         x = _round_to(_gelu_tanh(x, COMPILED), DT, COMPILED)
-                    xmax_l = _max_nan(xmax_l, tl.abs(x))
-                xmax = tl.reduce(xmax_l, 1, _max_nan)
-                amax = tl.where(xmax == float("inf"), xmax, amax)
+                    s = tl.load(smooth_ptr + k0 + k2)  # fp32 on the GPU (the launcher's)
+                    xmax_l = _max_nan(xmax_l, tl.abs(tl.div_rn(x + shift, s[None, :])))
+                amax = tl.where(amax != amax, tl.reduce(xmax_l, 1, _max_nan), amax)
         ascale = tl.div_rn(amax, _FP8_MAX)  # IEEE, as the reference's tensor division
         if COMPILED:
             _store_rows(ascale_ptr + offs_m, ascale, row_ok)
