@@ -7,7 +7,8 @@ block's prologue, its partial/gate/residual epilogue and LoRAs); it lies within 
 the W4A4 route and of the unquantized linear; the fakes give the reference's sizes, strides and
 dtypes; inductor compiles the route; and the route is not taken by default on the CPU or below
 the minimum M. What does not: the Hopper kernels themselves
-(not on main; no backend serves W4A8 yet, so ``auto`` never takes it).
+(Gluon: no run without a GPU; their compiled PTX is executed in tests/test_w4a8_gemm_exec.py and
+tests/test_act_fp8.py).
 """
 
 from __future__ import annotations
@@ -491,10 +492,10 @@ def test_triton_backend_w4a8_ops_are_the_contract_on_cpu():
 
 @pytest.fixture()
 def w4a8_kernels():
-    """The W4A8 kernels' modules; skipped where they are not part of this build."""
-    act_fp8 = pytest.importorskip("engine.kernels.triton.act_fp8")
-    gemm = pytest.importorskip("engine.kernels.triton.gemm_sm90_w4a8")
-    return act_fp8, gemm
+    """The W4A8 kernels' modules (act_fp8, gemm_sm90_w4a8)."""
+    from engine.kernels.triton import act_fp8, gemm_sm90_w4a8
+
+    return act_fp8, gemm_sm90_w4a8
 
 
 def _meta_problem(m: int, k: int = 3072, n: int = 3072, r: int = 32, group: int = 64) -> dict:

@@ -27,15 +27,11 @@ served W4A8 and the two ops compute the reference's arithmetic.
 
 from __future__ import annotations
 
-import functools
-import importlib
-from types import ModuleType
-
 import torch
 import triton
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from engine.kernels.triton import gemm_sm90, gemm_sm90_ws
+from engine.kernels.triton import act_fp8, gemm_sm90, gemm_sm90_w4a8, gemm_sm90_ws
 from engine.kernels.triton.act import LORA_CHUNK as ACT_LORA_CHUNK
 from engine.kernels.triton.act import act_config, quantize_act_kernel
 from engine.kernels.triton.common import INTERPRET, MAX_GEMM_GROUP, LaunchConfig, block_r, check_group_size
@@ -354,38 +350,18 @@ def launch_w4a4_gemm(
 # The route's smallest M (kernels.w4a8_min_m): the W4A4 dispatch's own split, so the text stream
 # (M <= 1024) keeps gemm_sm90's small tiles and the image stream takes the W4A8 kernel.
 W4A8_MIN_M = gemm_sm90_ws.MIN_M
-_W4A8_MODULES = ("engine.kernels.triton.act_fp8", "engine.kernels.triton.gemm_sm90_w4a8")
-
-
-@functools.cache
-def _w4a8_kernels() -> tuple[ModuleType, ModuleType] | None:
-    """The W4A8 kernels' modules (act_fp8, gemm_sm90_w4a8), or None where they are not part of
-    this build (then no device is served W4A8: kernels.w4a8_route keeps every call W4A4)."""
-    try:
-        act_fp8, gemm = (importlib.import_module(name) for name in _W4A8_MODULES)
-    except ModuleNotFoundError as e:
-        if e.name in _W4A8_MODULES:
-            return None
-        raise
-    return act_fp8, gemm
-
-
 def w4a8_serves(device: torch.device) -> bool:
-    """Whether this backend runs the W4A8 ops on ``device`` with its kernels: sm_90, both kernels
-    in the build, the GEMM's self-check passed there (gemm_sm90_w4a8.serves: once per device, at
+    """Whether this backend runs the W4A8 ops on ``device`` with its kernels: sm_90, the GEMM's
+    self-check passed there (gemm_sm90_w4a8.serves: once per device, at
     the first call, setup's warm-up). The quantizer has no self-check of its own: its codes are
     the GEMM's inputs, and the tests execute its compiled PTX bit for bit against the reference."""
-    if _major(device) != 9:
-        return False
-    mods = _w4a8_kernels()
-    return mods is not None and mods[1].serves(device)
+    return _major(device) == 9 and gemm_sm90_w4a8.serves(device)
 
 
 def w4a8_supports(n: int, k: int, rank: int, group_size: int) -> bool:
     """Whether the W4A8 GEMM takes a weight of these sizes (its group size, rank limit, TMA
     alignment): kernels.w4a8_route sends the rest (e.g. a LoRA widening R past the limit) W4A4."""
-    mods = _w4a8_kernels()
-    return mods is not None and mods[1].supports(1, n, k, rank, group_size)
+    return gemm_sm90_w4a8.supports(1, n, k, rank, group_size)
 
 
 def quantize_act_fp8(
@@ -401,10 +377,9 @@ def quantize_act_fp8(
     """See engine.kernels.contract: the Triton kernel of engine/kernels/triton/act_fp8.py (with the
     prologues), portable; the reference where that kernel is not in the build or K is not a
     multiple of its 64-channel step."""
-    mods = _w4a8_kernels()
-    if mods is None or x.shape[1] % mods[0].GROUP:
+    if x.shape[1] % act_fp8.GROUP:
         return ops.quantize_act_fp8(x, smooth, proj_down, mod_scale, mod_shift, shift=shift, gelu=gelu)
-    return mods[0].quantize_act_fp8(x, smooth, proj_down, mod_scale, mod_shift, shift=shift, gelu=gelu)
+    return act_fp8.quantize_act_fp8(x, smooth, proj_down, mod_scale, mod_shift, shift=shift, gelu=gelu)
 
 
 def w4a8_gemm(
@@ -428,14 +403,13 @@ def w4a8_gemm(
     ops.gemm_epilogue). Everything else runs the reference, ops.w4a8_gemm."""
     m, k = codes.shape
     n, r = qweight.shape[0], lora_act.shape[1]
-    mods = _w4a8_kernels() if _major(codes.device) == 9 else None
     if (
-        mods is not None
-        and mods[1].supports(m, n, k, r, k // wscales.shape[1])
-        and mods[1].serves(codes.device)
+        _major(codes.device) == 9
+        and gemm_sm90_w4a8.supports(m, n, k, r, k // wscales.shape[1])
+        and gemm_sm90_w4a8.serves(codes.device)
     ):
         epilogue = residual is not None or partial is not None
-        y = mods[1].launch(
+        y = gemm_sm90_w4a8.launch(
             codes.contiguous(),
             ascale.float().contiguous(),
             sm90_w4a8_weight(qweight, wscales),
@@ -460,7 +434,7 @@ def sm90_w4a8_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> object:
     key = (_version(qweight), wscales.data_ptr(), _version(wscales))
     hit = _SM90_W4A8_WEIGHTS.get(qweight)
     if hit is None or hit[0] != key:
-        hit = (key, _w4a8_kernels()[1].prepare_weight(qweight, wscales))
+        hit = (key, gemm_sm90_w4a8.prepare_weight(qweight, wscales))
         _SM90_W4A8_WEIGHTS[qweight] = hit
     return hit[1]
 
