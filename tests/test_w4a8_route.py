@@ -616,3 +616,25 @@ def test_inductor_compiles_flux_blocks_on_the_route(tiny_model_dir, fresh_dynamo
         got = _velocity(fast.compiled, inputs)
     assert graphs_compiled() - before == 2
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_setup_compiles_a_graph_for_each_side_of_the_w4a8_guard(use_kernels):
+    """The route's M guard splits go_fast's double-block graph by whether the image stream has
+    >= w4a8_min_m rows: where W4A8 serves, setup's warm-up shapes (service.warm_up_shapes) must
+    reach every (batch 1 or 2-4, side of the guard) class a served size x batch falls in, so no
+    request compiles; where it does not serve, the base shapes only."""
+    from engine import inputs
+    from engine.service import WARM_UP_SHAPES, warm_up_shapes
+
+    cpu = torch.device("cpu")
+    assert warm_up_shapes(cpu) == WARM_UP_SHAPES  # auto on a CPU: W4A8 not served
+    use_kernels("auto", w4a8="force")
+    min_m = kernels.w4a8_min_m(cpu)
+
+    def graph_class(width, height, batch):  # torch specialises batch 1; the guard splits on M
+        return batch == 1, (width // 16) * (height // 16) * batch >= min_m
+
+    warm = {graph_class(*shape) for shape in warm_up_shapes(cpu)}
+    served = {graph_class(w, h, b) for w, h in inputs.served_sizes() for b in range(1, 5)}
+    assert served <= warm, served - warm
+    assert len(warm_up_shapes(cpu)) == len(WARM_UP_SHAPES) + 1  # one graph more, not one per size
