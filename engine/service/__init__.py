@@ -89,7 +89,7 @@ class FluxService:
         phases = SetupPhases()
         config = config or ServiceConfig.from_env()
         with phases("runtime"):
-            configure_runtime(config.weights_dir, config.kernels, compile_cache_dir(config))
+            configure_runtime(config.weights_dir, config.kernels, compile_cache_dir(config), config.w4a8)
         model = choose_model(config, gpu)
         try:
             with phases("weights"):
