@@ -225,3 +225,149 @@ def test_one_wrong_scale_moves_exactly_its_column(gemm_compiled):
     assert diff == [193]
     x["wscales"][193, 1] *= 2
     _assert_same(got, _reference(x, torch.bfloat16))
+
+
+# --- 2. the quantizer: the interpreter and sm_90 PTX -------------------------------------------------
+
+AF = pytest.importorskip("engine.kernels.triton.act_fp8")
+LORA_TOL = {"rtol": 2e-3, "atol": 2e-3}  # the low-rank branch's bound (bf16 hi + lo / tf32x3 MMAs)
+
+
+def _nan(b: torch.Tensor) -> torch.Tensor:
+    return (b & 0x7F) == 0x7F
+
+
+def assert_quantized(got: tuple, want: tuple) -> None:
+    """Codes and ascale bit for bit (a NaN code or scale matches a NaN, whatever its sign: the
+    sign of inf * 0 is the platform's), lora_act to its bound where the reference is finite."""
+    codes, ascale, lora = got
+    g, w = codes.view(torch.uint8).int(), want[0].view(torch.uint8).int()
+    assert torch.equal(_nan(g), _nan(w)), f"NaN codes differ in rows {(_nan(g) != _nan(w)).any(1).nonzero().flatten().tolist()}"
+    diff = (g != w) & ~_nan(w)
+    assert not diff.any(), f"codes differ at {diff.nonzero()[:5].tolist()}: {g[diff][:5].tolist()} vs {w[diff][:5].tolist()}"
+    nan = torch.isnan(want[1])
+    assert torch.equal(torch.isnan(ascale), nan)
+    assert torch.equal(ascale[~nan].view(torch.int32), want[1][~nan].view(torch.int32)), (ascale, want[1])
+    fin = torch.isfinite(want[2]).all(dim=1)
+    assert lora.shape == want[2].shape
+    torch.testing.assert_close(lora[fin], want[2][fin], **LORA_TOL)
+
+
+def edge_rows(k: int, r: int, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Rows where the format has edges, with smooth factors spanning the dtype's range:
+    0 a single nonzero element (its code 448, all others 0), 1 a single tiny negative one,
+    2 an fp32-subnormal amax where x's dtype has one (bf16, fp32; fp16: its smallest subnormal
+    over a large smooth), 3 every element equal (all codes 448), 4 values at the dtype's top
+    (fp16: +-65504), 5.. random."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, k, generator=g)
+    x[:5] = 0.0
+    x[0, 37 % k] = 3.0
+    big = torch.finfo(dtype).max if dtype == torch.float16 else 1e30
+    if dtype == torch.float16:
+        x[1, 5] = -(2.0**-24)
+        x[2, 9], x[2, 11] = 2.0**-24, -3 * 2.0**-24
+    else:  # x_hat = 1e-20 / 2^60: subnormal in fp32 from a normal x (TRITON_INTERPRET reads bf16
+        # subnormals wrong, e.g. -1.01e-39 as -4.41e-39: a subnormal x itself only in the PTX tests)
+        x[1, 5] = -1e-30
+        x[2, 9] = 1e-20
+        if dtype == torch.float32:
+            x[2, 11] = -1e-39
+    x[3] = 0.75
+    x[4, ::2], x[4, 1::2] = big, -big * 0.5
+    smooth = (torch.rand(k, generator=g) + 0.5)
+    if dtype == torch.float16:
+        smooth[9], smooth[20], smooth[21] = 60000.0, 2.0**-24, 2.0**-14  # fp16's largest, subnormal, tiny normal
+    else:
+        smooth[9], smooth[20], smooth[21] = 2.0**60, 2.0**-60, 2.0**-126
+    smooth[37 % k] = 0.5
+    smooth[::2][:4] = smooth[::2][:4].clamp(0.5, 1.0)  # row 4's largest values: x_hat finite
+    return {"x": x.to(dtype), "smooth": smooth.to(dtype),
+            "proj_down": (torch.randn(r, k, generator=g) / k**0.5).to(dtype)}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k, shift", [(64, 0.0), (64, -0.375), (128, 0.171875)])
+def test_quantizer_edge_rows_in_the_interpreter(dtype, k, shift):
+    """K = 64 exactly (one block, one group) and 128; shift 0 and not; the edge rows of
+    ``edge_rows``: codes and ascale the reference's bits."""
+    a = edge_rows(k, 3, dtype)
+    want = ops.quantize_act_fp8(**a, shift=shift)
+    if shift == 0.0:  # the rows are the edges they are meant to be
+        assert want[0].float()[0].abs().max() == 448 and (want[0].float()[0] != 0).sum() == 1
+        assert want[0].float()[3, a["smooth"].float().argmin()] == 448  # the tiny smooth's column
+        assert (want[0].float()[2].abs() == 448).sum() >= 1 and want[1][2] > 0
+        if dtype != torch.float16:
+            assert want[1][2] * 448 < torch.finfo(torch.float32).tiny  # amax subnormal
+    assert_quantized(AF.quantize_act_fp8(**a, shift=shift), want)
+
+
+def test_one_flux_wide_row_in_the_interpreter():
+    """K = 15360 (the single blocks' fc2 input: 60 blocks of 256 channels) with one row (M = 1):
+    one program over the whole width, its single nonzero-amax position near the end."""
+    g = torch.Generator().manual_seed(2)
+    k = 15360
+    x = torch.randn(1, k, generator=g)
+    x[0, k - 3] = 40.0
+    a = {"x": x.to(torch.bfloat16), "smooth": (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16),
+         "proj_down": (torch.randn(32, k, generator=g) / k**0.5).to(torch.bfloat16)}  # fmt: skip
+    assert_quantized(AF.quantize_act_fp8(**a, shift=0.171875), ops.quantize_act_fp8(**a, shift=0.171875))
+
+
+def _big16_rows(m: int, k: int, seed: int) -> torch.Tensor:
+    """fp16 rows with values at fp16's top (+-65504, 65472) among ordinary ones."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 3
+    x[0, ::7] = 65504.0
+    x[1, 1::5] = -65504.0
+    x[1, 2] = 65472.0
+    return x.to(torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_modulation_of_two_images_with_a_shift(dtype):
+    """mod_scale / mod_shift of B = 2 images (rows 0-2 and 3-5) with the quantizer's shift != 0,
+    as neither the authors' modulation cases (shift 0) do; fp16 rows at +-65504 (the LayerNorm
+    statistics of huge values) and modulation values large enough that x' overflows fp16 to inf
+    in a few places (its ascale inf, as the reference's)."""
+    m, k = 6, 128
+    x = _big16_rows(m, k, 1) if dtype == torch.float16 else torch.randn(m, k).to(dtype) * 50
+    g = torch.Generator().manual_seed(4)
+    ms = torch.randn(2, k, generator=g)
+    ms[1, :8] = 60000.0  # image 1: (1 + scale) * xn past fp16's 65504 where |xn| > ~1.1
+    mh = torch.randn(2, k, generator=g) * 2
+    a = {"x": x, "smooth": (torch.rand(k, generator=g) + 0.5).to(dtype),
+         "proj_down": (torch.randn(5, k, generator=g) / k**0.5).to(dtype)}  # fmt: skip
+    kw = {"mod_scale": ms.to(dtype), "mod_shift": mh.to(dtype), "shift": -0.375}
+    want = ops.quantize_act_fp8(**a, **kw)
+    if dtype == torch.float16:  # not vacuous: image 1's rows overflow, image 0's do not
+        assert torch.isinf(want[1][3:]).any() and torch.isfinite(want[1][:3]).all()
+    assert_quantized(AF.quantize_act_fp8(**a, **kw), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gelu_with_a_negative_shift_at_the_dtype_top(dtype):
+    """gelu(x) + shift with shift < 0 (the authors used 0.171875): K = 64, values at +-65504 in
+    fp16 (gelu(-65504) = -0, + shift), and ordinary ones."""
+    x = _big16_rows(5, 64, 2) if dtype == torch.float16 else (torch.randn(5, 64) * 4).to(dtype)
+    g = torch.Generator().manual_seed(6)
+    a = {"x": x, "smooth": (torch.rand(64, generator=g) + 0.5).to(dtype),
+         "proj_down": (torch.randn(3, 64, generator=g) / 8).to(dtype)}  # fmt: skip
+    want = ops.quantize_act_fp8(**a, shift=-0.5, gelu=True)
+    assert_quantized(AF.quantize_act_fp8(**a, shift=-0.5, gelu=True), want)
+
+
+@pytest.mark.xfail(strict=True, reason="contract: inv = 448 / amax overflows to inf for amax < 448 / FLT_MAX "
+                   "(~1.3e-36): the reference makes NaN codes for the row's zeros and +-448 for every nonzero value")
+def test_a_finite_tiny_row_quantizes_to_finite_codes():
+    """A row whose x_hat is finite and nonzero but tiny (amax 4e-37, so 448 / amax overflows
+    fp32): every code should be finite and the dequantized row within e4m3's precision of x_hat.
+    The reference (and so the kernels, which match it) gives NaN for the zeros and 448 for a value
+    half the amax."""
+    k = 64
+    x = torch.zeros(1, k)
+    x[0, 1], x[0, 4] = 4e-37, 2e-37
+    a = {"x": x, "smooth": torch.ones(k), "proj_down": torch.ones(2, k)}
+    for codes, ascale, _ in (ops.quantize_act_fp8(**a, shift=0.0), AF.quantize_act_fp8(**a, shift=0.0)):
+        assert not torch.isnan(codes.float()).any()
+        torch.testing.assert_close(codes.float() * ascale[:, None], x, rtol=2**-4, atol=0)
