@@ -129,14 +129,16 @@ def gemm_inputs(name: str, seed: int = 0) -> dict:
 
 
 def run_gemm(info: dict, x: dict, out_dtype: torch.dtype, schedule: str = "lowest_pc",
-             approx: str = "exact", weight: W.W4A8Weight | None = None) -> tuple:
+             approx: str = "exact", weight: W.W4A8Weight | None = None, programs: int | None = None) -> tuple:
     """Execute the compiled kernel with the arguments ``gemm_sm90_w4a8.launch_args`` builds for
     these tensors (as ``launch`` would, one CTA per tile): (findings, out, bytes written).
-    ``weight``: a prepared weight other than ``prepare_weight``'s."""
+    ``weight``: a prepared weight other than ``prepare_weight``'s; ``programs``: the persistent
+    grid's CTAs (default one per tile)."""
     weight = weight or W.prepare_weight(x["qweight"], x["wscales"])
     m, n = x["codes"].shape[0], x["qweight"].shape[0]
     out = torch.empty(m, n, dtype=out_dtype)
-    args, _, grid = W.launch_args(x["codes"], x["ascale"], weight, x["lora_act"], x["proj_up"], x["bias"], out)
+    args, _, grid = W.launch_args(x["codes"], x["ascale"], weight, x["lora_act"], x["proj_up"], x["bias"], out,
+                                  programs=programs)  # fmt: skip
     mem = GlobalMemory()
     addr: dict[int, int] = {}  # data_ptr -> interpreter address
 
@@ -211,6 +213,16 @@ def test_gemm_edge_cases_match_the_contract_bit_for_bit(gemm_compiled, name, sch
     _assert_same(got, want)
 
 
+def test_gemm_persistent_grid_of_three_ctas_for_four_partial_tiles(gemm_compiled):
+    """M = 129, N = 196 (2 x 2 tiles, three of them partial) on three CTAs: one CTA runs two
+    tiles (its ring and barrier phases run on into the second, a partial one), the others one."""
+    x = gemm_inputs("tile_plus_one_rank_64", seed=1)
+    findings, got, written = run_gemm(gemm_compiled["tile_plus_one_rank_64"], x, torch.bfloat16, programs=3)
+    assert not findings, findings.report()
+    assert written.all()
+    _assert_same(got, _reference(x, torch.bfloat16))
+
+
 def test_one_wrong_scale_moves_exactly_its_column(gemm_compiled):
     """The harness can fail, and the kernel reads each row's scale where prepare_weight puts it:
     with sw[group 1, row 193] (the second weight tile, the second group) doubled, exactly column
@@ -253,12 +265,12 @@ def assert_quantized(got: tuple, want: tuple) -> None:
     torch.testing.assert_close(lora[fin], want[2][fin], **LORA_TOL)
 
 
-def edge_rows(k: int, r: int, dtype: torch.dtype, seed: int = 0) -> dict:
+def edge_rows(k: int, r: int, dtype: torch.dtype, seed: int = 0, subnormal_x: bool = False) -> dict:
     """Rows where the format has edges, with smooth factors spanning the dtype's range:
     0 a single nonzero element (its code 448, all others 0), 1 a single tiny negative one,
     2 an fp32-subnormal amax where x's dtype has one (bf16, fp32; fp16: its smallest subnormal
     over a large smooth), 3 every element equal (all codes 448), 4 values at the dtype's top
-    (fp16: +-65504), 5.. random."""
+    (fp16: +-65504), 5.. random. ``subnormal_x``: row 2 also has a subnormal bf16 x."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(8, k, generator=g)
     x[:5] = 0.0
@@ -271,7 +283,7 @@ def edge_rows(k: int, r: int, dtype: torch.dtype, seed: int = 0) -> dict:
         # subnormals wrong, e.g. -1.01e-39 as -4.41e-39: a subnormal x itself only in the PTX tests)
         x[1, 5] = -1e-30
         x[2, 9] = 1e-20
-        if dtype == torch.float32:
+        if dtype == torch.float32 or subnormal_x:
             x[2, 11] = -1e-39
     x[3] = 0.75
     x[4, ::2], x[4, 1::2] = big, -big * 0.5
@@ -371,3 +383,155 @@ def test_a_finite_tiny_row_quantizes_to_finite_codes():
     for codes, ascale, _ in (ops.quantize_act_fp8(**a, shift=0.0), AF.quantize_act_fp8(**a, shift=0.0)):
         assert not torch.isnan(codes.float()).any()
         torch.testing.assert_close(codes.float() * ascale[:, None], x, rtol=2**-4, atol=0)
+
+
+def _quantizer_outputs(rec) -> tuple:
+    import inspect
+
+    params = list(inspect.signature(AF.quantize_act_fp8_kernel.fn).parameters)
+    codes, ascale, lora = (rec.args[params.index(n)] for n in ("codes_ptr", "ascale_ptr", "lora_ptr"))
+    return codes.view(torch.float8_e4m3fn), ascale, lora
+
+
+def test_quantizer_sm90_ptx_on_edge_rows():
+    """The launch an H100 gets (its config, the host's reciprocal of smooth, the hardware e4m3
+    conversion), compiled for sm_90 and executed, on the edge rows: bf16 with a subnormal x and
+    an fp32-subnormal amax (which the interpreter cannot read, see edge_rows), K = 64, shift 0;
+    fp16 at +-65504 with fp16-subnormal and huge smooth factors, K = 128, shift -0.375.
+    Codes and ascale the reference's bits; every output byte written; no findings other than
+    Triton's cross-warp reduction tails (as the authors' test filters them)."""
+    from . import ptx_compile as PC
+    from .test_ptx_exec_triton import _beyond_warp_reduction_tails
+
+    cases = [(edge_rows(64, 3, torch.bfloat16, subnormal_x=True), 0.0), (edge_rows(128, 5, torch.float16), -0.375)]
+    recs = [PC.record("act_fp8", lambda a=a, s=s: AF.quantize_act_fp8(**a, shift=s), major=9) for a, s in cases]
+    results = PC.compile_ptx([rec.request(90) for rec in recs])
+    for (a, shift), rec, res in zip(cases, recs, results, strict=True):
+        findings, written = PC.execute(rec, res)
+        assert not _beyond_warp_reduction_tails(findings, res["ptx"]), findings.report()
+        assert all(w.all() for w in written.values()), {n: int((~w).sum()) for n, w in written.items()}
+        want = ops.quantize_act_fp8(**a, shift=shift)
+        assert_quantized(_quantizer_outputs(rec), want)
+
+
+# --- 3. the triton backend's dispatch on sm_90 (meta tensors) ----------------------------------------
+
+
+@pytest.fixture()
+def hopper(monkeypatch):
+    """The triton backend as an H100 runs it, on meta tensors: the architecture read as sm_90, the
+    GEMM's self-check passed, the SM count 132; the Gluon kernel's launch and the epilogue kernel
+    recorded (neither runs without a GPU). The real ``gemm_sm90_w4a8.launch`` (its checks,
+    output allocation and ``launch_args``) and the real weight preparation run."""
+    import engine.kernels.triton_backend as tb
+
+    seen: list = []
+    real = W.w4a8_gemm_sm90_kernel
+
+    class Kernel:
+        arg_names = real.arg_names
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append(("kernel", grid, args, kw))
+
+    def epilogue(y, partial, residual, gate, out_dtype):
+        seen.append(("epilogue", y.dtype, partial is not None, residual is not None, gate is not None))
+        return ops.gemm_epilogue(y, partial, residual, gate, out_dtype)
+
+    monkeypatch.setattr(tb, "_major", lambda device: 9)
+    monkeypatch.setattr(W, "serves", lambda device: True)
+    monkeypatch.setattr(W, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(W, "w4a8_gemm_sm90_kernel", Kernel())
+    monkeypatch.setattr(tb, "sm90_epilogue", epilogue)
+    return tb, seen
+
+
+def _meta_gemm(m: int, n: int, k: int, r: int, group: int = 64) -> dict:
+    meta = {"device": "meta"}
+    return {
+        "codes": torch.empty(m, k, dtype=torch.float8_e4m3fn, **meta),
+        "ascale": torch.empty(m, **meta),
+        "qweight": torch.empty(n, k // 2, dtype=torch.uint8, **meta),
+        "wscales": torch.empty(k // group, n, dtype=torch.bfloat16, **meta).t(),  # the checkpoint's layout
+        "lora_act": torch.empty(m, r, **meta),
+        "proj_up": torch.empty(n, r, dtype=torch.bfloat16, **meta),
+        "bias": torch.empty(n, dtype=torch.bfloat16, **meta),
+    }
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("epi", ["none", "partial", "residual_gate", "all", "gate_only"])
+def test_sm90_dispatch_epilogues_give_the_contracts_dtype_and_shape(hopper, out_dtype, epi):
+    """Each combination of partial / residual / gate: one kernel launch (grid one CTA per SM at
+    most), fp32 from the kernel and the epilogue after it where partial or residual is given, the
+    kernel's own out_dtype otherwise (a gate without a residual is ignored, as gemm_epilogue
+    ignores it); the result has the reference's dtype and shape."""
+    tb, seen = hopper
+    m, n, k, r, b = 4352, 3072, 3072, 32, 2
+    x = _meta_gemm(m, n, k, r)
+    full = torch.empty(m, n, dtype=out_dtype, device="meta")
+    epilogue = {
+        "none": {},
+        "partial": {"partial": full},
+        "residual_gate": {"residual": full, "gate": torch.empty(b, n, dtype=out_dtype, device="meta")},
+        "all": {"partial": full, "residual": full, "gate": torch.empty(b, n, dtype=out_dtype, device="meta")},
+        "gate_only": {"gate": torch.empty(b, n, dtype=out_dtype, device="meta")},
+    }[epi]
+    y = tb.w4a8_gemm(*x.values(), **epilogue, out_dtype=out_dtype)
+    want = ops.w4a8_gemm(*x.values(), **epilogue, out_dtype=out_dtype)
+    assert (y.dtype, y.shape, y.device.type) == (want.dtype, want.shape, "meta")
+    launches = [s for s in seen if s[0] == "kernel"]
+    assert len(launches) == 1
+    _, grid, args, kw = launches[0]
+    assert grid == (min(132, (m // 128) * (n // 192)),)
+    out = args[W.w4a8_gemm_sm90_kernel.arg_names.index("out_ptr")]
+    needs = "partial" in epilogue or "residual" in epilogue
+    assert out.dtype == (torch.float32 if needs else out_dtype) and out.shape == (m, n)
+    assert kw["HAS_LORA"] and kw["HAS_BIAS"]
+    assert [s[0] for s in seen] == (["kernel", "epilogue"] if needs else ["kernel"])
+
+
+@pytest.mark.parametrize(
+    "n, r, group, bias, kernel",
+    [
+        (3072, 0, 64, False, True),  # no low-rank branch, no bias: both compiled out
+        (3072, 64, 64, True, True),  # the kernel's rank limit
+        (3072, 65, 64, True, False),  # one past it
+        (3072, 32 + 64, 64, True, False),  # a rank-64 LoRA merged into the rank-32 branch
+        (196, 32, 64, True, True),  # N = 196: a multiple of 4 (TMA's 16-byte rows of fp32 sw)
+        (198, 32, 64, True, False),  # N not a multiple of 4
+        (3072, 32, 128, True, False),  # group 128: not this kernel's
+    ],
+)
+def test_sm90_dispatch_takes_the_kernel_only_within_its_limits(hopper, n, r, group, bias, kernel):
+    """The kernel where ``supports`` holds (its HAS_LORA / HAS_BIAS as the problem has them),
+    else the reference, ops.w4a8_gemm, with the same result dtype and shape and no launch."""
+    tb, seen = hopper
+    m, k = 2048, 3072
+    x = _meta_gemm(m, n, k, r, group)
+    if not bias:
+        x["bias"] = None
+    y = tb.w4a8_gemm(*x.values(), out_dtype=torch.bfloat16)
+    assert (y.dtype, y.shape) == (torch.bfloat16, (m, n))
+    launches = [s for s in seen if s[0] == "kernel"]
+    assert len(launches) == int(kernel)
+    if kernel:
+        kw = launches[0][3]
+        assert (kw["HAS_LORA"], kw["HAS_BIAS"]) == (r > 0, bias)
+        assert kw["BR"] >= max(r, 16)
+
+
+def test_sm90_quantizer_dispatch(hopper, monkeypatch):
+    """quantize_act_fp8 on sm_90: act_fp8's kernel for K a multiple of 64, the reference (same
+    dtypes and shapes) otherwise."""
+    tb, _ = hopper
+    called = []
+    monkeypatch.setattr(AF, "quantize_act_fp8", lambda *a, **kw: called.append(a[0].shape) or "kernel")
+    meta = {"device": "meta", "dtype": torch.bfloat16}
+    assert tb.quantize_act_fp8(torch.empty(64, 128, **meta), torch.empty(128, **meta),
+                               torch.empty(32, 128, **meta), shift=0.0) == "kernel"  # fmt: skip
+    codes, ascale, lora = tb.quantize_act_fp8(torch.empty(64, 96, **meta), torch.empty(96, **meta),
+                                              torch.empty(32, 96, **meta), shift=0.0)  # fmt: skip
+    assert called == [(64, 128)]
+    assert (codes.dtype, codes.shape, ascale.dtype, ascale.shape, lora.dtype, lora.shape) == (
+        torch.float8_e4m3fn, (64, 96), torch.float32, (64,), torch.float32, (64, 32))
