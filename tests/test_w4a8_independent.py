@@ -223,6 +223,28 @@ def test_gemm_persistent_grid_of_three_ctas_for_four_partial_tiles(gemm_compiled
     _assert_same(got, _reference(x, torch.bfloat16))
 
 
+def test_gemm_nan_and_inf_rows_propagate_as_the_reference(gemm_compiled):
+    """What the quantizer hands the GEMM for non-finite input rows: a NaN code (row 5: that row
+    NaN), an inf ascale over nonzero codes (row 6: +-inf, NaN where a column's sum is exactly 0)
+    and an inf ascale over all-zero codes (row 7: 0 * inf, NaN): the same NaN positions, every
+    other element the reference's bits."""
+    name = "tile_plus_one_rank_64"
+    x = gemm_inputs(name, seed=2)
+    bits = x["codes"].view(torch.uint8)
+    bits[5, 70] = 0x7F  # e4m3 NaN
+    x["ascale"][6] = float("inf")
+    x["ascale"][7] = float("inf")
+    bits[7] = 0
+    want = _reference(x, torch.bfloat16)
+    assert torch.isnan(want[5]).all() and torch.isinf(want[6]).any() and torch.isnan(want[7]).all()
+    findings, got, written = run_gemm(gemm_compiled[name], x, torch.bfloat16)
+    assert not findings, findings.report()
+    assert written.all()
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan), (torch.isnan(got) != nan).nonzero()[:5].tolist()
+    _assert_same(torch.where(nan, 0, got), torch.where(nan, 0, want))
+
+
 def test_one_wrong_scale_moves_exactly_its_column(gemm_compiled):
     """The harness can fail, and the kernel reads each row's scale where prepare_weight puts it:
     with sw[group 1, row 193] (the second weight tile, the second group) doubled, exactly column
