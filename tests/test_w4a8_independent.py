@@ -557,3 +557,38 @@ def test_sm90_quantizer_dispatch(hopper, monkeypatch):
     assert called == [(64, 128)]
     assert (codes.dtype, codes.shape, ascale.dtype, ascale.shape, lora.dtype, lora.shape) == (
         torch.float8_e4m3fn, (64, 96), torch.float32, (64,), torch.float32, (64, 32))
+
+
+def test_quantizer_sm90_ptx_modulation_of_two_images_with_a_shift():
+    """The modulation prologue of B = 2 images with shift != 0, fp16 with overflowing rows (the
+    case of test_modulation_of_two_images_with_a_shift), compiled for sm_90 and executed. The
+    GPU's rsqrt.approx and its statistics' order are not the CPU's, so as the authors bound their
+    compiled prologue test: a code may move to its neighbour (< 1% of them), ascale within 2^-7
+    relative; the rows that overflow to inf do so in both, and each image's rows take that
+    image's modulation (image 1's huge scale would show in image 0's rows otherwise)."""
+    from . import ptx_compile as PC
+    from .test_ptx_exec_triton import _beyond_warp_reduction_tails
+
+    m, k = 6, 128
+    g = torch.Generator().manual_seed(4)
+    ms = torch.randn(2, k, generator=g)
+    ms[1, :8] = 60000.0
+    mh = torch.randn(2, k, generator=g) * 2
+    a = {"x": _big16_rows(m, k, 1), "smooth": (torch.rand(k, generator=g) + 0.5).half(),
+         "proj_down": (torch.randn(5, k, generator=g) / k**0.5).half()}  # fmt: skip
+    kw = {"mod_scale": ms.half(), "mod_shift": mh.half(), "shift": -0.375}
+    rec = PC.record("act_fp8", lambda: AF.quantize_act_fp8(**a, **kw), major=9)
+    (res,) = PC.compile_ptx([rec.request(90)])
+    findings, written = PC.execute(rec, res)
+    assert not _beyond_warp_reduction_tails(findings, res["ptx"]), findings.report()
+    assert all(w.all() for w in written.values())
+    codes, ascale, lora = _quantizer_outputs(rec)
+    want = ops.quantize_act_fp8(**a, **kw)
+    assert torch.isinf(want[1][3:]).any()
+    torch.testing.assert_close(ascale, want[1], rtol=2**-7, atol=0)
+    gb, wb = codes.view(torch.uint8).int(), want[0].view(torch.uint8).int()
+    assert torch.equal(_nan(gb), _nan(wb))
+    diff = (gb != wb) & ~_nan(wb)
+    assert ((gb - wb).abs()[diff] == 1).all() and diff.float().mean() < 0.01
+    fin = torch.isfinite(want[2]).all(dim=1)
+    torch.testing.assert_close(lora[fin], want[2][fin], **LORA_TOL)
