@@ -64,8 +64,9 @@ GEMM_CASES = {
     # e4m3 subnormal and small normal codes, a row with ascale 0 (nonzero codes), an all-zero
     # row, extreme weight rows past the first tile
     "tile_plus_one_rank_64": (129, 196, 128, 64, True, "bfloat16", torch.bfloat16),
-    # rank 0 with bias, fp16 out with fp16 scales: rows at +-448 whose sum overflows fp16 (inf
-    # in both), others in range; M = 64 (half a token tile), N = 196
+    # rank 0 with bias, fp16 out with fp16 scales (negative ones and a zero one among them):
+    # rows at +-448 whose sum overflows fp16 (inf in both), others in range; M = 64 (half a
+    # token tile), N = 196
     "fp16_out_overflow_rank_0": (64, 196, 128, 0, True, "float16", torch.float16),
     # M = 1 and rank 1: Triton makes M, R and both low-rank row strides constants (1), the
     # low-rank operands masked from one rank to the kernel's 16; bias, bf16 out, N = 8
@@ -118,6 +119,9 @@ def gemm_inputs(name: str, seed: int = 0) -> dict:
         w[n - 4], w[n - 3] = 7, -7  # extreme rows in the last weight tile (past 192)
         w[n - 2, ::3] = -8
         wscales = 2.0 ** torch.randint(-2, 1, (n, grp), generator=g).float()
+        if name == "fp16_out_overflow_rank_0":  # scales of either sign and a zero one (a pruned group)
+            wscales[::5, 0] *= -1
+            wscales[7, 1] = 0.0
         ascale = 2.0 ** torch.randint(-1, 2, (m,), generator=g).float()
         if name == "tile_plus_one_rank_64":
             ascale[3] = 0.0  # a zero scale over nonzero codes: the GEMM's part vanishes
@@ -357,6 +361,20 @@ def test_one_flux_wide_row_in_the_interpreter():
     x[0, k - 3] = 40.0
     a = {"x": x.to(torch.bfloat16), "smooth": (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16),
          "proj_down": (torch.randn(32, k, generator=g) / k**0.5).to(torch.bfloat16)}  # fmt: skip
+    assert_quantized(AF.quantize_act_fp8(**a, shift=0.171875), ops.quantize_act_fp8(**a, shift=0.171875))
+
+
+@pytest.mark.parametrize("r", [33, 64])
+def test_quantizer_strided_views_and_a_second_rank_chunk(r):
+    """x a column slice of a wider tensor (row stride 256, not K = 128) and proj_down a slice of
+    a wider one, as views reach the launcher; R = 33 (a second low-rank chunk of one rank) and 64
+    (two full ones)."""
+    g = torch.Generator().manual_seed(9)
+    wide = torch.randn(19, 256, generator=g).to(torch.bfloat16)
+    down = (torch.randn(r, 384, generator=g) / 11).to(torch.bfloat16)
+    a = {"x": wide[:, 64:192], "smooth": (torch.rand(128, generator=g) + 0.5).to(torch.bfloat16),
+         "proj_down": down[:, 128:256]}  # fmt: skip
+    assert not a["x"].is_contiguous() and not a["proj_down"].is_contiguous()
     assert_quantized(AF.quantize_act_fp8(**a, shift=0.171875), ops.quantize_act_fp8(**a, shift=0.171875))
 
 
