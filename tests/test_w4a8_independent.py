@@ -229,6 +229,29 @@ def test_gemm_edge_cases_match_the_contract_bit_for_bit(gemm_compiled, name, sch
     _assert_same(got, want)
 
 
+def test_gemm_one_token_through_48_groups(gemm_compiled):
+    """K = 3072 (48 groups: the four-slot ring wraps 12 times, each barrier's phase flipping
+    on every wrap) for one token and four weight rows, on the one_token_one_group kernel (K is
+    a runtime argument; the specialization is the same: K divisible by 16). Exact inputs:
+    quarter-step codes, power-of-two scales, every partial sum within 21 bits."""
+    g = torch.Generator().manual_seed(3)
+    m, n, k = 1, 4, 3072
+    w = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    x = {
+        "codes": _e4m3(torch.randint(-16, 17, (m, k), generator=g) / 4.0),
+        "ascale": torch.tensor([0.5]),
+        "qweight": pack_int4(w),
+        "wscales": (2.0 ** torch.randint(-2, 1, (n, k // 64), generator=g).float()).half(),
+        "lora_act": torch.empty(m, 0),
+        "proj_up": torch.empty(n, 0, dtype=torch.bfloat16),
+        "bias": None,
+    }
+    findings, got, written = run_gemm(gemm_compiled["one_token_one_group"], x, torch.float32)
+    assert not findings, findings.report()
+    assert written.all()
+    _assert_same(got, _reference(x, torch.float32))
+
+
 def test_gemm_persistent_grid_of_three_ctas_for_four_partial_tiles(gemm_compiled):
     """M = 129, N = 196 (2 x 2 tiles, three of them partial) on three CTAs: one CTA runs two
     tiles (its ring and barrier phases run on into the second, a partial one), the others one."""
