@@ -57,7 +57,8 @@ Op contract (every backend implements exactly this; ``reference`` is the ground 
         x' = x or its prologue (as quantize_act_prologue: none, modulation, or gelu; B divides M)
         x_hat    = (x' + shift) / smooth                           fp32
         codes    float8_e4m3fn [M, K]   e4m3(clamp(x_hat * 448 / amax, -448, 448)), nearest even,
-                                        amax = max_k |x_hat| of the row (codes 0 for a zero row)
+                                        amax = max_k |x_hat| of the row (codes 0 and ascale 0
+                                        where amax < 448 * 2^-126: a zero or tiny row)
         ascale   fp32 [M]               amax / 448, one scale per token
         lora_act fp32 [M, R]            x_hat @ proj_down^T, as quantize_act
         all three contiguous, by every backend and fake (engine.quant.ops.quantize_act_fp8).

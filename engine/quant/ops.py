@@ -193,6 +193,7 @@ def linear(
 # --- W4A8 (Hopper): FP8 activations, one scale per token ------------------------------------------
 
 FP8_MAX = 448.0  # the largest finite e4m3 (float8_e4m3fn) value
+AMAX_MIN = FP8_MAX * 2.0**-126  # below, a row's scale amax / 448 is not a normal fp32 (and 448 / amax may overflow)
 
 
 def quantize_act_fp8(
@@ -216,7 +217,9 @@ def quantize_act_fp8(
     x' = prologue(x) as in :func:`quantize_act_prologue` (none, modulation, or gelu), then
     x_hat = (x' + shift) / smooth in fp32, amax = max_k |x_hat|,
     ascale = amax / 448, codes = e4m3(clamp(x_hat * inv, -448, 448)) rounded to nearest even,
-    inv = 448 / amax (0 for an all-zero row, so its codes are 0). Returns codes
+    inv = 448 / amax; a row with amax < AMAX_MIN = 448 * 2^-126 (all zero, or so small that its
+    scale would be subnormal and 448 / amax could overflow to inf) gets inv = ascale = 0, so its
+    codes are 0. Returns codes
     float8_e4m3fn [M, K], ascale fp32 [M], lora_act fp32 [M, R] (x_hat @ proj_down^T, as
     :func:`quantize_act`).
     """
@@ -226,8 +229,9 @@ def quantize_act_fp8(
     lora_act = x_hat @ proj_down.float().T  # [M, R]
     amax = x_hat.abs().amax(dim=1)  # [M]
     fp8_max = amax.new_tensor(FP8_MAX)  # a tensor, not a Python number: IEEE division on every device
-    ascale = amax / fp8_max
-    inv = torch.where(amax > 0, fp8_max / torch.where(amax > 0, amax, 1.0), 0.0)
+    ok = amax >= AMAX_MIN  # False for NaN too: a NaN row keeps its NaN scale, its codes x_hat * 0
+    ascale = torch.where(amax < AMAX_MIN, 0.0, amax / fp8_max)
+    inv = torch.where(ok, fp8_max / torch.where(ok, amax, 1.0), 0.0)
     codes = (x_hat * inv[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return codes, ascale, lora_act
 

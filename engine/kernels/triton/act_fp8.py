@@ -11,7 +11,8 @@ that divides K):
 
 1. x_hat (prologue, smoothing) of each step: its |x_hat| folded into a per-lane running maximum
    (NaN kept, as torch's amax) and its low-rank product accumulated, as quantize_act does;
-   then per row amax, ascale = amax / 448 and inv = 448 / amax (IEEE divisions, once per row).
+   then per row amax, ascale = amax / 448 and inv = 448 / amax (IEEE divisions, once per row;
+   both 0 for a row with amax < AMAX_MIN, as the contract says).
 2. x re-read, backwards over K: the tiles pass 1 read last first, so they come from L2 (all of
    x while the programs in flight hold less than L2: 16 rows x K x 2 B each; the rows' ends
    beyond that; see scripts/perfmodel/act_fp8.py), x_hat recomputed bit for bit as in pass 1,
@@ -55,10 +56,11 @@ from engine.kernels.triton.act import (
 from engine.kernels.triton.common import INTERPRET, block_r, row_major
 from engine.kernels.triton.common import arch_major as _major  # a module global: the recorders patch it
 from engine.kernels.triton.common import round_to as _round_to
-from engine.quant.ops import FP8_MAX, LAYER_NORM_EPS
+from engine.quant.ops import AMAX_MIN, FP8_MAX, LAYER_NORM_EPS
 
 GROUP = 64  # K is a multiple of it (the W4A8 GEMM's weight groups); the smallest block_k
 _FP8_MAX = tl.constexpr(FP8_MAX)
+_AMAX_MIN = tl.constexpr(AMAX_MIN)
 LORA_CHUNK = 32  # ranks of the low-rank branch per program (common.block_r; grid axis 1)
 
 
@@ -237,7 +239,8 @@ def quantize_act_fp8_kernel(
     # --- pass 2: the codes ------------------------------------------------------------------------
     if ONE_CHUNK or chunk == 0:
         amax = tl.reduce(amax_l, 1, _max_nan)  # [BM]; NaN propagates, as torch's amax
-        inv = tl.where(amax > 0, tl.div_rn(_FP8_MAX, tl.where(amax > 0, amax, 1.0)), 0.0)
+        ok = amax >= _AMAX_MIN  # a row below it (all zero, or a subnormal scale) gets codes 0
+        inv = tl.where(ok, tl.div_rn(_FP8_MAX, tl.where(ok, amax, 1.0)), 0.0)
         k2 = tl.arange(0, BLOCK_K2)
         # Backwards over K: the tiles pass 1 read last are re-read first, while L2 still holds
         # them (at K = 12288 x is 107 MB, L2 50 MB: the row's end comes from L2, its start not).
@@ -275,7 +278,7 @@ def quantize_act_fp8_kernel(
                     s = tl.load(smooth_ptr + k0 + k2)  # fp32 on the GPU (the launcher's)
                     xmax_l = _max_nan(xmax_l, tl.abs(tl.div_rn(x + shift, s[None, :])))
                 amax = tl.where(amax != amax, tl.reduce(xmax_l, 1, _max_nan), amax)
-        ascale = tl.div_rn(amax, _FP8_MAX)  # IEEE, as the reference's tensor division
+        ascale = tl.where(amax < _AMAX_MIN, 0.0, tl.div_rn(amax, _FP8_MAX))  # IEEE, as the reference's
         if COMPILED:
             _store_rows(ascale_ptr + offs_m, ascale, row_ok)
         else:
