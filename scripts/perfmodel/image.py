@@ -15,7 +15,11 @@ with no GPU:
    models' readers (imported, not copied): w4a4_gemm and quantize_act on the A40 from the CUDA
    cubin (kernel_model.py), on the H100 from Triton's SASS (quantize_act: kernel_model_triton.py;
    each w4a4_gemm call: the kernel the sm_90 dispatch runs it on, perfmodel.hopper_route, priced by
-   perfmodel.hopper_ws or perfmodel.hopper, plus the dispatch's epilogue kernel, one DRAM pass, where it has one); the
+   perfmodel.hopper_ws or perfmodel.hopper, plus the dispatch's epilogue kernel, one DRAM pass, where it has one);
+   on the H100 the transformer is traced with the W4A8 route as an H100 takes it
+   (perfmodel.hopper_route.h100_w4a8), so the linears it takes (M >= the route's minimum: the image
+   stream) are priced as quantize_act_fp8 (perfmodel.act_fp8, per prologue variant) and w4a8_gemm
+   (perfmodel.hopper_w4a8 at the call's M, K, N; the A40 has no W4A8 route); the W4A4
    prologue variants as quantize_act plus their LayerNorm statistics pass over x; the W4A16 GEMV
    and qk_norm_rope at their DRAM bytes (kernel_model_triton.py and kernel_model_rope.py put them
    at or near their DRAM time on the A40; kernel_model_rope.py's minimum bytes for the latter).
@@ -107,9 +111,7 @@ def image_model(kt: KernelTimes, batch: int = 1, steps: int = 4, size: int = 102
 def transformer_traces(batch: int, size: int) -> dict[str, list[Op]]:
     """One go_fast step's ops per device: the H100's traced with the W4A8 route as an H100 takes
     it (perfmodel.hopper_route.h100_w4a8), the A40's without (it has no W4A8 route)."""
-    return {
-        d: trace_transformer(True, batch, size, sage=True, hopper=d == "H100 SXM") for d in DEVICES
-    }
+    return {d: trace_transformer(True, batch, size, sage=True, hopper=d == "H100 SXM") for d in DEVICES}
 
 
 def vae_compiled() -> bool:

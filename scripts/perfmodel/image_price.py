@@ -131,7 +131,7 @@ class KernelTimes:
         cfg = gemm_sm90_w4a8.CONFIG
         e = hopper_w4a8.compiled_gemm(hopper_w4a8.Tile("served", cfg.block_w, cfg.block_t, cfg.stages))
         if e is None:
-            raise RuntimeError("gemm_sm90_w4a8 does not compile at its CONFIG: the W4A8 GEMM cannot be priced")
+            raise RuntimeError("gemm_sm90_w4a8 did not compile at its CONFIG: the W4A8 GEMM is not priced")
         return e, hopper_w4a8.group_terms(e, DEFAULT_L2)
 
     def _w4a8_kernel(self, m: int, k: int, n: int, split: tuple | None) -> float:
@@ -156,7 +156,8 @@ class KernelTimes:
             from perfmodel.act_fp8 import compile_act_fp8, model_act_fp8
 
             info = compile_act_fp8(k, prologue, m=m, rank=rank)
-            self._cache[key] = model_act_fp8(m, k, self.devices["H100 SXM"], info, ACT_FP8_CONFIGS[9])["us"] * 1e-6
+            t = model_act_fp8(m, k, self.devices["H100 SXM"], info, ACT_FP8_CONFIGS[9])["us"]
+            self._cache[key] = t * 1e-6
         return self._cache[key]
 
     def gemm(self, device: str, m: int, k: int, n: int, unsigned: bool, epilogue: bool = False) -> float:
