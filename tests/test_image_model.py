@@ -170,8 +170,9 @@ def test_the_h100_trace_takes_the_w4a8_route_for_the_image_stream(monkeypatch):
     W4A8 route on the A40). Moving the dispatch's threshold moves the trace."""
     from collections import Counter
 
-    import engine.kernels.triton_backend as tb
     from perfmodel.hopper_route import w4a8_min_m
+
+    import engine.kernels.triton_backend as tb
 
     traces = image_model.transformer_traces(1, 1024)
     h100, a40 = traces["H100 SXM"], traces["A40"]
