@@ -222,10 +222,10 @@ def test_the_w4a8_route_reads_the_dispatch():
     epilogue; with one, fp32 out and triton/epilogue.py's pass after it (as the W4A4 route)."""
     from perfmodel.hopper_route import w4a8_route
 
-    m, k, n = 4352, 3072, 21504
-    r = w4a8_route(w4a8_call(m, k, n))
-    assert (r.kernel, r.m, r.k, r.n, r.rank) == ("w4a8", m, k, n, 32)
-    assert (r.out_dtype, r.epilogue_bytes, r.split) == (torch.bfloat16, 0, _planned_w4a8_split(m, k, n))
+    for m, k, n in ((4352, 3072, 21504), (4352, 3072, 3072)):  # the latter's last wave: 16 of 544 tiles
+        r = w4a8_route(w4a8_call(m, k, n))
+        assert (r.kernel, r.m, r.k, r.n, r.rank) == ("w4a8", m, k, n, 32)
+        assert (r.out_dtype, r.epilogue_bytes, r.split) == (torch.bfloat16, 0, _planned_w4a8_split(m, k, n))
     m, k, n = 4096, 12288, 3072
     gated = w4a8_route(w4a8_call(m, k, n, epilogue="gated"))
     assert gated.out_dtype == torch.float32
