@@ -107,16 +107,18 @@ def test_the_h100_runs_the_triton_backend():
 
 
 def test_one_images_calls_by_route():
-    """One image, 4 steps: the text stream's GEMMs (19 double blocks x 4, M = 256) on the FP8 kernel,
-    the image stream's and the single blocks' (19 x 4 + 38 x 3) on the ws kernel; the epilogue kernel on
-    every gated call (out-projections and fc2 of both streams, proj_out's second part)."""
+    """One image, 4 steps, as an H100 runs it (the W4A8 route taken where kernels.w4a8_route takes
+    it): the text stream's GEMMs (19 double blocks x 4, M = 256) W4A4 on the FP8 kernel, the image
+    stream's and the single blocks' (19 x 4 + 38 x 3) on the W4A8 kernel (its split where planned);
+    the epilogue kernel on every gated call (out-projections and fc2 of both streams, proj_out's
+    second part)."""
     from perfmodel.image import h100_routes
 
     c = h100_routes(1)
     assert c["fp8"] == 4 * 19 * 4
-    assert c["ws"] + c["ws split"] == 4 * (19 * 4 + 38 * 3)
+    assert c["w4a8"] + c.get("w4a8 split", 0) == 4 * (19 * 4 + 38 * 3)
     assert c["epilogue kernel"] == 4 * (19 * 4 + 38)
-    assert "int8" not in c
+    assert not {"ws", "ws split", "int8"} & set(c)
 
 
 def test_the_w4a8_route_on_an_h100():
@@ -167,3 +169,141 @@ def test_the_h100_price_is_the_routed_kernels_model():
     assert epi == pytest.approx(glue) and epi > 0
     got, model_s, epi = out["fp8"]
     assert got == pytest.approx(model_s) and epi == 0
+
+
+# --- the W4A8 route's calls (svdq.w4a8_gemm, svdq.quantize_act_fp8) as the image model prices them ---
+
+
+def w4a8_call(m: int, k: int, n: int, *, rank: int = 32, epilogue: str = "") -> tuple:
+    """A w4a8_gemm call's args as the custom op passes them (SVDQLinear's group-major wscales);
+    ``epilogue`` as in ``call``."""
+    g = k // 64
+    bf16 = {"dtype": torch.bfloat16, **META}
+    partial = torch.empty(m, n, **bf16) if epilogue == "partial" else None
+    residual = torch.empty(m, n, **bf16) if epilogue else None
+    gate = torch.empty(1, n, **bf16) if epilogue else None
+    return (
+        torch.empty(m, k, dtype=torch.float8_e4m3fn, **META),
+        torch.empty(m, dtype=torch.float32, **META),
+        torch.empty(n, k // 2, dtype=torch.uint8, **META),
+        torch.empty(g, n, **bf16).t(),
+        torch.empty(m, rank, dtype=torch.float32, **META),
+        torch.empty(n, rank, **bf16),
+        torch.empty(n, **bf16),
+        partial,
+        residual,
+        gate,
+        torch.bfloat16,
+    )
+
+
+def fp8_call(m: int, k: int, prologue: str = "", rank: int = 32) -> tuple:
+    """A quantize_act_fp8 call's args (x, smooth, proj_down, mod_scale, mod_shift, shift, gelu)."""
+    bf16 = {"dtype": torch.bfloat16, **META}
+    mod = (torch.empty(1, k, **bf16), torch.empty(1, k, **bf16)) if prologue == "modulation" else (None, None)
+    return (torch.empty(m, k, **bf16), torch.empty(k, **bf16), torch.empty(rank, k, **bf16), *mod, 0.0,
+            prologue == "gelu")  # fmt: skip
+
+
+def _planned_w4a8_split(m: int, k: int, n: int):
+    """The split gemm_sm90_w4a8 plans on an H100 (None while the kernel has no split-K)."""
+    from engine.kernels.triton import gemm_sm90_w4a8
+
+    plan = getattr(gemm_sm90_w4a8, "plan", None)
+    return plan(m, n, k, H100.sms) if plan is not None else None
+
+
+def test_the_w4a8_route_reads_the_dispatch():
+    """triton_backend.w4a8_gemm on the call's meta tensors: the W4A8 kernel, bf16 out without an
+    epilogue; with one, fp32 out and triton/epilogue.py's pass after it (as the W4A4 route)."""
+    from perfmodel.hopper_route import w4a8_route
+
+    for m, k, n in ((4352, 3072, 21504), (4352, 3072, 3072)):  # the latter's last wave: 16 of 544 tiles
+        r = w4a8_route(w4a8_call(m, k, n))
+        assert (r.kernel, r.m, r.k, r.n, r.rank) == ("w4a8", m, k, n, 32)
+        assert (r.out_dtype, r.epilogue_bytes, r.split) == (torch.bfloat16, 0, _planned_w4a8_split(m, k, n))
+    m, k, n = 4096, 12288, 3072
+    gated = w4a8_route(w4a8_call(m, k, n, epilogue="gated"))
+    assert gated.out_dtype == torch.float32
+    assert gated.epilogue_bytes == 4 * m * n + 2 * m * n + 2 * m * n + 2 * n  # acc, residual, out, gate
+    partial = w4a8_route(w4a8_call(m, k, n, epilogue="partial"))
+    assert partial.epilogue_bytes == gated.epilogue_bytes + 2 * m * n
+
+
+def test_the_w4a8_route_follows_the_kernels_limits(monkeypatch):
+    """A call the W4A8 kernel does not take runs the reference's arithmetic: not an H100 route, so
+    the image model must not price it as the kernel."""
+    from perfmodel.hopper_route import w4a8_route
+
+    from engine.kernels.triton import gemm_sm90_w4a8
+
+    with pytest.raises(ValueError, match="reference"):
+        w4a8_route(w4a8_call(4352, 3072, 3072, rank=gemm_sm90_w4a8.MAX_RANK + 16))
+    monkeypatch.setattr(gemm_sm90_w4a8, "supports", lambda *a: False)
+    with pytest.raises(ValueError, match="reference"):
+        w4a8_route(w4a8_call(4352, 3072, 3072))
+
+
+_PRICE_W4A8 = """
+import json, sys, torch
+from tests.test_hopper_route import fp8_call, w4a8_call
+from engine.kernels.triton import gemm_sm90_w4a8
+from engine.kernels.triton.act_fp8 import ACT_FP8_CONFIGS
+from perfmodel import hopper_w4a8
+from perfmodel.act_fp8 import compile_act_fp8, model_act_fp8
+from perfmodel.devices import H100
+from perfmodel.hopper_calibration import DEFAULT_L2
+from perfmodel.hopper_route import w4a8_route
+from perfmodel.image_price import EPILOGUE_COL, KernelTimes, dram_s, price, stage
+from perfmodel.image_trace import Op
+
+kt = KernelTimes()
+cfg = gemm_sm90_w4a8.CONFIG
+e = hopper_w4a8.compiled_gemm(hopper_w4a8.Tile("launch", cfg.block_w, cfg.block_t, cfg.stages))
+g = hopper_w4a8.group_terms(e, DEFAULT_L2)
+out, ops = {"gemm": [], "quant": {}}, []
+for m, k, n, epi in ((4352, 3072, 21504, ""), (4352, 3072, 3072, ""), (4096, 12288, 3072, "gated")):
+    op = Op("svdq.w4a8_gemm", "x", [], 0, 0, 0, w4a8_call(m, k, n, epilogue=epi))
+    got, r = kt.hopper_w4a8_gemm(op), w4a8_route(op.args)
+    t = hopper_w4a8.gemm_time(e, g, m, k, n, DEFAULT_L2)
+    want = (t["split"]["gemm_us"] if r.split is not None else t["gemm_us"]) * 1e-6
+    out["gemm"].append([got["W4A8 GEMM"], want, got[EPILOGUE_COL], dram_s(r.epilogue_bytes, "H100 SXM"),
+                        price(op, "H100 SXM", kt, compiled=True, sage=True), t["waves"]])
+    ops.append(op)
+for prologue in ("", "modulation", "gelu"):
+    op = Op("svdq.quantize_act_fp8", "x", [], 0, 0, 0, fp8_call(4352, 12288, prologue))
+    want = model_act_fp8(4352, 12288, H100, compile_act_fp8(12288, prologue, m=4352), ACT_FP8_CONFIGS[9])["us"]
+    out["quant"][prologue] = [price(op, "H100 SXM", kt, compiled=True, sage=True), want * 1e-6]
+    ops.append(op)
+st = stage("t", {"A40": [], "H100 SXM": ops}, kt, compiled=True, sage=True)
+out["cols"], out["a40"] = st.detail["H100 SXM"], []
+for op in ops[2:4]:
+    try:
+        price(op, "A40", kt, compiled=True, sage=True)
+    except ValueError as exc:
+        out["a40"].append(str(exc))
+print(json.dumps(out))
+"""
+
+
+def test_the_h100_price_of_the_w4a8_ops_is_their_models():
+    """w4a8_gemm: perfmodel.hopper_w4a8's model of the compiled kernel (its launch tile) at the
+    call's M, K, N (waves, DRAM floor; the split the dispatch plans), plus the epilogue kernel's
+    pass; quantize_act_fp8: perfmodel.act_fp8's model of the compiled variant the call runs. Their
+    stage columns, and no A40 price (the A40 has no W4A8 route)."""
+    res = run_compiled([sys.executable, "-c", _PRICE_W4A8], scripts=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for got, want, epi, epi_want, total, waves in out["gemm"]:
+        assert got == pytest.approx(want) and got > 0 and waves >= 1
+        assert epi == pytest.approx(epi_want) and total == pytest.approx(got + epi)
+    assert [row[2] > 0 for row in out["gemm"]] == [False, False, True]
+    q = out["quant"]
+    for got, want in q.values():
+        assert got == pytest.approx(want) and got > 0
+    assert len({got for got, _ in q.values()}) == 3  # each variant its own compiled code
+    assert q["modulation"][0] > q[""][0]  # the statistics pass
+    cols = out["cols"]
+    assert cols["W4A8 GEMM"] == pytest.approx(sum(row[0] for row in out["gemm"]))
+    assert cols["quantize_act_fp8 (+prologue)"] == pytest.approx(sum(got for got, _ in q.values()))
+    assert len(out["a40"]) == 2 and all("Hopper" in t for t in out["a40"])

@@ -148,13 +148,55 @@ def test_docs_block_is_current():
 
 
 def test_the_generated_text_says_which_kernels_price_the_h100_gemms():
-    """The block names the kernels and models behind the H100 column's W4A4 GEMMs, with the calls the
-    dispatch sends to each (perfmodel.hopper_route; tests/test_hopper_route.py holds the routes)."""
+    """The block names the kernels and models behind the H100 column's GEMMs and quantizers, with the
+    calls the H100 runs on each (perfmodel.hopper_route; tests/test_hopper_route.py holds the routes):
+    the W4A8 kernel for the image stream, the W4A4 FP8 kernel for the text stream."""
     routes = {b: image_model.h100_routes(b) for b in (1, 4)}
     note = image_model.hopper_gemm_note(routes)
-    for name in ("gemm_sm90_ws.py", "hopper_ws.py", "gemm_sm90.py", "hopper.py", "triton/epilogue.py"):
+    for name in ("gemm_sm90_w4a8.py", "hopper_w4a8.py", "act_fp8.py", "h100_w4a8", "gemm_sm90_ws.py",
+                 "hopper_ws.py", "gemm_sm90.py", "hopper.py", "triton/epilogue.py"):  # fmt: skip
         assert name in note, name
     one = routes[1]
-    assert f"{one['ws']} the warp-specialized Gluon kernel, {one['ws split']} the same with its last wave" in note
-    assert f"{one['fp8']} the FP8 kernel; {one['epilogue kernel']} of them with the epilogue kernel" in note
+    assert f"{one['w4a8']} the W4A8 kernel" in note and f"{one['fp8']} the FP8 kernel" in note
+    assert f"; {one['epilogue kernel']} of them with the epilogue kernel" in note
     assert image_price.EPILOGUE_COL in note
+
+
+def test_the_h100_trace_takes_the_w4a8_route_for_the_image_stream(monkeypatch):
+    """The H100 column's transformer is traced with kernels.w4a8_route as an H100 decides it: every
+    linear called with M >= the route's minimum (the image stream, 4096 rows, and the single blocks,
+    4352) issues quantize_act_fp8 (its prologue variant) + w4a8_gemm, the text stream (256) stays
+    W4A4; everything else is the A40's trace op for op, and the A40's trace has no W4A8 op (no
+    W4A8 route on the A40). Moving the dispatch's threshold moves the trace."""
+    from collections import Counter
+
+    from perfmodel.hopper_route import w4a8_min_m
+
+    import engine.kernels.triton_backend as tb
+
+    traces = image_model.transformer_traces(1, 1024)
+    h100, a40 = traces["H100 SXM"], traces["A40"]
+    lo = w4a8_min_m()
+    w4a8 = [op for op in h100 if op.name == "svdq.w4a8_gemm"]
+    w4a4 = [op for op in h100 if op.name == "svdq.w4a4_gemm"]
+    assert len(w4a8) == 19 * 4 + 38 * 3 and {op.args[0].shape[0] for op in w4a8} == {4096, 4352}
+    assert len(w4a4) == 19 * 4 and {op.args[0].shape[0] for op in w4a4} == {256}
+    assert min(op.args[0].shape[0] for op in w4a8) >= lo > 256
+    fp8 = [op for op in h100 if op.name == "svdq.quantize_act_fp8"]
+    variants = Counter(image_price.fp8_prologue(op) for op in fp8)
+    # modulation: the double blocks' qkv and fc1, the single blocks' qkv|mlp; gelu: fc2 and proj_out's
+    # MLP part; plain: the attention out-projection and proj_out's attention part
+    assert variants == {"modulation": 19 * 2 + 38, "gelu": 19 + 38, "": 19 + 38}
+    plain = image_trace.trace_transformer(True, 1, 1024, sage=True)
+    assert [(op.name, op.shapes) for op in a40] == [(op.name, op.shapes) for op in plain]
+    assert not {"svdq.w4a8_gemm", "svdq.quantize_act_fp8"} & {op.name for op in a40}
+
+    def others(ops: list) -> list:
+        linear = ("svdq.w4a4_gemm", "svdq.w4a8_gemm", "svdq.quantize_act", "svdq.quantize_act_prologue",
+                  "svdq.quantize_act_fp8")  # fmt: skip
+        return [(op.name, op.where, op.shapes) for op in ops if op.name not in linear]
+
+    assert others(h100) == others(a40)
+    monkeypatch.setattr(tb, "W4A8_MIN_M", 10**9)
+    moved = image_trace.trace_transformer(True, 1, 1024, sage=True, hopper=True)
+    assert not any(op.name == "svdq.w4a8_gemm" for op in moved)

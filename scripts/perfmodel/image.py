@@ -15,7 +15,11 @@ with no GPU:
    models' readers (imported, not copied): w4a4_gemm and quantize_act on the A40 from the CUDA
    cubin (kernel_model.py), on the H100 from Triton's SASS (quantize_act: kernel_model_triton.py;
    each w4a4_gemm call: the kernel the sm_90 dispatch runs it on, perfmodel.hopper_route, priced by
-   perfmodel.hopper_ws or perfmodel.hopper, plus the dispatch's epilogue kernel, one DRAM pass, where it has one); the
+   perfmodel.hopper_ws or perfmodel.hopper, plus the dispatch's epilogue kernel, one DRAM pass, where it has one);
+   on the H100 the transformer is traced with the W4A8 route as an H100 takes it
+   (perfmodel.hopper_route.h100_w4a8), so the linears it takes (M >= the route's minimum: the image
+   stream) are priced as quantize_act_fp8 (perfmodel.act_fp8, per prologue variant) and w4a8_gemm
+   (perfmodel.hopper_w4a8 at the call's M, K, N; the A40 has no W4A8 route); the W4A4
    prologue variants as quantize_act plus their LayerNorm statistics pass over x; the W4A16 GEMV
    and qk_norm_rope at their DRAM bytes (kernel_model_triton.py and kernel_model_rope.py put them
    at or near their DRAM time on the A40; kernel_model_rope.py's minimum bytes for the latter).
@@ -87,7 +91,7 @@ def image_model(kt: KernelTimes, batch: int = 1, steps: int = 4, size: int = 102
         ),
         stage(
             f"transformer x {steps} steps (go_fast)",
-            trace_transformer(True, batch, size, sage=True),
+            transformer_traces(batch, size),
             kt,
             compiled=True,
             sage=True,
@@ -102,6 +106,12 @@ def image_model(kt: KernelTimes, batch: int = 1, steps: int = 4, size: int = 102
         ),
         postprocess_stage(batch, size, safety_on_gpu=safety_input_on_gpu()),
     ]
+
+
+def transformer_traces(batch: int, size: int) -> dict[str, list[Op]]:
+    """One go_fast step's ops per device: the H100's traced with the W4A8 route as an H100 takes
+    it (perfmodel.hopper_route.h100_w4a8), the A40's without (it has no W4A8 route)."""
+    return {d: trace_transformer(True, batch, size, sage=True, hopper=d == "H100 SXM") for d in DEVICES}
 
 
 def vae_compiled() -> bool:
@@ -467,30 +477,53 @@ def run() -> dict:
         "calibration": calibration(),
         "levers": levers(kt),
         "h100_routes": {b: h100_routes(b) for b in (1, 4)},
+        "w4a8_share": {1: w4a8_share(kt, one, 1), 4: w4a8_share(kt, four, 4)},
     }
 
 
 def h100_routes(batch: int, steps: int = 4) -> dict[str, int]:
-    """How many of one image's (``batch`` images') W4A4 GEMM calls the H100's dispatch sends to each
-    kernel (perfmodel.hopper_route), and how many of them run the epilogue kernel after it."""
-    from perfmodel.hopper_route import route
+    """How many of one image's (``batch`` images') GEMM calls the H100 runs on each kernel: the
+    W4A8 kernel where kernels.w4a8_route takes the linear ("w4a8", "w4a8 split"; the H100's trace,
+    perfmodel.hopper_route.h100_w4a8), else the W4A4 kernel the dispatch sends the call to
+    (perfmodel.hopper_route.route); and how many of them run the epilogue kernel after it."""
+    from perfmodel.hopper_route import route, w4a8_route
 
     counts: dict[str, int] = {}
-    for op in trace_transformer(True, batch, 1024, sage=True):
-        if op.name == "svdq.w4a4_gemm":
-            r = route(op.args)
-            kind = {"ws": "ws split" if r.split is not None else "ws", "fp8": "fp8", "int8": "int8"}[r.kernel]
+    for op in trace_transformer(True, batch, 1024, sage=True, hopper=True):
+        if op.name in ("svdq.w4a4_gemm", "svdq.w4a8_gemm"):
+            r = route(op.args) if op.name == "svdq.w4a4_gemm" else w4a8_route(op.args)
+            kind = r.kernel + (" split" if r.split is not None else "")
             for key in (kind, "epilogue kernel" if r.epilogue_bytes else None):
                 if key:
                     counts[key] = counts.get(key, 0) + steps
     return counts
 
 
+def w4a8_share(kt: KernelTimes, stages: list[Stage], batch: int, steps: int = 4) -> dict[str, float]:
+    """The H100's seconds on the W4A8 linears over ``steps`` steps of ``batch`` images (their
+    quantize_act_fp8, w4a8_gemm and the epilogue kernel after it: the H100's trace priced op by
+    op), and that as a share of the transformer stage and of the image (``stages``)."""
+    dev = "H100 SXM"
+    ops = trace_transformer(True, batch, 1024, sage=True, hopper=True)
+    w4a8 = steps * sum(
+        price(op, dev, kt, compiled=True, sage=True)
+        for op in ops
+        if op.name in ("svdq.w4a8_gemm", "svdq.quantize_act_fp8")
+    )
+    st = next(s for s in stages if s.name.startswith("transformer"))
+    image = sum(s.seconds[dev] for s in stages)
+    return {"seconds": w4a8, "of_transformer": w4a8 / st.seconds[dev], "of_image": w4a8 / image}
+
+
 def hopper_gemm_note(routes: dict[int, dict[str, int]]) -> str:
-    """The generated text's statement of which kernels price the H100 column's W4A4 GEMMs."""
+    """The generated text's statement of which kernels and models price the H100 column's GEMMs
+    and quantizers (the W4A8 route's and the W4A4 route's)."""
+    from perfmodel.hopper_route import w4a8_min_m
 
     def say(c: dict[str, int]) -> str:
         names = {
+            "w4a8": "the W4A8 kernel",
+            "w4a8 split": "the W4A8 kernel with its last wave split in K",
             "ws": "the warp-specialized Gluon kernel",
             "ws split": "the same with its last wave split in K",
             "fp8": "the FP8 kernel",
@@ -500,18 +533,41 @@ def hopper_gemm_note(routes: dict[int, dict[str, int]]) -> str:
 
     one, four = routes[1], routes[4]
     return (
-        "H100 column, W4A4 GEMMs: each traced call priced with the model of the kernel the Triton backend's "
+        "H100 column, GEMMs: the transformer traced with the W4A8 route as an H100 takes it (kernels.w4a8_route "
+        "with the triton backend on sm_90, the W4A8 GEMM's self-check taken as passed: "
+        "scripts/perfmodel/hopper_route.py h100_w4a8; the A40 column's trace has no W4A8 route). Linears "
+        f"called with M >= {w4a8_min_m()} rows (the image stream and the single blocks) run as W4A8: "
+        "quantize_act_fp8 (engine/kernels/triton/act_fp8.py, its sm_90 SASS for the call's prologue variant "
+        "through scripts/perfmodel/act_fp8.py) and w4a8_gemm (gemm_sm90_w4a8.py at its launch tile, its compiled "
+        "loop through scripts/perfmodel/hopper_w4a8.py at the call's M, K, N: the persistent grid's waves, the "
+        "DRAM floor, the split of the last wave where the dispatch plans one). The rest (the text stream) "
+        "run as W4A4: each w4a4_gemm call priced with the model of the kernel the Triton backend's "
         "dispatch (engine/kernels/triton_backend.py w4a4_gemm, run on the call's meta tensors: "
         "scripts/perfmodel/hopper_route.py) sends it to on sm_90, its self-checks taken as passed: "
         "the warp-specialized Gluon kernel (gemm_sm90_ws.py, scripts/perfmodel/hopper_ws.py, with its split-K "
         "of the last wave where gemm_sm90_ws.plan takes one) or the FP8 kernel (gemm_sm90.py, "
-        "scripts/perfmodel/hopper.py), both at the calibrated L2 figure; where the call has a partial, gate or "
-        "residual, the kernel writes fp32 and the dispatch's epilogue kernel (engine/kernels/triton/epilogue.py, "
-        "bit for bit ops.gemm_epilogue) runs after it, priced as one DRAM pass over its bytes "
-        f"(column \"{EPILOGUE_COL}\"). Calls per image over 4 steps: {say(one)}; "
+        "scripts/perfmodel/hopper.py), both at the calibrated L2 figure; where a call (W4A4 or W4A8) has a "
+        "partial, gate or residual, the kernel writes fp32 and the dispatch's epilogue kernel "
+        "(engine/kernels/triton/epilogue.py, bit for bit ops.gemm_epilogue) runs after it, priced as one DRAM "
+        f"pass over its bytes (column \"{EPILOGUE_COL}\"). Calls per image over 4 steps: {say(one)}; "
         f"{one.get('epilogue kernel', 0)} of them with the epilogue kernel. For four images: {say(four)}; "
         f"{four.get('epilogue kernel', 0)} with the epilogue kernel. "
         "quantize_act on the H100: the Triton kernel's model (perfmodel.triton_model)."
+    )
+
+
+def w4a8_note(shares: dict[int, dict[str, float]]) -> str:
+    """The generated text's statement of the W4A8 linears' share of the H100 column."""
+
+    def say(x: dict[str, float]) -> str:
+        return (
+            f"{1e3 * x['seconds']:.0f} ms, {100 * x['of_transformer']:.0f}% of the transformer stage, "
+            f"{100 * x['of_image']:.0f}% of the total"
+        )
+
+    return (
+        "The W4A8 linears on the H100 (quantize_act_fp8, w4a8_gemm and the epilogue kernel after it; "
+        f"4 steps): one image {say(shares[1])}; four images {say(shares[4])}."
     )
 
 
@@ -553,6 +609,7 @@ def markdown(result: dict) -> str:
                     )
         total = {d: sum(s.seconds[d] for s in stages) for d in DEVICES}
         lines += [f"| **total** | **{1e3 * total['A40']:.0f}** | **{1e3 * total['H100 SXM']:.0f}** |", ""]
+    lines += [w4a8_note(result["w4a8_share"]), ""]
     a40 = sum(s.seconds["A40"] for s in result["one"])
     lines += [
         f"Levers, modelled saving per image on the A40 (model error as above; target 1.3 s, modelled now "

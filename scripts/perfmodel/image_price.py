@@ -105,6 +105,61 @@ class KernelTimes:
             raise ValueError(f"ws split at M={r.m} K={r.k} N={r.n}: dispatch {split}, model {s}")
         return (s["gemm_us"] if split is not None else mod["gemm_us"]) * 1e-6
 
+    def hopper_w4a8_gemm(self, op: Op) -> dict[str, float]:
+        """One traced w4a8_gemm call on the H100, priced as the dispatch runs it (perfmodel.
+        hopper_route.w4a8_route): the W4A8 kernel (gemm_sm90_w4a8 at its CONFIG tile) by perfmodel.
+        hopper_w4a8's model of its compiled loop at the call's M, K, N (waves of the persistent grid,
+        the DRAM floor; the split of its last wave where the dispatch plans one: the model must price
+        that very split), at the calibrated L2 figure; then the epilogue kernel, as ``hopper_gemm``
+        prices it. Seconds per column: {"W4A8 GEMM": kernel, EPILOGUE_COL: epilogue kernel}."""
+        from perfmodel.hopper_route import w4a8_route
+
+        r = w4a8_route(op.args)
+        split = (r.split.full, r.split.slices, r.split.slice_groups) if r.split is not None else None
+        key = ("h100 w4a8", r.m, r.k, r.n, split)
+        if key not in self._cache:
+            self._cache[key] = self._w4a8_kernel(r.m, r.k, r.n, split)
+        return {"W4A8 GEMM": self._cache[key], EPILOGUE_COL: dram_s(r.epilogue_bytes, "H100 SXM")}
+
+    @functools.cached_property
+    def _w4a8_loop(self) -> tuple[dict, dict]:
+        """The W4A8 GEMM's compiled loop (its launcher's CONFIG tile) and its per-group terms."""
+        from engine.kernels.triton import gemm_sm90_w4a8
+        from perfmodel import hopper_w4a8
+        from perfmodel.hopper_calibration import DEFAULT_L2
+
+        cfg = gemm_sm90_w4a8.CONFIG
+        e = hopper_w4a8.compiled_gemm(hopper_w4a8.Tile("served", cfg.block_w, cfg.block_t, cfg.stages))
+        if e is None:
+            raise RuntimeError("gemm_sm90_w4a8 did not compile at its CONFIG: the W4A8 GEMM is not priced")
+        return e, hopper_w4a8.group_terms(e, DEFAULT_L2)
+
+    def _w4a8_kernel(self, m: int, k: int, n: int, split: tuple | None) -> float:
+        from perfmodel import hopper_w4a8
+        from perfmodel.hopper_calibration import DEFAULT_L2
+
+        e, g = self._w4a8_loop
+        t = hopper_w4a8.gemm_time(e, g, m, k, n, DEFAULT_L2)
+        if split is None:
+            return t["gemm_us"] * 1e-6
+        s = t["split"]
+        if s.get("candidate") is None or tuple(s["candidate"]) != split:
+            raise ValueError(f"w4a8 split at M={m} K={k} N={n}: dispatch {split}, model {s.get('candidate')}")
+        return s["gemm_us"] * 1e-6
+
+    def quantize_fp8(self, m: int, k: int, prologue: str, rank: int) -> float:
+        """The W4A8 quantizer (engine/kernels/triton/act_fp8.py) on the H100: its sm_90 SASS for
+        this prologue ("", "modulation" or "gelu") through perfmodel.act_fp8.model_act_fp8."""
+        key = ("act_fp8", m, k, prologue, rank)
+        if key not in self._cache:
+            from engine.kernels.triton.act_fp8 import ACT_FP8_CONFIGS
+            from perfmodel.act_fp8 import compile_act_fp8, model_act_fp8
+
+            info = compile_act_fp8(k, prologue, m=m, rank=rank)
+            t = model_act_fp8(m, k, self.devices["H100 SXM"], info, ACT_FP8_CONFIGS[9])["us"]
+            self._cache[key] = t * 1e-6
+        return self._cache[key]
+
     def gemm(self, device: str, m: int, k: int, n: int, unsigned: bool, epilogue: bool = False) -> float:
         """The A40's CUDA kernel at (M, K, N); ``epilogue``: the kernel with the partial/gate/residual
         epilogue compiled in (its extra instructions; the image model adds its extra reads). The
@@ -150,6 +205,10 @@ def classify(op: Op) -> str:
         return "W4A4 GEMM"
     if n in ("svdq.quantize_act", "svdq.quantize_act_prologue"):
         return "quantize_act (+prologue)"
+    if n == "svdq.w4a8_gemm":
+        return "W4A8 GEMM"
+    if n == "svdq.quantize_act_fp8":
+        return "quantize_act_fp8 (+prologue)"
     if n == "svdq.w4a16_gemv":
         return "AdaLN GEMV (W4A16)"
     if n in ("svdq.qk_norm_rope", "svdq.qk_norm_rope_sage"):
@@ -173,6 +232,9 @@ def price_parts(
     on the H100, whose dispatch may run the epilogue as torch ops after the kernel)."""
     if op.name == "svdq.w4a4_gemm" and device == "H100 SXM":
         return kt.hopper_gemm(op)
+    if op.name == "svdq.w4a8_gemm":
+        _h100_only(op, device)
+        return kt.hopper_w4a8_gemm(op)
     return {classify(op): price(op, device, kt, compiled=compiled, sage=sage)}
 
 
@@ -188,6 +250,13 @@ def price(op: Op, device: str, kt: KernelTimes | None, *, compiled: bool, sage: 
         # residual and gate at DRAM speed on top of the kernel's modelled time (not overlapped)
         epilogue = _epilogue_reads(op)
         return kt.gemm(device, m, k, nn, bool(op.args[10]), epilogue > 0) + dram_s(epilogue, device)
+    if n == "svdq.w4a8_gemm":
+        _h100_only(op, device)
+        return sum(kt.hopper_w4a8_gemm(op).values())
+    if n == "svdq.quantize_act_fp8":
+        _h100_only(op, device)
+        x, proj_down = op.args[0], op.args[2]
+        return kt.quantize_fp8(x.shape[0], x.shape[1], fp8_prologue(op), proj_down.shape[0])
     if n == "svdq.quantize_act":
         x = op.args[0]
         return kt.quantize(device, x.shape[0], x.shape[1])
@@ -232,6 +301,21 @@ def price(op: Op, device: str, kt: KernelTimes | None, *, compiled: bool, sage: 
     return max(dram_s(nbytes, device), LAUNCH_US * 1e-6)
 
 
+def fp8_prologue(op: Op) -> str:
+    """A traced quantize_act_fp8 call's prologue variant (args: x, smooth, proj_down, mod_scale,
+    mod_shift, shift, gelu): "modulation", "gelu" or "" (plain), as perfmodel.act_fp8 compiles them."""
+    modulated, gelu = op.args[3] is not None, bool(op.args[6])
+    if modulated and gelu:
+        raise ValueError("quantize_act_fp8 call with both prologues (modulation and gelu): not a kernel variant")
+    return "modulation" if modulated else "gelu" if gelu else ""
+
+
+def _h100_only(op: Op, device: str) -> None:
+    """The W4A8 ops are the sm_90 route's: only the H100's trace issues them."""
+    if device != "H100 SXM":
+        raise ValueError(f"{op.name} priced on {device}: the W4A8 route runs on Hopper (sm_90) only")
+
+
 def sage_prep_bytes(op: Op) -> int:
     """SageAttention 1.0.6's passes before its kernel (engine/flux/attention.py): K's mean (read K),
     K minus it (read, write), V to fp16 (read, write), Q and K to int8 per block (read, write 1 B)."""
@@ -260,11 +344,15 @@ class Stage:
     detail: dict[str, dict[str, float]] = field(default_factory=dict)  # device -> column -> s
 
 
-def stage(name: str, ops: list[Op], kt, *, compiled: bool, sage: bool, repeat: int = 1) -> Stage:
+def stage(
+    name: str, ops: list[Op] | dict[str, list[Op]], kt, *, compiled: bool, sage: bool, repeat: int = 1
+) -> Stage:
+    """One stage priced on every device; ``ops``: one trace for all, or a trace per device (the
+    transformer's: the H100 traced with its W4A8 route, the A40 without)."""
     st = Stage(name, {}, {})
     for device in DEVICES:
         cols: dict[str, float] = {}
-        for op in ops:
+        for op in ops[device] if isinstance(ops, dict) else ops:
             for col, t in price_parts(op, device, kt, compiled=compiled, sage=sage).items():
                 cols[col] = cols.get(col, 0.0) + repeat * t
         st.detail[device] = cols

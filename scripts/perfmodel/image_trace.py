@@ -91,11 +91,25 @@ def transformer_inputs(batch: int, width: int, height: int, text_tokens: int, gu
 
 
 def trace_transformer(
-    quantized: bool, batch: int = 1, size: int = 1024, text_tokens: int = 256, *, sage: bool = False
+    quantized: bool,
+    batch: int = 1,
+    size: int = 1024,
+    text_tokens: int = 256,
+    *,
+    sage: bool = False,
+    hopper: bool = False,
 ) -> list[Op]:
     """One denoising step, ops per block kind scaled to FLUX's 19 double + 38 single blocks.
     ``sage``: with the attention backend go_fast serves (engine.flux.attention.using("sage")), so
-    the blocks issue what they issue there (qk_norm_rope_sage and sage's int8 kernel)."""
+    the blocks issue what they issue there (qk_norm_rope_sage and sage's int8 kernel).
+    ``hopper``: the W4A8 route as an H100 takes it (perfmodel.hopper_route.h100_w4a8), so the
+    linears it takes issue quantize_act_fp8 + w4a8_gemm (the A40 has no W4A8 route: without it
+    every linear issues quantize_act + w4a4_gemm)."""
+    if hopper:
+        from perfmodel.hopper_route import h100_w4a8
+
+        with h100_w4a8():
+            return trace_transformer(quantized, batch, size, text_tokens, sage=sage)
     if sage:
         from engine.flux import attention
 
