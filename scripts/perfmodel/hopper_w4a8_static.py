@@ -109,7 +109,8 @@ def w4a8_static(m: int, k: int, n: int, cfg: w4a8.W4A8Config = w4a8.CONFIG, rank
     regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
     cons = _innermost(loops, r"\bQGMMA")
     # each consumer partition has its own copy of the loop (different register budgets): all of them
-    copies = sorted(len(b) for b in loops if any("QGMMA" in t for t in b) and len(b) < 2 * len(cons))
+    group_loops = [b for b in loops if any("QGMMA" in t for t in b) and len(b) < 2 * len(cons)]
+    copies = sorted(len(b) for b in group_loops)
     prod = _innermost(loops, r"\bUTMALDG")
     cops, pops = ops_of(cons), ops_of(prod)
     ptx = kernel.asm["ptx"]
@@ -124,6 +125,9 @@ def w4a8_static(m: int, k: int, n: int, cfg: w4a8.W4A8Config = w4a8.CONFIG, rank
         "regs": regs,
         "stack_bytes": stack,
         "spill_instrs": sum(1 for t in instrs if re.search(r"\b(STL|LDL)\b", t)),
+        # in the group loops (every consumer copy and the producer's): the split variant's gate
+        "group_loop_spill_instrs": sum(1 for b in [*group_loops, _innermost(loops, r"\bUTMALDG")] for t in b
+                                       if re.search(r"\b(STL|LDL)\b", t)),
         "shared_bytes": kernel.metadata.shared,
         "threads": int(re.search(r"\.reqntid (\d+)", ptx).group(1)),
         "setmaxnreg": sorted({int(x) for x in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)}),

@@ -35,8 +35,8 @@ Not bit-exact with the reference on general inputs (the tensor cores' fp32 summa
 rounding; the low-rank bf16 split): exact on inputs whose partial sums fit in 24 bits
 (``exact_inputs``), which the self-check and the tests use.
 
-Persistent: ``launch`` starts one CTA per SM (at most one per tile), each running every
-programs-th tile of the grouped order; the ring runs on across a CTA's tiles, so the producer
+Persistent: ``launch`` starts one CTA per SM (at most one per work item), each running every
+programs-th item (tile, or K-slice of one) of the grouped order; the ring runs on across a CTA's tiles, so the producer
 loads the next tile's first groups while the consumers finish the last one (each consumer
 restages its low-rank operands, token scales and bias in its own shared memory per tile).
 
@@ -50,8 +50,19 @@ C7512, one wgmma wait per group, 64 FFMA + ~55 other SASS per group and consumer
 spills, and 64 x 192 per warpgroup is not a power-of-two shape (Triton tensors must be).
 tests/test_w4a8_gemm_static.py gates the loop.
 
-Not built: split-K of the last partial wave (gemm_sm90_ws_split does it for the W4A4 kernel;
-at M = 4352 the N = 3072 shapes run 4.12 waves of 132 tiles); the same warpgroup's scaling under
+Split-K of the last partial wave (``split``, planned by ``plan`` with gemm_sm90_ws_split.plan_split):
+the persistent grid's work items are the tiles of the whole waves over all of K, then each
+remaining tile as ``slices`` K-slices of consecutive groups (``_work``); a slice stores its fp32
+partial [192 n, 128 t] (token scale applied: it is linear; the low-rank branch in slice 0 only;
+no bias) to a workspace, and gemm_sm90_ws_split.sum_slices (transposed) adds the slices in slice
+order, the bias, rounds once and writes y[t, n]: deterministic, and bit for bit the unsplit
+result where every partial sum is exact (``exact_inputs``). At M = 4352 the N = 3072 shapes run
+544 tiles = 4 waves and 16 tiles on 132 SMs: those 16 tiles run as 8 slices each. The split
+variant's group loops are the plain kernel's (tests/test_w4a8_gemm_static.py); it keeps a few
+values in local memory across the partitions' register reallocation (loaded once per partition
+or work item, none in a group loop), which the plain kernel does not.
+
+Not built: the same warpgroup's scaling under
 its own next MMA (a second partial set of registers: does not fit); TMA multicast of the
 activation tile across a CTA pair (halves its L2 bytes; Gluon 3.6's TMA copy has no multicast).
 """
@@ -571,11 +582,13 @@ def launch(
 
 
 # The split's break-even in groups removed from the last wave, for this kernel's tiles (192 x 128:
-# a slice stores a 96 KB fp32 partial): perfmodel.hopper_w4a8 prices every candidate plan (its
-# ``split.planned`` is this plan, ``split.faster`` the model's verdict; tests/test_hopper_w4a8_model.py
-# holds them equal on every FLUX shape). At M = 4352 the model prices the split faster where it
-# removes 42 groups or more (the N = 3072 shapes: 3072 -> 3072 saves 42 of 48), slower at 24 of 48
-# (3072 -> 9216 and -> 12288, 48 and 64 remainder tiles in two slices).
+# a slice stores a 96 KB fp32 partial). perfmodel.hopper_w4a8 prices every candidate plan (its
+# ``split.planned`` is plan_split at this break-even, ``split.faster`` the model's verdict;
+# tests/test_hopper_w4a8_model.py holds them equal on every FLUX shape at 400-540 clocks per
+# group, the compiled kernel's modelled figure ~470): at M = 4352 on 132 SMs the split is priced
+# faster where it removes 42 (3072 -> 3072), 168 or 210 of the groups, slower where it removes 24
+# (3072 -> 9216 and -> 12288: 48 or 64 tiles left, in two slices); the other candidate tiles of
+# the model are priced faster at 32.
 MIN_SAVED_GROUPS = 32
 
 
