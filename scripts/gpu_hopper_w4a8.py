@@ -4,8 +4,10 @@ cuBLAS bf16 (a part for gpu_session.sh; the route's quantize kernel is measured 
 For each K -> N at M = 4352: the kernel's error against the definer ``ops.w4a8_gemm`` on codes
 from ``ops.quantize_act_fp8`` of random activations (the rank-32 branch and bias included), the
 equality of two runs, its time (bf16 output, and fp32 as the route launches it before the
-epilogue), its TFLOPS, and torch's bf16 matmul (cuBLAS) of the same [M, K] x [K, N]; first the
-kernel's own device self-check (``gemm_sm90_w4a8.self_check``: exact inputs, bit for bit).
+epilogue), its TFLOPS, and torch's bf16 matmul (cuBLAS) of the same [M, K] x [K, N]; where
+``gemm_sm90_w4a8.plan`` splits the last wave at the device's SM count, the split launch's error,
+determinism and time too; first the kernel's own device self-checks (``gemm_sm90_w4a8.self_check``,
+plain and split grids: exact inputs, bit for bit).
 
     python scripts/gpu_hopper_w4a8.py --out $OUT/hopper_w4a8.json   # on an H100/H200
     python scripts/gpu_hopper_w4a8.py --tiny --out x.json           # CPU: the inputs and the
@@ -91,6 +93,19 @@ def measure_shape(m: int, k: int, n: int, device: torch.device, hopper: bool) ->
     row["gemm_tflops"] = 2 * m * n * k / row["gemm_us"] / 1e6
     row["cublas_bf16_us"] = _time_us(lambda: torch.nn.functional.linear(a["x_bf16"], a["w_bf16"]))
     row["gemm_vs_bf16"] = row["cublas_bf16_us"] / row["gemm_us"]
+    split = w4a8.plan(m, n, k, torch.cuda.get_device_properties(device).multi_processor_count)
+    row["split"] = [split.full, split.slices, split.slice_groups] if split else None
+    if split is not None:
+
+        def run_split(dtype: torch.dtype = torch.bfloat16):
+            return w4a8.launch(a["codes"], a["ascale"], weight, a["lora_act"], a["proj_up"], a["bias"],
+                               out_dtype=dtype, split=split)  # fmt: skip
+
+        s32 = run_split(torch.float32)
+        row["split_max_rel_err_fp32_vs_reference"] = _rel(s32, ref)
+        row["split_deterministic"] = bool(torch.equal(s32, run_split(torch.float32)))
+        row["gemm_split_us"] = _time_us(run_split)
+        row["gemm_split_vs_bf16"] = row["cublas_bf16_us"] / row["gemm_split_us"]
     return row
 
 
@@ -102,6 +117,7 @@ def measure(m: int, shapes: list[tuple[int, int]], device: torch.device, out: Pa
         "m": m,
         "config": vars(w4a8.CONFIG) | {"block_w": w4a8.CONFIG.block_w},
         "self_check": w4a8.self_check(device) if hopper else None,
+        "self_check_split": w4a8.self_check(device, w4a8.CHECK_SPLIT) if hopper else None,
         "shapes": [],
     }
     for k, n in shapes:
@@ -121,8 +137,9 @@ def main() -> int:
     report = measure(m, shapes, device, args.out)
     args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
-    bad = report["self_check"] is False or any(
+    bad = report["self_check"] is False or report["self_check_split"] is False or any(
         r.get("max_rel_err_fp32_vs_reference", 0) > MAX_REL_ERR or r.get("deterministic") is False
+        or r.get("split_max_rel_err_fp32_vs_reference", 0) > MAX_REL_ERR or r.get("split_deterministic") is False
         for r in report["shapes"]
     )
     return 1 if bad else 0

@@ -110,7 +110,9 @@ def test_serves_checks_the_split_grid_at_the_same_first_call(monkeypatch, caplog
         tries.clear()
         try:
             assert w4a8.serves(cpu) and tries == [None, w4a8.CHECK_SPLIT]
-            assert w4a8.split_for(cpu, 4352, 3072, 15360) == (w4a8.plan(4352, 3072, 15360, 132) if passes else None)
+            assert w4a8.split_for(cpu, 4352, 3072, 15360) == (
+                w4a8.plan(4352, 3072, 15360, 132) if passes else None
+            )
             assert w4a8.split_for(cpu, 4352, 21504, 3072) is None  # none planned
             assert len(tries) == 2  # cached: no check launches after the first call
         finally:

@@ -234,7 +234,9 @@ def gemm_time(e: dict, g: dict, m: int, k: int, n: int, l2: float) -> dict:
         tiles, groups, g["per_group"], l2, dram_us, {"block_m": tile.block_w, "block_n": tile.block_t}
     )
     split["faster"] = split["candidate"] is not None and split["gemm_us"] < gemm_us
-    split["planned"] = plan_split(tiles, groups, H100.sms, min_saved=gemm_sm90_w4a8.MIN_SAVED_GROUPS) is not None
+    split["planned"] = (
+        plan_split(tiles, groups, H100.sms, min_saved=gemm_sm90_w4a8.MIN_SAVED_GROUPS) is not None
+    )
     if split["candidate"] is not None:
         split["saved_groups"] = groups - split["candidate"][2]
     return {
