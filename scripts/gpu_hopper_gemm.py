@@ -1,6 +1,7 @@
-"""Measure the sm_90 W4A4 GEMM against cuBLAS bf16 at FLUX's shapes (a part for gpu_session.sh).
+"""Measure Hopper's GEMMs against cuBLAS bf16 at FLUX's shapes (a part for gpu_session.sh).
 
-For each K -> N: the whole linear as served (quantize_act + w4a4_gemm with the rank-32 branch
+First the W4A8 route, which serves the image stream on Hopper (scripts/gpu_hopper_w4a8.py:
+self-check, errors, the whole linear against cuBLAS bf16; report key "w4a8"). Then, for each K -> N: the whole linear as served (quantize_act + w4a4_gemm with the rank-32 branch
 and bias) on the Triton backend, the FP8 kernel alone (engine/kernels/triton/gemm_sm90.py),
 the warp-specialized Gluon kernel alone (gemm_sm90_ws.py; Hopper only: it does not run in the
 interpreter) and its split-K grid where the dispatch plans one (gemm_sm90_ws_split: error,
@@ -25,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import gpu_hopper_w4a8
 import torch
 
 from engine.kernels import reference
@@ -150,6 +152,7 @@ def measure(m: int, shapes: list[tuple[int, int]], device: torch.device, out: Pa
         "m": m,
         "extreme_codes_exact": gemm_sm90.extreme_codes_exact(device),
         "ws_self_check": None,
+        "w4a8": None,
         "shapes": [],
     }
 
@@ -157,6 +160,8 @@ def measure(m: int, shapes: list[tuple[int, int]], device: torch.device, out: Pa
         if out is not None:
             out.write_text(json.dumps(report, indent=1))
 
+    w4a8_m, w4a8_shapes = (m, shapes) if hopper else gpu_hopper_w4a8.TINY
+    report["w4a8"] = gpu_hopper_w4a8.measure(w4a8_m, w4a8_shapes, device)
     save()
     report["ws_self_check"] = gemm_sm90_ws.self_check(device) if hopper else None
     report["ws_split_self_check"] = gemm_sm90_ws.self_check(device, gemm_sm90_ws.CHECK_SPLIT) if hopper else None
@@ -180,6 +185,7 @@ def main() -> int:
     print(json.dumps(report, indent=1))
     bad = (
         not report["extreme_codes_exact"]
+        or gpu_hopper_w4a8.failed(report["w4a8"])
         or report["ws_self_check"] is False
         or any(r["max_rel_err_vs_reference"] > 2e-2 for r in report["shapes"])
         or any(r.get("ws_max_rel_err_vs_reference", 0) > 2e-2 for r in report["shapes"])

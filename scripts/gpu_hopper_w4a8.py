@@ -1,13 +1,16 @@
-"""Measure the W4A8 sm_90 GEMM (engine/kernels/triton/gemm_sm90_w4a8.py) at FLUX's shapes against
-cuBLAS bf16 (a part for gpu_session.sh; the route's quantize kernel is measured by its own part).
+"""Measure Hopper's W4A8 route at FLUX's shapes against cuBLAS bf16 (run first by
+scripts/gpu_hopper_gemm.py, gpu_session.sh's ``hopper_gemm`` part, or alone).
 
-For each K -> N at M = 4352: the kernel's error against the definer ``ops.w4a8_gemm`` on codes
-from ``ops.quantize_act_fp8`` of random activations (the rank-32 branch and bias included), the
-equality of two runs, its time (bf16 output, and fp32 as the route launches it before the
-epilogue), its TFLOPS, and torch's bf16 matmul (cuBLAS) of the same [M, K] x [K, N]; where
-``gemm_sm90_w4a8.plan`` splits the last wave at the device's SM count, the split launch's error,
-determinism and time too; first the kernel's own device self-checks (``gemm_sm90_w4a8.self_check``,
-plain and split grids: exact inputs, bit for bit).
+For each K -> N at M = 4352: the GEMM's (engine/kernels/triton/gemm_sm90_w4a8.py) error against
+the definer ``ops.w4a8_gemm`` on codes from ``ops.quantize_act_fp8`` of random activations (the
+rank-32 branch and bias included), the equality of two runs, its time (bf16 output, and fp32 as
+the route launches it before the epilogue), its TFLOPS; the quantizer's (triton/act_fp8.py)
+codes and scales against ``ops.quantize_act_fp8`` and its time; the whole linear as the triton
+backend serves it (quantize_act_fp8 + w4a8_gemm) and its ratio to torch's bf16 matmul (cuBLAS)
+of the same [M, K] x [K, N], the figure issue 27 asks for; where ``gemm_sm90_w4a8.plan`` splits
+the last wave at the device's SM count, the split GEMM's error, determinism and time; first the
+GEMM's own device self-checks (``gemm_sm90_w4a8.self_check``, plain and split grids: exact
+inputs, bit for bit).
 
     python scripts/gpu_hopper_w4a8.py --out $OUT/hopper_w4a8.json   # on an H100/H200
     python scripts/gpu_hopper_w4a8.py --tiny --out x.json           # CPU: the inputs and the
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from engine.kernels import triton_backend as tb
 from engine.kernels.triton import gemm_sm90_w4a8 as w4a8
 from engine.quant import ops, pack_int4
 
@@ -46,6 +50,9 @@ def _inputs(m: int, k: int, n: int, device: torch.device, seed: int = 0) -> dict
     codes, ascale, lora_act = ops.quantize_act_fp8(x, smooth, proj_down, shift=0.0)
     w_codes = torch.randint(-7, 8, (n, k), generator=g, dtype=torch.int8)
     t = {
+        "x": x.to(torch.bfloat16),
+        "smooth": smooth,
+        "proj_down": proj_down.to(torch.bfloat16),
         "codes": codes,
         "ascale": ascale,
         "qweight": pack_int4(w_codes),
@@ -75,11 +82,11 @@ def measure_shape(m: int, k: int, n: int, device: torch.device, hopper: bool) ->
     args = (a["codes"], a["ascale"], a["qweight"], a["wscales"], a["lora_act"], a["proj_up"], a["bias"])
     ref = ops.w4a8_gemm(*args, out_dtype=torch.float32)
     row = {"k": k, "n": n, "reference_abs_max": ref.abs().max().item()}
-    weight = w4a8.prepare_weight(a["qweight"], a["wscales"])
     if not hopper:
         return row | {"gemm_us": None, "note": "Hopper only (a Gluon kernel: no run without a GPU)"}
-    if weight is None or not w4a8.supports(m, n, k, RANK, 64):
-        return row | {"gemm_us": None, "note": "weight or shape outside the kernel's rules"}
+    if not w4a8.supports(m, n, k, RANK, 64):
+        return row | {"gemm_us": None, "note": "shape outside the kernel's rules"}
+    weight = w4a8.prepare_weight(a["qweight"], a["wscales"])
 
     def run(dtype: torch.dtype = torch.bfloat16):
         return w4a8.launch(a["codes"], a["ascale"], weight, a["lora_act"], a["proj_up"], a["bias"], out_dtype=dtype)
@@ -106,6 +113,22 @@ def measure_shape(m: int, k: int, n: int, device: torch.device, hopper: bool) ->
         row["split_deterministic"] = bool(torch.equal(s32, run_split(torch.float32)))
         row["gemm_split_us"] = _time_us(run_split)
         row["gemm_split_vs_bf16"] = row["cublas_bf16_us"] / row["gemm_split_us"]
+
+    def quantize():
+        return tb.quantize_act_fp8(a["x"], a["smooth"], a["proj_down"], shift=0.0)
+
+    codes, ascale, _ = quantize()
+    want = ops.quantize_act_fp8(a["x"], a["smooth"], a["proj_down"], shift=0.0)
+    row["quantize_codes_equal"] = bool(torch.equal(codes.view(torch.uint8), want[0].view(torch.uint8)))
+    row["quantize_ascale_equal"] = bool(torch.equal(ascale, want[1]))
+    row["quantize_us"] = _time_us(quantize)
+
+    def linear():  # as served: the triton backend's pair (the route's kernels on sm_90)
+        c, s, la = quantize()
+        return tb.w4a8_gemm(c, s, a["qweight"], a["wscales"], la, a["proj_up"], a["bias"], out_dtype=torch.bfloat16)
+
+    row["linear_us"] = _time_us(linear)
+    row["linear_vs_bf16"] = row["cublas_bf16_us"] / row["linear_us"]
     return row
 
 
@@ -137,12 +160,18 @@ def main() -> int:
     report = measure(m, shapes, device, args.out)
     args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
-    bad = report["self_check"] is False or report["self_check_split"] is False or any(
-        r.get("max_rel_err_fp32_vs_reference", 0) > MAX_REL_ERR or r.get("deterministic") is False
-        or r.get("split_max_rel_err_fp32_vs_reference", 0) > MAX_REL_ERR or r.get("split_deterministic") is False
+    return 1 if failed(report) else 0
+
+
+def failed(report: dict) -> bool:
+    """Whether a report shows a wrong result: a self-check, an error past MAX_REL_ERR, two runs
+    that differ (plain or split grid), or the quantizer's codes or scales not the reference's."""
+    return False in (report["self_check"], report.get("self_check_split")) or any(
+        max(r.get("max_rel_err_fp32_vs_reference", 0), r.get("split_max_rel_err_fp32_vs_reference", 0)) > MAX_REL_ERR
+        or False in (r.get("deterministic"), r.get("split_deterministic"), r.get("quantize_codes_equal"),
+                     r.get("quantize_ascale_equal"))
         for r in report["shapes"]
     )
-    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -32,13 +32,13 @@ TINY=""; [ "$SIZE" = tiny ] && TINY="--tiny"
 # name, timeout in seconds (sum <= 450 with the hooks), command line: evaluated when the part runs,
 # so it may use $PY, $OUT, $SIZE and $TINY (--tiny at SIZE=tiny). Most valuable first.
 PARTS=(
-  'kernels 120 $PY scripts/gpu_session.py kernels --out $OUT --size $SIZE'
-  'compile 75 $PY scripts/gpu_session.py compile --out $OUT --size $SIZE'
+  'kernels 110 $PY scripts/gpu_session.py kernels --out $OUT --size $SIZE'
+  'compile 70 $PY scripts/gpu_session.py compile --out $OUT --size $SIZE'
   'bench 60 $PY scripts/gpu_session.py bench --out $OUT --size $SIZE'
   'step 45 $PY scripts/gpu_session.py step --out $OUT --size $SIZE'
-  'memory 70 $PY scripts/gpu_session.py memory --out $OUT --size $SIZE'
+  'memory 60 $PY scripts/gpu_session.py memory --out $OUT --size $SIZE'
   'post 35 $PY scripts/gpu_session.py post --out $OUT --size $SIZE'
-  'hopper_gemm 45 $PY scripts/gpu_hopper_gemm.py $TINY --out $OUT/hopper_gemm.json'
+  'hopper_gemm 70 $PY scripts/gpu_hopper_gemm.py $TINY --out $OUT/hopper_gemm.json'
   # Not run on the lent machine: scripts/gpu_stages.py times one image stage by stage and needs the
   # real model folder (about 18 GB: neither carried nor downloadable there). On a GPU host with
   # the weights: python scripts/gpu_stages.py --model <folder> --checkpoint <file> --json stages.json

@@ -87,6 +87,7 @@ class _Recorder:
 KERNELS = {
     "gemm": ("engine.kernels.triton_backend", "w4a4_gemm_kernel", "engine.kernels.triton.gemm"),
     "act": ("engine.kernels.triton_backend", "quantize_act_kernel", "engine.kernels.triton.act"),
+    "act_fp8": ("engine.kernels.triton.act_fp8", "quantize_act_fp8_kernel", "engine.kernels.triton.act_fp8"),
     "gemv": ("engine.kernels.triton_backend", "w4a16_gemv_kernel", "engine.kernels.triton.gemv"),
     "rope": ("engine.kernels.triton.rope", "qk_norm_rope_kernel", "engine.kernels.triton.rope"),
     "rope_sage": ("engine.kernels.triton.rope", "qk_norm_rope_sage_kernel", "engine.kernels.triton.rope"),
@@ -106,6 +107,7 @@ def gpu_launcher(kind: str, major: int = 8):
         for mod_name, names in (
             ("engine.kernels.triton_backend", ("_INTERPRET",)),
             ("engine.kernels.triton.act", ("INTERPRET",)),
+            ("engine.kernels.triton.act_fp8", ("INTERPRET",)),
             ("engine.kernels.triton.gemm", ("INTERPRET",)),
             ("engine.kernels.triton.gemv", ("INTERPRET",)),
             ("engine.kernels.triton.rope", ("INTERPRET",)),
@@ -218,6 +220,7 @@ if __name__ == "__main__":
 OUTPUTS = {
     "w4a4_gemm_kernel": {"out_ptr"},
     "quantize_act_kernel": {"qx_ptr", "ascales_ptr", "lora_ptr"},
+    "quantize_act_fp8_kernel": {"codes_ptr", "ascale_ptr", "lora_ptr"},
     "w4a16_gemv_kernel": {"y_ptr"},
     "qk_norm_rope_kernel": {"q_ptr", "k_ptr", "v_ptr"},
     "qk_norm_rope_sage_kernel": {"q8_ptr", "q_scale_ptr", "k_ptr", "k_sum_ptr"},

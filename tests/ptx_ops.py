@@ -630,8 +630,33 @@ def _lop3(c: CTA, ins: Instr, m, pc, mask):
     return None
 
 
+def to_e4m3_bits(x: np.ndarray) -> np.ndarray:
+    """float values -> e4m3 (float8_e4m3fn) bytes, rounded to nearest even from the exact value,
+    saturated to +-448 (``.satfinite``); NaN -> 0x7F. Subnormals are multiples of 2^-9 (their
+    byte is that multiple: 8 is 2^-6, the first normal, 0x08)."""
+    x = np.asarray(x, dtype=np.float64)
+    a = np.minimum(np.abs(x), 448.0)
+    with np.errstate(all="ignore"):
+        frac, e = np.frexp(np.where(a > 0, a, 1.0))  # a = frac * 2^e, frac in [0.5, 1)
+        q = np.rint(frac * 16.0)  # 3 mantissa bits below the leading one: 8..16, half to even
+        e = np.where(q == 16, e + 1, e).astype(np.int64)
+        q = np.where(q == 16, 8, q).astype(np.int64)
+        normal = ((e - 1 + 7) << 3) | (q - 8)
+        sub = np.rint(a * 512.0).astype(np.int64)
+    code = np.where(a < 2.0**-6, sub, normal)
+    code = np.where(np.signbit(x), code | 0x80, code)
+    return np.where(np.isnan(x), 0x7F, code).astype(U64)
+
+
 @_h("cvt")
 def _cvt(c: CTA, ins: Instr, m, pc, mask):
+    if "e4m3x2" in ins.mods:  # cvt.rn.satfinite.e4m3x2.f32 d, a, b: a's byte high, b's low
+        if "rn" not in ins.mods or "satfinite" not in ins.mods or "f32" not in ins.mods or "relu" in ins.mods:
+            raise PtxError(f"unsupported e4m3x2 conversion: {ins}")
+        hi = to_e4m3_bits(f32(c.read(ins.args[1], 32)))
+        lo = to_e4m3_bits(f32(c.read(ins.args[2], 32)))
+        c.write(ins.args[0], np.broadcast_to((hi << U64(8)) | lo, (c.T,)), m)
+        return None
     types = [x for x in ins.mods if x in _TYPE_BITS or x == "tf32"]
     dt, at = types[0], types[1]
     rnd = _rnd(ins, "")

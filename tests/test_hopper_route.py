@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from perfmodel.devices import H100
-from perfmodel.hopper_route import route
+from perfmodel.hopper_route import route, takes_w4a8
 
 from engine.kernels.triton import gemm_sm90, gemm_sm90_ws
 
@@ -117,6 +117,16 @@ def test_one_images_calls_by_route():
     assert c["ws"] + c["ws split"] == 4 * (19 * 4 + 38 * 3)
     assert c["epilogue kernel"] == 4 * (19 * 4 + 38)
     assert "int8" not in c
+
+
+def test_the_w4a8_route_on_an_h100():
+    """kernels.w4a8_route as an H100 would take it: the image stream's and single blocks' calls
+    (M > 1024) run W4A8; the text stream's (M <= 1024) and a rank past the W4A8 GEMM's limit
+    stay W4A4."""
+    for m, k, n in ((4352, 3072, 3072), (4096, 3072, 12288), (4096, 12288, 3072), (4352, 3072, 21504)):
+        assert takes_w4a8(m, k, n), (m, k, n)
+    assert not takes_w4a8(1024, 3072, 12288) and not takes_w4a8(256, 3072, 3072)
+    assert not takes_w4a8(4352, 3072, 3072, rank=32 + 64)
 
 
 _PRICE = """

@@ -14,13 +14,25 @@ from engine.kernels import contract
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = {  # module -> the protocols it implements
-    "engine.kernels.reference": (contract.GemmBackend, contract.GemvBackend, contract.PrologueBackend),
-    "engine.kernels.triton_backend": (contract.GemmBackend, contract.GemvBackend, contract.PrologueBackend),
+    "engine.kernels.reference": (
+        contract.GemmBackend,
+        contract.GemvBackend,
+        contract.PrologueBackend,
+        contract.W4A8Backend,
+    ),
+    "engine.kernels.triton_backend": (
+        contract.GemmBackend,
+        contract.GemvBackend,
+        contract.PrologueBackend,
+        contract.W4A8Backend,
+    ),
     "engine.kernels.cuda": (contract.GemmBackend,),  # gemv and prologue: routed to triton
 }
 # Public wrapper -> its options beyond the op's own arguments (quantize_act's prologues call
 # the quantize_act_prologue op, whose arguments the op test below checks).
 WRAPPER_EXTRA = {"quantize_act": ["modulation", "gelu"]}
+# quantize_act_fp8's wrapper takes the prologue as quantize_act's does (modulation=(scale, shift)).
+WRAPPER_NAMES = {"quantize_act_fp8": ["x", "smooth", "proj_down", "shift", "modulation", "gelu"]}
 
 
 def _params(fn, *, drop_self: bool = False) -> list[tuple[str, inspect._ParameterKind, object]]:
@@ -43,13 +55,16 @@ def test_every_gemm_backend_is_listed():
     assert {importlib.import_module(m).NAME for m in BACKENDS} == set(kernels.BACKENDS)
 
 
-@pytest.mark.parametrize("op", ["quantize_act", "quantize_act_prologue", "w4a4_gemm", "w4a16_gemv"])
+@pytest.mark.parametrize(
+    "op", ["quantize_act", "quantize_act_prologue", "w4a4_gemm", "w4a16_gemv", "quantize_act_fp8", "w4a8_gemm"]
+)
 def test_wrappers_and_custom_ops_take_the_contracts_arguments(op):
     protocol = next(p for p, ops in contract.OPS.items() if op in ops)
     names = [n for n, _, _ in _params(getattr(protocol, op), drop_self=True)]
     # The public wrapper: same names, same order (it adds defaults for the options).
     if hasattr(kernels, op):
-        assert [n for n, _, _ in _params(getattr(kernels, op))] == names + WRAPPER_EXTRA.get(op, [])
+        want = WRAPPER_NAMES.get(op, names + WRAPPER_EXTRA.get(op, []))
+        assert [n for n, _, _ in _params(getattr(kernels, op))] == want
     # The torch custom op: the same arguments, all positional.
     schema = getattr(torch.ops.svdq, op).default._schema
     assert [a.name for a in schema.arguments] == names

@@ -377,7 +377,7 @@ def _beyond_warp_reduction_tails(findings, ptx: str) -> list:
     for f in findings.items:
         reg = _re.match(r"(%r\d+) read before any write", f.detail)
         benign = f.kind == "uninit-register" and reg and reg.group(1) in tails
-        if not (benign and _re.match(r"\s*(\$L__\w+:\s*)?(shfl\.sync\.bfly\.b32|max\.f32|add\.f32)", f.line)):
+        if not (benign and _re.match(r"\s*(\$L__\w+:\s*)?(shfl\.sync\.bfly\.b32|max(\.NaN)?\.f32|add\.f32)", f.line)):
             kept.append(f)
     return kept
 

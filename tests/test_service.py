@@ -130,6 +130,9 @@ def test_config_is_read_from_the_environment_in_one_place(tmp_path):
     assert ServiceConfig.from_env({}).lora.local_dir is None  # no local paths unless configured
     with pytest.raises(ValueError, match="SVDQ_LORA_MAX_BYTES='lots' is not a number"):
         ServiceConfig.from_env({"SVDQ_LORA_MAX_BYTES": "lots"})
+    assert ServiceConfig.from_env({}).w4a8 == "auto" and ServiceConfig.from_env({"SVDQ_W4A8": "Off"}).w4a8 == "off"
+    with pytest.raises(ValueError, match="SVDQ_W4A8='force': choose auto or off"):
+        ServiceConfig.from_env({"SVDQ_W4A8": "force"})  # a test setting, not a serving one
 
 
 def test_prompt_cap_is_checked_before_any_work(generator, tmp_path):

@@ -19,6 +19,15 @@ Triton (or the reference). The CUDA extension also serves group_size 64 only (it
 ``GROUP_SIZES``): under auto, a layer with another group size (128, the Hopper option of our
 quantizer) runs its W4A4 ops on Triton (or the reference); a backend named explicitly that
 lacks the layer's group size is an error.
+
+W4A8 (issue 27, Hopper): ``quantize_act_fp8`` and ``w4a8_gemm`` (``torch.ops.svdq.*``, contract:
+engine.kernels.contract) run the same checkpoint weight against FP8 activations with one scale
+per token. ``w4a8_route`` decides per call whether a W4A4 linear takes them: where the
+configured backend serves W4A8 on the device (``w4a8_serves``: the triton backend on sm_90,
+with its kernels in the build and their self-check passed), for M >= its minimum, sizes its
+kernel takes (``w4a8_supports``); the contract reads weight code -8 as -7, so every weight
+qualifies. ``configure(w4a8="off")`` turns the route off; ``"force"`` takes it on any
+device, the W4A8 ops then running on the reference (tests).
 """
 
 from __future__ import annotations
@@ -49,6 +58,11 @@ _MODULES = {
     "cuda": "engine.kernels.cuda",
 }
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+W4A8_MODES = ("auto", "off", "force")
+# The smallest M that takes the W4A8 route where a backend states none (W4A8_MIN_M on the
+# backend module): gemm_sm90_ws.MIN_M's value, below which Hopper's small-tile FP8 kernel fills
+# the chip better (the text stream, 256 tokens per image, stays W4A4); tests check the two agree.
+W4A8_MIN_M = 1025
 
 
 class BackendUnavailableError(RuntimeError):
@@ -86,6 +100,7 @@ class KernelConfig:
 
     backend: str = "auto"
     ext_dir: Path | None = None  # where the CUDA extension is built just in time
+    w4a8: str = "auto"  # the W4A8 route (w4a8_route): auto | off | force (tests: any device)
 
 
 # The one setting of the process: configure() replaces it (from setup() or a script), the ops
@@ -93,14 +108,20 @@ class KernelConfig:
 _settings: dict[str, KernelConfig] = {"current": KernelConfig()}
 
 
-def configure(backend: str = "auto", *, ext_dir: str | Path | None = None) -> KernelConfig:
-    """Choose the kernel backend (and the CUDA extension's build folder) for this process."""
+def configure(
+    backend: str = "auto", *, ext_dir: str | Path | None = None, w4a8: str = "auto"
+) -> KernelConfig:
+    """Choose the kernel backend (and the CUDA extension's build folder) for this process, and
+    whether W4A4 linears may take the W4A8 route (``w4a8``: auto, off, or force, a test setting
+    that takes it on any device; see w4a8_route)."""
     backend = (backend or "auto").strip().lower()
     if backend not in ("auto", *BACKENDS):
         raise ValueError(
             f"{ENV_VAR}={backend!r} is not a kernel backend; choose one of auto, {', '.join(BACKENDS)}"
         )
-    _settings["current"] = KernelConfig(backend, Path(ext_dir) if ext_dir else None)
+    if w4a8 not in W4A8_MODES:
+        raise ValueError(f"w4a8={w4a8!r}: choose one of {', '.join(W4A8_MODES)}")
+    _settings["current"] = KernelConfig(backend, Path(ext_dir) if ext_dir else None, w4a8)
     _resolve.cache_clear()
     return _settings["current"]
 
@@ -296,6 +317,146 @@ def _check_epilogue(
         raise ValueError(f"gate must have shape [B, {n}] with B dividing M={m}, got {list(gate.shape)}")
 
 
+def quantize_act_fp8(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    proj_down: torch.Tensor,
+    *,
+    shift: float = 0.0,
+    modulation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    gelu: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W4A8's activations: smooth, quantize to e4m3 with one scale per token, low-rank-project
+    (contract: quantize_act_fp8); ``modulation``/``gelu`` as in :func:`quantize_act`. Returns
+    codes float8_e4m3fn [M, K], ascale fp32 [M], lora_act fp32 [M, R] (M = x's rows folded)."""
+    _check_float("x", x)
+    k = x.shape[-1]
+    _check_float("smooth", smooth)
+    _check_shape("smooth", smooth, (k,))
+    _check_float("proj_down", proj_down)
+    if proj_down.dim() != 2 or proj_down.shape[1] != k:
+        raise ValueError(f"proj_down must have shape [R, {k}], got {list(proj_down.shape)}")
+    mod_scale, mod_shift = _check_prologue(x, modulation, gelu)  # [B, K] each, or None
+    return torch.ops.svdq.quantize_act_fp8(
+        x.reshape(-1, k), smooth, proj_down, mod_scale, mod_shift, float(shift), gelu
+    )
+
+
+def w4a8_gemm(
+    codes: torch.Tensor,
+    ascale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    lora_act: torch.Tensor,
+    proj_up: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    partial: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """e4m3 activations (one scale per token) x the W4A4 weight's signed 4-bit codes (per-group
+    scales), fp32 accumulation, the low-rank/bias/partial/gate/residual epilogue of
+    :func:`w4a4_gemm` (contract: w4a8_gemm). Returns [M, N] in out_dtype."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.float8_e4m3fn or codes.dim() != 2:
+        got = _describe(codes)
+        raise TypeError(f"codes must be a 2-D float8_e4m3fn tensor [M, K] (quantize_act_fp8's), got {got}")
+    m, k = codes.shape
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise TypeError(f"qweight must be a 2-D uint8 tensor of packed 4-bit codes, got {_describe(qweight)}")
+    n = qweight.shape[0]
+    if 2 * qweight.shape[1] != k:
+        raise ValueError(
+            f"qweight must have shape [N, {k // 2}] to match codes' K={k}, got {list(qweight.shape)}"
+        )
+    _check_float("ascale", ascale)
+    _check_shape("ascale", ascale, (m,))
+    _check_float("wscales", wscales)
+    if wscales.dim() != 2 or wscales.shape[0] != n or wscales.shape[1] == 0 or k % wscales.shape[1]:
+        raise ValueError(f"wscales must have shape [{n}, G] with G dividing K={k}, got {list(wscales.shape)}")
+    _check_float("lora_act", lora_act)
+    _check_float("proj_up", proj_up)
+    if lora_act.dim() != 2 or lora_act.shape[0] != m:
+        raise ValueError(f"lora_act must have shape [{m}, R], got {list(lora_act.shape)}")
+    _check_shape("proj_up", proj_up, (n, lora_act.shape[1]))
+    if bias is not None:
+        _check_float("bias", bias)
+        _check_shape("bias", bias, (n,))
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if partial is not None:
+        _check_float("partial", partial)
+        if partial.dtype != out_dtype:
+            raise TypeError(f"partial must have out_dtype {out_dtype}, got {partial.dtype}")
+        _check_shape("partial", partial, (m, n))
+    _check_epilogue(residual, gate, m, n, out_dtype)
+    return torch.ops.svdq.w4a8_gemm(
+        codes, ascale, qweight, wscales, lora_act, proj_up, bias, partial, residual, gate, out_dtype
+    )
+
+
+def _describe(t: object) -> str:
+    return f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+# --- the W4A8 route: which W4A4 linears run as W4A8 (decided per call, traced by torch.compile) ---
+
+
+def _serves_w4a8(module: ModuleType, device: torch.device) -> bool:
+    serves = getattr(module, "w4a8_serves", None)  # a backend with W4A8 kernels states where they run
+    return serves is not None and serves(device)
+
+
+def w4a8_backend_for(device: torch.device | str) -> ModuleType:
+    """The backend that serves the W4A8 ops on ``device``: the configured one where it serves
+    them there (its ``w4a8_serves``: e.g. sm_90 with its kernels' self-checks passed), else the
+    reference, which serves them everywhere (as op_backend_for for an op a backend lacks)."""
+    device = torch.device(device)
+    module = backend_for(device)
+    return module if _serves_w4a8(module, device) else get_backend("reference", device)
+
+
+@torch.compiler.assume_constant_result  # a compiled graph bakes it in: configure() precedes compiles
+def w4a8_served(device: torch.device) -> bool:
+    """Whether calls on ``device`` may take the W4A8 route: w4a8="force" everywhere, "off"
+    nowhere, "auto" where the configured backend's kernels serve W4A8 there (never the
+    reference: W4A8 is the Hopper kernels' route, not a CPU one)."""
+    mode = config().w4a8
+    if mode != "auto":
+        return mode == "force"
+    return _serves_w4a8(backend_for(device), device)
+
+
+@torch.compiler.assume_constant_result
+def w4a8_min_m(device: torch.device) -> int:
+    """The smallest M that takes the W4A8 route on ``device``: the serving backend's
+    ``W4A8_MIN_M`` (its kernel's), else :data:`W4A8_MIN_M`."""
+    return int(getattr(w4a8_backend_for(device), "W4A8_MIN_M", W4A8_MIN_M))
+
+
+@torch.compiler.assume_constant_result  # its arguments are static sizes, which the graph guards
+def w4a8_supports(device: torch.device, n: int, k: int, rank: int, group_size: int) -> bool:
+    """Whether the backend serving W4A8 on ``device`` takes a weight of these sizes (its
+    ``w4a8_supports``: the kernel's rank limit, group size, alignment; the reference takes all)."""
+    check = getattr(w4a8_backend_for(device), "w4a8_supports", None)
+    return check is None or bool(check(n, k, rank, group_size))
+
+
+def w4a8_route(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, proj_up: torch.Tensor) -> bool:
+    """Whether this call of a W4A4 linear (x [..., K], its weight ``qweight`` [N, K/2] and
+    ``wscales`` [N, G], its low-rank factor ``proj_up`` [N, R] with any LoRAs) runs as W4A8
+    (quantize_act_fp8 + w4a8_gemm) instead of W4A4: on a device where W4A8 is served
+    (:func:`w4a8_served`), with M = x's rows >= :func:`w4a8_min_m`, sizes the serving kernel
+    takes (:func:`w4a8_supports`: a LoRA can widen R past its limit). Under torch.compile the
+    device's answers are constants and M's comparison a guard on the symbolic size."""
+    device = x.device
+    if not w4a8_served(device) or x.numel() // x.shape[-1] < w4a8_min_m(device):
+        return False
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    return w4a8_supports(device, n, k, proj_up.shape[1], k // wscales.shape[1])
+
+
 def w4a16_gemv(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -468,9 +629,60 @@ def _(x, qweight, wscales, wzeros, bias):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
+@torch.library.custom_op("svdq::quantize_act_fp8", mutates_args=())
+def _quantize_act_fp8_op(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    proj_down: torch.Tensor,
+    mod_scale: torch.Tensor | None,
+    mod_shift: torch.Tensor | None,
+    shift: float,
+    gelu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return w4a8_backend_for(x.device).quantize_act_fp8(
+        x, smooth, proj_down, mod_scale, mod_shift, shift=shift, gelu=gelu
+    )
+
+
+@_quantize_act_fp8_op.register_fake
+def _(x, smooth, proj_down, mod_scale, mod_shift, shift, gelu):
+    m, k = x.shape
+    return (
+        x.new_empty(m, k, dtype=torch.float8_e4m3fn),  # codes [M, K] contiguous
+        x.new_empty(m, dtype=torch.float32),  # ascale [M]
+        x.new_empty(m, proj_down.shape[0], dtype=torch.float32),  # lora_act [M, R] contiguous
+    )
+
+
+@torch.library.custom_op("svdq::w4a8_gemm", mutates_args=())
+def _w4a8_gemm_op(
+    codes: torch.Tensor,
+    ascale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    lora_act: torch.Tensor,
+    proj_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    partial: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return w4a8_backend_for(codes.device).w4a8_gemm(
+        codes, ascale, qweight, wscales, lora_act, proj_up, bias, partial, residual, gate, out_dtype=out_dtype
+    )
+
+
+@_w4a8_gemm_op.register_fake
+def _(codes, ascale, qweight, wscales, lora_act, proj_up, bias, partial, residual, gate, out_dtype):
+    return codes.new_empty(codes.shape[0], qweight.shape[0], dtype=out_dtype)  # [M, N] contiguous
+
+
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
+    "W4A8_MIN_M",
+    "W4A8_MODES",
     "BackendUnavailableError",
     "KernelConfig",
     "backend_for",
@@ -482,8 +694,15 @@ __all__ = [
     "qk_norm_rope",
     "qk_norm_rope_sage",
     "quantize_act",
+    "quantize_act_fp8",
     "sage_attention_int8",
     "unavailable_reason",
     "w4a4_gemm",
+    "w4a8_backend_for",
+    "w4a8_gemm",
+    "w4a8_min_m",
+    "w4a8_route",
+    "w4a8_served",
+    "w4a8_supports",
     "w4a16_gemv",
 ]

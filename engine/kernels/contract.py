@@ -52,6 +52,31 @@ Op contract (every backend implements exactly this; ``reference`` is the ground 
         dtype. For the AdaLN linears (one conditioning vector per image): the packed weight is
         read once per call and dequantized in registers. The triton backend takes M <= 4.
 
+    quantize_act_fp8(x [M, K], smooth [K], proj_down [R, K], mod_scale [B, K] | None,
+                     mod_shift [B, K] | None, *, shift, gelu)          (W4A8: Hopper's route)
+        x' = x or its prologue (as quantize_act_prologue: none, modulation, or gelu; B divides M)
+        x_hat    = (x' + shift) / smooth                           fp32
+        codes    float8_e4m3fn [M, K]   e4m3(clamp(x_hat * 448 / amax, -448, 448)), nearest even,
+                                        amax = max_k |x_hat| of the row (codes 0 for a zero row)
+        ascale   fp32 [M]               amax / 448, one scale per token
+        lora_act fp32 [M, R]            x_hat @ proj_down^T, as quantize_act
+        all three contiguous, by every backend and fake (engine.quant.ops.quantize_act_fp8).
+
+    w4a8_gemm(codes, ascale, qweight [N, K/2], wscales [N, G], lora_act, proj_up [N, R],
+              bias [N] | None, partial [M, N] | None, residual [M, N] | None, gate [B, N] | None,
+              *, out_dtype)
+        y [M, N] = ascale * sum_g wscales_g * (codes_g . qweight_g^T) + lora_act @ proj_up^T + bias
+                   (+ partial, then the gate/residual epilogue, exactly as w4a4_gemm)
+        the unchanged W4A4 weight (signed codes, code -8 read as -7: the Hopper kernel's
+        sign-magnitude layout has no -8; any group size G divides K); the token's scale
+        applied once after the sum over groups; the products exact in fp32, a group's sum in the
+        backend's order (a tensor core's own). [M, N] contiguous in out_dtype.
+        Served by the reference everywhere and by triton on sm_90 (triton/act_fp8.py,
+        triton/gemm_sm90_w4a8.py) where those kernels are in the build and the GEMM passed its
+        self-check (triton_backend.w4a8_serves); elsewhere the pair runs on the reference
+        (kernels.w4a8_backend_for). Which calls take W4A8 instead of W4A4 is
+        kernels.w4a8_route's decision.
+
     qk_norm_rope(qkv0 [B, S0, >= 3HD], norm_q0 [D], norm_k0 [D], qkv1 [B, S1, >= 3HD] | None,
                  norm_q1 | None, norm_k1 | None, cos [S0+S1, D], sin [S0+S1, D], *, heads, eps)
         -> q, k, v  [B, S0+S1, H, D] contiguous, in qkv's dtype (public form: kernels.qk_norm_rope)
@@ -206,9 +231,44 @@ class PrologueBackend(Protocol):
         ...
 
 
+class W4A8Backend(Protocol):
+    """A backend of the W4A8 pair (reference, triton)."""
+
+    def quantize_act_fp8(
+        self,
+        x: torch.Tensor,  # [M, K] float
+        smooth: torch.Tensor,  # [K]
+        proj_down: torch.Tensor,  # [R, K]
+        mod_scale: torch.Tensor | None = None,  # [B, K], x's dtype
+        mod_shift: torch.Tensor | None = None,  # [B, K], x's dtype
+        *,
+        shift: float,
+        gelu: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # codes e4m3 [M, K], ascale [M], lora_act [M, R]
+        ...
+
+    def w4a8_gemm(
+        self,
+        codes: torch.Tensor,  # float8_e4m3fn [M, K]
+        ascale: torch.Tensor,  # fp32 [M]
+        qweight: torch.Tensor,  # uint8 [N, K/2], signed codes
+        wscales: torch.Tensor,  # [N, G]
+        lora_act: torch.Tensor,  # fp32 [M, R]
+        proj_up: torch.Tensor,  # [N, R]
+        bias: torch.Tensor | None,  # [N]
+        partial: torch.Tensor | None = None,  # [M, N] out_dtype
+        residual: torch.Tensor | None = None,  # [M, N] out_dtype
+        gate: torch.Tensor | None = None,  # [B, N] out_dtype
+        *,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:  # [M, N] out_dtype
+        ...
+
+
 OPS = {
     GemmBackend: ("quantize_act", "w4a4_gemm"),
     GemvBackend: ("w4a16_gemv",),
     NormRopeBackend: ("qk_norm_rope", "qk_norm_rope_sage"),
     PrologueBackend: ("quantize_act_prologue",),
+    W4A8Backend: ("quantize_act_fp8", "w4a8_gemm"),
 }

@@ -8,8 +8,10 @@ from engine.quant.ops import (
     qk_norm_rope,
     qk_norm_rope_sage,
     quantize_act,
+    quantize_act_fp8,
     quantize_act_prologue,
     w4a4_gemm,
+    w4a8_gemm,
     w4a16_gemv,
 )
 
@@ -25,8 +27,10 @@ __all__ = [
     "qk_norm_rope",
     "qk_norm_rope_sage",
     "quantize_act",
+    "quantize_act_fp8",
     "quantize_act_prologue",
     "unavailable_reason",
     "w4a4_gemm",
+    "w4a8_gemm",
     "w4a16_gemv",
 ]

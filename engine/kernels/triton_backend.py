@@ -18,6 +18,11 @@ autotuning, whose benchmarking would synchronize inside CUDA-graph capture; the 
 kernel variant compiles, so warm up before capture, as ``setup()`` does); group sizes other than
 powers of two >= 64 are rejected (they would only fail when compiled for a GPU); row offsets are
 int64. On CPU the kernels run under ``TRITON_INTERPRET=1`` (set before triton is imported).
+
+W4A8 (issue 27): ``quantize_act_fp8`` (triton/act_fp8.py) and ``w4a8_gemm`` (the sm_90 Gluon
+kernel, triton/gemm_sm90_w4a8.py); ``w4a8_serves`` / ``w4a8_supports`` / ``W4A8_MIN_M`` tell
+kernels.w4a8_route where they run. Without those kernel modules in the build no device is
+served W4A8 and the two ops compute the reference's arithmetic.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 import triton
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from engine.kernels.triton import gemm_sm90, gemm_sm90_ws
+from engine.kernels.triton import act_fp8, gemm_sm90, gemm_sm90_w4a8, gemm_sm90_ws
 from engine.kernels.triton.act import LORA_CHUNK as ACT_LORA_CHUNK
 from engine.kernels.triton.act import act_config, quantize_act_kernel
 from engine.kernels.triton.common import INTERPRET, MAX_GEMM_GROUP, LaunchConfig, block_r, check_group_size
@@ -45,6 +50,7 @@ from engine.kernels.triton.gemm import (
 from engine.kernels.triton.gemm import LORA_CHUNK as GEMM_LORA_CHUNK
 from engine.kernels.triton.gemv import GEMV_BLOCK_K, MAX_ROWS, gemv_config, w4a16_gemv_kernel
 from engine.kernels.triton.rope import qk_norm_rope, qk_norm_rope_sage  # noqa: F401 (the backend's)
+from engine.quant import ops
 from engine.quant.ops import LAYER_NORM_EPS, empty_ascales
 
 NAME = "triton"
@@ -337,6 +343,100 @@ def launch_w4a4_gemm(
         **cfg.launch_options(),
     )
     return out
+
+
+# --- W4A8 (sm_90): FP8 activations with one scale per token ---------------------------------
+
+# The route's smallest M (kernels.w4a8_min_m): the W4A4 dispatch's own split, so the text stream
+# (M <= 1024) keeps gemm_sm90's small tiles and the image stream takes the W4A8 kernel.
+W4A8_MIN_M = gemm_sm90_ws.MIN_M
+def w4a8_serves(device: torch.device) -> bool:
+    """Whether this backend runs the W4A8 ops on ``device`` with its kernels: sm_90, the GEMM's
+    self-check passed there (gemm_sm90_w4a8.serves: once per device, at
+    the first call, setup's warm-up). The quantizer has no self-check of its own: its codes are
+    the GEMM's inputs, and the tests execute its compiled PTX bit for bit against the reference."""
+    return _major(device) == 9 and gemm_sm90_w4a8.serves(device)
+
+
+def w4a8_supports(n: int, k: int, rank: int, group_size: int) -> bool:
+    """Whether the W4A8 GEMM takes a weight of these sizes (its group size, rank limit, TMA
+    alignment): kernels.w4a8_route sends the rest (e.g. a LoRA widening R past the limit) W4A4."""
+    return gemm_sm90_w4a8.supports(1, n, k, rank, group_size)
+
+
+def quantize_act_fp8(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    proj_down: torch.Tensor,
+    mod_scale: torch.Tensor | None = None,
+    mod_shift: torch.Tensor | None = None,
+    *,
+    shift: float,
+    gelu: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See engine.kernels.contract: the Triton kernel of engine/kernels/triton/act_fp8.py (with the
+    prologues), portable; the reference where that kernel is not in the build or K is not a
+    multiple of its 64-channel step."""
+    if x.shape[1] % act_fp8.GROUP:
+        return ops.quantize_act_fp8(x, smooth, proj_down, mod_scale, mod_shift, shift=shift, gelu=gelu)
+    return act_fp8.quantize_act_fp8(x, smooth, proj_down, mod_scale, mod_shift, shift=shift, gelu=gelu)
+
+
+def w4a8_gemm(
+    codes: torch.Tensor,
+    ascale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    lora_act: torch.Tensor,
+    proj_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    partial: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """See engine.kernels.contract. On sm_90 the Gluon kernel of gemm_sm90_w4a8.py, for problems it
+    takes (``supports``) once it passed its self-check (``serves``), on the weight's layout made
+    once per tensor (``sm90_w4a8_weight``); the partial/gate/residual epilogue runs after it as
+    the W4A4 Hopper route's does (fp32 written, triton/epilogue.py, bit for bit
+    ops.gemm_epilogue). Everything else runs the reference, ops.w4a8_gemm."""
+    m, k = codes.shape
+    n, r = qweight.shape[0], lora_act.shape[1]
+    if (
+        _major(codes.device) == 9
+        and gemm_sm90_w4a8.supports(m, n, k, r, k // wscales.shape[1])
+        and gemm_sm90_w4a8.serves(codes.device)
+    ):
+        epilogue = residual is not None or partial is not None
+        y = gemm_sm90_w4a8.launch(
+            codes.contiguous(),
+            ascale.float().contiguous(),
+            sm90_w4a8_weight(qweight, wscales),
+            _row_major(lora_act.float()),
+            _row_major(proj_up),
+            bias,
+            out_dtype=torch.float32 if epilogue else out_dtype,
+        )
+        return sm90_epilogue(y, partial, residual, gate, out_dtype) if epilogue else y
+    return ops.w4a8_gemm(
+        codes, ascale, qweight, wscales, lora_act, proj_up, bias, partial, residual, gate, out_dtype=out_dtype
+    )
+
+
+# The W4A8 kernel's weight layout (gemm_sm90_w4a8.prepare_weight), made once per weight tensor at its first call and kept while the tensor lives, as sm90_weight.
+_SM90_W4A8_WEIGHTS = WeakTensorKeyDictionary()
+
+
+def sm90_w4a8_weight(qweight: torch.Tensor, wscales: torch.Tensor) -> object:
+    """The load-time transform of a W4A4 weight for the W4A8 kernel, cached per
+    tensor and remade when either tensor is written in place."""
+    key = (_version(qweight), wscales.data_ptr(), _version(wscales))
+    hit = _SM90_W4A8_WEIGHTS.get(qweight)
+    if hit is None or hit[0] != key:
+        hit = (key, gemm_sm90_w4a8.prepare_weight(qweight, wscales))
+        _SM90_W4A8_WEIGHTS[qweight] = hit
+    return hit[1]
 
 
 # --- w4a16_gemv ------------------------------------------------------------------------------

@@ -21,6 +21,10 @@ class SVDQLinear(LoraSlots, nn.Module):
     LoRAs widen the low-rank branch (``add_lora``); they are kept outside the state dict and
     the base factors are never modified, so removing every LoRA restores the base output bit
     for bit.
+
+    Where ``kernels.w4a8_route`` takes a call (Hopper, M large enough), the same weight runs
+    against FP8 activations (``quantize_act_fp8`` + ``w4a8_gemm``, the prologue, epilogue and
+    LoRAs as on the W4A4 route).
     """
 
     def __init__(
@@ -161,11 +165,22 @@ class SVDQLinear(LoraSlots, nn.Module):
         with ``gate [B, N]`` returns the block's ``residual + gate[:, None] * y`` from the GEMM's
         epilogue (diffusers' roundings; kernels.w4a4_gemm), so y is never written either;
         ``partial [..., N]`` (another part of a split-input linear, in x's dtype) is added to y
-        before them."""
+        before them. Where kernels.w4a8_route takes the call, the same with FP8 activations."""
         lead = x.shape[:-1]
         down = self.proj_down if self._lora_down is None else self._lora_down  # [R, K]
         up = self.proj_up if self._lora_up is None else self._lora_up  # [N, R]
         bias = self.bias if self._lora_bias is None else self._lora_bias  # [N]
+        partial = None if partial is None else partial.reshape(-1, self.out_features)  # [M, N]
+        residual = None if residual is None else residual.reshape(-1, self.out_features)  # [M, N]
+        if kernels.w4a8_route(x, self.qweight, self.wscales, up):
+            codes, ascale, lora_act = kernels.quantize_act_fp8(  # [M, K] e4m3, [M], [M, R]
+                x, self.smooth_factor, down, shift=self.act_shift, modulation=modulation, gelu=gelu
+            )
+            y = kernels.w4a8_gemm(  # [M, N]
+                codes, ascale, self.qweight, self.wscales, lora_act, up, bias, partial, residual, gate,
+                out_dtype=x.dtype,
+            )  # fmt: skip
+            return y.reshape(*lead, self.out_features)
         qx, ascales, lora_act = kernels.quantize_act(  # [M, K/2], [M, G], [M, R]
             x,
             self.smooth_factor,
@@ -184,8 +199,8 @@ class SVDQLinear(LoraSlots, nn.Module):
             lora_act,
             up,
             bias,
-            None if partial is None else partial.reshape(-1, self.out_features),  # [M, N]
-            None if residual is None else residual.reshape(-1, self.out_features),  # [M, N]
+            partial,
+            residual,
             gate,  # [B, N]
             unsigned=self.unsigned,
             out_dtype=x.dtype,

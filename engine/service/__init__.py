@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from engine import inputs, memory
+from engine import inputs, kernels, memory
 from engine.flux import attention
 from engine.flux.converted import converted_checkpoint
 from engine.go_fast import (
@@ -48,6 +48,16 @@ logger = logging.getLogger(__name__)
 # request), then batch 2, which gives the graph batches 2-4 share. Every other size shares
 # these graphs (dynamic sequence length), so setup covers all 88 size x batch combinations.
 WARM_UP_SHAPES = ((1024, 1024, 1), (1024, 1024, 2))
+# Where the W4A8 route serves (Hopper), a linear takes it from M = kernels.w4a8_min_m rows (1025):
+# a 0.25-megapixel image's stream (952-1024 tokens) stays W4A4 at batch 1, and that guard gives
+# the double blocks a graph of their own, compiled at setup too (one size covers the class).
+W4A8_EXTRA_SHAPE = (512, 512, 1)
+
+
+def warm_up_shapes(device: torch.device) -> tuple[tuple[int, int, int], ...]:
+    """The shapes setup compiles on ``device``: WARM_UP_SHAPES, plus W4A8_EXTRA_SHAPE where the
+    W4A8 route serves (kernels.w4a8_served)."""
+    return WARM_UP_SHAPES + ((W4A8_EXTRA_SHAPE,) if kernels.w4a8_served(device) else ())
 
 
 class FluxService:
@@ -79,7 +89,7 @@ class FluxService:
         phases = SetupPhases()
         config = config or ServiceConfig.from_env()
         with phases("runtime"):
-            configure_runtime(config.weights_dir, config.kernels, compile_cache_dir(config))
+            configure_runtime(config.weights_dir, config.kernels, compile_cache_dir(config), config.w4a8)
         model = choose_model(config, gpu)
         try:
             with phases("weights"):
@@ -111,7 +121,7 @@ class FluxService:
             with phases("kernels"), service._eager_only():  # eager once: Triton JIT, CUDA extension, cuDNN
                 generator.generate("warm-up", width=1024, height=1024, steps=1, seed=0)
             with phases("compile"):
-                service.warm_up()
+                service.warm_up(warm_up_shapes(device))
         logger.info(
             "setup: model %s on %s, %d T5 tokens; %s", model, device, generator.text_tokens, phases.summary()
         )

@@ -39,6 +39,7 @@ class ServiceConfig:
     SVDQ_EGRESS_ALLOW         networks LoRA requests may reach although not public    none
                               (dev/tests only: e.g. 127.0.0.0/8; engine.egress)
     SVDQ_KERNELS              kernel backend: auto, reference, triton, cuda           auto
+    SVDQ_W4A8                 Hopper's W4A8 route (FP8 activations): auto, off        auto
     SVDQ_ATTENTION            go_fast's attention: auto, sage, sdpa                   auto
     SVDQ_MEMORY               memory mode: auto, fast, small (engine/memory.py)       auto
     ========================= ====================================================== =========
@@ -49,6 +50,7 @@ class ServiceConfig:
     offline: bool = False
     lora: StoreConfig | None = None
     kernels: str = "auto"
+    w4a8: str = "auto"  # "off": W4A4 everywhere (the A40's numerics on Hopper too)
     attention: str = "auto"
     sources: Sources = dataclasses.field(default_factory=Sources)  # where weight files come from (mirror, hub, token)
     baked_dir: Path = BAKED  # weights baked into the image (scripts/bake_weights.py), used first
@@ -82,12 +84,16 @@ class ServiceConfig:
         attention_kind = env.get("SVDQ_ATTENTION", "auto").strip().lower() or "auto"
         if attention_kind not in attention.KINDS:
             raise ValueError(f"SVDQ_ATTENTION={attention_kind!r}: choose one of {', '.join(attention.KINDS)}")
+        w4a8 = env.get("SVDQ_W4A8", "auto").strip().lower() or "auto"
+        if w4a8 not in ("auto", "off"):
+            raise ValueError(f"SVDQ_W4A8={w4a8!r}: choose auto or off")
         return cls(
             weights_dir=weights,
             model=env.get(MODEL_ENV, "auto").strip() or "auto",
             offline=env.get("HF_HUB_OFFLINE") == "1",
             lora=lora,
             kernels=env.get(kernels.ENV_VAR, "auto").strip() or "auto",
+            w4a8=w4a8,
             attention=attention_kind,
             sources=Sources.from_env(env),
             memory=memory.parse(env.get(memory.ENV_VAR)),

@@ -18,7 +18,9 @@ from engine.service.config import ServiceConfig
 logger = logging.getLogger(__name__)
 
 
-def configure_runtime(weights_dir: Path, kernel_backend: str = "auto", compile_cache: Path | None = None) -> None:
+def configure_runtime(
+    weights_dir: Path, kernel_backend: str = "auto", compile_cache: Path | None = None, w4a8: str = "auto"
+) -> None:
     """Process-wide settings for serving, in one place, called once from setup()."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -30,7 +32,7 @@ def configure_runtime(weights_dir: Path, kernel_backend: str = "auto", compile_c
     logging.getLogger("urllib3").setLevel(logging.INFO)
     # The kernel backend; where no prebuilt CUDA package is installed (development machines) the
     # extension is compiled on first use, next to the weights so a warm container reuses it.
-    kernels.configure(kernel_backend, ext_dir=weights_dir / "torch_extensions")
+    kernels.configure(kernel_backend, ext_dir=weights_dir / "torch_extensions", w4a8=w4a8)
 
     # go_fast's compiled graphs (inductor's FX graph, autotuning and Triton caches) and our own
     # Triton kernels' cache: a restarted container with the same folder, or an image baked with

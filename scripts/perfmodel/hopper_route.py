@@ -17,6 +17,11 @@ than restate those rules, ``route`` runs that very function on the call's meta t
 
 The H100 runs the Triton backend: the CUDA extension serves compute capability 8.x only
 (engine.kernels.cuda.SUPPORTED_ARCHS; tests/test_hopper_route.py checks it).
+
+Above that dispatch, ``kernels.w4a8_route`` decides per call whether a W4A4 linear runs as W4A8
+(issue 27) instead; ``takes_w4a8`` reads that decision the same way (sm_90, the W4A8 GEMM's
+self-check taken as passed). The image model does not price W4A8 calls yet: its trace
+(perfmodel.image_trace, on meta) takes the W4A4 route everywhere.
 """
 
 from __future__ import annotations
@@ -87,3 +92,29 @@ def route(args: tuple) -> Route:
         tb.w4a4_gemm(*args[:10], unsigned=args[10], out_dtype=args[11])
     (kind, kw), = seen["kernel"]  # fmt: skip
     return Route(kind, m, k, n, rank, bool(args[10]), kw["out_dtype"], kw.get("split"), seen["epilogue"])
+
+
+def takes_w4a8(m: int, k: int, n: int, *, rank: int = 32, group: int = 64) -> bool:
+    """Whether an H100 runs a W4A4 linear's call of M rows (weight [N, K], low-rank width
+    ``rank``, ``group``-channel scales) as W4A8: kernels.w4a8_route itself on meta tensors, with
+    the triton backend serving (as auto chooses it on an H100), the architecture read as sm_90
+    and the W4A8 GEMM's self-check taken as passed."""
+    import engine.kernels as kernels
+    import engine.kernels.triton_backend as tb
+    from engine.kernels.triton import gemm_sm90_w4a8
+
+    meta = {"device": "meta"}
+    x = torch.empty(m, k, dtype=torch.bfloat16, **meta)
+    qweight = torch.empty(n, k // 2, dtype=torch.uint8, **meta)
+    wscales = torch.empty(k // group, n, dtype=torch.bfloat16, **meta).t()
+    proj_up = torch.empty(n, rank, dtype=torch.bfloat16, **meta)
+    patches = [
+        mock.patch.object(tb, "_major", lambda device: 9),
+        mock.patch.object(gemm_sm90_w4a8, "serves", lambda device: True),
+        mock.patch.object(kernels, "backend_for", lambda device: tb),
+        mock.patch.object(kernels, "_settings", {"current": kernels.KernelConfig()}),  # auto, w4a8 auto
+    ]
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        return kernels.w4a8_route(x, qweight, wscales, proj_up)

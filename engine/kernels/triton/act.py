@@ -138,45 +138,65 @@ def quantize_act_kernel(
         mh_ptrs = mshift_ptr + image[:, None] + kk[None, :]
     for g in range(0, K // GROUP):
         x = _widen(tl.load(x_ptrs), COMPILED)  # [BM, GROUP], contiguous rows
-        if MODULATE:  # each op rounded to x's dtype, as the unfused torch ops round
-            xn = _round_to((x - mean[:, None]) * rstd[:, None], DT, COMPILED)
-            a = _round_to(1.0 + tl.load(ms_ptrs).to(tl.float32), DT, COMPILED)
-            p = _round_to(mul_rn(xn, a, COMPILED), DT, COMPILED)  # no FMA with the add below
-            x = _round_to(p + tl.load(mh_ptrs).to(tl.float32), DT, COMPILED)
+        if MODULATE:
+            x = modulate(x, mean, rstd, ms_ptrs, mh_ptrs, DT, COMPILED)
             ms_ptrs += GROUP
             mh_ptrs += GROUP
         if GELU:
             x = _round_to(_gelu_tanh(x, COMPILED), DT, COMPILED)
-        s = tl.load(smooth_ptr + g * GROUP + kk).to(tl.float32)
-        if COMPILED:  # the reciprocal comes from the host (IEEE), three instructions per element
-            rs = tl.load(rsmooth_ptr + g * GROUP + kk)
-            # x + 0 only turns -0 into +0, which neither the codes, the scales nor the low-rank
-            # sum (it starts from +0) can see. Skipped for bf16 only: there the widening's
-            # inline asm is opaque (not pure), which keeps Triton from recomputing the chain in
-            # the MMA operand's layout; fp16 and fp32 x keep the add, which does the same.
-            if HAS_SHIFT or not BF16_X:
-                x = x + shift
-            h = div_correct(x, s[None, :], rs[None, :])  # x_hat
-        else:
-            h = tl.div_rn(x + shift, s[None, :])
+        # x + 0 only turns -0 into +0, which neither the codes, the scales nor the low-rank
+        # sum (it starts from +0) can see. Skipped for bf16 only: there the widening's
+        # inline asm is opaque (not pure), which keeps Triton from recomputing the chain in
+        # the MMA operand's layout; fp16 and fp32 x keep the add, which does the same.
+        h = smooth_divide(x, smooth_ptr + g * GROUP + kk, rsmooth_ptr + g * GROUP + kk, shift,
+                          HAS_SHIFT or not BF16_X, COMPILED)  # fmt: skip
         if ONE_CHUNK or chunk == 0:
             _quantize_group(h, q_ptrs, s_ptrs + g * stride_ag, row_ok, BLOCK_M, GROUP, UNSIGNED, COMPILED)
         if HAS_LORA:
-            d = tl.load(d_ptrs)  # [BR, GROUP]
-            if DOWN_BF16:
-                # proj_down is exact in bf16, x_hat = hi + lo in two bf16 parts (16 mantissa
-                # bits): two bf16 MMAs with exact products and fp32 sums, ~2^-17 relative.
-                h_hi, h_lo = _split_bf16(h, COMPILED)
-                lora = dot_bf16(h_hi, tl.trans(d), lora, COMPILED)
-                lora = dot_bf16(h_lo, tl.trans(d), lora, COMPILED)
-            else:  # fp32 or fp16 factors: three TF32 MMAs, fp32-class accuracy
-                lora = tl.dot(h, tl.trans(d.to(tl.float32)), lora, input_precision="tf32x3")
+            lora = down_project(h, tl.load(d_ptrs), lora, DOWN_BF16, COMPILED)  # d: [BR, GROUP]
         x_ptrs += GROUP
         d_ptrs += GROUP
         q_ptrs += HALF
     if HAS_LORA:
         out = lora_ptr + offs_m.to(tl.int64)[:, None] * R + (r0 + rr)[None, :]
         tl.store(out, lora, mask=row_ok[:, None] & (r0 + rr < R)[None, :])
+
+
+@triton.jit
+def modulate(x, mean, rstd, ms_ptrs, mh_ptrs, DT: tl.constexpr, COMPILED: tl.constexpr):
+    """``LayerNorm(x) * (1 + scale) + shift`` of one [BM, GROUP] tile (fp32 x, the row's mean and
+    rstd), each op rounded to x's dtype ``DT``, as the unfused torch ops round."""
+    xn = _round_to((x - mean[:, None]) * rstd[:, None], DT, COMPILED)
+    a = _round_to(1.0 + tl.load(ms_ptrs).to(tl.float32), DT, COMPILED)
+    p = _round_to(mul_rn(xn, a, COMPILED), DT, COMPILED)  # no FMA with the add below
+    return _round_to(p + tl.load(mh_ptrs).to(tl.float32), DT, COMPILED)
+
+
+@triton.jit
+def smooth_divide(x, s_ptrs, rs_ptrs, shift, ADD_SHIFT: tl.constexpr, COMPILED: tl.constexpr):
+    """x_hat = (x + shift) / smooth, IEEE-rounded, for one [BM, GROUP] tile of fp32 x. On the GPU
+    the reciprocal comes from the host (IEEE), three instructions per element (div_correct);
+    ``ADD_SHIFT`` False skips ``x + shift`` there (shift == 0, where it only turns -0 into +0)."""
+    s = tl.load(s_ptrs).to(tl.float32)
+    if COMPILED:
+        rs = tl.load(rs_ptrs)
+        if ADD_SHIFT:
+            x = x + shift
+        return div_correct(x, s[None, :], rs[None, :])
+    return tl.div_rn(x + shift, s[None, :])
+
+
+@triton.jit
+def down_project(h, d, lora, DOWN_BF16: tl.constexpr, COMPILED: tl.constexpr):
+    """``lora + h @ d^T`` for x_hat ``h`` [BM, GROUP] and proj_down's tile ``d`` [BR, GROUP]."""
+    if DOWN_BF16:
+        # proj_down is exact in bf16, x_hat = hi + lo in two bf16 parts (16 mantissa
+        # bits): two bf16 MMAs with exact products and fp32 sums, ~2^-17 relative.
+        h_hi, h_lo = _split_bf16(h, COMPILED)
+        lora = dot_bf16(h_hi, tl.trans(d), lora, COMPILED)
+        return dot_bf16(h_lo, tl.trans(d), lora, COMPILED)
+    # fp32 or fp16 factors: three TF32 MMAs, fp32-class accuracy
+    return tl.dot(h, tl.trans(d.to(tl.float32)), lora, input_precision="tf32x3")
 
 
 @triton.jit
