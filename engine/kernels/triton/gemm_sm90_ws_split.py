@@ -17,6 +17,10 @@ order, against ``(lr + S0 + S1 + ...) + bias`` in one chain: the same terms, reg
 slice boundaries, so equal to the unsplit kernel up to fp32 summation order, and bit for bit
 where every partial sum is exact in fp32 (tests/test_hopper_ws_exec.py's exact inputs). The plan
 depends on the GPU's SM count: the same GPU model gives the same bits.
+
+The W4A8 kernel (gemm_sm90_w4a8.py) splits its last wave the same way with its own tiles and
+break-even (``plan_split(..., min_saved=...)``) and the same sum, ``transposed``: its tiles are
+[weight rows n, tokens t] accumulators, stored to y[t, n].
 """
 
 from __future__ import annotations
