@@ -7,8 +7,10 @@ rank-32 branch and bias included), the equality of two runs, its time (bf16 outp
 the route launches it before the epilogue), its TFLOPS; the quantizer's (triton/act_fp8.py)
 codes and scales against ``ops.quantize_act_fp8`` and its time; the whole linear as the triton
 backend serves it (quantize_act_fp8 + w4a8_gemm) and its ratio to torch's bf16 matmul (cuBLAS)
-of the same [M, K] x [K, N], the figure issue 27 asks for; first the GEMM's own device
-self-check (``gemm_sm90_w4a8.self_check``: exact inputs, bit for bit).
+of the same [M, K] x [K, N], the figure issue 27 asks for; where ``gemm_sm90_w4a8.plan`` splits
+the last wave at the device's SM count, the split GEMM's error, determinism and time; first the
+GEMM's own device self-checks (``gemm_sm90_w4a8.self_check``, plain and split grids: exact
+inputs, bit for bit).
 
     python scripts/gpu_hopper_w4a8.py --out $OUT/hopper_w4a8.json   # on an H100/H200
     python scripts/gpu_hopper_w4a8.py --tiny --out x.json           # CPU: the inputs and the
@@ -98,6 +100,19 @@ def measure_shape(m: int, k: int, n: int, device: torch.device, hopper: bool) ->
     row["gemm_tflops"] = 2 * m * n * k / row["gemm_us"] / 1e6
     row["cublas_bf16_us"] = _time_us(lambda: torch.nn.functional.linear(a["x_bf16"], a["w_bf16"]))
     row["gemm_vs_bf16"] = row["cublas_bf16_us"] / row["gemm_us"]
+    split = w4a8.plan(m, n, k, torch.cuda.get_device_properties(device).multi_processor_count)
+    row["split"] = [split.full, split.slices, split.slice_groups] if split else None
+    if split is not None:
+
+        def run_split(dtype: torch.dtype = torch.bfloat16):
+            return w4a8.launch(a["codes"], a["ascale"], weight, a["lora_act"], a["proj_up"], a["bias"],
+                               out_dtype=dtype, split=split)  # fmt: skip
+
+        s32 = run_split(torch.float32)
+        row["split_max_rel_err_fp32_vs_reference"] = _rel(s32, ref)
+        row["split_deterministic"] = bool(torch.equal(s32, run_split(torch.float32)))
+        row["gemm_split_us"] = _time_us(run_split)
+        row["gemm_split_vs_bf16"] = row["cublas_bf16_us"] / row["gemm_split_us"]
 
     def quantize():
         return tb.quantize_act_fp8(a["x"], a["smooth"], a["proj_down"], shift=0.0)
@@ -125,6 +140,7 @@ def measure(m: int, shapes: list[tuple[int, int]], device: torch.device, out: Pa
         "m": m,
         "config": vars(w4a8.CONFIG) | {"block_w": w4a8.CONFIG.block_w},
         "self_check": w4a8.self_check(device) if hopper else None,
+        "self_check_split": w4a8.self_check(device, w4a8.CHECK_SPLIT) if hopper else None,
         "shapes": [],
     }
     for k, n in shapes:
@@ -148,11 +164,12 @@ def main() -> int:
 
 
 def failed(report: dict) -> bool:
-    """Whether a report shows a wrong result: the self-check, an error past MAX_REL_ERR, two runs
-    that differ, or the quantizer's codes or scales not the reference's."""
-    return report["self_check"] is False or any(
-        r.get("max_rel_err_fp32_vs_reference", 0) > MAX_REL_ERR
-        or False in (r.get("deterministic"), r.get("quantize_codes_equal"), r.get("quantize_ascale_equal"))
+    """Whether a report shows a wrong result: a self-check, an error past MAX_REL_ERR, two runs
+    that differ (plain or split grid), or the quantizer's codes or scales not the reference's."""
+    return False in (report["self_check"], report.get("self_check_split")) or any(
+        max(r.get("max_rel_err_fp32_vs_reference", 0), r.get("split_max_rel_err_fp32_vs_reference", 0)) > MAX_REL_ERR
+        or False in (r.get("deterministic"), r.get("split_deterministic"), r.get("quantize_codes_equal"),
+                     r.get("quantize_ascale_equal"))
         for r in report["shapes"]
     )
 

@@ -81,6 +81,11 @@ ea = entry(w.Tile("a", 192, 128), ws_like)
 out["t"] = w.gemm_time(ea, group(480.0), 4352, 15360, 3072, l2=31.5)
 out["whole"] = w.gemm_time(ea, group(480.0), 128 * w.H100.sms, 3072, 192, l2=31.5)
 out["tiny"] = w.gemm_time(ea, group(1e-3), 4352, 15360, 3072, l2=31.5)
+from engine.kernels.triton import gemm_sm90_w4a8
+shapes = [(name, m, k, n) for name, m, k, n in w.FLUX_LINEARS] + [(f"{k} -> {n}", w.FLUX_M, k, n) for k, n in w.DOCS_SHAPES]
+out["agree"] = [[name, pg, w.gemm_time(ea, group(pg), m, k, n, l2=31.5)["split"],
+                 [list(p.__dict__.values()) if (p := gemm_sm90_w4a8.plan(m, n, k, w.H100.sms)) else None][0]]
+                for pg in (400.0, 472.0, 540.0) for name, m, k, n in shapes]
 w.w4a4_quantize = lambda m, k: {"loop_sass": 268, "us_issue": 21.0, "ctas_per_sm": 9, "us": 21.0, "us_dram_floor": 10.0}
 out["quant"] = w.estimated_quantize(4352, 3072)
 out["overhead"] = w.tile_overhead_clk(192, 128, 31.5)
@@ -172,12 +177,34 @@ def test_gemm_time_counts_waves_and_prices_the_split_of_the_last_one(model):
     assert t["overheads_us"] == pytest.approx(t["waves"] * ((k // 64) * 480.0 + overhead) / (H100.clock_ghz * 1e3))
     s = t["split"]
     assert s["candidate"] is not None and s["candidate"][0] == tiles - t["last_wave"]
-    assert t["routed_us"] == (s["gemm_us"] if s["faster"] else t["gemm_us"]) <= t["gemm_us"]
+    assert s["planned"] and s["faster"] and t["routed_us"] == s["gemm_us"] < t["gemm_us"]
     # tiles that fill whole waves: no split; a tiny per-group time: the DRAM floor binds
     assert model["whole"]["split"]["candidate"] is None and model["whole"]["routed_us"] == model["whole"]["gemm_us"]
     assert model["tiny"]["gemm_us"] == pytest.approx(t["dram_us"])
     nbytes = n * k / 2 + m * k + 2 * m * n + 4 * n * (k // 64) + 4 * m  # weights, codes, out, scales
     assert t["dram_us"] == pytest.approx(nbytes / (H100.dram_gbs * 1e3))
+
+
+def test_the_dispatchs_split_plan_is_where_the_model_prices_the_split_faster(model):
+    """gemm_sm90_w4a8.plan (what the dispatch launches) against this model's price of the split,
+    on every FLUX linear at its M and every docs shape at M = 4352, for per-group clocks around
+    the compiled kernel's (L2-bound, ~470 at the calibrated L2 figure): planned exactly where the
+    model prices the split faster, and the plan is the candidate the model priced. Fails when
+    the plan's break-even (gemm_sm90_w4a8.MIN_SAVED_GROUPS) or the model's costs move apart."""
+    rows = model["agree"]
+    assert len(rows) == 3 * (len(model["linears"]) + len(model["docs_shapes"]))
+    planned = 0
+    for name, pg, split, plan in rows:
+        assert split["planned"] == (plan is not None), (name, pg, split, plan)
+        if split["candidate"] is None:
+            assert plan is None, (name, pg)
+            continue
+        assert split["faster"] == split["planned"], (name, pg, split)
+        if plan is not None:
+            assert split["candidate"] == plan, (name, pg)
+            planned += 1
+    assert planned == 3 * 4  # proj_out, and 3072, 12288, 15360 -> 3072 at M = 4352
+    assert any(s["candidate"] and not s["planned"] for _, _, s, _ in rows)  # 3072 -> 9216: priced slower
 
 
 def test_estimated_quantize_scales_the_w4a4_kernels_issue_time(model):
@@ -232,6 +259,10 @@ def test_the_whole_model_runs_and_its_tables_agree(model, tmp_path):
         for r in rows:  # the per-shape rows carry the design table's per-group clocks and bound
             assert r["per_group"] == pytest.approx(design[r["config"]]["per_group"])
             assert r["bound"] == design[r["config"]]["bound"]
+        for r in rows:  # routed: the split where the dispatch plans it, which is where it is priced faster
+            if r["config"].startswith("W4A8 (a)") and r["split"]["candidate"] is not None:
+                assert r["split"]["planned"] == r["split"]["faster"], r
+                assert r["routed_us"] == (r["split"]["gemm_us"] if r["split"]["planned"] else r["gemm_us"])
         for c in design:
             met = all(r["vs_bf16_routed"] >= model["target"] for r in rows if r["config"] == c)
             assert f"{c}: target {model['target']}x on every shape (routed) **{'met' if met else 'NOT met'}**" in text

@@ -116,7 +116,7 @@ def test_gpu_part_on_the_cpu_reports_the_reference_and_no_kernel_figures(tmp_pat
     assert row["gemm_us"] is None and "Hopper only" in row["note"]
 
 
-def _launch_from_the_packing(codes, ascale, weight, lora_act, proj_up, bias, *, out_dtype, programs=None):
+def _launch_from_the_packing(codes, ascale, weight, lora_act, proj_up, bias, *, out_dtype, programs=None, split=None):
     """The kernel's arithmetic on the host from its own weight layout (the expansion above):
     stands in for the GPU launch so that the self-check's own logic runs here."""
     n, half = weight.packed.shape
@@ -130,6 +130,7 @@ def _launch_from_the_packing(codes, ascale, weight, lora_act, proj_up, bias, *, 
 def test_self_check_passes_a_right_kernel_and_fails_a_wrong_one(monkeypatch):
     monkeypatch.setattr(w4a8, "launch", _launch_from_the_packing)
     assert w4a8.self_check(torch.device("cpu"))
+    assert w4a8.self_check(torch.device("cpu"), w4a8.CHECK_SPLIT)
 
     def off_by_one_ulp(*args, **kw):
         y = _launch_from_the_packing(*args, **kw)

@@ -96,7 +96,8 @@ def run_w4a8(info: dict, x: dict, ptx: str | None = None, schedule: str = "lowes
     }
     value = {"ascale_ptr": put("ascale", x["ascale"]), "lora_ptr": put("lora_act", x["lora_act"]),
              "up_ptr": put("proj_up", x["proj_up"]), "bias_ptr": b_addr, "out_ptr": out_addr, "M": M, "N": N,
-             "K": K, "R": R, "stride_lm": R, "stride_un": R, "stride_om": N}  # fmt: skip
+             "K": K, "R": R, "ws_ptr": out_addr,  # no split: FULL = every tile, no workspace
+             "FULL": -(-M // cfg.block_t) * -(-N // cfg.block_w)}  # fmt: skip
     args = [v for name in info["runtime_args"] for v in desc.get(name, [value.get(name)])]
     kernel = parse(ptx or info["ptx"])
     args += [0] * (len(kernel.params) - len(args))  # Triton's scratch pointers (unused here)

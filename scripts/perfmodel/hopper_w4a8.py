@@ -40,7 +40,9 @@ from pathlib import Path
 import triton
 
 import engine.kernels.triton_backend as tb
+from engine.kernels.triton import gemm_sm90_w4a8
 from engine.kernels.triton.act import ACT_CONFIGS
+from engine.kernels.triton.gemm_sm90_ws_split import plan_split
 from perfmodel.chain import MACS_PER_CLK, MEM_LAT, simulate
 from perfmodel.devices import H100
 from perfmodel.hopper import TARGET_VS_BF16
@@ -217,7 +219,10 @@ def tile_overhead_clk(block_w: int, block_t: int, l2: float) -> float:
 
 def gemm_time(e: dict, g: dict, m: int, k: int, n: int, l2: float) -> dict:
     """The W4A8 GEMM at one problem: waves x groups x the group's clocks (at least its DRAM floor),
-    the split of the last wave priced as hopper_ws prices it, and the ideal balanced waves."""
+    the split of the last wave priced as hopper_ws prices it, and the ideal balanced waves.
+    ``split.planned``: whether the dispatch takes the split (gemm_sm90_w4a8.plan: plan_split at
+    this kernel's break-even, for this tile); ``split.faster``: whether this model prices it
+    faster (tests/test_hopper_w4a8_model.py holds the two equal); "routed" is what is planned."""
     tile = e["tile"]
     tiles = triton.cdiv(n, tile.block_w) * triton.cdiv(m, tile.block_t)
     waves = triton.cdiv(tiles, H100.sms)
@@ -229,6 +234,11 @@ def gemm_time(e: dict, g: dict, m: int, k: int, n: int, l2: float) -> dict:
         tiles, groups, g["per_group"], l2, dram_us, {"block_m": tile.block_w, "block_n": tile.block_t}
     )
     split["faster"] = split["candidate"] is not None and split["gemm_us"] < gemm_us
+    split["planned"] = (
+        plan_split(tiles, groups, H100.sms, min_saved=gemm_sm90_w4a8.MIN_SAVED_GROUPS) is not None
+    )
+    if split["candidate"] is not None:
+        split["saved_groups"] = groups - split["candidate"][2]
     return {
         "tiles": tiles,
         "waves": waves,
@@ -240,7 +250,7 @@ def gemm_time(e: dict, g: dict, m: int, k: int, n: int, l2: float) -> dict:
         * (groups * g["per_group"] + tile_overhead_clk(tile.block_w, tile.block_t, l2))
         / clk_us,
         "split": split,
-        "routed_us": split["gemm_us"] if split["faster"] else gemm_us,
+        "routed_us": split["gemm_us"] if split["planned"] else gemm_us,
         "ring_covers_latency": (tile.stages - 1) * g["per_group"] >= MEM_LAT,
     }
 
@@ -561,7 +571,8 @@ def markdown(
         lines += [
             "",
             f"{title}; quantize: W4A4 quantize_act as modelled for the shipped kernel, W4A8's as its row says; "
-            '"routed": with the split of the last wave where the model prices it faster:',
+            '"routed": with the split of the last wave where the dispatch plans it (gemm_sm90_w4a8.plan, '
+            "which takes it where this model prices it faster):",
             "",
             *table_head(
                 "linear",
@@ -601,7 +612,7 @@ def markdown(
             "sum us",
             "GEMM us: plain, split",
             "linear vs bf16: plain, split, balanced (ideal)",
-            "split pays",
+            "split pays (model), planned (dispatch)",
         ),
     ]
     for r in (r for r in real + docs if r["config"] == best):
@@ -619,7 +630,7 @@ def markdown(
             + f"{r['tiles'] - full} x {slices}, {per} | {s['slice_clk']:.0f} ({s['slice_store_clk']:.0f}) | "
             f"{s['sum_us']:.1f} | {r['gemm_us']:.0f}, {s['gemm_us']:.0f} | {r['vs_bf16']:.2f}x, "
             f"{r['bf16_us'] / (r['quant_us'] + s['gemm_us']):.2f}x, {r['vs_bf16_balanced']:.2f}x | "
-            f"{'yes' if s['faster'] else 'no'} |"
+            f"{'yes' if s['faster'] else 'no'}, {'yes' if s['planned'] else 'no'} |"
         )
     lines.append("")
     for rows, what in ((real, "each linear at its M"), (docs, f"M = {FLUX_M}")):

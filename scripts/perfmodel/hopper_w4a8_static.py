@@ -36,11 +36,17 @@ _COMPILED: dict[tuple, dict] = {}
 
 
 def w4a8_launch(m: int, k: int, n: int, cfg: w4a8.W4A8Config = w4a8.CONFIG, rank: int = RANK,
-                bias: bool = True, out_dtype: torch.dtype = torch.bfloat16, programs: int | None = None) -> tuple:
+                bias: bool = True, out_dtype: torch.dtype = torch.bfloat16, programs: int | None = None,
+                split: w4a8.Split | None = None) -> tuple:
     """(args, kwargs, grid) of the Gluon kernel as its launcher builds them, on meta tensors
-    (``programs``: the persistent grid's CTAs, e.g. an H100's 132; the compiled code is the same)."""
+    (``programs``: the persistent grid's CTAs, e.g. an H100's 132; the compiled code is the same;
+    ``split``: the K-sliced grid and its workspace)."""
     g = k // 64
     weight = w4a8.W4A8Weight(_meta(n, k // 2, dtype=torch.uint8), _meta(g, n, dtype=torch.float32))
+    tiles = -(-m // cfg.block_t) * -(-n // cfg.block_w)
+    space = None
+    if split is not None:
+        space = _meta(*w4a8.workspace_shape(tiles, split, cfg.block_w, cfg.block_t), dtype=torch.float32)
     return w4a8.launch_args(
         _meta(m, k, dtype=torch.float8_e4m3fn),
         _meta(m, dtype=torch.float32),
@@ -51,13 +57,16 @@ def w4a8_launch(m: int, k: int, n: int, cfg: w4a8.W4A8Config = w4a8.CONFIG, rank
         _meta(m, n, dtype=out_dtype),
         cfg,
         programs,
+        split,
+        space,
     )
 
 
 def compile_w4a8(m: int, k: int, n: int, cfg: w4a8.W4A8Config = w4a8.CONFIG, rank: int = RANK,
-                 bias: bool = True, out_dtype: torch.dtype = torch.bfloat16):
-    """The compiled kernel (triton's CompiledKernel) for sm_90 at this problem."""
-    args, kwargs, _ = w4a8_launch(m, k, n, cfg, rank, bias, out_dtype)
+                 bias: bool = True, out_dtype: torch.dtype = torch.bfloat16, split: w4a8.Split | None = None):
+    """The compiled kernel (triton's CompiledKernel) for sm_90 at this problem (``split``: its
+    K-sliced variant)."""
+    args, kwargs, _ = w4a8_launch(m, k, n, cfg, rank, bias, out_dtype, split=split)
     return compile_gluon(w4a8.w4a8_gemm_sm90_kernel, args, kwargs)
 
 
@@ -87,18 +96,21 @@ def group_bytes(cfg: w4a8.W4A8Config) -> int:
 
 
 def w4a8_static(m: int, k: int, n: int, cfg: w4a8.W4A8Config = w4a8.CONFIG, rank: int = RANK,
-                bias: bool = True, out_dtype: torch.dtype = torch.bfloat16, ptxas: bool = False) -> dict:
+                bias: bool = True, out_dtype: torch.dtype = torch.bfloat16, ptxas: bool = False,
+                split: w4a8.Split | None = None) -> dict:
     """Registers, spills, shared memory and the consumer's and producer's loops of one compile
-    (per group and consumer warp: the SASS of the consumer loop; ``ptxas``: also ptxas -v)."""
-    key = (m, k, n, cfg, rank, bias, out_dtype, ptxas)
+    (per group and consumer warp: the SASS of the consumer loop; ``ptxas``: also ptxas -v;
+    ``split``: the K-sliced variant, whose loop must be the same)."""
+    key = (m, k, n, cfg, rank, bias, out_dtype, ptxas, split)
     if key in _COMPILED:
         return _COMPILED[key]
-    kernel = compile_w4a8(m, k, n, cfg, rank, bias, out_dtype)
+    kernel = compile_w4a8(m, k, n, cfg, rank, bias, out_dtype, split)
     usage, instrs, loops = disassemble(kernel.asm["cubin"])
     regs, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
     cons = _innermost(loops, r"\bQGMMA")
     # each consumer partition has its own copy of the loop (different register budgets): all of them
-    copies = sorted(len(b) for b in loops if any("QGMMA" in t for t in b) and len(b) < 2 * len(cons))
+    group_loops = [b for b in loops if any("QGMMA" in t for t in b) and len(b) < 2 * len(cons)]
+    copies = sorted(len(b) for b in group_loops)
     prod = _innermost(loops, r"\bUTMALDG")
     cops, pops = ops_of(cons), ops_of(prod)
     ptx = kernel.asm["ptx"]
@@ -108,10 +120,14 @@ def w4a8_static(m: int, k: int, n: int, cfg: w4a8.W4A8Config = w4a8.CONFIG, rank
         "k": k,
         "n": n,
         "config": dataclasses.asdict(cfg) | {"block_w": cfg.block_w},
+        "split": dataclasses.astuple(split) if split else None,
         "acc_elems_per_thread": elems,
         "regs": regs,
         "stack_bytes": stack,
         "spill_instrs": sum(1 for t in instrs if re.search(r"\b(STL|LDL)\b", t)),
+        # in the group loops (every consumer copy and the producer's): the split variant's gate
+        "group_loop_spill_instrs": sum(1 for b in [*group_loops, _innermost(loops, r"\bUTMALDG")] for t in b
+                                       if re.search(r"\b(STL|LDL)\b", t)),
         "shared_bytes": kernel.metadata.shared,
         "threads": int(re.search(r"\.reqntid (\d+)", ptx).group(1)),
         "setmaxnreg": sorted({int(x) for x in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)}),

@@ -35,8 +35,8 @@ Not bit-exact with the reference on general inputs (the tensor cores' fp32 summa
 rounding; the low-rank bf16 split): exact on inputs whose partial sums fit in 24 bits
 (``exact_inputs``), which the self-check and the tests use.
 
-Persistent: ``launch`` starts one CTA per SM (at most one per tile), each running every
-programs-th tile of the grouped order; the ring runs on across a CTA's tiles, so the producer
+Persistent: ``launch`` starts one CTA per SM (at most one per work item), each running every
+programs-th item (tile, or K-slice of one) of the grouped order; the ring runs on across a CTA's tiles, so the producer
 loads the next tile's first groups while the consumers finish the last one (each consumer
 restages its low-rank operands, token scales and bias in its own shared memory per tile).
 
@@ -50,8 +50,19 @@ C7512, one wgmma wait per group, 64 FFMA + ~55 other SASS per group and consumer
 spills, and 64 x 192 per warpgroup is not a power-of-two shape (Triton tensors must be).
 tests/test_w4a8_gemm_static.py gates the loop.
 
-Not built: split-K of the last partial wave (gemm_sm90_ws_split does it for the W4A4 kernel;
-at M = 4352 the N = 3072 shapes run 4.12 waves of 132 tiles); the same warpgroup's scaling under
+Split-K of the last partial wave (``split``, planned by ``plan`` with gemm_sm90_ws_split.plan_split):
+the persistent grid's work items are the tiles of the whole waves over all of K, then each
+remaining tile as ``slices`` K-slices of consecutive groups (``_work``); a slice stores its fp32
+partial [192 n, 128 t] (token scale applied: it is linear; the low-rank branch in slice 0 only;
+no bias) to a workspace, and gemm_sm90_ws_split.sum_slices (transposed) adds the slices in slice
+order, the bias, rounds once and writes y[t, n]: deterministic, and bit for bit the unsplit
+result where every partial sum is exact (``exact_inputs``). At M = 4352 the N = 3072 shapes run
+544 tiles = 4 waves and 16 tiles on 132 SMs: those 16 tiles run as 8 slices each. The split
+variant's group loops are the plain kernel's (tests/test_w4a8_gemm_static.py); it keeps a few
+values in local memory across the partitions' register reallocation (loaded once per partition
+or work item, none in a group loop), which the plain kernel does not.
+
+Not built: the same warpgroup's scaling under
 its own next MMA (a second partial set of registers: does not fit); TMA multicast of the
 activation tile across a CTA pair (halves its L2 bytes; Gluon 3.6's TMA copy has no multicast).
 """
@@ -77,6 +88,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from engine.kernels.triton.gemm_sm90 import A_UNIT
 from engine.kernels.triton.gemm_sm90_ws import GROUP
+from engine.kernels.triton.gemm_sm90_ws_split import Split, plan_split, sum_slices, workspace_shape
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +185,16 @@ def _expand(w):
 
 
 @gluon.jit
+def _items(M, N, FULL, SLICES: gl.constexpr, BW: gl.constexpr, BT: gl.constexpr, SPLIT: gl.constexpr):
+    """The grid's work items (``_work``): the tiles, or with SPLIT the whole-K tiles and the
+    remaining tiles' K-slices."""
+    tiles = gl.cdiv(N, BW) * gl.cdiv(M, BT)
+    if SPLIT:
+        tiles = FULL + (tiles - FULL) * SLICES
+    return tiles
+
+
+@gluon.jit
 def _tile(tile, M, N, BW: gl.constexpr, BT: gl.constexpr, GROUP_N: gl.constexpr):
     """(off_n, off_t) of a tile in grouped order: GROUP_N weight-row blocks sweep the token blocks
     together (weight and activation tiles shared in L2 by the CTAs that run at once)."""
@@ -184,19 +206,50 @@ def _tile(tile, M, N, BW: gl.constexpr, BT: gl.constexpr, GROUP_N: gl.constexpr)
 
 
 @gluon.jit
+def _work(item, G, R, FULL, SLICES: gl.constexpr, SPLIT: gl.constexpr):
+    """Work item ``item`` of the grid: (tile, first group, groups, workspace slot, rank). Without
+    SPLIT every item is a tile over all G groups (slot -1). With it, items [0, FULL) are such
+    tiles and item FULL + q * SLICES + j is K-slice j of tile FULL + q: groups [j * SG,
+    min(G, (j + 1) * SG)) with SG = ceil(G / SLICES) (as gemm_sm90_ws_split.plan_split cuts them),
+    its fp32 partial to workspace slot q * SLICES + j, the low-rank branch (rank R) in slice 0
+    only. SLICES is a compile-time constant (its divisions are multiplications; FLUX's plans on
+    an H100 all have 8 slices, the self-check 3), and the width is derived, not an argument."""
+    tile = item
+    g0 = 0
+    ng = G
+    slot = -1
+    r = R
+    if SPLIT:  # noqa: SIM102 (the constexpr compiles the runtime branch in or out)
+        if item >= FULL:
+            slot = item - FULL
+            q = slot // SLICES
+            j = slot - q * SLICES
+            tile = FULL + q
+            sg = gl.cdiv(G, SLICES)
+            g0 = j * sg
+            ng = gl.minimum(G - g0, sg)
+            if j > 0:
+                r = 0
+    return tile, g0, ng, slot, r
+
+
+@gluon.jit
 def _producer(w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, M, N, NG, pid, nprog,
-              BT: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr):
+              FULL, SLICES: gl.constexpr, BT: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr,
+              GROUP_N: gl.constexpr, SPLIT: gl.constexpr):
     """One warp: for each of this CTA's tiles and each group, wait for the slot to be free, arm
     its ready barrier with the bytes, issue the TMA loads: per consumer its 64 weight rows and
     their scales (boxes have power-of-two sizes: 192 rows are three boxes, and no L2 bytes are
     loaded past them), the two activation halves. The ring runs on across tiles, so the next
-    tile's first groups load while the consumers finish the last one."""
+    tile's first groups load while the consumers finish the last one. With SPLIT, a K-slice item
+    loads its range of groups (``_work``)."""
     nbytes: gl.constexpr = CONSUMERS * 64 * (HALF + 4) + 2 * BT * HALF
-    tiles = gl.cdiv(N, 64 * CONSUMERS) * gl.cdiv(M, BT)
+    items = _items(M, N, FULL, SLICES, 64 * CONSUMERS, BT, SPLIT)
     c = 0  # groups issued by this CTA so far (the ring's position and phase)
-    for tile in range(pid, tiles, nprog):
+    for item in range(pid, items, nprog):
+        tile, g0, ng, _, _ = _work(item, NG, 0, FULL, SLICES, SPLIT)
         off_n, off_t = _tile(tile, M, N, 64 * CONSUMERS, BT, GROUP_N)
-        for i in range(NG):
+        for i in range(g0, g0 + ng):
             s = c % STAGES
             mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
             bar = ready.index(s)
@@ -219,12 +272,14 @@ def _split_bf16(x):
 
 @gluon.jit
 def _consumer(wg, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
-              M, N, R, NG, stride_lm, stride_un, stride_om, pid, nprog,
+              ws_ptr, M, N, R, NG, pid, nprog, FULL, SLICES: gl.constexpr,
               BT: gl.constexpr, BR: gl.constexpr, CONSUMERS: gl.constexpr, STAGES: gl.constexpr,
-              GROUP_N: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr):
+              GROUP_N: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr):
     """One consumer warpgroup (weight rows 64 wg of each tile, all BT tokens), for each of this
-    CTA's tiles: the low-rank operands, token scales and bias staged in its own shared memory,
-    the main loop, then token scale, low-rank, bias and the store."""
+    CTA's work items: the low-rank operands, token scales and bias staged in its own shared
+    memory, the main loop, then token scale, low-rank, bias and the store; a K-slice (SPLIT,
+    slot >= 0) stores its fp32 partial (token scale applied, low-rank in slice 0, no bias) to
+    the workspace instead."""
     NW: gl.constexpr = 4
     BW: gl.constexpr = 64
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BT, 32])
@@ -240,21 +295,23 @@ def _consumer(wg, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, u
         lhi_s = gl.allocate_shared_memory(gl.bfloat16, [BT, BR], LA_L)
         llo_s = gl.allocate_shared_memory(gl.bfloat16, [BT, BR], LA_L)
     sa_s = gl.allocate_shared_memory(gl.float32, [BT], VEC)
+    b_s = sa_s  # without a bias: a stand-in that _store does not read
     if HAS_BIAS:
         b_s = gl.allocate_shared_memory(gl.float32, [2 * BW], VEC)
-    tiles = gl.cdiv(N, 64 * CONSUMERS) * gl.cdiv(M, BT)
+    items = _items(M, N, FULL, SLICES, 64 * CONSUMERS, BT, SPLIT)
     c = 0  # groups consumed by this CTA so far (the ring's position and phase)
-    for tile in range(pid, tiles, nprog):
+    for item in range(pid, items, nprog):
+        tile, _, ng, slot, rank = _work(item, NG, R, FULL, SLICES, SPLIT)
         off_n, off_t = _tile(tile, M, N, 64 * CONSUMERS, BT, GROUP_N)
         off_n = off_n + wg * BW
         if HAS_LORA:  # both factors' bf16 halves into this warpgroup's shared memory, before the loop
             rr = gl.arange(0, BR, layout=gl.SliceLayout(0, LOAD))
-            r_ok = rr[None, :] < R
+            r_ok = rr[None, :] < rank  # rank 0: zero factors (a K-slice past the first adds no branch)
             un = off_n + gl.arange(0, BW, layout=gl.SliceLayout(1, LOAD))
             lt = off_t + gl.arange(0, BT, layout=gl.SliceLayout(1, LOAD))
-            up = gl.load(up_ptr + gl.minimum(un, N - 1).to(gl.int64)[:, None] * stride_un + rr[None, :],
+            up = gl.load(up_ptr + gl.minimum(un, N - 1).to(gl.int64)[:, None] * R + rr[None, :],
                          mask=r_ok, other=0.0).to(gl.float32)
-            la = gl.load(lora_ptr + gl.minimum(lt, M - 1).to(gl.int64)[:, None] * stride_lm + rr[None, :],
+            la = gl.load(lora_ptr + gl.minimum(lt, M - 1).to(gl.int64)[:, None] * R + rr[None, :],
                          mask=r_ok, other=0.0)
             up_hi, up_lo = _split_bf16(up)
             la_hi, la_lo = _split_bf16(la)
@@ -274,7 +331,7 @@ def _consumer(wg, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, u
 
         acc = gl.zeros([BW, BT], gl.float32, ACC)
         part = gl.zeros([BW, BT], gl.float32, ACC)  # its values are never read (accumulate off)
-        for _ in range(NG):
+        for _ in range(ng):
             s = c % STAGES
             mbarrier.wait(ready.index(s), (c // STAGES) & 1)
             w_lo, w_hi = _expand(w_s.index(s * CONSUMERS + wg).load(A_OP))
@@ -301,11 +358,26 @@ def _consumer(wg, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, u
             lr = warpgroup_mma(u_lo, lhi_s.permute((1, 0)), lr, is_async=True)
             lr = warpgroup_mma(u_hi, llo_s.permute((1, 0)), lr, is_async=True)
             acc = gl.convert_layout(warpgroup_mma_wait(0, deps=(lr, lhi_s, llo_s))[0], ACC)
-        if HAS_BIAS:
-            acc += b_s.slice(0, BW).load(gl.SliceLayout(1, ACC))[:, None]
-        mask = (on < N)[:, None] & (ot < M)[None, :]
-        # y[t, n]: int32 offsets (supports: M * N < 2^31), one base pointer
-        gl.store(out_ptr + (ot[None, :] * stride_om + on[:, None]), acc.to(out_ptr.dtype.element_ty), mask=mask)
+        if SPLIT:
+            if slot >= 0:  # a K-slice: this warpgroup's rows of the fp32 tile to its workspace slot
+                wr = wg * BW + gl.arange(0, BW, layout=gl.SliceLayout(1, ACC))
+                wt = gl.arange(0, BT, layout=gl.SliceLayout(0, ACC))
+                dst = ws_ptr + slot.to(gl.int64) * (CONSUMERS * BW * BT) + (wr[:, None] * BT + wt[None, :])
+                gl.store(dst, acc)
+            else:
+                _store(acc, b_s, out_ptr, on, ot, M, N, BW, ACC, HAS_BIAS)
+        else:
+            _store(acc, b_s, out_ptr, on, ot, M, N, BW, ACC, HAS_BIAS)
+
+
+@gluon.jit
+def _store(acc, b_s, out_ptr, on, ot, M, N, BW: gl.constexpr, ACC: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """Bias, one rounding to the output's dtype, the masked store of y[t, n] (contiguous)."""
+    if HAS_BIAS:
+        acc += b_s.slice(0, BW).load(gl.SliceLayout(1, ACC))[:, None]
+    mask = (on < N)[:, None] & (ot < M)[None, :]
+    # y[t, n]: int32 offsets (supports: M * N < 2^31), one base pointer
+    gl.store(out_ptr + (ot[None, :] * N + on[:, None]), acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @gluon.jit
@@ -318,13 +390,12 @@ def w4a8_gemm_sm90_kernel(
     up_ptr,  # [N, R]
     bias_ptr,  # [N]
     out_ptr,  # [M, N]
+    ws_ptr,  # f32 workspace of the K-slices (SPLIT): gemm_sm90_ws_split.workspace_shape, [n, t] tiles
     M,
     N,
     K,
     R,
-    stride_lm,
-    stride_un,
-    stride_om,
+    FULL,  # SPLIT: tiles [0, FULL) over the whole K, then SLICES CTAs per tile (``_work``)
     BT: gl.constexpr,
     BR: gl.constexpr,
     STAGES: gl.constexpr,
@@ -334,6 +405,8 @@ def w4a8_gemm_sm90_kernel(
     PRODUCER_REGS: gl.constexpr,
     HAS_LORA: gl.constexpr,
     HAS_BIAS: gl.constexpr,
+    SPLIT: gl.constexpr,
+    SLICES: gl.constexpr,
 ):
     NG = K // GROUP
     pid = gl.program_id(0)
@@ -354,16 +427,16 @@ def w4a8_gemm_sm90_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (0, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
-                             M, N, R, NG, stride_lm, stride_un, stride_om, pid, nprog,
-                             BT, BR, CONSUMERS, STAGES, GROUP_N, HAS_LORA, HAS_BIAS)),
+                             ws_ptr, M, N, R, NG, pid, nprog, FULL, SLICES,
+                             BT, BR, CONSUMERS, STAGES, GROUP_N, HAS_LORA, HAS_BIAS, SPLIT)),
                 (_consumer, (1, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
-                             M, N, R, NG, stride_lm, stride_un, stride_om, pid, nprog,
-                             BT, BR, CONSUMERS, STAGES, GROUP_N, HAS_LORA, HAS_BIAS)),
+                             ws_ptr, M, N, R, NG, pid, nprog, FULL, SLICES,
+                             BT, BR, CONSUMERS, STAGES, GROUP_N, HAS_LORA, HAS_BIAS, SPLIT)),
                 (_consumer, (2, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
-                             M, N, R, NG, stride_lm, stride_un, stride_om, pid, nprog,
-                             BT, BR, CONSUMERS, STAGES, GROUP_N, HAS_LORA, HAS_BIAS)),
+                             ws_ptr, M, N, R, NG, pid, nprog, FULL, SLICES,
+                             BT, BR, CONSUMERS, STAGES, GROUP_N, HAS_LORA, HAS_BIAS, SPLIT)),
                 (_producer, (w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, M, N, NG, pid, nprog,
-                             BT, CONSUMERS, STAGES, GROUP_N)),
+                             FULL, SLICES, BT, CONSUMERS, STAGES, GROUP_N, SPLIT)),
             ],
             [4, 4, 1],
             [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
@@ -372,13 +445,13 @@ def w4a8_gemm_sm90_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (0, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
-                             M, N, R, NG, stride_lm, stride_un, stride_om, pid, nprog,
-                             BT, BR, CONSUMERS, STAGES, GROUP_N, HAS_LORA, HAS_BIAS)),
+                             ws_ptr, M, N, R, NG, pid, nprog, FULL, SLICES,
+                             BT, BR, CONSUMERS, STAGES, GROUP_N, HAS_LORA, HAS_BIAS, SPLIT)),
                 (_consumer, (1, w_s, alo_s, ahi_s, sw_s, ready, empty, ascale_ptr, lora_ptr, up_ptr, bias_ptr, out_ptr,
-                             M, N, R, NG, stride_lm, stride_un, stride_om, pid, nprog,
-                             BT, BR, CONSUMERS, STAGES, GROUP_N, HAS_LORA, HAS_BIAS)),
+                             ws_ptr, M, N, R, NG, pid, nprog, FULL, SLICES,
+                             BT, BR, CONSUMERS, STAGES, GROUP_N, HAS_LORA, HAS_BIAS, SPLIT)),
                 (_producer, (w_desc, a_desc, sw_desc, w_s, alo_s, ahi_s, sw_s, ready, empty, M, N, NG, pid, nprog,
-                             BT, CONSUMERS, STAGES, GROUP_N)),
+                             FULL, SLICES, BT, CONSUMERS, STAGES, GROUP_N, SPLIT)),
             ],
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
@@ -412,13 +485,27 @@ def launch_args(
     out: torch.Tensor,
     cfg: W4A8Config = CONFIG,
     programs: int | None = None,
+    split: Split | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[tuple, dict, tuple]:
     """(args, kwargs, grid) of the kernel for contract tensors (also what the static counts and
     the PTX-execution test compile); ``programs``: at most that many CTAs (persistent: each
-    runs every programs-th tile; one per SM), else one per tile."""
+    runs every programs-th work item; one per SM), else one per item; with ``split``, the
+    whole-K tiles then the K-slices of the others (``plan``), writing ``workspace``."""
     m, k = codes.shape
     n = weight.packed.shape[0]
     r = lora_act.shape[1]
+    tiles = triton.cdiv(m, cfg.block_t) * triton.cdiv(n, cfg.block_w)
+    if split is not None:
+        want = workspace_shape(tiles, split, cfg.block_w, cfg.block_t)
+        if workspace is None or tuple(workspace.shape) != want or workspace.dtype != torch.float32:
+            raise ValueError(f"split launch: workspace must be fp32 {want}")
+        if split.full >= tiles or split.slice_groups != triton.cdiv(k // GROUP.value, split.slices):
+            raise ValueError(f"split launch: {split} is not a plan_split cut of {tiles} tiles of {k // GROUP.value} "
+                             "groups (the kernel cuts slices of ceil(groups / slices))")  # fmt: skip
+    for name, t in (("lora_act", lora_act), ("proj_up", proj_up), ("out", out)):
+        if not t.is_contiguous():
+            raise ValueError(f"w4a8 kernel: {name} must be contiguous")
     args = (
         *descriptors(codes, weight, cfg),
         ascale,
@@ -426,13 +513,12 @@ def launch_args(
         proj_up,
         bias if bias is not None else out,
         out,
+        workspace if split is not None else out,
         m,
         n,
         k,
         r,
-        lora_act.stride(0),
-        proj_up.stride(0),
-        out.stride(0),
+        split.full if split else tiles,
     )
     kwargs = {
         "BT": cfg.block_t,
@@ -444,10 +530,12 @@ def launch_args(
         "PRODUCER_REGS": cfg.producer_regs,
         "HAS_LORA": r > 0,
         "HAS_BIAS": bias is not None,
+        "SPLIT": split is not None,
+        "SLICES": split.slices if split else 1,  # a constant: its divisions are multiplications
         "num_warps": cfg.num_warps,
     }
-    tiles = triton.cdiv(m, cfg.block_t) * triton.cdiv(n, cfg.block_w)
-    grid = (min(tiles, programs) if programs else tiles,)
+    items = split.full + (tiles - split.full) * split.slices if split else tiles
+    grid = (min(items, programs) if programs else items,)
     return args, kwargs, grid
 
 
@@ -462,10 +550,13 @@ def launch(
     out_dtype: torch.dtype,
     cfg: W4A8Config = CONFIG,
     programs: int | None = None,
+    split: Split | None = None,
 ) -> torch.Tensor:
     """y = ``ops.w4a8_gemm`` without its epilogue (no partial/residual/gate: ask float32 and run
     the epilogue kernel after it, as the W4A4 Hopper route does) on a Hopper GPU; ``supports``
-    must hold. ``programs``: the persistent grid's CTAs (default: the device's SM count)."""
+    must hold. ``programs``: the persistent grid's CTAs (default: the device's SM count);
+    ``split`` (``split_for``): the last partial wave in K-slices and their sum as a second launch
+    (gemm_sm90_ws_split.sum_slices) on the same stream."""
     m, k = codes.shape
     n = weight.packed.shape[0]
     if codes.dtype != torch.float8_e4m3fn:
@@ -477,10 +568,36 @@ def launch(
     if not supports(m, n, k, lora_act.shape[1], GROUP.value):
         raise ValueError(f"w4a8 kernel: unsupported shape M={m} N={n} K={k} rank={lora_act.shape[1]}")
     out = torch.empty(m, n, dtype=out_dtype, device=codes.device)
+    lora_act, proj_up = lora_act.contiguous(), proj_up.contiguous()  # (the kernel takes no strides)
+    workspace = None
+    if split is not None:
+        tiles = triton.cdiv(m, cfg.block_t) * triton.cdiv(n, cfg.block_w)
+        workspace = torch.empty(workspace_shape(tiles, split, cfg.block_w, cfg.block_t), dtype=torch.float32,
+                                device=codes.device)  # fmt: skip
     args, kwargs, grid = launch_args(codes, ascale, weight, lora_act, proj_up, bias, out, cfg,
-                                     programs or _sm_count(codes.device))  # fmt: skip
+                                     programs or _sm_count(codes.device), split, workspace)  # fmt: skip
     w4a8_gemm_sm90_kernel[grid](*args, **kwargs)
+    if split is not None:
+        sum_slices(workspace, bias, out, split, group_m=kwargs["GROUP_N"], transposed=True)
     return out
+
+
+# The split's break-even in groups removed from the last wave, for this kernel's tiles (192 x 128:
+# a slice stores a 96 KB fp32 partial). perfmodel.hopper_w4a8 prices every candidate plan (its
+# ``split.planned`` is plan_split at this break-even, ``split.faster`` the model's verdict;
+# tests/test_hopper_w4a8_model.py holds them equal on every FLUX shape at 400-540 clocks per
+# group, the compiled kernel's modelled figure ~470): at M = 4352 on 132 SMs the split is priced
+# faster where it removes 42 (3072 -> 3072), 168 or 210 of the groups, slower where it removes 24
+# (3072 -> 9216 and -> 12288: 48 or 64 tiles left, in two slices); the other candidate tiles of
+# the model are priced faster at 32.
+MIN_SAVED_GROUPS = 32
+
+
+def plan(m: int, n: int, k: int, sms: int, cfg: W4A8Config = CONFIG) -> Split | None:
+    """The split of this problem's last partial wave on a GPU of ``sms`` SMs (the persistent grid's
+    CTAs), or None (gemm_sm90_ws_split.plan_split at this kernel's tiles and break-even)."""
+    tiles = triton.cdiv(m, cfg.block_t) * triton.cdiv(n, cfg.block_w)
+    return plan_split(tiles, k // GROUP.value, sms, min_saved=MIN_SAVED_GROUPS)
 
 
 @functools.cache
@@ -515,11 +632,17 @@ def exact_inputs(m: int, n: int, k: int, r: int, seed: int = 0) -> dict:
     }
 
 
-def self_check(device: torch.device) -> bool:
-    """Whether the kernel computes ``ops.w4a8_gemm`` bit for bit on ``device`` on exact inputs
-    (two weight tiles and two token tiles, the second of each partial; six groups through the
-    four-slot ring; low-rank and bias; then no low-rank branch nor bias), on the full persistent
-    grid and on one CTA for all tiles, the reference on the CPU."""
+# The split the self-check runs on its four tiles of six groups: tiles 0 and 1 over the whole K,
+# tiles 2 and 3 in three slices of two groups.
+CHECK_SPLIT = Split(full=2, slices=3, slice_groups=2)
+
+
+def self_check(device: torch.device, split: Split | None = None) -> bool:
+    """Whether the kernel (with ``split``: its split grid and the sum of the slices) computes
+    ``ops.w4a8_gemm`` bit for bit on ``device`` on exact inputs (two weight tiles and two token
+    tiles, the second of each partial; six groups through the four-slot ring; low-rank and bias;
+    then no low-rank branch nor bias), on the full persistent grid and on one CTA for all work
+    items, the reference on the CPU."""
     from engine.quant import ops
 
     ok = True
@@ -533,21 +656,41 @@ def self_check(device: torch.device) -> bool:
         weight = prepare_weight(x["qweight"], x["wscales"])
         args = (x["codes"], x["ascale"], weight, x["lora_act"], x["proj_up"], x["bias"])
         for programs in (None, 1):  # one CTA per tile; one CTA running all four (the ring across tiles)
-            ok &= torch.equal(launch(*args, out_dtype=torch.float32, programs=programs).cpu(), want)
+            y = launch(*args, out_dtype=torch.float32, programs=programs, split=split)
+            ok &= torch.equal(y.cpu(), want)
     return ok
 
 
 @functools.cache
+def _serves(device: torch.device, split: bool = False) -> bool:
+    what = "sm_90 W4A8 kernel's split-K grid" if split else "sm_90 W4A8 kernel"
+    instead = "its plain grid is used" if split else "not used"
+    try:
+        ok = self_check(device, CHECK_SPLIT if split else None)
+    except Exception as exc:  # a first GPU run of a Gluon kernel: any failure means "do not use"
+        logger.warning("w4a8_gemm on %s: the %s failed its self-check (%s: %s); %s",
+                       device, what, type(exc).__name__, exc, instead)  # fmt: skip
+        return False
+    if not ok:
+        logger.warning("w4a8_gemm on %s: the %s's results differ from ops.w4a8_gemm; %s", device, what, instead)
+    return ok
+
+
+def split_for(device: torch.device, m: int, n: int, k: int) -> Split | None:
+    """The split of this problem's last partial wave on ``device`` (``plan`` at its SM count, the
+    persistent grid ``launch`` starts), or None: none planned, or the split grid failed its own
+    self-check there (checked once, at ``serves``' first call; a failure is logged and the
+    plain grid serves)."""
+    split = plan(m, n, k, _sm_count(device))
+    return split if split is not None and _serves(device, True) else None
+
+
 def serves(device: torch.device) -> bool:
     """Whether this kernel serves ``device``: checked once per device (``self_check``, a few small
     launches at the first call, i.e. setup's warm-up); a failure is logged and the W4A4 route
-    serves instead."""
-    try:
-        ok = self_check(device)
-    except Exception as exc:  # a first GPU run of a Gluon kernel: any failure means "do not use"
-        logger.warning("w4a8_gemm on %s: the sm_90 W4A8 kernel failed its self-check (%s: %s); not used",
-                       device, type(exc).__name__, exc)  # fmt: skip
-        return False
-    if not ok:
-        logger.warning("w4a8_gemm on %s: the sm_90 W4A8 kernel's results differ from ops.w4a8_gemm; not used", device)
+    serves instead. The split grid's own check (``split_for``) runs at the same first call, so
+    that no check launches later (e.g. inside a CUDA-graph capture)."""
+    ok = _serves(device)
+    if ok:
+        _serves(device, True)
     return ok

@@ -17,6 +17,10 @@ order, against ``(lr + S0 + S1 + ...) + bias`` in one chain: the same terms, reg
 slice boundaries, so equal to the unsplit kernel up to fp32 summation order, and bit for bit
 where every partial sum is exact in fp32 (tests/test_hopper_ws_exec.py's exact inputs). The plan
 depends on the GPU's SM count: the same GPU model gives the same bits.
+
+The W4A8 kernel (gemm_sm90_w4a8.py) splits its last wave the same way with its own tiles and
+break-even (``plan_split(..., min_saved=...)``) and the same sum, ``transposed``: its tiles are
+[weight rows n, tokens t] accumulators, stored to y[t, n].
 """
 
 from __future__ import annotations
@@ -95,42 +99,57 @@ def _sum_slices_kernel(
     GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     COMPILED: tl.constexpr,
+    TRANSPOSED: tl.constexpr = False,
 ):
     q = tl.program_id(0)  # the split tile FULL + q
     rb = tl.program_id(1)  # its rows [rb * ROWS, rb * ROWS + ROWS)
-    # the GEMM's grouped tile order (gemm_sm90_ws.w4a4_gemm_sm90_ws_kernel), for tile FULL + q
+    # the GEMM's grouped tile order for tile FULL + q: GROUP_M blocks of the tile's rows sweep its
+    # columns; the tile's rows are y's rows (gemm_sm90_ws.w4a4_gemm_sm90_ws_kernel) or, TRANSPOSED,
+    # y's columns (gemm_sm90_w4a8's [weight rows n, tokens t] tiles, stored to y[t, n])
     t = FULL + q
-    num_m = tl.cdiv(M, BM)
-    width = GROUP_M * tl.cdiv(N, BN)
-    first_m = (t // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    off_m = (first_m + (t % width) % size_m) * BM
-    off_n = ((t % width) // size_m) * BN
+    rows_total = N if TRANSPOSED else M
+    cols_total = M if TRANSPOSED else N
+    num_r = tl.cdiv(rows_total, BM)
+    width = GROUP_M * tl.cdiv(cols_total, BN)
+    first_r = (t // width) * GROUP_M
+    size_r = tl.minimum(num_r - first_r, GROUP_M)
+    off_r = (first_r + (t % width) % size_r) * BM
+    off_c = ((t % width) // size_r) * BN
     r = rb * ROWS + tl.arange(0, ROWS)
     c = tl.arange(0, BN)
     src = ws_ptr + q.to(tl.int64) * SLICES * BM * BN + r[:, None] * BN + c[None, :]
     acc = tl.load(src)  # slice 0: its groups and the low-rank branch
     for j in range(1, SLICES):  # in slice order: the same sum whichever slice finished last
         acc += tl.load(src + j * BM * BN)
-    om = off_m + r
-    on = off_n + c
+    if TRANSPOSED:
+        on = (off_r + r)[:, None]
+        om = (off_c + c)[None, :]
+    else:
+        om = (off_r + r)[:, None]
+        on = (off_c + c)[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + on, mask=on < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + on, mask=on < N, other=0.0).to(tl.float32)
     if not COMPILED:  # the interpreter's store truncates to bf16: round here, half to even
         acc = round_to(acc, out_ptr.dtype.element_ty, COMPILED)
-    mask = (om < M)[:, None] & (on < N)[None, :]
-    tl.store(out_ptr + om.to(tl.int64)[:, None] * stride_om + on[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask)  # fmt: skip
+    mask = (om < M) & (on < N)
+    tl.store(out_ptr + om.to(tl.int64) * stride_om + on, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 SUM_ROWS = 32  # rows of a tile per program of the sum (128 x 128 tiles: four programs each)
 
 
 def sum_slices_args(
-    workspace: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split: Split, *, group_m: int
+    workspace: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    split: Split,
+    *,
+    group_m: int,
+    transposed: bool = False,
 ) -> tuple[tuple, dict, tuple]:
     """(args, kwargs, grid) of the sum for a workspace of ``workspace_shape`` (also what the
-    PTX-execution test compiles)."""
+    PTX-execution test compiles); ``transposed``: the tiles are [output columns, output rows]
+    in the grouped order of gemm_sm90_w4a8 (its [weight rows, tokens] accumulators)."""
     rem, slices, bm, bn = workspace.shape
     if workspace.dtype != torch.float32 or not workspace.is_contiguous() or slices != split.slices:
         raise ValueError(f"workspace must be contiguous fp32 [tiles, {split.slices}, BM, BN], got "
@@ -138,14 +157,20 @@ def sum_slices_args(
     m, n = out.shape
     args = (workspace, bias if bias is not None else out, out, m, n, split.full, split.slices, out.stride(0))
     kwargs = {"BM": bm, "BN": bn, "ROWS": SUM_ROWS, "GROUP_M": group_m, "HAS_BIAS": bias is not None,
-              "COMPILED": not INTERPRET, "num_warps": 4}  # fmt: skip
+              "COMPILED": not INTERPRET, "TRANSPOSED": transposed, "num_warps": 4}  # fmt: skip
     return args, kwargs, (rem, bm // SUM_ROWS)
 
 
 def sum_slices(
-    workspace: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, split: Split, *, group_m: int
+    workspace: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    split: Split,
+    *,
+    group_m: int,
+    transposed: bool = False,
 ) -> torch.Tensor:
     """Write the split tiles of ``out`` from their slices' partials (see the module docstring)."""
-    args, kwargs, grid = sum_slices_args(workspace, bias, out, split, group_m=group_m)
+    args, kwargs, grid = sum_slices_args(workspace, bias, out, split, group_m=group_m, transposed=transposed)
     _sum_slices_kernel[grid](*args, **kwargs)
     return out
