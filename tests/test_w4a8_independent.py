@@ -519,6 +519,7 @@ def hopper(monkeypatch):
     monkeypatch.setattr(tb, "_major", lambda device: 9)
     monkeypatch.setattr(W, "serves", lambda device: True)
     monkeypatch.setattr(W, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(W, "split_for", lambda device, m, n, k: None)  # the plain grid (the split: test_w4a8_split)
     monkeypatch.setattr(W, "w4a8_gemm_sm90_kernel", Kernel())
     monkeypatch.setattr(tb, "sm90_epilogue", epilogue)
     return tb, seen

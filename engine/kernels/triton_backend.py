@@ -397,8 +397,9 @@ def w4a8_gemm(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """See engine.kernels.contract. On sm_90 the Gluon kernel of gemm_sm90_w4a8.py, for problems it
-    takes (``supports``) once it passed its self-check (``serves``), on the weight's layout made
-    once per tensor (``sm90_w4a8_weight``); the partial/gate/residual epilogue runs after it as
+    takes (``supports``) once it passed its self-checks (``serves``), on the weight's layout made
+    once per tensor (``sm90_w4a8_weight``), its last partial wave in K-slices where the plan takes
+    them (``split_for``); the partial/gate/residual epilogue runs after it as
     the W4A4 Hopper route's does (fp32 written, triton/epilogue.py, bit for bit
     ops.gemm_epilogue). Everything else runs the reference, ops.w4a8_gemm."""
     m, k = codes.shape
@@ -417,6 +418,7 @@ def w4a8_gemm(
             _row_major(proj_up),
             bias,
             out_dtype=torch.float32 if epilogue else out_dtype,
+            split=gemm_sm90_w4a8.split_for(codes.device, m, n, k),  # the last wave in K-slices
         )
         return sm90_epilogue(y, partial, residual, gate, out_dtype) if epilogue else y
     return ops.w4a8_gemm(
