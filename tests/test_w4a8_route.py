@@ -545,7 +545,8 @@ def test_hopper_w4a8_gemm_launches_the_kernel_and_runs_the_epilogue_after_it(w4a
     seen = []
     monkeypatch.setattr(tb, "_major", lambda device: 9)
     monkeypatch.setattr(gemm, "serves", lambda device: True)
-    monkeypatch.setattr(gemm, "launch", lambda *a, out_dtype: seen.append(("kernel", a[2], out_dtype))
+    monkeypatch.setattr(gemm, "split_for", lambda device, m, n, k: ("split", m, n, k))  # the plan, passed on
+    monkeypatch.setattr(gemm, "launch", lambda *a, out_dtype, split: seen.append(("kernel", a[2], out_dtype, split))
                         or torch.empty(a[0].shape[0], a[2].shape[0], dtype=out_dtype, device="meta"))  # fmt: skip
     monkeypatch.setattr(tb, "sm90_epilogue", lambda y, partial, residual, gate, out_dtype: seen.append(
         ("epilogue", y.dtype, partial is not None, residual is not None)) or torch.empty_like(y, dtype=out_dtype))  # fmt: skip
@@ -567,9 +568,9 @@ def test_hopper_w4a8_gemm_launches_the_kernel_and_runs_the_epilogue_after_it(w4a
     residual, gate = torch.empty(m, n, **meta), torch.empty(1, n, **meta)
     base = (codes, ascale, qweight, wscales, lora_act, up, bias)
     tb.w4a8_gemm(*base, out_dtype=torch.bfloat16)
-    assert seen.pop() == ("kernel", prepared, torch.bfloat16)
+    assert seen.pop() == ("kernel", prepared, torch.bfloat16, ("split", m, n, k))
     tb.w4a8_gemm(*base, residual, residual, gate, out_dtype=torch.bfloat16)
-    assert seen[-2:] == [("kernel", prepared, torch.float32), ("epilogue", torch.float32, True, True)]
+    assert seen[-2:] == [("kernel", prepared, torch.float32, ("split", m, n, k)), ("epilogue", torch.float32, True, True)]
     tb.w4a8_gemm(*base[:4], lora_act.new_empty(m, 96), up.new_empty(n, 96), bias, out_dtype=torch.bfloat16)
     assert seen[-1] == ("reference",)  # rank 96: past the kernel's limit
     tb.quantize_act_fp8(

@@ -278,6 +278,25 @@ def w4a4_gemm(
     _check_float("ascales", ascales)
     _check_float("wscales", wscales)
     _check_shape("wscales", wscales, (n, g))
+    _check_gemm_rest(lora_act, proj_up, bias, partial, residual, gate, m, n, out_dtype)
+    return torch.ops.svdq.w4a4_gemm(
+        qx, ascales, qweight, wscales, lora_act, proj_up, bias, partial, residual, gate, unsigned, out_dtype
+    )
+
+
+def _check_gemm_rest(
+    lora_act: torch.Tensor,
+    proj_up: torch.Tensor,
+    bias: torch.Tensor | None,
+    partial: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    m: int,
+    n: int,
+    out_dtype: torch.dtype,
+) -> None:
+    """The arguments w4a4_gemm and w4a8_gemm share after their codes and scales: the low-rank
+    factors, bias, output dtype, partial and the gate/residual epilogue."""
     _check_float("lora_act", lora_act)
     _check_float("proj_up", proj_up)
     if lora_act.dim() != 2 or lora_act.shape[0] != m:
@@ -294,9 +313,6 @@ def w4a4_gemm(
             raise TypeError(f"partial must have out_dtype {out_dtype}, got {partial.dtype}")
         _check_shape("partial", partial, (m, n))
     _check_epilogue(residual, gate, m, n, out_dtype)
-    return torch.ops.svdq.w4a4_gemm(
-        qx, ascales, qweight, wscales, lora_act, proj_up, bias, partial, residual, gate, unsigned, out_dtype
-    )
 
 
 def _check_epilogue(
@@ -375,22 +391,7 @@ def w4a8_gemm(
     _check_float("wscales", wscales)
     if wscales.dim() != 2 or wscales.shape[0] != n or wscales.shape[1] == 0 or k % wscales.shape[1]:
         raise ValueError(f"wscales must have shape [{n}, G] with G dividing K={k}, got {list(wscales.shape)}")
-    _check_float("lora_act", lora_act)
-    _check_float("proj_up", proj_up)
-    if lora_act.dim() != 2 or lora_act.shape[0] != m:
-        raise ValueError(f"lora_act must have shape [{m}, R], got {list(lora_act.shape)}")
-    _check_shape("proj_up", proj_up, (n, lora_act.shape[1]))
-    if bias is not None:
-        _check_float("bias", bias)
-        _check_shape("bias", bias, (n,))
-    if out_dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    if partial is not None:
-        _check_float("partial", partial)
-        if partial.dtype != out_dtype:
-            raise TypeError(f"partial must have out_dtype {out_dtype}, got {partial.dtype}")
-        _check_shape("partial", partial, (m, n))
-    _check_epilogue(residual, gate, m, n, out_dtype)
+    _check_gemm_rest(lora_act, proj_up, bias, partial, residual, gate, m, n, out_dtype)
     return torch.ops.svdq.w4a8_gemm(
         codes, ascale, qweight, wscales, lora_act, proj_up, bias, partial, residual, gate, out_dtype
     )

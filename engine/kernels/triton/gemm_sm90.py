@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -379,3 +380,20 @@ def serves(device: torch.device) -> bool:
     """Whether the FP8 kernel serves ``device``: checked once per device (extreme_codes_exact,
     a few small launches at the first call, i.e. setup's warm-up); a failure is logged."""
     return _exact_on(device)
+
+
+def passes_self_check(
+    check: Callable[[], bool], op: str, device: torch.device, what: str, against: str, instead: str
+) -> bool:
+    """A Gluon kernel's first-call device check (gemm_sm90_ws, gemm_sm90_w4a8): ``check()`` true,
+    or a warning naming what serves ``op`` instead; any exception counts as a failure (a first
+    GPU run of a kernel no GPU has run before must fall back, not stop setup)."""
+    try:
+        ok = check()
+    except Exception as exc:
+        logger.warning("%s on %s: the %s failed its self-check (%s: %s); %s",
+                       op, device, what, type(exc).__name__, exc, instead)  # fmt: skip
+        return False
+    if not ok:
+        logger.warning("%s on %s: the %s's results differ from %s; %s", op, device, what, against, instead)
+    return ok

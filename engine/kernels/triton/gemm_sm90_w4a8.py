@@ -70,7 +70,6 @@ activation tile across a CTA pair (halves its L2 bytes; Gluon 3.6's TMA copy has
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -86,11 +85,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from engine.kernels.triton.gemm_sm90 import A_UNIT
+from engine.kernels.triton.gemm_sm90 import A_UNIT, passes_self_check
 from engine.kernels.triton.gemm_sm90_ws import GROUP
 from engine.kernels.triton.gemm_sm90_ws_split import Split, plan_split, sum_slices, workspace_shape
-
-logger = logging.getLogger(__name__)
 
 MAX_RANK = 64
 HALF = gl.constexpr(GROUP.value // 2)  # channels per K = 32 wgmma; packed bytes per row and group
@@ -665,15 +662,8 @@ def self_check(device: torch.device, split: Split | None = None) -> bool:
 def _serves(device: torch.device, split: bool = False) -> bool:
     what = "sm_90 W4A8 kernel's split-K grid" if split else "sm_90 W4A8 kernel"
     instead = "its plain grid is used" if split else "not used"
-    try:
-        ok = self_check(device, CHECK_SPLIT if split else None)
-    except Exception as exc:  # a first GPU run of a Gluon kernel: any failure means "do not use"
-        logger.warning("w4a8_gemm on %s: the %s failed its self-check (%s: %s); %s",
-                       device, what, type(exc).__name__, exc, instead)  # fmt: skip
-        return False
-    if not ok:
-        logger.warning("w4a8_gemm on %s: the %s's results differ from ops.w4a8_gemm; %s", device, what, instead)
-    return ok
+    check = functools.partial(self_check, device, CHECK_SPLIT if split else None)
+    return passes_self_check(check, "w4a8_gemm", device, what, "ops.w4a8_gemm", instead)
 
 
 def split_for(device: torch.device, m: int, n: int, k: int) -> Split | None:

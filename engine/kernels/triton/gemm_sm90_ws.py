@@ -50,7 +50,6 @@ sm_90 instructions) in tests/test_hopper_ws*.py.
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -69,8 +68,6 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from engine.kernels.triton import gemm_sm90
 from engine.kernels.triton.gemm_sm90 import A_UNIT, SIGNED_OFFSET, Sm90Weight
 from engine.kernels.triton.gemm_sm90_ws_split import Split, plan_split, sum_slices, workspace_shape
-
-logger = logging.getLogger(__name__)
 
 GROUP = gl.constexpr(64)  # channels per scale group (the kernels read it; ``.value`` is the int)
 MAX_RANK = 64
@@ -576,17 +573,9 @@ def self_check(device: torch.device, split: Split | None = None) -> bool:
 @functools.cache
 def _serves(device: torch.device, split: bool = False) -> bool:
     what = "warp-specialized kernel's split-K grid" if split else "warp-specialized kernel"
-    instead = "its plain grid" if split else "the FP8 kernel (gemm_sm90.py)"
-    try:
-        ok = self_check(device, CHECK_SPLIT if split else None)
-    except Exception as exc:  # a first GPU run of a Gluon kernel: any failure means "do not use"
-        logger.warning("w4a4_gemm on %s: the %s failed its self-check (%s: %s); using %s",
-                       device, what, type(exc).__name__, exc, instead)  # fmt: skip
-        return False
-    if not ok:
-        logger.warning("w4a4_gemm on %s: the %s's results differ from the FP8 kernel's; using %s",
-                       device, what, instead)  # fmt: skip
-    return ok
+    instead = "using its plain grid" if split else "using the FP8 kernel (gemm_sm90.py)"
+    check = functools.partial(self_check, device, CHECK_SPLIT if split else None)
+    return gemm_sm90.passes_self_check(check, "w4a4_gemm", device, what, "the FP8 kernel's", instead)
 
 
 @functools.cache
