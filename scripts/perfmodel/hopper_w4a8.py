@@ -231,11 +231,13 @@ def gemm_time(e: dict, g: dict, m: int, k: int, n: int, l2: float) -> dict:
     dram_us = (n * k / 2 + m * k + 2 * m * n + 4 * n * groups + 4 * m) / (H100.dram_gbs * 1e3)
     gemm_us = max(waves * groups * g["per_group"] / clk_us, dram_us)
     split = split_model(
-        tiles, groups, g["per_group"], l2, dram_us, {"block_m": tile.block_w, "block_n": tile.block_t}
+        tiles, groups, g["per_group"], l2, dram_us, {"block_m": tile.block_w, "block_n": tile.block_t},
+        slices=gemm_sm90_w4a8.SPLIT_SLICES,
     )
     split["faster"] = split["candidate"] is not None and split["gemm_us"] < gemm_us
     split["planned"] = (
-        plan_split(tiles, groups, H100.sms, min_saved=gemm_sm90_w4a8.MIN_SAVED_GROUPS) is not None
+        plan_split(tiles, groups, H100.sms, min_saved=gemm_sm90_w4a8.MIN_SAVED_GROUPS,
+                   slices=gemm_sm90_w4a8.SPLIT_SLICES) is not None
     )
     if split["candidate"] is not None:
         split["saved_groups"] = groups - split["candidate"][2]

@@ -236,14 +236,15 @@ def ws_model(e: dict, l2: float, act_us: float) -> dict:
 
 
 def split_model(tiles: int, groups: int, per_group: float, l2: float, dram_us: float, cfg: dict,
-                out_size: int = 2) -> dict:
+                out_size: int = 2, slices: int | None = None) -> dict:
     """The split of the last partial wave (gemm_sm90_ws_split) priced: the whole waves as before,
     then one wave of K-slices, each its groups plus a pipeline fill (MEM_LAT: a short loop does
     not amortize it) plus its fp32 partial tile stored at the L2 rate; then the kernel boundary
     (KERNEL_GAP_US) and the sum, its partials read and the tiles written at the DRAM rate (as if
     none stayed in L2) or its SMs' L2 rate if slower. Priced for the candidate plan (the plan
-    without its break-even, ``min_saved=0``); ``planned`` says whether gemm_sm90_ws.plan takes it."""
-    cand = plan_split(tiles, groups, H100.sms, min_saved=0)
+    without its break-even, ``min_saved=0``; ``slices``: the one count a kernel compiles in);
+    ``planned`` says whether gemm_sm90_ws.plan takes it."""
+    cand = plan_split(tiles, groups, H100.sms, min_saved=0, slices=slices)
     if cand is None:
         return {"candidate": None, "planned": False}
     planned = plan_split(tiles, groups, H100.sms) is not None

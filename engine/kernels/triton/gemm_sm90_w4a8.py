@@ -588,13 +588,20 @@ def launch(
 # (3072 -> 9216 and -> 12288: 48 or 64 tiles left, in two slices); the other candidate tiles of
 # the model are priced faster at 32.
 MIN_SAVED_GROUPS = 32
+# The one slice count served. SLICES is compiled in (``_work``), so each count is a kernel of its
+# own: one count (with the two output dtypes the route writes) is compiled and checked on the
+# device at ``serves``' first call, setup's warm-up, and no request compiles a split grid. 8 is
+# what FLUX's N = 3072 linears plan at 1024x1024 (16 tiles left on 132 SMs); a last wave of more
+# than 16 tiles stays whole.
+SPLIT_SLICES = 8
 
 
 def plan(m: int, n: int, k: int, sms: int, cfg: W4A8Config = CONFIG) -> Split | None:
     """The split of this problem's last partial wave on a GPU of ``sms`` SMs (the persistent grid's
-    CTAs), or None (gemm_sm90_ws_split.plan_split at this kernel's tiles and break-even)."""
+    CTAs), or None (gemm_sm90_ws_split.plan_split at this kernel's tiles and break-even, in
+    SPLIT_SLICES slices)."""
     tiles = triton.cdiv(m, cfg.block_t) * triton.cdiv(n, cfg.block_w)
-    return plan_split(tiles, k // GROUP.value, sms, min_saved=MIN_SAVED_GROUPS)
+    return plan_split(tiles, k // GROUP.value, sms, min_saved=MIN_SAVED_GROUPS, slices=SPLIT_SLICES)
 
 
 @functools.cache
@@ -629,9 +636,9 @@ def exact_inputs(m: int, n: int, k: int, r: int, seed: int = 0) -> dict:
     }
 
 
-# The split the self-check runs on its four tiles of six groups: tiles 0 and 1 over the whole K,
-# tiles 2 and 3 in three slices of two groups.
-CHECK_SPLIT = Split(full=2, slices=3, slice_groups=2)
+# The split the self-check runs on its four tiles of eight groups: tiles 0 and 1 over the whole K,
+# tiles 2 and 3 in the served SPLIT_SLICES slices of one group.
+CHECK_SPLIT = Split(full=2, slices=SPLIT_SLICES, slice_groups=1)
 
 
 def self_check(device: torch.device, split: Split | None = None) -> bool:
@@ -643,8 +650,9 @@ def self_check(device: torch.device, split: Split | None = None) -> bool:
     from engine.quant import ops
 
     ok = True
+    k = 64 * (CHECK_SPLIT.slices * CHECK_SPLIT.slice_groups if split else 6)  # the split: a slice per group
     for r, with_bias in ((20, True), (0, False)):
-        x = exact_inputs(200, CONFIG.block_w + 100, 384, r)  # 2 x 2 tiles, the last of each partial
+        x = exact_inputs(200, CONFIG.block_w + 100, k, r)  # 2 x 2 tiles, the last of each partial
         if not with_bias:
             x["bias"] = None
         want = ops.w4a8_gemm(x["codes"], x["ascale"], x["qweight"], x["wscales"], x["lora_act"], x["proj_up"],
@@ -655,6 +663,8 @@ def self_check(device: torch.device, split: Split | None = None) -> bool:
         for programs in (None, 1):  # one CTA per tile; one CTA running all four (the ring across tiles)
             y = launch(*args, out_dtype=torch.float32, programs=programs, split=split)
             ok &= torch.equal(y.cpu(), want)
+        # bf16 out too (the route's other output dtype: each is a kernel of its own)
+        ok &= torch.equal(launch(*args, out_dtype=torch.bfloat16, split=split).cpu(), want.to(torch.bfloat16))
     return ok
 
 

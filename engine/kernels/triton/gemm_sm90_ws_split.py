@@ -55,24 +55,32 @@ class Split:
             raise ValueError(f"split: full >= 0, slices >= 1, slice_groups >= 1, got {self}")
 
 
-def plan_split(tiles: int, groups: int, sms: int, *, min_saved: int | None = None) -> Split | None:
+def plan_split(
+    tiles: int, groups: int, sms: int, *, min_saved: int | None = None, slices: int | None = None
+) -> Split | None:
     """The split of the last partial wave for ``tiles`` CTAs of ``groups`` groups each on ``sms``
     SMs (one CTA per SM), or None where there is no partial wave or it would not pay.
 
     The remainder r = tiles mod sms is cut into s = sms // r slices (all of them then run in one
     last wave), each ceil(G / s) groups (s lowered so that no slice is empty); it pays when the
     last wave shrinks by ``min_saved`` (default MIN_SAVED_GROUPS) groups or more
-    (perfmodel.hopper_ws prices every candidate with ``min_saved=0``)."""
+    (perfmodel.hopper_ws prices every candidate with ``min_saved=0``). ``slices``: a kernel that
+    compiles its slice count in takes only that count (None where that many slices do not fit
+    one wave or the groups)."""
     if tiles <= 0 or groups <= 0 or sms <= 0:
         raise ValueError(f"plan_split: tiles, groups and sms must be positive, got {tiles}, {groups}, {sms}")
     rem = tiles % sms
     if rem == 0:
         return None
     s = min(sms // rem, groups)
+    if slices is not None:
+        s = slices if s >= slices else 0
     if s < 2:
         return None
     per = triton.cdiv(groups, s)
     s = triton.cdiv(groups, per)  # no empty slice
+    if slices is not None and s != slices:
+        return None
     if groups - per < (MIN_SAVED_GROUPS if min_saved is None else min_saved):
         return None
     return Split(full=tiles - rem, slices=s, slice_groups=per)
