@@ -22,7 +22,8 @@ What gets compiled and when (see docs/architecture.md for the measured counts):
 * ``FluxService.warm_up()`` compiles the base graphs at setup (default size, batch 1 first),
   so no request pays a compile unless it brings a shape nothing has covered (a new LoRA
   rank); that compile is logged with its shape and time, as a warning;
-* the recompile limit is raised (64 per block class: the base graphs and 31 LoRA ranks) and a recompile past
+* the recompile limit is raised (64 per block class: the base graphs and 31 LoRA ranks; 20 on
+  Hopper, where the W4A8 route's M guard gives the double blocks a third class) and a recompile past
   it raises ``GoFastError`` naming the shape (``fail_on_recompile_limit_hit``) instead of
   torch's default silent fall-back to eager; the service then runs that request eagerly and
   says so in a warning.
@@ -50,7 +51,9 @@ logger = logging.getLogger(__name__)
 
 # Graphs per compiled code object (the limit counts per block class): 2 (batch 1 and 2-4), 2 more
 # per distinct LoRA rank; 64 allows 31 LoRA ranks (15 when the single blocks took two graphs per
-# shape, before issue 26). torch's default is 8.
+# shape, before issue 26). Where the W4A8 route serves (Hopper) its M guard splits the double
+# blocks' batch-1 class in two (a 0.25-megapixel image stream stays W4A4): 3 per rank, 20 ranks.
+# torch's default is 8.
 RECOMPILE_LIMIT = 64
 
 

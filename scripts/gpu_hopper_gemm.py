@@ -160,9 +160,13 @@ def measure(m: int, shapes: list[tuple[int, int]], device: torch.device, out: Pa
         if out is not None:
             out.write_text(json.dumps(report, indent=1))
 
-    w4a8_m, w4a8_shapes = (m, shapes) if hopper else gpu_hopper_w4a8.TINY
-    report["w4a8"] = gpu_hopper_w4a8.measure(w4a8_m, w4a8_shapes, device)
+    def save_w4a8(part: dict) -> None:
+        report["w4a8"] = part
+        save()
+
     save()
+    w4a8_m, w4a8_shapes = (m, shapes) if hopper else gpu_hopper_w4a8.TINY
+    gpu_hopper_w4a8.measure(w4a8_m, w4a8_shapes, device, save_w4a8)  # first: Hopper's route
     report["ws_self_check"] = gemm_sm90_ws.self_check(device) if hopper else None
     report["ws_split_self_check"] = gemm_sm90_ws.self_check(device, gemm_sm90_ws.CHECK_SPLIT) if hopper else None
     save()

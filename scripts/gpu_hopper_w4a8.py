@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -132,21 +133,30 @@ def measure_shape(m: int, k: int, n: int, device: torch.device, hopper: bool) ->
     return row
 
 
-def measure(m: int, shapes: list[tuple[int, int]], device: torch.device, out: Path | None = None) -> dict:
-    """The report (written to ``out`` after each step, so a part cut off keeps what it finished)."""
+def measure(
+    m: int, shapes: list[tuple[int, int]], device: torch.device, saved: Callable[[dict], None] | None = None
+) -> dict:
+    """The report, handed to ``saved`` after each step (written out by the caller, so a part cut
+    off by its time limit keeps what it finished)."""
     hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "m": m,
         "config": vars(w4a8.CONFIG) | {"block_w": w4a8.CONFIG.block_w},
-        "self_check": w4a8.self_check(device) if hopper else None,
-        "self_check_split": w4a8.self_check(device, w4a8.CHECK_SPLIT) if hopper else None,
+        "self_check": None,
+        "self_check_split": None,
         "shapes": [],
     }
+    save = saved or (lambda report: None)
+    save(report)
+    if hopper:
+        report["self_check"] = w4a8.self_check(device)
+        save(report)
+        report["self_check_split"] = w4a8.self_check(device, w4a8.CHECK_SPLIT)
+        save(report)
     for k, n in shapes:
         report["shapes"].append(measure_shape(m, k, n, device, hopper))
-        if out is not None:
-            out.write_text(json.dumps(report, indent=1))
+        save(report)
     return report
 
 
@@ -157,8 +167,7 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     m, shapes = TINY if args.tiny or device.type == "cpu" else (FLUX_M, FLUX_SHAPES)
-    report = measure(m, shapes, device, args.out)
-    args.out.write_text(json.dumps(report, indent=1))
+    report = measure(m, shapes, device, lambda r: args.out.write_text(json.dumps(r, indent=1)))
     print(json.dumps(report, indent=1))
     return 1 if failed(report) else 0
 

@@ -71,7 +71,10 @@ Op contract (every backend implements exactly this; ``reference`` is the ground 
         the unchanged W4A4 weight (signed codes, code -8 read as -7: the Hopper kernel's
         sign-magnitude layout has no -8; any group size G divides K); the token's scale
         applied once after the sum over groups; the products exact in fp32, a group's sum in the
-        backend's order (a tensor core's own). [M, N] contiguous in out_dtype.
+        backend's order and precision (a tensor core's own: Hopper's FP8 MMA is reported to keep
+        about 14 bits while it accumulates; the device self-check's inputs pass either way, so
+        scripts/gpu_hopper_w4a8.py's error bound on random data is the hardware's check).
+        [M, N] contiguous in out_dtype.
         Served by the reference everywhere and by triton on sm_90 (triton/act_fp8.py,
         triton/gemm_sm90_w4a8.py) where those kernels are in the build and the GEMM passed its
         self-check (triton_backend.w4a8_serves); elsewhere the pair runs on the reference

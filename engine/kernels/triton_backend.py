@@ -416,7 +416,7 @@ def w4a8_gemm(
             sm90_w4a8_weight(qweight, wscales),
             _row_major(lora_act.float()),
             _row_major(proj_up),
-            bias,
+            bias if bias is None else bias.contiguous(),  # the kernel reads it with unit stride
             out_dtype=torch.float32 if epilogue else out_dtype,
             split=gemm_sm90_w4a8.split_for(codes.device, m, n, k),  # the last wave in K-slices
         )

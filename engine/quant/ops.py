@@ -232,7 +232,7 @@ def quantize_act_fp8(
     ok = amax >= AMAX_MIN  # False for NaN too: a NaN row keeps its NaN scale, its codes x_hat * 0
     ascale = torch.where(amax < AMAX_MIN, 0.0, amax / fp8_max)
     inv = torch.where(ok, fp8_max / torch.where(ok, amax, 1.0), 0.0)
-    codes = (x_hat * inv[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    codes = (x_hat * inv[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous()
     return codes, ascale, lora_act
 
 
