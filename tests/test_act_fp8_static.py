@@ -24,6 +24,7 @@ def report(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 def test_compiled_structure(report):
     assert [e["prologue"] for e in report["static"]] == ["none", "modulation", "gelu"]
     for e in report["static"]:

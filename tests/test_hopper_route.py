@@ -286,6 +286,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 def test_the_h100_price_of_the_w4a8_ops_is_their_models():
     """w4a8_gemm: perfmodel.hopper_w4a8's model of the compiled kernel (its launch tile) at the
     call's M, K, N (waves, DRAM floor; the split the dispatch plans), plus the epilogue kernel's

@@ -158,6 +158,7 @@ def test_compiled_w4a8_kernel_without_low_rank_or_bias_in_bf16():
     assert want.abs().max() > 0 and torch.equal(out, want)
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 def test_persistent_grid_runs_every_tile_through_one_ring():
     """One CTA for all four tiles (2 x 2, the last of each partial): the ring's slots and phases
     run on from tile to tile, each consumer restages its low-rank operands, scales and bias per

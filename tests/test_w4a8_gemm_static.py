@@ -33,6 +33,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 def test_w4a8_loop_structure_at_the_largest_flux_shape():
     res = run_compiled([sys.executable, "-c", _STATIC], timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -85,6 +86,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 def test_the_split_variant_keeps_the_plain_loops():
     """The K-sliced variant (SPLIT, at single: proj_out's planned split) has the plain kernel's
     group loops: every loop gate holds, no local-memory access in any group loop (consumer

@@ -471,6 +471,7 @@ def _quantizer_outputs(rec) -> tuple:
     return codes.view(torch.float8_e4m3fn), ascale, lora
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 def test_quantizer_sm90_ptx_on_edge_rows():
     """The launch an H100 gets (its config, the host's reciprocal of smooth, the hardware e4m3
     conversion), compiled for sm_90 and executed, on the edge rows: bf16 with a subnormal x and
@@ -616,6 +617,7 @@ def test_sm90_quantizer_dispatch(hopper, monkeypatch):
         torch.float8_e4m3fn, (64, 96), torch.float32, (64,), torch.float32, (64, 32))
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 def test_quantizer_sm90_ptx_modulation_of_two_images_with_a_shift():
     """The modulation prologue of B = 2 images with shift != 0, fp16 with overflowing rows (the
     case of test_modulation_of_two_images_with_a_shift), compiled for sm_90 and executed. The

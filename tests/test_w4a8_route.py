@@ -398,6 +398,7 @@ def test_flux_model_takes_the_route_with_prologues_epilogues_and_loras(tiny_w4a8
     assert 0 < _rel(lora8, lora4) < 3e-3
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 def test_go_fast_compiles_the_route_into_each_block_class(tiny_w4a8, fresh_dynamo, use_kernels):
     """go_fast's regional compile (fullgraph, dynamic) with the route forced: no graph break, one
     graph per block class, the eager velocity bit for bit (aot_eager: the same ops run); a LoRA

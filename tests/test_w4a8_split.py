@@ -210,7 +210,8 @@ def run_split(info: dict, x: dict, reverse: bool) -> tuple:
     return findings, out, mem.written("out"), by_gemm
 
 
-@pytest.mark.parametrize("programs", [None, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.slow  # seconds of compiling and PTX interpretation: CI runs it, -m 'not slow' skips it
+@pytest.mark.parametrize("programs", [None, 4])
 def test_compiled_split_kernel_and_its_sum_match_ops_bit_for_bit(programs):
     """The K-sliced grid and the sum of its slices, both compiled for sm_90: one CTA per work item
     in reverse order (slices before the whole tile, the last slice first), and (slow) a persistent
