@@ -216,6 +216,7 @@ def test_block_k_divides_k():
 # --- compiled for sm_90, executed by the PTX interpreter -------------------------------------------
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 @pytest.mark.parametrize("major", [9, 8])
 def test_sm90_compile_executes_to_the_reference_bits(major):
     """The launch an H100 gets (sm_90 config, COMPILED: FMA divisions from the host's reciprocal,
@@ -251,6 +252,7 @@ def test_sm90_compile_executes_to_the_reference_bits(major):
     assert torch.equal(codes.view(torch.uint8)[2], torch.zeros(k, dtype=torch.uint8))  # -0 row: +0 codes
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 @pytest.mark.parametrize("prologue", ["modulation", "gelu"])
 def test_sm90_prologues_execute_to_the_reference(prologue):
     """The prologue variants as an H100 gets them, compiled for sm_90 and executed. The GPU's
@@ -299,6 +301,7 @@ def modulate_pair_kernel(
     tl.store(out_ptr + BM * BK + offs, ACT.modulate(x, mean, rstd, ms_ptr + offs, mh_ptr + offs, dt, True))
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_sm90_modulate16_is_act_modulate(dtype):
     """The 16-bit form of the modulation (mul.rn / add on bf16x2 or f16x2) against act.modulate's

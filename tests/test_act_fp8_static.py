@@ -39,6 +39,7 @@ def test_compiled_structure(report):
         assert e["ptx_div_approx"] == 0 and e["ptx_max_drops_nan"] == 0 and e["ptx_wide_immediates"] == 0, tag
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 def test_plain_costs_less_issue_than_quantize_act(report):
     plain = report["static"][0]
     assert plain["group_sass"] < report["quantize_act_loop_sass"]["none"], (
@@ -47,6 +48,7 @@ def test_plain_costs_less_issue_than_quantize_act(report):
     )
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 def test_model_rows(report):
     rows = {(r["prologue"], r["k"]): r for r in report["table"]}
     assert rows["none", 3072]["reread"] == "l2" and rows["none", 12288]["reread"].startswith("dram")

@@ -204,6 +204,7 @@ def _assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
     )
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 @pytest.mark.parametrize(
     "name, schedule, approx",
     [
@@ -229,6 +230,7 @@ def test_gemm_edge_cases_match_the_contract_bit_for_bit(gemm_compiled, name, sch
     _assert_same(got, want)
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 def test_gemm_one_token_through_48_groups(gemm_compiled):
     """K = 3072 (48 groups: the four-slot ring wraps 12 times, each barrier's phase flipping
     on every wrap) for one token and four weight rows, on the one_token_one_group kernel (K is
@@ -252,6 +254,7 @@ def test_gemm_one_token_through_48_groups(gemm_compiled):
     _assert_same(got, _reference(x, torch.float32))
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 def test_gemm_persistent_grid_of_three_ctas_for_four_partial_tiles(gemm_compiled):
     """M = 129, N = 196 (2 x 2 tiles, three of them partial) on three CTAs: one CTA runs two
     tiles (its ring and barrier phases run on into the second, a partial one), the others one."""
@@ -262,6 +265,7 @@ def test_gemm_persistent_grid_of_three_ctas_for_four_partial_tiles(gemm_compiled
     _assert_same(got, _reference(x, torch.bfloat16))
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 def test_gemm_nan_and_inf_rows_propagate_as_the_reference(gemm_compiled):
     """What the quantizer hands the GEMM for non-finite input rows: a NaN code (row 5: that row
     NaN), an inf ascale over nonzero codes (row 6: +-inf, NaN where a column's sum is exactly 0)
@@ -284,6 +288,7 @@ def test_gemm_nan_and_inf_rows_propagate_as_the_reference(gemm_compiled):
     _assert_same(torch.where(nan, 0, got), torch.where(nan, 0, want))
 
 
+@pytest.mark.slow  # seconds of compiling (and PTX interpretation): CI runs it, -m 'not slow' skips it
 def test_one_wrong_scale_moves_exactly_its_column(gemm_compiled):
     """The harness can fail, and the kernel reads each row's scale where prepare_weight puts it:
     with sw[group 1, row 193] (the second weight tile, the second group) doubled, exactly column
