@@ -24,7 +24,7 @@ Data (all of it real or trained; nothing random is scored):
 Errors per layer are ``||y - y_ref|| / ||y_ref||``; "act. only" is the part due to the activation
 quantization alone (``||(Q(x^) - x^) Q(R)^T|| / ||y_ref||``), "weights only" the part of the
 stored weights alone (x^ unquantized). Also counted: how often code -8 occurs in the weights
-(the W4A8 kernel's sign-magnitude packing has no -8; such a weight stays on W4A4).
+(the W4A8 kernel's sign-magnitude packing has no -8: the contract reads it as -7).
 """
 
 from __future__ import annotations
@@ -447,10 +447,10 @@ def markdown(minilm: MinilmResult | None, tiny: TinyResult | None, seconds: floa
             out.append(f"| {r['variant']} | {p} | {r['ssim']:.4f} | {r['steering']:.1%} |")
         out.append("")
     out += [
-        "Weight codes equal to -8 (the W4A8 kernel's sign-magnitude nibbles hold -7..7; such a layer stays "
-        "on W4A4, or its -8 codes are set to -7 at load):",
+        "Weight codes equal to -8 (the W4A8 kernel's sign-magnitude nibbles hold -7..7; the contract reads "
+        "them as -7, the alternative measured being such a layer kept on W4A4):",
         "",
-        "| weights | codes = -8 | layers with any | those layers' linear error: W4A4 / W4A8 / W4A8 with -7 |",
+        "| weights | codes = -8 | layers with any | those layers' linear error: W4A4 / W4A8 (reads -8 as -7) / W4A8 on weights clamped to -7 first (equal: a check of that reading) |",
         "|---|---|---|---|",
     ]
 
