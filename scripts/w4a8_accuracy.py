@@ -311,9 +311,10 @@ MINUS8 = ("exact", "w4a4", "minus7")
 def w4a8_arithmetic(model: torch.nn.Module, *, minus8: str = "exact") -> Iterator[int]:
     """Run ``model``'s SVDQLinears as W4A8 inside the block (an instance-level ``forward``).
 
-    A weight with a code -8: ``"exact"`` runs it as stored (the reference ops can), ``"w4a4"``
-    keeps that layer on W4A4 (what the Hopper route of issue 27 does), ``"minus7"`` runs W4A8
-    with those codes set to -7. Yields how many layers run W4A8."""
+    A weight with a code -8: ``"exact"`` runs it as stored, which ops.w4a8_gemm reads as -7 (the
+    contract the Hopper route serves), ``"w4a4"`` keeps that layer on W4A4 (the alternative the
+    table measures), ``"minus7"`` runs W4A8 on codes set to -7 before the call (equal to "exact":
+    a check of the contract's reading). Yields how many layers run W4A8."""
     if minus8 not in MINUS8:
         raise ValueError(f"minus8 must be one of {MINUS8}, got {minus8!r}")
     swapped = [
